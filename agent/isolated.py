@@ -1,0 +1,123 @@
+"""Load and run a model in a child process, so a crashing interpreter cannot take the agent down.
+
+tflite-runtime can die with a segmentation fault on a truncated or hostile model; Python cannot
+catch that. Every model that has not yet been checked is therefore first loaded here, in
+``python -m fleetlite.agent.isolated``, and only a model that loads and runs there is loaded in
+the agent's own process. The child reads one JSON request on stdin and writes one JSON reply.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fleetlite.agent.errors import AgentError, InvalidModelError, ModelCrashedError
+
+DEFAULT_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class ModelCheck:
+    """What the isolated check learnt about a model that loaded and ran."""
+
+    description: dict[str, Any]
+    load_ms: float
+    first_inference_ms: float
+
+
+def check_model(
+    path: str | Path,
+    *,
+    timeout: float = DEFAULT_TIMEOUT_S,
+    num_threads: int = 1,
+    backend: str | None = None,
+) -> ModelCheck:
+    """Load ``path`` and run it once on zero inputs in a subprocess.
+
+    Raises :class:`ModelCrashedError` if the child dies (signal) or hangs past ``timeout``, and
+    :class:`InvalidModelError` (or a subclass) if the runtime refuses the model.
+    """
+    request = {"model": str(path), "num_threads": num_threads, "backend": backend}
+    reply = _run_child(request, timeout=timeout, origin=str(path))
+    return ModelCheck(
+        description=reply["description"],
+        load_ms=float(reply["load_ms"]),
+        first_inference_ms=float(reply["first_inference_ms"]),
+    )
+
+
+def _run_child(request: dict[str, Any], *, timeout: float, origin: str) -> dict[str, Any]:
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "fleetlite.agent.isolated"],
+            input=json.dumps(request).encode(),
+            capture_output=True,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise ModelCrashedError(
+            f"{origin}: the isolated model check did not finish within {timeout:g} s; "
+            "the model is treated as broken"
+        ) from exc
+    if proc.returncode < 0:
+        try:
+            name = signal.Signals(-proc.returncode).name
+        except ValueError:
+            name = f"signal {-proc.returncode}"
+        raise ModelCrashedError(
+            f"{origin}: the TFLite interpreter crashed ({name}) while loading or running the "
+            "model in an isolated process; the file is corrupt or hostile and was not loaded "
+            "by the agent"
+        )
+    try:
+        reply: dict[str, Any] = json.loads(proc.stdout.decode() or "{}")
+    except ValueError:
+        reply = {}
+    if proc.returncode != 0 or not reply.get("ok"):
+        message = reply.get("error") or proc.stderr.decode(errors="replace").strip()[-500:]
+        raise InvalidModelError(message or f"{origin}: isolated check failed")
+    return reply
+
+
+def _zero_inputs(model: Any) -> dict[str, Any]:
+    return {spec.name: np.zeros(spec.shape, dtype=spec.numpy_dtype) for spec in model.inputs}
+
+
+def _child_main() -> int:
+    from fleetlite.agent.runtime import load_model
+
+    request = json.loads(sys.stdin.read())
+    try:
+        started = time.perf_counter()
+        model = load_model(
+            request["model"], num_threads=request.get("num_threads"), backend=request.get("backend")
+        )
+        loaded = time.perf_counter()
+        model.run(_zero_inputs(model))
+        ran = time.perf_counter()
+    except AgentError as exc:
+        json.dump({"ok": False, "error": str(exc)}, sys.stdout)
+        return 1
+    json.dump(
+        {
+            "ok": True,
+            "description": model.describe(),
+            "load_ms": (loaded - started) * 1e3,
+            "first_inference_ms": (ran - loaded) * 1e3,
+        },
+        sys.stdout,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main())

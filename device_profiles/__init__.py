@@ -1,0 +1,1 @@
+"""Device class profiles shipped with FleetLite (YAML data, one file per class)."""

@@ -1,0 +1,325 @@
+"""Versioned JSON message schemas shared by the agent and the fleet side.
+
+Every message is a JSON object with a ``schema`` field naming its type and version
+(``fleetlite.status/1``). Decoding checks, in this order: size cap, UTF-8, JSON, object, schema
+name and version, then each field's presence and type. A failure raises :class:`MessageError`
+with a machine-readable ``code`` that the agent echoes in its error responses.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+from fleetlite.sdk.errors import FleetLiteError
+
+MAX_COMMAND_BYTES = 16 * 1024
+MAX_REPORT_BYTES = 256 * 1024
+MAX_ID_LENGTH = 64
+MAX_TEXT_LENGTH = 2048
+
+# Reason codes of MessageError; part of the protocol (docs/protocol.md).
+OVERSIZE = "oversize"
+MALFORMED = "malformed"
+WRONG_SCHEMA = "wrong_schema"
+MISSING_FIELD = "missing_field"
+BAD_TYPE = "bad_type"
+BAD_VALUE = "bad_value"
+
+
+class MessageError(FleetLiteError):
+    """A message failed validation; ``code`` says how (see the reason codes above)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def decode_object(payload: bytes, schema: str, *, max_bytes: int) -> dict[str, Any]:
+    """Bytes -> dict, checking size, encoding, JSON, object-ness and the schema tag."""
+    if len(payload) > max_bytes:
+        raise MessageError(OVERSIZE, f"message of {len(payload)} bytes exceeds {max_bytes} bytes")
+    try:
+        data = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise MessageError(MALFORMED, f"message is not valid UTF-8 JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise MessageError(MALFORMED, f"message must be a JSON object, got {type(data).__name__}")
+    got = data.get("schema")
+    if got != schema:
+        name = schema.split("/", maxsplit=1)[0]
+        if isinstance(got, str) and got.split("/")[0] == name:
+            raise MessageError(
+                WRONG_SCHEMA,
+                f"unsupported version {got!r}; this side speaks {schema!r}: upgrade the older one",
+            )
+        raise MessageError(WRONG_SCHEMA, f"expected a {schema!r} message, got schema {got!r}")
+    return data
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
+
+
+def encode(data: Mapping[str, Any]) -> bytes:
+    """Compact, key-sorted JSON bytes (deterministic, so test vectors are stable)."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def get_str(data: Mapping[str, Any], key: str, *, max_len: int = MAX_TEXT_LENGTH,
+            optional: bool = False, default: str = "") -> str:
+    if key not in data:
+        if optional:
+            return default
+        raise MessageError(MISSING_FIELD, f"field {key!r} is required")
+    value = data[key]
+    if not isinstance(value, str):
+        raise MessageError(BAD_TYPE, f"field {key!r} must be a string, got {type(value).__name__}")
+    if len(value) > max_len:
+        raise MessageError(BAD_VALUE, f"field {key!r} is longer than {max_len} characters")
+    return value
+
+
+def get_int(data: Mapping[str, Any], key: str, *, optional: bool = False, default: int = 0,
+            minimum: int | None = None) -> int:
+    if key not in data:
+        if optional:
+            return default
+        raise MessageError(MISSING_FIELD, f"field {key!r} is required")
+    value = data[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        kind = type(value).__name__
+        raise MessageError(BAD_TYPE, f"field {key!r} must be an integer, got {kind}")
+    if minimum is not None and value < minimum:
+        raise MessageError(BAD_VALUE, f"field {key!r} must be >= {minimum}, got {value}")
+    return value
+
+
+def get_float(data: Mapping[str, Any], key: str, *, optional: bool = False,
+              default: float = 0.0) -> float:
+    if key not in data:
+        if optional:
+            return default
+        raise MessageError(MISSING_FIELD, f"field {key!r} is required")
+    value = data[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise MessageError(BAD_TYPE, f"field {key!r} must be a finite number, got {value!r:.40}")
+    return float(value)
+
+
+def get_bool(data: Mapping[str, Any], key: str) -> bool:
+    if key not in data:
+        raise MessageError(MISSING_FIELD, f"field {key!r} is required")
+    value = data[key]
+    if not isinstance(value, bool):
+        raise MessageError(BAD_TYPE, f"field {key!r} must be true or false")
+    return value
+
+
+def get_dict(data: Mapping[str, Any], key: str, *, optional: bool = False) -> dict[str, Any]:
+    if key not in data:
+        if optional:
+            return {}
+        raise MessageError(MISSING_FIELD, f"field {key!r} is required")
+    value = data[key]
+    if not isinstance(value, dict):
+        raise MessageError(BAD_TYPE, f"field {key!r} must be an object, got {type(value).__name__}")
+    return value
+
+
+def get_list(data: Mapping[str, Any], key: str, *, optional: bool = False) -> list[Any]:
+    if key not in data:
+        if optional:
+            return []
+        raise MessageError(MISSING_FIELD, f"field {key!r} is required")
+    value = data[key]
+    if not isinstance(value, list):
+        raise MessageError(BAD_TYPE, f"field {key!r} must be a list, got {type(value).__name__}")
+    return value
+
+
+M = TypeVar("M", bound="Message")
+
+
+@dataclass(frozen=True)
+class Message:
+    """Base of the schema dataclasses: ``to_json``/``from_json`` with validation."""
+
+    SCHEMA: ClassVar[str] = ""
+    MAX_BYTES: ClassVar[int] = MAX_REPORT_BYTES
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": self.SCHEMA, **asdict(self)}
+
+    def to_json(self) -> bytes:
+        return encode(self.to_dict())
+
+    @classmethod
+    def from_json(cls: type[M], payload: bytes) -> M:
+        return cls.from_dict(decode_object(payload, cls.SCHEMA, max_bytes=cls.MAX_BYTES))
+
+    @classmethod
+    def from_dict(cls: type[M], data: Mapping[str, Any]) -> M:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Status(Message):
+    """Retained online/offline state. The Last Will carries ``online=False, reason='lost'``.
+
+    ``session`` increases on every agent start, so a late Will from an older session can be told
+    apart from the current state (the Sparkplug bdSeq idea).
+    """
+
+    SCHEMA: ClassVar[str] = "fleetlite.status/1"
+
+    device_id: str
+    online: bool
+    session: int
+    ts: float
+    reason: str = ""
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Status:
+        return cls(
+            device_id=get_str(data, "device_id", max_len=MAX_ID_LENGTH),
+            online=get_bool(data, "online"),
+            session=get_int(data, "session", minimum=0),
+            ts=get_float(data, "ts"),
+            reason=get_str(data, "reason", optional=True),
+        )
+
+
+@dataclass(frozen=True)
+class Birth(Message):
+    """Retained on every connect: device facts, class, tags and the active model(s)."""
+
+    SCHEMA: ClassVar[str] = "fleetlite.birth/1"
+
+    device_id: str
+    session: int
+    ts: float
+    device_class: str
+    agent_version: str
+    tags: dict[str, str] = field(default_factory=dict)
+    facts: dict[str, Any] = field(default_factory=dict)
+    models: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Birth:
+        tags = get_dict(data, "tags", optional=True)
+        if not all(isinstance(v, str) for v in tags.values()):
+            raise MessageError(BAD_TYPE, "field 'tags' must map strings to strings")
+        return cls(
+            device_id=get_str(data, "device_id", max_len=MAX_ID_LENGTH),
+            session=get_int(data, "session", minimum=0),
+            ts=get_float(data, "ts"),
+            device_class=get_str(data, "device_class", max_len=MAX_ID_LENGTH),
+            agent_version=get_str(data, "agent_version", max_len=MAX_ID_LENGTH),
+            tags=tags,
+            facts=get_dict(data, "facts", optional=True),
+            models=get_list(data, "models", optional=True),
+        )
+
+
+@dataclass(frozen=True)
+class Telemetry(Message):
+    """Periodic statistics. ``seq`` counts reports per session so gaps can be seen."""
+
+    SCHEMA: ClassVar[str] = "fleetlite.telemetry/1"
+
+    device_id: str
+    session: int
+    seq: int
+    ts: float
+    system: dict[str, Any]
+    models: dict[str, Any]
+    spool: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Telemetry:
+        return cls(
+            device_id=get_str(data, "device_id", max_len=MAX_ID_LENGTH),
+            session=get_int(data, "session", minimum=0),
+            seq=get_int(data, "seq", minimum=0),
+            ts=get_float(data, "ts"),
+            system=get_dict(data, "system"),
+            models=get_dict(data, "models"),
+            spool=get_dict(data, "spool", optional=True),
+        )
+
+
+@dataclass(frozen=True)
+class Event(Message):
+    """Something an operator should see: a rejected command, a model error, a dropped report."""
+
+    SCHEMA: ClassVar[str] = "fleetlite.event/1"
+
+    device_id: str
+    ts: float
+    kind: str
+    message: str
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Event:
+        return cls(
+            device_id=get_str(data, "device_id", max_len=MAX_ID_LENGTH),
+            ts=get_float(data, "ts"),
+            kind=get_str(data, "kind", max_len=MAX_ID_LENGTH),
+            message=get_str(data, "message"),
+            detail=get_dict(data, "detail", optional=True),
+        )
+
+
+@dataclass(frozen=True)
+class Command(Message):
+    """A command to one device. ``id`` is the correlation id echoed in the response."""
+
+    SCHEMA: ClassVar[str] = "fleetlite.command/1"
+    MAX_BYTES: ClassVar[int] = MAX_COMMAND_BYTES
+
+    id: str
+    command: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Command:
+        command_id = get_str(data, "id", max_len=MAX_ID_LENGTH)
+        if not command_id:
+            raise MessageError(BAD_VALUE, "field 'id' must not be empty")
+        return cls(
+            id=command_id,
+            command=get_str(data, "command", max_len=MAX_ID_LENGTH),
+            args=get_dict(data, "args", optional=True),
+        )
+
+
+@dataclass(frozen=True)
+class CommandResponse(Message):
+    """The answer to a command: ``ok`` with a ``result``, or an ``error`` with a code."""
+
+    SCHEMA: ClassVar[str] = "fleetlite.command_response/1"
+
+    id: str
+    device_id: str
+    ok: bool
+    ts: float
+    result: dict[str, Any] = field(default_factory=dict)
+    error_code: str = ""
+    error: str = ""
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CommandResponse:
+        return cls(
+            id=get_str(data, "id", max_len=MAX_ID_LENGTH),
+            device_id=get_str(data, "device_id", max_len=MAX_ID_LENGTH),
+            ok=get_bool(data, "ok"),
+            ts=get_float(data, "ts"),
+            result=get_dict(data, "result", optional=True),
+            error_code=get_str(data, "error_code", optional=True, max_len=MAX_ID_LENGTH),
+            error=get_str(data, "error", optional=True),
+        )

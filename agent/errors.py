@@ -10,7 +10,9 @@
         ├── InputMismatchError       inputs of the wrong name, count, shape or dtype
         ├── InferenceError           the interpreter failed while invoking
         ├── ModelCrashedError        an isolated check saw the interpreter process die
-        └── AgentConfigError         agent.yaml is missing a key or has a bad value
+        ├── AgentConfigError         agent.yaml is missing a key or has a bad value
+        └── SpoolError               the on-disk report spool cannot store a record
+            └── SpoolFullError       a critical record would pass the spool's hard cap
 
 Third-party exceptions (tflite-runtime's ``ValueError``/``RuntimeError``) are translated into
 these where they enter, so callers only catch FleetLite errors.
@@ -51,3 +53,11 @@ class ModelCrashedError(InvalidModelError):
 
 class AgentConfigError(AgentError):
     """The agent configuration is missing a key or holds an invalid value."""
+
+
+class SpoolError(AgentError):
+    """The store-and-forward spool cannot store or read a record (disk full, I/O error, locked)."""
+
+
+class SpoolFullError(SpoolError):
+    """A critical record would take the spool past its hard cap; nothing was written or dropped."""

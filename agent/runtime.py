@@ -30,6 +30,7 @@ from fleetlite.agent.errors import (
     RuntimeMissingError,
     UnsupportedOpError,
 )
+from fleetlite.agent.model_bounds import BoundsError, check_model_bounds
 
 BACKENDS = ("tflite-runtime", "ai-edge-litert", "tensorflow")
 RUNTIME_ENV = "FLEETLITE_RUNTIME"
@@ -236,12 +237,13 @@ def check_model_header(content: bytes, origin: str = "model bytes") -> None:
             f"{origin}: not a TFLite model (the file identifier at bytes 4-8 is "
             f"{content[4:8]!r}, expected {TFLITE_IDENTIFIER!r}). Check the file is a .tflite model."
         )
-    root = int.from_bytes(content[0:4], "little")
-    if root >= len(content) - 4:
+    try:
+        check_model_bounds(content)
+    except BoundsError as exc:
         raise InvalidModelError(
-            f"{origin}: the model is truncated (root table offset {root} beyond {len(content)} "
-            "bytes). Re-download or rebuild the file."
-        )
+            f"{origin}: the model is truncated or corrupt ({exc}). "
+            "Re-download or rebuild the file."
+        ) from exc
 
 
 class Model:

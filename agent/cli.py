@@ -1,0 +1,124 @@
+"""``fleetlite-agent``: the device-side command (run the agent, show device facts, check models)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from fleetlite.agent.errors import AgentError
+from fleetlite.sdk.version import __version__
+
+EXAMPLES = """\
+examples:
+  fleetlite-agent run --config /etc/fleetlite/agent.yaml
+                                            run the agent (as the systemd unit does)
+  fleetlite-agent info                      facts about this device and its TFLite runtime
+  fleetlite-agent info --json               the same, as JSON
+  fleetlite-agent check model.tflite        load and run a model in an isolated process
+
+exit codes: 0 ok, 1 the command failed (the message says why), 2 usage error
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fleetlite-agent",
+        description="The FleetLite device agent: runs TFLite models on this gateway and reports "
+        "to the fleet over MQTT.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"fleetlite-agent {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run",
+        help="run the agent: serve models, report to the fleet, accept commands",
+        description="Run the device agent in the foreground until SIGTERM/SIGINT.",
+    )
+    run.add_argument("--config", "-c", required=True, help="path to agent.yaml")
+    run.add_argument(
+        "--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="log verbosity on stderr (default INFO)",
+    )
+
+    info = sub.add_parser("info", help="print facts about this device and its TFLite runtime")
+    info.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    info.add_argument("--device-class", help="device class to report (e.g. raspberry-pi-4)")
+
+    check = sub.add_parser(
+        "check",
+        help="load and run a .tflite model in an isolated process (safe on hostile files)",
+    )
+    check.add_argument("model", help="path to a .tflite file")
+    check.add_argument("--json", action="store_true", help="print JSON instead of text")
+    check.add_argument("--threads", type=int, default=1, help="interpreter threads (default 1)")
+    check.add_argument("--timeout", type=float, default=60.0, help="seconds before giving up")
+    return parser
+
+
+def _print_table(rows: dict[str, object]) -> None:
+    width = max(len(key) for key in rows)
+    for key, value in rows.items():
+        print(f"{key:<{width}}  {'-' if value is None else value}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "run":
+            import logging
+
+            logging.basicConfig(
+                level=args.log_level,
+                format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            )
+            from fleetlite.agent.daemon import run
+
+            run(args.config)
+            return 0
+        if args.command == "info":
+            from fleetlite.agent import device_facts
+
+            facts = device_facts.collect(args.device_class)
+            if args.json:
+                print(json.dumps(facts, indent=2))
+            else:
+                _print_table(facts)
+            return 0
+        if args.command == "check":
+            from fleetlite.agent.isolated import check_model
+
+            result = check_model(args.model, timeout=args.timeout, num_threads=args.threads)
+            if args.json:
+                print(
+                    json.dumps(
+                        {
+                            "model": args.model,
+                            "load_ms": result.load_ms,
+                            "first_inference_ms": result.first_inference_ms,
+                            **result.description,
+                        },
+                        indent=2,
+                    )
+                )
+            else:
+                print(f"{args.model}: OK (loaded in {result.load_ms:.1f} ms, "
+                      f"first inference {result.first_inference_ms:.2f} ms)")
+                for kind in ("inputs", "outputs"):
+                    for spec in result.description[kind]:
+                        print(f"  {kind[:-1]:<6} {spec['name']:<24} {spec['dtype']:<8} "
+                              f"{spec['shape']}")
+            return 0
+    except AgentError as exc:
+        print(f"fleetlite-agent: error: {exc}", file=sys.stderr)
+        return 1
+    parser.print_help()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""``fleetlite``: the operator's command (demo, releases, rollouts, devices, profiles)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from fleetlite.sdk.errors import FleetLiteError
+from fleetlite.sdk.version import __version__
+
+EXAMPLES = """\
+examples:
+  fleetlite demo                 build the project's models, check them and show what they do
+  fleetlite demo --out DIR       keep the built models in DIR
+
+exit codes: 0 ok, 1 the command failed (the message says why), 2 usage error
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fleetlite",
+        description="Operate a FleetLite fleet: build and sign model releases, roll them out, "
+        "and read per-device performance profiles.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"fleetlite {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    demo = sub.add_parser(
+        "demo",
+        help="run the demo (builds models, checks and runs them in the real interpreter)",
+        description="Build the project-made models, check each in an isolated interpreter "
+        "process, run sample commands through the text intent classifier and show the device "
+        "classes' budgets.",
+    )
+    demo.add_argument("--out", help="directory for the built models (default: a temp dir)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "demo":
+            from fleetlite.tools.demo import run_demo
+
+            return run_demo(out=args.out)
+    except FleetLiteError as exc:
+        print(f"fleetlite: error: {exc}", file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as exc:
+        print(
+            f"fleetlite: error: {exc.name} is not installed; the operator commands need the "
+            "fleet extra: pip install 'fleetlite[fleet]'",
+            file=sys.stderr,
+        )
+        return 1
+    parser.print_help()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""Test harness: a real Mosquitto broker per test, and an independent paho collector.
+
+The broker runs as a subprocess on a free loopback port with a config written to a temp dir;
+tests can stop, kill and restart it on the same port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+
+def mosquitto_binary() -> str:
+    for candidate in (shutil.which("mosquitto"), "/usr/sbin/mosquitto"):
+        if candidate and Path(candidate).exists():
+            return candidate
+    raise RuntimeError("mosquitto is not installed; run tools/bootstrap.sh --system")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"nothing listens on port {port} after {timeout} s")
+
+
+@dataclass
+class TlsFiles:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+
+
+class Mosquitto:
+    """One Mosquitto broker process for a test."""
+
+    def __init__(self, workdir: Path, *, port: int | None = None, tls: TlsFiles | None = None,
+                 extra_conf: str = "") -> None:
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.host = "127.0.0.1"
+        self.tls = tls
+        self.conf = workdir / "mosquitto.conf"
+        self.log = workdir / "mosquitto.log"
+        lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true", "persistence false",
+                 "max_queued_messages 100000", "log_type error", "log_type warning",
+                 "log_type notice", "log_type information", "connection_messages true"]
+        if tls is not None:
+            lines += [f"cafile {tls.ca}", f"certfile {tls.server_cert}",
+                      f"keyfile {tls.server_key}", "require_certificate true",
+                      "use_identity_as_username true"]
+        self.conf.write_text("\n".join(lines) + "\n" + extra_conf)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Mosquitto:
+        out = self.log.open("ab")
+        self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(self.conf)],
+                                     stdout=out, stderr=out)
+        out.close()
+        wait_for_port(self.port)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def read_log(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+@dataclass
+class Received:
+    topic: str
+    payload: bytes
+    retain: bool
+    qos: int
+
+
+@dataclass
+class Collector:
+    """An independent MQTT client (plain paho) that records what it receives."""
+
+    host: str
+    port: int
+    subscriptions: list[str]
+    client_id: str = "test-collector"
+    messages: list[Received] = field(default_factory=list)
+    _cond: threading.Condition = field(default_factory=threading.Condition)
+    _client: Any = None
+
+    def start(self, clean_session: bool = True) -> Collector:
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
+                             clean_session=clean_session)
+        subscribed = threading.Event()
+
+        def on_connect(c: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+            c.subscribe([(t, 1) for t in self.subscriptions])
+
+        def on_subscribe(c: Any, userdata: Any, mid: Any, rcs: Any, props: Any) -> None:
+            subscribed.set()
+
+        def on_message(c: Any, userdata: Any, msg: Any) -> None:
+            with self._cond:
+                self.messages.append(Received(msg.topic, bytes(msg.payload), msg.retain, msg.qos))
+                self._cond.notify_all()
+
+        client.on_connect = on_connect
+        client.on_subscribe = on_subscribe
+        client.on_message = on_message
+        client.connect(self.host, self.port)
+        client.loop_start()
+        if not subscribed.wait(10):
+            raise TimeoutError("collector could not subscribe")
+        self._client = client
+        return self
+
+    def stop(self) -> None:
+        if self._client is not None:
+            self._client.disconnect()
+            self._client.loop_stop()
+            self._client = None
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1) -> None:
+        info = self._client.publish(topic, payload, qos=qos)
+        info.wait_for_publish(10)
+
+    def on_topic(self, suffix: str) -> list[Received]:
+        with self._cond:
+            return [m for m in self.messages if m.topic.endswith(suffix)]
+
+    def wait_for(self, suffix: str, count: int = 1, timeout: float = 20.0,
+                 predicate: Any = None) -> list[Received]:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                found = [m for m in self.messages if m.topic.endswith(suffix)
+                         and (predicate is None or predicate(m))]
+                if len(found) >= count:
+                    return found
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(
+                        f"saw {len(found)}/{count} messages on *{suffix} within {timeout} s; "
+                        f"topics seen: {sorted({m.topic for m in self.messages})}"
+                    )
+                self._cond.wait(remaining)

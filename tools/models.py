@@ -1,0 +1,587 @@
+"""The small models FleetLite's tests, benchmarks and demo run, built deterministically from a seed.
+
+Each builder returns a :class:`BuiltModel`: the ``.tflite`` bytes, the numpy weights needed to
+recompute its outputs independently, and any side files (the intent classifier's vocabulary).
+Weights are trained or drawn with numpy and then snapped to a coarse grid, so last-bit differences
+between machines' BLAS/libm are very unlikely to change a single byte of the files.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import numpy.typing as npt
+
+from fleetlite.sdk.text import Tokenizer
+from fleetlite.tools.tflite_builder import ModelBuilder, Options, Quantization
+
+DEFAULT_SEED = 20240611
+Array = npt.NDArray[Any]
+# Weights and calibration ranges are rounded to multiples of these steps (see module docstring).
+WEIGHT_GRID = 2.0**-12
+RANGE_GRID = 2.0**-6
+
+SENSOR_WINDOW = 16
+AUTOENCODER_UNITS = (8, 4, 8, 16)
+AUTOENCODER_RELU = (True, True, True, False)
+
+
+@dataclass(frozen=True)
+class BuiltModel:
+    """A generated model: its bytes, reference weights and side files."""
+
+    name: str
+    tflite: bytes
+    weights: dict[str, Array]
+    extra_files: dict[str, bytes] = field(default_factory=dict)
+
+    def files(self) -> dict[str, bytes]:
+        """File name -> content of everything this model writes to disk."""
+        return {f"{self.name}.tflite": self.tflite, **self.extra_files}
+
+
+def _on_grid(values: npt.ArrayLike, step: float = WEIGHT_GRID) -> npt.NDArray[np.float32]:
+    snapped: npt.NDArray[np.float64] = np.round(np.asarray(values, dtype=np.float64) / step)
+    return (snapped * step).astype(np.float32)
+
+
+def _softmax(logits: Array) -> Array:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(shifted)
+    result: Array = e / e.sum(axis=-1, keepdims=True)
+    return result
+
+
+class _Adam:
+    """Adam over a list of float64 parameter arrays, updated in place."""
+
+    def __init__(self, params: list[Array], lr: float) -> None:
+        self.params = params
+        self.lr = lr
+        self.m = [np.zeros_like(p) for p in params]
+        self.v = [np.zeros_like(p) for p in params]
+        self.t = 0
+
+    def step(self, grads: Sequence[Array]) -> None:
+        self.t += 1
+        b1, b2 = 0.9, 0.999
+        for p, g, m, v in zip(self.params, grads, self.m, self.v):
+            m[...] = b1 * m + (1 - b1) * g
+            v[...] = b2 * v + (1 - b2) * g * g
+            m_hat = m / (1 - b1**self.t)
+            v_hat = v / (1 - b2**self.t)
+            p[...] -= self.lr * m_hat / (np.sqrt(v_hat) + 1e-8)
+
+
+# -- intent classifier ------------------------------------------------------------------------
+
+INTENT_MAX_LEN = 16
+
+_SLOTS: dict[str, tuple[str, ...]] = {
+    "room": (
+        "kitchen",
+        "living room",
+        "bedroom",
+        "bathroom",
+        "hallway",
+        "garage",
+        "office",
+        "dining room",
+        "kids room",
+        "basement",
+    ),
+    "door": ("front door", "back door", "garage door", "side door", "patio door"),
+    "temp": tuple(str(t) for t in range(16, 29)),
+    "genre": ("jazz", "rock", "pop", "classical music", "hip hop", "country", "the beatles"),
+    "when": ("today", "tomorrow", "this weekend", "tonight", "this afternoon"),
+    "n": ("1", "2", "5", "10", "15", "20", "30", "45"),
+}
+
+INTENT_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "lights_on": (
+        "turn on the {room} lights",
+        "switch on the lights in the {room}",
+        "lights on",
+        "{room} lights on",
+        "turn the {room} light on",
+        "can you turn on the lights",
+        "please switch the {room} lamp on",
+        "it is too dark in the {room}",
+        "light up the {room}",
+    ),
+    "lights_off": (
+        "turn off the {room} lights",
+        "switch off the lights in the {room}",
+        "lights off",
+        "{room} lights off",
+        "turn the {room} light off",
+        "kill the lights in the {room}",
+        "please switch the {room} lamp off",
+        "no more light in the {room}",
+        "can you turn off the lights",
+    ),
+    "set_temperature": (
+        "set the thermostat to {temp} degrees",
+        "set the temperature to {temp}",
+        "make it {temp} degrees in the {room}",
+        "change the heating to {temp} degrees",
+        "turn up the heat",
+        "turn down the heating",
+        "it is too cold in the {room}",
+        "heat the {room} to {temp} degrees",
+        "set the {room} thermostat to {temp}",
+    ),
+    "lock_door": (
+        "lock the {door}",
+        "lock the {door} please",
+        "make sure the {door} is locked",
+        "secure the {door}",
+        "lock up the house",
+        "lock all the doors",
+    ),
+    "unlock_door": (
+        "unlock the {door}",
+        "open the {door}",
+        "let me in through the {door}",
+        "unlock the {door} please",
+        "unlock all the doors",
+        "can you unlock the {door}",
+    ),
+    "play_music": (
+        "play some {genre}",
+        "play {genre} in the {room}",
+        "put on some {genre}",
+        "play music in the {room}",
+        "start playing {genre}",
+        "i want to listen to {genre}",
+        "play my playlist",
+        "play a song",
+    ),
+    "stop_music": (
+        "stop the music",
+        "stop playing",
+        "pause the music",
+        "turn the music off",
+        "stop the music in the {room}",
+        "stop the song",
+        "pause playback",
+    ),
+    "volume_up": (
+        "turn up the volume",
+        "louder please",
+        "increase the volume in the {room}",
+        "make it louder",
+        "volume up",
+    ),
+    "volume_down": (
+        "turn down the volume",
+        "quieter please",
+        "lower the volume in the {room}",
+        "make it quieter",
+        "volume down",
+    ),
+    "weather": (
+        "what is the weather like",
+        "what is the weather {when}",
+        "will it rain {when}",
+        "is it going to be sunny {when}",
+        "weather forecast for {when}",
+        "do i need an umbrella {when}",
+        "how cold is it outside",
+        "what is the temperature outside",
+    ),
+    "set_timer": (
+        "set a timer for {n} minutes",
+        "start a {n} minute timer",
+        "timer for {n} minutes",
+        "remind me in {n} minutes",
+        "count down {n} seconds",
+        "set a {n} second timer",
+    ),
+}
+INTENT_LABELS = tuple(INTENT_TEMPLATES)
+_PLACEHOLDER = re.compile(r"\{\w+\}")
+
+
+def intent_tokenizer() -> Tokenizer:
+    """The intent classifier's tokenizer: every word the templates can produce, sorted."""
+    words: set[str] = set()
+    for template in itertools.chain.from_iterable(INTENT_TEMPLATES.values()):
+        words.update(Tokenizer.words(_PLACEHOLDER.sub(" ", template)))
+    for values in _SLOTS.values():
+        for value in values:
+            words.update(Tokenizer.words(value))
+    vocab = {"<pad>": 0, "<unk>": 1}
+    vocab.update({w: i + 2 for i, w in enumerate(sorted(words))})
+    return Tokenizer(vocab, INTENT_LABELS, max_len=INTENT_MAX_LEN, pad_id=0, unk_id=1)
+
+
+def intent_dataset(
+    seed: int = DEFAULT_SEED, per_intent: int = 80
+) -> tuple[list[str], npt.NDArray[np.int64]]:
+    """Synthetic smart-home commands and their label indices, drawn from the templates."""
+    rng = np.random.default_rng(seed)
+    texts: list[str] = []
+    labels: list[int] = []
+    for label, templates in enumerate(INTENT_TEMPLATES.values()):
+        for _ in range(per_intent):
+            template = templates[int(rng.integers(len(templates)))]
+            values = {k: v[int(rng.integers(len(v)))] for k, v in _SLOTS.items()}
+            texts.append(template.format(**values))
+            labels.append(label)
+    return texts, np.asarray(labels, dtype=np.int64)
+
+
+def _train_intent_weights(
+    tokens: Array, labels: Array, vocab_size: int, dim: int, rng: np.random.Generator, steps: int
+) -> tuple[Array, Array, Array]:
+    n, length = tokens.shape
+    classes = len(INTENT_LABELS)
+    # GATHER + MEAN equals a word-count matrix times the table over the sequence length; the
+    # matrix form trains in a fraction of the time of scattering gradients row by row.
+    counts = np.zeros((n, vocab_size))
+    np.add.at(counts, (np.repeat(np.arange(n), length), tokens.ravel()), 1.0)
+    counts /= length
+    embedding = rng.normal(0.0, 0.3, size=(vocab_size, dim))
+    embedding[0] = 0.0
+    weight = rng.normal(0.0, 0.3, size=(classes, dim))
+    bias = np.zeros(classes)
+    onehot = np.eye(classes)[labels]
+    decay = 1e-4
+    adam = _Adam([embedding, weight, bias], lr=0.05)
+    for _ in range(steps):
+        pooled = counts @ embedding
+        probs = _softmax(pooled @ weight.T + bias)
+        g_logits = (probs - onehot) / n
+        g_embedding = counts.T @ (g_logits @ weight)
+        g_embedding[0] = 0.0  # the pad row stays zero: padding must not shift the mean
+        adam.step(
+            [
+                g_embedding + decay * embedding,
+                g_logits.T @ pooled + decay * weight,
+                g_logits.sum(0),
+            ]
+        )
+    embedding[0] = 0.0
+    return embedding, weight, bias
+
+
+def intent_classifier(
+    seed: int = DEFAULT_SEED,
+    *,
+    embedding_dim: int = 32,
+    steps: int = 300,
+    scramble_labels: bool = False,
+) -> BuiltModel:
+    """Text intent classifier for smart-home commands: the small-language-model case.
+
+    ``tokens`` int32 [1, 16] -> GATHER embedding [V, D] -> MEAN over words -> FULLY_CONNECTED ->
+    SOFTMAX -> ``probabilities`` [1, n_intents]. Trained with numpy on :func:`intent_dataset`.
+    ``scramble_labels`` shifts the output rows by one, a model with the same interface that gets
+    every answer wrong (for output-agreement gates).
+    """
+    tokenizer = intent_tokenizer()
+    texts, labels = intent_dataset(seed)
+    augmented = [_with_unknown_word(t, i) for i, t in enumerate(texts)]
+    tokens = np.concatenate([tokenizer.encode(t) for t in texts + augmented])
+    rng = np.random.default_rng(seed)
+    embedding, weight, bias = _train_intent_weights(
+        tokens, np.concatenate([labels, labels]), tokenizer.vocab_size, embedding_dim, rng, steps
+    )
+    embedding, weight, bias = _on_grid(embedding), _on_grid(weight), _on_grid(bias)
+    if scramble_labels:
+        weight, bias = np.roll(weight, -1, axis=0), np.roll(bias, -1)
+
+    mb = ModelBuilder(f"fleetlite intent_classifier: smart-home command intents (seed {seed})")
+    x = mb.add_input("tokens", [1, INTENT_MAX_LEN], np.int32)
+    table = mb.add_constant("embedding", embedding)
+    embedded = mb.gather(table, x, name="embedded")
+    pooled = mb.mean(embedded, [1], name="pooled")
+    logits = mb.fully_connected(
+        pooled,
+        mb.add_constant("dense/weight", weight),
+        mb.add_constant("dense/bias", bias),
+        name="logits",
+    )
+    mb.mark_output(mb.softmax(logits, name="probabilities"))
+    return BuiltModel(
+        "intent_classifier",
+        mb.build(),
+        {"embedding": embedding, "weight": weight, "bias": bias},
+        {"intent_classifier.vocab.json": tokenizer.to_json()},
+    )
+
+
+def _with_unknown_word(text: str, i: int) -> str:
+    # Out-of-vocabulary filler words teach the <unk> embedding to stay neutral.
+    words = text.split()
+    filler = ("hey", "could", "kindly", "now")[i % 4]
+    words.insert(i % (len(words) + 1), filler)
+    return " ".join(words)
+
+
+# -- sensor autoencoder -----------------------------------------------------------------------
+
+
+def sensor_samples(count: int, seed: int = DEFAULT_SEED) -> npt.NDArray[np.float32]:
+    """Synthetic sensor windows [count, 16]: noisy sine waves with random amplitude and offset."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(SENSOR_WINDOW, dtype=np.float64)
+    amp = rng.uniform(0.5, 1.5, size=(count, 1))
+    freq = rng.uniform(0.5, 2.0, size=(count, 1))
+    phase = rng.uniform(0.0, 2 * np.pi, size=(count, 1))
+    offset = rng.uniform(-0.5, 0.5, size=(count, 1))
+    noise = rng.normal(0.0, 0.05, size=(count, SENSOR_WINDOW))
+    waves: npt.NDArray[np.float64] = (
+        offset + amp * np.sin(2 * np.pi * freq * t / SENSOR_WINDOW + phase) + noise
+    )
+    return waves.astype(np.float32)
+
+
+Layer = tuple[Array, Array]
+
+
+def mlp_forward(x: Array, layers: Sequence[Layer], relu: Sequence[bool]) -> list[Array]:
+    """Activations after each dense layer (weights [out, in]); the last item is the output."""
+    outs = []
+    h = x
+    for (w, b), r in zip(layers, relu):
+        h = h @ w.T + b
+        if r:
+            h = np.maximum(h, 0)
+        outs.append(h)
+    return outs
+
+
+def _init_layers(sizes: Sequence[int], rng: np.random.Generator) -> list[Layer]:
+    return [
+        (rng.normal(0.0, np.sqrt(2.0 / fan_in), size=(fan_out, fan_in)), np.zeros(fan_out))
+        for fan_in, fan_out in zip(sizes[:-1], sizes[1:])
+    ]
+
+
+def _train_autoencoder(seed: int, steps: int) -> list[Layer]:
+    rng = np.random.default_rng(seed)
+    data = sensor_samples(512, seed).astype(np.float64)
+    layers = _init_layers((SENSOR_WINDOW, *AUTOENCODER_UNITS), rng)
+    adam = _Adam([p for layer in layers for p in layer], lr=0.01)
+    for _ in range(steps):
+        acts = mlp_forward(data, layers, AUTOENCODER_RELU)
+        grad = 2 * (acts[-1] - data) / data.size
+        grads: list[Array] = []
+        for i in reversed(range(len(layers))):
+            if AUTOENCODER_RELU[i]:
+                grad = grad * (acts[i] > 0)
+            below = acts[i - 1] if i else data
+            grads[:0] = [grad.T @ below, grad.sum(0)]
+            grad = grad @ layers[i][0]
+        adam.step(grads)
+    return [(_on_grid(w), _on_grid(b)) for w, b in layers]
+
+
+def _dense_model(
+    name: str,
+    description: str,
+    layers: Sequence[Layer],
+    relu: Sequence[bool],
+    in_name: str,
+    out_name: str,
+) -> bytes:
+    mb = ModelBuilder(description)
+    h = mb.add_input(in_name, [1, layers[0][0].shape[1]], np.float32)
+    for i, ((w, b), r) in enumerate(zip(layers, relu)):
+        last = i == len(layers) - 1
+        h = mb.fully_connected(
+            h,
+            mb.add_constant(f"{name}/fc{i}/weight", w),
+            mb.add_constant(f"{name}/fc{i}/bias", b),
+            name=out_name if last else f"{name}/fc{i}",
+            activation="RELU" if r else "NONE",
+        )
+    mb.mark_output(h)
+    return mb.build()
+
+
+def _layer_weights(layers: Sequence[Layer]) -> dict[str, Array]:
+    weights: dict[str, Array] = {}
+    for i, (w, b) in enumerate(layers):
+        weights[f"fc{i}.weight"] = w
+        weights[f"fc{i}.bias"] = b
+    return weights
+
+
+def sensor_autoencoder(seed: int = DEFAULT_SEED, *, steps: int = 600) -> BuiltModel:
+    """Dense float32 autoencoder for 16-sample sensor windows: 16 -> 8 -> 4 -> 8 -> 16 (ReLU).
+
+    Trained on :func:`sensor_samples`; its reconstruction error is an anomaly score.
+    """
+    layers = _train_autoencoder(seed, steps)
+    content = _dense_model(
+        "autoencoder",
+        f"fleetlite sensor_autoencoder: float32 (seed {seed})",
+        layers,
+        AUTOENCODER_RELU,
+        "window",
+        "reconstruction",
+    )
+    return BuiltModel("sensor_autoencoder", content, _layer_weights(layers))
+
+
+def _affine_int8(lo: float, hi: float) -> Quantization:
+    """Asymmetric int8 parameters covering [lo, hi] (widened to include 0, snapped outwards)."""
+    lo = float(np.floor(min(lo, 0.0) / RANGE_GRID) * RANGE_GRID)
+    hi = float(np.ceil(max(hi, 0.0) / RANGE_GRID) * RANGE_GRID)
+    hi = max(hi, lo + RANGE_GRID)
+    scale = float(np.float32((hi - lo) / 255.0))
+    zero_point = int(np.clip(np.round(-128 - lo / scale), -128, 127))
+    return Quantization.per_tensor(scale, zero_point)
+
+
+def sensor_autoencoder_int8(
+    seed: int = DEFAULT_SEED, *, per_channel: bool = True, steps: int = 600
+) -> BuiltModel:
+    """Full-integer int8 build of :func:`sensor_autoencoder` (same seed, same float weights).
+
+    int8 input and output; int8 weights, symmetric per output channel (or per tensor); int32
+    biases with scale ``input_scale * weight_scale``; activation ranges calibrated on
+    ``sensor_samples(2048, seed + 1)``.
+    """
+    layers = _train_autoencoder(seed, steps)
+    calibration = sensor_samples(2048, seed + 1).astype(np.float64)
+    acts = mlp_forward(calibration, layers, AUTOENCODER_RELU)
+
+    mb = ModelBuilder(f"fleetlite sensor_autoencoder_int8: full-integer int8 (seed {seed})")
+    in_q = _affine_int8(float(calibration.min()), float(calibration.max()))
+    h = mb.add_input("window", [1, SENSOR_WINDOW], np.int8, in_q)
+    weights: dict[str, Array] = {
+        "input_scale": np.asarray(in_q.scale[0], dtype=np.float32),
+        "input_zero_point": np.asarray(in_q.zero_point[0], dtype=np.int32),
+    }
+    for i, ((w, b), act) in enumerate(zip(layers, acts)):
+        max_abs = np.abs(w).max(axis=1) if per_channel else np.full(w.shape[0], np.abs(w).max())
+        w_scale = (np.maximum(max_abs, 1e-6) / 127.0).astype(np.float32)
+        w_q = np.clip(np.round(w / w_scale[:, None]), -127, 127).astype(np.int8)
+        b_scale = (np.float64(in_q.scale[0]) * w_scale.astype(np.float64)).astype(np.float32)
+        b_q = np.round(b / b_scale).astype(np.int32)
+        out_q = _affine_int8(float(act.min()), float(act.max()))
+        w_quant = (
+            Quantization.per_channel(w_scale.tolist())
+            if per_channel
+            else Quantization.per_tensor(float(w_scale[0]))
+        )
+        b_quant = (
+            Quantization.per_channel(b_scale.tolist())
+            if per_channel
+            else Quantization.per_tensor(float(b_scale[0]))
+        )
+        last = i == len(layers) - 1
+        h = mb.fully_connected(
+            h,
+            mb.add_constant(f"autoencoder/fc{i}/weight", w_q, w_quant),
+            mb.add_constant(f"autoencoder/fc{i}/bias", b_q, b_quant),
+            name="reconstruction" if last else f"autoencoder/fc{i}",
+            activation="RELU" if AUTOENCODER_RELU[i] else "NONE",
+            quantization=out_q,
+        )
+        weights.update(
+            {
+                f"fc{i}.weight": w_q,
+                f"fc{i}.weight_scale": w_scale,
+                f"fc{i}.bias": b_q,
+                f"fc{i}.output_scale": np.asarray(out_q.scale[0], dtype=np.float32),
+                f"fc{i}.output_zero_point": np.asarray(out_q.zero_point[0], dtype=np.int32),
+            }
+        )
+        in_q = out_q
+    mb.mark_output(h)
+    return BuiltModel("sensor_autoencoder_int8", mb.build(), weights)
+
+
+# -- interface and latency fixtures -----------------------------------------------------------
+
+
+def two_in_two_out(seed: int = DEFAULT_SEED) -> BuiltModel:
+    """Two named float32 inputs ``a``, ``b`` [1, 8]; outputs ``out_sum`` = a + b [1, 8] and
+    ``out_score`` = FC(a * b) [1, 4]."""
+    rng = np.random.default_rng(seed)
+    weight = _on_grid(rng.normal(0.0, 0.5, size=(4, 8)))
+    bias = _on_grid(rng.normal(0.0, 0.1, size=4))
+    mb = ModelBuilder(f"fleetlite two_in_two_out: multi-input/output fixture (seed {seed})")
+    a = mb.add_input("a", [1, 8], np.float32)
+    b = mb.add_input("b", [1, 8], np.float32)
+    mb.mark_output(mb.add(a, b, name="out_sum"))
+    product = mb.mul(a, b, name="product")
+    mb.mark_output(
+        mb.fully_connected(
+            product,
+            mb.add_constant("score/weight", weight),
+            mb.add_constant("score/bias", bias),
+            name="out_score",
+        )
+    )
+    return BuiltModel("two_in_two_out", mb.build(), {"weight": weight, "bias": bias})
+
+
+def heavy_mlp(size: int = 64, layers: int = 4, seed: int = DEFAULT_SEED) -> BuiltModel:
+    """Float32 MLP ``x`` [1, size] -> ``layers`` dense layers of ``size`` units -> ``y``.
+
+    Work (and file size: ``4 * size * size * layers`` bytes) grows with ``size**2 * layers``,
+    which makes a model as slow as a latency gate needs.
+    """
+    if size < 1 or layers < 1:
+        raise ValueError("heavy_mlp needs size >= 1 and layers >= 1")
+    rng = np.random.default_rng(seed)
+    dense = [(_on_grid(w), _on_grid(b)) for w, b in _init_layers([size] * (layers + 1), rng)]
+    relu = [True] * (layers - 1) + [False]
+    content = _dense_model(
+        "mlp", f"fleetlite heavy_mlp: {layers} x {size} units (seed {seed})", dense, relu, "x", "y"
+    )
+    return BuiltModel("heavy_mlp", content, _layer_weights(dense))
+
+
+def unsupported_op_model() -> bytes:
+    """A well-formed model whose only operator is the custom op ``FleetLiteNoSuchOp``."""
+    mb = ModelBuilder("fleetlite fixture: a custom operator no runtime provides")
+    x = mb.add_input("x", [1, 4], np.float32)
+    y = mb.add_tensor("y", [1, 4], np.float32)
+    mb.add_custom_operator("FleetLiteNoSuchOp", [x], [y])
+    mb.mark_output(y)
+    return mb.build()
+
+
+def crashing_model() -> bytes:
+    """A structurally valid model that makes tflite-runtime 2.14 segfault when it is prepared.
+
+    Its MEAN operator names the optional-tensor marker (-1) as its data input; the MEAN kernel
+    dereferences it without a check. It passes every check short of running it, like a hostile
+    release whose signatures are valid: the agent must only ever load it in an isolated process.
+    """
+    mb = ModelBuilder("fleetlite fixture: crashes the interpreter (MEAN of a missing tensor)")
+    mb.add_input("x", [1, 4, 4], np.float32)
+    axes = mb.add_constant("axes", np.asarray([1], dtype=np.int32))
+    y = mb.add_tensor("y", [1, 4], np.float32)
+    mb.add_operator(
+        "MEAN", [-1, axes], [y], Options("ReducerOptions", {"KeepDims": False}), version=1
+    )
+    mb.mark_output(y)
+    return mb.build()
+
+
+# The models written to tests/fixtures/models by tools/build_models.py.
+FIXTURES: dict[str, Callable[[int], BuiltModel]] = {
+    "intent_classifier": intent_classifier,
+    "sensor_autoencoder": sensor_autoencoder,
+    "sensor_autoencoder_int8": sensor_autoencoder_int8,
+    "two_in_two_out": two_in_two_out,
+    "heavy_mlp": lambda seed: heavy_mlp(seed=seed),
+}
+
+
+def build_all(seed: int = DEFAULT_SEED) -> list[BuiltModel]:
+    """Every fixture model, in a fixed order."""
+    return [build(seed) for build in FIXTURES.values()]

@@ -7,6 +7,7 @@ import json
 import sys
 from collections.abc import Sequence
 
+from fleetlite.agent import profile_cli
 from fleetlite.agent.errors import AgentError
 from fleetlite.sdk.version import __version__
 
@@ -17,6 +18,8 @@ examples:
   fleetlite-agent info                      facts about this device and its TFLite runtime
   fleetlite-agent info --json               the same, as JSON
   fleetlite-agent check model.tflite        load and run a model in an isolated process
+  fleetlite-agent profile model.tflite --device-class raspberry-pi-4
+                                            benchmark it (p50/p95/p99, peak memory) vs budgets
 
 exit codes: 0 ok, 1 the command failed (the message says why), 2 usage error
 """
@@ -56,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="print JSON instead of text")
     check.add_argument("--threads", type=int, default=1, help="interpreter threads (default 1)")
     check.add_argument("--timeout", type=float, default=60.0, help="seconds before giving up")
+    profile_cli.add_parser(sub)
     return parser
 
 
@@ -89,6 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 _print_table(facts)
             return 0
+        if args.command == "profile":
+            return profile_cli.run(args)
         if args.command == "check":
             from fleetlite.agent.isolated import check_model
 

@@ -9,6 +9,8 @@
         │   └── UnsupportedOpError   the model uses an op this runtime does not have
         ├── InputMismatchError       inputs of the wrong name, count, shape or dtype
         ├── InferenceError           the interpreter failed while invoking
+        ├── ModelNotFoundError       no model of that name is active in the model service
+        ├── LocalApiSetupError       the local API socket cannot be created
         ├── ModelCrashedError        an isolated check saw the interpreter process die
         ├── AgentConfigError         agent.yaml is missing a key or has a bad value
         └── SpoolError               the on-disk report spool cannot store a record
@@ -45,6 +47,14 @@ class InputMismatchError(AgentError):
 
 class InferenceError(AgentError):
     """The interpreter raised while running a model."""
+
+
+class ModelNotFoundError(AgentError):
+    """No model of the requested name is active in the model service."""
+
+
+class LocalApiSetupError(AgentError):
+    """The local API's Unix socket cannot be created (missing directory, permissions, in use)."""
 
 
 class ModelCrashedError(InvalidModelError):

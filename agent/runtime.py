@@ -214,7 +214,8 @@ def _translate_load_error(exc: BaseException, origin: str) -> InvalidModelError:
     )
 
 
-def _read_source(source: ModelSource) -> tuple[bytes, str]:
+def read_model_source(source: ModelSource) -> tuple[bytes, str]:
+    """Bytes of a model given as a path or bytes, and a name for it in messages."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         return bytes(source), "model bytes"
     path = Path(source)
@@ -281,6 +282,9 @@ class Model:
             self.signature_keys = tuple(self._interpreter.get_signature_list().keys())
         except (AttributeError, ValueError):
             self.signature_keys = ()
+        self._input_names = tuple(spec.name for spec in self.inputs)
+        self._input_dtypes = tuple(spec.numpy_dtype for spec in self.inputs)
+        self._current_shapes = [spec.shape for spec in self.inputs]
         self._lock = threading.Lock()
 
     @property
@@ -290,7 +294,7 @@ class Model:
 
     @property
     def input_names(self) -> list[str]:
-        return [spec.name for spec in self.inputs]
+        return list(self._input_names)
 
     @property
     def output_names(self) -> list[str]:
@@ -309,14 +313,15 @@ class Model:
 
     def _arrange_inputs(self, inputs: InputsLike) -> list[Array]:
         if isinstance(inputs, Mapping):
-            unknown = sorted(set(inputs) - set(self.input_names))
-            missing = [name for name in self.input_names if name not in inputs]
-            if unknown or missing:
+            names = self._input_names
+            if len(inputs) != len(names) or any(name not in inputs for name in names):
+                unknown = sorted(set(inputs) - set(names))
+                missing = [name for name in names if name not in inputs]
                 raise InputMismatchError(
                     f"inputs do not match the model: missing {missing}, unexpected {unknown}; "
-                    f"the model's inputs are {self.input_names}"
+                    f"the model's inputs are {list(names)}"
                 )
-            ordered = [inputs[name] for name in self.input_names]
+            ordered = [inputs[name] for name in names]
         elif isinstance(inputs, np.ndarray):
             ordered = [inputs]
         else:
@@ -327,9 +332,9 @@ class Model:
                 f"got {len(ordered)}; pass a dict keyed by input name"
             )
         arrays = []
-        for spec, value in zip(self.inputs, ordered):
+        for spec, dtype, value in zip(self.inputs, self._input_dtypes, ordered):
             array = np.asarray(value)
-            if array.dtype != spec.numpy_dtype:
+            if array.dtype != dtype:
                 hint = (
                     "; quantize real values with fleetlite.agent.runtime.quantize(x, spec)"
                     if spec.quantized
@@ -362,10 +367,10 @@ class Model:
         with self._lock:
             try:
                 resized = False
-                for spec, array in zip(self.inputs, arrays):
-                    current = tuple(interp.get_input_details()[self.inputs.index(spec)]["shape"])
-                    if tuple(array.shape) != current:
+                for position, (spec, array) in enumerate(zip(self.inputs, arrays)):
+                    if array.shape != self._current_shapes[position]:
                         interp.resize_tensor_input(spec.index, list(array.shape))
+                        self._current_shapes[position] = array.shape
                         resized = True
                 if resized:
                     interp.allocate_tensors()
@@ -387,5 +392,5 @@ def load_model(
     Raises :class:`InvalidModelError` (or :class:`UnsupportedOpError`) when the interpreter
     refuses it, and :class:`RuntimeMissingError` when no runtime is installed.
     """
-    content, origin = _read_source(source)
+    content, origin = read_model_source(source)
     return Model(content, origin=origin, num_threads=num_threads, backend=backend)

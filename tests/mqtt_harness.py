@@ -7,6 +7,7 @@ tests can stop, kill and restart it on the same port.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
@@ -53,7 +54,7 @@ class Mosquitto:
     """One Mosquitto broker process for a test."""
 
     def __init__(self, workdir: Path, *, port: int | None = None, tls: TlsFiles | None = None,
-                 extra_conf: str = "") -> None:
+                 extra_conf: str = "", persistent: bool = False) -> None:
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -61,7 +62,12 @@ class Mosquitto:
         self.tls = tls
         self.conf = workdir / "mosquitto.conf"
         self.log = workdir / "mosquitto.log"
-        lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true", "persistence false",
+        persistence = (["persistence true", f"persistence_location {workdir}/"] if persistent
+                       else ["persistence false"])
+        # as root, mosquitto would drop to the 'mosquitto' user, who cannot write to pytest's
+        # private temp dirs; tests run it as the invoking user instead
+        user = ["user root"] if os.geteuid() == 0 else []
+        lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true", *persistence, *user,
                  "max_queued_messages 100000", "log_type error", "log_type warning",
                  "log_type notice", "log_type information", "connection_messages true"]
         if tls is not None:

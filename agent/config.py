@@ -1,0 +1,284 @@
+"""``agent.yaml``: the device agent's configuration, parsed and validated.
+
+Errors name the file, the key and the fix (:class:`AgentConfigError`). Parsing is a pure function
+over the loaded mapping (:func:`parse_config`); :func:`load_config` adds the file I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fleetlite.agent.errors import AgentConfigError
+from fleetlite.sdk.topics import TopicError, validate_device_id
+
+EXAMPLE = """\
+device_id: gw-0001               # unique; letters, digits, - _ .
+device_class: raspberry-pi-4     # a file in device_profiles/ (without .yaml)
+tags: {site: plant-7}
+broker:
+  host: mqtt.example.net
+  port: 8883
+  tls: {ca: /etc/fleetlite/ca.pem, cert: /etc/fleetlite/device.pem, key: /etc/fleetlite/device.key}
+state_dir: /var/lib/fleetlite
+socket: /run/fleetlite/agent.sock
+"""
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    ca: Path
+    cert: Path | None = None
+    key: Path | None = None
+    insecure_skip_hostname: bool = False
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    host: str = "localhost"
+    port: int = 1883
+    keepalive_s: int = 30
+    tls: TlsConfig | None = None
+    username: str | None = None
+    password: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A model to serve at start-up (before any OTA install)."""
+
+    name: str
+    path: Path
+    version: int | None = None
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    device_id: str
+    device_class: str
+    state_dir: Path
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    tags: dict[str, str] = field(default_factory=dict)
+    socket: Path | None = None
+    telemetry_interval_s: float = 60.0
+    reconnect_min_s: float = 1.0
+    reconnect_max_s: float = 60.0
+    threads: int | None = None
+    models: tuple[ModelEntry, ...] = ()
+    spool_max_records: int = 10_000
+    spool_max_mb: float = 16.0
+    profile_on_model_change: bool = True
+    source: Path | None = None
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.state_dir / "spool"
+
+
+_TOP_KEYS = {
+    "device_id", "device_class", "tags", "broker", "state_dir", "socket", "intervals",
+    "threads", "models", "spool", "profile_on_model_change",
+}
+_BROKER_KEYS = {"host", "port", "keepalive_s", "tls", "username", "password"}
+_TLS_KEYS = {"ca", "cert", "key", "insecure_skip_hostname"}
+_INTERVAL_KEYS = {"telemetry_s", "reconnect_min_s", "reconnect_max_s"}
+_SPOOL_KEYS = {"max_records", "max_mb"}
+_MODEL_KEYS = {"name", "path", "version"}
+
+
+class _Reader:
+    """Typed access to a nested mapping that reports errors as ``origin: key.path: problem``."""
+
+    def __init__(self, origin: str) -> None:
+        self.origin = origin
+
+    def fail(self, key: str, problem: str) -> AgentConfigError:
+        return AgentConfigError(f"{self.origin}: {key}: {problem}")
+
+    def mapping(self, value: Any, key: str, allowed: set[str]) -> Mapping[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            raise self.fail(key, f"expected a mapping, got {type(value).__name__}")
+        unknown = sorted(set(value) - allowed)
+        if unknown:
+            raise self.fail(
+                f"{key}.{unknown[0]}" if key else unknown[0],
+                f"unknown key; allowed keys here are: {', '.join(sorted(allowed))}",
+            )
+        return value
+
+    def string(self, data: Mapping[str, Any], key: str, path: str, default: str | None = None,
+               required: bool = False) -> str | None:
+        if key not in data or data[key] is None:
+            if required:
+                raise self.fail(path, "is required; add it to the file")
+            return default
+        value = data[key]
+        if not isinstance(value, str) or not value:
+            raise self.fail(path, f"expected a non-empty string, got {value!r}")
+        return value
+
+    def number(self, data: Mapping[str, Any], key: str, path: str, default: float,
+               minimum: float = 0.0, exclusive: bool = True) -> float:
+        if key not in data:
+            return default
+        value = data[key]
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok or (value <= minimum if exclusive else value < minimum):
+            bound = f"> {minimum:g}" if exclusive else f">= {minimum:g}"
+            raise self.fail(path, f"expected a number {bound}, got {value!r}")
+        return float(value)
+
+    def integer(self, data: Mapping[str, Any], key: str, path: str, default: int | None,
+                low: int, high: int) -> int | None:
+        if key not in data or data[key] is None:
+            return default
+        value = data[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise self.fail(path, f"expected an integer from {low} to {high}, got {value!r}")
+        return value
+
+
+def _path(value: str, base: Path | None) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() or base is None else base / path
+
+
+def parse_config(data: Any, *, origin: str = "agent.yaml", base: Path | None = None) -> AgentConfig:
+    """Validate a loaded YAML document; relative paths resolve against ``base``."""
+    r = _Reader(origin)
+    if not isinstance(data, Mapping):
+        raise AgentConfigError(
+            f"{origin}: expected a mapping of settings, e.g.\n{EXAMPLE}"
+        )
+    top = r.mapping(data, "", _TOP_KEYS)
+    device_id = r.string(top, "device_id", "device_id", required=True)
+    assert device_id is not None
+    try:
+        validate_device_id(device_id)
+    except TopicError as exc:
+        raise r.fail("device_id", str(exc)) from exc
+    device_class = r.string(top, "device_class", "device_class", required=True)
+    assert device_class is not None
+    state_dir = r.string(top, "state_dir", "state_dir", required=True)
+    assert state_dir is not None
+
+    tags_raw = r.mapping(top.get("tags"), "tags", set(top.get("tags") or {}))
+    tags: dict[str, str] = {}
+    for key, value in tags_raw.items():
+        if not isinstance(key, str) or not isinstance(value, (str, int, float)):
+            raise r.fail(f"tags.{key}", "tags map names to strings, e.g. tags: {site: plant-7}")
+        tags[key] = str(value)
+
+    b = r.mapping(top.get("broker"), "broker", _BROKER_KEYS)
+    tls_cfg: TlsConfig | None = None
+    if b.get("tls") is not None:
+        t = r.mapping(b["tls"], "broker.tls", _TLS_KEYS)
+        ca = r.string(t, "ca", "broker.tls.ca", required=True)
+        assert ca is not None
+        cert = r.string(t, "cert", "broker.tls.cert")
+        key_file = r.string(t, "key", "broker.tls.key")
+        if (cert is None) != (key_file is None):
+            raise r.fail("broker.tls", "give both cert and key (the device's client certificate)")
+        skip = t.get("insecure_skip_hostname", False)
+        if not isinstance(skip, bool):
+            raise r.fail("broker.tls.insecure_skip_hostname", "expected true or false")
+        tls_cfg = TlsConfig(
+            ca=_path(ca, base),
+            cert=_path(cert, base) if cert else None,
+            key=_path(key_file, base) if key_file else None,
+            insecure_skip_hostname=skip,
+        )
+        for label, file in (("ca", tls_cfg.ca), ("cert", tls_cfg.cert), ("key", tls_cfg.key)):
+            if file is not None and not file.is_file():
+                raise r.fail(f"broker.tls.{label}", f"file {file} does not exist")
+    default_port = 8883 if tls_cfg else 1883
+    port = r.integer(b, "port", "broker.port", default_port, 1, 65535)
+    keepalive = r.integer(b, "keepalive_s", "broker.keepalive_s", 30, 5, 3600)
+    broker = BrokerConfig(
+        host=r.string(b, "host", "broker.host", "localhost") or "localhost",
+        port=port or default_port,
+        keepalive_s=keepalive or 30,
+        tls=tls_cfg,
+        username=r.string(b, "username", "broker.username"),
+        password=r.string(b, "password", "broker.password"),
+    )
+
+    iv = r.mapping(top.get("intervals"), "intervals", _INTERVAL_KEYS)
+    reconnect_min = r.number(iv, "reconnect_min_s", "intervals.reconnect_min_s", 1.0)
+    reconnect_max = r.number(iv, "reconnect_max_s", "intervals.reconnect_max_s", 60.0)
+    if reconnect_max < reconnect_min:
+        raise r.fail("intervals.reconnect_max_s", "must be >= intervals.reconnect_min_s")
+
+    sp = r.mapping(top.get("spool"), "spool", _SPOOL_KEYS)
+
+    models_raw = top.get("models") or []
+    if not isinstance(models_raw, list):
+        raise r.fail("models", "expected a list of {name, path} entries")
+    models = []
+    for i, entry in enumerate(models_raw):
+        m = r.mapping(entry, f"models[{i}]", _MODEL_KEYS)
+        name = r.string(m, "name", f"models[{i}].name", required=True)
+        mpath = r.string(m, "path", f"models[{i}].path", required=True)
+        assert name is not None and mpath is not None
+        models.append(
+            ModelEntry(
+                name=name,
+                path=_path(mpath, base),
+                version=r.integer(m, "version", f"models[{i}].version", None, 0, 2**53),
+            )
+        )
+
+    socket = r.string(top, "socket", "socket")
+    profile_flag = top.get("profile_on_model_change", True)
+    if not isinstance(profile_flag, bool):
+        raise r.fail("profile_on_model_change", "expected true or false")
+    return AgentConfig(
+        device_id=device_id,
+        device_class=device_class,
+        state_dir=_path(state_dir, base),
+        broker=broker,
+        tags=tags,
+        socket=_path(socket, base) if socket else None,
+        telemetry_interval_s=r.number(iv, "telemetry_s", "intervals.telemetry_s", 60.0),
+        reconnect_min_s=reconnect_min,
+        reconnect_max_s=reconnect_max,
+        threads=r.integer(top, "threads", "threads", None, 1, 256),
+        models=tuple(models),
+        spool_max_records=r.integer(sp, "max_records", "spool.max_records", 10_000, 1, 10**8)
+        or 10_000,
+        spool_max_mb=r.number(sp, "max_mb", "spool.max_mb", 16.0),
+        profile_on_model_change=profile_flag,
+    )
+
+
+def load_config(path: str | Path) -> AgentConfig:
+    """Read and validate ``agent.yaml``."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError as exc:
+        raise AgentConfigError(
+            f"{path}: no such config file; create one, for example:\n{EXAMPLE}"
+        ) from exc
+    except OSError as exc:
+        raise AgentConfigError(f"{path}: cannot read the config file ({exc.strerror})") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise AgentConfigError(f"{path}: invalid YAML{where}: {exc}") from exc
+    config = parse_config(data, origin=str(path), base=path.parent.resolve())
+    return _with_source(config, path)
+
+
+def _with_source(config: AgentConfig, path: Path) -> AgentConfig:
+    from dataclasses import replace
+
+    return replace(config, source=path.resolve())

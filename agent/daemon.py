@@ -1,0 +1,324 @@
+"""The device agent process: wires config, spool, model service, local API, MQTT link and timers.
+
+``fleetlite-agent run`` builds an :class:`Agent` and calls :meth:`Agent.run_forever`, which
+returns after SIGTERM/SIGINT once everything is shut down cleanly (retained offline status
+published, local socket removed, spool flushed to disk).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import signal
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from fleetlite.agent import device_facts
+from fleetlite.agent.atomic import read_json, write_json_atomic
+from fleetlite.agent.commands import CommandDispatcher, arg
+from fleetlite.agent.config import AgentConfig, load_config
+from fleetlite.agent.errors import AgentConfigError, AgentError
+from fleetlite.agent.isolated import check_model
+from fleetlite.agent.link import MqttLink
+from fleetlite.agent.model_service import ModelService
+from fleetlite.agent.spool import Spool
+from fleetlite.agent.telemetry import system_snapshot
+from fleetlite.sdk import topics
+from fleetlite.sdk.device_class import DeviceClass, find_device_class
+from fleetlite.sdk.errors import DeviceClassError
+from fleetlite.sdk.messages import Birth, Event, Telemetry
+from fleetlite.sdk.version import __version__
+
+log = logging.getLogger("fleetlite.agent")
+
+# Reconfigurable without a restart by the reload_config command; everything else needs one.
+RELOADABLE = ("tags", "telemetry_interval_s", "profile_on_model_change")
+
+
+def next_session(state_dir: Path) -> int:
+    """Increment and persist the session counter (used to tell a stale Last Will from a new one)."""
+    path = state_dir / "session.json"
+    session = int((read_json(path, {}) or {}).get("session", 0)) + 1
+    write_json_atomic(path, {"session": session})
+    return session
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Agent:
+    """One running device agent."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        try:
+            self.device_class: DeviceClass = find_device_class(config.device_class)
+        except DeviceClassError as exc:
+            origin = config.source or "agent.yaml"
+            raise AgentConfigError(f"{origin}: device_class: {exc}") from exc
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        self.started = time.monotonic()
+        self.session = next_session(config.state_dir)
+        self.threads = config.threads or self.device_class.runtime.default_threads
+        self.spool = Spool(
+            config.spool_dir,
+            max_records=config.spool_max_records,
+            max_bytes=int(config.spool_max_mb * 2**20),
+        )
+        self.models = ModelService()
+        self.local_api: Any = None
+        self.dispatcher = CommandDispatcher(
+            config.device_id,
+            {
+                "ping": self._cmd_ping,
+                "info": self._cmd_info,
+                "profile": self._cmd_profile,
+                "reload_config": self._cmd_reload_config,
+            },
+        )
+        self._commands: queue.Queue[bytes | None] = queue.Queue(maxsize=1000)
+        self._jobs: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._telemetry_seq = 0
+        self.link = MqttLink(
+            config,
+            session=self.session,
+            outbox=self.spool,
+            birth=self._birth,
+            on_command=self._enqueue_command,
+        )
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for entry in self.config.models:
+            self._activate(entry.name, entry.path, entry.version)
+        if self.config.socket is not None:
+            from fleetlite.agent.local_api import LocalApiServer
+
+            self.local_api = LocalApiServer(self.config.socket, self.models)
+            self.local_api.start()
+        self.link.start()
+        for target, name in (
+            (self._command_loop, "fleetlite-commands"),
+            (self._job_loop, "fleetlite-jobs"),
+            (self._telemetry_loop, "fleetlite-telemetry"),
+        ):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        if self.config.profile_on_model_change:
+            for entry in self.config.models:
+                self._jobs.put(("profile", {"model": entry.name, "trigger": "model_change"}))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._commands.put(None)
+        self._jobs.put(None)
+        for thread in self._threads:
+            thread.join(5)
+        self.link.stop()
+        if self.local_api is not None:
+            self.local_api.stop()
+        log.info("agent stopped")
+
+    def run_forever(self) -> None:
+        """Start, then block until SIGTERM or SIGINT; shut down cleanly."""
+        done = threading.Event()
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            log.info("received %s, shutting down", signal.Signals(signum).name)
+            done.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self.start()
+        log.info("agent %s running (session %d)", self.config.device_id, self.session)
+        while not done.wait(0.5):
+            pass
+        self.stop()
+
+    # -- models --------------------------------------------------------------------------------
+
+    def _activate(self, name: str, path: Path, version: int | None) -> None:
+        # Never load an unchecked file in our own process: a bad model can segfault it.
+        check_model(path, num_threads=self.threads)
+        self.models.activate(
+            name, path, version=version, sha256=sha256_file(path), num_threads=self.threads
+        )
+
+    # -- messages ------------------------------------------------------------------------------
+
+    def _birth(self) -> bytes:
+        return Birth(
+            device_id=self.config.device_id,
+            session=self.session,
+            ts=time.time(),
+            device_class=self.config.device_class,
+            agent_version=__version__,
+            tags=dict(self.config.tags),
+            facts=device_facts.collect(self.config.device_class),
+            models=self.models.describe(),
+        ).to_json()
+
+    def event(self, kind: str, message: str, **detail: Any) -> None:
+        payload = Event(
+            device_id=self.config.device_id, ts=time.time(), kind=kind, message=message,
+            detail=detail,
+        ).to_json()
+        self.link.report(topics.EVENTS, payload, priority="important")
+
+    def telemetry(self) -> bytes:
+        self._telemetry_seq += 1
+        return Telemetry(
+            device_id=self.config.device_id,
+            session=self.session,
+            seq=self._telemetry_seq,
+            ts=time.time(),
+            system=system_snapshot(self.config.state_dir),
+            models=self.models.stats(),
+            spool=self.spool.stats(),
+        ).to_json()
+
+    # -- worker threads ------------------------------------------------------------------------
+
+    def _enqueue_command(self, payload: bytes) -> None:
+        try:
+            self._commands.put_nowait(payload)
+        except queue.Full:
+            log.warning("command queue full; dropping a command")
+
+    def _command_loop(self) -> None:
+        while True:
+            payload = self._commands.get()
+            if payload is None:
+                return
+            response = self.dispatcher.handle(payload)
+            self.link.report(topics.COMMAND_RESPONSE, response.to_json(), priority="important")
+
+    def _job_loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            kind, args = job
+            try:
+                if kind == "profile":
+                    self._profile(args)
+            except AgentError as exc:
+                log.error("%s job failed: %s", kind, exc)
+                self.event(f"{kind}_failed", str(exc))
+
+    def _telemetry_loop(self) -> None:
+        while not self._stop.wait(self.config.telemetry_interval_s):
+            try:
+                self.link.report(topics.TELEMETRY, self.telemetry(), priority="telemetry")
+            except AgentError as exc:
+                log.error("telemetry not spooled: %s", exc)
+
+    # -- profiling -----------------------------------------------------------------------------
+
+    def _profile(self, args: dict[str, Any]) -> dict[str, Any]:
+        from fleetlite.agent.profiler import profile_model_isolated
+
+        name = args["model"]
+        active = self.models.get(name)
+        defaults = self.device_class.profiler
+        record = profile_model_isolated(
+            active.path,
+            num_threads=self.threads,
+            warmup_runs=args.get("warmup_runs", defaults.warmup_runs),
+            min_runs=args.get("min_runs", defaults.min_runs),
+            max_runs=args.get("max_runs", defaults.max_runs),
+            min_seconds=args.get("min_seconds", defaults.min_seconds),
+            max_seconds=args.get("max_seconds", defaults.max_seconds),
+            device_id=self.config.device_id,
+            device_class=self.config.device_class,
+            model_name=name,
+            model_version=active.version,
+            trigger=args.get("trigger", "command"),
+        )
+        self.link.report(topics.PROFILE, record.to_json(), priority="important")
+        return record.to_dict()
+
+    # -- command handlers ----------------------------------------------------------------------
+
+    def _cmd_ping(self, args: Any) -> dict[str, Any]:
+        return {
+            "pong": True,
+            "session": self.session,
+            "uptime_s": round(time.monotonic() - self.started, 3),
+            "agent_version": __version__,
+        }
+
+    def _cmd_info(self, args: Any) -> dict[str, Any]:
+        return {
+            "facts": device_facts.collect(self.config.device_class),
+            "device_class": self.config.device_class,
+            "tags": self.config.tags,
+            "models": self.models.describe(),
+            "spool": self.spool.stats(),
+            "link": self.link.stats(),
+            "commands": self.dispatcher.stats(),
+        }
+
+    def _cmd_profile(self, args: Any) -> dict[str, Any]:
+        names = [m["name"] for m in self.models.describe()]
+        name = arg(args, "model", str, names[0] if len(names) == 1 else None)
+        if name is None:
+            raise AgentError(
+                f"this device serves {len(names)} models {names}; say which with args.model"
+            )
+        if name not in names:
+            raise AgentError(f"no active model named {name!r}; active models: {names}")
+        request: dict[str, Any] = {"model": name, "trigger": "command"}
+        for key in ("warmup_runs", "min_runs", "max_runs"):
+            value = arg(args, key, int)
+            if value is not None:
+                if value < 0:
+                    raise AgentError(f"argument {key!r} must be >= 0")
+                request[key] = value
+        for key in ("min_seconds", "max_seconds"):
+            value = arg(args, key, (int, float))
+            if value is not None:
+                if not 0 <= value <= 600:
+                    raise AgentError(f"argument {key!r} must be between 0 and 600 seconds")
+                request[key] = float(value)
+        record = self._profile(request)
+        return {"profile": record}
+
+    def _cmd_reload_config(self, args: Any) -> dict[str, Any]:
+        if self.config.source is None:
+            raise AgentError("this agent was not started from a config file; nothing to reload")
+        new = load_config(self.config.source)
+        changed_fixed = [
+            key for key in ("device_id", "device_class", "broker", "state_dir", "socket")
+            if getattr(new, key) != getattr(self.config, key)
+        ]
+        if changed_fixed:
+            raise AgentError(
+                f"{', '.join(changed_fixed)} changed in {self.config.source}; these need a "
+                "restart: systemctl restart fleetlite-agent"
+            )
+        changed = [key for key in RELOADABLE if getattr(new, key) != getattr(self.config, key)]
+        self.config = replace(self.config, **{key: getattr(new, key) for key in RELOADABLE})
+        self.link.config = self.config
+        self.link.refresh_birth()
+        return {"reloaded": True, "changed": changed}
+
+
+def run(config_path: str | Path) -> None:
+    """Entry point of ``fleetlite-agent run``."""
+    agent = Agent(load_config(config_path))
+    agent.run_forever()

@@ -1,0 +1,296 @@
+"""The agent's MQTT link: connect, announce, receive commands, deliver spooled reports.
+
+An adapter over paho-mqtt 2.x (callback API v2, MQTT 3.1.1). Its own network thread owns the
+paho client; a fresh client is made for every connection attempt, so nothing paho queued in RAM
+survives a disconnect: the on-disk spool is the only queue for reports ("write before publish,
+delete on PUBACK"). On every connect it publishes the retained online status (the Last Will
+turns it to offline if the agent dies), the retained birth message, subscribes to its command
+topic and then drains the spool in order. Reconnects back off exponentially with jitter so a
+fleet does not reconnect in lock-step after a broker restart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from fleetlite.agent.config import AgentConfig
+from fleetlite.sdk import topics
+from fleetlite.sdk.messages import Status
+
+log = logging.getLogger("fleetlite.agent.link")
+
+MAX_INFLIGHT = 64
+
+
+class SpooledRecord(Protocol):
+    @property
+    def seq(self) -> int: ...
+    @property
+    def topic(self) -> str: ...
+    @property
+    def payload(self) -> bytes: ...
+    @property
+    def qos(self) -> int: ...
+    @property
+    def retain(self) -> bool: ...
+
+
+class Outbox(Protocol):
+    """What the link needs of the spool."""
+
+    def append(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
+               priority: str = "telemetry") -> int | None: ...
+    def peek(self, limit: int, after: int = -1) -> list[Any]: ...
+    def ack(self, seq: int) -> None: ...
+
+
+def backoff_delay(attempt: int, minimum: float, maximum: float, rng: random.Random) -> float:
+    """Exponential backoff with "equal jitter": between half and all of min(max, min*2^attempt)."""
+    ceiling = min(maximum, minimum * (2 ** min(attempt, 30)))
+    return float(ceiling / 2 + rng.uniform(0, ceiling / 2))
+
+
+class MqttLink:
+    """Keeps one device connected to the broker and its reports flowing."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        session: int,
+        outbox: Outbox,
+        birth: Callable[[], bytes],
+        on_command: Callable[[bytes], None],
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.session = session
+        self.outbox = outbox
+        self._birth = birth
+        self._on_command = on_command
+        self._rng = rng or random.Random()
+        self._stop = threading.Event()
+        self.connected = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._client: mqtt.Client | None = None
+        self._inflight: dict[int, int] = {}  # paho mid -> spool seq
+        self._last_sent_seq = -1
+        self._republish_birth = False
+        self.status_topic = topics.device_topic(config.device_id, topics.STATUS)
+        self.counters = {
+            "connects": 0,
+            "connect_failures": 0,
+            "disconnects": 0,
+            "published": 0,
+            "acked": 0,
+            "commands_received": 0,
+        }
+        self.last_error = ""
+
+    # -- public API (any thread) ---------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="fleetlite-mqtt", daemon=True)
+        self._thread.start()
+
+    def report(self, kind: str, payload: bytes, *, priority: str = "telemetry") -> int | None:
+        """Spool a QoS-1 report and wake the sender; returns its spool seq (None: refused)."""
+        topic = topics.device_topic(self.config.device_id, kind)
+        seq = self.outbox.append(topic, payload, qos=1, retain=False, priority=priority)
+        self._wake.set()
+        return seq
+
+    def refresh_birth(self) -> None:
+        """Re-publish the retained birth message (after a model change or config reload)."""
+        self._republish_birth = True
+        self._wake.set()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Say goodbye (retained offline status) and disconnect, so no Will is sent."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def stats(self) -> dict[str, Any]:
+        connected = self.connected.is_set()
+        return {**self.counters, "connected": connected, "last_error": self.last_error}
+
+    # -- network thread ------------------------------------------------------------------------
+
+    def _status(self, online: bool, reason: str) -> bytes:
+        return Status(
+            device_id=self.config.device_id,
+            online=online,
+            session=self.session,
+            ts=time.time(),
+            reason=reason,
+        ).to_json()
+
+    def _new_client(self) -> mqtt.Client:
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.config.device_id,
+            clean_session=True,
+            protocol=mqtt.MQTTv311,
+            reconnect_on_failure=False,
+        )
+        client.max_inflight_messages_set(MAX_INFLIGHT)
+        broker = self.config.broker
+        if broker.username:
+            client.username_pw_set(broker.username, broker.password)
+        if broker.tls is not None:
+            client.tls_set(
+                ca_certs=str(broker.tls.ca),
+                certfile=str(broker.tls.cert) if broker.tls.cert else None,
+                keyfile=str(broker.tls.key) if broker.tls.key else None,
+                cert_reqs=ssl.CERT_REQUIRED,
+            )
+            if broker.tls.insecure_skip_hostname:
+                client.tls_insecure_set(True)
+        client.will_set(self.status_topic, self._status(False, "lost"), qos=1, retain=True)
+        client.on_connect = self._handle_connect
+        client.on_disconnect = self._handle_disconnect
+        client.on_message = self._handle_message
+        client.on_publish = self._handle_publish
+        return client
+
+    def _run(self) -> None:
+        attempt = 0
+        broker = self.config.broker
+        while not self._stop.is_set():
+            client = self._new_client()
+            self._client = client
+            try:
+                client.connect(broker.host, broker.port, keepalive=broker.keepalive_s)
+            except (OSError, ValueError) as exc:
+                self.counters["connect_failures"] += 1
+                self.last_error = f"cannot connect to {broker.host}:{broker.port}: {exc}"
+                log.warning("%s", self.last_error)
+            else:
+                attempt = self._pump(client, attempt)
+                if self._stop.is_set():
+                    self._goodbye(client)
+                    break
+                with contextlib.suppress(OSError):
+                    client.disconnect()
+            self.connected.clear()
+            self._inflight.clear()
+            self._last_sent_seq = -1
+            delay = backoff_delay(
+                attempt, self.config.reconnect_min_s, self.config.reconnect_max_s, self._rng
+            )
+            attempt += 1
+            log.info("reconnecting in %.1f s", delay)
+            self._stop.wait(delay)
+
+    def _pump(self, client: mqtt.Client, attempt: int) -> int:
+        """Run one connection until it drops or the link stops; returns the backoff attempt."""
+        while not self._stop.is_set():
+            rc = client.loop(timeout=0.05)
+            if rc != mqtt.MQTT_ERR_SUCCESS:
+                self.last_error = f"connection lost ({mqtt.error_string(rc)})"
+                log.warning("%s", self.last_error)
+                break
+            if self.connected.is_set():
+                attempt = 0
+                if self._republish_birth:
+                    self._republish_birth = False
+                    self._publish_birth(client)
+                if self._wake.is_set():
+                    self._wake.clear()
+                    self._drain(client)
+        return attempt
+
+    def _publish_birth(self, client: mqtt.Client) -> None:
+        client.publish(
+            topics.device_topic(self.config.device_id, topics.BIRTH),
+            self._birth(),
+            qos=1,
+            retain=True,
+        )
+
+    def _drain(self, client: mqtt.Client) -> None:
+        room = MAX_INFLIGHT - len(self._inflight)
+        if room <= 0:
+            return
+        records = self.outbox.peek(room, after=self._last_sent_seq)
+        for record in records:
+            info = client.publish(
+                record.topic, record.payload, qos=record.qos, retain=record.retain
+            )
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                break
+            self._inflight[info.mid] = record.seq
+            self._last_sent_seq = record.seq
+            self.counters["published"] += 1
+        if len(records) == room:
+            self._wake.set()  # more are waiting
+
+    def _goodbye(self, client: mqtt.Client) -> None:
+        if not self.connected.is_set():
+            return
+        goodbye = self._status(False, "shutdown")
+        info = client.publish(self.status_topic, goodbye, qos=1, retain=True)
+        deadline = time.monotonic() + 3.0
+        while not info.is_published() and time.monotonic() < deadline:
+            if client.loop(timeout=0.05) != mqtt.MQTT_ERR_SUCCESS:
+                break
+        # let outstanding report PUBACKs arrive, so they are not resent after restart
+        while self._inflight and time.monotonic() < deadline:
+            if client.loop(timeout=0.05) != mqtt.MQTT_ERR_SUCCESS:
+                break
+        client.disconnect()
+        client.loop(timeout=0.1)
+        self.connected.clear()
+
+    # -- paho callbacks (network thread) -------------------------------------------------------
+
+    def _handle_connect(self, client: mqtt.Client, userdata: Any, flags: Any,
+                        reason_code: Any, properties: Any) -> None:
+        if reason_code.is_failure:
+            self.counters["connect_failures"] += 1
+            self.last_error = f"broker refused the connection: {reason_code}"
+            log.error("%s (check the device certificate, username and broker ACL)",
+                      self.last_error)
+            client.disconnect()
+            return
+        self.counters["connects"] += 1
+        self.last_error = ""
+        client.publish(self.status_topic, self._status(True, "connected"), qos=1, retain=True)
+        self._publish_birth(client)
+        client.subscribe(topics.device_topic(self.config.device_id, topics.COMMAND), qos=1)
+        self.connected.set()
+        self._wake.set()
+        log.info("connected to %s:%s", self.config.broker.host, self.config.broker.port)
+
+    def _handle_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any,
+                           reason_code: Any, properties: Any) -> None:
+        if self.connected.is_set():
+            self.counters["disconnects"] += 1
+        self.connected.clear()
+
+    def _handle_publish(self, client: mqtt.Client, userdata: Any, mid: int,
+                        reason_code: Any, properties: Any) -> None:
+        seq = self._inflight.pop(mid, None)
+        if seq is not None:
+            self.outbox.ack(seq)
+            self.counters["acked"] += 1
+
+    def _handle_message(self, client: mqtt.Client, userdata: Any, message: Any) -> None:
+        self.counters["commands_received"] += 1
+        try:
+            self._on_command(bytes(message.payload))
+        except Exception:  # a bad command must never kill the network thread
+            log.exception("command handler failed")

@@ -1,0 +1,418 @@
+"""The agent's local inference API: a Unix domain socket served by :class:`LocalApiServer`.
+
+Local applications run the device's models through the agent instead of loading them themselves.
+Every message is one frame (the codec lives in :mod:`fleetlite.sdk.local_client`)::
+
+    4 bytes   N, big-endian unsigned length of the header (at most max_header_bytes)
+    N bytes   header: one UTF-8 JSON object
+    ...       tensor bytes, C order, little-endian, concatenated in the order the header lists them
+
+Tensors are listed as ``{"name", "dtype", "shape", "nbytes"}`` (``inputs`` in requests,
+``outputs`` in responses). Requests: ``{"op": "infer", "model", "inputs", "id"?}``,
+``{"op": "models"}`` and ``{"op": "ping"}``. Responses: ``{"ok": true, ...}`` or
+``{"ok": false, "error_code", "error"}``; the ``id`` of the request is echoed. A frame that cannot
+be delimited gets an error response with ``"close": true`` and the connection is closed; any other
+bad request gets an error response and the connection stays usable. One thread per connection;
+the socket file is created with mode 0660. Full description: ``docs/local-api.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import socket
+import stat
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Union
+
+from fleetlite.agent.errors import (
+    AgentError,
+    InferenceError,
+    InputMismatchError,
+    LocalApiSetupError,
+    ModelNotFoundError,
+)
+from fleetlite.agent.model_service import ModelService
+from fleetlite.sdk import local_client as wire
+from fleetlite.sdk.version import __version__
+
+log = logging.getLogger("fleetlite.agent.local_api")
+
+DEFAULT_MODE = 0o660
+DEFAULT_MAX_CONNECTIONS = 32
+DEFAULT_IDLE_TIMEOUT_S = 300.0
+# sockaddr_un.sun_path is 108 bytes on Linux, including the terminating NUL.
+MAX_SOCKET_PATH_BYTES = 107
+
+Response = tuple[dict[str, Any], Sequence[wire.Buffer]]
+RequestId = Union[int, str, None]
+
+
+class LocalApiServer:
+    """Serve a :class:`ModelService` on a Unix socket; ``start()``/``stop()`` or ``with``.
+
+    ``max_payload_bytes`` caps the tensor bytes of one request, ``max_header_bytes`` its JSON
+    header; ``idle_timeout_s`` closes connections that send nothing for that long (clients
+    reconnect), which also bounds how long a half-sent frame can hold a connection.
+    """
+
+    def __init__(
+        self,
+        socket_path: str | os.PathLike[str],
+        models: ModelService,
+        *,
+        mode: int = DEFAULT_MODE,
+        max_header_bytes: int = wire.DEFAULT_MAX_HEADER_BYTES,
+        max_payload_bytes: int = wire.DEFAULT_MAX_PAYLOAD_BYTES,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        idle_timeout_s: float | None = DEFAULT_IDLE_TIMEOUT_S,
+    ) -> None:
+        self.path = Path(socket_path)
+        self.models = models
+        self.mode = mode
+        self.max_header_bytes = max_header_bytes
+        self.max_payload_bytes = max_payload_bytes
+        self.max_connections = max_connections
+        self.idle_timeout_s = idle_timeout_s
+        self._listener: socket.socket | None = None
+        self._wake_r: socket.socket | None = None
+        self._wake_w: socket.socket | None = None
+        self._inode: tuple[int, int] | None = None
+        self._accept_thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._connections: dict[socket.socket, threading.Thread] = {}
+        self._stopping = threading.Event()
+        self._counts: Counter[str] = Counter()
+        self._errors: Counter[str] = Counter()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> LocalApiServer:
+        """Create the socket (mode 0660, replacing a stale file) and start accepting."""
+        if self._listener is not None:
+            raise LocalApiSetupError(f"the local API on {self.path} is already running")
+        self._prepare_path()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        bound = False
+        try:
+            listener.bind(str(self.path))
+            bound = True
+            # chmod before listen(): nobody can connect while the mode is still the umask's.
+            os.chmod(self.path, self.mode)
+            info = os.stat(self.path)
+            listener.listen(16)
+            listener.setblocking(False)
+        except OSError as exc:
+            listener.close()
+            if bound:
+                with contextlib.suppress(OSError):
+                    self.path.unlink()
+            raise LocalApiSetupError(
+                f"cannot create the local API socket {self.path}: {exc.strerror or exc}; "
+                "check the directory's permissions or change 'socket:' in agent.yaml"
+            ) from exc
+        self._inode = (info.st_dev, info.st_ino)
+        self._listener = listener
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._stopping = threading.Event()
+        self._accept_thread = threading.Thread(
+            target=self._accept_loop, name="fleetlite-local-api", daemon=True
+        )
+        self._accept_thread.start()
+        log.info("local API listening on %s", self.path)
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop accepting, close every connection, remove the socket file. Idempotent."""
+        with self._lock:
+            if self._listener is None or self._stopping.is_set():
+                return
+            self._stopping.set()
+        assert self._wake_w is not None and self._accept_thread is not None
+        self._wake_w.send(b"\0")
+        self._accept_thread.join(timeout)
+        self._listener.close()
+        self._remove_socket_file()
+        with self._lock:
+            connections = dict(self._connections)
+        for conn in connections:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in recv
+        deadline = time.monotonic() + timeout
+        for thread in connections.values():
+            thread.join(max(0.0, deadline - time.monotonic()))
+        for end in (self._wake_r, self._wake_w):
+            if end is not None:
+                end.close()
+        self._listener = self._wake_r = self._wake_w = None
+        self._accept_thread = None
+
+    def __enter__(self) -> LocalApiServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: connections, requests, rejected frames and errors by code."""
+        with self._lock:
+            return {
+                "connections_total": self._counts["connections"],
+                "connections_open": len(self._connections),
+                "requests": self._counts["requests"],
+                "frames_rejected": self._counts["frames_rejected"],
+                "errors": dict(self._errors),
+            }
+
+    def _prepare_path(self) -> None:
+        directory = self.path.parent
+        if len(os.fsencode(str(self.path))) > MAX_SOCKET_PATH_BYTES:
+            raise LocalApiSetupError(
+                f"socket path {self.path} is longer than {MAX_SOCKET_PATH_BYTES} bytes, the "
+                "limit of Unix sockets; choose a shorter 'socket:' path in agent.yaml"
+            )
+        if not directory.is_dir():
+            raise LocalApiSetupError(
+                f"the directory of the local API socket, {directory}, does not exist; create it "
+                "(systemd: RuntimeDirectory=fleetlite) or change 'socket:' in agent.yaml"
+            )
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise LocalApiSetupError(
+                f"the agent (uid {os.getuid()}) cannot create files in {directory}; give it "
+                "write access or change 'socket:' in agent.yaml"
+            )
+        try:
+            info = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(info.st_mode):
+            raise LocalApiSetupError(
+                f"{self.path} exists and is not a socket; refusing to delete it. Remove it "
+                "or change 'socket:' in agent.yaml"
+            )
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.settimeout(1.0)
+            probe.connect(str(self.path))
+        except ConnectionRefusedError:
+            log.info("removing stale socket file %s", self.path)
+            self.path.unlink()
+            return
+        except OSError as exc:
+            raise LocalApiSetupError(
+                f"cannot check the existing socket {self.path}: {exc.strerror or exc}; remove "
+                "it if no agent is running"
+            ) from exc
+        finally:
+            probe.close()
+        raise LocalApiSetupError(
+            f"another process is serving on {self.path}; is another fleetlite-agent running? "
+            "Stop it or choose another 'socket:' path"
+        )
+
+    def _remove_socket_file(self) -> None:
+        # Only remove the file we created, not one a newer agent may have put in its place.
+        try:
+            info = os.lstat(self.path)
+            if (info.st_dev, info.st_ino) == self._inode:
+                self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+    # -- connections ---------------------------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        assert self._listener is not None and self._wake_r is not None
+        listener = self._listener
+        poller = select.poll()
+        poller.register(listener.fileno(), select.POLLIN)
+        poller.register(self._wake_r.fileno(), select.POLLIN)
+        while not self._stopping.is_set():
+            poller.poll()
+            if self._stopping.is_set():
+                return
+            try:
+                conn, _ = listener.accept()
+            except BlockingIOError:
+                continue
+            except OSError as exc:  # e.g. EMFILE: back off instead of spinning
+                log.error("local API accept failed: %s", exc)
+                time.sleep(0.1)
+                continue
+            conn.settimeout(self.idle_timeout_s)
+            with self._lock:
+                self._counts["connections"] += 1
+                full = len(self._connections) >= self.max_connections
+                if not full:
+                    thread = threading.Thread(
+                        target=self._serve_connection,
+                        args=(conn,),
+                        name="fleetlite-local-api-conn",
+                        daemon=True,
+                    )
+                    self._connections[conn] = thread
+            if full:
+                self._refuse(conn)
+            else:
+                thread.start()
+
+    def _refuse(self, conn: socket.socket) -> None:
+        with conn:
+            self._count_error(wire.BUSY)
+            try:
+                conn.settimeout(1.0)
+                self._send(
+                    conn,
+                    self._error(
+                        None,
+                        wire.BUSY,
+                        f"the agent already serves {self.max_connections} local connections; "
+                        "close idle ones or retry later",
+                        close=True,
+                    ),
+                )
+            except OSError:
+                pass
+
+    def _serve_connection(self, conn: socket.socket) -> None:
+        try:
+            while not self._stopping.is_set():
+                try:
+                    frame = wire.recv_frame(
+                        conn,
+                        tensors_key="inputs",
+                        max_header_bytes=self.max_header_bytes,
+                        max_payload_bytes=self.max_payload_bytes,
+                    )
+                except wire.ProtocolError as exc:
+                    with self._lock:
+                        self._counts["frames_rejected"] += 1
+                    self._count_error(exc.code)
+                    self._send(conn, self._error(None, exc.code, exc.detail, close=True))
+                    return
+                if frame is None:
+                    return
+                with self._lock:
+                    self._counts["requests"] += 1
+                header, payload = frame
+                self._send(conn, self._respond(header, payload))
+        except OSError:
+            pass  # timeout, reset or shut down by stop(): just close
+        except Exception:  # the server must outlive any bug in a request handler
+            log.exception("local API connection failed")
+        finally:
+            with self._lock:
+                self._connections.pop(conn, None)
+            conn.close()
+
+    @staticmethod
+    def _send(conn: socket.socket, response: Response) -> None:
+        header, buffers = response
+        wire.send_frame(conn, header, buffers)
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def _count_error(self, code: str) -> None:
+        with self._lock:
+            self._errors[code] += 1
+
+    def _error(
+        self, request_id: RequestId, code: str, message: str, *, close: bool = False
+    ) -> Response:
+        header: dict[str, Any] = {"ok": False, "error_code": code, "error": message}
+        if request_id is not None:
+            header["id"] = request_id
+        if close:
+            header["close"] = True
+        return header, []
+
+    def _respond(self, header: dict[str, Any], payload: bytearray) -> Response:
+        request_id = header.get("id")
+        if request_id is not None and not (
+            (isinstance(request_id, int) and not isinstance(request_id, bool))
+            or (isinstance(request_id, str) and len(request_id) <= wire.MAX_ID_LENGTH)
+        ):
+            self._count_error(wire.BAD_REQUEST)
+            return self._error(
+                None, wire.BAD_REQUEST,
+                f"'id' must be an integer or a string of at most {wire.MAX_ID_LENGTH} characters",
+            )
+        try:
+            reply, buffers = self._dispatch(header, payload)
+        except wire.ProtocolError as exc:
+            code, message = exc.code, exc.detail
+        except ModelNotFoundError as exc:
+            code, message = wire.UNKNOWN_MODEL, str(exc)
+        except InputMismatchError as exc:
+            code, message = wire.INPUT_MISMATCH, str(exc)
+        except InferenceError as exc:
+            code, message = wire.INFERENCE_FAILED, str(exc)
+        except AgentError as exc:
+            code, message = wire.INTERNAL, str(exc)
+        except Exception as exc:  # a bug must cost one request, not the connection
+            log.exception("local API request failed")
+            code, message = wire.INTERNAL, f"internal error ({type(exc).__name__}); see agent log"
+        else:
+            if request_id is not None:
+                reply["id"] = request_id
+            return reply, buffers
+        self._count_error(code)
+        return self._error(request_id, code, message)
+
+    def _dispatch(self, header: dict[str, Any], payload: bytearray) -> Response:
+        version = header.get("v", wire.PROTOCOL_VERSION)
+        if version != wire.PROTOCOL_VERSION:
+            raise wire.ProtocolError(
+                wire.BAD_REQUEST,
+                f"protocol version {version!r} is not supported; this agent speaks "
+                f"v{wire.PROTOCOL_VERSION}",
+            )
+        op = header.get("op")
+        if op == "ping":
+            return {
+                "ok": True, "pong": True, "agent_version": __version__,
+                "v": wire.PROTOCOL_VERSION,
+            }, []
+        if op == "models":
+            return {"ok": True, "models": self.models.describe()}, []
+        if op == "infer":
+            return self._infer(header, payload)
+        raise wire.ProtocolError(
+            wire.UNKNOWN_OP, f"unknown op {op!r}; use one of: infer, models, ping"
+        )
+
+    def _infer(self, header: dict[str, Any], payload: bytearray) -> Response:
+        model = header.get("model")
+        if not isinstance(model, str) or not model:
+            raise wire.ProtocolError(wire.BAD_REQUEST, "'infer' needs 'model': a model name")
+        tensors = wire.decode_tensors(header.get("inputs", []), payload)
+        names = [name for name, _ in tensors]
+        inputs: Any
+        if tensors and all(name is not None for name in names):
+            if len(set(names)) != len(names):
+                raise wire.ProtocolError(wire.BAD_REQUEST, f"duplicate input names in {names}")
+            inputs = {name: array for name, array in tensors}
+        elif all(name is None for name in names):
+            inputs = [array for _, array in tensors]
+        else:
+            raise wire.ProtocolError(
+                wire.BAD_REQUEST, "name all inputs or none (then they are taken in model order)"
+            )
+        result = self.models.run(model, inputs)
+        descs, buffers = wire.encode_tensors(list(result.outputs.items()))
+        reply: dict[str, Any] = {"ok": True, "model": model, "outputs": descs}
+        if result.model.version is not None:
+            reply["version"] = result.model.version
+        return reply, buffers

@@ -327,3 +327,41 @@ def malformed_commands(rng: np.random.Generator, count: int) -> Iterator[bytes]:
                 yield json.dumps(good).encode()[: int(rng.integers(1, 40))]
             else:
                 yield b"[" * 5000 + b"]" * 5000
+
+
+def test_telemetry_and_profile_after_model_change(
+    tmp_path: Path, broker: Mosquitto, intent_model: dict[str, Any], models_dir: Path
+) -> None:
+    config = write_config(tmp_path / "agent", port=broker.port, models=[intent_model],
+                          telemetry_s=0.3, profile_on_model_change=True)
+    collector = Collector(broker.host, broker.port, [f"{topics.DEVICE_PREFIX}/#"]).start()
+    agent = AgentProcess(config).start()
+    try:
+        # a profile is published by itself after the model is activated
+        (profile_msg,) = collector.wait_for(topics.PROFILE, timeout=60)[:1]
+        profile = json.loads(profile_msg.payload)
+        assert profile["trigger"] == "model_change"
+        assert profile["model"]["name"] == "intent" and profile["model"]["version"] == 1
+        steady = profile["timings"]["steady"]
+        assert 0 < steady["min_ms"] <= steady["p50_ms"] <= steady["p95_ms"] <= steady["max_ms"]
+        assert profile["memory"]["peak_rss_inference_mb"] > 0
+
+        tokenizer = Tokenizer.from_file(models_dir / "intent_classifier.vocab.json")
+        with LocalClient(tmp_path / "agent" / "agent.sock") as client:
+            for _ in range(5):
+                client.infer("intent", tokenizer.encode("turn on the porch light"))
+        reports = collector.wait_for(
+            topics.TELEMETRY, timeout=20,
+            predicate=lambda m: Telemetry.from_json(m.payload).models.get("intent", {})
+            .get("inferences", 0) >= 5,
+        )
+        telemetry = Telemetry.from_json(reports[-1].payload)
+        for key in ("cpu_percent", "mem_available_mb", "agent_rss_mb", "disk_free_mb"):
+            assert telemetry.system[key] is not None and telemetry.system[key] >= 0
+        assert "temperature_c" in telemetry.system  # None where the machine has no sensor
+        stats = telemetry.models["intent"]
+        assert stats["errors"] == 0 and stats["latency_ms"]["count"] >= 5
+        assert telemetry.spool["records"] >= 0
+    finally:
+        agent.stop()
+        collector.stop()

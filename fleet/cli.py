@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from fleetlite.fleet import cli_keys, cli_release
 from fleetlite.sdk.errors import FleetLiteError
 from fleetlite.sdk.version import __version__
 
@@ -13,6 +14,13 @@ EXAMPLES = """\
 examples:
   fleetlite demo                 build the project's models, check them and show what they do
   fleetlite demo --out DIR       keep the built models in DIR
+  fleetlite keys create --role release --out ~/.fleetlite/keys
+                                 create a signing key (see `fleetlite keys --help`)
+  fleetlite release build model.tflite --name intent --version 2 \\
+      --device-class raspberry-pi-4 --key release.key --out intent-v2
+                                 build and sign a release (see `fleetlite release --help`)
+  fleetlite release verify intent-v2 --root root.json
+                                 check a release as a device would
 
 exit codes: 0 ok, 1 the command failed (the message says why), 2 usage error
 """
@@ -36,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         "classes' budgets.",
     )
     demo.add_argument("--out", help="directory for the built models (default: a temp dir)")
+    cli_keys.add_parser(sub)
+    cli_release.add_parser(sub)
     return parser
 
 
@@ -47,6 +57,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from fleetlite.tools.demo import run_demo
 
             return run_demo(out=args.out)
+        if args.command == "keys":
+            return cli_keys.run(args)
+        if args.command == "release":
+            return cli_release.run(args)
     except FleetLiteError as exc:
         print(f"fleetlite: error: {exc}", file=sys.stderr)
         return 1

@@ -1,0 +1,241 @@
+"""``fleetlite release``: build, sign, verify and show signed model releases."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from fleetlite.sdk.bundle import (
+    BUNDLE_SUFFIX,
+    DEFAULT_EXPIRES_IN,
+    build_release,
+    load_bundle,
+    parse_duration,
+    run_bundle_smoke,
+    sign_bundle,
+)
+from fleetlite.sdk.errors import BundleError, UpdateRejected
+from fleetlite.sdk.keys import SigningKey
+from fleetlite.sdk.manifest import Tolerance
+from fleetlite.sdk.trust import load_trusted_root
+from fleetlite.sdk.version import __version__
+
+EXAMPLES = """\
+examples:
+  fleetlite release build intent.tflite --vocab intent.vocab.json --name intent --version 2 \\
+      --device-class raspberry-pi-4 --device-class small-arm-gateway \\
+      --expires-in 30d --key keys/release-1a2b.key --out intent-v2
+  fleetlite release build sensor.tflite sensor_int8.tflite --name sensor --version 1 \\
+      --device-class raspberry-pi-4 --out sensor-v1.flb      (two variants, one file)
+  fleetlite release sign intent-v2 --key keys/release-3c4d.key   (a second signer)
+  fleetlite release verify intent-v2 --root root.json --device-class raspberry-pi-4
+  fleetlite release verify intent-v2 --root root.json --smoke    (also rerun the smoke test)
+  fleetlite release show intent-v2 -o json
+
+A bundle is a directory (manifest.json + files) or, when --out ends in .flb, one file.
+`verify` applies the device's checks in the device's order and prints the reason code of the
+first that fails.
+
+exit codes: 0 ok, 1 the command failed or the release was rejected, 2 usage error
+"""
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "release",
+        help="build, sign, verify and show signed model releases",
+        description="Signed model releases: a manifest (name, version, file hashes, targets, "
+        "expiry, smoke-test vectors) in a DSSE envelope, plus the files.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="release_command", metavar="COMMAND")
+
+    build = sub.add_parser(
+        "build", help="build a release bundle from .tflite files",
+        description="Describe each model with the TFLite runtime, compute smoke-test vectors by "
+        "running it on deterministic inputs, write the manifest and sign it with --key.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    build.add_argument("models", nargs="+", metavar="MODEL.tflite",
+                       help="model file(s); the first is the default variant")
+    build.add_argument("--name", required=True, help="model name ([a-z0-9_-], e.g. intent)")
+    build.add_argument("--version", required=True, type=int,
+                       help="release version, an integer higher than any released before")
+    build.add_argument("--device-class", required=True, action="append", dest="device_classes",
+                       metavar="CLASS", help="target device class (repeat for several)")
+    build.add_argument("--vocab", help="vocabulary file shipped with the model")
+    build.add_argument("--expires-in", type=_duration, default=DEFAULT_EXPIRES_IN,
+                       metavar="DURATION", help="manifest lifetime, e.g. 30d, 12h (default 30d)")
+    build.add_argument("--min-agent-version", default=__version__,
+                       help=f"oldest agent that may install it (default {__version__})")
+    build.add_argument("--atol", type=float, default=Tolerance.atol,
+                       help=f"smoke test absolute tolerance, float outputs (default "
+                       f"{Tolerance.atol:g})")
+    build.add_argument("--rtol", type=float, default=Tolerance.rtol,
+                       help=f"smoke test relative tolerance (default {Tolerance.rtol:g})")
+    build.add_argument("--max-lsb", type=int, default=Tolerance.max_lsb,
+                       help=f"smoke test tolerance for int8/uint8 outputs, in quantization steps "
+                       f"(default {Tolerance.max_lsb})")
+    build.add_argument("--key", action="append", default=[], metavar="KEY.key",
+                       help="release key to sign with (repeat; none: sign later)")
+    build.add_argument("--out", required=True, metavar="DIR|FILE.flb",
+                       help="bundle directory to create, or a .flb file")
+
+    sign = sub.add_parser("sign", help="add a signature to a bundle (threshold signing)")
+    sign.add_argument("bundle", help="bundle directory or .flb file")
+    sign.add_argument("--key", required=True, action="append", metavar="KEY.key",
+                      help="release key to sign with (repeat for several)")
+
+    verify = sub.add_parser("verify", help="verify a bundle as a device would",
+                            epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    verify.add_argument("bundle", help="bundle directory or .flb file")
+    verify.add_argument("--root", required=True, help="the root.json devices are provisioned with")
+    verify.add_argument("--device-class", help="check that the release targets this class")
+    verify.add_argument("--installed-version", type=int,
+                        help="check as a device that has this version installed")
+    verify.add_argument("--agent-version", default=__version__,
+                        help=f"check as this agent version (default {__version__})")
+    verify.add_argument("--smoke", action="store_true",
+                        help="also run the smoke vectors through this machine's TFLite runtime")
+    verify.add_argument("-o", "--output", choices=("text", "json"), default="text")
+
+    show = sub.add_parser("show", help="summarise a bundle (not a verification)")
+    show.add_argument("bundle", help="bundle directory or .flb file")
+    show.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    return parser
+
+
+def _duration(text: str) -> int:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _dispatch(args)
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"fleetlite release: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    command = args.release_command
+    if command == "build":
+        return _build(args)
+    if command == "sign":
+        return _sign(args)
+    if command == "verify":
+        return _verify(args)
+    if command == "show":
+        return _show(args)
+    print("fleetlite release: give a command; see `fleetlite release --help`", file=sys.stderr)
+    return 2
+
+
+def _build(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.exists() and (out.suffix == BUNDLE_SUFFIX or not out.is_dir() or any(out.iterdir())):
+        raise BundleError(f"{out}: already exists; choose a new --out")
+    keys = [SigningKey.load(path) for path in args.key]
+    bundle = build_release(
+        args.models,
+        name=args.name,
+        version=args.version,
+        device_classes=args.device_classes,
+        vocab=args.vocab,
+        expires_in=args.expires_in,
+        min_agent_version=args.min_agent_version,
+        tolerance=Tolerance(atol=args.atol, rtol=args.rtol, max_lsb=args.max_lsb),
+        keys=keys,
+    )
+    if out.suffix == BUNDLE_SUFFIX:
+        bundle.write_flb(out)
+    else:
+        bundle.write_dir(out)
+    m = bundle.manifest
+    print(f"built {out}: {m.name} v{m.version} for {', '.join(m.device_classes)}")
+    print(f"  release id {m.release_id}")
+    print(f"  files: {', '.join(f'{e.name} ({e.role}, {e.length} B)' for e in m.files)}")
+    if keys:
+        print(f"  signed by {', '.join(k.keyid[:12] for k in keys)}")
+    else:
+        print(f"  unsigned: sign it with `fleetlite release sign {out} --key KEY.key`")
+    return 0
+
+
+def _sign(args: argparse.Namespace) -> int:
+    for path in args.key:
+        envelope = sign_bundle(args.bundle, SigningKey.load(path))
+    print(f"signed {args.bundle}: {len(envelope.signatures)} signature(s) "
+          f"({', '.join(k[:12] for k in envelope.keyids)})")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    root = load_trusted_root(Path(args.root).read_bytes())
+    bundle = load_bundle(args.bundle)
+    result: dict[str, Any] = {"bundle": args.bundle, "release_id": bundle.release_id}
+    try:
+        manifest = bundle.verify(root, device_class=args.device_class,
+                                 installed_version=args.installed_version,
+                                 agent_version=args.agent_version, time_floor=time.time())
+    except UpdateRejected as exc:
+        result.update(ok=False, reason=exc.reason, message=str(exc))
+        return _report(args, result)
+    result.update(ok=True, name=manifest.name, version=manifest.version)
+    if args.smoke:
+        problems = run_bundle_smoke(bundle)
+        result["smoke"] = problems or "ok"
+        if problems:
+            result.update(ok=False, reason="smoke_failed", message="; ".join(problems))
+    return _report(args, result)
+
+
+def _report(args: argparse.Namespace, result: dict[str, Any]) -> int:
+    if args.output == "json":
+        print(json.dumps(result, indent=2))
+    elif result["ok"]:
+        smoke = " and its smoke test passes here" if args.smoke else ""
+        print(f"OK: {result['name']} v{result['version']} verifies against {args.root}{smoke} "
+              f"(release id {result['release_id'][:16]})")
+    else:
+        print(f"REJECTED [{result['reason']}]: {result['message']}", file=sys.stderr)
+    return 0 if result["ok"] else 1
+
+
+def _show(args: argparse.Namespace) -> int:
+    summary = load_bundle(args.bundle).summary()
+    if args.output == "json":
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"{summary['name']} v{summary['version']}  (NOT verified: use `fleetlite release "
+          "verify --root root.json`)")
+    rows = [
+        ("release id", summary["release_id"]),
+        ("issued", summary["issued"]),
+        ("expires", summary["expires"]),
+        ("device classes", ", ".join(summary["device_classes"])),
+        ("min agent", summary["min_agent_version"]),
+        ("signatures", ", ".join(k[:12] for k in summary["signatures"]) or "none"),
+    ]
+    for key, value in rows:
+        print(f"  {key:<15} {value}")
+    print("  files:")
+    for entry in summary["files"]:
+        print(f"    {entry['name']:<36} {entry['role']:<6} {entry['length']:>10} B  "
+              f"sha256 {entry['sha256'][:12]}  {entry['status']}")
+    for variant in summary["variants"]:
+        print(f"  variant {variant['name']} ({variant['file']}):")
+        for kind in ("inputs", "outputs"):
+            for tensor in variant[kind]:
+                quant = " quantized" if "quantization" in tensor else ""
+                print(f"    {kind[:-1]:<6} {tensor['name']:<24} {tensor['dtype']:<8} "
+                      f"{tensor['shape']}{quant}")
+    return 0

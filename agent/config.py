@@ -26,6 +26,7 @@ broker:
   tls: {ca: /etc/fleetlite/ca.pem, cert: /etc/fleetlite/device.pem, key: /etc/fleetlite/device.key}
 state_dir: /var/lib/fleetlite
 socket: /run/fleetlite/agent.sock
+trust_root: /etc/fleetlite/root.json   # the fleet's signed root of trust (for OTA)
 """
 
 
@@ -72,6 +73,8 @@ class AgentConfig:
     spool_max_records: int = 10_000
     spool_max_mb: float = 16.0
     profile_on_model_change: bool = True
+    trust_root: Path | None = None
+    ota: dict[str, float] = field(default_factory=dict)
     source: Path | None = None
 
     @property
@@ -81,7 +84,11 @@ class AgentConfig:
 
 _TOP_KEYS = {
     "device_id", "device_class", "tags", "broker", "state_dir", "socket", "intervals",
-    "threads", "models", "spool", "profile_on_model_change",
+    "threads", "models", "spool", "profile_on_model_change", "trust_root", "ota",
+}
+_OTA_KEYS = {
+    "manifest_timeout_s", "chunk_idle_s", "max_requests_without_progress",
+    "download_deadline_s", "smoke_timeout_s", "health_inferences", "health_timeout_s",
 }
 _BROKER_KEYS = {"host", "port", "keepalive_s", "tls", "username", "password"}
 _TLS_KEYS = {"ca", "cert", "key", "insecure_skip_hostname"}
@@ -234,6 +241,12 @@ def parse_config(data: Any, *, origin: str = "agent.yaml", base: Path | None = N
             )
         )
 
+    ota_raw = r.mapping(top.get("ota"), "ota", _OTA_KEYS)
+    ota = {key: r.number(ota_raw, key, f"ota.{key}", 0.0) for key in ota_raw}
+    trust_root = r.string(top, "trust_root", "trust_root")
+    if trust_root is not None and not _path(trust_root, base).is_file():
+        raise r.fail("trust_root", f"file {_path(trust_root, base)} does not exist; copy the "
+                     "fleet's root.json there (fleetlite keys root init makes one)")
     socket = r.string(top, "socket", "socket")
     profile_flag = top.get("profile_on_model_change", True)
     if not isinstance(profile_flag, bool):
@@ -254,6 +267,8 @@ def parse_config(data: Any, *, origin: str = "agent.yaml", base: Path | None = N
         or 10_000,
         spool_max_mb=r.number(sp, "max_mb", "spool.max_mb", 16.0),
         profile_on_model_change=profile_flag,
+        trust_root=_path(trust_root, base) if trust_root else None,
+        ota=ota,
     )
 
 

@@ -26,6 +26,7 @@ from fleetlite.agent.errors import AgentConfigError, AgentError
 from fleetlite.agent.isolated import check_model
 from fleetlite.agent.link import MqttLink
 from fleetlite.agent.model_service import ModelService
+from fleetlite.agent.ota import OtaManager, OtaSettings
 from fleetlite.agent.spool import Spool
 from fleetlite.agent.telemetry import system_snapshot
 from fleetlite.sdk import topics
@@ -98,18 +99,38 @@ class Agent:
             birth=self._birth,
             on_command=self._enqueue_command,
         )
+        self.ota = OtaManager(
+            device_id=config.device_id,
+            device_class=self.device_class,
+            state_dir=config.state_dir,
+            models=self.models,
+            link=self.link,
+            root_path=config.trust_root,
+            threads=self.threads,
+            seeds={m.name: (m.path, m.version) for m in config.models},
+            on_model_change=self._model_changed,
+            settings=ota_settings(config),
+        )
+        self.dispatcher.handlers.update({
+            "ota_install": self.ota.cmd_install,
+            "ota_rollback": self.ota.cmd_rollback,
+            "ota_slots": self.ota.cmd_slots,
+            "update_root": self.ota.cmd_update_root,
+        })
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
-        for entry in self.config.models:
-            self._activate(entry.name, entry.path, entry.version)
+        served = self.ota.recover()
+        for name, path, version, _sha in served:
+            self._activate(name, path, version)
         if self.config.socket is not None:
             from fleetlite.agent.local_api import LocalApiServer
 
             self.local_api = LocalApiServer(self.config.socket, self.models)
             self.local_api.start()
         self.link.start()
+        self.ota.start()
         for target, name in (
             (self._command_loop, "fleetlite-commands"),
             (self._job_loop, "fleetlite-jobs"),
@@ -119,11 +140,12 @@ class Agent:
             thread.start()
             self._threads.append(thread)
         if self.config.profile_on_model_change:
-            for entry in self.config.models:
-                self._jobs.put(("profile", {"model": entry.name, "trigger": "model_change"}))
+            for name, *_ in served:
+                self._jobs.put(("profile", {"model": name, "trigger": "model_change"}))
 
     def stop(self) -> None:
         self._stop.set()
+        self.ota.stop()
         self._commands.put(None)
         self._jobs.put(None)
         for thread in self._threads:
@@ -157,6 +179,11 @@ class Agent:
         self.models.activate(
             name, path, version=version, sha256=sha256_file(path), num_threads=self.threads
         )
+
+    def _model_changed(self, name: str) -> None:
+        self.link.refresh_birth()
+        if self.config.profile_on_model_change:
+            self._jobs.put(("profile", {"model": name, "trigger": "model_change"}))
 
     # -- messages ------------------------------------------------------------------------------
 
@@ -270,6 +297,7 @@ class Agent:
             "models": self.models.describe(),
             "spool": self.spool.stats(),
             "link": self.link.stats(),
+            "ota": self.ota.stats(),
             "commands": self.dispatcher.stats(),
         }
 
@@ -316,6 +344,15 @@ class Agent:
         self.link.config = self.config
         self.link.refresh_birth()
         return {"reloaded": True, "changed": changed}
+
+
+def ota_settings(config: AgentConfig) -> OtaSettings:
+    """OtaSettings from the ``ota:`` section of agent.yaml (seconds and counts)."""
+    values: dict[str, Any] = dict(config.ota)
+    for key in ("max_requests_without_progress", "health_inferences"):
+        if key in values:
+            values[key] = int(values[key])
+    return OtaSettings(**values)
 
 
 def run(config_path: str | Path) -> None:

@@ -6,15 +6,22 @@
     └── AgentError
         ├── RuntimeMissingError      no TFLite interpreter package is installed
         ├── InvalidModelError        the bytes are not a loadable .tflite model
-        │   └── UnsupportedOpError   the model uses an op this runtime does not have
+        │   ├── UnsupportedOpError   the model uses an op this runtime does not have
+        │   └── ModelCrashedError    an isolated check saw the interpreter process die
         ├── InputMismatchError       inputs of the wrong name, count, shape or dtype
         ├── InferenceError           the interpreter failed while invoking
         ├── ModelNotFoundError       no model of that name is active in the model service
         ├── LocalApiSetupError       the local API socket cannot be created
-        ├── ModelCrashedError        an isolated check saw the interpreter process die
+        ├── SmokeTestError           the OTA smoke test could not run at all (no verdict)
         ├── AgentConfigError         agent.yaml is missing a key or has a bad value
-        └── SpoolError               the on-disk report spool cannot store a record
-            └── SpoolFullError       a critical record would pass the spool's hard cap
+        ├── SpoolError               the on-disk report spool cannot store a record
+        │   └── SpoolFullError       a critical record would pass the spool's hard cap
+        └── DownloadError            a chunked release download cannot go on (``reason``)
+            ├── DiskFullError        disk_full: the staging file system is full (or too small)
+            ├── DownloadStalledError download_stalled: requests went unanswered too often
+            ├── DownloadTimeoutError download_timeout: the overall download deadline passed
+            ├── DownloadIncompleteError download_incomplete: finalize before every chunk came
+            └── StagingIOError       staging_io_error: another I/O error in the staging dir
 
 Third-party exceptions (tflite-runtime's ``ValueError``/``RuntimeError``) are translated into
 these where they enter, so callers only catch FleetLite errors.
@@ -61,6 +68,11 @@ class ModelCrashedError(InvalidModelError):
     """Loading or running the model killed the (isolated) interpreter process."""
 
 
+class SmokeTestError(AgentError):
+    """The OTA smoke-test subprocess ended without a verdict (a bug or a broken install, not a
+    bad model: bad models give a failed ``SmokeResult``)."""
+
+
 class AgentConfigError(AgentError):
     """The agent configuration is missing a key or holds an invalid value."""
 
@@ -71,3 +83,47 @@ class SpoolError(AgentError):
 
 class SpoolFullError(SpoolError):
     """A critical record would take the spool past its hard cap; nothing was written or dropped."""
+
+
+class DownloadError(AgentError):
+    """A chunked release download cannot go on; ``reason`` is the code the device reports."""
+
+    default_reason = "download_failed"
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason or self.default_reason
+
+
+class DiskFullError(DownloadError):
+    """The staging file system is full (ENOSPC) or the file size limit was hit (EFBIG).
+
+    The chunks received before stay on disk and in the persisted bitmap: free space and the
+    download resumes.
+    """
+
+    default_reason = "disk_full"
+
+
+class DownloadStalledError(DownloadError):
+    """Too many chunk requests in a row went unanswered (the fleet stopped serving?)."""
+
+    default_reason = "download_stalled"
+
+
+class DownloadTimeoutError(DownloadError):
+    """The download's overall deadline passed while it was still making progress."""
+
+    default_reason = "download_timeout"
+
+
+class DownloadIncompleteError(DownloadError):
+    """Finalize was called before every chunk was received."""
+
+    default_reason = "download_incomplete"
+
+
+class StagingIOError(DownloadError):
+    """An I/O error other than a full disk in the staging directory (permissions, EIO)."""
+
+    default_reason = "staging_io_error"

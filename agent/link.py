@@ -11,6 +11,7 @@ fleet does not reconnect in lock-step after a broker restart.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import random
@@ -87,6 +88,13 @@ class MqttLink:
         self._inflight: dict[int, int] = {}  # paho mid -> spool seq
         self._last_sent_seq = -1
         self._republish_birth = False
+        self._subscribed: set[str] = set()
+        self._subscriptions: dict[str, Callable[[bytes], None]] = {}
+        self._subscriptions_changed = False
+        self._live: collections.deque[tuple[str, bytes, int, bool]] = collections.deque(
+            maxlen=1000
+        )
+        self.command_topic = topics.device_topic(config.device_id, topics.COMMAND)
         self.status_topic = topics.device_topic(config.device_id, topics.STATUS)
         self.counters = {
             "connects": 0,
@@ -110,6 +118,24 @@ class MqttLink:
         seq = self.outbox.append(topic, payload, qos=1, retain=False, priority=priority)
         self._wake.set()
         return seq
+
+    def subscribe(self, topic: str, handler: Callable[[bytes], None]) -> None:
+        """Deliver messages on ``topic`` (exact, no wildcards) to ``handler`` in the network
+        thread; kept across reconnects. Handlers must be quick: hand work to another thread."""
+        self._subscriptions[topic] = handler
+        self._subscriptions_changed = True
+        self._wake.set()
+
+    def unsubscribe(self, topic: str) -> None:
+        self._subscriptions.pop(topic, None)
+        self._subscriptions_changed = True
+        self._wake.set()
+
+    def publish_live(self, topic: str, payload: bytes, *, qos: int = 1,
+                     retain: bool = False) -> None:
+        """Publish without spooling (requests that are only useful now); dropped when offline."""
+        self._live.append((topic, payload, qos, retain))
+        self._wake.set()
 
     def refresh_birth(self) -> None:
         """Re-publish the retained birth message (after a model change or config reload)."""
@@ -210,8 +236,22 @@ class MqttLink:
                     self._publish_birth(client)
                 if self._wake.is_set():
                     self._wake.clear()
+                    if self._subscriptions_changed:
+                        self._subscriptions_changed = False
+                        self._sync_subscriptions(client)
+                    while self._live:
+                        topic, payload, qos, retain = self._live.popleft()
+                        client.publish(topic, payload, qos=qos, retain=retain)
                     self._drain(client)
         return attempt
+
+    def _sync_subscriptions(self, client: mqtt.Client) -> None:
+        wanted = set(self._subscriptions)
+        for topic in self._subscribed - wanted:
+            client.unsubscribe(topic)
+        for topic in wanted - self._subscribed:
+            client.subscribe(topic, qos=1)
+        self._subscribed = wanted
 
     def _publish_birth(self, client: mqtt.Client) -> None:
         client.publish(
@@ -270,7 +310,9 @@ class MqttLink:
         self.last_error = ""
         client.publish(self.status_topic, self._status(True, "connected"), qos=1, retain=True)
         self._publish_birth(client)
-        client.subscribe(topics.device_topic(self.config.device_id, topics.COMMAND), qos=1)
+        client.subscribe(self.command_topic, qos=1)
+        self._subscribed = set()
+        self._sync_subscriptions(client)
         self.connected.set()
         self._wake.set()
         log.info("connected to %s:%s", self.config.broker.host, self.config.broker.port)
@@ -289,8 +331,12 @@ class MqttLink:
             self.counters["acked"] += 1
 
     def _handle_message(self, client: mqtt.Client, userdata: Any, message: Any) -> None:
-        self.counters["commands_received"] += 1
+        topic = message.topic
         try:
-            self._on_command(bytes(message.payload))
-        except Exception:  # a bad command must never kill the network thread
-            log.exception("command handler failed")
+            if topic == self.command_topic:
+                self.counters["commands_received"] += 1
+                self._on_command(bytes(message.payload))
+            elif topic in self._subscriptions:
+                self._subscriptions[topic](bytes(message.payload))
+        except Exception:  # a bad message must never kill the network thread
+            log.exception("handler for %s failed", topic)

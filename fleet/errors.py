@@ -4,7 +4,8 @@
 
     FleetLiteError (fleetlite.sdk.errors)
     └── FleetError
-        └── MissingExtraError   a fleet-side dependency is not installed
+        ├── MissingExtraError   a fleet-side dependency is not installed
+        └── PublishError        the broker could not be reached or did not acknowledge a publish
 """
 
 from __future__ import annotations
@@ -18,3 +19,7 @@ class FleetError(FleetLiteError):
 
 class MissingExtraError(FleetError):
     """A fleet-side dependency is missing: install ``fleetlite[fleet]``."""
+
+
+class PublishError(FleetError):
+    """The publisher could not reach the broker or a publish was not acknowledged in time."""

@@ -323,3 +323,54 @@ class CommandResponse(Message):
             error_code=get_str(data, "error_code", optional=True, max_len=MAX_ID_LENGTH),
             error=get_str(data, "error", optional=True),
         )
+
+
+# OTA phases and final outcomes (docs/protocol.md, "OTA status").
+OTA_PHASES = ("accepted", "downloading", "verifying", "smoke_testing", "switching",
+              "health_check", "done")
+OTA_OUTCOMES = ("installed", "no_change", "rejected", "rolled_back", "failed")
+
+
+@dataclass(frozen=True)
+class OtaStatus(Message):
+    """Progress and the final outcome of one install, on ``.../ota/status``.
+
+    Every install ends in exactly one message with ``final: true`` whose ``outcome`` is one of
+    OTA_OUTCOMES and whose ``reason`` is a machine-readable code (empty when installed).
+    """
+
+    SCHEMA: ClassVar[str] = "fleetlite.ota_status/1"
+
+    device_id: str
+    ts: float
+    release_id: str
+    model: str
+    version: int
+    phase: str
+    final: bool = False
+    outcome: str = ""
+    reason: str = ""
+    message: str = ""
+    progress: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> OtaStatus:
+        phase = get_str(data, "phase", max_len=MAX_ID_LENGTH)
+        if phase not in OTA_PHASES:
+            raise MessageError(BAD_VALUE, f"unknown OTA phase {phase!r}")
+        outcome = get_str(data, "outcome", optional=True, max_len=MAX_ID_LENGTH)
+        if outcome and outcome not in OTA_OUTCOMES:
+            raise MessageError(BAD_VALUE, f"unknown OTA outcome {outcome!r}")
+        return cls(
+            device_id=get_str(data, "device_id", max_len=MAX_ID_LENGTH),
+            ts=get_float(data, "ts"),
+            release_id=get_str(data, "release_id", max_len=MAX_ID_LENGTH),
+            model=get_str(data, "model", max_len=MAX_ID_LENGTH),
+            version=get_int(data, "version", minimum=0),
+            phase=phase,
+            final=get_bool(data, "final"),
+            outcome=outcome,
+            reason=get_str(data, "reason", optional=True, max_len=MAX_ID_LENGTH),
+            message=get_str(data, "message", optional=True),
+            progress=get_dict(data, "progress", optional=True),
+        )

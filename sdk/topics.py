@@ -9,9 +9,16 @@ its subtree with ``pattern`` lines (``%c``/``%u`` must fill a whole level). With
     {prefix}/telemetry    periodic system and model statistics     device -> fleet
     {prefix}/profile      on-device performance profile records    device -> fleet
     {prefix}/ota/status   OTA progress and outcomes                device -> fleet
+    {prefix}/ota/request  chunks missing from a download           device -> fleet
     {prefix}/events       notable events (errors, rejected input)  device -> fleet
     {prefix}/cmd          commands to the device                   fleet -> device
     {prefix}/cmd/resp     command responses (correlation id)       device -> fleet
+
+Release topics are per release, not per device, so the broker fans a release out to every device
+downloading it. With {rel} = ``fleetlite/v1/rel/{release_id}`` (64 lowercase hex digits)::
+
+    {rel}/manifest        retained signed envelope (DSSE bytes)    fleet -> devices
+    {rel}/chunks          binary chunk frames (sdk/chunks.py)      fleet -> devices
 """
 
 from __future__ import annotations
@@ -28,13 +35,20 @@ BIRTH = "birth"
 TELEMETRY = "telemetry"
 PROFILE = "profile"
 OTA_STATUS = "ota/status"
+OTA_REQUEST = "ota/request"
 EVENTS = "events"
 COMMAND = "cmd"
 COMMAND_RESPONSE = "cmd/resp"
 
-DEVICE_TO_FLEET = (STATUS, BIRTH, TELEMETRY, PROFILE, OTA_STATUS, EVENTS, COMMAND_RESPONSE)
+DEVICE_TO_FLEET = (STATUS, BIRTH, TELEMETRY, PROFILE, OTA_STATUS, OTA_REQUEST, EVENTS,
+                   COMMAND_RESPONSE)
 FLEET_TO_DEVICE = (COMMAND,)
 ALL_KINDS = DEVICE_TO_FLEET + FLEET_TO_DEVICE
+
+RELEASE_PREFIX = f"{ROOT}/rel"
+RELEASE_MANIFEST = "manifest"
+RELEASE_CHUNKS = "chunks"
+RELEASE_KINDS = (RELEASE_MANIFEST, RELEASE_CHUNKS)
 
 MAX_DEVICE_ID_LENGTH = 64
 _ALLOWED_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
@@ -91,3 +105,40 @@ def parse_device_topic(topic: str) -> DeviceTopic:
     if not sep or kind not in ALL_KINDS:
         raise TopicError(f"{topic!r} has no known message kind after the device id")
     return DeviceTopic(validate_device_id(device_id), kind)
+
+
+def validate_release_id(release_id: str) -> str:
+    """Return ``release_id`` if it is 64 lowercase hex digits (a manifest's sha256); else raise."""
+    if (not isinstance(release_id, str) or len(release_id) != 64
+            or release_id.strip("0123456789abcdef")):
+        raise TopicError(f"release id {str(release_id)[:80]!r} must be 64 lowercase hex digits "
+                         "(the sha256 of the manifest payload)")
+    return release_id
+
+
+def release_topic(release_id: str, kind: str) -> str:
+    """A release topic, e.g. ``fleetlite/v1/rel/{release_id}/chunks``."""
+    if kind not in RELEASE_KINDS:
+        raise TopicError(f"unknown release topic kind {kind!r}; expected one of "
+                         f"{', '.join(RELEASE_KINDS)}")
+    return f"{RELEASE_PREFIX}/{validate_release_id(release_id)}/{kind}"
+
+
+@dataclass(frozen=True)
+class ReleaseTopic:
+    """A parsed release topic."""
+
+    release_id: str
+    kind: str
+
+
+def parse_release_topic(topic: str) -> ReleaseTopic:
+    """Split ``fleetlite/v1/rel/{release_id}/{kind}`` into its parts; raise TopicError otherwise."""
+    prefix = RELEASE_PREFIX + "/"
+    if not topic.startswith(prefix):
+        raise TopicError(f"{topic[:120]!r} is not a FleetLite release topic "
+                         f"(expected {prefix}...)")
+    release_id, sep, kind = topic[len(prefix):].partition("/")
+    if not sep or kind not in RELEASE_KINDS:
+        raise TopicError(f"{topic[:120]!r} has no known release topic kind after the release id")
+    return ReleaseTopic(validate_release_id(release_id), kind)

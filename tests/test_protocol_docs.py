@@ -20,7 +20,7 @@ def vectors() -> list[tuple[str, bytes]]:
 
 def test_the_doc_has_a_vector_per_message_type() -> None:
     assert {name for name, _ in vectors()} >= {
-        "Status", "Birth", "Telemetry", "Event", "Command", "CommandResponse"
+        "Status", "Birth", "Telemetry", "Event", "Command", "CommandResponse", "OtaStatus"
     }
 
 
@@ -79,3 +79,17 @@ def test_topics_parse_and_refuse() -> None:
     assert topics.fleet_subscription(topics.TELEMETRY, "ctl") == (
         "$share/ctl/fleetlite/v1/dev/+/telemetry"
     )
+
+
+def test_every_ota_reason_code_is_documented() -> None:
+    from fleetlite.agent import ota, smoke_test
+    from fleetlite.agent.ota_download import DownloadError
+
+    text = DOC.read_text()
+    codes = {ota.MANIFEST_TIMEOUT, ota.DOWNLOAD_STALLED, ota.DISK_FULL, ota.HEALTH_FAILED,
+             ota.CRASHED_IN_HEALTH_WINDOW, ota.OPERATOR_ROLLBACK, ota.SMOKE_UNAVAILABLE,
+             ota.INTERNAL, *smoke_test.REASONS}
+    codes |= {cls.reason for cls in DownloadError.__subclasses__() if isinstance(
+        getattr(cls, "reason", None), str)}
+    missing = sorted(code for code in codes if f"`{code}`" not in text)
+    assert not missing, f"reason codes missing from docs/protocol.md: {missing}"

@@ -1,0 +1,636 @@
+"""The device side of an over-the-air model update: verify, download, smoke-test, switch, commit.
+
+One install runs at a time, in the OTA worker thread, top to bottom:
+
+1. **manifest** — the signed envelope, from the release's retained manifest topic, is verified
+   (:func:`fleetlite.sdk.verify.verify_release`: size caps, signature threshold, version,
+   device class, expiry against the time floor, agent version);
+2. **download** — chunks from the release's fan-out topic are written into a staging directory
+   (resumable: the received-chunk bitmap survives restarts); missing chunks are requested;
+   a download that stops making progress ends as ``download_stalled``;
+3. **verify** — every file is stream-hashed against the manifest (hard stop at the signed length);
+4. **smoke test** — in a subprocess: load, run the release's vectors, compare, check latency and
+   memory against the device class budgets;
+5. **switch** — files go to the free A/B slot, the state file flips atomically, the model service
+   swaps without dropping requests;
+6. **health window** — N inferences on the new model without error, then **commit** (the version
+   becomes the anti-rollback floor). Any failure rolls back to the previous model.
+
+Every install ends with one final ``fleetlite.ota_status/1`` message (``final: true``) whose
+``outcome`` and ``reason`` the fleet side can act on. A version that was rejected after its
+signature verified, or rolled back, is remembered and not installed again unless an operator
+retries it explicitly.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy.typing as npt
+
+from fleetlite.agent.atomic import fsync_dir
+from fleetlite.agent.commands import CommandArgumentError, arg
+from fleetlite.agent.errors import AgentError
+from fleetlite.agent.model_service import ModelService
+from fleetlite.agent.ota_state import Job, ModelState, OtaStateStore, SlotInfo
+from fleetlite.sdk import topics
+from fleetlite.sdk.chunks import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
+from fleetlite.sdk.device_class import DeviceClass
+from fleetlite.sdk.errors import EqualVersion, UpdateRejected
+from fleetlite.sdk.manifest import Manifest, Variant
+from fleetlite.sdk.messages import OtaStatus
+from fleetlite.sdk.trust import Root, load_trusted_root, update_root
+from fleetlite.sdk.verify import DEFAULT_LIMITS, Limits, TimeFloor, verify_release
+from fleetlite.sdk.version import BUILD_TIME, __version__
+
+log = logging.getLogger("fleetlite.agent.ota")
+
+# Reason codes the device adds to those of fleetlite.sdk.verify and the smoke test.
+MANIFEST_TIMEOUT = "manifest_timeout"
+DOWNLOAD_STALLED = "download_stalled"
+DISK_FULL = "disk_full"
+HEALTH_FAILED = "health_check_failed"
+CRASHED_IN_HEALTH_WINDOW = "crashed_during_health_window"
+OPERATOR_ROLLBACK = "operator_rollback"
+SMOKE_UNAVAILABLE = "smoke_test_unavailable"
+INTERNAL = "internal"
+
+
+
+@dataclass(frozen=True)
+class OtaSettings:
+    """Timings and limits of the device side; defaults suit gateways on a reasonable network."""
+
+    manifest_timeout_s: float = 30.0
+    chunk_idle_s: float = 5.0
+    max_requests_without_progress: int = 10
+    download_deadline_s: float = 3600.0
+    smoke_timeout_s: float = 120.0
+    health_inferences: int = 20
+    health_timeout_s: float = 30.0
+    limits: Limits = DEFAULT_LIMITS
+
+
+class InstallEndedError(Exception):
+    """Ends an install with a final status (internal control flow of the worker)."""
+
+    def __init__(self, outcome: str, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.outcome = outcome
+        self.reason = reason
+
+
+class OtaManager:
+    """Owns the OTA state, the install worker and the OTA commands of one device."""
+
+    def __init__(
+        self,
+        *,
+        device_id: str,
+        device_class: DeviceClass,
+        state_dir: Path,
+        models: ModelService,
+        link: Any,
+        root_path: Path | None,
+        threads: int,
+        seeds: Mapping[str, tuple[Path, int | None]],
+        on_model_change: Callable[[str], None],
+        settings: OtaSettings | None = None,
+    ) -> None:
+        self.device_id = device_id
+        self.device_class = device_class
+        self.models = models
+        self.link = link
+        self.threads = threads
+        self.seeds = dict(seeds)
+        self.on_model_change = on_model_change
+        self.settings = settings or OtaSettings()
+        self.store = OtaStateStore(state_dir)
+        self.state = self.store.load()
+        self.root = self._load_root(root_path)
+        self.floor = TimeFloor.start(build_time=BUILD_TIME, persisted=self.state.time_floor,
+                                     monotonic_now=time.monotonic())
+        self._jobs: queue.Queue[Job | None] = queue.Queue()
+        self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=256)
+        self._busy = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.counters = {"installs": 0, "installed": 0, "rejected": 0, "rolled_back": 0,
+                         "failed": 0}
+
+    # -- start-up --------------------------------------------------------------------------
+
+    def _load_root(self, provisioned: Path | None) -> Root | None:
+        """The trusted root: the latest rotated one in the state dir, else the provisioned file."""
+        rotated = self.store.dir / "root.json"
+        for path in (rotated, provisioned):
+            if path is not None and path.is_file():
+                return load_trusted_root(path.read_bytes())
+        return None
+
+    def recover(self) -> list[tuple[str, Path, int | None, str]]:
+        """Decide what to serve at start: (name, path, version, sha256) per model.
+
+        A model found on probation (``pending``) means the agent died in its health window:
+        roll back to the previous model and report it.
+        """
+        changed = False
+        for name, ms in self.state.models.items():
+            if ms.pending is not None:
+                pending = ms.pending
+                ms.revert()
+                changed = True
+                self.counters["rolled_back"] += 1
+                self._final(pending.release_id, name, pending.version, "rolled_back",
+                            CRASHED_IN_HEALTH_WINDOW,
+                            "the agent stopped while the new model was in its health window; "
+                            "rolled back to the previous model")
+                if self.state.job is not None and self.state.job.release_id == pending.release_id:
+                    self.state.job = None
+        if changed:
+            self.store.save(self.state)
+        serve = []
+        for name, (path, version) in self.seeds.items():
+            seeded = self.state.models.get(name)
+            if seeded is None or seeded.active is None:
+                serve.append((name, path, version, ""))
+        for name, ms in self.state.models.items():
+            if ms.active is not None:
+                info = ms.slots[ms.active]
+                path = self.store.slot_dir(name, ms.active) / info.model_file
+                serve.append((name, path, info.version, info.sha256))
+        return serve
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._worker, name="fleetlite-ota", daemon=True)
+        self._thread.start()
+        if self.state.job is not None:
+            log.info("resuming the install of release %s", self.state.job.release_id)
+            self._jobs.put(self.state.job)
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+        if self._thread is not None:
+            self._thread.join(10)
+
+    # -- commands --------------------------------------------------------------------------
+
+    def cmd_install(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        release_id = arg(args, "release_id", str, required=True)
+        try:
+            topics.validate_release_id(release_id)
+        except topics.TopicError as exc:
+            raise CommandArgumentError(str(exc)) from exc
+        chunk_size = arg(args, "chunk_size", int, DEFAULT_CHUNK_SIZE)
+        if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
+            raise CommandArgumentError(
+                f"chunk_size must be {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE} bytes")
+        retry = arg(args, "retry", bool, False)
+        if self.root is None:
+            raise AgentError("this device has no trusted root; set trust_root in agent.yaml "
+                             "to the fleet's root.json and restart the agent")
+        job = self.state.job
+        if job is not None:
+            if job.release_id == release_id:
+                return {"accepted": True, "already_running": True}
+            raise AgentError(f"an install of release {job.release_id[:12]} is in progress; "
+                             "wait for its final status")
+        job = Job(release_id=release_id, model="", chunk_size=chunk_size, phase="accepted",
+                  retry=retry, started=time.time())
+        self.state.job = job
+        self.store.save(self.state)
+        self._jobs.put(job)
+        return {"accepted": True}
+
+    def cmd_rollback(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        name = arg(args, "model", str, required=True)
+        with self._busy:
+            ms = self.state.models.get(name)
+            if ms is None or ms.active is None:
+                raise AgentError(f"model {name!r} has no installed release to roll back from")
+            if ms.previous is None and name not in self.seeds:
+                raise AgentError(f"model {name!r} has no previous model to roll back to")
+            bad = ms.slots[ms.active]
+            ms.revert()
+            self.store.save(self.state)
+            self._serve_active(name, ms)
+            self.counters["rolled_back"] += 1
+            self._final(bad.release_id, name, bad.version, "rolled_back", OPERATOR_ROLLBACK,
+                        f"operator rolled {name} back from version {bad.version}")
+        self.on_model_change(name)
+        return {"rolled_back": bad.version, "slots": self.describe_slots().get(name, {})}
+
+    def cmd_slots(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        return {"models": self.describe_slots(), "job": None if self.state.job is None else
+                vars(self.state.job)}
+
+    def cmd_update_root(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        import base64
+        import binascii
+
+        encoded = arg(args, "root", str, required=True)
+        try:
+            data = base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise CommandArgumentError("root must be base64 of the new root.json") from exc
+        if self.root is None:
+            raise AgentError("this device has no trusted root to rotate from; provision one")
+        new = update_root(self.root, data)
+        from fleetlite.agent.atomic import write_atomic
+
+        write_atomic(self.store.dir / "root.json", data)
+        self.root = new
+        return {"root_version": new.version}
+
+    def describe_slots(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, ms in self.state.models.items():
+            out[name] = {
+                "active": ms.active,
+                "previous": ms.previous,
+                "installed_version": ms.installed_version,
+                "pending": None if ms.pending is None else vars(ms.pending),
+                "rejected": list(ms.rejected),
+                "slots": {slot: vars(info) for slot, info in ms.slots.items()},
+            }
+        for name, (_path, version) in self.seeds.items():
+            out.setdefault(name, {"active": None, "installed_version": version})
+            out[name]["seed_version"] = version
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        return dict(self.counters)
+
+    # -- reporting -------------------------------------------------------------------------
+
+    def _status(self, release_id: str, model: str, version: int, phase: str, *,
+                final: bool = False, outcome: str = "", reason: str = "", message: str = "",
+                progress: Mapping[str, Any] | None = None) -> None:
+        payload = OtaStatus(
+            device_id=self.device_id, ts=time.time(), release_id=release_id, model=model,
+            version=version, phase=phase, final=final, outcome=outcome, reason=reason,
+            message=message[:1000], progress=dict(progress or {}),
+        ).to_json()
+        self.link.report(topics.OTA_STATUS, payload,
+                         priority="critical" if final else "important")
+
+    def _final(self, release_id: str, model: str, version: int, outcome: str, reason: str,
+               message: str) -> None:
+        log.info("install of %s v%s: %s (%s) %s", model, version, outcome, reason, message)
+        self._status(release_id, model, version, "done", final=True, outcome=outcome,
+                     reason=reason, message=message)
+
+    # -- the worker ------------------------------------------------------------------------
+
+    def on_message(self, kind: str, payload: bytes) -> None:
+        """Called from the network thread: hand over, never block."""
+        try:
+            self._inbox.put_nowait((kind, payload))
+        except queue.Full:
+            log.warning("OTA inbox full; dropping a %s message (it will be re-requested)", kind)
+
+    def _worker(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            with self._busy:
+                self.counters["installs"] += 1
+                try:
+                    outcome, reason, message = self._run(job)
+                except InstallEndedError as ended:
+                    outcome, reason, message = ended.outcome, ended.reason, str(ended)
+                except Exception as exc:  # a bug must still end in a final status
+                    log.exception("install of %s crashed", job.release_id)
+                    outcome, reason, message = "failed", INTERNAL, f"{type(exc).__name__}: {exc}"
+                # clean up first, so whoever sees the final status sees the finished state
+                self._finish_job(job)
+                self.counters[outcome if outcome in self.counters else "failed"] += 1
+                self._final(job.release_id, job.model, self._job_version(job), outcome,
+                            reason, message)
+                if outcome in ("installed", "rolled_back"):
+                    self.on_model_change(job.model)
+
+    def _job_version(self, job: Job) -> int:
+        return job.version
+
+    def _finish_job(self, job: Job) -> None:
+        for topic in (topics.release_topic(job.release_id, topics.RELEASE_MANIFEST),
+                      topics.release_topic(job.release_id, topics.RELEASE_CHUNKS)):
+            self.link.unsubscribe(topic)
+        if self.state.job is not None and self.state.job.release_id == job.release_id:
+            self.state.job = None
+            self.store.save(self.state)
+        shutil.rmtree(self.store.staging_dir(job.release_id), ignore_errors=True)
+
+    def _set_phase(self, job: Job, phase: str, **progress: Any) -> None:
+        job.phase = phase
+        self.store.save(self.state)
+        self._status(job.release_id, job.model, self._job_version(job), phase,
+                     progress=progress)
+
+    def _run(self, job: Job) -> tuple[str, str, str]:
+        staging = self.store.staging_dir(job.release_id)
+        staging.mkdir(parents=True, exist_ok=True)
+        envelope = self._fetch_manifest(job, staging)
+        manifest = self._verify_manifest(job, envelope)
+        if job.phase in ("accepted", "downloading"):
+            self._set_phase(job, "downloading")
+            files = self._download(job, manifest, staging)
+        else:
+            files = {entry.name: staging / entry.name for entry in manifest.files}
+        if job.phase in ("downloading", "verifying"):
+            self._set_phase(job, "verifying")
+            self._verify_files(manifest, files)
+        variant = manifest.default_variant
+        if job.phase in ("verifying", "smoke_testing"):
+            self._set_phase(job, "smoke_testing")
+            self._smoke(job, manifest, variant, files)
+        self._set_phase(job, "switching")
+        ms = self.state.model(manifest.name)
+        if ms.installed_version is None and manifest.name in self.seeds:
+            ms.installed_version = self.seeds[manifest.name][1]
+        slot = self._switch(job, manifest, variant, files, ms)
+        self._set_phase(job, "health_check")
+        self._health_window(job, manifest, variant, files, ms)
+        return "installed", "", f"{manifest.name} v{manifest.version} serving from slot {slot}"
+
+    # 1. manifest --------------------------------------------------------------------------
+
+    def _fetch_manifest(self, job: Job, staging: Path) -> bytes:
+        saved = staging / "manifest.json"
+        if saved.is_file():
+            return saved.read_bytes()
+        topic = topics.release_topic(job.release_id, topics.RELEASE_MANIFEST)
+        self.link.subscribe(topic, lambda payload: self.on_message("manifest", payload))
+        deadline = time.monotonic() + self.settings.manifest_timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise InstallEndedError("failed", MANIFEST_TIMEOUT,
+                                    f"no manifest arrived on {topic} within "
+                                    f"{self.settings.manifest_timeout_s:g} s; is the release "
+                                    "published (fleetlite release push)?")
+            try:
+                kind, payload = self._inbox.get(timeout=min(remaining, 0.5))
+            except queue.Empty:
+                continue
+            if kind != "manifest" or not payload:
+                continue
+            self.link.unsubscribe(topic)
+            from fleetlite.sdk.manifest import release_id as compute_release_id
+
+            try:
+                from fleetlite.sdk.envelope import Envelope
+
+                envelope = Envelope.from_json(
+                    payload, max_bytes=self.settings.limits.max_envelope_bytes,
+                    max_payload_bytes=self.settings.limits.max_manifest_bytes,
+                    max_signatures=self.settings.limits.max_signatures,
+                )
+            except UpdateRejected as exc:
+                raise InstallEndedError("rejected", exc.reason, str(exc)) from exc
+            if compute_release_id(envelope.payload) != job.release_id:
+                raise InstallEndedError("rejected", "release_id_mismatch",
+                                    "the manifest on the release topic does not hash to the "
+                                    "requested release id")
+            from fleetlite.agent.atomic import write_atomic
+
+            write_atomic(saved, payload)
+            return payload
+
+    def _verify_manifest(self, job: Job, envelope: bytes) -> Manifest:
+        if self.root is None:
+            raise InstallEndedError("rejected", "no_trusted_root", "no trusted root provisioned")
+        from fleetlite.sdk.envelope import Envelope
+        from fleetlite.sdk.manifest import parse_manifest
+
+        try:
+            limits = self.settings.limits
+            unverified = parse_manifest(Envelope.from_json(
+                envelope, max_bytes=limits.max_envelope_bytes,
+                max_payload_bytes=limits.max_manifest_bytes).payload)
+            name_hint: str | None = unverified.name
+        except (UpdateRejected, ValueError):
+            name_hint = None
+        ms: ModelState = self.state.models.get(name_hint or "") or ModelState()
+        installed = ms.installed_version
+        if installed is None and name_hint in self.seeds:
+            installed = self.seeds[name_hint][1]
+        try:
+            manifest = verify_release(
+                envelope, root=self.root, installed_version=installed,
+                device_class=self.device_class.name, time_floor=self.floor.now(time.monotonic()),
+                rejected_versions=ms.rejected, agent_version=__version__,
+                limits=self.settings.limits, retry_rejected=job.retry,
+            )
+        except EqualVersion as exc:
+            raise InstallEndedError("no_change", exc.reason, str(exc)) from exc
+        except UpdateRejected as exc:
+            raise InstallEndedError("rejected", exc.reason, str(exc)) from exc
+        job.model = manifest.name
+        job.version = manifest.version
+        if job.retry:
+            self.state.model(manifest.name).rejected = [
+                v for v in ms.rejected if v != manifest.version
+            ]
+        self.floor = self.floor.observe(manifest.issued, time.monotonic())
+        self.state.time_floor = self.floor.now(time.monotonic())
+        self.store.save(self.state)
+        return manifest
+
+    # 2-3. download and verify -------------------------------------------------------------
+
+    def _download(self, job: Job, manifest: Manifest, staging: Path) -> dict[str, Path]:
+        """Receive the release's chunks into ``staging`` (resuming what is already there)."""
+        from fleetlite.agent.errors import DownloadError
+        from fleetlite.agent.ota_download import (
+            REFUSED,
+            STALLED,
+            TIMED_OUT,
+            ChunkStore,
+            DownloadTracker,
+        )
+
+        finished = {entry.name: staging / entry.name for entry in manifest.files}
+        if all(path.is_file() for path in finished.values()):
+            return finished  # finalized before a restart; the verify step re-checks them
+        topic = topics.release_topic(job.release_id, topics.RELEASE_CHUNKS)
+        request_topic = topics.device_topic(self.device_id, topics.OTA_REQUEST)
+        settings = self.settings
+        try:
+            store = ChunkStore(staging, manifest, job.chunk_size, auto_persist=False)
+        except DownloadError as exc:
+            raise InstallEndedError("failed", exc.reason, str(exc)) from exc
+        tracker = DownloadTracker(idle_s=settings.chunk_idle_s,
+                                  max_requests_without_progress=int(
+                                      settings.max_requests_without_progress),
+                                  deadline_s=settings.download_deadline_s)
+        self.link.subscribe(topic, lambda payload: self.on_message("chunk", payload))
+        last_report = 0.0
+        try:
+            while True:
+                decision = tracker.poll(store.received_chunks, complete=store.complete(),
+                                        batch_done=store.request_satisfied)
+                if decision.action == "done":
+                    break
+                if decision.action in (STALLED, TIMED_OUT):
+                    progress = store.progress().to_dict()
+                    raise InstallEndedError(
+                        "failed", decision.reason,
+                        f"download stopped at {progress['received_bytes']} of "
+                        f"{progress['total_bytes']} bytes: no new chunks after "
+                        f"{tracker.requests} requests; is the release still being served?")
+                if decision.action == "request":
+                    request = store.missing_request(self.device_id)
+                    if request is not None:
+                        self.link.publish_live(request_topic, request.to_json())
+                try:
+                    kind, payload = self._inbox.get(timeout=min(max(decision.wait_s, 0.05),
+                                                                0.5))
+                except queue.Empty:
+                    store.persist_if_due()
+                    continue
+                if kind != "chunk":
+                    continue
+                if store.accept(payload) == REFUSED and store.last_refusal is not None:
+                    log.warning("refused a chunk: %s", store.last_refusal)
+                store.persist_if_due()
+                if time.monotonic() - last_report >= 2.0:
+                    last_report = time.monotonic()
+                    self._status(job.release_id, job.model, job.version, "downloading",
+                                 progress=store.progress().to_dict())
+            files = store.finalize()
+            self.link.publish_live(request_topic, store.done_request(self.device_id).to_json())
+            return files
+        except DownloadError as exc:
+            store.discard()
+            raise InstallEndedError("failed", exc.reason, str(exc)) from exc
+        except UpdateRejected as exc:
+            # the signed release is fine, the bytes served were not (a bad mirror, mixed
+            # files): not remembered as rejected, so a correct delivery can still install it
+            store.discard()
+            raise InstallEndedError("rejected", exc.reason, str(exc)) from exc
+        finally:
+            self.link.unsubscribe(topic)
+            store.close()
+
+    def _verify_files(self, manifest: Manifest, files: Mapping[str, Path]) -> None:
+        from fleetlite.sdk.verify import verify_file
+
+        for entry in manifest.files:
+            try:
+                verify_file(files[entry.name], entry)
+            except UpdateRejected as exc:
+                raise InstallEndedError("rejected", exc.reason, str(exc)) from exc
+
+    # 4. smoke test ------------------------------------------------------------------------
+
+    def _smoke(self, job: Job, manifest: Manifest, variant: Variant,
+               files: Mapping[str, Path]) -> None:
+        from fleetlite.agent.smoke_test import run_smoke_test
+
+        try:
+            result = run_smoke_test(
+                files[variant.model.file], files[variant.smoke.file],
+                tolerance=variant.smoke.tolerance, budgets=self.device_class.budgets,
+                num_threads=self.threads, timeout_s=self.settings.smoke_timeout_s,
+            )
+        except AgentError as exc:
+            # the device could not run the test at all: not the release's fault
+            raise InstallEndedError("failed", SMOKE_UNAVAILABLE, str(exc)) from exc
+        if not result.passed:
+            self.state.model(manifest.name).reject(manifest.version)
+            self.store.save(self.state)
+            raise InstallEndedError("rejected", result.reason, result.message)
+
+    # 5. switch ----------------------------------------------------------------------------
+
+    def _switch(self, job: Job, manifest: Manifest, variant: Variant,
+                files: Mapping[str, Path], ms: ModelState) -> str:
+        slot = ms.free_slot()
+        target = self.store.slot_dir(manifest.name, slot)
+        if target.exists():
+            shutil.rmtree(target)
+        target.mkdir(parents=True)
+        for name, path in files.items():
+            shutil.copyfile(path, target / name)
+            with (target / name).open("rb+") as handle:
+                import os
+
+                os.fsync(handle.fileno())
+        shutil.copyfile(self.store.staging_dir(job.release_id) / "manifest.json",
+                        target / "manifest.json")
+        fsync_dir(target)
+        info = SlotInfo(version=manifest.version, release_id=job.release_id,
+                        model_file=variant.model.file, variant=variant.name,
+                        sha256=manifest.file(variant.model.file).sha256,
+                        installed_at=time.time())
+        ms.switch_to(slot, info, now=time.time())
+        self.store.save(self.state)  # the switch point: from here a restart rolls back
+        self._serve_active(manifest.name, ms)
+        return slot
+
+    def _serve_active(self, name: str, ms: ModelState) -> None:
+        if ms.active is None:
+            path, version = self.seeds[name]
+            sha = ""
+        else:
+            info = ms.slots[ms.active]
+            path = self.store.slot_dir(name, ms.active) / info.model_file
+            version, sha = info.version, info.sha256
+        if name in self.models.names():
+            self.models.swap(name, path, version=version, sha256=sha or None,
+                             num_threads=self.threads)
+        else:
+            self.models.activate(name, path, version=version, sha256=sha or None,
+                                 num_threads=self.threads)
+
+    # 6. health window and commit ---------------------------------------------------------
+
+    def _health_window(self, job: Job, manifest: Manifest, variant: Variant,
+                       files: Mapping[str, Path], ms: ModelState) -> None:
+        name, wanted = manifest.name, self.settings.health_inferences
+        deadline = time.monotonic() + self.settings.health_timeout_s
+        own_inputs = self._smoke_inputs(files[variant.smoke.file])
+        i = 0
+        while True:
+            stats = self.models.stats().get(name, {})
+            if stats.get("errors", 0):
+                self._roll_back_failed(job, manifest, ms,
+                                       f"{stats['errors']} inference error(s) on the new model")
+            if stats.get("inferences", 0) >= wanted:
+                break
+            if time.monotonic() >= deadline:
+                # no live traffic: exercise the model ourselves with the release's vectors
+                try:
+                    self.models.infer(name, own_inputs[i % len(own_inputs)])
+                except AgentError as exc:
+                    self._roll_back_failed(job, manifest, ms, str(exc))
+                i += 1
+            else:
+                time.sleep(0.05)
+        ms.commit()
+        self.state.job = None
+        self.store.save(self.state)
+
+    def _smoke_inputs(self, smoke_file: Path) -> list[list[npt.NDArray[Any]]]:
+        from fleetlite.sdk.smoke import SmokeVectors
+
+        vectors = SmokeVectors.from_json(smoke_file.read_bytes())
+        return [case.input_arrays() for case in vectors.cases] or [[]]
+
+    def _roll_back_failed(self, job: Job, manifest: Manifest, ms: ModelState,
+                          why: str) -> None:
+        ms.revert()
+        self.store.save(self.state)
+        self._serve_active(manifest.name, ms)
+        raise InstallEndedError("rolled_back", HEALTH_FAILED,
+                            f"health window failed ({why}); rolled back to the previous model")

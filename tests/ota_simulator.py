@@ -1,0 +1,115 @@
+"""An in-process fake fleet for OTA tests: it is both the MQTT link and the release server.
+
+Like python-tuf's RepositorySimulator, it serves whatever release bytes a test gives it —
+including hostile ones — to a real :class:`OtaManager` (real files, real model service, real
+smoke-test subprocess), and records every status report and chunk request.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from fleetlite.sdk import topics
+from fleetlite.sdk.chunks import chunk_count, encode_frame
+from fleetlite.sdk.messages import OtaStatus
+from fleetlite.sdk.ota_messages import ChunkRequest
+
+
+@dataclass
+class Served:
+    """What the simulator answers for one release id (the bytes need not match the manifest)."""
+
+    envelope: bytes
+    files: Sequence[bytes]  # in the manifest's file order
+    chunk_size: int
+    drop: set[tuple[int, int]] = field(default_factory=set)  # never sent at first
+    answer_requests: bool = True
+    extra_frames: list[bytes] = field(default_factory=list)
+
+
+class FleetSimulator:
+    """Implements the parts of MqttLink that OtaManager uses."""
+
+    def __init__(self) -> None:
+        self.served: dict[str, Served] = {}
+        self.handlers: dict[str, Callable[[bytes], None]] = {}
+        self.statuses: list[OtaStatus] = []
+        self.requests: list[ChunkRequest] = []
+        self.frames_sent = 0
+        self._cond = threading.Condition()
+
+    def serve(self, release_id: str, served: Served) -> None:
+        self.served[release_id] = served
+
+    # -- link interface ------------------------------------------------------------------
+
+    def subscribe(self, topic: str, handler: Callable[[bytes], None]) -> None:
+        self.handlers[topic] = handler
+        parsed = topics.parse_release_topic(topic)
+        served = self.served.get(parsed.release_id)
+        if served is None:
+            return
+        if parsed.kind == topics.RELEASE_MANIFEST:
+            handler(served.envelope)
+        else:
+            for file_index, content in enumerate(served.files):
+                for index in range(chunk_count(len(content), served.chunk_size)):
+                    if (file_index, index) not in served.drop:
+                        self._send(handler, served, file_index, index)
+            for frame in served.extra_frames:
+                handler(frame)
+
+    def _send(self, handler: Callable[[bytes], None], served: Served, file_index: int,
+              index: int) -> None:
+        offset = index * served.chunk_size
+        data = served.files[file_index][offset:offset + served.chunk_size]
+        if data:
+            self.frames_sent += 1
+            handler(encode_frame(file_index, offset, data))
+
+    def unsubscribe(self, topic: str) -> None:
+        self.handlers.pop(topic, None)
+
+    def publish_live(self, topic: str, payload: bytes, *, qos: int = 1,
+                     retain: bool = False) -> None:
+        request = ChunkRequest.from_json(payload)
+        self.requests.append(request)
+        served = self.served.get(request.release_id)
+        handler = self.handlers.get(topics.release_topic(request.release_id,
+                                                         topics.RELEASE_CHUNKS))
+        if served is None or handler is None or not served.answer_requests or request.done:
+            return
+        for file_index, first, end in request.missing:
+            for index in range(first, end):
+                served.drop.discard((file_index, index))
+                self._send(handler, served, file_index, index)
+
+    def report(self, kind: str, payload: bytes, *, priority: str = "telemetry") -> int:
+        assert kind == topics.OTA_STATUS
+        with self._cond:
+            self.statuses.append(OtaStatus.from_json(payload))
+            self._cond.notify_all()
+        return len(self.statuses)
+
+    # -- test helpers ----------------------------------------------------------------------
+
+    def finals(self) -> list[OtaStatus]:
+        with self._cond:
+            return [s for s in self.statuses if s.final]
+
+    def wait_final(self, count: int = 1, timeout: float = 60.0) -> OtaStatus:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while len([s for s in self.statuses if s.final]) < count:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"no final OTA status; saw {self.statuses}")
+                self._cond.wait(remaining)
+            return [s for s in self.statuses if s.final][count - 1]
+
+    def requested_chunks(self) -> set[tuple[int, int]]:
+        return {(f, i) for r in self.requests for f, a, b in r.missing for i in range(a, b)}
+

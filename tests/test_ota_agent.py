@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from fleetlite.agent.runtime import load_model
+from fleetlite.fleet.ota_publisher import ReleasePublisher
 from fleetlite.sdk import topics
 from fleetlite.sdk.bundle import ReleaseBundle, build_release
 from fleetlite.sdk.local_client import LocalClient
@@ -171,8 +172,6 @@ def test_live_switch_drops_no_request(
     old = next(iter(load_model(models_dir / "intent_classifier.tflite").run(tokens).values()))
     new = next(iter(load_model(v2.files[v2.manifest.model.file]).run(tokens).values()))
     assert not np.array_equal(old, new)
-    rel = ManualRelease(broker.host, broker.port, v2, 4096)
-    rel.answer = True
     agent = AgentProcess(config).start()
     results = {"ok": 0, "failed": 0, "old": 0, "new": 0, "other": 0}
     stop = threading.Event()
@@ -190,12 +189,14 @@ def test_live_switch_drops_no_request(
                        "new" if np.array_equal(out, new) else "other")
                 results[key] += 1
 
+    # the product's publisher: manifest retained, chunks by fan-out, re-sends on request
+    publisher = ReleasePublisher(broker.host, broker.port, client_id="fleet-publisher").start()
     try:
         collector.wait_for(topics.BIRTH)
         worker = threading.Thread(target=hammer)
         worker.start()
-        rel.publish_manifest()
-        command(collector, "ota_install", {"release_id": rel.rid, "chunk_size": 4096})
+        publisher.serve(v2, 4096, initial_pass=False)
+        command(collector, "ota_install", {"release_id": v2.release_id, "chunk_size": 4096})
         final = wait_final(collector)
         time.sleep(0.3)
         stop.set()
@@ -203,7 +204,8 @@ def test_live_switch_drops_no_request(
         assert (final.outcome, final.reason) == ("installed", ""), final.message
         assert results["failed"] == 0 and results["other"] == 0, results
         assert results["old"] > 0 and results["new"] > 0, results
+        assert publisher.stats()["requests_received"] >= 1
     finally:
         stop.set()
         agent.stop()
-        rel.close()
+        publisher.close()

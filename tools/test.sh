@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# Run FleetLite's whole test suite (the same one CI runs), setting up what it needs first.
+# Run FleetLite's whole test suite (the same one CI runs), setting up what it needs first:
+# the Python venv, Mosquitto, a throw-away PostgreSQL cluster and headless Chromium.
 # Extra arguments go to pytest, e.g. tools/test.sh -k runtime
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/bootstrap.sh --system
-exec .venv/bin/python -m pytest "$@"
+bash tools/chromium.sh >/dev/null
+FLEETLITE_TEST_PG_URL="${FLEETLITE_TEST_PG_URL:-$(bash tools/postgres.sh)}"
+export FLEETLITE_TEST_PG_URL
+.venv/bin/python -m pytest "$@"

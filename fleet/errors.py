@@ -5,7 +5,13 @@
     FleetLiteError (fleetlite.sdk.errors)
     └── FleetError
         ├── MissingExtraError   a fleet-side dependency is not installed
-        └── PublishError        the broker could not be reached or did not acknowledge a publish
+        ├── PublishError        the broker could not be reached or did not acknowledge a publish
+        ├── RolloutError        an invalid rollout spec, state or operator request
+        └── StoreError          the fleet store (SQLite or PostgreSQL) failed
+            ├── StoreUnavailableError  cannot open or reach the database, or it stayed locked
+            ├── SchemaVersionError     the database is not migrated, or newer than this fleetlite
+            ├── StoreConstraintError   a write broke a constraint (duplicate id, unknown reference)
+            └── RecordNotFoundError    the record an operation needs does not exist
 """
 
 from __future__ import annotations
@@ -23,3 +29,29 @@ class MissingExtraError(FleetError):
 
 class PublishError(FleetError):
     """The publisher could not reach the broker or a publish was not acknowledged in time."""
+
+
+class StoreError(FleetError):
+    """The fleet store failed; the message names the database and what to do."""
+
+
+class StoreUnavailableError(StoreError):
+    """The database cannot be opened or reached, or stayed locked too long: check the URL, that
+    the server runs, and retry."""
+
+
+class SchemaVersionError(StoreError):
+    """The database schema does not fit this fleetlite: run ``Store.migrate()``, or upgrade
+    fleetlite when the database was migrated by a newer version."""
+
+
+class StoreConstraintError(StoreError):
+    """A write broke a constraint: a duplicate id or a reference to a record that is not stored."""
+
+
+class RecordNotFoundError(StoreError):
+    """The record an operation needs (e.g. the rollout to lock) is not in the store."""
+
+
+class RolloutError(FleetError):
+    """A rollout spec, state or operator request is invalid; the message names the field."""

@@ -1,0 +1,1033 @@
+"""The rollout engine: a pure function from (rollout spec, rollout state, devices, OTA outcomes,
+profiles, now) to decisions, and a pure function that applies decisions to the state.
+
+No I/O and no clock: the controller reads the store and the registry, calls :func:`decide`, sends
+the commands the decisions name, persists ``apply(state, decisions, now)`` and records every
+decision with its reason. ``decide`` runs its rules to a fixed point over its own decisions, so
+calling it again on the applied state with the same inputs returns nothing: nothing is decided
+twice. How waves, thresholds, gates, timeouts, operator requests and late joiners behave is
+described in docs/rollouts.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Optional, Union
+
+from fleetlite.fleet.errors import RolloutError
+from fleetlite.fleet.gates import (
+    GateResult,
+    GateSpec,
+    ProfileView,
+    check_smoke,
+    evaluate_class,
+    latest_profiles,
+)
+from fleetlite.sdk.chunks import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
+from fleetlite.sdk.messages import OTA_OUTCOMES, OtaStatus
+
+__all__ = [
+    "ABORT",
+    "ASSIGN",
+    "COMPLETE",
+    "DECISION_KINDS",
+    "DEFAULT_WAVES",
+    "DEVICE_STATUSES",
+    "FAILED_STATUSES",
+    "GATE_PASSED",
+    "GATE_TRIPPED",
+    "MARK",
+    "OPERATOR_ACTIONS",
+    "PAUSE",
+    "REFUSE",
+    "RESUME",
+    "ROLLBACK",
+    "ROLLOUT_STATES",
+    "SEND_INSTALL",
+    "SEND_ROLLBACK",
+    "START_WAVE",
+    "SUCCEEDED_STATUSES",
+    "ClassGate",
+    "Decision",
+    "DeviceProgress",
+    "DeviceView",
+    "GateSpec",
+    "OperatorRequest",
+    "OutcomeView",
+    "ProfileView",
+    "RolloutSpec",
+    "RolloutState",
+    "Selector",
+    "WaveSpec",
+    "apply",
+    "assignment_key",
+    "decide",
+    "parse_waves",
+    "plan",
+    "request",
+    "wave_bounds",
+]
+
+# -- vocabulary ------------------------------------------------------------------------------
+
+# Device statuses within a rollout.
+PENDING = "pending"                  # assigned to a wave that has not started
+WAITING_OFFLINE = "waiting_offline"  # offline when its wave started: not sent, not counted
+SENT = "sent"                        # ota_install sent, no final status yet
+INSTALLED = "installed"
+NO_CHANGE = "no_change"              # already had the version
+REJECTED = "rejected"
+FAILED = "failed"
+ROLLED_BACK = "rolled_back"
+TIMED_OUT = "timed_out"              # no final status within wave_timeout_s of the send
+ROLLBACK_SENT = "rollback_sent"
+ROLLBACK_FAILED = "rollback_failed"  # no rolled_back status within wave_timeout_s of the rollback
+EXCLUDED = "excluded"                # left the selector or the fleet, or its class is paused
+DEVICE_STATUSES = (PENDING, WAITING_OFFLINE, SENT, INSTALLED, NO_CHANGE, REJECTED, FAILED,
+                   ROLLED_BACK, TIMED_OUT, ROLLBACK_SENT, ROLLBACK_FAILED, EXCLUDED)
+SUCCEEDED_STATUSES = frozenset({INSTALLED, NO_CHANGE})
+FAILED_STATUSES = frozenset({REJECTED, FAILED, ROLLED_BACK, TIMED_OUT})
+
+# Rollout states. ROLLED_BACK is spelled like the device status.
+RUNNING = "running"
+PAUSED = "paused"
+ABORTED = "aborted"
+COMPLETED = "completed"
+ROLLOUT_STATES = (RUNNING, PAUSED, ABORTED, COMPLETED, ROLLED_BACK)
+FINISHED_STATES = frozenset({ABORTED, COMPLETED, ROLLED_BACK})
+
+OPERATOR_ACTIONS = ("pause", "resume", "abort", "rollback")
+ON_FAILURE_ACTIONS = ("pause", "abort", "rollback")
+
+# Decision kinds (docs/rollouts.md, "Decisions").
+ASSIGN = "assign"
+SEND_INSTALL = "send_install"
+SEND_ROLLBACK = "send_rollback"
+MARK = "mark"
+START_WAVE = "start_wave"
+GATE_PASSED = "gate_passed"
+GATE_TRIPPED = "gate_tripped"
+PAUSE = "pause"
+RESUME = "resume"
+ABORT = "abort"
+ROLLBACK = "rollback"
+COMPLETE = "complete"
+REFUSE = "refuse"
+DECISION_KINDS = (ASSIGN, SEND_INSTALL, SEND_ROLLBACK, MARK, START_WAVE, GATE_PASSED,
+                  GATE_TRIPPED, PAUSE, RESUME, ABORT, ROLLBACK, COMPLETE, REFUSE)
+
+
+# -- the spec --------------------------------------------------------------------------------
+
+
+def _is_number(value: object) -> bool:
+    return (not isinstance(value, bool) and isinstance(value, (int, float))
+            and math.isfinite(value))
+
+
+@dataclass(frozen=True)
+class WaveSpec:
+    """One wave: ``percent`` (cumulative share of the targeted devices, ``size`` in 0..100],
+    ``count`` (this many more devices) or ``all`` (every device left)."""
+
+    kind: str
+    size: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind == "percent":
+            if not (_is_number(self.size) and 0.0 < self.size <= 100.0):
+                raise RolloutError(f"a percent wave must be within (0, 100], got {self.size!r}")
+        elif self.kind == "count":
+            if (not _is_number(self.size) or self.size < 1
+                    or float(self.size) != int(self.size)):
+                raise RolloutError(f"a count wave must be a whole number >= 1, got {self.size!r}")
+        elif self.kind != "all":
+            raise RolloutError(f"wave kind must be percent, count or all, got {self.kind!r}")
+
+    @classmethod
+    def percent(cls, share: float) -> WaveSpec:
+        return cls("percent", float(share))
+
+    @classmethod
+    def count(cls, devices: int) -> WaveSpec:
+        return cls("count", float(devices))
+
+    @classmethod
+    def all(cls) -> WaveSpec:
+        return cls("all")
+
+    @classmethod
+    def parse(cls, text: Union[str, int, WaveSpec]) -> WaveSpec:
+        """``"10%"`` -> percent, ``"5"`` or ``5`` -> count, ``"all"`` -> all."""
+        if isinstance(text, WaveSpec):
+            return text
+        if isinstance(text, int) and not isinstance(text, bool):
+            return cls.count(text)
+        if not isinstance(text, str):
+            raise RolloutError(f"a wave is written 10%, 5 or all, got {text!r}")
+        value = text.strip().lower()
+        try:
+            if value == "all":
+                return cls.all()
+            if value.endswith("%"):
+                return cls.percent(float(value[:-1]))
+            return cls.count(int(value))
+        except ValueError:
+            raise RolloutError(f"a wave is written 10%, 5 or all, got {text!r}") from None
+
+    def __str__(self) -> str:
+        if self.kind == "percent":
+            return f"{self.size:g}%"
+        if self.kind == "count":
+            return str(int(self.size))
+        return "all"
+
+
+def parse_waves(spec: Union[str, Iterable[Union[str, int, WaveSpec]]]) -> tuple[WaveSpec, ...]:
+    """``"1%,10%,50%,100%"`` or ``["1", "5", "all"]`` -> wave specs."""
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    return tuple(WaveSpec.parse(item) for item in items)
+
+
+DEFAULT_WAVES = parse_waves("1%,10%,50%,100%")
+
+
+@dataclass(frozen=True)
+class DeviceView:
+    """What the engine needs to know about a registered device, from the controller's registry."""
+
+    device_id: str
+    device_class: str
+    tags: Mapping[str, str] = field(default_factory=dict)
+    online: bool = True
+
+
+@dataclass(frozen=True)
+class Selector:
+    """The targeted devices. Every kind that is given must match: the class is one of
+    ``device_classes``, every pair of ``tags`` is among the device's tags, the id is one of
+    ``device_ids``. An empty selector targets every device."""
+
+    device_classes: tuple[str, ...] = ()
+    tags: Mapping[str, str] = field(default_factory=dict)
+    device_ids: tuple[str, ...] = ()
+
+    def matches(self, device: DeviceView) -> bool:
+        if self.device_classes and device.device_class not in self.device_classes:
+            return False
+        if any(device.tags.get(k) != v for k, v in self.tags.items()):
+            return False
+        return not self.device_ids or device.device_id in self.device_ids
+
+    def __str__(self) -> str:
+        parts = []
+        if self.device_classes:
+            parts.append("class in " + ",".join(self.device_classes))
+        parts.extend(f"{k}={v}" for k, v in sorted(self.tags.items()))
+        if self.device_ids:
+            parts.append("id in " + ",".join(self.device_ids))
+        return " and ".join(parts) or "every device"
+
+
+@dataclass(frozen=True)
+class RolloutSpec:
+    """What to roll out, to whom, in which waves and under which limits.
+
+    ``success_threshold``: share of a wave's counted devices that must end ``installed`` or
+    ``no_change`` before the next wave starts. ``failure_threshold``: when the share of failed
+    devices (rejected, failed, rolled back, timed out) goes *above* it, ``on_failure`` happens
+    (``pause``, ``abort`` or ``rollback``); 0.0 reacts to the first failure. ``wave_timeout_s``:
+    how long a device has, after the install is sent, for its final status (and its profile).
+    ``replace_offline``: a device offline at the start of its wave is replaced in that wave by the
+    next online device of a later wave, so that a canary wave is not passed by absent devices.
+    """
+
+    rollout_id: str
+    release_id: str
+    model: str
+    version: int
+    previous_version: Optional[int] = None
+    selector: Selector = field(default_factory=Selector)
+    waves: tuple[WaveSpec, ...] = DEFAULT_WAVES
+    success_threshold: float = 1.0
+    failure_threshold: float = 0.0
+    on_failure: str = "pause"
+    wave_timeout_s: float = 600.0
+    gates: GateSpec = field(default_factory=GateSpec)
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    replace_offline: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("rollout_id", "release_id", "model"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise RolloutError(f"{name} must be a non-empty string")
+        for name in ("version", "previous_version"):
+            value = getattr(self, name)
+            if value is None and name == "previous_version":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise RolloutError(f"{name} must be an integer >= 0, got {value!r}")
+        if not self.waves or not all(isinstance(w, WaveSpec) for w in self.waves):
+            raise RolloutError("waves must be a non-empty tuple of WaveSpec (see parse_waves)")
+        last = self.waves[-1]
+        if not (last.kind == "all" or (last.kind == "percent" and last.size == 100.0)):
+            raise RolloutError(f"the last wave is {last}: end the waves with 100% or all so that "
+                               "every targeted device is covered")
+        if any(w.kind == "all" for w in self.waves[:-1]):
+            raise RolloutError("only the last wave can be 'all'")
+        for name in ("success_threshold", "failure_threshold"):
+            value = getattr(self, name)
+            if not (_is_number(value) and 0.0 <= value <= 1.0):
+                raise RolloutError(f"{name} must be a fraction within 0..1, got {value!r}")
+        if self.on_failure not in ON_FAILURE_ACTIONS:
+            raise RolloutError(f"on_failure must be one of {', '.join(ON_FAILURE_ACTIONS)}, "
+                               f"got {self.on_failure!r}")
+        if not (_is_number(self.wave_timeout_s) and 0.0 < self.wave_timeout_s < math.inf):
+            raise RolloutError(f"wave_timeout_s must be a number > 0, got {self.wave_timeout_s!r}")
+        if (isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int)
+                or not MIN_CHUNK_SIZE <= self.chunk_size <= MAX_CHUNK_SIZE):
+            raise RolloutError(f"chunk_size must be {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE} bytes")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rollout_id": self.rollout_id,
+            "release_id": self.release_id,
+            "model": self.model,
+            "version": self.version,
+            "previous_version": self.previous_version,
+            "selector": {"device_classes": list(self.selector.device_classes),
+                         "tags": dict(self.selector.tags),
+                         "device_ids": list(self.selector.device_ids)},
+            "waves": [str(w) for w in self.waves],
+            "success_threshold": self.success_threshold,
+            "failure_threshold": self.failure_threshold,
+            "on_failure": self.on_failure,
+            "wave_timeout_s": self.wave_timeout_s,
+            "gates": self.gates.to_dict(),
+            "chunk_size": self.chunk_size,
+            "replace_offline": self.replace_offline,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RolloutSpec:
+        try:
+            return cls._from_dict(data)
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise RolloutError(f"stored rollout spec is malformed ({exc!r})") from exc
+
+    @classmethod
+    def _from_dict(cls, data: Mapping[str, Any]) -> RolloutSpec:
+        sel = data.get("selector", {})
+        return cls(
+            rollout_id=data["rollout_id"],
+            release_id=data["release_id"],
+            model=data["model"],
+            version=data["version"],
+            previous_version=data.get("previous_version"),
+            selector=Selector(tuple(sel.get("device_classes", ())), dict(sel.get("tags", {})),
+                              tuple(sel.get("device_ids", ()))),
+            waves=parse_waves(data.get("waves", [str(w) for w in DEFAULT_WAVES])),
+            success_threshold=data.get("success_threshold", 1.0),
+            failure_threshold=data.get("failure_threshold", 0.0),
+            on_failure=data.get("on_failure", "pause"),
+            wave_timeout_s=data.get("wave_timeout_s", 600.0),
+            gates=GateSpec.from_dict(data.get("gates", {})),
+            chunk_size=data.get("chunk_size", DEFAULT_CHUNK_SIZE),
+            replace_offline=data.get("replace_offline", True),
+        )
+
+
+# -- inputs ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OutcomeView:
+    """The final OTA status of one install (``fleetlite.ota_status/1`` with ``final: true``).
+
+    ``ts`` must be on the controller's clock (when the status was received), because it is
+    compared with the time the install was sent: a status older than the send is ignored.
+    """
+
+    device_id: str
+    release_id: str
+    outcome: str
+    reason: str = ""
+    message: str = ""
+    ts: float = 0.0
+
+    @classmethod
+    def from_status(cls, status: OtaStatus, received_at: float) -> OutcomeView:
+        if not status.final:
+            raise RolloutError("only final OTA statuses are outcomes")
+        return cls(status.device_id, status.release_id, status.outcome, status.reason,
+                   status.message, received_at)
+
+
+# -- the state -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeviceProgress:
+    """One device within the rollout. ``reason`` is the last decision's sentence, ``code`` a
+    machine-readable reason (the device's OTA reason code, or the engine's)."""
+
+    device_id: str
+    device_class: str
+    wave: int
+    status: str = PENDING
+    reason: str = ""
+    code: str = ""
+    sent_at: Optional[float] = None
+    updated_at: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class ClassGate:
+    """The gate verdict for one device class in one wave. ``evaluated`` counts the installed
+    devices it judged (the class is judged again if more install in the same wave)."""
+
+    wave: int
+    device_class: str
+    passed: bool
+    evaluated: int
+    gate: str = ""
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class OperatorRequest:
+    """An operator's ``pause``, ``resume``, ``abort`` or ``rollback``, with an optional note."""
+
+    action: str
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class RolloutState:
+    """What the controller persists for a rollout between calls to :func:`decide`.
+
+    ``current_wave`` is 0 before the first wave starts; waves are numbered from 1.
+    ``paused_classes`` maps a device class to the gate verdict that excluded it.
+    ``override_wave``: the wave whose thresholds an operator overrode by resuming after a
+    threshold pause. ``operator_requests`` are handled in order, one decision each.
+    """
+
+    state: str = RUNNING
+    current_wave: int = 0
+    devices: Mapping[str, DeviceProgress] = field(default_factory=dict)
+    paused_classes: Mapping[str, ClassGate] = field(default_factory=dict)
+    gates: Mapping[str, ClassGate] = field(default_factory=dict)
+    operator_requests: tuple[OperatorRequest, ...] = ()
+    paused_by: str = ""
+    override_wave: int = 0
+    reason: str = ""
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINISHED_STATES
+
+    def counts(self, wave: Optional[int] = None) -> dict[str, int]:
+        """Devices per status, of one wave or of the whole rollout."""
+        found = Counter(d.status for d in self.devices.values() if wave in (None, d.wave))
+        return dict(sorted(found.items()))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "current_wave": self.current_wave,
+            "devices": {k: vars(v).copy() for k, v in sorted(self.devices.items())},
+            "paused_classes": {k: vars(v).copy() for k, v in sorted(self.paused_classes.items())},
+            "gates": {k: vars(v).copy() for k, v in sorted(self.gates.items())},
+            "operator_requests": [vars(r).copy() for r in self.operator_requests],
+            "paused_by": self.paused_by,
+            "override_wave": self.override_wave,
+            "reason": self.reason,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RolloutState:
+        try:
+            return cls(
+                state=data["state"],
+                current_wave=data["current_wave"],
+                devices={k: DeviceProgress(**v) for k, v in data.get("devices", {}).items()},
+                paused_classes={k: ClassGate(**v)
+                                for k, v in data.get("paused_classes", {}).items()},
+                gates={k: ClassGate(**v) for k, v in data.get("gates", {}).items()},
+                operator_requests=tuple(OperatorRequest(**r)
+                                        for r in data.get("operator_requests", ())),
+                paused_by=data.get("paused_by", ""),
+                override_wave=data.get("override_wave", 0),
+                reason=data.get("reason", ""),
+            )
+        except (KeyError, TypeError) as exc:
+            raise RolloutError(f"stored rollout state is malformed ({exc})") from exc
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One thing the engine decided: ``kind`` (see DECISION_KINDS), a sentence for people, the
+    device/wave/class it concerns and structured ``detail`` (for sends: ``command`` and ``args``
+    of the agent command)."""
+
+    kind: str
+    reason: str
+    device_id: Optional[str] = None
+    wave: Optional[int] = None
+    device_class: Optional[str] = None
+    detail: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "reason": self.reason, "device_id": self.device_id,
+                "wave": self.wave, "device_class": self.device_class,
+                "detail": dict(self.detail)}
+
+
+def request(state: RolloutState, action: str, note: str = "") -> RolloutState:
+    """The state with an operator request queued; the next :func:`decide` handles it."""
+    if action not in OPERATOR_ACTIONS:
+        raise RolloutError(f"operator action must be one of {', '.join(OPERATOR_ACTIONS)}, "
+                           f"got {action!r}")
+    return replace(state, operator_requests=(*state.operator_requests,
+                                             OperatorRequest(action, note)))
+
+
+# -- planning --------------------------------------------------------------------------------
+
+
+def assignment_key(rollout_id: str, device_id: str) -> str:
+    """The stable hash that orders devices within a rollout."""
+    return hashlib.sha256(f"{rollout_id}\0{device_id}".encode()).hexdigest()
+
+
+def wave_bounds(waves: Sequence[WaveSpec], devices: int) -> list[int]:
+    """Cumulative device counts at the end of each wave, for ``devices`` targeted devices.
+    Every wave gets at least one device while devices are left."""
+    bounds: list[int] = []
+    end = 0
+    for wave in waves:
+        if wave.kind == "all":
+            target = devices
+        elif wave.kind == "count":
+            target = end + int(wave.size)
+        else:
+            # round() first: 10% of 30 is 3.0000000000000004 in binary floating point
+            target = math.ceil(round(devices * wave.size / 100.0, 9))
+        end = min(max(target, end + 1), devices)
+        bounds.append(end)
+    return bounds
+
+
+def plan(spec: RolloutSpec, devices: Iterable[DeviceView]) -> dict[str, int]:
+    """Device id -> wave (from 1) for the devices the selector targets.
+
+    Devices are ordered by :func:`assignment_key`, stratified by device class (each class is
+    spread over the waves in proportion to its size), then cut by :func:`wave_bounds`. The same
+    devices always give the same waves.
+    """
+    targets = {d.device_id: d for d in devices if spec.selector.matches(d)}
+    by_class: dict[str, list[str]] = {}
+    for device_id in sorted(targets, key=lambda i: assignment_key(spec.rollout_id, i)):
+        by_class.setdefault(targets[device_id].device_class, []).append(device_id)
+    ranked = sorted(((i + 0.5) / len(ids), assignment_key(spec.rollout_id, device_id), device_id)
+                    for ids in by_class.values() for i, device_id in enumerate(ids))
+    order = [device_id for _, _, device_id in ranked]
+    waves: dict[str, int] = {}
+    start = 0
+    for number, end in enumerate(wave_bounds(spec.waves, len(order)), start=1):
+        for device_id in order[start:end]:
+            waves[device_id] = number
+        start = end
+    return waves
+
+
+# -- deciding --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    views: Mapping[str, DeviceView]
+    outcomes: Mapping[str, Sequence[OutcomeView]]
+    profiles: Sequence[ProfileView]
+    now: float
+
+
+def decide(
+    spec: RolloutSpec,
+    state: RolloutState,
+    devices: Sequence[DeviceView],
+    profiles: Sequence[ProfileView],
+    now: float,
+    *,
+    outcomes: Sequence[OutcomeView],
+) -> list[Decision]:
+    """Everything to do now, in order. Pure: the same arguments give the same decisions.
+
+    ``devices``: every registered device (the selector is applied here). ``profiles``: profile
+    records of ``spec.model``, of the new and the previous version (the previous version's are
+    the gate baseline). ``outcomes``: final OTA statuses of ``spec.release_id``, ``ts`` on the
+    controller's clock. Rules run until none has anything to add, so
+    ``decide(spec, apply(state, decisions, now), ...)`` with the same inputs returns ``[]``.
+    """
+    history: dict[str, list[OutcomeView]] = {}
+    for outcome in sorted(outcomes, key=lambda o: o.ts):
+        if outcome.release_id == spec.release_id and outcome.outcome in OTA_OUTCOMES:
+            history.setdefault(outcome.device_id, []).append(outcome)
+    inputs = _Inputs(views={d.device_id: d for d in devices}, outcomes=history,
+                     profiles=[p for p in profiles if p.model == spec.model], now=now)
+    work = state
+    decided: list[Decision] = []
+    budget = 16 * (len(state.devices) + len(devices) + len(spec.waves)) + 64
+    step = 0
+    while step < len(_RULES):
+        found = _RULES[step](spec, work, inputs)
+        if not found:
+            step += 1
+            continue
+        decided.extend(found)
+        work = apply(work, found, now)
+        step = 0
+        budget -= 1
+        if budget < 0:
+            raise RolloutError("the rollout engine did not settle; this is a bug: report it "
+                               "with the rollout's state")
+    return decided
+
+
+def _operator_rule(spec: RolloutSpec, st: RolloutState, inputs: _Inputs) -> list[Decision]:
+    if not st.operator_requests:
+        return []
+    req = st.operator_requests[0]
+    note = f" ({req.note})" if req.note else ""
+    detail = {"operator": True, "action": req.action, "note": req.note}
+    if req.action == "pause" and st.state == RUNNING:
+        return [Decision(PAUSE, f"paused by the operator{note}",
+                         detail={**detail, "by": "operator"})]
+    if req.action == "resume" and st.state == PAUSED:
+        overrides = st.paused_by == "threshold"
+        extra = (f"; the thresholds of wave {st.current_wave} are overridden"
+                 if overrides else "")
+        return [Decision(RESUME, f"resumed by the operator{note}{extra}", wave=st.current_wave,
+                         detail={**detail, "overrides_thresholds": overrides})]
+    if req.action == "abort" and st.state in (RUNNING, PAUSED):
+        return [Decision(ABORT, f"aborted by the operator{note}: no further installs are sent; "
+                         "installed devices keep the release", detail=detail)]
+    if req.action == "rollback" and st.state != ROLLED_BACK:
+        return [Decision(ROLLBACK, f"rolled back by the operator{note}: every device that "
+                         "installed this release is rolled back", detail=detail)]
+    return [Decision(REFUSE, f"operator {req.action} refused: the rollout is {st.state}",
+                     detail=detail)]
+
+
+def _plan_rule(spec: RolloutSpec, st: RolloutState, inputs: _Inputs) -> list[Decision]:
+    if st.state != RUNNING or st.current_wave != 0 or st.devices:
+        return []
+    waves = plan(spec, inputs.views.values())
+    return [Decision(ASSIGN, f"{device_id} is targeted ({spec.selector}); planned into wave "
+                     f"{wave}", device_id=device_id, wave=wave,
+                     device_class=inputs.views[device_id].device_class,
+                     detail={"late": False})
+            for device_id, wave in sorted(waves.items(), key=lambda kv: (kv[1], kv[0]))]
+
+
+def _outcome_rule(spec: RolloutSpec, st: RolloutState, inputs: _Inputs) -> list[Decision]:
+    found = []
+    for dev in _sorted(st.devices.values()):
+        if dev.sent_at is None:
+            continue
+        latest = None
+        for outcome in inputs.outcomes.get(dev.device_id, ()):
+            if outcome.ts >= dev.sent_at:
+                latest = outcome
+        if latest is None or latest.outcome == dev.status:
+            continue
+        new, cur = latest.outcome, dev.status
+        if not (cur in (SENT, TIMED_OUT)
+                or (new == ROLLED_BACK and cur in (INSTALLED, ROLLBACK_SENT, ROLLBACK_FAILED))):
+            continue
+        found.append(_mark(dev, new, latest.reason, _outcome_sentence(spec, dev, latest),
+                           message=latest.message))
+    return found
+
+
+def _timeout_rule(spec: RolloutSpec, st: RolloutState, inputs: _Inputs) -> list[Decision]:
+    found = []
+    limit = spec.wave_timeout_s
+    for dev in _sorted(st.devices.values()):
+        if dev.status == SENT and dev.sent_at is not None and inputs.now >= dev.sent_at + limit:
+            found.append(_mark(dev, TIMED_OUT, "timeout",
+                               f"{dev.device_id} sent no final status within {limit:g} s of the "
+                               "install: counted as failed"))
+        elif (dev.status == ROLLBACK_SENT and dev.updated_at is not None
+              and inputs.now >= dev.updated_at + limit):
+            found.append(_mark(dev, ROLLBACK_FAILED, "rollback_timeout",
+                               f"{dev.device_id} did not confirm the rollback within {limit:g} s: "
+                               "check the device (ota_slots)"))
+    return found
+
+
+def _membership_rule(spec: RolloutSpec, st: RolloutState, inputs: _Inputs) -> list[Decision]:
+    if st.state not in (RUNNING, PAUSED) or st.current_wave == 0:
+        return []
+    found = []
+    for dev in _sorted(st.devices.values()):
+        if dev.status not in (PENDING, WAITING_OFFLINE):
+            continue
+        view = inputs.views.get(dev.device_id)
+        if view is None:
+            found.append(_mark(dev, EXCLUDED, "left_fleet",
+                               f"{dev.device_id} is no longer registered: not sent"))
+        elif not spec.selector.matches(view):
+            found.append(_mark(dev, EXCLUDED, "left_selector",
+                               f"{dev.device_id} no longer matches the selector: not sent"))
+    wave = st.current_wave + 1
+    extra = (f", an extra wave after the {len(spec.waves)} planned"
+             if wave > len(spec.waves) else "")
+    joiners = [v for v in inputs.views.values()
+               if v.device_id not in st.devices and spec.selector.matches(v)]
+    for view in sorted(joiners, key=lambda v: assignment_key(spec.rollout_id, v.device_id)):
+        found.append(Decision(
+            ASSIGN, f"{view.device_id} joined the selector after the rollout started: assigned "
+            f"to wave {wave}{extra}", device_id=view.device_id, wave=wave,
+            device_class=view.device_class, detail={"late": True}))
+    return found
+
+
+def _paused_class_rule(spec: RolloutSpec, st: RolloutState, inputs: _Inputs) -> list[Decision]:
+    if st.state not in (RUNNING, PAUSED):
+        return []
+    found = []
+    for dev in _sorted(st.devices.values()):
+        gate = st.paused_classes.get(dev.device_class)
+        if gate is not None and dev.status in (PENDING, WAITING_OFFLINE):
+            found.append(_mark(dev, EXCLUDED, "class_paused",
+                               f"{dev.device_id} is not sent: class {dev.device_class} was "
+                               f"paused in wave {gate.wave} ({gate.gate} gate)"))
+    return found
+
+
+def _gate_rule(spec: RolloutSpec, st: RolloutState, inputs: _Inputs) -> list[Decision]:
+    if st.state not in (RUNNING, PAUSED) or st.current_wave == 0:
+        return []
+    wave = st.current_wave
+    found = []
+    classes = sorted({d.device_class for d in st.devices.values()} - set(st.paused_classes))
+    for cls in classes:
+        members = [d for d in st.devices.values() if d.device_class == cls]
+        installed = _sorted(d for d in members if d.wave == wave and d.status == INSTALLED)
+        smoke_failed = [d.device_id for d in members
+                        if d.status == REJECTED and d.code in spec.gates.smoke_reasons]
+        smoke = check_smoke(spec.gates, cls, smoke_failed)
+        if not smoke.passed:
+            found.append(_trip(cls, wave, smoke.gate, smoke.reason, [smoke], installed))
+            continue
+        if not installed or any(d.wave == wave and d.status in (PENDING, SENT) for d in members):
+            continue
+        known = st.gates.get(_gate_key(wave, cls))
+        if known is not None and known.passed and known.evaluated >= len(installed):
+            continue
+        ids = {d.device_id for d in installed}
+        profiled = latest_profiles(inputs.profiles, spec.model, spec.version, device_ids=ids)
+        waiting = [d for d in installed if d.device_id not in profiled and d.sent_at is not None
+                   and inputs.now < d.sent_at + spec.wave_timeout_s]
+        if waiting and spec.gates.min_profiles > 0:
+            continue
+        results = evaluate_class(spec.gates, cls, spec.model, spec.version,
+                                 spec.previous_version, ids, inputs.profiles)
+        tripped = [r for r in results if not r.passed]
+        if tripped:
+            found.append(_trip(cls, wave, tripped[0].gate, tripped[0].reason, results, installed))
+        else:
+            found.append(Decision(
+                GATE_PASSED, f"class {cls} passed the gates in wave {wave}: "
+                + "; ".join(r.reason for r in results), wave=wave, device_class=cls,
+                detail={"evaluated": len(installed),
+                        "results": [_result_dict(r) for r in [*results, smoke]]}))
+    return found
+
+
+def _rollback_rule(spec: RolloutSpec, st: RolloutState, inputs: _Inputs) -> list[Decision]:
+    found = []
+    for dev in _sorted(st.devices.values()):
+        if dev.status != INSTALLED:
+            continue
+        gate = st.paused_classes.get(dev.device_class)
+        if st.state == ROLLED_BACK:
+            why = "the rollout is rolled back"
+        elif gate is not None and gate.wave == dev.wave:
+            why = f"the {gate.gate} gate tripped for class {dev.device_class} in wave {gate.wave}"
+        else:
+            continue
+        view = inputs.views.get(dev.device_id)
+        if view is None or not view.online:
+            continue  # sent when it is back online
+        found.append(Decision(
+            SEND_ROLLBACK, f"roll {dev.device_id} back to its previous model: {why}",
+            device_id=dev.device_id, wave=dev.wave, device_class=dev.device_class,
+            detail={"command": "ota_rollback", "args": {"model": spec.model}}))
+    return found
+
+
+def _returning_rule(spec: RolloutSpec, st: RolloutState, inputs: _Inputs) -> list[Decision]:
+    if st.state != RUNNING or st.current_wave == 0:
+        return []
+    found = []
+    for dev in _sorted(st.devices.values()):
+        view = inputs.views.get(dev.device_id)
+        if dev.status != WAITING_OFFLINE or view is None or not view.online:
+            continue
+        was = (f" (it was offline when wave {dev.wave} started)"
+               if dev.wave != st.current_wave else "")
+        found.append(_send(spec, dev, st.current_wave,
+                           f"{dev.device_id} is back online: install sent with wave "
+                           f"{st.current_wave}{was}", from_wave=dev.wave))
+    return found
+
+
+def _start_rule(spec: RolloutSpec, st: RolloutState, inputs: _Inputs) -> list[Decision]:
+    if st.state != RUNNING or st.current_wave == 0:
+        return []
+    wave = st.current_wave
+    key = _order_key(spec)
+    pending = sorted((d for d in st.devices.values() if d.wave == wave and d.status == PENDING),
+                     key=key)
+    if not pending:
+        return []
+    spares = sorted((d for d in st.devices.values() if d.wave > wave and d.status == PENDING
+                     and _online(inputs, d.device_id)
+                     and d.device_class not in st.paused_classes),
+                    key=lambda d: (d.wave, key(d)))
+    found = []
+    for dev in pending:
+        if _online(inputs, dev.device_id):
+            found.append(_send(spec, dev, wave, f"install sent to {dev.device_id} (wave {wave})"))
+            continue
+        found.append(_mark(dev, WAITING_OFFLINE, "offline",
+                           f"{dev.device_id} is offline at the start of wave {wave}: not sent "
+                           "and not counted; it is sent the install when it is back online"))
+        if spec.replace_offline and spares:
+            spare = spares.pop(0)
+            found.append(_send(spec, spare, wave,
+                               f"install sent to {spare.device_id}, moved up from wave "
+                               f"{spare.wave} to wave {wave} in place of offline "
+                               f"{dev.device_id}", replaces=dev.device_id))
+    return found
+
+
+def _advance_rule(spec: RolloutSpec, st: RolloutState, inputs: _Inputs) -> list[Decision]:
+    if st.state != RUNNING:
+        return []
+    wave = st.current_wave
+    passed = "the rollout starts"
+    if wave > 0:
+        members = [d for d in st.devices.values()
+                   if d.wave == wave and d.device_class not in st.paused_classes]
+        if any(d.status == PENDING for d in members):
+            return []
+        counted = [d for d in members if d.status in SUCCEEDED_STATUSES | FAILED_STATUSES
+                   or d.status == SENT]
+        total = len(counted)
+        ok = sum(d.status in SUCCEEDED_STATUSES for d in counted)
+        bad = [d for d in counted if d.status in FAILED_STATUSES]
+        overridden = st.override_wave == wave
+        codes = dict(sorted(Counter(d.code for d in bad).items()))
+        detail = {"wave": wave, "counted": total, "succeeded": ok, "failed": len(bad),
+                  "failure_threshold": spec.failure_threshold,
+                  "success_threshold": spec.success_threshold, "codes": codes}
+        if total and not overridden and len(bad) / total > spec.failure_threshold:
+            listed = ", ".join(f"{c} x{n}" for c, n in codes.items())
+            return _on_failure(spec, wave, f"wave {wave}: {len(bad)} of {total} device(s) failed "
+                               f"({len(bad) / total:.0%}; {listed}), above the failure threshold "
+                               f"of {spec.failure_threshold:.0%}", detail)
+        if any(d.status == SENT for d in counted):
+            return []
+        for cls in sorted({d.device_class for d in members if d.status == INSTALLED}):
+            installed = sum(d.device_class == cls and d.status == INSTALLED for d in members)
+            known = st.gates.get(_gate_key(wave, cls))
+            if known is None or not known.passed or known.evaluated < installed:
+                return []  # the gates have not judged this class yet
+        if total == 0 and any(d.status == WAITING_OFFLINE for d in members):
+            return []  # nobody to judge yet: wait for an offline device to come back
+        if total and not overridden and ok / total < spec.success_threshold:
+            return _on_failure(spec, wave, f"wave {wave} ended with {ok} of {total} device(s) "
+                               f"updated ({ok / total:.0%}), below the success threshold of "
+                               f"{spec.success_threshold:.0%}", detail)
+        passed = (f"wave {wave} passed: {ok} of {total} device(s) updated" if total
+                  else f"wave {wave} has no device left to judge")
+    following = [d.wave for d in st.devices.values() if d.wave > wave]
+    if not following:
+        if wave == 0:
+            return [Decision(COMPLETE, f"no device matches the selector ({spec.selector}): "
+                             "nothing to do")]
+        counts = st.counts()
+        summary = ", ".join(f"{n} {status}" for status, n in counts.items())
+        excluded = "".join(f"; class {c} was excluded by the {g.gate} gate in wave {g.wave}"
+                           for c, g in sorted(st.paused_classes.items()))
+        return [Decision(COMPLETE, f"{passed}; every wave is done ({summary}){excluded}",
+                         wave=wave, detail={"counts": counts,
+                                            "excluded_classes": sorted(st.paused_classes)})]
+    nxt = min(following)
+    size = sum(d.wave == nxt and d.status == PENDING for d in st.devices.values())
+    left_out = sum(d.wave == nxt for d in st.devices.values()) - size
+    last = max(len(spec.waves), *following)
+    also = f" ({left_out} excluded)" if left_out else ""
+    return [Decision(START_WAVE, f"{passed}; starting wave {nxt} of {last} with {size} "
+                     f"device(s){also}", wave=nxt,
+                     detail={"devices": size, "excluded": left_out, "previous_wave": wave})]
+
+
+_Rule = Callable[[RolloutSpec, RolloutState, _Inputs], list[Decision]]
+# The order matters: observations first, then gates (so a class that trips is left out of the
+# wave's thresholds), rollbacks, sends, and last the wave's verdict.
+_RULES: tuple[_Rule, ...] = (_operator_rule, _plan_rule, _outcome_rule, _timeout_rule,
+                             _membership_rule, _paused_class_rule, _gate_rule, _rollback_rule,
+                             _returning_rule, _start_rule, _advance_rule)
+
+
+# -- applying --------------------------------------------------------------------------------
+
+
+def apply(state: RolloutState, decisions: Iterable[Decision], now: float) -> RolloutState:
+    """The state after the controller carried out ``decisions`` at ``now``: what it persists."""
+    devices = dict(state.devices)
+    paused_classes = dict(state.paused_classes)
+    gates = dict(state.gates)
+    s = replace(state)
+    for d in decisions:
+        if d.kind == ASSIGN:
+            devices[_need(d.device_id)] = DeviceProgress(
+                _need(d.device_id), _need(d.device_class), _need(d.wave), PENDING, d.reason,
+                "assigned", None, now)
+        elif d.kind in (SEND_INSTALL, SEND_ROLLBACK, MARK):
+            device_id = _need(d.device_id)
+            if device_id not in devices:
+                raise RolloutError(f"decision {d.kind} for {device_id}, which is not in the "
+                                   "rollout")
+            dev = devices[device_id]
+            if d.kind == SEND_INSTALL:
+                devices[device_id] = replace(dev, wave=_need(d.wave), status=SENT, reason=d.reason,
+                                             code="sent", sent_at=now, updated_at=now)
+            elif d.kind == SEND_ROLLBACK:
+                devices[device_id] = replace(dev, status=ROLLBACK_SENT, reason=d.reason,
+                                             code="rollback_sent", updated_at=now)
+            else:
+                devices[device_id] = replace(dev, status=d.detail["status"], reason=d.reason,
+                                             code=d.detail.get("code", ""), updated_at=now)
+        elif d.kind == START_WAVE:
+            s = replace(s, current_wave=_need(d.wave), reason=d.reason)
+        elif d.kind in (GATE_PASSED, GATE_TRIPPED):
+            verdict = ClassGate(_need(d.wave), _need(d.device_class), d.kind == GATE_PASSED,
+                                int(d.detail.get("evaluated", 0)), d.detail.get("gate", ""),
+                                d.reason)
+            gates[_gate_key(verdict.wave, verdict.device_class)] = verdict
+            if not verdict.passed:
+                paused_classes[verdict.device_class] = verdict
+        elif d.kind == PAUSE:
+            s = replace(s, state=PAUSED, paused_by=d.detail.get("by", "operator"), reason=d.reason)
+        elif d.kind == RESUME:
+            override = s.current_wave if s.paused_by == "threshold" else s.override_wave
+            s = replace(s, state=RUNNING, paused_by="", override_wave=override, reason=d.reason)
+        elif d.kind == ABORT:
+            s = replace(s, state=ABORTED, reason=d.reason)
+        elif d.kind == ROLLBACK:
+            s = replace(s, state=ROLLED_BACK, reason=d.reason)
+        elif d.kind == COMPLETE:
+            s = replace(s, state=COMPLETED, reason=d.reason)
+        elif d.kind != REFUSE:
+            raise RolloutError(f"unknown decision kind {d.kind!r}")
+        if d.detail.get("operator"):
+            s = replace(s, operator_requests=s.operator_requests[1:])
+    return replace(s, devices=devices, paused_classes=paused_classes, gates=gates)
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _mark(dev: DeviceProgress, status: str, code: str, reason: str,
+          message: str = "") -> Decision:
+    detail = {"status": status, "previous": dev.status, "code": code}
+    if message:
+        detail["message"] = message
+    return Decision(MARK, reason, device_id=dev.device_id, wave=dev.wave,
+                    device_class=dev.device_class, detail=detail)
+
+
+def _send(spec: RolloutSpec, dev: DeviceProgress, wave: int, reason: str,
+          **extra: Any) -> Decision:
+    return Decision(SEND_INSTALL, reason, device_id=dev.device_id, wave=wave,
+                    device_class=dev.device_class,
+                    detail={"command": "ota_install",
+                            "args": {"release_id": spec.release_id,
+                                     "chunk_size": spec.chunk_size},
+                            **extra})
+
+
+def _trip(cls: str, wave: int, gate: str, why: str, results: Sequence[GateResult],
+          installed: Sequence[DeviceProgress]) -> Decision:
+    ids = [d.device_id for d in installed]
+    return Decision(
+        GATE_TRIPPED, f"{gate} gate tripped for class {cls} in wave {wave}: {why}; rolling back "
+        f"its {len(ids)} installed device(s) of this wave and excluding the class from the rest "
+        "of the rollout", wave=wave, device_class=cls,
+        detail={"gate": gate, "evaluated": len(ids), "rollback": ids,
+                "results": [_result_dict(r) for r in results]})
+
+
+def _on_failure(spec: RolloutSpec, wave: int, why: str,
+                detail: Mapping[str, Any]) -> list[Decision]:
+    full = {**detail, "on_failure": spec.on_failure}
+    if spec.on_failure == "abort":
+        return [Decision(ABORT, f"{why}: rollout aborted", wave=wave, detail=full)]
+    if spec.on_failure == "rollback":
+        return [Decision(ROLLBACK, f"{why}: rolling back every device that installed the release",
+                         wave=wave, detail=full)]
+    return [Decision(PAUSE, f"{why}: rollout paused (resume to accept and continue, or abort)",
+                     wave=wave, detail={**full, "by": "threshold"})]
+
+
+def _outcome_sentence(spec: RolloutSpec, dev: DeviceProgress, outcome: OutcomeView) -> str:
+    late = "late answer: " if dev.status == TIMED_OUT else ""
+    what = f"{spec.model} v{spec.version}"
+    code = f" ({outcome.reason})" if outcome.reason else ""
+    text = {
+        INSTALLED: f"{dev.device_id} installed {what}",
+        NO_CHANGE: f"{dev.device_id} already had {what}{code}",
+        REJECTED: f"{dev.device_id} rejected {what}{code}",
+        FAILED: f"{dev.device_id} failed to install {what}{code}",
+        ROLLED_BACK: f"{dev.device_id} rolled back from {what}{code}",
+    }[outcome.outcome]
+    more = f": {outcome.message}" if outcome.message and outcome.outcome != INSTALLED else ""
+    return f"{late}{text}{more}"
+
+
+def _result_dict(result: GateResult) -> dict[str, Any]:
+    return {"gate": result.gate, "passed": result.passed, "reason": result.reason,
+            **dict(result.detail)}
+
+
+def _gate_key(wave: int, device_class: str) -> str:
+    return f"{wave}:{device_class}"
+
+
+def _order_key(spec: RolloutSpec) -> Callable[[DeviceProgress], str]:
+    return lambda d: assignment_key(spec.rollout_id, d.device_id)
+
+
+def _online(inputs: _Inputs, device_id: str) -> bool:
+    view = inputs.views.get(device_id)
+    return view is not None and view.online
+
+
+def _sorted(devices: Iterable[DeviceProgress]) -> list[DeviceProgress]:
+    return sorted(devices, key=lambda d: d.device_id)
+
+
+def _need(value: Optional[Any]) -> Any:
+    if value is None:
+        raise RolloutError("a decision is missing its device, wave or class")
+    return value
+

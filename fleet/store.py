@@ -1,0 +1,1382 @@
+"""The fleet store: devices, profiles, releases, OTA status and rollouts, in SQLite or PostgreSQL.
+
+``open_store("fleet.db")`` (or ``sqlite:///fleet.db``, ``sqlite:////abs/fleet.db``) opens a SQLite
+file in WAL mode; ``open_store("postgresql://user:pw@host/db")`` uses PostgreSQL through psycopg 3
+(the ``postgres`` extra, imported only then). Both run the same SQL and the same migrations
+(:mod:`fleetlite.fleet.migrations`); ``?`` placeholders are rewritten for psycopg.
+
+Threads: every operation borrows a connection from a small pool and runs in its own transaction,
+so one Store can serve a controller's threads.
+
+Several controllers on one PostgreSQL: device upserts are single conditional statements (a late,
+duplicated or out-of-order message changes nothing); a batch of rollout decisions is applied under
+a row lock (``SELECT ... FOR NO KEY UPDATE``; SQLite: ``BEGIN IMMEDIATE``) and only while the
+rollout's ``revision`` is the one the batch was computed from (:meth:`Store.apply_decisions`);
+:meth:`Store.claim` leases let one controller drive a rollout at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+import urllib.parse
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Protocol, Union
+
+from fleetlite.fleet.errors import (
+    MissingExtraError,
+    RecordNotFoundError,
+    SchemaVersionError,
+    StoreConstraintError,
+    StoreError,
+    StoreUnavailableError,
+)
+from fleetlite.fleet.migrations import MIGRATIONS, SCHEMA_MIGRATIONS_DDL, latest_version, render
+from fleetlite.sdk.messages import Birth, OtaStatus, Status, Telemetry, encode
+from fleetlite.sdk.profile import ProfileRecord
+
+if TYPE_CHECKING:
+    import psycopg
+
+__all__ = [
+    "DecisionEntry",
+    "DecisionLike",
+    "DecisionRow",
+    "DeviceModel",
+    "DeviceRecord",
+    "Lease",
+    "OtaRecord",
+    "ProfileRow",
+    "ProgressLike",
+    "ProgressRow",
+    "ProgressUpdate",
+    "ReleaseInfo",
+    "RolloutRecord",
+    "RolloutTransaction",
+    "Store",
+    "StoredRelease",
+    "open_store",
+]
+
+JsonText = Union[str, bytes, Mapping[str, Any]]
+"""JSON given as text, UTF-8 bytes or a JSON-ready mapping (stored as compact sorted JSON)."""
+
+log = logging.getLogger("fleetlite.fleet.store")
+
+_MIGRATION_LOCK_KEY = 0x666C746C69746501  # pg_advisory_xact_lock key: "fltlite" + 0x01
+_MAX_IDLE_CONNECTIONS = 4
+_Row = tuple[Any, ...]
+
+
+# -- records -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeviceModel:
+    """A model active on a device, from its birth message."""
+
+    name: str
+    version: Optional[int]
+    sha256: str
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    """What the fleet knows about one device, merged from its status, birth and telemetry.
+
+    ``session`` is the newest agent session seen in any of them (-1: none yet); ``online`` and
+    ``status_reason`` come from the newest applicable status; ``last_seen`` is the largest message
+    ``ts`` (the device's clock); ``telemetry`` is the latest report (by session, then seq).
+    """
+
+    device_id: str
+    device_class: str
+    tags: dict[str, str]
+    online: bool
+    status_reason: str
+    session: int
+    last_seen: float
+    agent_version: str
+    models: tuple[DeviceModel, ...]
+    facts: dict[str, Any]
+    telemetry: Optional[Telemetry]
+
+
+@dataclass(frozen=True)
+class ProfileRow:
+    """One stored profile: the columns reports filter and sort on, and the whole record."""
+
+    id: int
+    device_id: str
+    ts: float
+    model: str
+    version: Optional[int]
+    sha256: str
+    device_class: str
+    trigger: str
+    quantization: str
+    threads: int
+    mean_ms: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    init_ms: float
+    first_inference_ms: float
+    peak_rss_mb: float
+    record_json: str
+
+    def record(self) -> ProfileRecord:
+        """The full profile record, parsed and validated."""
+        return ProfileRecord.from_json(self.record_json.encode())
+
+
+@dataclass(frozen=True)
+class ReleaseInfo:
+    """A stored release without its bytes; ``files`` maps file names to sizes."""
+
+    release_id: str
+    name: str
+    version: int
+    created: float
+    manifest_json: str
+    files: dict[str, int]
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return _load_object(self.manifest_json)
+
+
+@dataclass(frozen=True)
+class StoredRelease:
+    """A stored release with its signed envelope and file contents."""
+
+    info: ReleaseInfo
+    envelope: bytes
+    files: dict[str, bytes]
+
+
+@dataclass(frozen=True)
+class OtaRecord:
+    """A stored OTA status and when the fleet first received it (the controller's clock)."""
+
+    status: OtaStatus
+    received_at: float
+
+
+@dataclass(frozen=True)
+class RolloutRecord:
+    """A rollout: its spec, its state document and the ``revision`` of that state.
+
+    ``revision`` grows by one with every change made through :meth:`Store.update_rollout_state`
+    or a :meth:`Store.rollout_lock` transaction that wrote something.
+    """
+
+    rollout_id: str
+    release_id: str
+    spec: dict[str, Any]
+    state: dict[str, Any]
+    revision: int
+    created: float
+    updated: float
+
+
+class ProgressLike(Protocol):
+    """One device's progress in a rollout, as :meth:`Store.apply_decisions` reads it
+    (``fleetlite.fleet.rollout.DeviceProgress`` fits)."""
+
+    @property
+    def device_id(self) -> str: ...
+    @property
+    def device_class(self) -> str: ...
+    @property
+    def wave(self) -> int: ...
+    @property
+    def status(self) -> str: ...
+    @property
+    def reason(self) -> str: ...
+    @property
+    def code(self) -> str: ...
+    @property
+    def sent_at(self) -> Optional[float]: ...
+
+
+@dataclass(frozen=True)
+class ProgressUpdate:
+    """A :class:`ProgressLike` for callers without the rollout engine.
+    ``sent_at=None`` keeps the stored time the install was sent."""
+
+    device_id: str
+    wave: int
+    status: str
+    reason: str = ""
+    code: str = ""
+    device_class: str = ""
+    sent_at: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class ProgressRow:
+    """One device's progress in a rollout, as stored."""
+
+    rollout_id: str
+    device_id: str
+    device_class: str
+    wave: int
+    status: str
+    reason: str
+    code: str
+    sent_at: Optional[float]
+    updated: float
+
+
+class DecisionLike(Protocol):
+    """A decision as :meth:`Store.apply_decisions` reads it
+    (``fleetlite.fleet.rollout.Decision`` fits)."""
+
+    @property
+    def kind(self) -> str: ...
+    @property
+    def reason(self) -> str: ...
+    @property
+    def device_id(self) -> Optional[str]: ...
+    @property
+    def wave(self) -> Optional[int]: ...
+    @property
+    def device_class(self) -> Optional[str]: ...
+    @property
+    def detail(self) -> Mapping[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class DecisionEntry:
+    """A :class:`DecisionLike` for callers without the rollout engine."""
+
+    kind: str
+    reason: str = ""
+    device_id: Optional[str] = None
+    wave: Optional[int] = None
+    device_class: Optional[str] = None
+    detail: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DecisionRow:
+    """A recorded decision; ``revision`` is the rollout revision it was decided from."""
+
+    id: int
+    rollout_id: str
+    revision: int
+    kind: str
+    reason: str
+    device_id: Optional[str]
+    wave: Optional[int]
+    device_class: Optional[str]
+    detail: dict[str, Any]
+    ts: float
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A named lease; times are Unix seconds by the database's clock."""
+
+    name: str
+    owner: str
+    acquired: float
+    expires: float
+    active: bool
+
+
+# -- connections -------------------------------------------------------------------------------
+
+
+class _Result(NamedTuple):
+    rows: list[_Row]
+    rowcount: int
+
+
+class _Db:
+    """One connection of either dialect, taking ``?`` placeholders; errors become StoreErrors."""
+
+    dialect = ""
+    broken = False
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> _Result:
+        raise NotImplementedError
+
+    def begin(self, write: bool) -> None:
+        raise NotImplementedError
+
+    def commit(self) -> None:
+        try:
+            self.execute("COMMIT")
+        except BaseException:
+            self.rollback()
+            raise
+
+    def rollback(self) -> None:
+        try:
+            self.execute("ROLLBACK")
+        except StoreError:
+            self.broken = True
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+def _params(params: Sequence[Any]) -> tuple[Any, ...]:
+    # Booleans are INTEGER 0/1 in both schemas; psycopg would send them as SQL booleans.
+    return tuple(int(p) if isinstance(p, bool) else p for p in params)
+
+
+class _SqliteDb(_Db):
+    dialect = "sqlite"
+
+    def __init__(self, path: Path, busy_timeout_s: float) -> None:
+        self.path = path
+        try:
+            self.raw = sqlite3.connect(str(path), timeout=busy_timeout_s, isolation_level=None,
+                                       check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise StoreUnavailableError(
+                f"cannot open the SQLite store {path}: {exc}; check that the directory exists "
+                "and is writable") from exc
+        try:
+            self.execute("PRAGMA foreign_keys = ON")
+            mode = str(self.execute("PRAGMA journal_mode = WAL").rows[0][0])
+            if mode != "wal":
+                log.warning("SQLite store %s runs in %s journal mode, not WAL (is it on a network "
+                            "file system?): readers will block writers", path, mode)
+            # In WAL mode NORMAL survives application crashes; a power cut may lose the last
+            # commits, which the devices' retained and spooled messages restore.
+            self.execute("PRAGMA synchronous = NORMAL")
+        except BaseException:
+            self.raw.close()
+            raise
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> _Result:
+        try:
+            cursor = self.raw.execute(sql, _params(params))
+            return _Result(cursor.fetchall(), cursor.rowcount)
+        except sqlite3.IntegrityError as exc:
+            raise StoreConstraintError(f"SQLite store {self.path}: {exc}") from exc
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                raise SchemaVersionError(
+                    f"SQLite store {self.path} is not migrated ({exc}): run Store.migrate() or "
+                    "open it with open_store(..., migrate=True)") from exc
+            raise StoreUnavailableError(
+                f"SQLite store {self.path}: {exc}; if it is locked, another process holds a "
+                "long write transaction: retry") from exc
+        except sqlite3.Error as exc:
+            raise StoreError(f"SQLite store {self.path}: {exc}") from exc
+
+    def begin(self, write: bool) -> None:
+        # IMMEDIATE takes the write lock up front: a deferred transaction that later writes
+        # fails at once with SQLITE_BUSY when another writer got in between.
+        self.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+class _PgDb(_Db):
+    dialect = "postgresql"
+
+    def __init__(self, url: str, display: str, connect_timeout_s: float) -> None:
+        psycopg_module = _import_psycopg()
+        self.display = display
+        options: dict[str, Any] = {"application_name": "fleetlite"}
+        try:
+            if "connect_timeout" not in psycopg_module.conninfo.conninfo_to_dict(url):
+                options["connect_timeout"] = max(1, round(connect_timeout_s))
+            self.raw: psycopg.Connection[tuple[Any, ...]] = psycopg_module.connect(
+                url, autocommit=True, **options)
+        except psycopg_module.Error as exc:
+            raise StoreUnavailableError(
+                f"cannot connect to the PostgreSQL store {display}: {exc}; check the URL and "
+                "that the server runs") from exc
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> _Result:
+        import psycopg
+        from psycopg import errors
+
+        try:
+            cursor = self.raw.execute(sql.replace("?", "%s"), _params(params))
+            rows = cursor.fetchall() if cursor.description is not None else []
+            return _Result(rows, cursor.rowcount)
+        except errors.UndefinedTable as exc:
+            raise SchemaVersionError(
+                f"PostgreSQL store {self.display} is not migrated ({exc}): run Store.migrate() "
+                "or open it with open_store(..., migrate=True)") from exc
+        except psycopg.IntegrityError as exc:
+            raise StoreConstraintError(f"PostgreSQL store {self.display}: {exc}") from exc
+        except psycopg.OperationalError as exc:
+            self.broken = self.broken or self.raw.broken
+            raise StoreUnavailableError(
+                f"PostgreSQL store {self.display}: {exc}; check that the server runs, "
+                "then retry") from exc
+        except psycopg.Error as exc:
+            self.broken = self.broken or self.raw.broken
+            raise StoreError(f"PostgreSQL store {self.display}: {exc}") from exc
+
+    def begin(self, write: bool) -> None:
+        # Reads see one snapshot (a device with its tags and models); writes stay READ COMMITTED
+        # and rely on ON CONFLICT and row locks.
+        self.execute("BEGIN" if write else "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+def _import_psycopg() -> Any:
+    try:
+        import psycopg
+    except ImportError as exc:
+        raise MissingExtraError(
+            "a postgresql:// store needs psycopg 3: pip install 'fleetlite[postgres]'") from exc
+    return psycopg
+
+
+# The database's clock, in Unix seconds, for leases: controllers' clocks need not agree.
+_NOW_SQL = {
+    "sqlite": "((julianday('now') - 2440587.5) * 86400.0)",
+    "postgresql": "CAST(EXTRACT(EPOCH FROM statement_timestamp()) AS DOUBLE PRECISION)",
+}
+
+
+# -- opening -----------------------------------------------------------------------------------
+
+
+def open_store(
+    url: Union[str, os.PathLike[str]],
+    *,
+    migrate: bool = True,
+    busy_timeout_s: float = 30.0,
+    connect_timeout_s: float = 10.0,
+) -> Store:
+    """Open (and by default migrate) the store at ``url``.
+
+    ``url``: a file path or ``sqlite:///relative/path`` / ``sqlite:////absolute/path`` (SQLite,
+    created if missing), or ``postgresql://user:password@host:port/database``. ``busy_timeout_s``
+    is how long SQLite waits for another writer. Raises :class:`StoreUnavailableError` when the
+    database cannot be opened, :class:`SchemaVersionError` when it was migrated by a newer
+    fleetlite.
+    """
+    text = os.fspath(url)
+    connect: Callable[[], _Db]
+    if text.startswith(("postgresql://", "postgres://")):
+        display = _redact(text)
+
+        def connect() -> _Db:
+            return _PgDb(text, display, connect_timeout_s)
+
+        dialect = "postgresql"
+    else:
+        path = _sqlite_path(text)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        display = str(path)
+
+        def connect() -> _Db:
+            return _SqliteDb(path, busy_timeout_s)
+
+        dialect = "sqlite"
+    store = Store(connect, dialect, display)
+    try:
+        if migrate:
+            store.migrate()
+        else:
+            with store._transaction(write=False):
+                pass
+    except BaseException:
+        store.close()
+        raise
+    return store
+
+
+def _sqlite_path(text: str) -> Path:
+    if text.startswith("sqlite:"):
+        if not text.startswith("sqlite:///"):
+            raise StoreError(f"cannot read the store URL {text!r}: write sqlite:///relative/path "
+                             "or sqlite:////absolute/path")
+        text = text[len("sqlite:///"):]
+    elif "://" in text:
+        scheme = text.split("://", 1)[0]
+        raise StoreError(f"unsupported store URL scheme {scheme!r}: use a file path, sqlite:///"
+                         "path or postgresql://user:password@host/database")
+    if text in ("", ":memory:") or text.startswith("file:"):
+        raise StoreError("the store must be a SQLite file (an in-memory database is not shared "
+                         "between connections): give a path, e.g. a temporary file")
+    return Path(text)
+
+
+def _redact(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+# -- the store ---------------------------------------------------------------------------------
+
+
+class Store:
+    """The fleet's database. Make one with :func:`open_store`; close it (or use ``with``)."""
+
+    def __init__(self, connect: Callable[[], _Db], dialect: str, display: str) -> None:
+        self._connect = connect
+        self.dialect = dialect
+        self.url = display
+        self._lock = threading.Lock()
+        self._idle: list[_Db] = []
+        self._closed = False
+        self._local = threading.local()
+
+    def __repr__(self) -> str:
+        return f"<Store {self.dialect} {self.url}>"
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close idle connections now, busy ones when their operation ends."""
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for db in idle:
+            db.close()
+
+    # -- connections and transactions --------------------------------------------------------
+
+    def _take(self) -> _Db:
+        with self._lock:
+            if self._closed:
+                raise StoreError(f"the store {self.url} is closed: open it again with open_store()")
+            if self._idle:
+                return self._idle.pop()
+        return self._connect()
+
+    def _give_back(self, db: _Db) -> None:
+        with self._lock:
+            keep = not self._closed and not db.broken and len(self._idle) < _MAX_IDLE_CONNECTIONS
+            if keep:
+                self._idle.append(db)
+        if not keep:
+            db.close()
+
+    @contextlib.contextmanager
+    def _transaction(self, write: bool) -> Iterator[_Db]:
+        """One transaction on a pooled connection; joins the thread's open one if any."""
+        joined: Optional[_Db] = getattr(self._local, "db", None)
+        if joined is not None:
+            yield joined
+            return
+        db = self._take()
+        self._local.db = db
+        try:
+            db.begin(write)
+            try:
+                yield db
+            except BaseException:
+                db.rollback()
+                raise
+            db.commit()
+        finally:
+            self._local.db = None
+            self._give_back(db)
+
+    # -- schema ------------------------------------------------------------------------------
+
+    def migrate(self, target: Optional[int] = None) -> list[int]:
+        """Apply the migrations this database lacks (up to ``target``), in one transaction.
+
+        Returns the versions applied now (empty when up to date). Safe when several controllers
+        start at once: PostgreSQL serialises them on an advisory lock, SQLite on its write lock.
+        Raises :class:`SchemaVersionError` if the database has versions this fleetlite does not
+        know (it was migrated by a newer one).
+        """
+        applied: list[int] = []
+        with self._transaction(write=True) as db:
+            if db.dialect == "postgresql":
+                db.execute("SELECT pg_advisory_xact_lock(?)", (_MIGRATION_LOCK_KEY,))
+            db.execute(SCHEMA_MIGRATIONS_DDL)
+            done = {int(row[0]) for row in db.execute("SELECT version FROM schema_migrations").rows}
+            unknown = done - {m.version for m in MIGRATIONS}
+            if unknown:
+                raise SchemaVersionError(
+                    f"the store {self.url} has schema version {max(unknown)}, newer than this "
+                    f"fleetlite knows ({latest_version()}): upgrade fleetlite")
+            for migration in MIGRATIONS:
+                if migration.version in done or (target is not None and migration.version > target):
+                    continue
+                for statement in render(migration, db.dialect):
+                    db.execute(statement)
+                db.execute("INSERT INTO schema_migrations (version, name, applied) "
+                           "VALUES (?, ?, ?)", (migration.version, migration.name, time.time()))
+                applied.append(migration.version)
+        return applied
+
+    def schema_version(self) -> int:
+        """The highest migration applied (0 for an empty database)."""
+        with self._transaction(write=False) as db:
+            if db.dialect == "postgresql":
+                exists = db.execute("SELECT to_regclass('schema_migrations') IS NOT NULL").rows
+            else:
+                exists = db.execute("SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' "
+                                    "AND name = 'schema_migrations'").rows
+            if not exists[0][0]:
+                return 0
+            row = db.execute("SELECT max(version) FROM schema_migrations").rows[0]
+            return int(row[0] or 0)
+
+    # -- devices -----------------------------------------------------------------------------
+
+    def upsert_status(self, status: Status) -> bool:
+        """Apply an online/offline status unless it is stale; True if it changed the device.
+
+        A status from an older session (a late Last Will) is ignored. Within the current
+        session an offline status always applies (the Will carries the time of the connect, not
+        of the loss) and an online one only if newer than the newest status seen.
+        """
+        with self._transaction(write=True) as db:
+            result = db.execute(
+                """INSERT INTO devices (device_id, online, status_session, status_ts,
+                                        status_reason, last_seen)
+                VALUES (?, ?, ?, ?, ?, ?)
+                ON CONFLICT (device_id) DO UPDATE SET
+                    online = excluded.online,
+                    status_session = excluded.status_session,
+                    status_ts = CASE WHEN excluded.status_session = devices.status_session
+                                          AND devices.status_ts > excluded.status_ts
+                                     THEN devices.status_ts ELSE excluded.status_ts END,
+                    status_reason = excluded.status_reason,
+                    last_seen = CASE WHEN devices.last_seen > excluded.last_seen
+                                     THEN devices.last_seen ELSE excluded.last_seen END
+                WHERE excluded.status_session > devices.status_session
+                   OR (excluded.status_session = devices.status_session
+                       AND (excluded.online = 0 OR excluded.status_ts > devices.status_ts))""",
+                (status.device_id, status.online, status.session, status.ts, status.reason,
+                 status.ts),
+            )
+            return result.rowcount > 0
+
+    def upsert_birth(self, birth: Birth) -> bool:
+        """Apply a birth (class, agent version, tags, facts, active models) unless an equal or
+        newer one (by session, then ts) is stored; True if applied."""
+        with self._transaction(write=True) as db:
+            result = db.execute(
+                """INSERT INTO devices (device_id, device_class, agent_version, facts_json,
+                                        birth_session, birth_ts, last_seen)
+                VALUES (?, ?, ?, ?, ?, ?, ?)
+                ON CONFLICT (device_id) DO UPDATE SET
+                    device_class = excluded.device_class,
+                    agent_version = excluded.agent_version,
+                    facts_json = excluded.facts_json,
+                    birth_session = excluded.birth_session,
+                    birth_ts = excluded.birth_ts,
+                    last_seen = CASE WHEN devices.last_seen > excluded.last_seen
+                                     THEN devices.last_seen ELSE excluded.last_seen END
+                WHERE excluded.birth_session > devices.birth_session
+                   OR (excluded.birth_session = devices.birth_session
+                       AND excluded.birth_ts > devices.birth_ts)""",
+                (birth.device_id, birth.device_class, birth.agent_version, _dump(birth.facts),
+                 birth.session, birth.ts, birth.ts),
+            )
+            if result.rowcount == 0:
+                return False
+            db.execute("DELETE FROM device_tags WHERE device_id = ?", (birth.device_id,))
+            for key, value in sorted(birth.tags.items()):
+                db.execute("INSERT INTO device_tags (device_id, tag_key, tag_value) "
+                           "VALUES (?, ?, ?)", (birth.device_id, key, value))
+            db.execute("DELETE FROM device_models WHERE device_id = ?", (birth.device_id,))
+            for model in _birth_models(birth.models):
+                db.execute("INSERT INTO device_models (device_id, name, version, sha256) "
+                           "VALUES (?, ?, ?, ?)",
+                           (birth.device_id, model.name, model.version, model.sha256))
+            return True
+
+    def record_telemetry(self, telemetry: Telemetry) -> bool:
+        """Keep the report if it is the device's latest (by session, then seq); True if kept."""
+        with self._transaction(write=True) as db:
+            result = db.execute(
+                """INSERT INTO devices (device_id, telemetry_json, telemetry_session,
+                                        telemetry_seq, last_seen)
+                VALUES (?, ?, ?, ?, ?)
+                ON CONFLICT (device_id) DO UPDATE SET
+                    telemetry_json = excluded.telemetry_json,
+                    telemetry_session = excluded.telemetry_session,
+                    telemetry_seq = excluded.telemetry_seq,
+                    last_seen = CASE WHEN devices.last_seen > excluded.last_seen
+                                     THEN devices.last_seen ELSE excluded.last_seen END
+                WHERE excluded.telemetry_session > devices.telemetry_session
+                   OR (excluded.telemetry_session = devices.telemetry_session
+                       AND excluded.telemetry_seq > devices.telemetry_seq)""",
+                (telemetry.device_id, telemetry.to_json().decode(), telemetry.session,
+                 telemetry.seq, telemetry.ts),
+            )
+            return result.rowcount > 0
+
+    def get_device(self, device_id: str) -> Optional[DeviceRecord]:
+        """One device, or None if the store has never heard of it."""
+        devices = self.list_devices(device_ids=[device_id])
+        return devices[0] if devices else None
+
+    def list_devices(
+        self,
+        *,
+        device_class: Union[str, Collection[str], None] = None,
+        tags: Optional[Mapping[str, Union[str, Collection[str]]]] = None,
+        online: Optional[bool] = None,
+        model: Optional[str] = None,
+        model_version: Optional[int] = None,
+        device_ids: Optional[Collection[str]] = None,
+    ) -> list[DeviceRecord]:
+        """Devices matching every given filter, by id.
+
+        ``device_class``: one class or a set; ``tags``: per key, the value or set of values
+        allowed (``{"site": "berlin", "line": {"1", "2"}}``); ``model``/``model_version``: an
+        active model of that name (and version).
+        """
+        where: list[str] = []
+        params: list[Any] = []
+        if device_class is not None:
+            _add_in(where, params, "device_class", device_class)
+        for key, values in (tags or {}).items():
+            params.append(key)
+            clause: list[str] = []
+            _add_in(clause, params, "t.tag_value", values)
+            where.append("EXISTS (SELECT 1 FROM device_tags t WHERE t.device_id = "
+                         f"devices.device_id AND t.tag_key = ? AND {clause[0]})")
+        if online is not None:
+            where.append("online = ?")
+            params.append(online)
+        if model is not None:
+            sub = "m.name = ?"
+            params.append(model)
+            if model_version is not None:
+                sub += " AND m.version = ?"
+                params.append(model_version)
+            where.append("EXISTS (SELECT 1 FROM device_models m WHERE m.device_id = "
+                         f"devices.device_id AND {sub})")
+        if device_ids is not None:
+            _add_in(where, params, "device_id", device_ids)
+        condition = " AND ".join(where) or "1 = 1"
+        with self._transaction(write=False) as db:
+            rows = db.execute(
+                "SELECT device_id, device_class, agent_version, facts_json, online, "
+                "status_reason, status_session, birth_session, telemetry_session, last_seen, "
+                f"telemetry_json FROM devices WHERE {condition} ORDER BY device_id", params).rows
+            selected = f"SELECT device_id FROM devices WHERE {condition}"
+            tag_rows = db.execute(
+                "SELECT device_id, tag_key, tag_value FROM device_tags "
+                f"WHERE device_id IN ({selected}) ORDER BY device_id, tag_key", params).rows
+            model_rows = db.execute(
+                "SELECT device_id, name, version, sha256 FROM device_models "
+                f"WHERE device_id IN ({selected}) ORDER BY device_id, name", params).rows
+        device_tags: dict[str, dict[str, str]] = {}
+        for device_id, key, value in tag_rows:
+            device_tags.setdefault(device_id, {})[key] = value
+        device_models: dict[str, list[DeviceModel]] = {}
+        for device_id, name, version, sha256 in model_rows:
+            device_models.setdefault(device_id, []).append(
+                DeviceModel(str(name), None if version is None else int(version), str(sha256)))
+        return [
+            DeviceRecord(
+                device_id=str(row[0]),
+                device_class=str(row[1]),
+                tags=device_tags.get(row[0], {}),
+                online=bool(row[4]),
+                status_reason=str(row[5]),
+                session=max(int(row[6]), int(row[7]), int(row[8])),
+                last_seen=float(row[9]),
+                agent_version=str(row[2]),
+                models=tuple(device_models.get(row[0], ())),
+                facts=_load_object(row[3]),
+                telemetry=None if row[10] is None else Telemetry.from_dict(_load_object(row[10])),
+            )
+            for row in rows
+        ]
+
+    # -- profiles ----------------------------------------------------------------------------
+
+    def add_profile(self, record: ProfileRecord, *, device_class: Optional[str] = None) -> bool:
+        """Store a profile; False if the same (device, ts, model sha256) is already stored.
+
+        The device class is ``device_class``, else the record's ``device.device_class`` fact,
+        else the stored device's class.
+        """
+        with self._transaction(write=True) as db:
+            if device_class is None:
+                fact = record.device.get("device_class")
+                if isinstance(fact, str) and fact:
+                    device_class = fact
+                else:
+                    rows = db.execute("SELECT device_class FROM devices WHERE device_id = ?",
+                                      (record.device_id,)).rows
+                    device_class = str(rows[0][0]) if rows else ""
+            steady = record.timings.steady
+            result = db.execute(
+                """INSERT INTO profiles (device_id, ts, model, model_version, model_sha256,
+                    device_class, trigger_kind, quantization, threads, mean_ms, p50_ms, p95_ms,
+                    p99_ms, init_ms, first_inference_ms, peak_rss_mb, record_json)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                ON CONFLICT (device_id, ts, model_sha256) DO NOTHING""",
+                (record.device_id, record.ts, record.model.name, record.model.version,
+                 record.model.sha256, device_class, record.trigger, record.model.quantization,
+                 record.run.threads, steady.mean_ms, steady.p50_ms, steady.p95_ms,
+                 steady.p99_ms, record.timings.init_ms, record.timings.first_inference_ms,
+                 record.memory.peak_rss_mb, record.to_json().decode()),
+            )
+            return result.rowcount > 0
+
+    def profiles(
+        self,
+        model: Optional[str] = None,
+        version: Optional[int] = None,
+        device_class: Optional[str] = None,
+        *,
+        device_id: Optional[str] = None,
+        sha256: Optional[str] = None,
+        since: Optional[float] = None,
+    ) -> list[ProfileRow]:
+        """Stored profiles matching every given filter, oldest first."""
+        where: list[str] = []
+        params: list[Any] = []
+        for column, value in (("model", model), ("model_version", version),
+                              ("device_class", device_class), ("device_id", device_id),
+                              ("model_sha256", sha256)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        if since is not None:
+            where.append("ts >= ?")
+            params.append(since)
+        condition = " AND ".join(where) or "1 = 1"
+        with self._transaction(write=False) as db:
+            rows = db.execute(
+                "SELECT id, device_id, ts, model, model_version, model_sha256, device_class, "
+                "trigger_kind, quantization, threads, mean_ms, p50_ms, p95_ms, p99_ms, init_ms, "
+                f"first_inference_ms, peak_rss_mb, record_json FROM profiles WHERE {condition} "
+                "ORDER BY ts, id", params).rows
+        return [
+            ProfileRow(
+                id=int(r[0]), device_id=str(r[1]), ts=float(r[2]), model=str(r[3]),
+                version=None if r[4] is None else int(r[4]), sha256=str(r[5]),
+                device_class=str(r[6]), trigger=str(r[7]), quantization=str(r[8]),
+                threads=int(r[9]), mean_ms=float(r[10]), p50_ms=float(r[11]),
+                p95_ms=float(r[12]), p99_ms=float(r[13]), init_ms=float(r[14]),
+                first_inference_ms=float(r[15]), peak_rss_mb=float(r[16]),
+                record_json=str(r[17]),
+            )
+            for r in rows
+        ]
+
+    # -- releases ----------------------------------------------------------------------------
+
+    def add_release(
+        self,
+        release_id: str,
+        name: str,
+        version: int,
+        envelope: bytes,
+        files: Mapping[str, bytes],
+        manifest_json: JsonText,
+        *,
+        created: Optional[float] = None,
+    ) -> bool:
+        """Store a signed release and its files; True if new.
+
+        The release id is the manifest's hash, so a stored id already has these files; storing
+        it again only replaces the envelope (e.g. one with more signatures) and returns False.
+        """
+        with self._transaction(write=True) as db:
+            result = db.execute(
+                """INSERT INTO releases (release_id, name, version, envelope, manifest_json,
+                                         created)
+                VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (release_id) DO NOTHING""",
+                (release_id, name, version, bytes(envelope), _json_text(manifest_json),
+                 time.time() if created is None else created),
+            )
+            if result.rowcount == 0:
+                db.execute("UPDATE releases SET envelope = ? WHERE release_id = ?",
+                           (bytes(envelope), release_id))
+                return False
+            for path, data in sorted(files.items()):
+                db.execute("INSERT INTO release_files (release_id, path, size, data) "
+                           "VALUES (?, ?, ?, ?)", (release_id, path, len(data), bytes(data)))
+            return True
+
+    def get_release(self, release_id: str) -> Optional[StoredRelease]:
+        """A release with its envelope and file contents, or None."""
+        with self._transaction(write=False) as db:
+            rows = db.execute(
+                "SELECT release_id, name, version, created, manifest_json, envelope "
+                "FROM releases WHERE release_id = ?", (release_id,)).rows
+            if not rows:
+                return None
+            files = db.execute("SELECT path, data FROM release_files WHERE release_id = ? "
+                               "ORDER BY path", (release_id,)).rows
+        row = rows[0]
+        contents = {str(path): bytes(data) for path, data in files}
+        info = ReleaseInfo(
+            release_id=str(row[0]), name=str(row[1]), version=int(row[2]), created=float(row[3]),
+            manifest_json=str(row[4]), files={p: len(d) for p, d in contents.items()},
+        )
+        return StoredRelease(info=info, envelope=bytes(row[5]), files=contents)
+
+    def list_releases(self, name: Optional[str] = None) -> list[ReleaseInfo]:
+        """Stored releases (without bytes), by name and version."""
+        condition, params = ("WHERE r.name = ?", [name]) if name is not None else ("", [])
+        with self._transaction(write=False) as db:
+            rows = db.execute(
+                "SELECT release_id, name, version, created, manifest_json FROM releases r "
+                f"{condition} ORDER BY name, version, release_id", params).rows
+            sizes = db.execute(
+                "SELECT f.release_id, f.path, f.size FROM release_files f JOIN releases r ON "
+                f"r.release_id = f.release_id {condition} ORDER BY f.path", params).rows
+        files: dict[str, dict[str, int]] = {}
+        for release_id, path, size in sizes:
+            files.setdefault(release_id, {})[str(path)] = int(size)
+        return [
+            ReleaseInfo(release_id=str(r[0]), name=str(r[1]), version=int(r[2]),
+                        created=float(r[3]), manifest_json=str(r[4]), files=files.get(r[0], {}))
+            for r in rows
+        ]
+
+    # -- OTA status --------------------------------------------------------------------------
+
+    def add_ota_status(self, status: OtaStatus, *, received_at: Optional[float] = None) -> bool:
+        """Record an OTA status message received at ``received_at`` (default: now); False for a
+        redelivered duplicate (QoS 1), which keeps the first receipt time."""
+        payload = status.to_json()
+        with self._transaction(write=True) as db:
+            result = db.execute(
+                """INSERT INTO ota_status (device_id, release_id, ts, model, version, phase,
+                    is_final, outcome, reason, message_json, received, digest)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (digest) DO NOTHING""",
+                (status.device_id, status.release_id, status.ts, status.model, status.version,
+                 status.phase, status.final, status.outcome, status.reason, payload.decode(),
+                 time.time() if received_at is None else received_at,
+                 hashlib.sha256(payload).hexdigest()),
+            )
+            return result.rowcount > 0
+
+    def latest_ota_status(self, device_id: str, release_id: str) -> Optional[OtaStatus]:
+        """The newest status of one device's install of a release (a final one wins a tie)."""
+        records = self.ota_records(device_id=device_id, release_id=release_id)
+        return records[-1].status if records else None
+
+    def latest_ota_statuses(self, release_id: str) -> dict[str, OtaStatus]:
+        """Per device, the newest status of its install of ``release_id``."""
+        return {d: r.status for d, r in self.latest_ota_records(release_id).items()}
+
+    def latest_ota_records(self, release_id: str) -> dict[str, OtaRecord]:
+        """Per device, the newest status of its install of ``release_id`` with its receipt
+        time."""
+        return {r.status.device_id: r for r in self.ota_records(release_id=release_id)}
+
+    def ota_history(self, *, device_id: Optional[str] = None,
+                    release_id: Optional[str] = None) -> list[OtaStatus]:
+        """OTA status messages, oldest first (by ts; at equal ts non-final before final)."""
+        return [r.status for r in self.ota_records(device_id=device_id, release_id=release_id)]
+
+    def ota_records(self, *, device_id: Optional[str] = None,
+                    release_id: Optional[str] = None) -> list[OtaRecord]:
+        """Like :meth:`ota_history`, with each message's receipt time."""
+        where: list[str] = []
+        params: list[Any] = []
+        for column, value in (("device_id", device_id), ("release_id", release_id)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        condition = " AND ".join(where) or "1 = 1"
+        with self._transaction(write=False) as db:
+            rows = db.execute(f"SELECT message_json, received FROM ota_status WHERE {condition} "
+                              "ORDER BY ts, is_final, id", params).rows
+        return [OtaRecord(OtaStatus.from_json(str(row[0]).encode()), float(row[1]))
+                for row in rows]
+
+    # -- rollouts ----------------------------------------------------------------------------
+
+    def create_rollout(
+        self,
+        rollout_id: str,
+        release_id: str,
+        spec: JsonText,
+        *,
+        state: Optional[JsonText] = None,
+        now: Optional[float] = None,
+    ) -> RolloutRecord:
+        """Create a rollout of a stored release at revision 0.
+
+        Raises :class:`RecordNotFoundError` if the release is not stored and
+        :class:`StoreConstraintError` if the rollout id is taken.
+        """
+        ts = time.time() if now is None else now
+        spec_text = _json_text(spec)
+        state_text = _json_text({} if state is None else state)
+        with self._transaction(write=True) as db:
+            if not db.execute("SELECT 1 FROM releases WHERE release_id = ?", (release_id,)).rows:
+                raise RecordNotFoundError(f"release {release_id!r} is not in the store "
+                                          f"{self.url}: add it with add_release() first")
+            result = db.execute(
+                """INSERT INTO rollouts (rollout_id, release_id, spec_json, state_json, revision,
+                                         created, updated)
+                VALUES (?, ?, ?, ?, 0, ?, ?) ON CONFLICT (rollout_id) DO NOTHING""",
+                (rollout_id, release_id, spec_text, state_text, ts, ts),
+            )
+            if result.rowcount == 0:
+                raise StoreConstraintError(f"a rollout {rollout_id!r} already exists: choose "
+                                           "another id, or resume that rollout")
+        return RolloutRecord(rollout_id, release_id, _load_object(spec_text),
+                             _load_object(state_text), 0, ts, ts)
+
+    def get_rollout(self, rollout_id: str) -> Optional[RolloutRecord]:
+        with self._transaction(write=False) as db:
+            rows = db.execute(f"{_SELECT_ROLLOUT} WHERE rollout_id = ?", (rollout_id,)).rows
+        return _rollout(rows[0]) if rows else None
+
+    def list_rollouts(self, release_id: Optional[str] = None) -> list[RolloutRecord]:
+        """Rollouts (of one release, if given), oldest first."""
+        condition, params = (("WHERE release_id = ?", [release_id]) if release_id is not None
+                             else ("", []))
+        with self._transaction(write=False) as db:
+            rows = db.execute(f"{_SELECT_ROLLOUT} {condition} ORDER BY created, rollout_id",
+                              params).rows
+        return [_rollout(row) for row in rows]
+
+    def update_rollout_state(self, rollout_id: str, expected_revision: int,
+                             new_state: JsonText, *, now: Optional[float] = None) -> bool:
+        """Replace the state if the revision is still ``expected_revision`` (then bump it).
+
+        False when another writer changed the rollout since it was read: re-read and decide
+        again. Raises :class:`RecordNotFoundError` for an unknown rollout.
+        """
+        with self._transaction(write=True) as db:
+            result = db.execute(
+                "UPDATE rollouts SET state_json = ?, revision = revision + 1, updated = ? "
+                "WHERE rollout_id = ? AND revision = ?",
+                (_json_text(new_state), time.time() if now is None else now, rollout_id,
+                 expected_revision))
+            if result.rowcount == 0:
+                self._require_rollout(db, rollout_id)
+            return result.rowcount > 0
+
+    @contextlib.contextmanager
+    def rollout_lock(self, rollout_id: str) -> Iterator[RolloutTransaction]:
+        """Lock one rollout for a read-decide-write step; everything done through the yielded
+        transaction commits together when the block ends, or not at all if it raises.
+
+        Other writers of the same rollout wait (PostgreSQL: its row is locked; SQLite: the whole
+        database, so keep the block short). If anything was written, ``revision`` grows by one
+        at commit. Raises :class:`RecordNotFoundError` for an unknown rollout.
+        """
+        if getattr(self._local, "db", None) is not None:
+            raise StoreError("rollout_lock() cannot run inside another store transaction of the "
+                             "same thread: finish that one first")
+        with self._transaction(write=True) as db:
+            lock = " FOR NO KEY UPDATE" if db.dialect == "postgresql" else ""
+            rows = db.execute(f"{_SELECT_ROLLOUT} WHERE rollout_id = ?{lock}", (rollout_id,)).rows
+            if not rows:
+                raise RecordNotFoundError(f"no rollout {rollout_id!r} in the store {self.url}: "
+                                          "list them with list_rollouts()")
+            txn = RolloutTransaction(db, _rollout(rows[0]))
+            yield txn
+            txn._finish()
+
+    def apply_decisions(
+        self,
+        rollout_id: str,
+        expected_revision: int,
+        decisions: Sequence[DecisionLike],
+        *,
+        progress: Sequence[ProgressLike] = (),
+        new_state: Optional[JsonText] = None,
+        now: Optional[float] = None,
+    ) -> bool:
+        """Apply one batch of decisions exactly once.
+
+        Under :meth:`rollout_lock`: if the rollout's revision is still ``expected_revision`` (the
+        revision the batch was computed from), record the decisions, the progress updates and
+        the new state, bump the revision and return True; otherwise change nothing and return
+        False (another controller applied a batch first: re-read and decide again). Every
+        decision is recorded with ts ``now`` (default: the current time).
+        """
+        with self.rollout_lock(rollout_id) as txn:
+            if txn.rollout.revision != expected_revision:
+                return False
+            for decision in decisions:
+                txn.add_decision(decision.kind, reason=decision.reason,
+                                 device_id=decision.device_id, wave=decision.wave,
+                                 device_class=decision.device_class, detail=decision.detail,
+                                 ts=now)
+            for update in progress:
+                txn.set_device_progress(update.device_id, wave=update.wave, status=update.status,
+                                        reason=update.reason, code=update.code,
+                                        device_class=update.device_class, sent_at=update.sent_at,
+                                        now=now)
+            if new_state is not None:
+                txn.set_state(new_state)
+            txn.touch(now)
+        return True
+
+    def set_device_progress(self, rollout_id: str, device_id: str, *, wave: int, status: str,
+                            reason: str = "", code: str = "", device_class: str = "",
+                            sent_at: Optional[float] = None, now: Optional[float] = None) -> None:
+        """Insert or update one device's progress (``sent_at=None`` keeps the stored one).
+
+        Does not change the rollout's revision; use :meth:`rollout_lock` or
+        :meth:`apply_decisions` when other controllers may decide on the same rollout.
+        """
+        with self._transaction(write=True) as db:
+            _set_progress(db, rollout_id, device_id, wave, status, reason, code, device_class,
+                          sent_at, now)
+
+    def device_progress(self, rollout_id: str, *,
+                        wave: Optional[int] = None) -> list[ProgressRow]:
+        """Per-device progress of a rollout, by wave and device id."""
+        condition = "rollout_id = ?"
+        params: list[Any] = [rollout_id]
+        if wave is not None:
+            condition += " AND wave = ?"
+            params.append(wave)
+        with self._transaction(write=False) as db:
+            rows = db.execute(
+                "SELECT rollout_id, device_id, device_class, wave, status, reason, code, sent_at, "
+                f"updated FROM rollout_devices WHERE {condition} ORDER BY wave, device_id",
+                params).rows
+        return [
+            ProgressRow(rollout_id=str(r[0]), device_id=str(r[1]), device_class=str(r[2]),
+                        wave=int(r[3]), status=str(r[4]), reason=str(r[5]), code=str(r[6]),
+                        sent_at=None if r[7] is None else float(r[7]), updated=float(r[8]))
+            for r in rows
+        ]
+
+    def add_decision(self, rollout_id: str, kind: str, device_id: Optional[str] = None,
+                     wave: Optional[int] = None, reason: str = "",
+                     detail: Optional[Mapping[str, Any]] = None, ts: Optional[float] = None,
+                     *, device_class: Optional[str] = None) -> None:
+        """Append one decision to a rollout's log, at the rollout's current revision.
+
+        Does not change the revision; see :meth:`apply_decisions` for controllers that share a
+        rollout.
+        """
+        with self._transaction(write=True) as db:
+            result = db.execute(
+                """INSERT INTO rollout_decisions (rollout_id, revision, kind, reason, device_id,
+                                                  wave, device_class, detail_json, ts)
+                SELECT rollout_id, revision, ?, ?, ?, ?, ?, ?, ? FROM rollouts
+                WHERE rollout_id = ?""",
+                (kind, reason, device_id, wave, device_class, _dump(detail or {}),
+                 time.time() if ts is None else ts, rollout_id))
+            if result.rowcount == 0:
+                self._require_rollout(db, rollout_id)
+
+    def decisions(self, rollout_id: str) -> list[DecisionRow]:
+        """A rollout's decision log, in the order recorded."""
+        with self._transaction(write=False) as db:
+            rows = db.execute(
+                "SELECT id, rollout_id, revision, kind, reason, device_id, wave, device_class, "
+                "detail_json, ts FROM rollout_decisions WHERE rollout_id = ? ORDER BY id",
+                (rollout_id,)).rows
+        return [
+            DecisionRow(id=int(r[0]), rollout_id=str(r[1]), revision=int(r[2]), kind=str(r[3]),
+                        reason=str(r[4]), device_id=None if r[5] is None else str(r[5]),
+                        wave=None if r[6] is None else int(r[6]),
+                        device_class=None if r[7] is None else str(r[7]),
+                        detail=_load_object(r[8]), ts=float(r[9]))
+            for r in rows
+        ]
+
+    def _require_rollout(self, db: _Db, rollout_id: str) -> None:
+        if not db.execute("SELECT 1 FROM rollouts WHERE rollout_id = ?", (rollout_id,)).rows:
+            raise RecordNotFoundError(f"no rollout {rollout_id!r} in the store {self.url}: "
+                                      "list them with list_rollouts()")
+
+    # -- leases ------------------------------------------------------------------------------
+
+    def claim(self, name: str, owner: str, ttl_s: float) -> bool:
+        """Take or renew the lease ``name`` for ``ttl_s`` seconds; False if another owner holds
+        it. Renew well within the ttl; a controller that stops renewing loses it on expiry.
+        Times are the database's clock (PostgreSQL: the server's), not the callers'."""
+        if not ttl_s > 0:
+            raise ValueError(f"ttl_s must be > 0, got {ttl_s}")
+        now = _NOW_SQL[self.dialect]
+        with self._transaction(write=True) as db:
+            result = db.execute(
+                f"""INSERT INTO leases (name, owner, acquired, expires)
+                VALUES (?, ?, {now}, {now} + ?)
+                ON CONFLICT (name) DO UPDATE SET
+                    owner = excluded.owner,
+                    expires = excluded.expires,
+                    acquired = CASE WHEN leases.owner = excluded.owner
+                                         AND leases.expires > excluded.acquired
+                                    THEN leases.acquired ELSE excluded.acquired END
+                WHERE leases.owner = excluded.owner OR leases.expires <= excluded.acquired""",
+                (name, owner, float(ttl_s)))
+            return result.rowcount > 0
+
+    def release_lease(self, name: str, owner: str) -> bool:
+        """Give up a lease held by ``owner``; False if it does not hold it."""
+        with self._transaction(write=True) as db:
+            result = db.execute("DELETE FROM leases WHERE name = ? AND owner = ?", (name, owner))
+            return result.rowcount > 0
+
+    def get_lease(self, name: str) -> Optional[Lease]:
+        """The lease ``name`` (possibly expired: see ``active``), or None."""
+        now = _NOW_SQL[self.dialect]
+        with self._transaction(write=False) as db:
+            rows = db.execute(f"SELECT name, owner, acquired, expires, expires > {now} "
+                              "FROM leases WHERE name = ?", (name,)).rows
+        if not rows:
+            return None
+        r = rows[0]
+        return Lease(str(r[0]), str(r[1]), float(r[2]), float(r[3]), bool(r[4]))
+
+
+class RolloutTransaction:
+    """The writes of one :meth:`Store.rollout_lock` block; ``rollout`` is the locked rollout
+    as it was when the lock was taken."""
+
+    def __init__(self, db: _Db, rollout: RolloutRecord) -> None:
+        self._db = db
+        self.rollout = rollout
+        self._new_state: Optional[str] = None
+        self._dirty = False
+        self._now: Optional[float] = None
+
+    def add_decision(self, kind: str, *, reason: str = "", device_id: Optional[str] = None,
+                     wave: Optional[int] = None, device_class: Optional[str] = None,
+                     detail: Optional[Mapping[str, Any]] = None,
+                     ts: Optional[float] = None) -> None:
+        """Append a decision, recorded at the revision the lock read."""
+        self._db.execute(
+            """INSERT INTO rollout_decisions (rollout_id, revision, kind, reason, device_id, wave,
+                                              device_class, detail_json, ts)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+            (self.rollout.rollout_id, self.rollout.revision, kind, reason, device_id, wave,
+             device_class, _dump(detail or {}), time.time() if ts is None else ts))
+        self._dirty = True
+
+    def set_device_progress(self, device_id: str, *, wave: int, status: str, reason: str = "",
+                            code: str = "", device_class: str = "",
+                            sent_at: Optional[float] = None, now: Optional[float] = None) -> None:
+        """Insert or update one device's progress (``sent_at=None`` keeps the stored one)."""
+        _set_progress(self._db, self.rollout.rollout_id, device_id, wave, status, reason, code,
+                      device_class, sent_at, now)
+        self._dirty = True
+
+    def set_state(self, new_state: JsonText) -> None:
+        """Replace the rollout's state document (written at commit)."""
+        self._new_state = _json_text(new_state)
+        self._dirty = True
+
+    def touch(self, now: Optional[float] = None) -> None:
+        """Mark the rollout changed, so its revision grows at commit even if nothing else was
+        written."""
+        self._dirty = True
+        self._now = now
+
+    def _finish(self) -> None:
+        if not self._dirty:
+            return
+        updated = time.time() if self._now is None else self._now
+        if self._new_state is None:
+            self._db.execute("UPDATE rollouts SET revision = revision + 1, updated = ? "
+                             "WHERE rollout_id = ?", (updated, self.rollout.rollout_id))
+        else:
+            self._db.execute("UPDATE rollouts SET state_json = ?, revision = revision + 1, "
+                             "updated = ? WHERE rollout_id = ?",
+                             (self._new_state, updated, self.rollout.rollout_id))
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+_SELECT_ROLLOUT = ("SELECT rollout_id, release_id, spec_json, state_json, revision, created, "
+                   "updated FROM rollouts")
+
+
+def _rollout(row: _Row) -> RolloutRecord:
+    return RolloutRecord(rollout_id=str(row[0]), release_id=str(row[1]),
+                         spec=_load_object(row[2]), state=_load_object(row[3]),
+                         revision=int(row[4]), created=float(row[5]), updated=float(row[6]))
+
+
+def _set_progress(db: _Db, rollout_id: str, device_id: str, wave: int, status: str,
+                  reason: str, code: str, device_class: str, sent_at: Optional[float],
+                  now: Optional[float]) -> None:
+    db.execute(
+        """INSERT INTO rollout_devices (rollout_id, device_id, device_class, wave, status,
+                                        reason, code, sent_at, updated)
+        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+        ON CONFLICT (rollout_id, device_id) DO UPDATE SET
+            device_class = excluded.device_class,
+            wave = excluded.wave,
+            status = excluded.status,
+            reason = excluded.reason,
+            code = excluded.code,
+            sent_at = COALESCE(excluded.sent_at, rollout_devices.sent_at),
+            updated = excluded.updated""",
+        (rollout_id, device_id, device_class, wave, status, reason, code, sent_at,
+         time.time() if now is None else now))
+
+
+def _add_in(where: list[str], params: list[Any], column: str,
+            values: Union[str, Collection[str]]) -> None:
+    """Append ``column = ?`` or ``column IN (?, ...)`` (an empty set matches nothing)."""
+    if isinstance(values, str):
+        where.append(f"{column} = ?")
+        params.append(values)
+        return
+    items = sorted(values)
+    if not items:
+        where.append("1 = 0")
+        return
+    where.append(f"{column} IN ({', '.join('?' * len(items))})")
+    params.extend(items)
+
+
+def _birth_models(models: Sequence[Any]) -> list[DeviceModel]:
+    out: dict[str, DeviceModel] = {}
+    for entry in models:
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            continue
+        version = entry.get("version")
+        sha256 = entry.get("sha256")
+        out[entry["name"]] = DeviceModel(
+            name=entry["name"],
+            version=version if isinstance(version, int) and not isinstance(version, bool) else None,
+            sha256=sha256 if isinstance(sha256, str) else "",
+        )
+    return list(out.values())
+
+
+def _dump(data: Mapping[str, Any]) -> str:
+    return encode(data).decode()
+
+
+def _json_text(value: JsonText) -> str:
+    """JSON text of a mapping, or given text/bytes checked to be a JSON object."""
+    if isinstance(value, Mapping):
+        return _dump(value)
+    text = value.decode() if isinstance(value, bytes) else value
+    _load_object(text)
+    return text
+
+
+def _load_object(text: Any) -> dict[str, Any]:
+    data = json.loads(str(text))
+    if not isinstance(data, dict):
+        raise StoreError(f"expected a JSON object, got {type(data).__name__}")
+    return data

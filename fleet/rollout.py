@@ -867,6 +867,12 @@ def _advance_rule(spec: RolloutSpec, st: RolloutState, inputs: _Inputs) -> list[
         summary = ", ".join(f"{n} {status}" for status, n in counts.items())
         excluded = "".join(f"; class {c} was excluded by the {g.gate} gate in wave {g.wave}"
                            for c, g in sorted(st.paused_classes.items()))
+        if st.paused_classes and not any(d.status in SUCCEEDED_STATUSES
+                                         for d in st.devices.values()):
+            # every class that got the release refused it: that is not a completed rollout
+            return [Decision(ABORT, f"no device took the release ({summary}){excluded}",
+                             wave=wave, detail={"counts": counts,
+                                                "excluded_classes": sorted(st.paused_classes)})]
         return [Decision(COMPLETE, f"{passed}; every wave is done ({summary}){excluded}",
                          wave=wave, detail={"counts": counts,
                                             "excluded_classes": sorted(st.paused_classes)})]

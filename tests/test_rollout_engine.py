@@ -576,7 +576,7 @@ def test_a_late_install_in_a_tripped_wave_is_rolled_back_too() -> None:
     # it is as slow to confirm the rollback: rollback_failed first, then confirmed late
     assert [d.detail["status"] for d in late] == ["timed_out", "installed", "rollback_failed",
                                                   "rolled_back"]
-    assert state.state == "completed" and state.counts() == {"rolled_back": 3}
+    assert state.state == "aborted" and state.counts() == {"rolled_back": 3}
 
 
 def test_latency_floor_ignores_sub_floor_noise() -> None:
@@ -673,11 +673,12 @@ def test_gates_wait_for_every_profile_of_the_wave() -> None:
     assert "3 device(s)" in passed[0].reason
 
 
-def test_every_class_excluded_is_said_at_completion() -> None:
+def test_every_class_excluded_aborts_and_says_why() -> None:
+    # when every class that got the release refused it, nothing was rolled out: aborted
     sim = FleetSim(make_spec(waves=parse_waves("all")), fleet(2, p95_ms=50.0))
     state = sim.run()
-    assert state.state == "completed"
-    assert "no device left to judge" in state.reason
+    assert state.state == "aborted"
+    assert "no device took the release" in state.reason
     assert "class rpi4 was excluded by the p95_latency gate in wave 1" in state.reason
 
 

@@ -211,8 +211,15 @@ class OtaManager:
 
     def cmd_rollback(self, args: Mapping[str, Any]) -> dict[str, Any]:
         name = arg(args, "model", str, required=True)
+        from_version = arg(args, "from_version", int)
         with self._busy:
             ms = self.state.models.get(name)
+            active_version = (ms.slots[ms.active].version
+                              if ms is not None and ms.active is not None else None)
+            if from_version is not None and active_version != from_version:
+                # already rolled back (e.g. a redelivered command): do not roll back further
+                return {"rolled_back": None, "active_version": active_version,
+                        "note": f"{name} is not at version {from_version}; nothing to do"}
             if ms is None or ms.active is None:
                 raise AgentError(f"model {name!r} has no installed release to roll back from")
             if ms.previous is None and name not in self.seeds:

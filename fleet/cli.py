@@ -1,4 +1,5 @@
-"""``fleetlite``: the operator's command (demo, releases, rollouts, devices, profiles)."""
+"""``fleetlite``: the operator's command (demo, keys, releases, controller, devices, rollouts,
+profiles, report)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from fleetlite.fleet import cli_keys, cli_release
+from fleetlite.fleet import cli_fleet, cli_keys, cli_release
 from fleetlite.sdk.errors import FleetLiteError
 from fleetlite.sdk.version import __version__
 
 EXAMPLES = """\
 examples:
-  fleetlite demo                 build the project's models, check them and show what they do
-  fleetlite demo --out DIR       keep the built models in DIR
+  fleetlite demo                 the whole product on this machine in about a minute
+  fleetlite demo --keep          ... and leave it running to explore with the commands below
   fleetlite keys create --role release --out ~/.fleetlite/keys
                                  create a signing key (see `fleetlite keys --help`)
   fleetlite release build model.tflite --name intent --version 2 \\
@@ -21,8 +22,25 @@ examples:
                                  build and sign a release (see `fleetlite release --help`)
   fleetlite release verify intent-v2 --root root.json
                                  check a release as a device would
+  fleetlite serve                run the fleet controller (store + MQTT broker)
+  fleetlite devices list         the devices that reported to the controller
+  fleetlite release push intent-v2
+                                 store a signed release for rollouts
+  fleetlite rollout create 3f9a1c2d --waves 1,10%,100% --max-p95-regression 0.2
+  fleetlite rollout watch intent-v2-8c1f0a
+                                 roll it out in waves and follow it live
+  fleetlite profiles compare intent 1 2
+                                 latency and memory of two versions per device class
+  fleetlite report --html fleet.html
 
-exit codes: 0 ok, 1 the command failed (the message says why), 2 usage error
+fleet options (before or after the command):
+  --db URL            the fleet store, sqlite:///PATH or postgresql://USER:PW@HOST/DB
+                      (env FLEETLITE_DB; default sqlite:///fleetlite.db in the current directory)
+  --broker HOST:PORT  the MQTT broker (env FLEETLITE_BROKER; default localhost:1883)
+  -o table|json|yaml  on every command that prints a result
+
+exit codes: 0 ok, 1 the command failed (the message says why), 2 usage error,
+            3 a rollout ended without completing (rollout watch / wait)
 """
 
 
@@ -35,17 +53,24 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"fleetlite {__version__}")
+    cli_fleet.add_global_options(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = sub.add_parser(
         "demo",
-        help="run the demo (builds models, checks and runs them in the real interpreter)",
-        description="Build the project-made models, check each in an isolated interpreter "
-        "process, run sample commands through the text intent classifier and show the device "
-        "classes' budgets.",
+        help="run the demo: a signed model rollout to running agents, with profiles shown",
+        description="Start a broker (Mosquitto if installed, else an embedded one), keys, four "
+        "agent processes of three device classes and a controller; build, sign and roll out a "
+        "new release of the text intent model in waves; show the measured profiles; ask an "
+        "agent sample commands; roll out a broken release the devices reject; write the HTML "
+        "report. About a minute; everything stops at the end unless --keep.",
     )
-    demo.add_argument("--out", help="directory for the built models (default: a temp dir)")
+    demo.add_argument("--out", metavar="DIR",
+                      help="work directory (default: a new temp dir; it keeps the report)")
+    demo.add_argument("--keep", action="store_true",
+                      help="leave broker, agents and controller running to explore with the CLI")
     cli_keys.add_parser(sub)
-    cli_release.add_parser(sub)
+    release = cli_release.add_parser(sub)
+    cli_fleet.add_parsers(sub, release)
     return parser
 
 
@@ -53,10 +78,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if cli_fleet.is_fleet_verb(args):
+            return cli_fleet.run(args)
         if args.command == "demo":
             from fleetlite.tools.demo import run_demo
 
-            return run_demo(out=args.out)
+            return run_demo(out=args.out, keep=args.keep)
         if args.command == "keys":
             return cli_keys.run(args)
         if args.command == "release":
@@ -71,6 +98,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    except KeyboardInterrupt:
+        print("fleetlite: interrupted", file=sys.stderr)
+        return 130
     parser.print_help()
     return 2
 

@@ -1,11 +1,30 @@
 """The fleet controller: ingest device reports into the store, serve releases, drive rollouts.
 
-``fleetlite serve --db URL --broker HOST:PORT`` runs one :class:`Controller`. It is a thin
-adapter: device messages go into the store; every tick, for each unfinished rollout whose lease
-it holds, it reads spec, state, devices, outcomes and profiles from the store, asks the pure
-engine (:func:`fleetlite.fleet.rollout.decide`) what to do, records the decisions and the new
-state atomically (only if the rollout's revision did not move meanwhile, so two controllers never
-apply a step twice), and then sends the commands the decisions name.
+``fleetlite serve --db URL --broker HOST:PORT`` (or ``python -m fleetlite.fleet.controller``)
+runs one :class:`Controller`. It is a thin adapter: device messages go into the store; every
+tick, for each rollout whose lease it holds, it reads spec, state, devices, outcomes and profiles
+from the store, asks the pure engine (:func:`fleetlite.fleet.rollout.decide`) what to do, records
+the decisions and the new state atomically (only if the rollout's revision did not move
+meanwhile, so two controllers never apply a step twice), and then sends the commands the
+decisions name.
+
+Restarts and crashes:
+
+- A controller started with an explicit id (``--id``) keeps a persistent MQTT session: while it
+  is down the broker queues the devices' QoS 1 reports for it (OTA statuses, profiles), and the
+  restarted controller with the same id ingests them, so no outcome is lost. Give every running
+  controller its own stable id.
+- Commands are sent after the store committed the decisions, so a crash can lose a command but
+  never send one twice. A device that is still ``sent`` and has said nothing about the release
+  for ``resend_after_s`` (since the send or its last OTA status) is sent the install once more
+  per controller process (not a new decision): a lost command is replaced; a device still
+  installing answers ``already_running``; one that finished while its final status was lost
+  (a controller without a persistent session was down) answers with a final ``no_change``.
+  Rollbacks are never re-sent (they name the version they leave, ``from_version``, so a
+  redelivered one is a no-op on the device, but a re-send is not needed).
+- The release of a rollout is served (retained manifest, chunk re-sends) by whichever
+  controller drives it, from its first tick on; a finished rollout is still driven while installs
+  or rollbacks it sent are unanswered, so their outcomes are recorded.
 
 Several controllers may share one PostgreSQL store and one broker: ingest is split with an MQTT
 shared subscription (``--group``) and each rollout is driven by whichever controller holds its
@@ -14,16 +33,23 @@ lease; a controller that dies loses its leases after ``lease_ttl_s`` and another
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
+import os
+import signal
+import sys
 import threading
 import time
 import uuid
-from typing import Any
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from typing import Any, Optional
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from fleetlite.fleet.errors import StoreUnavailableError
 from fleetlite.fleet.gates import ProfileView
 from fleetlite.fleet.ota_publisher import ReleasePublisher
 from fleetlite.fleet.rollout import (
@@ -36,7 +62,7 @@ from fleetlite.fleet.rollout import (
     apply,
     decide,
 )
-from fleetlite.fleet.store import Store
+from fleetlite.fleet.store import OtaRecord, Store, open_store
 from fleetlite.sdk import topics
 from fleetlite.sdk.bundle import ReleaseBundle
 from fleetlite.sdk.envelope import Envelope
@@ -44,38 +70,61 @@ from fleetlite.sdk.manifest import parse_manifest
 from fleetlite.sdk.messages import Birth, MessageError, OtaStatus, Status, Telemetry
 from fleetlite.sdk.profile import ProfileRecord
 
+__all__ = ["INGEST_KINDS", "Controller", "main"]
+
 log = logging.getLogger("fleetlite.fleet.controller")
 
 INGEST_KINDS = (topics.STATUS, topics.BIRTH, topics.TELEMETRY, topics.PROFILE,
                 topics.OTA_STATUS, topics.COMMAND_RESPONSE)
 
+# Device statuses of a rollout that still wait for an answer from the device.
+_SENT = "sent"
+_ROLLBACK_SENT = "rollback_sent"
+_TIMED_OUT = "timed_out"
+_STORE_RETRIES = 3
+
 
 class Controller:
-    """One controller process: ingest, release serving and the rollout loop."""
+    """One controller: ingest, release serving and the rollout loop.
 
-    def __init__(self, store: Store, host: str, port: int, *, group: str | None = None,
-                 controller_id: str | None = None, tick_s: float = 0.5,
-                 lease_ttl_s: float = 10.0) -> None:
+    ``controller_id``: the MQTT client id and lease owner; an explicit one also makes the MQTT
+    session persistent (``persistent_session`` overrides), so reports that arrive while the
+    controller is down are delivered when it comes back with the same id.
+    """
+
+    def __init__(self, store: Store, host: str, port: int, *, group: Optional[str] = None,
+                 controller_id: Optional[str] = None, tick_s: float = 0.5,
+                 lease_ttl_s: float = 10.0, persistent_session: Optional[bool] = None,
+                 resend_after_s: float = 15.0) -> None:
         self.store = store
         self.host, self.port = host, port
         self.group = group
         self.id = controller_id or f"ctl-{uuid.uuid4().hex[:8]}"
+        self.persistent = (controller_id is not None if persistent_session is None
+                           else persistent_session)
         self.tick_s = tick_s
         self.lease_ttl_s = lease_ttl_s
+        self.resend_after_s = resend_after_s
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._thread: Optional[threading.Thread] = None
         self._serving: set[str] = set()
+        self._held: set[str] = set()
+        self._resent: set[tuple[str, str]] = set()
         self.counters = {"ingested": 0, "malformed": 0, "decisions": 0, "commands_sent": 0,
-                         "stale_batches": 0}
+                         "commands_resent": 0, "stale_batches": 0}
+        self.ingested_by_kind: Counter[str] = Counter()
+        self.connected = threading.Event()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.id,
-                                  clean_session=True)
+                                  clean_session=not self.persistent)
         self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self.publisher = ReleasePublisher(host, port, client_id=f"{self.id}-pub")
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> Controller:
+        """Migrate the store, connect, start serving and the rollout loop."""
         self.store.migrate()
         self.client.connect_async(self.host, self.port, keepalive=30)
         self.client.loop_start()
@@ -86,11 +135,16 @@ class Controller:
         return self
 
     def stop(self) -> None:
+        """Stop the loop, give up the leases held and disconnect."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(10)
-        for record in self.store.list_rollouts():
-            self.store.release_lease(f"rollout:{record.rollout_id}", self.id)
+        for rollout_id in sorted(self._held):
+            try:
+                self.store.release_lease(f"rollout:{rollout_id}", self.id)
+            except Exception:  # the lease expires by itself
+                log.exception("could not release the lease of rollout %s", rollout_id)
+        self._held.clear()
         self.client.disconnect()
         self.client.loop_stop()
         self.publisher.close()
@@ -99,23 +153,48 @@ class Controller:
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
                     properties: Any) -> None:
+        if reason.is_failure:
+            log.warning("broker refused the connection: %s", reason)
+            return
         for kind in INGEST_KINDS:
             client.subscribe(topics.fleet_subscription(kind, self.group), qos=1)
         if self.group:
             # shared subscriptions get no retained messages: take the status snapshot plainly
             for kind in (topics.STATUS, topics.BIRTH):
                 client.subscribe(topics.fleet_subscription(kind), qos=1)
+        self.connected.set()
+        log.info("controller %s connected to %s:%d (%s session)", self.id, self.host, self.port,
+                 "persistent" if self.persistent else "clean")
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
+                       properties: Any) -> None:
+        self.connected.clear()
+        if not self._stop.is_set():
+            log.warning("controller %s lost the broker (%s); reconnecting", self.id, reason)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: Any) -> None:
         try:
             parsed = topics.parse_device_topic(message.topic)
-            self._ingest(parsed.device_id, parsed.kind, bytes(message.payload))
+            self._ingest_retrying(parsed.device_id, parsed.kind, bytes(message.payload))
             self.counters["ingested"] += 1
+            self.ingested_by_kind[parsed.kind] += 1
         except (MessageError, topics.TopicError, ValueError) as exc:
             self.counters["malformed"] += 1
             log.warning("ignored a malformed message on %s: %s", message.topic, exc)
-        except Exception:  # the store may be briefly unavailable; never kill the network thread
+        except Exception:  # never kill the network thread
             log.exception("could not store a message from %s", message.topic)
+
+    def _ingest_retrying(self, device_id: str, kind: str, payload: bytes) -> None:
+        # The network thread acknowledges the message when this returns: ride out a short
+        # store outage (a PostgreSQL failover) instead of dropping the report.
+        for attempt in range(_STORE_RETRIES):
+            try:
+                self._ingest(device_id, kind, payload)
+                return
+            except StoreUnavailableError:
+                if attempt == _STORE_RETRIES - 1 or self._stop.is_set():
+                    raise
+                time.sleep(0.5 * (attempt + 1))
 
     def _ingest(self, device_id: str, kind: str, payload: bytes) -> None:
         if not payload:
@@ -147,13 +226,29 @@ class Controller:
                 log.exception("rollout tick failed; retrying next tick")
 
     def tick(self, now: float) -> None:
+        """Drive every rollout that needs it and whose lease this controller gets."""
         for record in self.store.list_rollouts():
-            state = RolloutState.from_dict(record.state) if record.state else RolloutState()
-            if state.finished:
+            try:
+                spec = RolloutSpec.from_dict(record.spec)
+                state = RolloutState.from_dict(record.state) if record.state else RolloutState()
+            except Exception:
+                log.exception("rollout %s cannot be read; skipped", record.rollout_id)
                 continue
-            if not self.store.claim(f"rollout:{record.rollout_id}", self.id, self.lease_ttl_s):
+            if (state.finished and not state.operator_requests
+                    and not _awaiting_devices(state, spec, now)):
                 continue
-            self.drive(record.rollout_id, now)
+            lease = f"rollout:{record.rollout_id}"
+            if not self.store.claim(lease, self.id, self.lease_ttl_s):
+                self._held.discard(record.rollout_id)
+                continue
+            if record.rollout_id not in self._held:
+                self._held.add(record.rollout_id)
+                log.info("controller %s drives rollout %s (revision %d)", self.id,
+                         record.rollout_id, record.revision)
+            try:
+                self.drive(record.rollout_id, now)
+            except Exception:
+                log.exception("rollout %s: step failed; retrying next tick", record.rollout_id)
 
     def _serve_release(self, release_id: str, chunk_size: int) -> None:
         if release_id in self._serving:
@@ -167,6 +262,7 @@ class Controller:
         bundle = ReleaseBundle(envelope, manifest, stored.files)
         self.publisher.serve(bundle, chunk_size, initial_pass=False, wait=False)
         self._serving.add(release_id)
+        log.info("serving release %s (%s v%d)", release_id[:12], manifest.name, manifest.version)
 
     def drive(self, rollout_id: str, now: float) -> int:
         """One read-decide-write-send step; returns the number of decisions applied."""
@@ -179,37 +275,173 @@ class Controller:
         devices = [DeviceView(d.device_id, d.device_class, d.tags, d.online)
                    for d in self.store.list_devices()]
         classes = {d.device_id: d.device_class for d in devices}
+        records = self.store.ota_records(release_id=spec.release_id)
         # outcome times on the controller's clock: the engine compares them with send times
         outcomes = [OutcomeView.from_status(r.status, r.received_at)
-                    for r in self.store.latest_ota_records(spec.release_id).values()
-                    if r.status.final]
+                    for r in records if r.status.final]
         profiles = [ProfileView.from_record(row.record(), row.device_class or
                                             classes.get(row.device_id, ""))
                     for row in self.store.profiles(model=spec.model)]
         decisions = decide(spec, state, devices, profiles, now, outcomes=outcomes)
-        if not decisions:
-            return 0
-        new_state = apply(state, decisions, now)
-        changed = [dev for device_id, dev in new_state.devices.items()
-                   if state.devices.get(device_id) != dev]
-        if not self.store.apply_decisions(rollout_id, record.revision, decisions,
-                                          progress=changed, new_state=new_state.to_dict(),
-                                          now=now):
-            self.counters["stale_batches"] += 1
-            return 0  # another controller moved it first; decide again next tick
-        self.counters["decisions"] += len(decisions)
-        for decision in decisions:
-            if decision.kind == SEND_INSTALL and decision.device_id:
-                self.command(decision.device_id, "ota_install",
-                             {"release_id": spec.release_id, "chunk_size": spec.chunk_size})
-            elif decision.kind == SEND_ROLLBACK and decision.device_id:
-                self.command(decision.device_id, "ota_rollback", {"model": spec.model})
+        if decisions:
+            new_state = apply(state, decisions, now)
+            changed = [dev for device_id, dev in new_state.devices.items()
+                       if state.devices.get(device_id) != dev]
+            if not self.store.apply_decisions(rollout_id, record.revision, decisions,
+                                              progress=changed,
+                                              new_state=new_state.to_dict(), now=now):
+                self.counters["stale_batches"] += 1
+                return 0  # another controller moved it first; decide again next tick
+            self.counters["decisions"] += len(decisions)
+            for decision in decisions:
+                target = decision.device_id or decision.device_class
+                log.info("rollout %s: %s%s: %s", rollout_id, decision.kind,
+                         f" {target}" if target else "", decision.reason)
+                if decision.kind == SEND_INSTALL and decision.device_id:
+                    self.command(decision.device_id, "ota_install",
+                                 {"release_id": spec.release_id,
+                                  "chunk_size": spec.chunk_size})
+                elif decision.kind == SEND_ROLLBACK and decision.device_id:
+                    # from_version makes a redelivered rollback a no-op on the device
+                    self.command(decision.device_id, "ota_rollback",
+                                 {"model": spec.model, "from_version": spec.version})
+            state = new_state
+        self._resend_unanswered(rollout_id, spec, state, devices, records, now)
         return len(decisions)
 
+    def _resend_unanswered(self, rollout_id: str, spec: RolloutSpec, state: RolloutState,
+                           devices: Sequence[DeviceView], records: Iterable[OtaRecord],
+                           now: float) -> None:
+        """Send the install again, once, to online ``sent`` devices that said nothing about the
+        release for ``resend_after_s`` since the send or their last OTA status: the command may
+        have been lost (a crash between the store's commit and the publish, a device offline at
+        that moment), or the device's final status (a controller down without a persistent
+        session)."""
+        heard: dict[str, float] = {}
+        for r in records:
+            heard[r.status.device_id] = max(heard.get(r.status.device_id, 0.0), r.received_at)
+        online = {d.device_id for d in devices if d.online}
+        for dev in state.devices.values():
+            key = (rollout_id, dev.device_id)
+            if (dev.status != _SENT or dev.sent_at is None or key in self._resent
+                    or dev.device_id not in online):
+                continue
+            quiet_since = max(dev.sent_at, heard.get(dev.device_id, 0.0))
+            if now < quiet_since + self.resend_after_s:
+                continue
+            self._resent.add(key)
+            self.counters["commands_resent"] += 1
+            log.warning("rollout %s: %s has said nothing about the install for %.0f s (sent "
+                        "%.0f s ago); sending it again", rollout_id, dev.device_id,
+                        now - quiet_since, now - dev.sent_at)
+            self.command(dev.device_id, "ota_install",
+                         {"release_id": spec.release_id, "chunk_size": spec.chunk_size})
+
     def command(self, device_id: str, name: str, args: dict[str, Any]) -> str:
+        """Publish one command to a device (QoS 1); returns its id."""
         command_id = uuid.uuid4().hex[:16]
         payload = json.dumps({"schema": "fleetlite.command/1", "id": command_id,
                               "command": name, "args": args}, sort_keys=True).encode()
         self.client.publish(topics.device_topic(device_id, topics.COMMAND), payload, qos=1)
         self.counters["commands_sent"] += 1
         return command_id
+
+
+def _awaiting_devices(state: RolloutState, spec: RolloutSpec, now: float) -> bool:
+    """A finished rollout still has answers to record: installs or rollbacks in flight, or a
+    timed-out device that may still answer within another ``wave_timeout_s``."""
+    for dev in state.devices.values():
+        if dev.status in (_SENT, _ROLLBACK_SENT):
+            return True
+        if (dev.status == _TIMED_OUT and dev.updated_at is not None
+                and now < dev.updated_at + spec.wave_timeout_s):
+            return True
+    return False
+
+
+# -- the process -------------------------------------------------------------------------------
+
+
+def parse_broker(text: str) -> tuple[str, int]:
+    """``host:port``, ``host`` (port 1883), ``[::1]:1883`` or ``mqtt://host:port``."""
+    value = text.strip()
+    if value.startswith("mqtt://"):
+        value = value[len("mqtt://"):]
+    host, port = value, "1883"
+    if value.startswith("["):
+        end = value.find("]")
+        if end < 0:
+            raise ValueError(f"cannot read the broker address {text!r}: unclosed [")
+        host, rest = value[1:end], value[end + 1:]
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"cannot read the broker address {text!r}")
+            port = rest[1:]
+    elif value.count(":") == 1:
+        host, port = value.split(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"cannot read the broker address {text!r}: write HOST:PORT")
+    return host, int(port)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m fleetlite.fleet.controller",
+        description="Run one fleet controller until SIGINT/SIGTERM (what `fleetlite serve` "
+        "runs): it stores what devices report, serves releases and drives the rollouts.")
+    parser.add_argument("--db", default=os.environ.get("FLEETLITE_DB", "sqlite:///fleetlite.db"),
+                        help="the store: sqlite:///PATH or postgresql://USER:PW@HOST/DB "
+                        "(env FLEETLITE_DB)")
+    parser.add_argument("--broker", default=os.environ.get("FLEETLITE_BROKER", "localhost:1883"),
+                        help="the MQTT broker as HOST:PORT (env FLEETLITE_BROKER)")
+    parser.add_argument("--group", help="share device messages with the other controllers of "
+                        "this group (MQTT shared subscriptions)")
+    parser.add_argument("--id", dest="controller_id",
+                        help="a stable controller id: MQTT client id and lease owner; keeps a "
+                        "persistent MQTT session across restarts (default: a random id)")
+    parser.add_argument("--tick", type=float, default=0.5, help="seconds between rollout steps")
+    parser.add_argument("--lease-ttl", type=float, default=10.0,
+                        help="seconds before another controller may take over a rollout")
+    parser.add_argument("--log-level", default="INFO",
+                        choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``python -m fleetlite.fleet.controller``; prints the counters as JSON on
+    stdout when stopped."""
+    args = _build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        host, port = parse_broker(args.broker)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, on_signal)
+    with open_store(args.db) as store:
+        controller = Controller(store, host, port, group=args.group,
+                                controller_id=args.controller_id, tick_s=args.tick,
+                                lease_ttl_s=args.lease_ttl).start()
+        log.info("controller %s running: store %s, broker %s:%d%s", controller.id, store.url,
+                 host, port, f", group {args.group}" if args.group else "")
+        try:
+            while not stop.wait(0.5):
+                pass
+        finally:
+            controller.stop()
+            log.info("controller %s stopped: %s", controller.id, controller.counters)
+    print(json.dumps({"controller": controller.id, "counters": controller.counters,
+                      "ingested": dict(controller.ingested_by_kind)}, sort_keys=True),
+          flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -39,9 +39,16 @@ def test_help_teaches_with_examples() -> None:
         assert "examples:" in out and "exit codes" in out
 
 
-def test_demo_small_job(tmp_path: Path) -> None:
-    out = run("fleetlite", "demo", "--out", str(tmp_path)).stdout
+def test_demo_rolls_out_shows_profiles_rejects_the_broken_release(tmp_path: Path) -> None:
+    result = run("fleetlite", "demo", "--out", str(tmp_path), check=False)
+    out = result.stdout
+    assert result.returncode == 0, out[-3000:] + result.stderr[-3000:]
+    assert "broker: " in out
     assert "'turn off the kitchen lights'" in out and "lights_off" in out
-    assert (tmp_path / "intent_classifier.tflite").exists()
-    for device_class in ("raspberry-pi-4", "small-arm-gateway"):
-        assert device_class in out
+    assert "state: completed" in out  # v2 rolled out in waves
+    for device_class in ("raspberry-pi-4", "jetson-orin-nano", "industrial-x86-gateway"):
+        assert device_class in out  # agents and the profile table per class
+    assert "smoke_output_mismatch" in out and "state: aborted" in out  # the broken release
+    assert "serve intent version(s) 2:" in out
+    report = (tmp_path / "report.html").read_text()
+    assert "gw-pi4-01" in report and "intent-v3" in report

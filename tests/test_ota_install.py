@@ -325,9 +325,12 @@ def test_operator_rollback_and_slots(device: Device, models_dir: Path, tmp_path:
     assert device.install(release(models_dir, tmp_path, 3)).outcome == "installed"
     slots = device.ota.cmd_slots({})["models"]["intent"]
     assert {slots["slots"]["a"]["version"], slots["slots"]["b"]["version"]} == {2, 3}
-    result = device.ota.cmd_rollback({"model": "intent"})
+    result = device.ota.cmd_rollback({"model": "intent", "from_version": 3})
     assert result["rolled_back"] == 3
     assert device.serving_version() == 2
+    # the same command delivered again (QoS 1 is at-least-once) changes nothing
+    again_cmd = device.ota.cmd_rollback({"model": "intent", "from_version": 3})
+    assert again_cmd["rolled_back"] is None and device.serving_version() == 2
     final = device.fleet.finals()[-1]
     assert (final.outcome, final.reason) == ("rolled_back", "operator_rollback")
     # version 3 is not reinstalled unless retried

@@ -1,0 +1,915 @@
+"""``fleetlite`` verbs over the fleet store: ``serve``, ``devices``, ``release push/list``,
+``rollout``, ``profiles`` and ``report``, each a thin layer over the SDK
+(:class:`fleetlite.fleet.client.Fleet`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from typing import IO, TYPE_CHECKING, Any, Callable, Optional
+
+from fleetlite.fleet.errors import FleetError, RolloutError
+from fleetlite.fleet.rollout import ON_FAILURE_ACTIONS, OPERATOR_ACTIONS
+
+if TYPE_CHECKING:
+    from fleetlite.fleet.client import Fleet, Rollout, WaveProgress
+    from fleetlite.fleet.store import DeviceRecord
+
+OUTPUTS = ("table", "json", "yaml")
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_COMPLETED = 0, 1, 2, 3
+EXIT_CODES = ("exit codes: 0 ok, 1 the command failed (the message says why), 2 usage error")
+WATCH_EXIT_CODES = ("exit codes: 0 ok (watch/wait: the rollout completed), 1 the command failed "
+                    "or timed out,\n  2 usage error, 3 the rollout ended without completing "
+                    "(or, with --stop-on-pause, paused)")
+DB_HELP = ("the fleet store: sqlite:///PATH, sqlite:////ABS/PATH or "
+           "postgresql://USER:PW@HOST/DB (env FLEETLITE_DB; default sqlite:///fleetlite.db, "
+           "i.e. fleetlite.db in the current directory)")
+BROKER_HELP = ("the MQTT broker as HOST:PORT (env FLEETLITE_BROKER; default localhost:1883); "
+               "used by `serve`")
+FLEET_OPTIONS = """\
+fleet options (before or after the command):
+  --db URL            the store the controller uses (env FLEETLITE_DB, default
+                      sqlite:///fleetlite.db in the current directory)
+  --broker HOST:PORT  the MQTT broker (env FLEETLITE_BROKER, default localhost:1883)
+"""
+
+Handler = Callable[["Fleet", argparse.Namespace], int]
+
+
+# -- parsers ---------------------------------------------------------------------------------------
+
+
+def add_global_options(parser: argparse.ArgumentParser) -> None:
+    """``--db`` and ``--broker``; also accepted after the command (see :func:`add_parsers`)."""
+    parser.add_argument("--db", metavar="URL", default=argparse.SUPPRESS, help=DB_HELP)
+    parser.add_argument("--broker", metavar="HOST:PORT", default=argparse.SUPPRESS,
+                        help=BROKER_HELP)
+
+
+def _common() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("fleet options")
+    group.add_argument("--db", metavar="URL", default=argparse.SUPPRESS, help=DB_HELP)
+    group.add_argument("--broker", metavar="HOST:PORT", default=argparse.SUPPRESS,
+                       help=BROKER_HELP)
+    return parent
+
+
+def _output(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-o", "--output", choices=OUTPUTS, default="table",
+                        help="output format (default table; json and yaml for scripts)")
+
+
+def _leaf(sub: Any, name: str, handler: Handler, *, help: str, description: str,
+          examples: str, exit_codes: str = EXIT_CODES,
+          output: bool = True) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name, help=help, description=description, parents=[_common()],
+        epilog=f"examples:\n{examples}\n{exit_codes}\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    if output:
+        _output(parser)
+    parser.set_defaults(fleet_verb=True, fleet_handler=handler, creates_store=False)
+    return parser
+
+
+def _group(sub: Any, name: str, *, help: str, description: str, examples: str,
+           dest: str, exit_codes: str = EXIT_CODES) -> Any:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name, help=help, description=description,
+        epilog=f"examples:\n{examples}\n{FLEET_OPTIONS}\n{exit_codes}\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.set_defaults(fleet_verb=True, fleet_handler=None, fleet_usage=parser)
+    return parser.add_subparsers(dest=dest, metavar="COMMAND")
+
+
+def add_parsers(subparsers: Any, release_parser: Optional[argparse.ArgumentParser] = None) -> None:
+    """Add the fleet verbs to ``fleetlite``'s subparsers, and ``push``/``list`` to the existing
+    ``release`` group when its parser is given."""
+    serve = _leaf(
+        subparsers, "serve", _serve, output=False,
+        help="run a fleet controller in the foreground (ingest, releases, rollouts)",
+        description="Run a controller until SIGINT/SIGTERM: it stores what devices report, "
+        "serves releases over MQTT and drives every rollout in the store. Several controllers "
+        "can share one PostgreSQL store and a clustered broker (--group).",
+        examples="""\
+  fleetlite serve                                   (sqlite:///fleetlite.db, localhost:1883)
+  fleetlite serve --db postgresql://fleet:pw@db/fleet --broker emqx.lan:1883 \\
+      --group ctl --id ctl-a                        (one of several controllers)
+  FLEETLITE_DB=sqlite:////var/lib/fleetlite/fleet.db fleetlite serve --log-level DEBUG
+""")
+    serve.set_defaults(creates_store=True)
+    serve.add_argument("--group", metavar="NAME",
+                       help="share device messages with the other controllers of this group "
+                       "(MQTT shared subscriptions)")
+    serve.add_argument("--id", dest="controller_id", metavar="ID",
+                       help="a stable controller id (MQTT client id and lease owner); give "
+                       "every running controller its own (default: a random id)")
+    serve.add_argument("--tick", type=_positive, default=0.5, metavar="SECONDS",
+                       help="how often rollouts are driven (default 0.5 s)")
+    serve.add_argument("--lease-ttl", type=_positive, default=10.0, metavar="SECONDS",
+                       help="how long before another controller may take over a rollout of "
+                       "this one when it stops renewing (default 10 s)")
+    serve.add_argument("--log-level", default="INFO",
+                       choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="default INFO")
+
+    devices = _group(
+        subparsers, "devices", dest="devices_command",
+        help="list and show registered devices",
+        description="Devices as the controller last heard from them: class, tags, online "
+        "status, active models, agent version, facts and the latest telemetry.",
+        examples="""\
+  fleetlite devices list
+  fleetlite devices list --class raspberry-pi-4 --tag site=berlin --online -o json
+  fleetlite devices show gw-berlin-01 -o yaml
+""")
+    listing = _leaf(
+        devices, "list", _devices_list, help="list devices",
+        description="List registered devices, filtered by class, tags and online status.",
+        examples="""\
+  fleetlite devices list
+  fleetlite devices list --class industrial-x86-gateway --tag site=plant-a
+  fleetlite devices list --offline -o json | jq -r '.devices[].device_id'
+""")
+    listing.add_argument("--class", dest="device_class", metavar="CLASS",
+                         help="only devices of this class")
+    listing.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
+                         type=_tag, help="only devices with this tag (repeat: all must match)")
+    state = listing.add_mutually_exclusive_group()
+    state.add_argument("--online", dest="online", action="store_const", const=True,
+                       help="only online devices")
+    state.add_argument("--offline", dest="online", action="store_const", const=False,
+                       help="only offline devices")
+    show = _leaf(devices, "show", _devices_show, help="show one device",
+                 description="Everything the fleet knows about one device.",
+                 examples="""\
+  fleetlite devices show gw-berlin-01
+  fleetlite devices show gw-berlin-01 -o json | jq .telemetry.system
+""")
+    show.add_argument("device_id", metavar="ID")
+
+    if release_parser is not None:
+        _add_release_verbs(release_parser)
+
+    rollout = _group(
+        subparsers, "rollout", dest="rollout_command",
+        help="create, follow and steer rollouts",
+        description="Roll a stored release out in waves, gated on install success and on the "
+        "new model's measured latency and memory (docs/rollouts.md). A running `fleetlite "
+        "serve` drives every rollout; these commands write the store it reads.",
+        exit_codes=WATCH_EXIT_CODES,
+        examples="""\
+  fleetlite rollout create 3f9a1c2d --waves 1,10%,100% --class raspberry-pi-4
+  fleetlite rollout watch intent-v2-8c1f0a
+  fleetlite rollout pause intent-v2-8c1f0a --note "investigating" --wait 10
+  fleetlite rollout list -o json
+""")
+    create = _leaf(
+        rollout, "create", _rollout_create, help="create a rollout of a stored release",
+        description="Create a rollout of RELEASE_ID (a release id or a unique prefix of 6+ "
+        "characters, see `fleetlite release list`). The selector defaults to every device of "
+        "the release's device classes; --class, --tag and --device narrow it (all must "
+        "match). The gates' baseline is the highest older version active on the selected "
+        "devices unless --previous-version is given.",
+        examples="""\
+  fleetlite rollout create 3f9a1c2d --waves 1,10%,100%
+  fleetlite rollout create 3f9a1c2d --class raspberry-pi-4 --tag site=berlin \\
+      --max-p95-regression 0.2 --max-peak-rss-mb 300 --on-failure rollback --timeout 900
+  fleetlite rollout create 3f9a1c2d --device gw-1 --device gw-2 --waves all --id hotfix-7
+  fleetlite rollout create 3f9a1c2d --paused        (review `rollout status`, then resume)
+  ID=$(fleetlite rollout create 3f9a1c2d -o json | jq -r .rollout_id) && \\
+      fleetlite rollout wait "$ID" --timeout 3600
+""")
+    create.add_argument("release_id", metavar="RELEASE_ID")
+    create.add_argument("--id", dest="rollout_id", metavar="ROLLOUT_ID",
+                        help="rollout id (default MODEL-vVERSION-RANDOM)")
+    create.add_argument("--waves", default=None, metavar="SIZES",
+                        help="wave sizes: 10%% (cumulative share), 5 (this many more), all; "
+                        "the last must be 100%% or all (default 1,10%%,100%%)")
+    create.add_argument("--class", dest="classes", action="append", default=[],
+                        metavar="CLASS", help="select devices of this class (repeat)")
+    create.add_argument("--tag", dest="tags", action="append", default=[], type=_tag,
+                        metavar="KEY=VALUE", help="select devices with this tag (repeat)")
+    create.add_argument("--device", dest="device_ids", action="append", default=[],
+                        metavar="ID", help="select this device (repeat)")
+    create.add_argument("--max-p95-regression", type=_limit(float), default=0.2,
+                        metavar="FRACTION|off",
+                        help="trip when the median p95 latency of a class grows by more than "
+                        "this fraction (default 0.2 = +20%%)")
+    create.add_argument("--max-peak-rss-mb", type=_limit(float), default=None,
+                        metavar="MB|off", help="trip when a device peaks above this (default off)")
+    create.add_argument("--max-rss-regression", type=_limit(float), default=None,
+                        metavar="FRACTION|off",
+                        help="trip when the median peak RSS grows by more (default off)")
+    create.add_argument("--max-smoke-failures", type=_limit(int), default=0,
+                        metavar="N|off", help="smoke-test failures a class may have (default 0)")
+    create.add_argument("--min-profiles", type=int, default=1, metavar="N",
+                        help="profiles of the new version needed per class and wave (default 1)")
+    create.add_argument("--success-threshold", type=_fraction, default=1.0, metavar="FRACTION",
+                        help="share of a wave that must succeed before the next (default 1.0)")
+    create.add_argument("--failure-threshold", type=_fraction, default=0.0, metavar="FRACTION",
+                        help="share of failures above which --on-failure happens (default 0.0)")
+    create.add_argument("--on-failure", choices=ON_FAILURE_ACTIONS, default="pause",
+                        help="what a failed wave does (default pause)")
+    create.add_argument("--timeout", type=_positive, default=600.0, metavar="SECONDS",
+                        help="per device: time from the install to its final status and "
+                        "profile (default 600)")
+    create.add_argument("--previous-version", type=int, default=None, metavar="N",
+                        help="the baseline version for the regression gates")
+    create.add_argument("--paused", action="store_true",
+                        help="create it paused; start it with `fleetlite rollout resume`")
+    create.add_argument("--allow-empty", action="store_true",
+                        help="create it even if no registered device matches yet")
+
+    status = _leaf(rollout, "status", _rollout_status, help="show a rollout",
+                   description="State, waves with per-status device counts, and the latest "
+                   "decisions with their reasons (all of them with -o json/yaml).",
+                   examples="""\
+  fleetlite rollout status intent-v2-8c1f0a
+  fleetlite rollout status intent-v2-8c1f0a --decisions 50
+  fleetlite rollout status intent-v2-8c1f0a -o json | jq '.waves[] | {wave, succeeded, total}'
+""")
+    status.add_argument("rollout_id", metavar="ROLLOUT_ID")
+    status.add_argument("--decisions", type=int, default=10, metavar="N",
+                        help="how many of the latest decisions to show (default 10)")
+
+    for name, handler, what in (
+            ("watch", _rollout_watch, "follow a rollout live until it finishes"),
+            ("wait", _rollout_wait, "wait quietly until a rollout finishes")):
+        follow = _leaf(
+            rollout, name, handler, help=what, output=(name == "wait"),
+            exit_codes=WATCH_EXIT_CODES,
+            description=(
+                "Draw a progress bar per wave, redrawn in place on a terminal (plain lines, one "
+                "per change, when the output is not a terminal), until the rollout finishes."
+                if name == "watch" else
+                "Wait until the rollout finishes, then print its status; the exit code says "
+                "how it ended (for CI)."),
+            examples=f"""\
+  fleetlite rollout {name} intent-v2-8c1f0a
+  fleetlite rollout {name} intent-v2-8c1f0a --timeout 3600 --stop-on-pause
+""")
+        follow.add_argument("rollout_id", metavar="ROLLOUT_ID")
+        follow.add_argument("--interval", type=_positive, default=1.0, metavar="SECONDS",
+                            help="how often to read the store (default 1)")
+        follow.add_argument("--timeout", type=_positive, default=None, metavar="SECONDS",
+                            help="give up after this long (exit code 1; the rollout goes on)")
+        follow.add_argument("--stop-on-pause", action="store_true",
+                            help="also stop when the rollout pauses (exit code 3)")
+
+    for action in OPERATOR_ACTIONS:
+        verb = _leaf(
+            rollout, action, _rollout_request, help=_REQUEST_HELP[action],
+            description=f"{_REQUEST_HELP[action].capitalize()}. The request is queued in the "
+            "store; the controller handles it on its next tick and logs its answer (or a "
+            "`refuse` with the reason) in the rollout's decisions.",
+            examples=f"""\
+  fleetlite rollout {action} intent-v2-8c1f0a
+  fleetlite rollout {action} intent-v2-8c1f0a --note "ticket OPS-12" --wait 10
+""")
+        verb.add_argument("rollout_id", metavar="ROLLOUT_ID")
+        verb.add_argument("--note", default="", help="a note logged with the decision")
+        verb.add_argument("--wait", type=_positive, default=None, metavar="SECONDS",
+                          help="wait this long for the controller's answer (exit 1 if it "
+                          "refuses or does not answer in time)")
+        verb.set_defaults(action=action)
+
+    rollouts = _leaf(rollout, "list", _rollout_list, help="list rollouts",
+                     description="Every rollout in the store, oldest first.",
+                     examples="""\
+  fleetlite rollout list
+  fleetlite rollout list --release 3f9a1c2d -o yaml
+""")
+    rollouts.add_argument("--release", metavar="RELEASE_ID", help="only rollouts of a release")
+
+    profiles = _group(
+        subparsers, "profiles", dest="profiles_command",
+        help="per-class performance profiles of model versions",
+        description="Latency and memory of each model version per device class, aggregated "
+        "over devices (each device's newest profile counts once).",
+        examples="""\
+  fleetlite profiles show --model intent
+  fleetlite profiles compare intent 1 2
+""")
+    pshow = _leaf(profiles, "show", _profiles_show, help="aggregates per class and version",
+                  description="Medians over devices of p50/p95/p99, the worst p95 and the "
+                  "worst peak RSS, per (device class, model, version).",
+                  examples="""\
+  fleetlite profiles show
+  fleetlite profiles show --model intent --version 2 --class raspberry-pi-4 -o json
+""")
+    pshow.add_argument("--model", help="only this model")
+    pshow.add_argument("--version", type=int, help="only this version")
+    pshow.add_argument("--class", dest="device_class", metavar="CLASS", help="only this class")
+    pcompare = _leaf(profiles, "compare", _profiles_compare,
+                     help="compare two versions of a model per class",
+                     description="Version B against version A per device class, with B/A "
+                     "ratios (1.25 = B is 25 %% slower or bigger).",
+                     examples="""\
+  fleetlite profiles compare intent 1 2
+  fleetlite profiles compare intent 1 2 -o yaml
+""")
+    pcompare.add_argument("model", metavar="MODEL")
+    pcompare.add_argument("a", metavar="A", type=int, help="the baseline version")
+    pcompare.add_argument("b", metavar="B", type=int, help="the version to judge")
+
+    report = _leaf(subparsers, "report", _report,
+                   help="write the fleet's HTML report",
+                   description="One self-contained HTML file (no external resources): devices, "
+                   "latency and memory per class and version, rollouts with their decisions.",
+                   examples="""\
+  fleetlite report --html fleet.html
+  fleetlite --db postgresql://fleet:pw@db/fleet report --html /srv/www/fleet.html
+""")
+    report.add_argument("--html", required=True, metavar="FILE", help="the file to write")
+    report.add_argument("--title", default="FleetLite fleet report")
+
+
+_REQUEST_HELP = {
+    "pause": "pause a rollout: no installs are sent and no wave starts",
+    "resume": "resume a paused rollout (after a threshold pause: accept that wave)",
+    "abort": "abort a rollout: no more installs; installed devices keep the release",
+    "rollback": "roll back every device that installed the rollout's release",
+}
+
+
+def _add_release_verbs(release_parser: argparse.ArgumentParser) -> None:
+    sub = next(a for a in release_parser._actions
+               if isinstance(a, argparse._SubParsersAction))
+    push = _leaf(
+        sub, "push", _release_push,
+        help="store a signed release so that rollouts can use it",
+        description="Store a signed bundle (directory or .flb) in the fleet store; the "
+        "controller serves it to the devices of a rollout. Unsigned, expired or tampered "
+        "bundles are refused; with --root, it must also verify as on a device.",
+        examples="""\
+  fleetlite release push intent-v2
+  fleetlite release push intent-v2.flb --root root.json -o json
+""")
+    push.set_defaults(creates_store=True)
+    push.add_argument("bundle", metavar="BUNDLE", help="bundle directory or .flb file")
+    push.add_argument("--root", metavar="ROOT.json",
+                      help="also verify it against the root of trust devices use")
+    listing = _leaf(sub, "list", _release_list, help="list stored releases",
+                    description="Releases in the fleet store, by name and version.",
+                    examples="""\
+  fleetlite release list
+  fleetlite release list --name intent -o json
+""")
+    listing.add_argument("--name", help="only releases of this model name")
+    release_parser.epilog = (release_parser.epilog or "").replace(
+        "\nA bundle is", "  fleetlite release push intent-v2        (store it in the fleet)\n"
+        "  fleetlite release list\n\nA bundle is", 1)
+
+
+# -- argument types --------------------------------------------------------------------------------
+
+
+def _tag(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r}: write a tag as KEY=VALUE, e.g. site=berlin")
+    return key, value
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number > 0")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction (0.0..1.0)") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a fraction is within 0.0..1.0 "
+                                         "(0.05 = 5 %)")
+    return value
+
+
+def _limit(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        if text.lower() in ("off", "none"):
+            return None
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: give a number >= 0, or off") from None
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: give a number >= 0, or off")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+# -- running ---------------------------------------------------------------------------------------
+
+
+def is_fleet_verb(args: argparse.Namespace) -> bool:
+    """True if ``args`` were parsed for one of this module's verbs (or groups)."""
+    return bool(getattr(args, "fleet_verb", False))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the verb ``args`` were parsed for; returns the exit code."""
+    from fleetlite.fleet.client import Fleet
+
+    handler: Optional[Handler] = args.fleet_handler
+    if handler is None:
+        args.fleet_usage.print_help(sys.stderr)
+        return EXIT_USAGE
+    fleet = Fleet(getattr(args, "db", None), getattr(args, "broker", None),
+                  create=args.creates_store)
+    try:
+        return handler(fleet, args)
+    finally:
+        fleet.close()
+
+
+def _emit(args: argparse.Namespace, doc: Any, table: Callable[[], str]) -> None:
+    output = getattr(args, "output", "table")
+    if output == "json":
+        print(json.dumps(doc, indent=2))
+    elif output == "yaml":
+        import yaml
+
+        print(str(yaml.safe_dump(doc, sort_keys=False, default_flow_style=False)).rstrip("\n"))
+    else:
+        text = table()
+        if text:
+            print(text)
+
+
+def _note(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
+def _ago(ts: Optional[float], now: Optional[float] = None) -> str:
+    if not ts:
+        return "-"
+    seconds = max(0.0, (time.time() if now is None else now) - ts)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit} ago"
+    return f"{int(seconds)}s ago"
+
+
+def _clock(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> str:
+    from fleetlite.fleet.profiles_view import format_table
+
+    return format_table(headers, rows, right=right)
+
+
+# -- serve -----------------------------------------------------------------------------------------
+
+
+def _serve(fleet: Fleet, args: argparse.Namespace) -> int:
+    try:
+        with socket.create_connection((fleet.host, fleet.port), timeout=5):
+            pass
+    except OSError as exc:
+        raise FleetError(
+            f"cannot reach the MQTT broker at {fleet.host}:{fleet.port} ({exc.strerror or exc}): "
+            "start it (e.g. `mosquitto -p 1883`) or point --broker / FLEETLITE_BROKER at it"
+        ) from None
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        controller = fleet.serve(group=args.group, tick_s=args.tick,
+                                 controller_id=args.controller_id, lease_ttl_s=args.lease_ttl)
+        group = f", group {args.group}" if args.group else ""
+        _note(f"fleetlite serve: controller {controller.id} on store {fleet.store.url}, broker "
+              f"{fleet.host}:{fleet.port}{group}; Ctrl-C or SIGTERM stops it")
+        try:
+            while not stop.wait(1.0):
+                pass
+        finally:
+            controller.stop()
+        counters = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in controller.counters.items())
+        _note(f"fleetlite serve: stopped ({counters})")
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return EXIT_OK
+
+
+# -- devices ---------------------------------------------------------------------------------------
+
+
+def _models_text(device: DeviceRecord) -> str:
+    return ", ".join(f"{m.name} v{m.version}" if m.version is not None else m.name
+                     for m in device.models) or "-"
+
+
+def _devices_list(fleet: Fleet, args: argparse.Namespace) -> int:
+    from fleetlite.fleet.client import device_dict
+
+    tags = dict(args.tag) if args.tag else None
+    found = fleet.devices(device_class=args.device_class, tags=tags, online=args.online)
+    if not found and not fleet.devices():
+        _note(f"no devices in the store {fleet.store.url} yet: is `fleetlite serve` running "
+              "with this --db, and are the agents connected to its broker?")
+    now = time.time()
+    _emit(args, {"devices": [device_dict(d) for d in found]}, lambda: _table(
+        ["DEVICE", "CLASS", "STATUS", "MODELS", "AGENT", "LAST SEEN", "TAGS"],
+        [[d.device_id, d.device_class or "-", "online" if d.online else "offline",
+          _models_text(d), d.agent_version or "-", _ago(d.last_seen, now),
+          ",".join(f"{k}={v}" for k, v in sorted(d.tags.items())) or "-"] for d in found]))
+    return EXIT_OK
+
+
+def _devices_show(fleet: Fleet, args: argparse.Namespace) -> int:
+    from fleetlite.fleet.client import device_dict
+
+    device = fleet.device(args.device_id)
+
+    def table() -> str:
+        status = "online" if device.online else "offline"
+        if device.status_reason:
+            status += f" ({device.status_reason})"
+        lines = [
+            f"device    {device.device_id}",
+            f"class     {device.device_class or '-'}",
+            f"status    {status}, last seen {_ago(device.last_seen)}",
+            f"agent     {device.agent_version or '-'} (session {device.session})",
+            "tags      " + (", ".join(f"{k}={v}" for k, v in sorted(device.tags.items()))
+                            or "-"),
+            "models    " + (", ".join(f"{m.name} v{m.version} (sha256 {m.sha256[:12]})"
+                                      for m in device.models) or "-"),
+        ]
+        if device.facts:
+            lines.append("facts")
+        for key, value in sorted(device.facts.items()):
+            lines.append(f"  {key:<22} {value}")
+        if device.telemetry is not None:
+            lines.append(f"telemetry seq {device.telemetry.seq}, {_ago(device.telemetry.ts)}")
+            for key, value in sorted(device.telemetry.system.items()):
+                lines.append(f"  {key:<22} {value}")
+        return "\n".join(lines)
+
+    _emit(args, device_dict(device), table)
+    return EXIT_OK
+
+
+# -- releases --------------------------------------------------------------------------------------
+
+
+def _release_push(fleet: Fleet, args: argparse.Namespace) -> int:
+    from fleetlite.sdk.bundle import load_bundle
+
+    bundle = load_bundle(args.bundle)
+    known = any(r.release_id == bundle.release_id for r in fleet.releases(bundle.manifest.name))
+    release_id = fleet.push_release(bundle, root=args.root)
+    m = bundle.manifest
+    doc = {"release_id": release_id, "name": m.name, "version": m.version, "new": not known,
+           "device_classes": list(m.device_classes), "store": fleet.store.url}
+    what = "already stored (signatures updated)" if known else "pushed"
+    _emit(args, doc, lambda: (
+        f"{what}: {m.name} v{m.version} for {', '.join(m.device_classes)}\n"
+        f"  release id {release_id}\n"
+        f"  roll it out with: fleetlite rollout create {release_id[:12]} --waves 1,10%,100%"))
+    return EXIT_OK
+
+
+def _release_list(fleet: Fleet, args: argparse.Namespace) -> int:
+    from fleetlite.fleet.client import release_dict
+
+    found = fleet.releases(args.name)
+    if not found:
+        _note(f"no releases in the store {fleet.store.url}: store one with `fleetlite release "
+              "push BUNDLE`")
+    docs = [release_dict(r) for r in found]
+    _emit(args, {"releases": docs}, lambda: _table(
+        ["RELEASE ID", "NAME", "VERSION", "DEVICE CLASSES", "FILES", "SIZE", "PUSHED"],
+        [[d["release_id"][:16], d["name"], str(d["version"]), ",".join(d["device_classes"]),
+          str(len(d["files"])), _size(d["size"]), _clock(d["created"])] for d in docs],
+        right=(2, 4, 5)))
+    return EXIT_OK
+
+
+def _size(n: int) -> str:
+    if n >= 2**20:
+        return f"{n / 2**20:.1f} MiB"
+    if n >= 2**10:
+        return f"{n / 2**10:.1f} KiB"
+    return f"{n} B"
+
+
+# -- rollouts --------------------------------------------------------------------------------------
+
+
+def _rollout_create(fleet: Fleet, args: argparse.Namespace) -> int:
+    from fleetlite.fleet.client import DEFAULT_WAVES
+    from fleetlite.fleet.gates import GateSpec
+    from fleetlite.fleet.rollout import Selector
+
+    gates = GateSpec(max_p95_regression=args.max_p95_regression,
+                     max_peak_rss_mb=args.max_peak_rss_mb,
+                     max_rss_regression=args.max_rss_regression,
+                     max_smoke_failures=args.max_smoke_failures,
+                     min_profiles=args.min_profiles)
+    selector = Selector(tuple(args.classes), dict(args.tags), tuple(args.device_ids))
+    rollout = fleet.create_rollout(
+        args.release_id, selector=selector, waves=args.waves or DEFAULT_WAVES, gates=gates,
+        success_threshold=args.success_threshold, failure_threshold=args.failure_threshold,
+        on_failure=args.on_failure, wave_timeout_s=args.timeout, rollout_id=args.rollout_id,
+        previous_version=args.previous_version, paused=args.paused,
+        allow_empty=args.allow_empty)
+    paused = " (paused: start it with `fleetlite rollout resume " + rollout.rollout_id + "`)"
+    _emit(args, rollout.to_dict(), lambda: (
+        f"created rollout {rollout.rollout_id}: {rollout.model} v{rollout.version} "
+        f"(baseline {_version(rollout.spec.previous_version)}) to {rollout.spec.selector}, "
+        f"waves {','.join(str(w) for w in rollout.spec.waves)}"
+        f"{paused if args.paused else ''}\n"
+        f"  follow it with: fleetlite rollout watch {rollout.rollout_id}"))
+    return EXIT_OK
+
+
+def _version(version: Optional[int]) -> str:
+    return "none" if version is None else f"v{version}"
+
+
+def _rollout_status(fleet: Fleet, args: argparse.Namespace) -> int:
+    rollout = fleet.rollout(args.rollout_id)
+    _emit(args, rollout.to_dict(), lambda: _status_text(rollout, args.decisions))
+    return EXIT_OK
+
+
+def _status_text(rollout: Rollout, decisions: int) -> str:
+    spec = rollout.spec
+    state = rollout.state + (f": {rollout.reason}" if rollout.reason else "")
+    if not rollout.started and not rollout.finished and rollout.state == "running":
+        state = "waiting for a controller to plan it (is `fleetlite serve` running?)"
+    lines = [
+        f"rollout   {rollout.rollout_id}: {spec.model} v{spec.version} (baseline "
+        f"{_version(spec.previous_version)}), release {rollout.release_id[:16]}",
+        f"state     {state}",
+        f"selector  {spec.selector}",
+        f"waves     {','.join(str(w) for w in spec.waves)}; success >= "
+        f"{spec.success_threshold:.0%}, failures > {spec.failure_threshold:.0%} -> "
+        f"{spec.on_failure}; timeout {spec.wave_timeout_s:g} s per device",
+        f"gates     {'; '.join(_gates(rollout)) or 'none'}",
+    ]
+    if rollout.pending_requests:
+        lines.append(f"requests  {', '.join(rollout.pending_requests)} (waiting for the "
+                     "controller)")
+    for cls, why in rollout.paused_classes.items():
+        lines.append(f"excluded  class {cls}: {why}")
+    lines.append("")
+    lines.append(_table(
+        ["WAVE", "PLANNED", "DEVICES", "UPDATED", "FAILED", "IN FLIGHT", "PENDING", "EXCLUDED",
+         "STATE"],
+        [[str(w.number), w.planned, str(w.total), str(w.succeeded), str(w.failed),
+          str(w.in_flight), str(w.pending), str(w.excluded), w.state] for w in rollout.waves],
+        right=(0, 2, 3, 4, 5, 6, 7)))
+    if decisions > 0 and rollout.decisions:
+        shown = rollout.decisions[-decisions:]
+        lines.append("")
+        lines.append(f"latest {len(shown)} of {len(rollout.decisions)} decisions "
+                     "(all: -o json):")
+        for d in shown:
+            lines.append(f"  {_clock(d.ts)}  {d.kind:<13} {d.reason}")
+    return "\n".join(lines)
+
+
+def _gates(rollout: Rollout) -> list[str]:
+    from fleetlite.fleet.client import gate_texts
+
+    return gate_texts(rollout.spec.gates)
+
+
+def _rollout_list(fleet: Fleet, args: argparse.Namespace) -> int:
+    release = fleet.release(args.release).release_id if args.release else None
+    found = fleet.rollouts(release)
+    if not found:
+        _note(f"no rollouts in the store {fleet.store.url}: create one with `fleetlite rollout "
+              "create RELEASE_ID`")
+    docs = [{k: v for k, v in r.to_dict().items() if k not in ("devices", "decisions")}
+            for r in found]
+    _emit(args, {"rollouts": docs}, lambda: _table(
+        ["ROLLOUT", "MODEL", "VERSION", "STATE", "WAVE", "UPDATED", "FAILED", "CREATED"],
+        [[r.rollout_id, r.model, str(r.version), r.state,
+          f"{r.current_wave}/{len(r.waves)}", f"{r.succeeded}/{r.total}", str(r.failed),
+          _clock(r.created)] for r in found], right=(2, 5, 6)))
+    return EXIT_OK
+
+
+def _rollout_request(fleet: Fleet, args: argparse.Namespace) -> int:
+    result = fleet.request(args.rollout_id, args.action, note=args.note, wait=args.wait)
+    decision = result.decision
+    doc = {"action": args.action, "rollout_id": args.rollout_id, "handled": result.handled,
+           "refused": result.refused, "state": result.rollout.state,
+           "decision": None if decision is None else {
+               "kind": decision.kind, "reason": decision.reason, "ts": decision.ts}}
+    if decision is not None:
+        text = f"{args.rollout_id}: {decision.reason}"
+    elif args.wait:
+        text = (f"{args.action} is queued for {args.rollout_id}, but no controller answered "
+                f"within {args.wait:g} s: is `fleetlite serve` running with this --db?")
+    else:
+        text = (f"{args.action} requested for {args.rollout_id}; the controller handles it on "
+                f"its next tick (see `fleetlite rollout status {args.rollout_id}`)")
+    if result.refused or (args.wait and not result.handled):
+        if args.output != "table":
+            _emit(args, doc, lambda: text)
+        _note(f"fleetlite: {text}")
+        return EXIT_FAILED
+    _emit(args, doc, lambda: text)
+    return EXIT_OK
+
+
+def _follow(fleet: Fleet, args: argparse.Namespace, draw: Callable[[Rollout], None]) -> Rollout:
+    from fleetlite.fleet.client import WaitTimeoutError
+
+    try:
+        return fleet.wait(args.rollout_id, callback=draw, timeout=args.timeout,
+                          interval=args.interval, stop_on_pause=args.stop_on_pause)
+    except WaitTimeoutError as exc:
+        raise RolloutError(str(exc)) from None
+
+
+def _ended(rollout: Rollout) -> int:
+    return EXIT_OK if rollout.completed else EXIT_NOT_COMPLETED
+
+
+def _rollout_watch(fleet: Fleet, args: argparse.Namespace) -> int:
+    board = ProgressBoard(sys.stdout)
+    final = _follow(fleet, args, board.draw)
+    board.close()
+    if not final.completed:
+        _note(f"fleetlite: rollout {final.rollout_id} is {final.state}: {final.reason}")
+    return _ended(final)
+
+
+def _rollout_wait(fleet: Fleet, args: argparse.Namespace) -> int:
+    final = _follow(fleet, args, lambda r: None)
+    _emit(args, final.to_dict(), lambda: final.progress_line() + (
+        f"\n  {final.reason}" if final.reason else ""))
+    return _ended(final)
+
+
+class ProgressBoard:
+    """Draws a rollout's waves as progress bars: redrawn in place on a terminal; elsewhere one
+    plain line per change plus the notable decisions (CI logs)."""
+
+    NOTABLE = frozenset({"start_wave", "gate_passed", "gate_tripped", "pause", "resume",
+                         "abort", "rollback", "complete", "refuse"})
+
+    def __init__(self, stream: IO[str], *, tty: Optional[bool] = None) -> None:
+        self.stream = stream
+        self.tty = stream.isatty() if tty is None else tty
+        self.color = self.tty and "NO_COLOR" not in os.environ
+        encoding = (getattr(stream, "encoding", None) or "").lower()
+        self.glyphs = "█▓▒░" if "utf" in encoding else "#x>."
+        self.drawn = 0
+        self.last_decision = 0
+
+    def draw(self, rollout: Rollout) -> None:
+        if self.tty:
+            self._redraw(self.board(rollout))
+        else:
+            self._log(rollout)
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.stream.flush()
+
+    def _log(self, rollout: Rollout) -> None:
+        for d in rollout.decisions:
+            if d.id > self.last_decision and d.kind in self.NOTABLE:
+                self.stream.write(f"{time.strftime('%H:%M:%S', time.localtime(d.ts))} "
+                                  f"{d.kind}: {d.reason}\n")
+        self.last_decision = max([self.last_decision, *(d.id for d in rollout.decisions)])
+        self.stream.write(f"{time.strftime('%H:%M:%S')} {rollout.progress_line()}\n")
+
+    def _redraw(self, lines: list[str]) -> None:
+        width = max(20, shutil.get_terminal_size((100, 20)).columns - 1)
+        out = []
+        if self.drawn:
+            out.append(f"\x1b[{self.drawn}F")  # to the start of the first line drawn
+        for line in lines:
+            out.append("\x1b[2K" + _clip(line, width) + "\n")
+        for _ in range(self.drawn - len(lines)):
+            out.append("\x1b[2K\n")
+        self.stream.write("".join(out))
+        self.drawn = max(self.drawn, len(lines))
+
+    def board(self, rollout: Rollout) -> list[str]:
+        """The lines of the live view."""
+        head = f"{rollout.rollout_id}: {rollout.model} v{rollout.version}  {rollout.state}"
+        lines = [self._paint(head, "1")]
+        if not rollout.started:
+            lines.append("  " + rollout.progress_line())
+        for wave in rollout.waves:
+            lines.append(self.wave_line(wave, wave.number == rollout.current_wave))
+        notable = [d for d in rollout.decisions if d.kind in self.NOTABLE][-3:]
+        for d in notable:
+            lines.append(f"  {time.strftime('%H:%M:%S', time.localtime(d.ts))} {d.kind}: "
+                         f"{d.reason}")
+        if rollout.pending_requests:
+            lines.append(f"  requested: {', '.join(rollout.pending_requests)}")
+        return lines
+
+    def wave_line(self, wave: WaveProgress, current: bool, width: int = 30) -> str:
+        parts = [(wave.succeeded, 0, "32"), (wave.failed, 1, "31"), (wave.in_flight, 2, "34"),
+                 (wave.pending, 3, "2")]
+        bar = ""
+        if wave.total:
+            done = 0
+            cells = 0
+            for count, glyph, color in parts:
+                done += count
+                end = round(width * done / wave.total)
+                bar += self._paint(self.glyphs[glyph] * (end - cells), color)
+                cells = end
+        else:
+            bar = " " * width
+        extra = f", {wave.failed} failed" if wave.failed else ""
+        extra += f", {wave.in_flight} in flight" if wave.in_flight else ""
+        extra += f", {wave.excluded} excluded" if wave.excluded else ""
+        marker = ">" if current else " "
+        return (f"{marker} wave {wave.number:>2} {wave.planned:>5} [{bar}] "
+                f"{wave.succeeded:>3}/{wave.total:<3} {wave.state}{extra}")
+
+    def _paint(self, text: str, code: str) -> str:
+        return f"\x1b[{code}m{text}\x1b[0m" if self.color and text else text
+
+
+def _clip(line: str, width: int) -> str:
+    """Clip to ``width`` visible characters, keeping ANSI color codes intact."""
+    out, visible, i = [], 0, 0
+    while i < len(line):
+        if line[i] == "\x1b":
+            end = line.find("m", i)
+            if end == -1:
+                break
+            out.append(line[i:end + 1])
+            i = end + 1
+            continue
+        if visible >= width:
+            i += 1
+            continue
+        out.append(line[i])
+        visible += 1
+        i += 1
+    return "".join(out)
+
+
+# -- profiles and report ---------------------------------------------------------------------------
+
+
+def _profiles_show(fleet: Fleet, args: argparse.Namespace) -> int:
+    from fleetlite.fleet.profiles_view import render
+
+    aggs = fleet.profiles(model=args.model, version=args.version, device_class=args.device_class)
+    if not aggs:
+        _note(f"no profiles match in the store {fleet.store.url}: devices publish one after "
+              "every model change (profile_on_model_change) and on a `profile` command")
+    print(render(aggs, args.output))
+    return EXIT_OK
+
+
+def _profiles_compare(fleet: Fleet, args: argparse.Namespace) -> int:
+    from fleetlite.fleet.profiles_view import render
+
+    comparison = fleet.compare(args.model, args.a, args.b)
+    if not comparison.rows:
+        _note(f"no profiles of {args.model} v{args.a} or v{args.b} in the store "
+              f"{fleet.store.url}: see `fleetlite profiles show --model {args.model}`")
+    print(render(comparison, args.output))
+    return EXIT_OK
+
+
+def _report(fleet: Fleet, args: argparse.Namespace) -> int:
+    path = fleet.report(args.html, title=args.title)
+    doc = {"path": str(path), "devices": len(fleet.devices()),
+           "rollouts": len(fleet.rollouts()), "profiles": len(fleet.store.profiles())}
+    _emit(args, doc, lambda: (
+        f"wrote {path}: {doc['devices']} device(s), {doc['profiles']} profile(s), "
+        f"{doc['rollouts']} rollout(s); open it in a browser (it needs nothing else)"))
+    return EXIT_OK

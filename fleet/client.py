@@ -1,0 +1,801 @@
+"""The Python SDK for scripted rollouts: :class:`Fleet`, the same verbs as the ``fleetlite`` CLI.
+
+A :class:`Fleet` is a thin layer over the fleet store (:mod:`fleetlite.fleet.store`): it reads
+devices, releases, rollouts and profiles there, and writes releases, rollouts and operator
+requests there. A controller (``fleetlite serve``) does the rest: it drives every rollout it finds
+in the store, sends the commands and records its decisions. A script therefore needs the same
+``db`` as the controller; ``broker`` is only used to run a controller (:meth:`Fleet.serve`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+
+from fleetlite.fleet.errors import (
+    FleetError,
+    RecordNotFoundError,
+    RolloutError,
+    StoreUnavailableError,
+)
+from fleetlite.fleet.gates import GateSpec
+from fleetlite.fleet.profiles_view import Aggregate, Comparison, aggregate, compare
+from fleetlite.fleet.profiles_view import ProfileRow as ViewRow
+from fleetlite.fleet.report import (
+    ClassBudget,
+    DecisionEntry,
+    DeviceSummary,
+    ReportData,
+    RolloutSummary,
+    WaveSummary,
+    write_report,
+)
+from fleetlite.fleet.rollout import (
+    FAILED_STATUSES,
+    FINISHED_STATES,
+    OPERATOR_ACTIONS,
+    SUCCEEDED_STATUSES,
+    DeviceProgress,
+    DeviceView,
+    RolloutSpec,
+    RolloutState,
+    Selector,
+    WaveSpec,
+    parse_waves,
+    request,
+)
+from fleetlite.fleet.store import (
+    DecisionRow,
+    DeviceRecord,
+    ReleaseInfo,
+    RolloutRecord,
+    Store,
+    open_store,
+)
+from fleetlite.sdk.bundle import ReleaseBundle, build_release, load_bundle
+from fleetlite.sdk.chunks import DEFAULT_CHUNK_SIZE
+from fleetlite.sdk.errors import BundleError
+from fleetlite.sdk.keys import SigningKey
+
+if TYPE_CHECKING:
+    from fleetlite.fleet.controller import Controller
+    from fleetlite.sdk.trust import Root
+
+__all__ = [
+    "DEFAULT_BROKER",
+    "DEFAULT_DB",
+    "DEFAULT_WAVES",
+    "Fleet",
+    "RequestResult",
+    "Rollout",
+    "WaitTimeoutError",
+    "WaveProgress",
+    "decision_dict",
+    "device_dict",
+    "gate_texts",
+    "parse_broker",
+    "release_dict",
+]
+
+DEFAULT_DB = "sqlite:///fleetlite.db"
+"""The store when neither ``db`` nor ``FLEETLITE_DB`` is given: ``fleetlite.db`` in the current
+directory."""
+DEFAULT_BROKER = "localhost:1883"
+"""The broker when neither ``broker`` nor ``FLEETLITE_BROKER`` is given."""
+DEFAULT_WAVES = "1,10%,100%"
+"""Waves of :meth:`Fleet.create_rollout` when none are given: one canary, 10 %, the rest."""
+
+PathArg = Union[str, "os.PathLike[str]"]
+_REQUEST_RETRIES = 50
+
+
+class WaitTimeoutError(FleetError, TimeoutError):
+    """:meth:`Fleet.watch` or :meth:`Fleet.wait` gave up before the rollout finished; the
+    rollout goes on. ``rollout`` is the last snapshot seen."""
+
+    def __init__(self, message: str, rollout: Rollout) -> None:
+        super().__init__(message)
+        self.rollout = rollout
+
+
+# -- snapshots -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WaveProgress:
+    """One wave of a rollout: its planned size (``"1"``, ``"10%"``, ``"all"``; ``"extra"`` for a
+    wave of late joiners), devices per status, and ``state``: ``waiting``, ``running``,
+    ``paused``, ``passed``, ``not started`` or the rollout's final state."""
+
+    number: int
+    planned: str
+    counts: Mapping[str, int]
+    device_classes: tuple[str, ...]
+    state: str
+
+    @property
+    def succeeded(self) -> int:
+        return sum(n for s, n in self.counts.items() if s in SUCCEEDED_STATUSES)
+
+    @property
+    def failed(self) -> int:
+        return sum(n for s, n in self.counts.items()
+                   if s in FAILED_STATUSES or s == "rollback_failed")
+
+    @property
+    def in_flight(self) -> int:
+        return self.counts.get("sent", 0) + self.counts.get("rollback_sent", 0)
+
+    @property
+    def pending(self) -> int:
+        return self.counts.get("pending", 0) + self.counts.get("waiting_offline", 0)
+
+    @property
+    def excluded(self) -> int:
+        return self.counts.get("excluded", 0)
+
+    @property
+    def total(self) -> int:
+        """Devices of the wave that were or will be sent the release (not the excluded)."""
+        return sum(self.counts.values()) - self.excluded
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"wave": self.number, "planned": self.planned, "state": self.state,
+                "total": self.total, "succeeded": self.succeeded, "failed": self.failed,
+                "in_flight": self.in_flight, "pending": self.pending,
+                "excluded": self.excluded, "counts": dict(self.counts),
+                "device_classes": list(self.device_classes)}
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """A snapshot of one rollout: spec, state, waves with per-status counts, and (from
+    :meth:`Fleet.rollout`) the decision log, oldest first. ``pending_requests`` are operator
+    requests the controller has not handled yet."""
+
+    rollout_id: str
+    release_id: str
+    spec: RolloutSpec
+    state: str
+    reason: str
+    current_wave: int
+    waves: tuple[WaveProgress, ...]
+    devices: tuple[DeviceProgress, ...]
+    paused_classes: Mapping[str, str]
+    pending_requests: tuple[str, ...]
+    decisions: tuple[DecisionRow, ...]
+    revision: int
+    created: float
+    updated: float
+
+    @property
+    def model(self) -> str:
+        return self.spec.model
+
+    @property
+    def version(self) -> int:
+        return self.spec.version
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINISHED_STATES
+
+    @property
+    def completed(self) -> bool:
+        return self.state == "completed"
+
+    @property
+    def started(self) -> bool:
+        """True once a controller planned the waves."""
+        return self.current_wave > 0 or bool(self.devices)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Devices per status over the whole rollout."""
+        found: dict[str, int] = {}
+        for dev in self.devices:
+            found[dev.status] = found.get(dev.status, 0) + 1
+        return dict(sorted(found.items()))
+
+    @property
+    def total(self) -> int:
+        return sum(w.total for w in self.waves)
+
+    @property
+    def succeeded(self) -> int:
+        return sum(w.succeeded for w in self.waves)
+
+    @property
+    def failed(self) -> int:
+        return sum(w.failed for w in self.waves)
+
+    def progress_line(self) -> str:
+        """One line for logs: state, current wave and counts."""
+        if not self.started:
+            if self.finished:
+                return f"{self.rollout_id}: {self.state}: {self.reason}"
+            if self.state == "paused":
+                return f"{self.rollout_id}: paused before its first wave ({self.reason})"
+            return (f"{self.rollout_id}: waiting for a controller to plan it (is `fleetlite "
+                    "serve` running on this store?)")
+        counts = ", ".join(f"{n} {s}" for s, n in self.counts.items()) or "no devices"
+        line = (f"{self.rollout_id}: {self.state}, wave {self.current_wave} of "
+                f"{len(self.waves)}: {counts}")
+        if self.pending_requests:
+            line += f" ({', '.join(self.pending_requests)} requested)"
+        return line
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON- and YAML-ready description."""
+        return {
+            "rollout_id": self.rollout_id,
+            "release_id": self.release_id,
+            "model": self.model,
+            "version": self.version,
+            "previous_version": self.spec.previous_version,
+            "state": self.state,
+            "reason": self.reason,
+            "current_wave": self.current_wave,
+            "total": self.total,
+            "succeeded": self.succeeded,
+            "failed": self.failed,
+            "counts": self.counts,
+            "waves": [w.to_dict() for w in self.waves],
+            "paused_classes": dict(self.paused_classes),
+            "pending_requests": list(self.pending_requests),
+            "devices": [dict(vars(d)) for d in self.devices],
+            "decisions": [decision_dict(d) for d in self.decisions],
+            "spec": self.spec.to_dict(),
+            "revision": self.revision,
+            "created": self.created,
+            "updated": self.updated,
+        }
+
+
+@dataclass(frozen=True)
+class RequestResult:
+    """An operator request: the rollout after it was queued (or handled, if waited for) and the
+    controller's answer, ``None`` until the controller handled it."""
+
+    action: str
+    rollout: Rollout
+    decision: Optional[DecisionRow] = None
+
+    @property
+    def handled(self) -> bool:
+        return self.decision is not None
+
+    @property
+    def refused(self) -> bool:
+        return self.decision is not None and self.decision.kind == "refuse"
+
+
+def _snapshot(record: RolloutRecord, decisions: Sequence[DecisionRow]) -> Rollout:
+    spec = RolloutSpec.from_dict(record.spec)
+    state = RolloutState.from_dict(record.state) if record.state else RolloutState()
+    devices = tuple(sorted(state.devices.values(), key=lambda d: (d.wave, d.device_id)))
+    count = max([len(spec.waves), *(d.wave for d in devices)])
+    waves = []
+    for number in range(1, count + 1):
+        members = [d for d in devices if d.wave == number]
+        counts: dict[str, int] = {}
+        for dev in members:
+            counts[dev.status] = counts.get(dev.status, 0) + 1
+        waves.append(WaveProgress(
+            number=number,
+            planned=str(spec.waves[number - 1]) if number <= len(spec.waves) else "extra",
+            counts=dict(sorted(counts.items())),
+            device_classes=tuple(sorted({d.device_class for d in members})),
+            state=_wave_state(state, number)))
+    return Rollout(
+        rollout_id=record.rollout_id, release_id=record.release_id, spec=spec,
+        state=state.state, reason=state.reason, current_wave=state.current_wave,
+        waves=tuple(waves), devices=devices,
+        paused_classes={c: g.reason for c, g in sorted(state.paused_classes.items())},
+        pending_requests=tuple(r.action for r in state.operator_requests),
+        decisions=tuple(decisions), revision=record.revision, created=record.created,
+        updated=record.updated)
+
+
+def _wave_state(state: RolloutState, number: int) -> str:
+    if number < state.current_wave:
+        return "passed"
+    if number == state.current_wave:
+        return "passed" if state.state == "completed" else state.state
+    return "not started" if state.finished else "waiting"
+
+
+# -- JSON-ready records --------------------------------------------------------------------------
+
+
+def device_dict(device: DeviceRecord) -> dict[str, Any]:
+    """A JSON- and YAML-ready description of a device."""
+    return {
+        "device_id": device.device_id,
+        "device_class": device.device_class,
+        "online": device.online,
+        "status_reason": device.status_reason,
+        "tags": dict(device.tags),
+        "models": [{"name": m.name, "version": m.version, "sha256": m.sha256}
+                   for m in device.models],
+        "agent_version": device.agent_version,
+        "last_seen": device.last_seen,
+        "session": device.session,
+        "facts": dict(device.facts),
+        "telemetry": device.telemetry.to_dict() if device.telemetry is not None else None,
+    }
+
+
+def release_dict(info: ReleaseInfo) -> dict[str, Any]:
+    """A JSON- and YAML-ready description of a stored release (without its bytes)."""
+    manifest = info.manifest
+    targets = manifest.get("targets", {})
+    return {
+        "release_id": info.release_id,
+        "name": info.name,
+        "version": info.version,
+        "device_classes": list(targets.get("device_classes", [])),
+        "created": info.created,
+        "issued": manifest.get("issued"),
+        "expires": manifest.get("expires"),
+        "files": dict(info.files),
+        "size": sum(info.files.values()),
+    }
+
+
+def decision_dict(decision: DecisionRow) -> dict[str, Any]:
+    return {"id": decision.id, "ts": decision.ts, "kind": decision.kind,
+            "reason": decision.reason, "device_id": decision.device_id, "wave": decision.wave,
+            "device_class": decision.device_class, "detail": decision.detail,
+            "revision": decision.revision}
+
+
+def parse_broker(text: str) -> tuple[str, int]:
+    """``host:port``, ``host`` (port 1883), ``[::1]:1883`` or ``mqtt://host:port``."""
+    value = text.strip()
+    if value.startswith("mqtt://"):
+        value = value[len("mqtt://"):]
+    host, port = value, 1883
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        if rest:
+            port = _port(rest.lstrip(":"), text)
+    elif value.count(":") == 1:
+        host, port_text = value.split(":")
+        port = _port(port_text, text)
+    if not host:
+        raise FleetError(f"cannot read the broker address {text!r}: write HOST:PORT, e.g. "
+                         "localhost:1883")
+    return host, port
+
+
+def _port(text: str, whole: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise FleetError(f"cannot read the broker address {whole!r}: the port must be a number "
+                         "1..65535 (HOST:PORT, e.g. localhost:1883)")
+    return int(text)
+
+
+def _sqlite_file(url: str) -> Optional[Path]:
+    """The file a SQLite store URL names, or None for other URLs."""
+    if url.startswith(("postgresql://", "postgres://")):
+        return None
+    if url.startswith("sqlite:///"):
+        return Path(url[len("sqlite:///"):])
+    if "://" in url:
+        return None
+    return Path(url)
+
+
+# -- the fleet -----------------------------------------------------------------------------------
+
+
+class Fleet:
+    """The fleet as a script sees it. Use it as a context manager, or call :meth:`close`.
+
+    ``db``: the store URL (``sqlite:///fleet.db``, ``postgresql://user:pw@host/db``); default
+    ``$FLEETLITE_DB``, else :data:`DEFAULT_DB`. ``broker``: ``HOST:PORT``; default
+    ``$FLEETLITE_BROKER``, else :data:`DEFAULT_BROKER`. ``create=False`` refuses to create a
+    SQLite store that does not exist yet (read-only verbs: a typo in the path would otherwise
+    show an empty fleet).
+    """
+
+    def __init__(self, db: Optional[PathArg] = None, broker: Optional[str] = None, *,
+                 create: bool = True) -> None:
+        self.db = os.fspath(db) if db else (os.environ.get("FLEETLITE_DB") or DEFAULT_DB)
+        self.broker = broker or os.environ.get("FLEETLITE_BROKER") or DEFAULT_BROKER
+        self.host, self.port = parse_broker(self.broker)
+        path = _sqlite_file(self.db)
+        if not create and path is not None and not path.exists():
+            raise StoreUnavailableError(
+                f"no fleet store at {path}: start the controller with `fleetlite serve --db "
+                f"{self.db}` (it creates the store), or point --db / FLEETLITE_DB at the store "
+                "your controller uses")
+        self.store: Store = open_store(self.db)
+
+    def __repr__(self) -> str:
+        return f"<Fleet {self.store.url} broker {self.host}:{self.port}>"
+
+    def __enter__(self) -> Fleet:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.store.close()
+
+    # -- devices -----------------------------------------------------------------------------
+
+    def devices(self, device_class: Optional[str] = None,
+                tags: Optional[Mapping[str, str]] = None,
+                online: Optional[bool] = None) -> list[DeviceRecord]:
+        """Registered devices matching every given filter, by id."""
+        return self.store.list_devices(device_class=device_class, tags=tags, online=online)
+
+    def device(self, device_id: str) -> DeviceRecord:
+        """One device; :class:`RecordNotFoundError` if the fleet never heard of it."""
+        found = self.store.get_device(device_id)
+        if found is None:
+            raise RecordNotFoundError(
+                f"no device {device_id!r} in the store {self.store.url}: list them with "
+                "`fleetlite devices list`; a device appears once its agent connects to the "
+                "broker while `fleetlite serve` runs")
+        return found
+
+    # -- releases ----------------------------------------------------------------------------
+
+    def build_release(self, models: Sequence[PathArg], *, name: str, version: int,
+                      device_classes: Sequence[str],
+                      keys: Sequence[Union[SigningKey, PathArg]] = (),
+                      vocab: Optional[PathArg] = None, **options: Any) -> ReleaseBundle:
+        """Build (and sign with ``keys``: key objects or ``.key`` files) a release bundle;
+        ``options`` go to :func:`fleetlite.sdk.bundle.build_release` (``expires_in``,
+        ``tolerance``, ...). Nothing is stored: :meth:`push_release` does that."""
+        loaded = [k if isinstance(k, SigningKey) else SigningKey.load(k) for k in keys]
+        return build_release(models, name=name, version=version,
+                             device_classes=device_classes, vocab=vocab, keys=loaded, **options)
+
+    def push_release(self, bundle: Union[ReleaseBundle, PathArg], *,
+                     root: Union[Root, PathArg, None] = None) -> str:
+        """Store a release (a bundle, or a bundle directory / ``.flb`` file) and return its id;
+        the controller serves it to the devices of a rollout. Refuses unsigned or expired
+        releases and files that do not match the manifest; with ``root`` (a root of trust or
+        its ``root.json``), the release must also verify against it as on a device. Pushing a
+        stored release again only updates its signatures."""
+        loaded = bundle if isinstance(bundle, ReleaseBundle) else load_bundle(bundle)
+        manifest = loaded.manifest
+        origin = "the bundle" if isinstance(bundle, ReleaseBundle) else str(bundle)
+        if not loaded.envelope.signatures:
+            raise BundleError(f"{origin} is unsigned: sign it with `fleetlite release sign "
+                              "BUNDLE --key KEY.key` first; devices refuse unsigned releases")
+        bad = [f"{f['name']} ({f['status']})" for f in loaded.summary()["files"]
+               if f["status"] != "ok"]
+        if bad:
+            raise BundleError(f"{origin}: files do not match the manifest: {', '.join(bad)}; "
+                              "rebuild the bundle")
+        if manifest.expires <= time.time():
+            raise BundleError(f"{origin}: {manifest.name} v{manifest.version} has expired; "
+                              "build it again (`--expires-in`)")
+        if root is not None:
+            from fleetlite.sdk import trust
+
+            trusted = root if isinstance(root, trust.Root) else trust.load_trusted_root(
+                Path(root).read_bytes())
+            loaded.verify(trusted, time_floor=time.time())
+        self.store.add_release(loaded.release_id, manifest.name, manifest.version,
+                               loaded.envelope_bytes(), dict(loaded.files), manifest.to_dict())
+        return loaded.release_id
+
+    def releases(self, name: Optional[str] = None) -> list[ReleaseInfo]:
+        """Stored releases (of one model name, if given), by name and version."""
+        return self.store.list_releases(name)
+
+    def release(self, release_id: str) -> ReleaseInfo:
+        """A stored release by id or by a unique prefix of at least 6 characters."""
+        releases = self.store.list_releases()
+        exact = [r for r in releases if r.release_id == release_id]
+        if exact:
+            return exact[0]
+        matches = ([r for r in releases if r.release_id.startswith(release_id)]
+                   if len(release_id) >= 6 else [])
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise RecordNotFoundError(f"release id prefix {release_id!r} is ambiguous "
+                                      f"({len(matches)} releases): give more characters")
+        raise RecordNotFoundError(
+            f"no release {release_id!r} in the store {self.store.url}: list them with "
+            "`fleetlite release list`, store one with `fleetlite release push BUNDLE`")
+
+    # -- rollouts ----------------------------------------------------------------------------
+
+    def create_rollout(
+        self,
+        release_id: str,
+        *,
+        selector: Optional[Selector] = None,
+        waves: Union[str, Iterable[Union[str, int, WaveSpec]]] = DEFAULT_WAVES,
+        gates: Optional[GateSpec] = None,
+        success_threshold: float = 1.0,
+        failure_threshold: float = 0.0,
+        on_failure: str = "pause",
+        wave_timeout_s: float = 600.0,
+        rollout_id: Optional[str] = None,
+        previous_version: Optional[int] = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        replace_offline: bool = True,
+        paused: bool = False,
+        allow_empty: bool = False,
+    ) -> Rollout:
+        """Create a rollout of a stored release; the controller starts it on its next tick.
+
+        ``selector`` defaults to every device of the release's device classes; naming a class
+        the release does not target is refused (the devices would reject it). ``previous_version``
+        (the gates' baseline) defaults to the highest version of the model below the release's
+        that is active on the selected devices. ``paused=True`` creates it paused: review it,
+        then :meth:`resume`. Refused when no registered device matches, unless ``allow_empty``
+        (devices that register later join only a rollout that has started). Other arguments:
+        see :class:`fleetlite.fleet.rollout.RolloutSpec` and docs/rollouts.md.
+        """
+        info = self.release(release_id)
+        targets = tuple(info.manifest.get("targets", {}).get("device_classes", []))
+        chosen = selector or Selector()
+        wrong = [c for c in chosen.device_classes if c not in targets]
+        if wrong:
+            raise RolloutError(
+                f"release {info.name} v{info.version} targets {', '.join(targets)}, not "
+                f"{', '.join(wrong)}: devices of another class refuse it (wrong_device_class); "
+                "build the release for that class or select its classes")
+        if not chosen.device_classes:
+            chosen = Selector(targets, dict(chosen.tags), tuple(chosen.device_ids))
+        selected = [d for d in self.store.list_devices()
+                    if chosen.matches(DeviceView(d.device_id, d.device_class, d.tags, d.online))]
+        if not selected and not allow_empty:
+            raise RolloutError(
+                f"no registered device matches the selector ({chosen}): check `fleetlite "
+                "devices list`; devices register when their agent connects while `fleetlite "
+                "serve` runs")
+        if previous_version is None:
+            active = [m.version for d in selected for m in d.models
+                      if m.name == info.name and m.version is not None
+                      and m.version < info.version]
+            previous_version = max(active) if active else None
+        spec = RolloutSpec(
+            rollout_id=rollout_id or f"{info.name}-v{info.version}-{uuid.uuid4().hex[:6]}",
+            release_id=info.release_id, model=info.name, version=info.version,
+            previous_version=previous_version, selector=chosen, waves=parse_waves(waves),
+            success_threshold=success_threshold, failure_threshold=failure_threshold,
+            on_failure=on_failure, wave_timeout_s=wave_timeout_s, gates=gates or GateSpec(),
+            chunk_size=chunk_size, replace_offline=replace_offline)
+        state = RolloutState()
+        if paused:
+            state = request(state, "pause", "created paused")
+        record = self.store.create_rollout(spec.rollout_id, info.release_id, spec.to_dict(),
+                                           state=state.to_dict())
+        return _snapshot(record, ())
+
+    def rollout(self, rollout_id: str) -> Rollout:
+        """A rollout with its waves and its decision log."""
+        record = self.store.get_rollout(rollout_id)
+        if record is None:
+            raise self._no_rollout(rollout_id)
+        return _snapshot(record, self.store.decisions(rollout_id))
+
+    def rollouts(self, release_id: Optional[str] = None) -> list[Rollout]:
+        """Every rollout (of one release, if given), oldest first, without decision logs."""
+        return [_snapshot(r, ()) for r in self.store.list_rollouts(release_id)]
+
+    def _no_rollout(self, rollout_id: str) -> RecordNotFoundError:
+        known = [r.rollout_id for r in self.store.list_rollouts()][-5:]
+        hint = f" (latest: {', '.join(known)})" if known else ""
+        return RecordNotFoundError(
+            f"no rollout {rollout_id!r} in the store {self.store.url}{hint}: list them with "
+            "`fleetlite rollout list`")
+
+    # -- operator requests -------------------------------------------------------------------
+
+    def pause(self, rollout_id: str, note: str = "", *,
+              wait: Optional[float] = None) -> RequestResult:
+        """Stop sending installs and starting waves; outcomes, gates and rollbacks go on."""
+        return self.request(rollout_id, "pause", note=note, wait=wait)
+
+    def resume(self, rollout_id: str, note: str = "", *,
+               wait: Optional[float] = None) -> RequestResult:
+        """Run a paused rollout again; after a threshold pause this accepts that wave."""
+        return self.request(rollout_id, "resume", note=note, wait=wait)
+
+    def abort(self, rollout_id: str, note: str = "", *,
+              wait: Optional[float] = None) -> RequestResult:
+        """Finish the rollout: no more installs; installed devices keep the release."""
+        return self.request(rollout_id, "abort", note=note, wait=wait)
+
+    def rollback(self, rollout_id: str, note: str = "", *,
+                 wait: Optional[float] = None) -> RequestResult:
+        """Roll back every device that installed the release in this rollout."""
+        return self.request(rollout_id, "rollback", note=note, wait=wait)
+
+    def request(self, rollout_id: str, action: str, *, note: str = "",
+                wait: Optional[float] = None) -> RequestResult:
+        """Queue an operator request (``pause``, ``resume``, ``abort``, ``rollback``); the
+        controller handles it on its next tick and logs the answer (the action, or ``refuse``
+        with the reason). With ``wait`` (seconds), wait for that answer.
+
+        The request is written with the rollout's revision check, retried when a controller
+        wrote the rollout in between, so neither side loses the other's change.
+        """
+        if action not in OPERATOR_ACTIONS:
+            raise RolloutError(f"operator action must be one of {', '.join(OPERATOR_ACTIONS)}, "
+                               f"got {action!r}")
+        before = max((d.id for d in self.store.decisions(rollout_id)), default=0)
+        for _ in range(_REQUEST_RETRIES):
+            record = self.store.get_rollout(rollout_id)
+            if record is None:
+                raise self._no_rollout(rollout_id)
+            state = RolloutState.from_dict(record.state) if record.state else RolloutState()
+            if state.finished and (action != "rollback" or state.state == "rolled_back"):
+                raise RolloutError(f"rollout {rollout_id} is already {state.state} "
+                                   f"({state.reason}): there is nothing to {action}")
+            queued = request(state, action, note)
+            if self.store.update_rollout_state(rollout_id, record.revision, queued.to_dict()):
+                break
+            time.sleep(0.02)  # a controller wrote the rollout meanwhile: read it again
+        else:
+            raise RolloutError(f"could not queue {action} on rollout {rollout_id}: it kept "
+                               "changing under us; try again")
+        deadline = time.monotonic() + (wait or 0.0)
+        while True:
+            answer = self._answer(rollout_id, action, before)
+            if answer is not None or time.monotonic() >= deadline:
+                return RequestResult(action, self.rollout(rollout_id), answer)
+            time.sleep(0.1)
+
+    def _answer(self, rollout_id: str, action: str, after: int) -> Optional[DecisionRow]:
+        for decision in self.store.decisions(rollout_id):
+            if (decision.id > after and decision.detail.get("operator")
+                    and decision.detail.get("action") == action):
+                return decision
+        return None
+
+    # -- following a rollout -----------------------------------------------------------------
+
+    def watch(self, rollout_id: str, interval: float = 1.0, timeout: Optional[float] = None, *,
+              stop_on_pause: bool = False) -> Iterator[Rollout]:
+        """Snapshots of a rollout: the current one at once, then each change, until it is
+        finished (the last snapshot yielded is the finished one) or, with ``stop_on_pause``,
+        paused. Raises :class:`WaitTimeoutError` after ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        current: Optional[Rollout] = None
+        while True:
+            record = self.store.get_rollout(rollout_id)
+            if record is None:
+                raise self._no_rollout(rollout_id)
+            if current is None or record.revision != current.revision:
+                # the decision log is read only when the rollout changed
+                current = _snapshot(record, self.store.decisions(rollout_id))
+                yield current
+            if current.finished or (stop_on_pause and current.state == "paused"):
+                return
+            if deadline is not None and time.monotonic() >= deadline:
+                raise WaitTimeoutError(
+                    f"rollout {rollout_id} is still {current.state} after {timeout:g} s "
+                    f"({current.progress_line()}); it goes on: watch it again with "
+                    f"`fleetlite rollout watch {rollout_id}`", current)
+            time.sleep(interval if deadline is None
+                       else max(0.0, min(interval, deadline - time.monotonic())))
+
+    def wait(self, rollout_id: str, callback: Optional[Callable[[Rollout], Any]] = None,
+             timeout: Optional[float] = None, *, interval: float = 1.0,
+             stop_on_pause: bool = False) -> Rollout:
+        """Block until the rollout is finished (or paused, with ``stop_on_pause``) and return
+        its last snapshot; ``callback`` gets every snapshot :meth:`watch` yields. Check
+        ``.completed`` on the result: aborted and rolled back rollouts are finished too."""
+        last: Optional[Rollout] = None
+        for snapshot in self.watch(rollout_id, interval, timeout, stop_on_pause=stop_on_pause):
+            last = snapshot
+            if callback is not None:
+                callback(snapshot)
+        assert last is not None  # watch yields at least once
+        return last
+
+    # -- profiles and reports ----------------------------------------------------------------
+
+    def profile_rows(self, model: Optional[str] = None, version: Optional[int] = None,
+                     device_class: Optional[str] = None) -> list[ViewRow]:
+        """Every stored profile matching the filters, flattened, oldest first."""
+        return [ViewRow(device_id=r.device_id, device_class=r.device_class or "unknown",
+                        model=r.model, version=r.version if r.version is not None else 0,
+                        p50_ms=r.p50_ms, p95_ms=r.p95_ms, p99_ms=r.p99_ms, mean_ms=r.mean_ms,
+                        peak_rss_mb=r.peak_rss_mb, ts=r.ts, trigger=r.trigger)
+                for r in self.store.profiles(model, version, device_class)]
+
+    def profiles(self, model: Optional[str] = None, version: Optional[int] = None,
+                 device_class: Optional[str] = None) -> list[Aggregate]:
+        """Per (device class, model, version): medians over devices of their newest profile."""
+        return aggregate(self.profile_rows(model, version, device_class))
+
+    def compare(self, model: str, a: int, b: int) -> Comparison:
+        """Version ``b`` of ``model`` against version ``a``, per device class."""
+        return compare(self.profile_rows(model), model, a, b)
+
+    def report(self, path: PathArg, *, title: str = "FleetLite fleet report") -> Path:
+        """Write the self-contained HTML report of the store: devices, profiles, rollouts."""
+        devices = self.store.list_devices()
+        rollouts = [self.rollout(r.rollout_id) for r in self.store.list_rollouts()]
+        data = ReportData(generated_at=time.time(), devices=[_device_summary(d) for d in devices],
+                          profiles=self.profile_rows(),
+                          rollouts=[_rollout_summary(r) for r in rollouts],
+                          budgets=_budgets({d.device_class for d in devices}), title=title)
+        return write_report(path, data)
+
+    # -- running a controller ----------------------------------------------------------------
+
+    def serve(self, *, group: Optional[str] = None, tick_s: float = 0.5,
+              controller_id: Optional[str] = None, lease_ttl_s: float = 10.0) -> Controller:
+        """Start a controller on this store and broker (what ``fleetlite serve`` runs); stop it
+        with ``.stop()``. ``group`` shares the ingest with other controllers of that group;
+        ``controller_id`` is its MQTT client id and lease owner (default: a random id)."""
+        from fleetlite.fleet.controller import Controller
+
+        return Controller(self.store, self.host, self.port, group=group, tick_s=tick_s,
+                          controller_id=controller_id, lease_ttl_s=lease_ttl_s).start()
+
+
+# -- report adapters -------------------------------------------------------------------------------
+
+
+def _device_summary(device: DeviceRecord) -> DeviceSummary:
+    model = device.models[0] if device.models else None
+    return DeviceSummary(device_id=device.device_id, device_class=device.device_class,
+                         online=device.online, model=model.name if model else None,
+                         version=model.version if model else None, last_seen=device.last_seen,
+                         tags=dict(device.tags), agent_version=device.agent_version)
+
+
+def gate_texts(gates: GateSpec) -> list[str]:
+    """The limits of a gate spec as short phrases (``"p95 latency +20%"``)."""
+    texts = []
+    if gates.max_p95_regression is not None:
+        texts.append(f"p95 latency +{gates.max_p95_regression:.0%}")
+    if gates.max_peak_rss_mb is not None:
+        texts.append(f"peak RSS <= {gates.max_peak_rss_mb:g} MiB")
+    if gates.max_rss_regression is not None:
+        texts.append(f"peak RSS +{gates.max_rss_regression:.0%}")
+    if gates.max_smoke_failures is not None:
+        texts.append(f"smoke failures <= {gates.max_smoke_failures}")
+    if gates.min_profiles:
+        texts.append(f"profiles >= {gates.min_profiles} per class and wave")
+    return texts
+
+
+def _rollout_summary(rollout: Rollout) -> RolloutSummary:
+    waves = [WaveSummary.from_statuses(
+        f"wave {w.number} ({w.planned})",
+        [d.status for d in rollout.devices if d.wave == w.number],
+        state=w.state, device_classes=w.device_classes) for w in rollout.waves]
+    decisions = [DecisionEntry(ts=d.ts, action=d.kind, reason=d.reason,
+                               wave=f"wave {d.wave}" if d.wave else "",
+                               device_class=d.device_class or "") for d in rollout.decisions]
+    return RolloutSummary(rollout_id=rollout.rollout_id, model=rollout.model,
+                          version=rollout.version, state=rollout.state, waves=waves,
+                          decisions=decisions, from_version=rollout.spec.previous_version,
+                          created_at=rollout.created, gates=gate_texts(rollout.spec.gates))
+
+
+def _budgets(classes: Iterable[str]) -> dict[str, ClassBudget]:
+    from fleetlite.sdk.device_class import find_device_class
+    from fleetlite.sdk.errors import FleetLiteError
+
+    budgets: dict[str, ClassBudget] = {}
+    for name in sorted(classes):
+        try:
+            budgets[name] = ClassBudget.from_budgets(find_device_class(name).budgets)
+        except FleetLiteError:
+            continue  # a class without a profile in device_profiles/: no budget line
+    return budgets
+

@@ -25,6 +25,7 @@ retries it explicitly.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import shutil
 import threading
@@ -36,7 +37,7 @@ from typing import Any
 
 import numpy.typing as npt
 
-from fleetlite.agent.atomic import fsync_dir
+from fleetlite.agent.atomic import fsync_dir, write_atomic
 from fleetlite.agent.commands import CommandArgumentError, arg
 from fleetlite.agent.errors import AgentError
 from fleetlite.agent.model_service import ModelService
@@ -250,8 +251,6 @@ class OtaManager:
         if self.root is None:
             raise AgentError("this device has no trusted root to rotate from; provision one")
         new = update_root(self.root, data)
-        from fleetlite.agent.atomic import write_atomic
-
         write_atomic(self.store.dir / "root.json", data)
         self.root = new
         return {"root_version": new.version}
@@ -408,8 +407,6 @@ class OtaManager:
                 raise InstallEndedError("rejected", "release_id_mismatch",
                                     "the manifest on the release topic does not hash to the "
                                     "requested release id")
-            from fleetlite.agent.atomic import write_atomic
-
             write_atomic(saved, payload)
             return payload
 
@@ -570,8 +567,6 @@ class OtaManager:
         for name, path in files.items():
             shutil.copyfile(path, target / name)
             with (target / name).open("rb+") as handle:
-                import os
-
                 os.fsync(handle.fileno())
         shutil.copyfile(self.store.staging_dir(job.release_id) / "manifest.json",
                         target / "manifest.json")

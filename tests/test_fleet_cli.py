@@ -17,8 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.parse
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -39,6 +37,7 @@ from fleetlite.tools.models import intent_classifier
 from tests.agent_harness import AgentProcess, write_config
 from tests.mqtt_harness import Mosquitto
 from tests.test_ota_install import RELEASE_KEY, write_root
+from tests.test_store import _fresh_pg_database
 
 BIN = Path(sys.executable).parent
 FLEETLITE = str(BIN / "fleetlite")
@@ -51,20 +50,6 @@ PG_SKIP = ("PostgreSQL variant skipped: FLEETLITE_TEST_PG_URL is not set. Run "
 
 
 # -- fixtures and helpers --------------------------------------------------------------------------
-
-
-def _fresh_pg_database() -> Iterator[str]:
-    import psycopg
-
-    name = f"fleetlite_cli_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_URL, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    parts = urllib.parse.urlsplit(PG_URL)
-    try:
-        yield urllib.parse.urlunsplit(parts._replace(path=f"/{name}"))
-    finally:
-        with psycopg.connect(PG_URL, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

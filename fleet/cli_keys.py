@@ -106,12 +106,13 @@ def _add_role_arguments(parser: argparse.ArgumentParser) -> None:
                         help="distinct root keys that must sign a root (default 1)")
     parser.add_argument("--release-threshold", type=int, default=1,
                         help="distinct release keys that must sign a release (default 1)")
-    parser.add_argument("--expires-in", type=_duration, default=ROOT_EXPIRES_DEFAULT,
+    parser.add_argument("--expires-in", type=duration_arg, default=ROOT_EXPIRES_DEFAULT,
                         metavar="DURATION",
                         help=f"root expiry, e.g. 365d or 52w (default {ROOT_EXPIRES_DEFAULT})")
 
 
-def _duration(text: str) -> int:
+def duration_arg(text: str) -> int:
+    """argparse type for durations such as 30d or 12h (shared by the keys and release verbs)."""
     try:
         return parse_duration(text)
     except ValueError as exc:

@@ -9,12 +9,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fleetlite.fleet.cli_keys import duration_arg
 from fleetlite.sdk.bundle import (
     BUNDLE_SUFFIX,
     DEFAULT_EXPIRES_IN,
     build_release,
     load_bundle,
-    parse_duration,
     run_bundle_smoke,
     sign_bundle,
 )
@@ -68,7 +68,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     build.add_argument("--device-class", required=True, action="append", dest="device_classes",
                        metavar="CLASS", help="target device class (repeat for several)")
     build.add_argument("--vocab", help="vocabulary file shipped with the model")
-    build.add_argument("--expires-in", type=_duration, default=DEFAULT_EXPIRES_IN,
+    build.add_argument("--expires-in", type=duration_arg, default=DEFAULT_EXPIRES_IN,
                        metavar="DURATION", help="manifest lifetime, e.g. 30d, 12h (default 30d)")
     build.add_argument("--min-agent-version", default=__version__,
                        help=f"oldest agent that may install it (default {__version__})")
@@ -107,13 +107,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     show.add_argument("bundle", help="bundle directory or .flb file")
     show.add_argument("-o", "--output", choices=("text", "json"), default="text")
     return parser
-
-
-def _duration(text: str) -> int:
-    try:
-        return parse_duration(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import json
+import queue
+import re
+import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
+import pytest
+
 BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parent.parent
 
 
 def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -39,16 +48,90 @@ def test_help_teaches_with_examples() -> None:
         assert "examples:" in out and "exit codes" in out
 
 
-def test_demo_rolls_out_shows_profiles_rejects_the_broken_release(tmp_path: Path) -> None:
-    result = run("fleetlite", "demo", "--out", str(tmp_path), check=False)
-    out = result.stdout
-    assert result.returncode == 0, out[-3000:] + result.stderr[-3000:]
-    assert "broker: " in out
-    assert "'turn off the kitchen lights'" in out and "lights_off" in out
-    assert "state: completed" in out  # v2 rolled out in waves
-    for device_class in ("raspberry-pi-4", "jetson-orin-nano", "industrial-x86-gateway"):
-        assert device_class in out  # agents and the profile table per class
-    assert "smoke_output_mismatch" in out and "state: aborted" in out  # the broken release
-    assert "serve intent version(s) 2:" in out
-    report = (tmp_path / "report.html").read_text()
-    assert "gw-pi4-01" in report and "intent-v3" in report
+def test_demo_keep_then_explore_with_the_cli_then_ctrl_c(tmp_path: Path) -> None:
+    """``fleetlite demo --keep``: the whole demo, then everything stays up for the commands the
+    demo and docs/quickstart.md suggest (run verbatim), and Ctrl-C stops every process."""
+    demo = subprocess.Popen([str(BIN / "fleetlite"), "demo", "--keep", "--out", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in demo.stdout or ()],
+                              daemon=True)
+    reader.start()
+    try:
+        out = _read_until(lines, "Press Ctrl-C", timeout=240)
+        assert "broker: " in out
+        assert "'turn off the kitchen lights'" in out and "lights_off" in out
+        assert "state: completed" in out  # v2 rolled out in waves
+        for device_class in ("raspberry-pi-4", "jetson-orin-nano", "industrial-x86-gateway"):
+            assert device_class in out  # agents and the profile table per class
+        assert "smoke_output_mismatch" in out and "state: aborted" in out  # the broken release
+        assert "serve intent version(s) 2:" in out
+        report = (tmp_path / "report.html").read_text()
+        assert "gw-pi4-01" in report and "intent-v3" in report
+
+        # what --keep prints, run as printed, from a checkout whose .venv is this test's venv
+        export = next(line.strip() for line in out.splitlines()
+                      if line.strip().startswith("export FLEETLITE_DB="))
+        checkout = tmp_path / "checkout"
+        checkout.mkdir()
+        (checkout / ".venv").symlink_to(Path(sys.prefix))
+        quickstart = (REPO / "docs" / "quickstart.md").read_text()
+        commands = re.findall(r"^(\.venv/bin/fleetlite .+)$", quickstart, re.M)
+        suggested = [line.strip() for line in out.splitlines()
+                     if line.startswith("  fleetlite ")]
+        assert [c.replace(".venv/bin/", "") for c in commands] == suggested
+        devices, rollouts, profiles = (
+            subprocess.run(["bash", "-c", f"{export}\n{command}"], cwd=checkout,
+                           capture_output=True, text=True, timeout=60, check=True).stdout
+            for command in commands)
+        for device_id in ("gw-pi4-01", "gw-pi4-02", "gw-jetson-01", "gw-x86-01"):
+            assert re.search(rf"^{device_id}\s+\S+\s+online\s+intent v2\s", devices, re.M), \
+                devices
+        assert re.search(r"^intent-v2\s+intent\s+2\s+completed\s", rollouts, re.M), rollouts
+        assert re.search(r"^intent-v3\s+intent\s+3\s+aborted\s", rollouts, re.M), rollouts
+        for device_class in ("raspberry-pi-4", "jetson-orin-nano", "industrial-x86-gateway"):
+            assert re.search(rf"^{device_class}\s+intent\s+2\s", profiles, re.M), profiles
+    finally:
+        demo.send_signal(signal.SIGINT)
+        code = demo.wait(60)
+        reader.join(10)
+        if demo.stdout is not None:
+            demo.stdout.close()
+    rest = "".join(_drain(lines))
+    assert code == 0, rest
+    assert "Stopping the agents" in rest
+    pids = [int(pid) for pid in re.findall(r"pid (\d+)", out)]
+    assert len(pids) == 4
+    for pid in pids:  # every agent is gone (not left as an orphan)
+        assert not Path(f"/proc/{pid}").exists() or _is_zombie(pid), f"agent {pid} still runs"
+    host, port = re.search(r"broker: \S+.* on (\S+):(\d+)", out).groups()  # type: ignore[union-attr]
+    with pytest.raises(OSError):
+        socket.create_connection((host, int(port)), timeout=2).close()
+
+
+def _read_until(lines: queue.Queue[str], marker: str, timeout: float) -> str:
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=1)
+        except queue.Empty:
+            continue
+        seen.append(line)
+        if marker in line:
+            return "".join(seen)
+    raise AssertionError(f"no {marker!r} within {timeout:g} s:\n" + "".join(seen)[-4000:])
+
+
+def _drain(lines: queue.Queue[str]) -> list[str]:
+    drained = []
+    while not lines.empty():
+        drained.append(lines.get_nowait())
+    return drained
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
+    except (OSError, IndexError):
+        return False

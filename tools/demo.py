@@ -16,8 +16,10 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+from types import FrameType
 
 import yaml
 
@@ -301,10 +303,17 @@ class Demo:
             self.broker.stop()
 
 
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
 def run_demo(out: str | None = None, *, keep: bool = False) -> int:
     workdir = Path(out) if out else Path(tempfile.mkdtemp(prefix="fleetlite-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     demo = Demo(workdir, keep=keep)
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM (kill, systemd, a CI runner) cleans up like Ctrl-C: no orphaned agents
+        signal.signal(signal.SIGTERM, _interrupt)
     say(f"FleetLite demo — working in {workdir}")
     try:
         step(1, "Starting a broker")
@@ -341,12 +350,12 @@ def run_demo(out: str | None = None, *, keep: bool = False) -> int:
                 f"FLEETLITE_BROKER={demo.broker.host}:{demo.broker.port}\n"
                 "  fleetlite devices list\n  fleetlite rollout list\n"
                 "  fleetlite profiles show --model intent\n"
-                "Press Ctrl-C to stop everything.")
+                "Press Ctrl-C (or send SIGTERM) to stop everything.")
             try:
                 while True:
                     time.sleep(1)
             except KeyboardInterrupt:
-                pass
+                say("Stopping the agents, the controller and the broker ...")
         return 0 if state.state == "completed" else 1
     finally:
         demo.stop()  # the work directory stays: it holds the report and the logs

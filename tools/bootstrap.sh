@@ -39,6 +39,7 @@ if [ "$SYSTEM" = 1 ]; then
   command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
   command -v mosquitto_sub >/dev/null || missing+=(mosquitto-clients)
   command -v openssl >/dev/null || missing+=(openssl)
+  command -v jq >/dev/null || missing+=(jq)  # docs/sdk.md's CI script uses it (and its test)
   if [ "${#missing[@]}" -gt 0 ]; then
     echo "bootstrap: installing ${missing[*]}"
     apt_install "${missing[@]}"

@@ -1,0 +1,326 @@
+"""Every command shown in README.md and docs/ runs as written, on real parts: a real Mosquitto, a
+real store, real `fleetlite serve` controllers and real agent processes started with the documented
+`fleetlite-agent run`. Each walkthrough ends by proving it ran all of its document's commands; the
+few it does not run are listed with the test that runs them, or the reason (they change the host:
+`sudo`, systemd).
+
+Placeholders a reader fills in are the only substitutions: `RELEASE_ID`, `ROLLOUT_ID`, `XXXX`,
+`DIR`, the example hosts, and `/opt/fleetlite/venv` (the venv running these tests).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from fleetlite.fleet import Fleet
+from fleetlite.tools.models import intent_classifier
+from tests.doc_commands import DOCS, REPO, Walkthrough, shell_commands
+from tests.mqtt_harness import Mosquitto
+from tests.test_store import PG_URL, _fresh_pg_database
+
+DEMO = "test_readme_demo.py runs `bash tools/demo.sh` verbatim in a fresh venv (it runs " \
+       "`fleetlite demo`)"
+KEEP = "test_cli_basics.py::test_demo_keep_then_explore_with_the_cli_then_ctrl_c"
+TESTS = "CI runs it: .ci/run ends with `bash tools/test.sh`"
+HOST = "changes the host (root, /etc, systemd): shown for a real gateway, not run by tests"
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+def agent_config(directory: Path, device_id: str, *, port: int, trust_root: Path,
+                 seed: Path, base: dict[str, Any] | None = None) -> Path:
+    """agent.yaml for one gateway of class raspberry-pi-4 on the test broker."""
+    directory.mkdir(parents=True, exist_ok=True)
+    config = dict(base or {})
+    for key in ("tls", "username", "password"):
+        config.get("broker", {}).pop(key, None)
+    config.update({
+        "device_id": device_id, "device_class": "raspberry-pi-4",
+        "tags": {**config.get("tags", {}), "site": "docs"},
+        "broker": {**config.get("broker", {}), "host": "127.0.0.1", "port": port},
+        "state_dir": str(directory / "state"), "socket": str(directory / "agent.sock"),
+        "trust_root": str(trust_root),
+        "intervals": {"telemetry_s": 60, "reconnect_min_s": 0.2, "reconnect_max_s": 1},
+        "ota": {"health_inferences": 3, "health_timeout_s": 0.5, "chunk_idle_s": 5},
+        "threads": 1, "profile_on_model_change": True,
+        "models": [{"name": "intent", "path": str(seed), "version": 1}],
+    })
+    path = directory / "agent.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def found(pattern: str, text: str) -> str:
+    match = re.search(pattern, text, re.S)
+    assert match, f"no {pattern!r} in:\n{text}"
+    return match.group(1)
+
+
+def versions(db: str) -> dict[str, int | None]:
+    with Fleet(db) as fleet:
+        return {d.device_id: next((m.version for m in d.models if m.name == "intent"), None)
+                for d in fleet.devices()}
+
+
+def state(db: str, rollout_id: str) -> str:
+    with Fleet(db) as fleet:
+        return fleet.rollout(rollout_id).state
+
+
+def operator_decisions(db: str, rollout_id: str) -> list[str]:
+    with Fleet(db) as fleet:
+        return [d.reason for d in fleet.rollout(rollout_id).decisions if d.detail.get("operator")]
+
+
+@pytest.fixture
+def store_db(tmp_path: Path) -> Iterator[str]:
+    """PostgreSQL when the suite has one (CI does), else SQLite."""
+    if PG_URL:
+        yield from _fresh_pg_database()
+    else:
+        yield f"sqlite:///{tmp_path / 'fleet.db'}"
+
+
+def operate_rollout(wt: Walkthrough, db: str, devices: list[str]) -> None:
+    """The rollout verbs as a doc shows them: create, pause, resume, watch, compare, report,
+    rollback, and abort of a second rollout (of v3)."""
+    pushed = wt.run("fleetlite release push").stdout
+    wt.subst["RELEASE_ID"] = found(r"release id ([0-9a-f]{64})", pushed)
+    created = wt.run("fleetlite rollout create").stdout
+    rollout_id = found(r"created rollout (\S+):", created)
+    wt.subst["ROLLOUT_ID"] = rollout_id
+    wt.run("fleetlite rollout pause")
+    wait_until(lambda: state(db, rollout_id) == "paused", 30, "the pause")
+    wt.run("fleetlite rollout resume")
+    watched = wt.run("fleetlite rollout watch").stdout
+    assert re.search(rf"{rollout_id}: completed, wave \d+ of \d+: {len(devices)} installed",
+                     watched), watched
+    assert wait_until(lambda: set(versions(db).values()) == {2}, 30, "births with v2")
+    compared = wt.run("fleetlite profiles compare intent 1 2").stdout
+    assert "intent: v2 (B) against v1 (A)" in compared
+    assert re.search(r"^raspberry-pi-4\s", compared, re.M), compared
+    reported = wt.run("fleetlite report --html fleet.html").stdout
+    assert f"{len(devices)} device(s)" in reported
+    html = (wt.cwd / "fleet.html").read_text()
+    assert all(device in html for device in devices) and rollout_id in html
+
+    wt.run("fleetlite rollout rollback")
+    wait_until(lambda: state(db, rollout_id) == "rolled_back", 60, "the operator's rollback")
+    assert wait_until(lambda: set(versions(db).values()) == {1}, 60, "births with v1 again")
+
+    # abort needs a rollout still in flight: one of a v3, built and pushed as set-up
+    wt.run_plain("fleetlite release build model.tflite --name intent --version 3 "
+                 "--device-class raspberry-pi-4 --key keys/release-*.key --out intent-v3\n"
+                 "fleetlite release push intent-v3")
+    with Fleet(db) as fleet:
+        wt.subst["RELEASE_ID"] = next(r.release_id for r in fleet.releases() if r.version == 3)
+    second = wt.run("fleetlite rollout create").stdout
+    wt.subst["ROLLOUT_ID"] = found(r"created rollout (\S+):", second)
+    wt.run("fleetlite rollout abort")
+    wait_until(lambda: state(db, wt.subst["ROLLOUT_ID"]) == "aborted", 30, "the abort")
+    reasons = operator_decisions(db, rollout_id) + operator_decisions(db, wt.subst["ROLLOUT_ID"])
+    assert [r.split(" by the operator")[0] for r in reasons] == \
+        ["paused", "resumed", "rolled back", "aborted"], reasons
+
+
+def test_readme_cli_tour(tmp_path: Path, broker: Mosquitto, models_dir: Path,
+                         store_db: str) -> None:
+    work = tmp_path / "tour"
+    work.mkdir()
+    (work / "model.tflite").write_bytes(intent_classifier(seed=11).tflite)
+    wt = Walkthrough(REPO / "README.md", work, {
+        "FLEETLITE_DB": store_db, "FLEETLITE_BROKER": f"{broker.host}:{broker.port}"},
+        exempt={"bash tools/demo.sh": DEMO, "bash tools/test.sh": TESTS,
+                "fleetlite demo": DEMO, "fleetlite demo --keep": KEEP})
+    wt.subst["DIR"] = "models"
+
+    info = wt.run("fleetlite-agent info").stdout
+    assert re.search(r"^cores\s+\d+", info, re.M) and "tflite" in info.lower()
+    checked = wt.run("fleetlite-agent check model.tflite").stdout
+    assert "model.tflite: OK" in checked and "tokens" in checked
+    profiled = wt.run("fleetlite-agent profile model.tflite").stdout
+    assert "p95" in profiled and "peak" in profiled.lower()
+    built = wt.run("python -m fleetlite.tools.build_models").stdout
+    assert (work / "models" / "intent_classifier.tflite").read_bytes() == \
+        (models_dir / "intent_classifier.tflite").read_bytes(), built
+
+    created = wt.run("fleetlite keys create --role release").stdout
+    wt.subst["XXXX"] = found(r"keys/release-(\w+)\.key", created)
+    # the root of trust (the README leaves `root init` to the operator guide)
+    wt.run_plain("fleetlite keys create --role root --out root-keys/")
+    wt.run_plain("fleetlite keys root init --root-key root-keys/root-*.key "
+                 "--release-key keys/release-*.pub --out root.json")
+    built = wt.run("fleetlite release build model.tflite").stdout
+    assert "intent v2 for raspberry-pi-4" in built and (work / "intent-v2").is_dir()
+    verified = wt.run("fleetlite release verify intent-v2").stdout
+    assert "intent v2" in verified
+
+    wt.start("fleetlite serve", log=work / "serve.log")
+    devices = ["gw-tour-1", "gw-tour-2"]
+    for device_id in devices:
+        home = work / device_id
+        agent_config(home, device_id, port=broker.port, trust_root=work / "root.json",
+                     seed=models_dir / "intent_classifier.tflite")
+        wt.start("fleetlite-agent run --config agent.yaml", cwd=home, log=home / "agent.log")
+    with Fleet(store_db) as fleet:
+        wait_until(lambda: len(fleet.devices(online=True)) == 2, 30, "two agents online")
+        wait_until(lambda: len(fleet.profile_rows("intent", 1)) >= 2, 60, "their v1 profiles")
+    listed = wt.run("fleetlite devices list").stdout
+    for device_id in devices:
+        assert re.search(rf"^{device_id}\s+raspberry-pi-4\s+online\s+intent v1\s", listed, re.M)
+
+    operate_rollout(wt, store_db, devices)
+    codes = wt.stop()
+    assert all(code == 0 for group in codes.values() for code in group), codes
+    wt.assert_all_run()
+
+
+def test_operator_guide_walkthrough(tmp_path: Path, broker: Mosquitto, models_dir: Path,
+                                    store_db: str) -> None:
+    guide = REPO / "docs" / "operator-guide.md"
+    work = tmp_path / "ops"
+    work.mkdir()
+    for name in ("intent_classifier.tflite", "intent_classifier.vocab.json"):
+        shutil.copy(models_dir / name, work / name)
+    (work / "model.tflite").write_bytes(intent_classifier(seed=11).tflite)
+    hosts = [c for c in shell_commands(guide) if c.startswith("sudo ")] + \
+        ["journalctl -u fleetlite-agent -f"]
+    wt = Walkthrough(guide, work, {}, exempt={
+        **{command: HOST for command in hosts},
+        "pip install 'fleetlite[fleet,postgres]'": "the venv running these tests is that "
+                                                   "install (tools/bootstrap.sh)"})
+    wt.subst.update({"/opt/fleetlite/venv": sys.prefix,
+                     "postgresql://fleet:secret@db.example.net/fleet": store_db,
+                     "mqtt.example.net:1883": f"{broker.host}:{broker.port}"})
+
+    # 1. provisioning: the installed agent, and where its systemd unit is
+    info = wt.run("/opt/fleetlite/venv/bin/fleetlite-agent info").stdout
+    assert "tflite" in info.lower()
+    unit = wt.run("unit=$(", then='cat "$unit"').stdout  # the file the next lines install
+    assert "ExecStart=/opt/fleetlite/venv/bin/fleetlite-agent run --config" in unit
+
+    # the documented agent.yaml loads (with this machine's broker and paths)
+    documented = yaml.safe_load(found(r"### agent.yaml\n\n```yaml\n(.*?)```", guide.read_text()))
+
+    # 4. profiles by hand
+    table = wt.run("fleetlite-agent profile model.tflite --device-class").stdout
+    assert re.search(r"^budget p95 latency .* ms <= 150 ms\s+ok$", table, re.M), table
+    record = json.loads(wt.run("fleetlite-agent profile model.tflite --json").stdout)
+    assert record["schema"] == "fleetlite.profile/1" and len(record["model"]["sha256"]) == 64
+    assert record["memory"]["peak_rss_inference_mb"] > 0
+
+    # 5. keys and a release
+    assert "created root key" in wt.run("fleetlite keys create --role root").stdout
+    assert "created release key" in wt.run("fleetlite keys create --role release").stdout
+    assert "wrote root.json" in wt.run("fleetlite keys root init").stdout
+    built = wt.run("fleetlite release build intent_classifier.tflite").stdout
+    assert "intent v2 for raspberry-pi-4" in built
+    wt.run("fleetlite release sign rel-v2/")
+    verified = wt.run("fleetlite release verify rel-v2/").stdout
+    assert "verifies against root.json and its smoke test passes here" in verified
+    shown = wt.run("fleetlite release show rel-v2/").stdout
+    assert "intent" in shown and "raspberry-pi-4" in shown
+
+    # 6. the fleet side: two controllers of one group, then the gateways
+    wt.export("export FLEETLITE_DB=")
+    wt.export("export FLEETLITE_BROKER=")
+    wt.start("fleetlite serve --id ctl-1", log=work / "ctl-1.log")
+    wt.start("fleetlite serve --id ctl-2", log=work / "ctl-2.log")
+    devices = ["gw-0001", "gw-0002"]
+    for device_id in devices:
+        home = work / device_id
+        agent_config(home, device_id, port=broker.port, trust_root=work / "root.json",
+                     seed=work / "intent_classifier.tflite", base=documented)
+        wt.start_plain(f"{sys.prefix}/bin/fleetlite-agent run --config agent.yaml", cwd=home,
+                       log=home / "agent.log")
+    with Fleet(store_db) as fleet:
+        wait_until(lambda: len(fleet.devices(online=True)) == 2, 30, "two gateways online")
+        wait_until(lambda: len(fleet.profile_rows("intent", 1)) >= 2, 60, "their v1 profiles")
+    listed = wt.run("fleetlite devices list -o table").stdout
+    for device_id in devices:
+        assert re.search(rf"^{device_id}\s+raspberry-pi-4\s+online\s+intent v1\s", listed, re.M)
+
+    operate_rollout(wt, store_db, devices)
+    codes = wt.stop()
+    assert all(code == 0 for group in codes.values() for code in group), codes
+    wt.assert_all_run()
+
+
+@pytest.mark.parametrize("doc", ["benchmarks.md", "models.md"])
+def test_tool_commands(doc: str, tmp_path: Path) -> None:
+    """The benchmark and model-building commands, in a copy of the checkout's fixtures."""
+    fixtures = tmp_path / "tests" / "fixtures" / "models"
+    shutil.copytree(REPO / "tests" / "fixtures" / "models", fixtures)
+    wt = Walkthrough(REPO / "docs" / doc, tmp_path, {})
+    if doc == "benchmarks.md":
+        inference = wt.run("python -m fleetlite.tools.bench.bench_inference").stdout
+        assert "2000 runs" in inference and "local socket API" in inference
+        profiler = wt.run("python -m fleetlite.tools.bench.bench_profiler").stdout
+        assert "intent_classifier" in profiler
+    else:
+        before = {p.name: p.read_bytes() for p in fixtures.iterdir()}
+        wt.run("python -m fleetlite.tools.build_models tests/fixtures/models")
+        assert {p.name: p.read_bytes() for p in fixtures.iterdir()} == before  # bit for bit
+        wt.run("python -m fleetlite.tools.build_models --check")
+        (fixtures / "intent_classifier.tflite").write_bytes(b"changed")
+        wt.run_plain(wt.command("python -m fleetlite.tools.build_models --check"), expect=1)
+    wt.assert_all_run()
+
+
+def test_sdk_guide_ci_script(tmp_path: Path, broker: Mosquitto, models_dir: Path) -> None:
+    """docs/sdk.md's shell version of the scripted rollout, as one script (it sets $ID)."""
+    from tests.test_fleet_cli import Site
+    from tests.test_ota_install import RELEASE_KEY
+
+    work = tmp_path / "ci"
+    work.mkdir()
+    (work / "intent_v3.tflite").write_bytes(intent_classifier(seed=12).tflite)
+    shutil.copy(models_dir / "intent_classifier.vocab.json", work / "intent.vocab.json")
+    (work / "keys").mkdir()
+    RELEASE_KEY.save(work / "keys" / "release.key")
+    db = f"sqlite:///{tmp_path / 'fleet.db'}"
+    site = Site(tmp_path, db, broker, models_dir,
+                {"gw-a": {"site": "plant-a"}, "gw-b": {"site": "plant-a"},
+                 "gw-c": {"site": "plant-b"}})
+    try:
+        site.wait_ready()
+        wt = Walkthrough(REPO / "docs" / "sdk.md", work, site.env, exempt={
+            "pip install 'fleetlite[fleet]'": "the venv running these tests is that install "
+                                             "(tools/bootstrap.sh)"})
+        script = wt.run("fleetlite release build", "fleetlite release push", "ID=$(",
+                        "fleetlite rollout wait", then='echo "rollout $ID"')
+        rollout_id = found(r"rollout (\S+)\s*$", script.stdout)
+        assert state(db, rollout_id) == "completed"
+        assert wait_until(lambda: versions(db) == {"gw-a": 3, "gw-b": 3, "gw-c": 1}, 20,
+                          "births with v3 at site plant-a only")
+        wt.assert_all_run()
+    finally:
+        site.close()
+
+
+def test_every_document_with_commands_has_a_walkthrough() -> None:
+    """A new document with shell commands needs a walkthrough here (or in the tests named)."""
+    walked = {"README.md", "operator-guide.md", "benchmarks.md", "models.md",
+              # quickstart.md: test_cli_basics.py (the --keep commands) + test_readme_demo.py
+              "quickstart.md",
+              "sdk.md"}
+    with_commands = {doc.name for doc in DOCS if shell_commands(doc)}
+    assert with_commands == walked

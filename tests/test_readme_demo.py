@@ -14,8 +14,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 WHEELHOUSE = REPO / ".wheelhouse"
-SKIP = {".git", ".venv", ".wheelhouse", ".mypy_tree", ".mypy_cache", ".pytest_cache",
-        ".ruff_cache", ".hypothesis", "__pycache__", "build", "dist"}
+SKIP = {".git", ".venv", ".venv-litert", ".wheelhouse", ".mypy_tree", ".mypy_cache",
+        ".pytest_cache", ".ruff_cache", ".hypothesis", "__pycache__", "build", "dist"}
 
 
 def readme_commands() -> list[str]:

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Run FleetLite's whole test suite (the same one CI runs), setting up what it needs first:
 # the Python venv, Mosquitto, a throw-away PostgreSQL cluster, headless Chromium and a local
-# wheelhouse (so the demo test can build a fresh venv offline).
-# Extra arguments go to pytest, e.g. tools/test.sh -k runtime
+# wheelhouse (so the demo test can build a fresh venv offline). Then the runtime-facing tests
+# again under ai-edge-litert (tools/test_litert.sh).
+# Extra arguments go to pytest and skip the ai-edge-litert pass, e.g. tools/test.sh -k runtime
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/bootstrap.sh --system
@@ -11,3 +12,6 @@ bash tools/wheelhouse.sh
 FLEETLITE_TEST_PG_URL="${FLEETLITE_TEST_PG_URL:-$(bash tools/postgres.sh)}"
 export FLEETLITE_TEST_PG_URL
 .venv/bin/python -m pytest "$@"
+if [ "$#" -eq 0 ]; then
+  bash tools/test_litert.sh
+fi

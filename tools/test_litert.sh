@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The runtime-facing tests again under ai-edge-litert, the TFLite runtime that gateways on
+# Python 3.12+ get by default (tflite-runtime has no wheels there). On this Python it runs
+# beside tflite-runtime in its own venv, .venv-litert, selected with FLEETLITE_RUNTIME.
+# Extra arguments go to pytest. tools/test.sh runs this after the main suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv-litert/bin/python ]; then
+  echo "test_litert: creating .venv-litert"
+  "$PYTHON" -m venv .venv-litert
+fi
+if ! .venv-litert/bin/python -c 'import ai_edge_litert, fleetlite.agent, pytest' 2>/dev/null; then
+  echo "test_litert: installing fleetlite[litert,dev,fleet] into .venv-litert"
+  .venv-litert/bin/pip install -q --upgrade pip
+  .venv-litert/bin/pip install -q -e '.[litert,dev,fleet]'
+fi
+echo "test_litert: the runtime-facing tests with FLEETLITE_RUNTIME=ai-edge-litert"
+FLEETLITE_RUNTIME=ai-edge-litert .venv-litert/bin/python -m pytest -q -p no:cacheprovider \
+  tests/test_runtime.py tests/test_models.py tests/test_smoke_test.py tests/test_bundle.py \
+  tests/test_profiler.py tests/test_model_service.py tests/test_local_api.py \
+  tests/test_ota_install.py tests/test_agent_units.py tests/test_cli_basics.py \
+  -k "not demo" "$@"

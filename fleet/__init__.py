@@ -11,6 +11,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from fleetlite.fleet.broker_address import BrokerAddress, resolve_broker
     from fleetlite.fleet.client import (
         DEFAULT_BROKER,
         DEFAULT_DB,
@@ -33,6 +34,7 @@ __all__ = [
     "DEFAULT_DB",
     "DEFAULT_WAVES",
     "Aggregate",
+    "BrokerAddress",
     "Comparison",
     "DecisionRow",
     "DeviceRecord",
@@ -48,11 +50,14 @@ __all__ = [
     "Selector",
     "WaitTimeoutError",
     "WaveProgress",
+    "resolve_broker",
 ]
 
 _HOMES = {
     "Aggregate": "fleetlite.fleet.profiles_view",
     "Comparison": "fleetlite.fleet.profiles_view",
+    "BrokerAddress": "fleetlite.fleet.broker_address",
+    "resolve_broker": "fleetlite.fleet.broker_address",
     "DecisionRow": "fleetlite.fleet.store",
     "DeviceRecord": "fleetlite.fleet.store",
     "ReleaseInfo": "fleetlite.fleet.store",

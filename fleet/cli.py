@@ -36,7 +36,14 @@ examples:
 fleet options (before or after the command):
   --db URL            the fleet store, sqlite:///PATH or postgresql://USER:PW@HOST/DB
                       (env FLEETLITE_DB; default sqlite:///fleetlite.db in the current directory)
-  --broker HOST:PORT  the MQTT broker (env FLEETLITE_BROKER; default localhost:1883)
+  --broker ADDRESS    the MQTT broker: HOST:PORT, mqtt://HOST:PORT, or mqtts://HOST:PORT
+                      for TLS (env FLEETLITE_BROKER; default localhost:1883)
+  --tls-ca FILE --tls-cert FILE --tls-key FILE
+                      TLS: the CA that verifies the broker, and the client certificate
+                      and key (env FLEETLITE_TLS_CA, FLEETLITE_TLS_CERT, FLEETLITE_TLS_KEY);
+                      MQTT credentials: env FLEETLITE_MQTT_USERNAME, FLEETLITE_MQTT_PASSWORD
+                      e.g. fleetlite serve --broker mqtts://mqtt.example.net:8883 \\
+                             --tls-ca ca.pem --tls-cert ctl.pem --tls-key ctl.key
   -o table|json|yaml  on every command that prints a result
 
 exit codes: 0 ok, 1 the command failed (the message says why), 2 usage error,

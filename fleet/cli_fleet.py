@@ -10,14 +10,14 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import sys
 import threading
 import time
 from collections.abc import Sequence
 from typing import IO, TYPE_CHECKING, Any, Callable, Optional
 
-from fleetlite.fleet.errors import FleetError, RolloutError
+from fleetlite.fleet.broker_address import add_tls_options
+from fleetlite.fleet.errors import RolloutError
 from fleetlite.fleet.rollout import ON_FAILURE_ACTIONS, OPERATOR_ACTIONS
 
 if TYPE_CHECKING:
@@ -33,13 +33,18 @@ WATCH_EXIT_CODES = ("exit codes: 0 ok (watch/wait: the rollout completed), 1 the
 DB_HELP = ("the fleet store: sqlite:///PATH, sqlite:////ABS/PATH or "
            "postgresql://USER:PW@HOST/DB (env FLEETLITE_DB; default sqlite:///fleetlite.db, "
            "i.e. fleetlite.db in the current directory)")
-BROKER_HELP = ("the MQTT broker as HOST:PORT (env FLEETLITE_BROKER; default localhost:1883); "
-               "used by `serve`")
+BROKER_HELP = ("the MQTT broker: HOST:PORT, mqtt://HOST:PORT, or mqtts://HOST:PORT for TLS "
+               "(default port 8883), e.g. mqtts://mqtt.example.net:8883 (env FLEETLITE_BROKER; "
+               "default localhost:1883); used by `serve`")
 FLEET_OPTIONS = """\
 fleet options (before or after the command):
   --db URL            the store the controller uses (env FLEETLITE_DB, default
                       sqlite:///fleetlite.db in the current directory)
-  --broker HOST:PORT  the MQTT broker (env FLEETLITE_BROKER, default localhost:1883)
+  --broker ADDRESS    the MQTT broker: HOST:PORT, mqtt://HOST:PORT or mqtts://HOST:PORT
+                      (TLS) (env FLEETLITE_BROKER, default localhost:1883)
+  --tls-ca FILE, --tls-cert FILE, --tls-key FILE
+                      TLS with a client certificate (env FLEETLITE_TLS_CA, _CERT, _KEY);
+                      MQTT credentials: env FLEETLITE_MQTT_USERNAME, FLEETLITE_MQTT_PASSWORD
 """
 
 Handler = Callable[["Fleet", argparse.Namespace], int]
@@ -49,18 +54,21 @@ Handler = Callable[["Fleet", argparse.Namespace], int]
 
 
 def add_global_options(parser: argparse.ArgumentParser) -> None:
-    """``--db`` and ``--broker``; also accepted after the command (see :func:`add_parsers`)."""
+    """``--db``, ``--broker`` and ``--tls-ca/-cert/-key``; also accepted after the command (see
+    :func:`add_parsers`)."""
     parser.add_argument("--db", metavar="URL", default=argparse.SUPPRESS, help=DB_HELP)
-    parser.add_argument("--broker", metavar="HOST:PORT", default=argparse.SUPPRESS,
+    parser.add_argument("--broker", metavar="ADDRESS", default=argparse.SUPPRESS,
                         help=BROKER_HELP)
+    add_tls_options(parser, default=argparse.SUPPRESS)
 
 
 def _common() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("fleet options")
     group.add_argument("--db", metavar="URL", default=argparse.SUPPRESS, help=DB_HELP)
-    group.add_argument("--broker", metavar="HOST:PORT", default=argparse.SUPPRESS,
+    group.add_argument("--broker", metavar="ADDRESS", default=argparse.SUPPRESS,
                        help=BROKER_HELP)
+    add_tls_options(group, default=argparse.SUPPRESS)
     return parent
 
 
@@ -103,6 +111,9 @@ def add_parsers(subparsers: Any, release_parser: Optional[argparse.ArgumentParse
         "can share one PostgreSQL store and a clustered broker (--group).",
         examples="""\
   fleetlite serve                                   (sqlite:///fleetlite.db, localhost:1883)
+  fleetlite serve --broker mqtts://mqtt.example.net:8883 --tls-ca /etc/fleetlite/ca.pem \\
+      --tls-cert /etc/fleetlite/fleet-controller.pem \\
+      --tls-key /etc/fleetlite/fleet-controller.key  (TLS with a client certificate)
   fleetlite serve --db postgresql://fleet:pw@db/fleet --broker emqx.lan:1883 \\
       --group ctl --id ctl-a                        (one of several controllers)
   FLEETLITE_DB=sqlite:////var/lib/fleetlite/fleet.db fleetlite serve --log-level DEBUG
@@ -427,14 +438,17 @@ def is_fleet_verb(args: argparse.Namespace) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     """Run the verb ``args`` were parsed for; returns the exit code."""
+    from fleetlite.fleet.broker_address import resolve_broker
     from fleetlite.fleet.client import Fleet
 
     handler: Optional[Handler] = args.fleet_handler
     if handler is None:
         args.fleet_usage.print_help(sys.stderr)
         return EXIT_USAGE
-    fleet = Fleet(getattr(args, "db", None), getattr(args, "broker", None),
-                  create=args.creates_store)
+    broker = resolve_broker(getattr(args, "broker", None), ca=getattr(args, "tls_ca", None),
+                            cert=getattr(args, "tls_cert", None),
+                            key=getattr(args, "tls_key", None))
+    fleet = Fleet(getattr(args, "db", None), broker, create=args.creates_store)
     try:
         return handler(fleet, args)
     finally:
@@ -483,14 +497,11 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequenc
 
 
 def _serve(fleet: Fleet, args: argparse.Namespace) -> int:
-    try:
-        with socket.create_connection((fleet.host, fleet.port), timeout=5):
-            pass
-    except OSError as exc:
-        raise FleetError(
-            f"cannot reach the MQTT broker at {fleet.host}:{fleet.port} ({exc.strerror or exc}): "
-            "start it (e.g. `mosquitto -p 1883`) or point --broker / FLEETLITE_BROKER at it"
-        ) from None
+    from fleetlite.fleet.controller import check_broker
+
+    # one trial connection first: a wrong address, certificate or credential is an error now,
+    # not a controller that retries in the background forever
+    check_broker(fleet.broker)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stop = threading.Event()
@@ -504,7 +515,7 @@ def _serve(fleet: Fleet, args: argparse.Namespace) -> int:
                                  controller_id=args.controller_id, lease_ttl_s=args.lease_ttl)
         group = f", group {args.group}" if args.group else ""
         _note(f"fleetlite serve: controller {controller.id} on store {fleet.store.url}, broker "
-              f"{fleet.host}:{fleet.port}{group}; Ctrl-C or SIGTERM stops it")
+              f"{fleet.broker.describe()}{group}; Ctrl-C or SIGTERM stops it")
         try:
             while not stop.wait(1.0):
                 pass

@@ -4,7 +4,8 @@ A :class:`Fleet` is a thin layer over the fleet store (:mod:`fleetlite.fleet.sto
 devices, releases, rollouts and profiles there, and writes releases, rollouts and operator
 requests there. A controller (``fleetlite serve``) does the rest: it drives every rollout it finds
 in the store, sends the commands and records its decisions. A script therefore needs the same
-``db`` as the controller; ``broker`` is only used to run a controller (:meth:`Fleet.serve`).
+``db`` as the controller; ``broker`` is only used to run a controller (:meth:`Fleet.serve`), with
+TLS and credentials as :mod:`fleetlite.fleet.broker_address` describes.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
+from fleetlite.fleet.broker_address import DEFAULT_BROKER, BrokerAddress, resolve_broker
 from fleetlite.fleet.errors import (
     FleetError,
     RecordNotFoundError,
@@ -78,15 +80,12 @@ __all__ = [
     "decision_dict",
     "device_dict",
     "gate_texts",
-    "parse_broker",
     "release_dict",
 ]
 
 DEFAULT_DB = "sqlite:///fleetlite.db"
 """The store when neither ``db`` nor ``FLEETLITE_DB`` is given: ``fleetlite.db`` in the current
 directory."""
-DEFAULT_BROKER = "localhost:1883"
-"""The broker when neither ``broker`` nor ``FLEETLITE_BROKER`` is given."""
 DEFAULT_WAVES = "1,10%,100%"
 """Waves of :meth:`Fleet.create_rollout` when none are given: one canary, 10 %, the rest."""
 
@@ -355,32 +354,6 @@ def decision_dict(decision: DecisionRow) -> dict[str, Any]:
             "revision": decision.revision}
 
 
-def parse_broker(text: str) -> tuple[str, int]:
-    """``host:port``, ``host`` (port 1883), ``[::1]:1883`` or ``mqtt://host:port``."""
-    value = text.strip()
-    if value.startswith("mqtt://"):
-        value = value[len("mqtt://"):]
-    host, port = value, 1883
-    if value.startswith("["):
-        host, _, rest = value[1:].partition("]")
-        if rest:
-            port = _port(rest.lstrip(":"), text)
-    elif value.count(":") == 1:
-        host, port_text = value.split(":")
-        port = _port(port_text, text)
-    if not host:
-        raise FleetError(f"cannot read the broker address {text!r}: write HOST:PORT, e.g. "
-                         "localhost:1883")
-    return host, port
-
-
-def _port(text: str, whole: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        raise FleetError(f"cannot read the broker address {whole!r}: the port must be a number "
-                         "1..65535 (HOST:PORT, e.g. localhost:1883)")
-    return int(text)
-
-
 def _sqlite_file(url: str) -> Optional[Path]:
     """The file a SQLite store URL names, or None for other URLs."""
     if url.startswith(("postgresql://", "postgres://")):
@@ -399,17 +372,21 @@ class Fleet:
     """The fleet as a script sees it. Use it as a context manager, or call :meth:`close`.
 
     ``db``: the store URL (``sqlite:///fleet.db``, ``postgresql://user:pw@host/db``); default
-    ``$FLEETLITE_DB``, else :data:`DEFAULT_DB`. ``broker``: ``HOST:PORT``; default
-    ``$FLEETLITE_BROKER``, else :data:`DEFAULT_BROKER`. ``create=False`` refuses to create a
-    SQLite store that does not exist yet (read-only verbs: a typo in the path would otherwise
-    show an empty fleet).
+    ``$FLEETLITE_DB``, else :data:`DEFAULT_DB`. ``broker``: a
+    :class:`~fleetlite.fleet.broker_address.BrokerAddress`, or an address (``HOST:PORT``,
+    ``mqtt://HOST:PORT``, ``mqtts://HOST:PORT``; default ``$FLEETLITE_BROKER``, else
+    :data:`DEFAULT_BROKER`) completed from the environment: ``FLEETLITE_TLS_CA``,
+    ``FLEETLITE_TLS_CERT``, ``FLEETLITE_TLS_KEY``, ``FLEETLITE_MQTT_USERNAME``,
+    ``FLEETLITE_MQTT_PASSWORD`` (see :func:`~fleetlite.fleet.broker_address.resolve_broker`).
+    ``create=False`` refuses to create a SQLite store that does not exist yet (read-only verbs:
+    a typo in the path would otherwise show an empty fleet).
     """
 
-    def __init__(self, db: Optional[PathArg] = None, broker: Optional[str] = None, *,
-                 create: bool = True) -> None:
+    def __init__(self, db: Optional[PathArg] = None,
+                 broker: Union[str, BrokerAddress, None] = None, *, create: bool = True) -> None:
         self.db = os.fspath(db) if db else (os.environ.get("FLEETLITE_DB") or DEFAULT_DB)
-        self.broker = broker or os.environ.get("FLEETLITE_BROKER") or DEFAULT_BROKER
-        self.host, self.port = parse_broker(self.broker)
+        self.broker = broker if isinstance(broker, BrokerAddress) else resolve_broker(broker)
+        self.host, self.port = self.broker.host, self.broker.port
         path = _sqlite_file(self.db)
         if not create and path is not None and not path.exists():
             raise StoreUnavailableError(
@@ -419,7 +396,7 @@ class Fleet:
         self.store: Store = open_store(self.db)
 
     def __repr__(self) -> str:
-        return f"<Fleet {self.store.url} broker {self.host}:{self.port}>"
+        return f"<Fleet {self.store.url} broker {self.broker.url}>"
 
     def __enter__(self) -> Fleet:
         return self
@@ -742,7 +719,7 @@ class Fleet:
         ``controller_id`` is its MQTT client id and lease owner (default: a random id)."""
         from fleetlite.fleet.controller import Controller
 
-        return Controller(self.store, self.host, self.port, group=group, tick_s=tick_s,
+        return Controller(self.store, self.broker, group=group, tick_s=tick_s,
                           controller_id=controller_id, lease_ttl_s=lease_ttl_s).start()
 
 

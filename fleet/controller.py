@@ -1,7 +1,11 @@
 """The fleet controller: ingest device reports into the store, serve releases, drive rollouts.
 
 ``fleetlite serve --db URL --broker HOST:PORT`` (or ``python -m fleetlite.fleet.controller``)
-runs one :class:`Controller`. It is a thin adapter: device messages go into the store; every
+runs one :class:`Controller`. ``--broker mqtts://HOST:PORT`` with ``--tls-ca``, ``--tls-cert`` and
+``--tls-key`` (or ``FLEETLITE_TLS_CA/CERT/KEY``) connects with TLS and a client certificate, and
+``FLEETLITE_MQTT_USERNAME``/``FLEETLITE_MQTT_PASSWORD`` give credentials
+(see :mod:`fleetlite.fleet.broker_address`); :func:`check_broker` tries the connection first
+and says why it fails. It is a thin adapter: device messages go into the store; every
 tick, for each rollout whose lease it holds, it reads spec, state, devices, outcomes and profiles
 from the store, asks the pure engine (:func:`fleetlite.fleet.rollout.decide`) what to do, records
 the decisions and the new state atomically (only if the rollout's revision did not move
@@ -38,6 +42,7 @@ import json
 import logging
 import os
 import signal
+import ssl
 import sys
 import threading
 import time
@@ -49,7 +54,19 @@ from typing import Any, Optional
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from fleetlite.fleet.errors import StoreUnavailableError
+from fleetlite.fleet.broker_address import (
+    BROKER_HELP,
+    BrokerAddress,
+    add_tls_options,
+    resolve_broker,
+    ssl_context,
+)
+from fleetlite.fleet.errors import (
+    BrokerAddressError,
+    BrokerConnectionError,
+    FleetError,
+    StoreUnavailableError,
+)
 from fleetlite.fleet.gates import ProfileView
 from fleetlite.fleet.ota_publisher import ReleasePublisher
 from fleetlite.fleet.rollout import (
@@ -70,7 +87,7 @@ from fleetlite.sdk.manifest import parse_manifest
 from fleetlite.sdk.messages import Birth, MessageError, OtaStatus, Status, Telemetry
 from fleetlite.sdk.profile import ProfileRecord
 
-__all__ = ["INGEST_KINDS", "Controller", "main"]
+__all__ = ["INGEST_KINDS", "Controller", "check_broker", "main"]
 
 log = logging.getLogger("fleetlite.fleet.controller")
 
@@ -87,17 +104,21 @@ _STORE_RETRIES = 3
 class Controller:
     """One controller: ingest, release serving and the rollout loop.
 
+    ``broker``: a :class:`~fleetlite.fleet.broker_address.BrokerAddress` (TLS, client
+    certificate, credentials), or a host name with ``port`` for a plain, anonymous connection.
     ``controller_id``: the MQTT client id and lease owner; an explicit one also makes the MQTT
     session persistent (``persistent_session`` overrides), so reports that arrive while the
     controller is down are delivered when it comes back with the same id.
     """
 
-    def __init__(self, store: Store, host: str, port: int, *, group: Optional[str] = None,
+    def __init__(self, store: Store, broker: BrokerAddress | str, port: Optional[int] = None,
+                 *, group: Optional[str] = None,
                  controller_id: Optional[str] = None, tick_s: float = 0.5,
                  lease_ttl_s: float = 10.0, persistent_session: Optional[bool] = None,
                  resend_after_s: float = 15.0) -> None:
         self.store = store
-        self.host, self.port = host, port
+        self.broker = _address(broker, port)
+        self.host, self.port = self.broker.host, self.broker.port
         self.group = group
         self.id = controller_id or f"ctl-{uuid.uuid4().hex[:8]}"
         self.persistent = (controller_id is not None if persistent_session is None
@@ -116,10 +137,15 @@ class Controller:
         self.connected = threading.Event()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.id,
                                   clean_session=not self.persistent)
+        tls = ssl_context(self.broker)
+        _configure(self.client, self.broker, tls)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
-        self.publisher = ReleasePublisher(host, port, client_id=f"{self.id}-pub")
+        self.publisher = ReleasePublisher(self.host, self.port, tls=tls,
+                                          username=self.broker.username,
+                                          password=self.broker.password,
+                                          client_id=f"{self.id}-pub")
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -128,7 +154,12 @@ class Controller:
         self.store.migrate()
         self.client.connect_async(self.host, self.port, keepalive=30)
         self.client.loop_start()
-        self.publisher.start()
+        try:
+            self.publisher.start()
+        except Exception:
+            self.client.disconnect()
+            self.client.loop_stop()
+            raise
         self._thread = threading.Thread(target=self._loop, name="fleetlite-controller",
                                         daemon=True)
         self._thread.start()
@@ -163,7 +194,7 @@ class Controller:
             for kind in (topics.STATUS, topics.BIRTH):
                 client.subscribe(topics.fleet_subscription(kind), qos=1)
         self.connected.set()
-        log.info("controller %s connected to %s:%d (%s session)", self.id, self.host, self.port,
+        log.info("controller %s connected to %s (%s session)", self.id, self.broker.url,
                  "persistent" if self.persistent else "clean")
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
@@ -362,26 +393,114 @@ def _awaiting_devices(state: RolloutState, spec: RolloutSpec, now: float) -> boo
 # -- the process -------------------------------------------------------------------------------
 
 
-def parse_broker(text: str) -> tuple[str, int]:
-    """``host:port``, ``host`` (port 1883), ``[::1]:1883`` or ``mqtt://host:port``."""
-    value = text.strip()
-    if value.startswith("mqtt://"):
-        value = value[len("mqtt://"):]
-    host, port = value, "1883"
-    if value.startswith("["):
-        end = value.find("]")
-        if end < 0:
-            raise ValueError(f"cannot read the broker address {text!r}: unclosed [")
-        host, rest = value[1:end], value[end + 1:]
-        if rest:
-            if not rest.startswith(":"):
-                raise ValueError(f"cannot read the broker address {text!r}")
-            port = rest[1:]
-    elif value.count(":") == 1:
-        host, port = value.split(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"cannot read the broker address {text!r}: write HOST:PORT")
-    return host, int(port)
+def _address(broker: BrokerAddress | str, port: Optional[int]) -> BrokerAddress:
+    if isinstance(broker, BrokerAddress):
+        if port is not None:
+            raise TypeError("give the port inside the BrokerAddress, not as an argument")
+        return broker
+    if port is None:
+        raise TypeError("give a BrokerAddress, or a host and a port")
+    return BrokerAddress(broker, port)
+
+
+def _configure(client: mqtt.Client, broker: BrokerAddress,
+               tls: Optional[ssl.SSLContext]) -> None:
+    """TLS and credentials of ``broker`` on a paho client."""
+    if tls is not None:
+        client.tls_set_context(tls)
+    if broker.username:
+        client.username_pw_set(broker.username, broker.password)
+
+
+def check_broker(broker: BrokerAddress, *, timeout: float = 10.0) -> None:
+    """Connect to ``broker`` once (an MQTT CONNECT with its TLS files and credentials, then a
+    clean disconnect) and raise :class:`BrokerConnectionError` saying why it failed: nothing
+    listens, the TLS handshake or the broker's certificate failed, the broker closed the
+    connection (no or an untrusted client certificate), or it refused the CONNECT (credentials,
+    authorization). Raises :class:`BrokerAddressError` for missing or unreadable TLS files."""
+    tls = ssl_context(broker)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2,
+                         client_id=f"fleetlite-check-{uuid.uuid4().hex[:8]}", clean_session=True)
+    _configure(client, broker, tls)
+    outcome: dict[str, Any] = {}
+    errors: list[str] = []
+
+    def on_connect(c: mqtt.Client, userdata: Any, flags: Any, reason: Any,
+                   properties: Any) -> None:
+        outcome.setdefault("connack", reason)
+
+    def on_disconnect(c: mqtt.Client, userdata: Any, flags: Any, reason: Any,
+                      properties: Any) -> None:
+        outcome.setdefault("closed", reason)
+
+    def on_log(c: mqtt.Client, userdata: Any, level: int, text: str) -> None:
+        if level == mqtt.MQTT_LOG_ERR or text.startswith("failed to"):
+            errors.append(text)
+
+    client.on_connect = on_connect
+    client.on_disconnect = on_disconnect
+    client.on_log = on_log
+    where = broker.url
+    try:
+        try:
+            client.connect(broker.host, broker.port, keepalive=max(5, int(timeout)))
+        except ssl.SSLCertVerificationError as exc:
+            raise BrokerConnectionError(
+                f"the MQTT broker at {where} presented a certificate that does not verify "
+                f"({exc.verify_message}): point --tls-ca / FLEETLITE_TLS_CA at the CA that "
+                "signed it, and use a host name or IP address the certificate names") from None
+        except ssl.SSLError as exc:
+            raise BrokerConnectionError(
+                f"the TLS handshake with the MQTT broker at {where} failed "
+                f"({exc.reason or exc}): is it a TLS listener? (use mqtt://HOST:PORT for a "
+                "plain one); check the broker's log") from None
+        except ConnectionResetError as exc:
+            plain = " (a plain listener? use mqtt://HOST:PORT)" if broker.tls else ""
+            raise BrokerConnectionError(
+                f"the MQTT broker at {where} reset the connection while it was being set up "
+                f"({exc.strerror or exc}): is this the right port{plain}? check the broker's "
+                "log") from None
+        except OSError as exc:
+            raise BrokerConnectionError(
+                f"cannot reach the MQTT broker at {broker.host}:{broker.port} "
+                f"({exc.strerror or exc}): start it (e.g. `mosquitto -p 1883`) or point "
+                "--broker / FLEETLITE_BROKER at it") from None
+        deadline = time.monotonic() + timeout
+        while not outcome and time.monotonic() < deadline:
+            client.loop(timeout=0.2)
+        if not outcome:
+            raise BrokerConnectionError(
+                f"the MQTT broker at {where} did not answer the MQTT CONNECT within "
+                f"{timeout:g} s: is it an MQTT listener{' with TLS' if broker.tls else ''}?")
+        reason = outcome.get("connack")
+        if reason is None:
+            raise BrokerConnectionError(_closed_message(broker, errors))
+        if reason.is_failure:
+            raise BrokerConnectionError(
+                f"the MQTT broker at {where} refused the connection: {reason}: check "
+                "FLEETLITE_MQTT_USERNAME / FLEETLITE_MQTT_PASSWORD against the broker's "
+                "password file, or give a client certificate (--tls-cert, --tls-key) if the "
+                "broker authenticates by certificate (use_identity_as_username)")
+    finally:
+        if client.socket() is not None:  # sending DISCONNECT closes the socket
+            client.disconnect()
+            client.loop(timeout=0.2)
+
+
+def _closed_message(broker: BrokerAddress, errors: Sequence[str]) -> str:
+    """Why the broker closed the connection before its CONNACK, as far as the client can tell
+    (a broker that wants a client certificate just closes the TLS connection)."""
+    seen = errors[-1].removeprefix("failed to receive on socket: ") if errors else "closed"
+    text = f"the MQTT broker at {broker.url} closed the connection before accepting it ({seen})"
+    if not broker.tls:
+        return (f"{text}: if it is a TLS listener, write mqtts://HOST:PORT and give --tls-ca "
+                "(and a client certificate if it wants one); otherwise check the broker's log")
+    if broker.cert is None:
+        return (f"{text}: it probably requires a client certificate: give --tls-cert and "
+                "--tls-key (env FLEETLITE_TLS_CERT / FLEETLITE_TLS_KEY) with a certificate "
+                "signed by the CA the broker trusts; the broker's log says more")
+    return (f"{text}: the broker may not trust the client certificate {broker.cert} (signed by "
+            "a CA it does not know, expired, or not for client authentication); check its log")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -392,8 +511,8 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--db", default=os.environ.get("FLEETLITE_DB", "sqlite:///fleetlite.db"),
                         help="the store: sqlite:///PATH or postgresql://USER:PW@HOST/DB "
                         "(env FLEETLITE_DB)")
-    parser.add_argument("--broker", default=os.environ.get("FLEETLITE_BROKER", "localhost:1883"),
-                        help="the MQTT broker as HOST:PORT (env FLEETLITE_BROKER)")
+    parser.add_argument("--broker", metavar="ADDRESS", help=BROKER_HELP)
+    add_tls_options(parser)
     parser.add_argument("--group", help="share device messages with the other controllers of "
                         "this group (MQTT shared subscriptions)")
     parser.add_argument("--id", dest="controller_id",
@@ -414,10 +533,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        host, port = parse_broker(args.broker)
-    except ValueError as exc:
+        broker = resolve_broker(args.broker, ca=args.tls_ca, cert=args.tls_cert,
+                                key=args.tls_key)
+        ssl_context(broker)
+    except BrokerAddressError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    try:
+        check_broker(broker)
+    except FleetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     stop = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -426,11 +552,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, on_signal)
     with open_store(args.db) as store:
-        controller = Controller(store, host, port, group=args.group,
+        controller = Controller(store, broker, group=args.group,
                                 controller_id=args.controller_id, tick_s=args.tick,
                                 lease_ttl_s=args.lease_ttl).start()
-        log.info("controller %s running: store %s, broker %s:%d%s", controller.id, store.url,
-                 host, port, f", group {args.group}" if args.group else "")
+        log.info("controller %s running: store %s, broker %s%s", controller.id, store.url,
+                 broker.describe(), f", group {args.group}" if args.group else "")
         try:
             while not stop.wait(0.5):
                 pass

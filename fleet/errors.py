@@ -5,7 +5,9 @@
     FleetLiteError (fleetlite.sdk.errors)
     └── FleetError
         ├── MissingExtraError   a fleet-side dependency is not installed
+        ├── BrokerAddressError  the broker address, a TLS file or the MQTT credentials are wrong
         ├── PublishError        the broker could not be reached or did not acknowledge a publish
+        │   └── BrokerConnectionError  unreachable, or refused us: TLS, certificates, credentials
         ├── RolloutError        an invalid rollout spec, state or operator request
         └── StoreError          the fleet store (SQLite or PostgreSQL) failed
             ├── StoreUnavailableError  cannot open or reach the database, or it stayed locked
@@ -27,8 +29,19 @@ class MissingExtraError(FleetError):
     """A fleet-side dependency is missing: install ``fleetlite[fleet]``."""
 
 
+class BrokerAddressError(FleetError):
+    """The broker address (``--broker``), a TLS file (``--tls-ca/-cert/-key``) or the MQTT
+    credentials are invalid, missing or unreadable; the message names the option, the
+    environment variable and the fix."""
+
+
 class PublishError(FleetError):
     """The publisher could not reach the broker or a publish was not acknowledged in time."""
+
+
+class BrokerConnectionError(PublishError):
+    """The broker cannot be reached, or it refused the connection: TLS handshake, server or
+    client certificate, credentials. The message says which and what to check."""
 
 
 class StoreError(FleetError):

@@ -27,9 +27,10 @@ import yaml
 
 import fleetlite.fleet
 from fleetlite.fleet import Fleet, GateSpec, Selector
+from fleetlite.fleet.broker_address import BrokerAddress
 from fleetlite.fleet.cli import build_parser
 from fleetlite.fleet.cli_fleet import ProgressBoard
-from fleetlite.fleet.client import WaitTimeoutError, parse_broker
+from fleetlite.fleet.client import WaitTimeoutError
 from fleetlite.fleet.errors import FleetError, RecordNotFoundError, RolloutError
 from fleetlite.sdk.bundle import ReleaseBundle, build_release
 from fleetlite.sdk.messages import Birth, Status
@@ -547,13 +548,14 @@ def test_usage_errors_and_a_missing_store(tmp_path: Path) -> None:
     ("mqtt://10.0.0.2:8883", ("10.0.0.2", 8883)), ("[::1]:1884", ("::1", 1884)),
 ])
 def test_broker_addresses(text: str, expected: tuple[str, int]) -> None:
-    assert parse_broker(text) == expected
+    address = BrokerAddress.parse(text)
+    assert (address.host, address.port, address.tls) == (*expected, False)
 
 
 @pytest.mark.parametrize("text", ["host:port", "host:0", ":1883", "host:99999"])
 def test_bad_broker_addresses_say_how_to_write_one(text: str) -> None:
     with pytest.raises(FleetError, match="HOST:PORT"):
-        parse_broker(text)
+        BrokerAddress.parse(text)
 
 
 def test_progress_board_draws_in_place_on_a_terminal_and_lines_elsewhere(

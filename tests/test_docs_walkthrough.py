@@ -11,6 +11,7 @@ Placeholders a reader fills in are the only substitutions: `RELEASE_ID`, `ROLLOU
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import sys
@@ -26,6 +27,7 @@ from fleetlite.fleet import Fleet
 from fleetlite.tools.models import intent_classifier
 from tests.doc_commands import DOCS, REPO, Walkthrough, shell_commands
 from tests.mqtt_harness import Mosquitto
+from tests.pki import TestPki
 from tests.test_store import PG_URL, _fresh_pg_database
 
 DEMO = "test_readme_demo.py runs `bash tools/demo.sh` verbatim in a fresh venv (it runs " \
@@ -46,16 +48,21 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
 
 
 def agent_config(directory: Path, device_id: str, *, port: int, trust_root: Path,
-                 seed: Path, base: dict[str, Any] | None = None) -> Path:
-    """agent.yaml for one gateway of class raspberry-pi-4 on the test broker."""
+                 seed: Path, base: dict[str, Any] | None = None,
+                 tls: dict[str, str] | None = None) -> Path:
+    """agent.yaml for one gateway of class raspberry-pi-4 on the test broker: ``base`` (the
+    operator guide's agent.yaml) with this machine's paths, and its TLS files (else no TLS)."""
     directory.mkdir(parents=True, exist_ok=True)
     config = dict(base or {})
+    broker = dict(config.get("broker", {}))
     for key in ("tls", "username", "password"):
-        config.get("broker", {}).pop(key, None)
+        broker.pop(key, None)
+    if tls:
+        broker["tls"] = tls
     config.update({
         "device_id": device_id, "device_class": "raspberry-pi-4",
         "tags": {**config.get("tags", {}), "site": "docs"},
-        "broker": {**config.get("broker", {}), "host": "127.0.0.1", "port": port},
+        "broker": {**broker, "host": "localhost" if tls else "127.0.0.1", "port": port},
         "state_dir": str(directory / "state"), "socket": str(directory / "agent.sock"),
         "trust_root": str(trust_root),
         "intervals": {"telemetry_s": 60, "reconnect_min_s": 0.2, "reconnect_max_s": 1},
@@ -88,6 +95,28 @@ def state(db: str, rollout_id: str) -> str:
 def operator_decisions(db: str, rollout_id: str) -> list[str]:
     with Fleet(db) as fleet:
         return [d.reason for d in fleet.rollout(rollout_id).decisions if d.detail.get("operator")]
+
+
+def guide_broker(guide: str, workdir: Path) -> tuple[Mosquitto, TestPki]:
+    """Mosquitto run with the operator guide's listener config and ACL, as written, with this
+    machine's port and files; certificates from a fresh test CA."""
+    pki = TestPki(workdir / "pki")
+    server = pki.issue("localhost", server=True)
+    listener = found(r"```\n(listener 8883\n.*?)```", guide)
+    acl = workdir / "fleetlite.acl"
+    acl.write_text(found(r"```\n(pattern readwrite .*?)```", guide))
+    broker = Mosquitto(workdir / "broker")
+    for placeholder, value in {"listener 8883": f"listener {broker.port} 127.0.0.1",
+                               "/etc/mosquitto/ca.pem": str(pki.ca),
+                               "/etc/mosquitto/broker.pem": str(server.cert),
+                               "/etc/mosquitto/broker.key": str(server.key),
+                               "/etc/mosquitto/fleetlite.acl": str(acl)}.items():
+        assert placeholder in listener, placeholder
+        listener = listener.replace(placeholder, value)
+    user = ["user root"] if os.geteuid() == 0 else []  # see Mosquitto in mqtt_harness
+    broker.conf.write_text("\n".join([
+        listener, "persistence false", *user, "log_type all", "connection_messages true", ""]))
+    return broker.start(), pki
 
 
 @pytest.fixture
@@ -193,14 +222,19 @@ def test_readme_cli_tour(tmp_path: Path, broker: Mosquitto, models_dir: Path,
     wt.assert_all_run()
 
 
-def test_operator_guide_walkthrough(tmp_path: Path, broker: Mosquitto, models_dir: Path,
-                                    store_db: str) -> None:
+def test_operator_guide_walkthrough(tmp_path: Path, models_dir: Path, store_db: str) -> None:
+    """The guide from gateway to rollout, on a Mosquitto configured with the guide's TLS
+    listener and ACL: agents with their own client certificates, two controllers of one group
+    connecting with the fleet-controller certificate."""
     guide = REPO / "docs" / "operator-guide.md"
+    text = guide.read_text()
     work = tmp_path / "ops"
     work.mkdir()
     for name in ("intent_classifier.tflite", "intent_classifier.vocab.json"):
         shutil.copy(models_dir / name, work / name)
     (work / "model.tflite").write_bytes(intent_classifier(seed=11).tflite)
+    broker, pki = guide_broker(text, tmp_path)
+    controller = pki.issue("fleet-controller")
     hosts = [c for c in shell_commands(guide) if c.startswith("sudo ")] + \
         ["journalctl -u fleetlite-agent -f"]
     wt = Walkthrough(guide, work, {}, exempt={
@@ -209,16 +243,26 @@ def test_operator_guide_walkthrough(tmp_path: Path, broker: Mosquitto, models_di
                                                    "install (tools/bootstrap.sh)"})
     wt.subst.update({"/opt/fleetlite/venv": sys.prefix,
                      "postgresql://fleet:secret@db.example.net/fleet": store_db,
-                     "mqtt.example.net:1883": f"{broker.host}:{broker.port}"})
+                     "mqtt.example.net:8883": f"localhost:{broker.port}",
+                     "/etc/fleetlite/ca.pem": str(pki.ca),
+                     "/etc/fleetlite/fleet-controller.pem": str(controller.cert),
+                     "/etc/fleetlite/fleet-controller.key": str(controller.key)})
+    try:
+        walk_the_operator_guide(wt, text, broker, pki, store_db)
+    finally:
+        wt.stop()
+        broker.stop()
 
+
+def walk_the_operator_guide(wt: Walkthrough, text: str, broker: Mosquitto, pki: TestPki,
+                            store_db: str) -> None:
+    work = wt.cwd
     # 1. provisioning: the installed agent, and where its systemd unit is
     info = wt.run("/opt/fleetlite/venv/bin/fleetlite-agent info").stdout
     assert "tflite" in info.lower()
     unit = wt.run("unit=$(", then='cat "$unit"').stdout  # the file the next lines install
     assert "ExecStart=/opt/fleetlite/venv/bin/fleetlite-agent run --config" in unit
-
-    # the documented agent.yaml loads (with this machine's broker and paths)
-    documented = yaml.safe_load(found(r"### agent.yaml\n\n```yaml\n(.*?)```", guide.read_text()))
+    documented = yaml.safe_load(found(r"### agent.yaml\n\n```yaml\n(.*?)```", text))
 
     # 4. profiles by hand
     table = wt.run("fleetlite-agent profile model.tflite --device-class").stdout
@@ -239,20 +283,23 @@ def test_operator_guide_walkthrough(tmp_path: Path, broker: Mosquitto, models_di
     shown = wt.run("fleetlite release show rel-v2/").stdout
     assert "intent" in shown and "raspberry-pi-4" in shown
 
-    # 6. the fleet side: two controllers of one group, then the gateways
-    wt.export("export FLEETLITE_DB=")
-    wt.export("export FLEETLITE_BROKER=")
+    # 6. the fleet side over TLS: two controllers of one group, then the gateways
+    for name in ("DB", "BROKER", "TLS_CA", "TLS_CERT", "TLS_KEY"):
+        wt.export(f"export FLEETLITE_{name}=")
     wt.start("fleetlite serve --id ctl-1", log=work / "ctl-1.log")
     wt.start("fleetlite serve --id ctl-2", log=work / "ctl-2.log")
     devices = ["gw-0001", "gw-0002"]
     for device_id in devices:
         home = work / device_id
+        issued = pki.issue(device_id)
         agent_config(home, device_id, port=broker.port, trust_root=work / "root.json",
-                     seed=work / "intent_classifier.tflite", base=documented)
+                     seed=work / "intent_classifier.tflite", base=documented,
+                     tls={"ca": str(pki.ca), "cert": str(issued.cert), "key": str(issued.key)})
         wt.start_plain(f"{sys.prefix}/bin/fleetlite-agent run --config agent.yaml", cwd=home,
                        log=home / "agent.log")
     with Fleet(store_db) as fleet:
-        wait_until(lambda: len(fleet.devices(online=True)) == 2, 30, "two gateways online")
+        wait_until(lambda: len(fleet.devices(online=True)) == 2, 30,
+                   "two gateways online:\n" + broker.read_log()[-3000:])
         wait_until(lambda: len(fleet.profile_rows("intent", 1)) >= 2, 60, "their v1 profiles")
     listed = wt.run("fleetlite devices list -o table").stdout
     for device_id in devices:
@@ -261,6 +308,9 @@ def test_operator_guide_walkthrough(tmp_path: Path, broker: Mosquitto, models_di
     operate_rollout(wt, store_db, devices)
     codes = wt.stop()
     assert all(code == 0 for group in codes.values() for code in group), codes
+    # every connection was a certificate: the controllers' and each device's own
+    log = broker.read_log()
+    assert "u'fleet-controller'" in log and all(f"u'{d}'" in log for d in devices), log[-3000:]
     wt.assert_all_run()
 
 

@@ -76,6 +76,7 @@ class MqttLink:
     ) -> None:
         self.config = config
         self.session = session
+        self.conn = 0  # connections made in this session; see _new_client
         self.outbox = outbox
         self._birth = birth
         self._on_command = on_command
@@ -162,6 +163,7 @@ class MqttLink:
             session=self.session,
             ts=time.time(),
             reason=reason,
+            conn=self.conn,
         ).to_json()
 
     def _new_client(self) -> mqtt.Client:
@@ -185,6 +187,9 @@ class MqttLink:
             )
             if broker.tls.insecure_skip_hostname:
                 client.tls_insecure_set(True)
+        # a new connection number for this client's Will and its online status: a Will of an
+        # earlier connection that arrives late (another controller, a slow broker) is stale
+        self.conn += 1
         client.will_set(self.status_topic, self._status(False, "lost"), qos=1, retain=True)
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect

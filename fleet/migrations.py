@@ -183,6 +183,11 @@ MIGRATIONS: tuple[Migration, ...] = (
             expires DOUBLE PRECISION NOT NULL
         )""",
     )),
+    Migration(4, "status connection counter", (
+        # the connection number within an agent session (fleetlite.status/1 ``conn``): a late
+        # Last Will of an earlier connection must not mark a reconnected device offline
+        "ALTER TABLE devices ADD COLUMN status_conn BIGINT NOT NULL DEFAULT 0",
+    )),
 )
 
 

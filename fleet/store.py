@@ -368,7 +368,8 @@ class _SqliteDb(_Db):
         except sqlite3.IntegrityError as exc:
             raise StoreConstraintError(f"SQLite store {self.path}: {exc}") from exc
         except sqlite3.OperationalError as exc:
-            if "no such table" in str(exc):
+            if any(text in str(exc) for text in ("no such table", "no such column",
+                                                 "has no column named")):
                 raise SchemaVersionError(
                     f"SQLite store {self.path} is not migrated ({exc}): run Store.migrate() or "
                     "open it with open_store(..., migrate=True)") from exc
@@ -412,7 +413,7 @@ class _PgDb(_Db):
             cursor = self.raw.execute(sql.replace("?", "%s"), _params(params))
             rows = cursor.fetchall() if cursor.description is not None else []
             return _Result(rows, cursor.rowcount)
-        except errors.UndefinedTable as exc:
+        except (errors.UndefinedTable, errors.UndefinedColumn) as exc:
             raise SchemaVersionError(
                 f"PostgreSQL store {self.display} is not migrated ({exc}): run Store.migrate() "
                 "or open it with open_store(..., migrate=True)") from exc
@@ -645,19 +646,22 @@ class Store:
     def upsert_status(self, status: Status) -> bool:
         """Apply an online/offline status unless it is stale; True if it changed the device.
 
-        A status from an older session (a late Last Will) is ignored. Within the current
-        session an offline status always applies (the Will carries the time of the connect, not
-        of the loss) and an online one only if newer than the newest status seen.
+        Statuses are ordered by (session, connection): one of an older session or an earlier
+        connection (a late Last Will) is ignored. Within the current connection an offline
+        status always applies (the Will carries the time of the connect, not of the loss) and an
+        online one only if newer than the newest status seen.
         """
         with self._transaction(write=True) as db:
             result = db.execute(
-                """INSERT INTO devices (device_id, online, status_session, status_ts,
-                                        status_reason, last_seen)
-                VALUES (?, ?, ?, ?, ?, ?)
+                """INSERT INTO devices (device_id, online, status_session, status_conn,
+                                        status_ts, status_reason, last_seen)
+                VALUES (?, ?, ?, ?, ?, ?, ?)
                 ON CONFLICT (device_id) DO UPDATE SET
                     online = excluded.online,
                     status_session = excluded.status_session,
+                    status_conn = excluded.status_conn,
                     status_ts = CASE WHEN excluded.status_session = devices.status_session
+                                          AND excluded.status_conn = devices.status_conn
                                           AND devices.status_ts > excluded.status_ts
                                      THEN devices.status_ts ELSE excluded.status_ts END,
                     status_reason = excluded.status_reason,
@@ -665,9 +669,12 @@ class Store:
                                      THEN devices.last_seen ELSE excluded.last_seen END
                 WHERE excluded.status_session > devices.status_session
                    OR (excluded.status_session = devices.status_session
+                       AND excluded.status_conn > devices.status_conn)
+                   OR (excluded.status_session = devices.status_session
+                       AND excluded.status_conn = devices.status_conn
                        AND (excluded.online = 0 OR excluded.status_ts > devices.status_ts))""",
-                (status.device_id, status.online, status.session, status.ts, status.reason,
-                 status.ts),
+                (status.device_id, status.online, status.session, status.conn, status.ts,
+                 status.reason, status.ts),
             )
             return result.rowcount > 0
 

@@ -170,8 +170,9 @@ class Message:
 class Status(Message):
     """Retained online/offline state. The Last Will carries ``online=False, reason='lost'``.
 
-    ``session`` increases on every agent start, so a late Will from an older session can be told
-    apart from the current state (the Sparkplug bdSeq idea).
+    ``session`` increases on every agent start and ``conn`` on every connection within a
+    session (from 1; 0 from agents that predate it), so a late Will of an older session or of an
+    earlier connection can be told apart from the current state (the Sparkplug bdSeq idea).
     """
 
     SCHEMA: ClassVar[str] = "fleetlite.status/1"
@@ -181,6 +182,7 @@ class Status(Message):
     session: int
     ts: float
     reason: str = ""
+    conn: int = 0
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Status:
@@ -190,6 +192,7 @@ class Status(Message):
             session=get_int(data, "session", minimum=0),
             ts=get_float(data, "ts"),
             reason=get_str(data, "reason", optional=True),
+            conn=get_int(data, "conn", optional=True, minimum=0),
         )
 
 

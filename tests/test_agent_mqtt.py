@@ -108,6 +108,24 @@ def test_kill_9_turns_status_offline_via_last_will(
     assert not status.online and status.reason == "lost" and status.session == session
 
 
+def test_each_connection_is_numbered_and_its_will_carries_the_number(
+    broker: Mosquitto, agent: AgentProcess, collector: Collector
+) -> None:
+    def online(conn: int) -> list[Any]:
+        return collector.wait_for(topics.STATUS, timeout=30, predicate=lambda m: (
+            Status.from_json(m.payload).online and Status.from_json(m.payload).conn == conn))
+
+    first = Status.from_json(online(1)[0].payload)
+    broker.restart()  # the agent reconnects within its session
+    second = Status.from_json(online(2)[0].payload)
+    assert second.session == first.session and second.ts > first.ts
+    agent.kill9()
+    (retained,) = mosquitto_sub(broker, topics.device_topic(DEVICE, topics.STATUS))
+    will = Status.from_json(retained)
+    assert (will.online, will.reason, will.session, will.conn) == \
+        (False, "lost", first.session, 2)
+
+
 def test_sigterm_shuts_down_cleanly(
     broker: Mosquitto, agent: AgentProcess, collector: Collector, tmp_path: Path
 ) -> None:

@@ -36,7 +36,7 @@ from fleetlite.sdk.bundle import ReleaseBundle, build_release
 from fleetlite.sdk.messages import Birth, Status
 from fleetlite.tools.models import intent_classifier
 from tests.agent_harness import AgentProcess, write_config
-from tests.mqtt_harness import Mosquitto
+from tests.mqtt_harness import Collector, Mosquitto
 from tests.test_ota_install import RELEASE_KEY, write_root
 from tests.test_store import _fresh_pg_database
 
@@ -352,6 +352,45 @@ def test_the_docs_scripted_rollout_runs_verbatim(tmp_path: Path, broker: Mosquit
                    "births with v3 at site plant-a only")
     finally:
         fleet_site.close()
+
+
+def test_a_late_will_of_an_earlier_connection_leaves_the_device_online(
+        tmp_path: Path, broker: Mosquitto, models_dir: Path) -> None:
+    """The agent reconnects (a broker restart); the Will of its first connection then reaches
+    the controller late, as through another controller of a shared subscription. The device
+    stays online; its current connection's Will does take it offline."""
+    db = f"sqlite:///{tmp_path / 'fleet.db'}"
+    site = Site(tmp_path, db, broker, models_dir, {"gw-late": {"site": "x"}})
+    statuses = Collector(broker.host, broker.port, ["fleetlite/v1/dev/+/status"]).start()
+    try:
+        site.wait_ready(profiles=False)
+        first = Status.from_json(statuses.wait_for("status", predicate=lambda m: (
+            Status.from_json(m.payload).online))[0].payload)
+        broker.restart()
+        statuses.wait_for("status", timeout=30, predicate=lambda m: (
+            Status.from_json(m.payload).conn == first.conn + 1))
+
+        def deliver(will: Status, marker: str) -> None:
+            """Publish ``will``, then a status of ``marker``: once the marker is stored, the
+            controller has handled the will (one connection delivers in order)."""
+            statuses.publish(f"fleetlite/v1/dev/{will.device_id}/status", will.to_json())
+            statuses.publish(f"fleetlite/v1/dev/{marker}/status", Status(
+                device_id=marker, online=True, session=1, ts=time.time()).to_json())
+            with Fleet(db) as fleet:
+                wait_until(lambda: any(d.device_id == marker for d in fleet.devices()), 20,
+                           f"the controller storing {marker}")
+
+        late = dataclasses.replace(first, online=False, reason="lost")
+        deliver(late, "gw-marker-1")
+        with Fleet(db) as fleet:
+            assert fleet.device("gw-late").online
+        current = dataclasses.replace(late, conn=first.conn + 1)
+        deliver(current, "gw-marker-2")
+        with Fleet(db) as fleet:
+            assert not fleet.device("gw-late").online
+    finally:
+        statuses.stop()
+        site.close()
 
 
 def _versions(db: str) -> dict[str, int | None]:

@@ -172,12 +172,15 @@ def test_migrations_are_applied_once_and_rerunning_is_a_no_op(store_url: str) ->
 def test_an_older_schema_is_upgraded_with_its_data_kept(store_url: str) -> None:
     with open_store(store_url, migrate=False) as store:
         assert store.migrate(target=1) == [1]
-        store.upsert_status(status("gw-1", True, 1, 100.0))
-        with pytest.raises(SchemaVersionError, match="migrate"):
-            store.list_releases()
+        store.upsert_birth(birth("gw-1", 1, 100.0))
+        for needs_a_newer_schema in (store.list_releases,  # a table of migration 2
+                                     lambda: store.upsert_status(status("gw-1", True, 1, 101.0))):
+            with pytest.raises(SchemaVersionError, match="migrate"):
+                needs_a_newer_schema()
         assert store.migrate() == [m.version for m in MIGRATIONS[1:]]
+        assert store.upsert_status(status("gw-1", True, 1, 101.0))
         device = store.get_device("gw-1")
-        assert device is not None and device.online
+        assert device is not None and device.online and device.device_class == "rpi4"
         assert store.list_releases() == []
 
 
@@ -339,6 +342,26 @@ def test_a_late_last_will_does_not_overwrite_a_newer_online_status(store: Store)
     device = store.get_device("gw-1")
     assert device is not None and device.online and device.session == 6
     assert device.last_seen == 300.0
+
+
+def test_a_late_will_of_an_earlier_connection_is_stale(store: Store) -> None:
+    def conn_status(online: bool, conn: int, ts: float) -> Status:
+        return Status(device_id="gw-1", online=online, session=7, ts=ts, conn=conn,
+                      reason="connected" if online else "lost")
+
+    assert store.upsert_status(conn_status(True, 1, 100.0))
+    assert store.upsert_status(conn_status(True, 2, 160.0))  # reconnected, same session
+    # connection 1's Will arrives after connection 2's online status (another controller)
+    assert not store.upsert_status(conn_status(False, 1, 100.0))
+    device = store.get_device("gw-1")
+    assert device is not None and device.online and device.status_reason == "connected"
+    # connection 2's own Will applies, though it carries the older connect time
+    assert store.upsert_status(conn_status(False, 2, 160.0))
+    assert not store.get_device("gw-1").online  # type: ignore[union-attr]
+    # a new connection brings it back; an old agent's status (conn 0) of that session does not
+    assert store.upsert_status(conn_status(True, 3, 200.0))
+    assert not store.upsert_status(conn_status(False, 0, 210.0))
+    assert store.get_device("gw-1").online  # type: ignore[union-attr]
 
 
 def test_stale_births_and_telemetry_are_ignored(store: Store) -> None:

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fleetlite.sdk.bundle import parse_duration
+from fleetlite.sdk.durations import parse_duration
 from fleetlite.sdk.envelope import Envelope, verify_threshold
 from fleetlite.sdk.errors import KeyFileError, SignatureError, UpdateRejected
 from fleetlite.sdk.keys import PRIVATE_KEY_TYPE, ROLES, PublicKey, SigningKey, load_public_key

@@ -10,18 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from fleetlite.fleet.cli_keys import duration_arg
-from fleetlite.sdk.bundle import (
-    BUNDLE_SUFFIX,
-    DEFAULT_EXPIRES_IN,
-    build_release,
-    load_bundle,
-    run_bundle_smoke,
-    sign_bundle,
-)
+from fleetlite.sdk.durations import DEFAULT_EXPIRES_IN
 from fleetlite.sdk.errors import BundleError, UpdateRejected
-from fleetlite.sdk.keys import SigningKey
 from fleetlite.sdk.manifest import Tolerance
-from fleetlite.sdk.trust import load_trusted_root
 from fleetlite.sdk.version import __version__
 
 EXAMPLES = """\
@@ -133,6 +124,9 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
+    from fleetlite.sdk.bundle import BUNDLE_SUFFIX, build_release
+    from fleetlite.sdk.keys import SigningKey
+
     out = Path(args.out)
     if out.exists() and (out.suffix == BUNDLE_SUFFIX or not out.is_dir() or any(out.iterdir())):
         raise BundleError(f"{out}: already exists; choose a new --out")
@@ -164,6 +158,9 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _sign(args: argparse.Namespace) -> int:
+    from fleetlite.sdk.bundle import sign_bundle
+    from fleetlite.sdk.keys import SigningKey
+
     for path in args.key:
         envelope = sign_bundle(args.bundle, SigningKey.load(path))
     print(f"signed {args.bundle}: {len(envelope.signatures)} signature(s) "
@@ -172,6 +169,9 @@ def _sign(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from fleetlite.sdk.bundle import load_bundle, run_bundle_smoke
+    from fleetlite.sdk.trust import load_trusted_root
+
     root = load_trusted_root(Path(args.root).read_bytes())
     bundle = load_bundle(args.bundle)
     result: dict[str, Any] = {"bundle": args.bundle, "release_id": bundle.release_id}
@@ -204,6 +204,8 @@ def _report(args: argparse.Namespace, result: dict[str, Any]) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
+    from fleetlite.sdk.bundle import load_bundle
+
     summary = load_bundle(args.bundle).summary()
     if args.output == "json":
         print(json.dumps(summary, indent=2))

@@ -28,15 +28,6 @@ from fleetlite.fleet.errors import (
 from fleetlite.fleet.gates import GateSpec
 from fleetlite.fleet.profiles_view import Aggregate, Comparison, aggregate, compare
 from fleetlite.fleet.profiles_view import ProfileRow as ViewRow
-from fleetlite.fleet.report import (
-    ClassBudget,
-    DecisionEntry,
-    DeviceSummary,
-    ReportData,
-    RolloutSummary,
-    WaveSummary,
-    write_report,
-)
 from fleetlite.fleet.rollout import (
     FAILED_STATUSES,
     FINISHED_STATES,
@@ -59,13 +50,16 @@ from fleetlite.fleet.store import (
     Store,
     open_store,
 )
-from fleetlite.sdk.bundle import ReleaseBundle, build_release, load_bundle
 from fleetlite.sdk.chunks import DEFAULT_CHUNK_SIZE
 from fleetlite.sdk.errors import BundleError
-from fleetlite.sdk.keys import SigningKey
 
 if TYPE_CHECKING:
+    # the release builder (numpy, the interpreter) and the report load only when used: every
+    # `fleetlite` command imports this module, and most need neither
     from fleetlite.fleet.controller import Controller
+    from fleetlite.fleet.report import ClassBudget, DeviceSummary, RolloutSummary
+    from fleetlite.sdk.bundle import ReleaseBundle
+    from fleetlite.sdk.keys import SigningKey
     from fleetlite.sdk.trust import Root
 
 __all__ = [
@@ -434,6 +428,9 @@ class Fleet:
         """Build (and sign with ``keys``: key objects or ``.key`` files) a release bundle;
         ``options`` go to :func:`fleetlite.sdk.bundle.build_release` (``expires_in``,
         ``tolerance``, ...). Nothing is stored: :meth:`push_release` does that."""
+        from fleetlite.sdk.bundle import build_release
+        from fleetlite.sdk.keys import SigningKey
+
         loaded = [k if isinstance(k, SigningKey) else SigningKey.load(k) for k in keys]
         return build_release(models, name=name, version=version,
                              device_classes=device_classes, vocab=vocab, keys=loaded, **options)
@@ -445,6 +442,8 @@ class Fleet:
         releases and files that do not match the manifest; with ``root`` (a root of trust or
         its ``root.json``), the release must also verify against it as on a device. Pushing a
         stored release again only updates its signatures."""
+        from fleetlite.sdk.bundle import ReleaseBundle, load_bundle
+
         loaded = bundle if isinstance(bundle, ReleaseBundle) else load_bundle(bundle)
         manifest = loaded.manifest
         origin = "the bundle" if isinstance(bundle, ReleaseBundle) else str(bundle)
@@ -702,6 +701,8 @@ class Fleet:
 
     def report(self, path: PathArg, *, title: str = "FleetLite fleet report") -> Path:
         """Write the self-contained HTML report of the store: devices, profiles, rollouts."""
+        from fleetlite.fleet.report import ReportData, write_report
+
         devices = self.store.list_devices()
         rollouts = [self.rollout(r.rollout_id) for r in self.store.list_rollouts()]
         data = ReportData(generated_at=time.time(), devices=[_device_summary(d) for d in devices],
@@ -727,6 +728,8 @@ class Fleet:
 
 
 def _device_summary(device: DeviceRecord) -> DeviceSummary:
+    from fleetlite.fleet.report import DeviceSummary
+
     model = device.models[0] if device.models else None
     return DeviceSummary(device_id=device.device_id, device_class=device.device_class,
                          online=device.online, model=model.name if model else None,
@@ -751,6 +754,8 @@ def gate_texts(gates: GateSpec) -> list[str]:
 
 
 def _rollout_summary(rollout: Rollout) -> RolloutSummary:
+    from fleetlite.fleet.report import DecisionEntry, RolloutSummary, WaveSummary
+
     waves = [WaveSummary.from_statuses(
         f"wave {w.number} ({w.planned})",
         [d.status for d in rollout.devices if d.wave == w.number],
@@ -765,6 +770,7 @@ def _rollout_summary(rollout: Rollout) -> RolloutSummary:
 
 
 def _budgets(classes: Iterable[str]) -> dict[str, ClassBudget]:
+    from fleetlite.fleet.report import ClassBudget
     from fleetlite.sdk.device_class import find_device_class
     from fleetlite.sdk.errors import FleetLiteError
 

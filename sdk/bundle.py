@@ -27,6 +27,7 @@ from typing import Any, Union
 import numpy as np
 import numpy.typing as npt
 
+from fleetlite.sdk.durations import DEFAULT_EXPIRES_IN, parse_duration
 from fleetlite.sdk.envelope import MANIFEST_PAYLOAD_TYPE, Envelope
 from fleetlite.sdk.errors import BundleError, UnsafeNameError, UpdateRejected
 from fleetlite.sdk.keys import SigningKey
@@ -73,20 +74,9 @@ Array = npt.NDArray[Any]
 
 ENVELOPE_NAME = "manifest.json"
 BUNDLE_SUFFIX = ".flb"
-DEFAULT_EXPIRES_IN = 30 * 86400
 DEFAULT_SMOKE_CASES = 3
 # Token ids for int32/int64 inputs stay in 0..7: valid for any vocabulary with 8+ entries.
 TOKEN_RANGE = 8
-_DURATION = re.compile(r"([0-9]+)([smhdw]?)\Z")
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-
-
-def parse_duration(text: str) -> int:
-    """'30d', '12h', '90m', '3600' (seconds) -> seconds."""
-    match = _DURATION.match(text.strip())
-    if not match or int(match.group(1)) <= 0:
-        raise ValueError(f"{text!r} is not a duration; use e.g. 30d, 12h, 90m or 3600")
-    return int(match.group(1)) * _UNITS[match.group(2)]
 
 
 @dataclass(frozen=True, eq=False)

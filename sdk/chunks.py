@@ -14,9 +14,12 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from fleetlite.sdk.errors import FleetLiteError
-from fleetlite.sdk.manifest import Manifest
+
+if TYPE_CHECKING:
+    from fleetlite.sdk.manifest import Manifest
 
 __all__ = [
     "BAD_BITMAP", "BAD_CHUNK_SIZE", "BAD_LENGTH", "BAD_MAGIC", "BAD_OFFSET", "BAD_RANGE",

@@ -325,6 +325,8 @@ def test_tool_commands(doc: str, tmp_path: Path) -> None:
         assert "2000 runs" in inference and "local socket API" in inference
         profiler = wt.run("python -m fleetlite.tools.bench.bench_profiler").stdout
         assert "intent_classifier" in profiler
+        cli = wt.run("python -m fleetlite.tools.bench.bench_cli").stdout
+        assert re.search(r"^\| fleetlite devices list \| \d+ \| [\d.]+x \|", cli, re.M), cli
     else:
         before = {p.name: p.read_bytes() for p in fixtures.iterdir()}
         wt.run("python -m fleetlite.tools.build_models tests/fixtures/models")

@@ -15,8 +15,7 @@ import os
 import re
 import shutil
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from fleetlite.tools.models import intent_classifier
 from tests.doc_commands import DOCS, REPO, Walkthrough, shell_commands
 from tests.mqtt_harness import Mosquitto
 from tests.pki import TestPki
+from tests.test_fleet_cli import wait_until
 from tests.test_store import PG_URL, _fresh_pg_database
 
 DEMO = "test_readme_demo.py runs `bash tools/demo.sh` verbatim in a fresh venv (it runs " \
@@ -35,16 +35,6 @@ DEMO = "test_readme_demo.py runs `bash tools/demo.sh` verbatim in a fresh venv (
 KEEP = "test_cli_basics.py::test_demo_keep_then_explore_with_the_cli_then_ctrl_c"
 TESTS = "CI runs it: .ci/run ends with `bash tools/test.sh`"
 HOST = "changes the host (root, /etc, systemd): shown for a real gateway, not run by tests"
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise TimeoutError(f"timed out waiting for {what}")
 
 
 def agent_config(directory: Path, device_id: str, *, port: int, trust_root: Path,

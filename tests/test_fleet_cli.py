@@ -109,14 +109,18 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
 
 
 class Serve:
-    """``fleetlite serve`` as a subprocess (stopped with SIGTERM, like systemd does)."""
+    """``fleetlite serve ARGS`` as a subprocess (stopped with SIGTERM, like systemd does)."""
 
-    def __init__(self, db: str, broker: Mosquitto, log: Path) -> None:
+    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
         self.log = log
         with log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [FLEETLITE, "serve", "--db", db, "--broker", f"{broker.host}:{broker.port}",
-                 "--tick", "0.2"], stdout=out, stderr=out)
+            self.proc = subprocess.Popen([FLEETLITE, "serve", *args, "--tick", "0.2"],
+                                         stdout=out, stderr=out, env=env)
+
+    @classmethod
+    def on(cls, db: str, broker: Mosquitto, log: Path) -> Serve:
+        """A controller on store ``db`` and the plain listener of ``broker``."""
+        return cls(["--db", db, "--broker", f"{broker.host}:{broker.port}"], log)
 
     def read_log(self) -> str:
         return self.log.read_text(errors="replace")
@@ -139,7 +143,7 @@ class Site:
         self.db = db
         self.env = {"FLEETLITE_DB": db, "FLEETLITE_BROKER": f"{broker.host}:{broker.port}"}
         # the controller first: it then also stores the agents' first (v1) profiles
-        self.serve = Serve(db, broker, root / "serve.log")
+        self.serve = Serve.on(db, broker, root / "serve.log")
         trust = write_root(root / "root.json")
         self.agents = []
         for device_id, device_tags in tags.items():

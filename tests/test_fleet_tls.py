@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -24,7 +23,7 @@ from fleetlite.tools.models import intent_classifier
 from tests.agent_harness import AgentProcess, write_config
 from tests.mqtt_harness import Mosquitto, TlsFiles
 from tests.pki import Issued, TestPki
-from tests.test_fleet_cli import CLASS, FLEETLITE, cli, wait_until
+from tests.test_fleet_cli import CLASS, FLEETLITE, Serve, cli, wait_until
 from tests.test_ota_install import RELEASE_KEY, write_root
 
 DEVICE = "gw-tls-1"
@@ -88,28 +87,6 @@ def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in TLS_ENV}
     env.update(extra)
     return env
-
-
-class Serve:
-    """``fleetlite serve ARGS`` as a subprocess, stopped with SIGTERM."""
-
-    def __init__(self, args: list[str], log: Path, env: dict[str, str]) -> None:
-        self.log = log
-        with log.open("ab") as out:
-            self.proc = subprocess.Popen([FLEETLITE, "serve", *args, "--tick", "0.2"],
-                                         stdout=out, stderr=out, env=env)
-
-    def read_log(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(10)
 
 
 def start_agent(root: Path, tls: TlsBroker) -> AgentProcess:

@@ -4,6 +4,7 @@ profiles, report)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -73,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", metavar="DIR",
                       help="work directory (default: a new temp dir; it keeps the report)")
+    demo.add_argument("--local-broker", choices=("auto", "mosquitto", "embedded"),
+                      default=os.environ.get("FLEETLITE_DEMO_BROKER") or "auto",
+                      help="which broker the demo starts: Mosquitto if installed, else the "
+                      "embedded one (auto), or either by name; `embedded` shows what a machine "
+                      "without Mosquitto sees (env FLEETLITE_DEMO_BROKER; default auto)")
     demo.add_argument("--keep", action="store_true",
                       help="leave broker, agents and controller running to explore with the CLI")
     cli_keys.add_parser(sub)
@@ -90,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from fleetlite.tools.demo import run_demo
 
-            return run_demo(out=args.out, keep=args.keep)
+            return run_demo(out=args.out, keep=args.keep, broker=args.local_broker)
         if args.command == "keys":
             return cli_keys.run(args)
         if args.command == "release":

@@ -23,7 +23,7 @@ from types import FrameType
 
 import yaml
 
-from fleetlite.fleet.broker import LocalBroker, start_local_broker
+from fleetlite.fleet.broker import LocalBroker, mosquitto_path, start_local_broker
 from fleetlite.fleet.controller import Controller
 from fleetlite.fleet.errors import FleetError
 from fleetlite.fleet.rollout import RolloutState
@@ -72,9 +72,11 @@ class Demo:
 
     # -- set-up ----------------------------------------------------------------------------
 
-    def start_broker(self) -> LocalBroker:
-        self.broker = start_local_broker()
-        note = "" if self.broker.kind == "mosquitto" else " (no Mosquitto installed)"
+    def start_broker(self, prefer: str = "auto") -> LocalBroker:
+        self.broker = start_local_broker(prefer=prefer)
+        note = ""
+        if self.broker.kind != "mosquitto":
+            note = " (no Mosquitto installed)" if mosquitto_path() is None else " (as asked)"
         say(f"    broker: {self.broker.kind}{note} on {self.broker.host}:{self.broker.port}")
         return self.broker
 
@@ -307,7 +309,7 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def run_demo(out: str | None = None, *, keep: bool = False) -> int:
+def run_demo(out: str | None = None, *, keep: bool = False, broker: str = "auto") -> int:
     workdir = Path(out) if out else Path(tempfile.mkdtemp(prefix="fleetlite-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     demo = Demo(workdir, keep=keep)
@@ -317,7 +319,7 @@ def run_demo(out: str | None = None, *, keep: bool = False) -> int:
     say(f"FleetLite demo — working in {workdir}")
     try:
         step(1, "Starting a broker")
-        demo.start_broker()
+        demo.start_broker(broker)
         step(2, "Creating signing keys and the root of trust")
         key = demo.make_keys()
         step(3, "Starting agents of three device classes, serving the text intent model v1")

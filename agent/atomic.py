@@ -5,6 +5,7 @@ After a power loss the target holds either the old or the new content, never a m
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -19,12 +20,16 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``data`` atomically and durably."""
+def write_atomic(path: Path, data: bytes, *, mode: int = 0o644, sync_dir: bool = True) -> None:
+    """Replace ``path`` with ``data`` atomically and durably.
+
+    ``sync_dir=False`` leaves the directory fsync (which makes the rename durable) to the caller:
+    the spool does one for several files and handles its failure apart from the write's.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
         try:
             view = memoryview(data)
             while view:
@@ -35,9 +40,12 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
             os.close(fd)
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        # Suppressed, so the caller sees the original error (e.g. ENOSPC), not the cleanup's.
+        with contextlib.suppress(OSError):
+            tmp.unlink()
         raise
-    fsync_dir(path.parent)
+    if sync_dir:
+        fsync_dir(path.parent)
 
 
 def write_json_atomic(path: Path, value: Any) -> None:

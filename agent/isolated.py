@@ -9,8 +9,6 @@ the agent's own process. The child reads one JSON request on stdin and writes on
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -19,9 +17,18 @@ from typing import Any
 
 import numpy as np
 
-from fleetlite.agent.errors import AgentError, InvalidModelError, ModelCrashedError
+from fleetlite.agent.child_process import ChildFailures, run_json_child
+from fleetlite.agent.errors import AgentError, InvalidModelError
 
 DEFAULT_TIMEOUT_S = 60.0
+_FAILURES = ChildFailures(
+    timed_out="{origin}: the isolated model check did not finish within {timeout:g} s; "
+    "the model is treated as broken",
+    crashed="{origin}: the TFLite interpreter crashed ({signal}) while loading or running the "
+    "model in an isolated process; the file is corrupt or hostile and was not loaded by the agent",
+    failed="{origin}: isolated check failed",
+    error=InvalidModelError,
+)
 
 
 @dataclass(frozen=True)
@@ -42,50 +49,23 @@ def check_model(
 ) -> ModelCheck:
     """Load ``path`` and run it once on zero inputs in a subprocess.
 
-    Raises :class:`ModelCrashedError` if the child dies (signal) or hangs past ``timeout``, and
-    :class:`InvalidModelError` (or a subclass) if the runtime refuses the model.
+    Raises :class:`~fleetlite.agent.errors.ModelCrashedError` if the child dies (signal) or hangs
+    past ``timeout``, and :class:`InvalidModelError` (or a subclass) if the runtime refuses the
+    model.
     """
     request = {"model": str(path), "num_threads": num_threads, "backend": backend}
-    reply = _run_child(request, timeout=timeout, origin=str(path))
+    reply = run_json_child(
+        [sys.executable, "-m", "fleetlite.agent.isolated"],
+        request,
+        timeout=timeout,
+        origin=str(path),
+        failures=_FAILURES,
+    )
     return ModelCheck(
         description=reply["description"],
         load_ms=float(reply["load_ms"]),
         first_inference_ms=float(reply["first_inference_ms"]),
     )
-
-
-def _run_child(request: dict[str, Any], *, timeout: float, origin: str) -> dict[str, Any]:
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "fleetlite.agent.isolated"],
-            input=json.dumps(request).encode(),
-            capture_output=True,
-            timeout=timeout,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise ModelCrashedError(
-            f"{origin}: the isolated model check did not finish within {timeout:g} s; "
-            "the model is treated as broken"
-        ) from exc
-    if proc.returncode < 0:
-        try:
-            name = signal.Signals(-proc.returncode).name
-        except ValueError:
-            name = f"signal {-proc.returncode}"
-        raise ModelCrashedError(
-            f"{origin}: the TFLite interpreter crashed ({name}) while loading or running the "
-            "model in an isolated process; the file is corrupt or hostile and was not loaded "
-            "by the agent"
-        )
-    try:
-        reply: dict[str, Any] = json.loads(proc.stdout.decode() or "{}")
-    except ValueError:
-        reply = {}
-    if proc.returncode != 0 or not reply.get("ok"):
-        message = reply.get("error") or proc.stderr.decode(errors="replace").strip()[-500:]
-        raise InvalidModelError(message or f"{origin}: isolated check failed")
-    return reply
 
 
 def _zero_inputs(model: Any) -> dict[str, Any]:

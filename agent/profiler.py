@@ -25,27 +25,25 @@ import gc
 import hashlib
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, TypedDict, Union
 
 import numpy as np
 import numpy.typing as npt
 
+from fleetlite.agent.child_process import ChildFailures, run_json_child
 from fleetlite.agent.errors import (
     AgentError,
     InferenceError,
     InputMismatchError,
     InvalidModelError,
-    ModelCrashedError,
     RuntimeMissingError,
     UnsupportedOpError,
 )
@@ -64,12 +62,15 @@ from fleetlite.sdk.profile import (
 )
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
     from fleetlite.sdk.device_class import DeviceClass
 
 __all__ = [
     "DEFAULT_INDEX_RANGE",
     "INFERENCE_SAMPLE_INTERVAL_S",
     "SAMPLE_INTERVAL_S",
+    "ProfileOptions",
     "RssSampler",
     "detect_quantization",
     "profile_model",
@@ -358,17 +359,62 @@ def _interval(seconds: Optional[float]) -> Optional[float]:
     return seconds
 
 
-def profile_model(
+class _LoopOptions(TypedDict, total=False):
+    """The loop bounds, as :func:`~fleetlite.sdk.profile.resolve_settings` takes them."""
+
+    warmup_runs: Optional[int]
+    warmup_min_seconds: Optional[float]
+    min_runs: Optional[int]
+    max_runs: Optional[int]
+    min_seconds: Optional[float]
+    max_seconds: Optional[float]
+
+
+class ProfileOptions(_LoopOptions, total=False):
+    """The keyword arguments :func:`profile_model` and :func:`profile_model_isolated` share.
+
+    Any may be left out; :func:`profile_model` says what each defaults to.
+    """
+
+    num_threads: Optional[int]
+    backend: Optional[str]
+    inputs: Optional[InputsLike]
+    device_id: str
+    device_class: DeviceClassArg
+    model_name: Optional[str]
+    model_version: Optional[int]
+    trigger: str
+    seed: int
+    memory_sample_interval_s: Optional[float]
+
+
+@dataclass(frozen=True)
+class _Run:
+    """The resolved parameters of one profile run; ``asdict`` of it is the child's request."""
+
+    settings: ProfileSettings
+    threads: int
+    backend: Optional[str]
+    device_id: str
+    device_class: Optional[str]
+    model_name: str
+    model_version: Optional[int]
+    trigger: str
+    seed: int
+    sample_interval_s: Optional[float]
+
+    @classmethod
+    def from_request(cls, request: Mapping[str, Any]) -> _Run:
+        values = {f.name: request[f.name] for f in fields(cls)}
+        values["settings"] = ProfileSettings(**request["settings"])
+        return cls(**values)
+
+
+def _resolve(
     source: ModelSource,
     *,
     num_threads: Optional[int] = None,
     backend: Optional[str] = None,
-    warmup_runs: Optional[int] = None,
-    warmup_min_seconds: Optional[float] = None,
-    min_runs: Optional[int] = None,
-    max_runs: Optional[int] = None,
-    min_seconds: Optional[float] = None,
-    max_seconds: Optional[float] = None,
     inputs: Optional[InputsLike] = None,
     device_id: str = "",
     device_class: DeviceClassArg = None,
@@ -377,59 +423,52 @@ def profile_model(
     trigger: str = "cli",
     seed: int = 0,
     memory_sample_interval_s: Optional[float] = None,
-) -> ProfileRecord:
+    **loop: Unpack[_LoopOptions],
+) -> tuple[_Run, Optional[InputsLike]]:
+    """Apply the defaults of :class:`ProfileOptions` and check them; ``inputs`` passes through."""
+    dc = _device_class(device_class)
+    settings = resolve_settings(dc.profiler if dc is not None else None, **loop)
+    run = _Run(
+        settings=settings, threads=_threads(num_threads, dc), backend=backend,
+        device_id=device_id, device_class=dc.name if dc is not None else None,
+        model_name=model_name or _default_name(source), model_version=model_version,
+        trigger=trigger, seed=seed, sample_interval_s=_interval(memory_sample_interval_s),
+    )
+    return run, inputs
+
+
+def profile_model(source: ModelSource, **options: Unpack[ProfileOptions]) -> ProfileRecord:
     """Profile a model in this process and return its :class:`ProfileRecord`.
 
-    Loop parameters left as None come from ``device_class``'s profiler defaults (a name or a
-    :class:`~fleetlite.sdk.device_class.DeviceClass`), else benchmark_model's (see
-    :func:`fleetlite.sdk.profile.resolve_settings`); ``num_threads`` from the class's
-    ``default_threads``, else 1. The first inference always runs and counts as warm-up run 1.
-    ``inputs`` (as for :meth:`Model.run`) replaces the synthetic inputs.
+    Loop parameters (``warmup_runs``, ``warmup_min_seconds``, ``min_runs``, ``max_runs``,
+    ``min_seconds``, ``max_seconds``) left out or None come from ``device_class``'s profiler
+    defaults (a name or a :class:`~fleetlite.sdk.device_class.DeviceClass`), else
+    benchmark_model's (see :func:`fleetlite.sdk.profile.resolve_settings`); ``num_threads`` from
+    the class's ``default_threads``, else 1. The first inference always runs and counts as warm-up
+    run 1. ``inputs`` (as for :meth:`Model.run`) replaces the synthetic inputs.
     ``memory_sample_interval_s`` fixes the inference-phase RSS sampling interval (default: 10 ms
-    where the kernel's peak mark is available, else 1 ms).
+    where the kernel's peak mark is available, else 1 ms). ``model_name`` defaults to the file's
+    stem (``"model"`` for bytes), ``device_id`` to ``""``, ``trigger`` to ``"cli"``, ``seed``
+    (of the synthetic inputs) to 0; ``backend`` and ``model_version`` to None.
 
     Only give this function models that passed the isolated check (or use
     :func:`profile_model_isolated`): a corrupt model can crash the interpreter process.
     Raises :class:`InvalidModelError`, :class:`InputMismatchError`, :class:`InferenceError`,
     :class:`~fleetlite.sdk.errors.DeviceClassError`, or :class:`ValueError` for bad parameters.
     """
-    dc = _device_class(device_class)
-    settings = resolve_settings(
-        dc.profiler if dc is not None else None,
-        warmup_runs=warmup_runs, warmup_min_seconds=warmup_min_seconds, min_runs=min_runs,
-        max_runs=max_runs, min_seconds=min_seconds, max_seconds=max_seconds,
-    )
-    return _profile(
-        source, settings=settings, threads=_threads(num_threads, dc), backend=backend,
-        inputs=inputs, device_id=device_id, device_class=dc.name if dc is not None else None,
-        model_name=model_name or _default_name(source), model_version=model_version,
-        trigger=trigger, seed=seed, isolated=False,
-        sample_interval_s=_interval(memory_sample_interval_s),
-    )
+    run, inputs = _resolve(source, **options)
+    return _profile(source, run, inputs, isolated=False)
 
 
 def _profile(
-    source: ModelSource,
-    *,
-    settings: ProfileSettings,
-    threads: int,
-    backend: Optional[str],
-    inputs: Optional[InputsLike],
-    device_id: str,
-    device_class: Optional[str],
-    model_name: str,
-    model_version: Optional[int],
-    trigger: str,
-    seed: int,
-    isolated: bool,
-    sample_interval_s: Optional[float],
+    source: ModelSource, run: _Run, inputs: Optional[InputsLike], *, isolated: bool
 ) -> ProfileRecord:
     from fleetlite.agent import device_facts
 
     ts = time.time()
-    facts = device_facts.collect(device_class)
+    facts = device_facts.collect(run.device_class)
     # Touch the sample buffer now so its pages count in the baseline, not as inference memory.
-    samples_ns = np.empty(settings.max_runs, dtype=np.int64)
+    samples_ns = np.empty(run.settings.max_runs, dtype=np.int64)
     samples_ns.fill(0)
     gc.collect()
 
@@ -437,22 +476,23 @@ def _profile(
     kernel = _reset_kernel_peak()
     with RssSampler(baseline=rss_before) as load_sampler:
         start = time.perf_counter_ns()
-        model = load_model(source, num_threads=threads, backend=backend)
+        model = load_model(source, num_threads=run.threads, backend=run.backend)
         init_ns = time.perf_counter_ns() - start
     rss_after = read_rss()
     peak_load = max(load_sampler.peak, rss_after, _kernel_peak() if kernel else 0)
 
-    arrays = synthetic_inputs(model, seed) if inputs is None else model._arrange_inputs(inputs)
+    arrays = synthetic_inputs(model, run.seed) if inputs is None else model._arrange_inputs(inputs)
     runner = _Runner(model, arrays)
     kernel = kernel and _reset_kernel_peak()
+    sample_interval_s = run.sample_interval_s
     if sample_interval_s is None:
         sample_interval_s = INFERENCE_SAMPLE_INTERVAL_S if kernel else SAMPLE_INTERVAL_S
     gc_enabled = gc.isenabled()
     gc.disable()  # as timeit does: a collection inside a timed run is not the model's cost
     try:
         with RssSampler(sample_interval_s, baseline=rss_after) as inference_sampler:
-            warmup_count, first_ns, warmup_ns = _warm_up(runner, settings)
-            steady_count, steady_ns = _steady(runner, settings, samples_ns)
+            warmup_count, first_ns, warmup_ns = _warm_up(runner, run.settings)
+            steady_count, steady_ns = _steady(runner, run.settings, samples_ns)
     except (ValueError, RuntimeError) as exc:
         raise runner.failed(exc) from exc
     finally:
@@ -474,12 +514,12 @@ def _profile(
     steady: LatencyStats = summarize_latencies((samples_ns[:steady_count] / 1e6).tolist())
 
     return ProfileRecord(
-        device_id=device_id,
+        device_id=run.device_id,
         ts=ts,
-        trigger=trigger,
+        trigger=run.trigger,
         model=ModelInfo(
-            name=model_name,
-            version=model_version,
+            name=run.model_name,
+            version=run.model_version,
             sha256=sha256,
             size_bytes=model.size,
             quantization=detect_quantization(model),
@@ -500,8 +540,8 @@ def _profile(
             inputs="synthetic" if inputs is None else "given",
             isolated=isolated,
             delegate_partitions=partitions,
-            seed=seed,
-            **asdict(settings),
+            seed=run.seed,
+            **asdict(run.settings),
         ),
         timings=Timings(
             init_ms=init_ns / 1e6,
@@ -550,60 +590,35 @@ def _steady(runner: _Runner, settings: ProfileSettings, samples_ns: Array) -> tu
 
 # -- isolated --------------------------------------------------------------------------------
 
-_ERRORS: dict[str, type[AgentError]] = {
-    cls.__name__: cls
-    for cls in (InvalidModelError, UnsupportedOpError, InputMismatchError, InferenceError,
-                RuntimeMissingError)
-}
+_FAILURES = ChildFailures(
+    timed_out="{origin}: the isolated profile did not finish within {timeout:g} s; the model "
+    "hangs or is far slower than max_seconds allows",
+    crashed="{origin}: the TFLite interpreter crashed ({signal}) while the model was profiled in "
+    "an isolated process; the file is corrupt or hostile",
+    failed="{origin}: the isolated profile failed",
+    error=AgentError,
+    kinds={
+        cls.__name__: cls
+        for cls in (InvalidModelError, UnsupportedOpError, InputMismatchError, InferenceError,
+                    RuntimeMissingError)
+    },
+    required="record",
+)
 
 
 def profile_model_isolated(
-    source: ModelSource,
-    *,
-    timeout: Optional[float] = None,
-    num_threads: Optional[int] = None,
-    backend: Optional[str] = None,
-    warmup_runs: Optional[int] = None,
-    warmup_min_seconds: Optional[float] = None,
-    min_runs: Optional[int] = None,
-    max_runs: Optional[int] = None,
-    min_seconds: Optional[float] = None,
-    max_seconds: Optional[float] = None,
-    inputs: Optional[InputsLike] = None,
-    device_id: str = "",
-    device_class: DeviceClassArg = None,
-    model_name: Optional[str] = None,
-    model_version: Optional[int] = None,
-    trigger: str = "cli",
-    seed: int = 0,
-    memory_sample_interval_s: Optional[float] = None,
+    source: ModelSource, *, timeout: Optional[float] = None, **options: Unpack[ProfileOptions]
 ) -> ProfileRecord:
     """:func:`profile_model` in a fresh subprocess; the record has ``run.isolated`` true.
 
     ``timeout`` defaults to twice ``max_seconds`` (warm-up and steady state) plus 60 s. Raises
-    :class:`ModelCrashedError` if the child dies from a signal or times out, otherwise the same
-    errors as :func:`profile_model`.
+    :class:`~fleetlite.agent.errors.ModelCrashedError` if the child dies from a signal or times
+    out, otherwise the same errors as :func:`profile_model`.
     """
-    dc = _device_class(device_class)
-    settings = resolve_settings(
-        dc.profiler if dc is not None else None,
-        warmup_runs=warmup_runs, warmup_min_seconds=warmup_min_seconds, min_runs=min_runs,
-        max_runs=max_runs, min_seconds=min_seconds, max_seconds=max_seconds,
-    )
-    request: dict[str, Any] = {
-        "settings": asdict(settings),
-        "threads": _threads(num_threads, dc),
-        "backend": backend,
-        "device_id": device_id,
-        "device_class": dc.name if dc is not None else None,
-        "model_name": model_name or _default_name(source),
-        "model_version": model_version,
-        "trigger": trigger,
-        "seed": seed,
-        "sample_interval_s": _interval(memory_sample_interval_s),
-    }
+    run, inputs = _resolve(source, **options)
+    request: dict[str, Any] = asdict(run)
     if timeout is None:
-        timeout = 2 * settings.max_seconds + _ISOLATED_SLACK_S
+        timeout = 2 * run.settings.max_seconds + _ISOLATED_SLACK_S
     with tempfile.TemporaryDirectory(prefix="fleetlite-profile-") as tmp:
         if isinstance(source, (bytes, bytearray, memoryview)):
             path = Path(tmp) / "model.tflite"
@@ -615,7 +630,9 @@ def profile_model_isolated(
         request["model"] = str(path)
         if inputs is not None:
             request["inputs"] = _save_inputs(inputs, Path(tmp) / "inputs.npz")
-        reply = _run_child(request, timeout=timeout, origin=origin)
+        reply = run_json_child(
+            _child_command(), request, timeout=timeout, origin=origin, failures=_FAILURES
+        )
     return ProfileRecord.from_dict(reply["record"])
 
 
@@ -642,40 +659,6 @@ def _child_command() -> list[str]:
     return [sys.executable, "-m", "fleetlite.agent.profiler"]
 
 
-def _run_child(request: dict[str, Any], *, timeout: float, origin: str) -> dict[str, Any]:
-    try:
-        proc = subprocess.run(
-            _child_command(),
-            input=json.dumps(request).encode(),
-            capture_output=True,
-            timeout=timeout,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise ModelCrashedError(
-            f"{origin}: the isolated profile did not finish within {timeout:g} s; the model "
-            "hangs or is far slower than max_seconds allows"
-        ) from exc
-    if proc.returncode < 0:
-        try:
-            name = signal.Signals(-proc.returncode).name
-        except ValueError:
-            name = f"signal {-proc.returncode}"
-        raise ModelCrashedError(
-            f"{origin}: the TFLite interpreter crashed ({name}) while the model was profiled in "
-            "an isolated process; the file is corrupt or hostile"
-        )
-    try:
-        reply: dict[str, Any] = json.loads(proc.stdout.decode() or "{}")
-    except ValueError:
-        reply = {}
-    if proc.returncode != 0 or not reply.get("ok") or not isinstance(reply.get("record"), dict):
-        message = reply.get("error") or proc.stderr.decode(errors="replace").strip()[-500:]
-        error = _ERRORS.get(str(reply.get("kind")), AgentError)
-        raise error(message or f"{origin}: the isolated profile failed")
-    return reply
-
-
 def _child_main() -> int:
     # Keep the real stdout for the reply alone; anything the runtime prints goes to stderr.
     reply_fd = os.dup(1)
@@ -683,21 +666,8 @@ def _child_main() -> int:
     with os.fdopen(reply_fd, "w") as out:
         request = json.loads(sys.stdin.read())
         try:
-            record = _profile(
-                request["model"],
-                settings=ProfileSettings(**request["settings"]),
-                threads=int(request["threads"]),
-                backend=request.get("backend"),
-                inputs=_load_inputs(request["inputs"]) if request.get("inputs") else None,
-                device_id=str(request.get("device_id", "")),
-                device_class=request.get("device_class"),
-                model_name=str(request["model_name"]),
-                model_version=request.get("model_version"),
-                trigger=str(request.get("trigger", "cli")),
-                seed=int(request.get("seed", 0)),
-                isolated=True,
-                sample_interval_s=request.get("sample_interval_s"),
-            )
+            inputs = _load_inputs(request["inputs"]) if request.get("inputs") else None
+            record = _profile(request["model"], _Run.from_request(request), inputs, isolated=True)
         except AgentError as exc:
             json.dump({"ok": False, "kind": type(exc).__name__, "error": str(exc)}, out)
             return 1

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, cast
 
-from fleetlite.agent.atomic import fsync_dir
+from fleetlite.agent.atomic import fsync_dir, write_atomic
 from fleetlite.agent.errors import SpoolError, SpoolFullError
 
 Priority = Literal["telemetry", "important", "critical"]
@@ -401,25 +401,13 @@ class Spool:
 
     # -- writing -------------------------------------------------------------------------------
 
-    def _write_file(self, name: str, data: bytes) -> None:
-        """Write ``name`` via a temp file, fsync and rename; the caller fsyncs the directory."""
-        path = self.directory / name
-        tmp = self.directory / f".{name}.tmp"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            try:
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
+    def _write(self, name: str, data: bytes) -> None:
+        """Write ``name`` atomically; the caller fsyncs the directory.
+
+        append() does one directory fsync for the record and ``.seq`` together, and unlinks the
+        record again if that fsync fails.
+        """
+        write_atomic(self.directory / name, data, mode=0o600, sync_dir=False)
 
     def _io_error(self, exc: OSError, what: str) -> SpoolError:
         self._write_errors += 1
@@ -439,7 +427,7 @@ class Spool:
         if self._next_seq < self._reserved_upto:
             return
         upto = self._next_seq + _SEQ_BLOCK
-        self._write_file(_SEQ_FILE, f"{upto}\n".encode())
+        self._write(_SEQ_FILE, f"{upto}\n".encode())
         self._reserved_upto = upto
 
     def append(
@@ -494,7 +482,7 @@ class Spool:
                 )
             try:
                 self._reserve_seq()
-                self._write_file(_record_name(seq), data)
+                self._write(_record_name(seq), data)
             except OSError as exc:
                 raise self._io_error(exc, f"writing record {seq}") from exc
             try:

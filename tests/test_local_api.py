@@ -6,13 +6,13 @@ an error (or a closed connection) and leave the server serving.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import stat
 import struct
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from fleetlite.sdk import local_client as wire
 from fleetlite.sdk.errors import FleetLiteError, LocalApiError
 from fleetlite.sdk.local_client import LocalClient
 from fleetlite.tools.models import two_in_two_out
-from tests.test_model_service import MODEL_FILES, sample_inputs
+from tests.test_model_service import MODEL_FILES, Scorer, hammer_through_swaps, sample_inputs
 
 MODEL_NAMES = {
     "intent_classifier.tflite": "intent",
@@ -165,45 +165,19 @@ def test_hot_swap_while_clients_hammer(
     inputs = sample_inputs(load_model(paths[0]), 5)
     references = [load_model(p).run(inputs)["out_score"] for p in paths]
     assert not np.array_equal(references[0], references[1])
-    stop = threading.Event()
-    lock = threading.Lock()
-    served: list[int] = []
-    failures: list[BaseException] = []
 
-    def hammer() -> None:
+    @contextlib.contextmanager
+    def own_client() -> Iterator[Scorer]:
         with LocalClient(server.path) as own:
-            while not stop.is_set():
-                try:
-                    score = own.infer("pair", inputs)["out_score"]
-                except BaseException as exc:
-                    failures.append(exc)
-                    return
-                which = [i for i, ref in enumerate(references) if np.array_equal(score, ref)]
-                with lock:
-                    served.append(which[0] if which else -1)
+            yield lambda: own.infer("pair", inputs)["out_score"]
 
-    def wait_for_responses_from(index: int, count: int) -> None:
-        start = len(served)
-        for _ in range(120_000):  # a hang guard (about 2 minutes), not a timing assertion
-            with lock:
-                if failures or served[start:].count(index) >= count:
-                    return
-            time.sleep(0.001)
-        raise AssertionError(f"no {count} responses from model {index} arrived")
-
-    threads = [threading.Thread(target=hammer) for _ in range(6)]
-    for thread in threads:
-        thread.start()
-    try:
-        wait_for_responses_from(0, 30)
-        for swap in range(1, 7):
-            service.swap("pair", paths[swap % 2], version=swap + 1)
-            wait_for_responses_from(swap % 2, 30)
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(60)
-    assert failures == []
+    served = hammer_through_swaps(
+        own_client,
+        references,
+        lambda n: service.swap("pair", paths[n % 2], version=n + 1),
+        responses=30,
+        join_timeout=60,
+    )
     assert -1 not in served and set(served) == {0, 1}
     assert server.stats()["errors"] == {}
 

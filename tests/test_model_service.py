@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +48,65 @@ def sample_inputs(model: Model, seed: int) -> dict[str, npt.NDArray[Any]]:
         else:
             inputs[spec.name] = rng.normal(size=spec.shape).astype(dtype)
     return inputs
+
+
+Scorer = Callable[[], npt.NDArray[Any]]
+
+
+def hammer_through_swaps(
+    connect: Callable[[], AbstractContextManager[Scorer]],
+    references: Sequence[npt.NDArray[Any]],
+    swap: Callable[[int], None],
+    *,
+    responses: int,
+    join_timeout: float,
+) -> list[int]:
+    """Six threads score without pause while ``swap(n)`` runs for n = 1..6; fails on any error.
+
+    Each thread enters ``connect()`` once and calls the scorer it yields in a loop. Swap n must
+    make ``references[n % 2]`` the answer; each phase waits for ``responses`` answers equal to it.
+    Returns, per answer, the index of the reference it equals (-1: neither).
+    """
+    stop = threading.Event()
+    lock = threading.Lock()
+    served: list[int] = []
+    failures: list[BaseException] = []
+
+    def hammer() -> None:
+        with connect() as score:
+            while not stop.is_set():
+                try:
+                    result = score()
+                except BaseException as exc:
+                    failures.append(exc)
+                    return
+                which = [i for i, ref in enumerate(references) if np.array_equal(result, ref)]
+                with lock:
+                    served.append(which[0] if which else -1)
+
+    def wait_for_responses_from(index: int, count: int) -> None:
+        start = len(served)
+        for _ in range(120_000):  # a hang guard (about 2 minutes), not a timing assertion
+            with lock:
+                if failures or served[start:].count(index) >= count:
+                    return
+            time.sleep(0.001)
+        raise AssertionError(f"no {count} responses from model {index} arrived")
+
+    threads = [threading.Thread(target=hammer) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_for_responses_from(0, responses)
+        for n in range(1, 7):
+            swap(n)
+            wait_for_responses_from(n % 2, responses)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(join_timeout)
+    assert failures == []
+    return served
 
 
 @pytest.fixture
@@ -218,44 +280,13 @@ def test_hot_swap_under_load_fails_no_request(
     assert not np.array_equal(references[0], references[1])
     service = ModelService(pool_size=pool_size)
     service.activate("m", paths[0])
-    stop = threading.Event()
-    lock = threading.Lock()
-    served: list[int] = []
-    failures: list[BaseException] = []
-
-    def hammer() -> None:
-        while not stop.is_set():
-            try:
-                score = service.infer("m", inputs)["out_score"]
-            except BaseException as exc:
-                failures.append(exc)
-                return
-            which = [i for i, ref in enumerate(references) if np.array_equal(score, ref)]
-            with lock:
-                served.append(which[0] if which else -1)
-
-    def wait_for_responses_from(index: int, count: int) -> None:
-        start = len(served)
-        for _ in range(120_000):  # a hang guard (about 2 minutes), not a timing assertion
-            with lock:
-                if failures or served[start:].count(index) >= count:
-                    return
-            time.sleep(0.001)
-        raise AssertionError(f"no {count} responses from model {index} arrived")
-
-    threads = [threading.Thread(target=hammer) for _ in range(6)]
-    for thread in threads:
-        thread.start()
-    try:
-        wait_for_responses_from(0, 50)
-        for swap in range(1, 7):
-            service.swap("m", paths[swap % 2], version=swap)
-            wait_for_responses_from(swap % 2, 50)
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(30)
-    assert failures == []
+    served = hammer_through_swaps(
+        lambda: contextlib.nullcontext(lambda: service.infer("m", inputs)["out_score"]),
+        references,
+        lambda n: service.swap("m", paths[n % 2], version=n),
+        responses=50,
+        join_timeout=30,
+    )
     assert -1 not in served
     assert service.get("m").pool_size == pool_size
     assert service.stats()["m"]["errors"] == 0

@@ -5,7 +5,9 @@ few it does not run are listed with the test that runs them, or the reason (they
 `sudo`, systemd).
 
 Placeholders a reader fills in are the only substitutions: `RELEASE_ID`, `ROLLOUT_ID`, `XXXX`,
-`DIR`, the example hosts, and `/opt/fleetlite/venv` (the venv running these tests).
+`DIR`, the example hosts and database, the certificate files under `/etc/` (from a fresh test CA),
+and `/opt/fleetlite/venv` (the venv running these tests). The operator guide's Mosquitto listener
+and ACL run as written, with this machine's port and files.
 """
 
 from __future__ import annotations

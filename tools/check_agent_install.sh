@@ -18,4 +18,7 @@ done
 cd "$tmp"
 "$tmp/venv/bin/python" -c "import fleetlite.agent, fleetlite.agent.runtime as r; print('agent imports; backend', r.select_backend().name, r.select_backend().version)"
 "$tmp/venv/bin/fleetlite-agent" --version
+# the systemd unit ships with the package (docs/operator-guide.md copies it from there)
+unit="$("$tmp/venv/bin/python" -c "import fleetlite.agent, pathlib; print(pathlib.Path(fleetlite.agent.__file__).parent / 'systemd/fleetlite-agent.service')")"
+grep -q '^ExecStart=.*fleetlite-agent run' "$unit" || { echo "agent-only install: no systemd unit at $unit" >&2; exit 1; }
 echo "agent-only install: OK ($(wc -l < "$tmp/installed.txt") packages: $(tr '\n' ' ' < "$tmp/installed.txt"))"

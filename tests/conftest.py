@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import urllib.parse
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +14,10 @@ from tests.mqtt_harness import Mosquitto
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = REPO / "tests" / "fixtures" / "models"
+PG_URL = os.environ.get("FLEETLITE_TEST_PG_URL", "")
+PG_SKIP = ("PostgreSQL variant skipped: FLEETLITE_TEST_PG_URL is not set. Run "
+           'export FLEETLITE_TEST_PG_URL="$(bash tools/postgres.sh)" and pytest again '
+           "(CI sets it).")
 
 
 def crash_fixture_crashes() -> bool:
@@ -38,3 +45,30 @@ def broker(tmp_path: Path) -> Iterator[Mosquitto]:
         yield instance
     finally:
         instance.stop()
+
+
+def fresh_pg_database() -> Iterator[str]:
+    """A new, empty database on the test server for one test, dropped afterwards."""
+    import psycopg
+
+    name = f"fleetlite_t_{uuid.uuid4().hex[:16]}"
+    with psycopg.connect(PG_URL, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    parts = urllib.parse.urlsplit(PG_URL)
+    try:
+        yield urllib.parse.urlunsplit(parts._replace(path=f"/{name}"))
+    finally:
+        with psycopg.connect(PG_URL, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The URL of an empty store, on each backend (PostgreSQL when FLEETLITE_TEST_PG_URL names a
+    server: a fresh database, dropped afterwards)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'fleet.db'}"
+    else:
+        if not PG_URL:
+            pytest.skip(PG_SKIP)
+        yield from fresh_pg_database()

@@ -26,11 +26,11 @@ import yaml
 
 from fleetlite.fleet import Fleet
 from fleetlite.tools.models import intent_classifier
+from tests.conftest import PG_URL, fresh_pg_database
 from tests.doc_commands import DOCS, REPO, Walkthrough, shell_commands
 from tests.mqtt_harness import Mosquitto
 from tests.pki import TestPki
 from tests.test_fleet_cli import wait_until
-from tests.test_store import PG_URL, _fresh_pg_database
 
 DEMO = "test_readme_demo.py runs `bash tools/demo.sh` verbatim in a fresh venv (it runs " \
        "`fleetlite demo`)"
@@ -115,7 +115,7 @@ def guide_broker(guide: str, workdir: Path) -> tuple[Mosquitto, TestPki]:
 def store_db(tmp_path: Path) -> Iterator[str]:
     """PostgreSQL when the suite has one (CI does), else SQLite."""
     if PG_URL:
-        yield from _fresh_pg_database()
+        yield from fresh_pg_database()
     else:
         yield f"sqlite:///{tmp_path / 'fleet.db'}"
 

@@ -38,30 +38,14 @@ from fleetlite.tools.models import intent_classifier
 from tests.agent_harness import AgentProcess, write_config
 from tests.mqtt_harness import Collector, Mosquitto
 from tests.test_ota_install import RELEASE_KEY, write_root
-from tests.test_store import _fresh_pg_database
 
 BIN = Path(sys.executable).parent
 FLEETLITE = str(BIN / "fleetlite")
 REPO = Path(__file__).resolve().parent.parent
 CLASS = "industrial-x86-gateway"
-PG_URL = os.environ.get("FLEETLITE_TEST_PG_URL", "")
-PG_SKIP = ("PostgreSQL variant skipped: FLEETLITE_TEST_PG_URL is not set. Run "
-           'export FLEETLITE_TEST_PG_URL="$(bash tools/postgres.sh)" and pytest again '
-           "(CI sets it).")
 
 
 # -- fixtures and helpers --------------------------------------------------------------------------
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """An empty store's URL, on each backend."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'fleet.db'}"
-    else:
-        if not PG_URL:
-            pytest.skip(PG_SKIP)
-        yield from _fresh_pg_database()
 
 
 @pytest.fixture(scope="module")
@@ -171,8 +155,9 @@ class Site:
 
 
 @pytest.fixture
-def site(tmp_path: Path, db: str, broker: Mosquitto, models_dir: Path) -> Iterator[Site]:
-    fleet_site = Site(tmp_path, db, broker, models_dir,
+def site(tmp_path: Path, store_url: str, broker: Mosquitto, models_dir: Path
+         ) -> Iterator[Site]:
+    fleet_site = Site(tmp_path, store_url, broker, models_dir,
                       {"gw-cli-1": {"site": "test-lab", "line": "1"},
                        "gw-cli-2": {"site": "test-lab", "line": "2"}})
     try:
@@ -417,8 +402,8 @@ def _register(fleet: Fleet, device_id: str, version: int = 1, device_class: str 
 
 
 @pytest.fixture
-def fleet(db: str) -> Iterator[Fleet]:
-    with Fleet(db, "127.0.0.1:1") as opened:
+def fleet(store_url: str) -> Iterator[Fleet]:
+    with Fleet(store_url, "127.0.0.1:1") as opened:
         yield opened
 
 

@@ -40,7 +40,6 @@ from fleetlite.tools.models import heavy_mlp, intent_classifier
 from tests.agent_harness import AgentProcess, write_config
 from tests.mqtt_harness import Collector, Mosquitto, Received
 from tests.test_ota_install import ISSUED, RELEASE_KEY, write_root
-from tests.test_store import PG_SKIP, PG_URL, _fresh_pg_database
 
 INTENT_DEVICES = {"gw-x86-1": "industrial-x86-gateway", "gw-x86-2": "industrial-x86-gateway",
                   "gw-pi-1": "raspberry-pi-4"}
@@ -55,17 +54,6 @@ OTA_SETTINGS = {"health_inferences": 3, "health_timeout_s": 0.5, "chunk_idle_s":
 
 
 # -- fixtures and harness ----------------------------------------------------------------------
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """An empty store on each backend (PostgreSQL: a fresh database, dropped afterwards)."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'fleet.db'}"
-    else:
-        if not PG_URL:
-            pytest.skip(PG_SKIP)
-        yield from _fresh_pg_database()
 
 
 def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> None:

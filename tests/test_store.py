@@ -5,14 +5,11 @@ PostgreSQL (a fresh database on the server named by FLEETLITE_TEST_PG_URL; start
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import subprocess
 import sys
 import threading
 import time
-import urllib.parse
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,42 +42,12 @@ from fleetlite.sdk.profile import (
     summarize_latencies,
 )
 
-PG_URL = os.environ.get("FLEETLITE_TEST_PG_URL", "")
-PG_SKIP = ("PostgreSQL variant skipped: FLEETLITE_TEST_PG_URL is not set. Run "
-           'export FLEETLITE_TEST_PG_URL="$(bash tools/postgres.sh)" and pytest again '
-           "(CI sets it).")
 REPO = Path(__file__).resolve().parent.parent
 SHA_A = "a" * 64
 SHA_B = "b" * 64
 
 
 # -- fixtures ----------------------------------------------------------------------------------
-
-
-def _fresh_pg_database() -> Iterator[str]:
-    """A new, empty database on the test server for one test, dropped afterwards."""
-    import psycopg
-
-    name = f"fleetlite_t_{uuid.uuid4().hex[:16]}"
-    with psycopg.connect(PG_URL, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    parts = urllib.parse.urlsplit(PG_URL)
-    try:
-        yield urllib.parse.urlunsplit(parts._replace(path=f"/{name}"))
-    finally:
-        with psycopg.connect(PG_URL, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """The URL of an empty store, on each backend."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'fleet.db'}"
-    else:
-        if not PG_URL:
-            pytest.skip(PG_SKIP)
-        yield from _fresh_pg_database()
 
 
 @pytest.fixture

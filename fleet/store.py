@@ -350,7 +350,7 @@ class _SqliteDb(_Db):
                 "and is writable") from exc
         try:
             self.execute("PRAGMA foreign_keys = ON")
-            mode = str(self.execute("PRAGMA journal_mode = WAL").rows[0][0])
+            mode = self._enable_wal(busy_timeout_s)
             if mode != "wal":
                 log.warning("SQLite store %s runs in %s journal mode, not WAL (is it on a network "
                             "file system?): readers will block writers", path, mode)
@@ -360,6 +360,25 @@ class _SqliteDb(_Db):
         except BaseException:
             self.raw.close()
             raise
+
+    def _enable_wal(self, busy_timeout_s: float) -> str:
+        """Switch the database to WAL (a no-op once it is) and return the journal mode in force.
+
+        SQLite answers "database is locked" to a journal-mode change at once, without waiting
+        out the busy timeout, while another connection is opening the same new database, so two
+        controllers started together would fail here. The switch is retried for as long as any
+        other statement would wait.
+        """
+        deadline = time.monotonic() + busy_timeout_s
+        delay = 0.01
+        while True:
+            try:
+                return str(self.execute("PRAGMA journal_mode = WAL").rows[0][0])
+            except StoreUnavailableError as exc:
+                if "locked" not in str(exc.__cause__) or time.monotonic() + delay > deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> _Result:
         try:

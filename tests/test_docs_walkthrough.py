@@ -315,6 +315,11 @@ def test_tool_commands(doc: str, tmp_path: Path) -> None:
     if doc == "benchmarks.md":
         inference = wt.run("python -m fleetlite.tools.bench.bench_inference").stdout
         assert "2000 runs" in inference and "local socket API" in inference
+        # the breakdown accounts for the agent's imports step by step, numpy the largest
+        added = dict(re.findall(r"^\| ([^|]+?) \| ([\d.]+) \| [\d.]+ \|$", inference, re.M))
+        assert {"numpy", "cryptography (Ed25519 signature checks)"} <= set(added), inference
+        assert float(added["numpy"]) == max(float(v) for k, v in added.items()
+                                            if k != "python + psutil"), inference
         profiler = wt.run("python -m fleetlite.tools.bench.bench_profiler").stdout
         assert "intent_classifier" in profiler
         cli = wt.run("python -m fleetlite.tools.bench.bench_cli").stdout

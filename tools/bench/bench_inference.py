@@ -5,7 +5,8 @@ on one model: the raw interpreter loop (set_tensor + invoke + get_tensor, and in
 in-process :meth:`ModelService.infer`, and the local socket API called from another process (as a
 local application would); p50 and p99 of each and their ratios to the raw loop. Then the resident
 memory of an agent-like process, each in a fresh subprocess: bare Python, the agent's imports with
-no model, and with the model loaded. Prints markdown tables.
+no model, and with the model loaded; and what each of the agent's dependencies adds to its imports.
+Prints markdown tables.
 """
 
 from __future__ import annotations
@@ -69,6 +70,42 @@ if stage == "model":
     service.infer("bench", [np.zeros(s.shape, s.numpy_dtype) for s in active.model.inputs])
 print(psutil.Process().memory_info().rss)
 """
+
+# Each step adds what it imports on top of the steps before it, in the order the agent needs them.
+_BREAKDOWN_STEPS = (
+    ("numpy", "import numpy"),
+    ("the TFLite runtime", "from fleetlite.agent.runtime import select_backend; select_backend()"),
+    ("paho-mqtt (with ssl)", "import paho.mqtt.client"),
+    ("PyYAML", "import yaml"),
+    ("cryptography (Ed25519 signature checks)",
+     "import cryptography.hazmat.primitives.asymmetric.ed25519, "
+     "cryptography.hazmat.primitives.serialization"),
+    ("fleetlite's agent modules and the stdlib they use",
+     "import fleetlite.agent.daemon, fleetlite.agent.local_api"),
+)
+
+_BREAKDOWN_SCRIPT = """
+import json, sys
+import psutil
+process = psutil.Process()
+sizes = [process.memory_info().rss]
+for code in json.loads(sys.argv[1]):
+    exec(code)
+    sizes.append(process.memory_info().rss)
+print(json.dumps(sizes))
+"""
+
+
+def rss_breakdown() -> list[tuple[str, float]]:
+    """Each agent dependency's share of the agent's import-time RSS, in MiB, in a fresh process."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _BREAKDOWN_SCRIPT, json.dumps([c for _, c in _BREAKDOWN_STEPS])],
+        capture_output=True, text=True, check=True,
+    )
+    sizes = json.loads(proc.stdout.strip().splitlines()[-1])
+    labels = ["python + psutil", *(label for label, _ in _BREAKDOWN_STEPS)]
+    return [(label, (after - before) / 2**20)
+            for label, before, after in zip(labels, [0, *sizes], sizes)]
 
 
 def sample_inputs(model: Model, seed: int = 0) -> dict[str, npt.NDArray[Any]]:
@@ -194,6 +231,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         (f"agent + {args.model.name} loaded and run once", "model"),
     ):
         print(f"| {label} | {rss_mib(stage, args.model, args.threads):.1f} |")
+    print("\n# What the agent's imports are made of (RSS added by each step, one fresh process)\n")
+    print("| step | + MiB | total MiB |\n| --- | ---: | ---: |")
+    total = 0.0
+    for label, added in rss_breakdown():
+        total += added
+        print(f"| {label} | {added:.1f} | {total:.1f} |")
     return 0
 
 

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from fleetlite.agent.config import AgentConfig
+from fleetlite.agent.config import AgentConfig, TlsConfig
 from fleetlite.sdk import topics
 from fleetlite.sdk.messages import Status
 
@@ -59,6 +59,20 @@ def backoff_delay(attempt: int, minimum: float, maximum: float, rng: random.Rand
     """Exponential backoff with "equal jitter": between half and all of min(max, min*2^attempt)."""
     ceiling = min(maximum, minimum * (2 ** min(attempt, 30)))
     return float(ceiling / 2 + rng.uniform(0, ceiling / 2))
+
+
+def tls_context(tls: TlsConfig) -> ssl.SSLContext:
+    """The agent's TLS client context: verifies the broker against ``tls.ca`` and its host name
+    (unless ``insecure_skip_hostname``), presents the device certificate, and speaks TLS 1.2 or
+    newer (Python 3.9's default would still offer TLS 1.0 where the system's OpenSSL allows it).
+    """
+    context = ssl.create_default_context(cafile=str(tls.ca))
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if tls.cert:
+        context.load_cert_chain(str(tls.cert), str(tls.key) if tls.key else None)
+    if tls.insecure_skip_hostname:
+        context.check_hostname = False
+    return context
 
 
 class MqttLink:
@@ -179,14 +193,9 @@ class MqttLink:
         if broker.username:
             client.username_pw_set(broker.username, broker.password)
         if broker.tls is not None:
-            client.tls_set(
-                ca_certs=str(broker.tls.ca),
-                certfile=str(broker.tls.cert) if broker.tls.cert else None,
-                keyfile=str(broker.tls.key) if broker.tls.key else None,
-                cert_reqs=ssl.CERT_REQUIRED,
-            )
+            client.tls_set_context(tls_context(broker.tls))
             if broker.tls.insecure_skip_hostname:
-                client.tls_insecure_set(True)
+                client.tls_insecure_set(True)  # paho's own flag, beside the context's
         # a new connection number for this client's Will and its online status: a Will of an
         # earlier connection that arrives late (another controller, a slow broker) is stale
         self.conn += 1

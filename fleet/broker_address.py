@@ -221,6 +221,7 @@ def ssl_context(address: BrokerAddress) -> Optional[ssl.SSLContext]:
             f"cannot load the TLS CA file {address.ca} ({_SOURCES['ca']}): {_reason(exc)}; it "
             "must be a PEM file holding the CA certificate that signed the broker's "
             "certificate") from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2  # Python 3.9's default still allows 1.0
     if address.cert is not None and address.key is not None:
         try:
             context.load_cert_chain(os.fspath(address.cert), os.fspath(address.key),

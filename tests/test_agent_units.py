@@ -139,3 +139,22 @@ def test_backoff_grows_is_capped_and_jittered() -> None:
     # two devices with different random streams do not reconnect in lock-step
     other = [backoff_delay(a, 1.0, 60.0, random.Random(2)) for a in range(12)]
     assert delays != other
+
+
+def test_tls_context_verifies_the_broker_with_tls_1_2_or_newer(tmp_path: Path) -> None:
+    import ssl
+
+    from fleetlite.agent.config import TlsConfig
+    from fleetlite.agent.link import tls_context
+    from tests.pki import TestPki
+
+    pki = TestPki(tmp_path / "pki")
+    device = pki.issue("gw-1")
+    context = tls_context(TlsConfig(ca=pki.ca, cert=device.cert, key=device.key))
+    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+    # set explicitly: on Python 3.9 the default context's minimum is MINIMUM_SUPPORTED
+    assert context.minimum_version == ssl.TLSVersion.TLSv1_2
+    assert [c["subject"] for c in context.get_ca_certs()] == [
+        ((("commonName", "FleetLite test CA"),),)]
+    skip = tls_context(TlsConfig(ca=pki.ca, insecure_skip_hostname=True))
+    assert skip.verify_mode == ssl.CERT_REQUIRED and not skip.check_hostname

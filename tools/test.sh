@@ -2,8 +2,9 @@
 # Run FleetLite's whole test suite (the same one CI runs), setting up what it needs first:
 # the Python venv, Mosquitto, a throw-away PostgreSQL cluster, headless Chromium and a local
 # wheelhouse (so the demo test can build a fresh venv offline). Then the runtime-facing tests
-# again under ai-edge-litert (tools/test_litert.sh).
-# Extra arguments go to pytest and skip the ai-edge-litert pass, e.g. tools/test.sh -k runtime
+# again under ai-edge-litert (tools/test_litert.sh) and the agent-facing tests on Python 3.9
+# (tools/test_py39.sh, when a Python 3.9 is installed).
+# Extra arguments go to pytest and skip those two passes, e.g. tools/test.sh -k runtime
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/bootstrap.sh --system
@@ -14,4 +15,5 @@ export FLEETLITE_TEST_PG_URL
 .venv/bin/python -m pytest "$@"
 if [ "$#" -eq 0 ]; then
   bash tools/test_litert.sh
+  bash tools/test_py39.sh
 fi

@@ -27,6 +27,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from fleetlite.agent.config import AgentConfig, TlsConfig
 from fleetlite.sdk import topics
 from fleetlite.sdk.messages import Status
+from fleetlite.sdk.tls_hints import verify_failure_hint
 
 log = logging.getLogger("fleetlite.agent.link")
 
@@ -217,6 +218,9 @@ class MqttLink:
             except (OSError, ValueError) as exc:
                 self.counters["connect_failures"] += 1
                 self.last_error = f"cannot connect to {broker.host}:{broker.port}: {exc}"
+                if isinstance(exc, ssl.SSLCertVerificationError):
+                    self.last_error += "; " + verify_failure_hint(exc.verify_message or "",
+                                                                  "broker.tls.ca")
                 log.warning("%s", self.last_error)
             else:
                 attempt = self._pump(client, attempt)

@@ -86,6 +86,7 @@ from fleetlite.sdk.envelope import Envelope
 from fleetlite.sdk.manifest import parse_manifest
 from fleetlite.sdk.messages import Birth, MessageError, OtaStatus, Status, Telemetry
 from fleetlite.sdk.profile import ProfileRecord
+from fleetlite.sdk.tls_hints import verify_failure_hint
 
 __all__ = ["INGEST_KINDS", "Controller", "check_broker", "main"]
 
@@ -447,8 +448,8 @@ def check_broker(broker: BrokerAddress, *, timeout: float = 10.0) -> None:
         except ssl.SSLCertVerificationError as exc:
             raise BrokerConnectionError(
                 f"the MQTT broker at {where} presented a certificate that does not verify "
-                f"({exc.verify_message}): point --tls-ca / FLEETLITE_TLS_CA at the CA that "
-                "signed it, and use a host name or IP address the certificate names") from None
+                f"({exc.verify_message}): "
+                + verify_failure_hint(exc.verify_message, "--tls-ca / FLEETLITE_TLS_CA")) from None
         except ssl.SSLError as exc:
             raise BrokerConnectionError(
                 f"the TLS handshake with the MQTT broker at {where} failed "

@@ -1,4 +1,8 @@
-"""A throw-away PKI for TLS tests: a CA, a broker certificate and device client certificates."""
+"""A throw-away PKI for TLS tests: a CA, a broker certificate and device client certificates.
+
+The certificates carry the extensions RFC 5280 asks for, which Python 3.13+ checks by default
+(``ssl.VERIFY_X509_STRICT``); tests/test_fleet_tls.py shows what happens to one without them.
+"""
 
 from __future__ import annotations
 
@@ -45,12 +49,20 @@ class TestPki:
             .not_valid_before(now - dt.timedelta(minutes=5))
             .not_valid_after(now + dt.timedelta(days=1))
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(
+                digital_signature=False, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+                encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(self.ca_key.public_key()),
+                           critical=False)
             .sign(self.ca_key, hashes.SHA256())
         )
         self.ca = self.dir / "ca.pem"
         self.ca.write_bytes(self.ca_cert.public_bytes(serialization.Encoding.PEM))
 
-    def issue(self, common_name: str, *, server: bool = False) -> Issued:
+    def issue(self, common_name: str, *, server: bool = False, rfc5280: bool = True) -> Issued:
+        """A certificate for ``common_name``; ``rfc5280=False`` leaves out the key identifiers
+        and basic constraints, as an old-style CA's certificates do."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = dt.datetime.now(dt.timezone.utc)
         builder = (
@@ -62,6 +74,15 @@ class TestPki:
             .not_valid_before(now - dt.timedelta(minutes=5))
             .not_valid_after(now + dt.timedelta(days=1))
         )
+        if rfc5280:  # Python 3.13+ verifies strictly and refuses a certificate without these
+            builder = (
+                builder
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                               critical=False)
+                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                    self.ca_key.public_key()), critical=False)
+            )
         if server:
             builder = builder.add_extension(
                 x509.SubjectAlternativeName([x509.DNSName("localhost"),

@@ -39,6 +39,13 @@ TESTS = "CI runs it: .ci/run ends with `bash tools/test.sh`"
 HOST = "changes the host (root, /etc, systemd): shown for a real gateway, not run by tests"
 
 
+def names_the_runtime(info: str) -> bool:
+    """Whether ``fleetlite-agent info`` names the TFLite runtime this Python has selected."""
+    from fleetlite.agent.runtime import select_backend
+
+    return re.search(rf"^backend\s+{re.escape(select_backend().name)}$", info, re.M) is not None
+
+
 def agent_config(directory: Path, device_id: str, *, port: int, trust_root: Path,
                  seed: Path, base: dict[str, Any] | None = None,
                  tls: dict[str, str] | None = None) -> Path:
@@ -174,7 +181,7 @@ def test_readme_cli_tour(tmp_path: Path, broker: Mosquitto, models_dir: Path,
     wt.subst["DIR"] = "models"
 
     info = wt.run("fleetlite-agent info").stdout
-    assert re.search(r"^cores\s+\d+", info, re.M) and "tflite" in info.lower()
+    assert re.search(r"^cores\s+\d+", info, re.M) and names_the_runtime(info)
     checked = wt.run("fleetlite-agent check model.tflite").stdout
     assert "model.tflite: OK" in checked and "tokens" in checked
     profiled = wt.run("fleetlite-agent profile model.tflite").stdout
@@ -251,7 +258,7 @@ def walk_the_operator_guide(wt: Walkthrough, text: str, broker: Mosquitto, pki: 
     work = wt.cwd
     # 1. provisioning: the installed agent, and where its systemd unit is
     info = wt.run("/opt/fleetlite/venv/bin/fleetlite-agent info").stdout
-    assert "tflite" in info.lower()
+    assert names_the_runtime(info)
     unit = wt.run("unit=$(", then='cat "$unit"').stdout  # the file the next lines install
     assert "ExecStart=/opt/fleetlite/venv/bin/fleetlite-agent run --config" in unit
     documented = yaml.safe_load(found(r"### agent.yaml\n\n```yaml\n(.*?)```", text))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import re
@@ -12,7 +13,9 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
+import psutil
 import pytest
 
 BIN = Path(sys.executable).parent
@@ -93,11 +96,20 @@ def test_demo_keep_then_explore_with_the_cli_then_ctrl_c(tmp_path: Path) -> None
             assert re.search(rf"^{device_class}\s+intent\s+2\s", profiles, re.M), profiles
     finally:
         demo.send_signal(signal.SIGINT)
-        code = demo.wait(60)
+        code: Optional[int]
+        try:
+            code = demo.wait(60)
+        except subprocess.TimeoutExpired:  # hung: leave nothing running, then say so below
+            for process in [*psutil.Process(demo.pid).children(recursive=True), demo]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.kill()
+            demo.wait(10)
+            code = None
         reader.join(10)
         if demo.stdout is not None:
             demo.stdout.close()
     rest = "".join(_drain(lines))
+    assert code is not None, f"the demo did not stop within 60 s of Ctrl-C; it printed:\n{rest}"
     assert code == 0, rest
     assert "Stopping the agents" in rest
     pids = [int(pid) for pid in re.findall(r"pid (\d+)", out)]

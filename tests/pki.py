@@ -1,7 +1,7 @@
 """A throw-away PKI for TLS tests: a CA, a broker certificate and device client certificates.
 
 The certificates carry the extensions RFC 5280 asks for, which Python 3.13+ checks by default
-(``ssl.VERIFY_X509_STRICT``); tests/test_fleet_tls.py shows what happens to one without them.
+(``ssl.VERIFY_X509_STRICT``); tests/test_tls_hints.py shows what happens to one without them.
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ def test_a_certificate_refused_only_by_strict_checks_gets_the_reissue_hint(
     assert is_strict_x509_failure(message), message
     hint = verify_failure_hint(message, "broker.tls.ca")
     assert "Python 3.13+" in hint and "authorityKeyIdentifier" in hint
-    # the same certificate passes without strict checks: the hint must not blame the CA file
+    # the CA file is right: the hint must not send the operator to it
     assert "broker.tls.ca" not in hint
 
 

@@ -5,16 +5,9 @@
 # Extra arguments go to pytest. tools/test.sh runs this after the main suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON="${PYTHON:-python3}"
-if [ ! -x .venv-litert/bin/python ]; then
-  echo "test_litert: creating .venv-litert"
-  "$PYTHON" -m venv .venv-litert
-fi
-if ! .venv-litert/bin/python -c 'import ai_edge_litert, fleetlite.agent, pytest' 2>/dev/null; then
-  echo "test_litert: installing fleetlite[litert,dev,fleet] into .venv-litert"
-  .venv-litert/bin/pip install -q --upgrade pip
-  .venv-litert/bin/pip install -q -e '.[litert,dev,fleet]'
-fi
+source tools/side_venv.sh
+ensure_side_venv test_litert .venv-litert "${PYTHON:-python3}" litert,dev,fleet \
+  "ai_edge_litert, fleetlite.agent, pytest"
 echo "test_litert: the runtime-facing tests with FLEETLITE_RUNTIME=ai-edge-litert"
 FLEETLITE_RUNTIME=ai-edge-litert .venv-litert/bin/python -m pytest -q -p no:cacheprovider \
   tests/test_runtime.py tests/test_models.py tests/test_smoke_test.py tests/test_bundle.py \

@@ -19,16 +19,11 @@ if [ -z "$PY39" ]; then
   exit 0
 fi
 
-if ! is_py39 .venv-py39/bin/python; then
-  echo "test_py39: creating .venv-py39 with $PY39"
-  rm -rf .venv-py39
-  "$PY39" -m venv .venv-py39
+if [ -e .venv-py39 ] && ! is_py39 .venv-py39/bin/python; then
+  rm -rf .venv-py39  # made by another Python: start again
 fi
-if ! .venv-py39/bin/python -c 'import tflite_runtime, fleetlite.agent, pytest' 2>/dev/null; then
-  echo "test_py39: installing fleetlite[dev,fleet] into .venv-py39"
-  .venv-py39/bin/pip install -q --upgrade pip
-  .venv-py39/bin/pip install -q -e '.[dev,fleet]'
-fi
+source tools/side_venv.sh
+ensure_side_venv test_py39 .venv-py39 "$PY39" dev,fleet "tflite_runtime, fleetlite.agent, pytest"
 echo "test_py39: the agent-facing tests on $(.venv-py39/bin/python --version)"
 .venv-py39/bin/python -m pytest -q -p no:cacheprovider \
   tests/test_agent_units.py tests/test_agent_mqtt.py tests/test_spool.py tests/test_local_api.py \

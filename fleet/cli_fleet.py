@@ -558,6 +558,7 @@ def _devices_show(fleet: Fleet, args: argparse.Namespace) -> int:
     from fleetlite.fleet.client import device_dict
 
     device = fleet.device(args.device_id)
+    refused = fleet.refused_reports(device.device_id)
 
     def table() -> str:
         status = "online" if device.online else "offline"
@@ -581,9 +582,15 @@ def _devices_show(fleet: Fleet, args: argparse.Namespace) -> int:
             lines.append(f"telemetry seq {device.telemetry.seq}, {_ago(device.telemetry.ts)}")
             for key, value in sorted(device.telemetry.system.items()):
                 lines.append(f"  {key:<22} {value}")
+        if refused:
+            lines.append("refused reports (they spoke for another device or a release it was "
+                         "never sent)")
+        for r in refused:
+            lines.append(f"  {r.kind:<12} {r.reason:<16} {r.count:>7}  last {_ago(r.last_at)}: "
+                         f"{r.last_message}")
         return "\n".join(lines)
 
-    _emit(args, device_dict(device), table)
+    _emit(args, device_dict(device, refused), table)
     return EXIT_OK
 
 
@@ -693,11 +700,12 @@ def _status_text(rollout: Rollout, decisions: int) -> str:
         lines.append(f"excluded  class {cls}: {why}")
     lines.append("")
     lines.append(_table(
-        ["WAVE", "PLANNED", "DEVICES", "UPDATED", "FAILED", "IN FLIGHT", "PENDING", "EXCLUDED",
-         "STATE"],
-        [[str(w.number), w.planned, str(w.total), str(w.succeeded), str(w.failed),
-          str(w.in_flight), str(w.pending), str(w.excluded), w.state] for w in rollout.waves],
-        right=(0, 2, 3, 4, 5, 6, 7)))
+        ["WAVE", "PLANNED", "DEVICES", "UPDATED", "UNCHANGED", "FAILED", "IN FLIGHT", "PENDING",
+         "EXCLUDED", "STATE"],
+        [[str(w.number), w.planned, str(w.total), str(w.installed), str(w.unchanged),
+          str(w.failed), str(w.in_flight), str(w.pending), str(w.excluded), w.state]
+         for w in rollout.waves],
+        right=(0, 2, 3, 4, 5, 6, 7, 8)))
     if decisions > 0 and rollout.decisions:
         shown = rollout.decisions[-decisions:]
         lines.append("")
@@ -725,7 +733,7 @@ def _rollout_list(fleet: Fleet, args: argparse.Namespace) -> int:
     _emit(args, {"rollouts": docs}, lambda: _table(
         ["ROLLOUT", "MODEL", "VERSION", "STATE", "WAVE", "UPDATED", "FAILED", "CREATED"],
         [[r.rollout_id, r.model, str(r.version), r.state,
-          f"{r.current_wave}/{len(r.waves)}", f"{r.succeeded}/{r.total}", str(r.failed),
+          f"{r.current_wave}/{len(r.waves)}", f"{r.installed}/{r.total}", str(r.failed),
           _clock(r.created)] for r in found], right=(2, 5, 6)))
     return EXIT_OK
 

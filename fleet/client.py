@@ -31,6 +31,8 @@ from fleetlite.fleet.profiles_view import ProfileRow as ViewRow
 from fleetlite.fleet.rollout import (
     FAILED_STATUSES,
     FINISHED_STATES,
+    INSTALLED,
+    NO_CHANGE,
     OPERATOR_ACTIONS,
     SUCCEEDED_STATUSES,
     DeviceProgress,
@@ -45,6 +47,7 @@ from fleetlite.fleet.rollout import (
 from fleetlite.fleet.store import (
     DecisionRow,
     DeviceRecord,
+    RefusedReports,
     ReleaseInfo,
     RolloutRecord,
     Store,
@@ -113,7 +116,18 @@ class WaveProgress:
 
     @property
     def succeeded(self) -> int:
+        """Devices that have the version: ``installed`` plus ``unchanged``."""
         return sum(n for s, n in self.counts.items() if s in SUCCEEDED_STATUSES)
+
+    @property
+    def installed(self) -> int:
+        """Devices that installed the version in this rollout (updated)."""
+        return self.counts.get(INSTALLED, 0)
+
+    @property
+    def unchanged(self) -> int:
+        """Devices that already had the version (``no_change``): never counted as installed."""
+        return self.counts.get(NO_CHANGE, 0)
 
     @property
     def failed(self) -> int:
@@ -139,7 +153,8 @@ class WaveProgress:
 
     def to_dict(self) -> dict[str, Any]:
         return {"wave": self.number, "planned": self.planned, "state": self.state,
-                "total": self.total, "succeeded": self.succeeded, "failed": self.failed,
+                "total": self.total, "succeeded": self.succeeded, "installed": self.installed,
+                "unchanged": self.unchanged, "failed": self.failed,
                 "in_flight": self.in_flight, "pending": self.pending,
                 "excluded": self.excluded, "counts": dict(self.counts),
                 "device_classes": list(self.device_classes)}
@@ -204,6 +219,14 @@ class Rollout:
         return sum(w.succeeded for w in self.waves)
 
     @property
+    def installed(self) -> int:
+        return sum(w.installed for w in self.waves)
+
+    @property
+    def unchanged(self) -> int:
+        return sum(w.unchanged for w in self.waves)
+
+    @property
     def failed(self) -> int:
         return sum(w.failed for w in self.waves)
 
@@ -236,6 +259,8 @@ class Rollout:
             "current_wave": self.current_wave,
             "total": self.total,
             "succeeded": self.succeeded,
+            "installed": self.installed,
+            "unchanged": self.unchanged,
             "failed": self.failed,
             "counts": self.counts,
             "waves": [w.to_dict() for w in self.waves],
@@ -306,8 +331,16 @@ def _wave_state(state: RolloutState, number: int) -> str:
 # -- JSON-ready records --------------------------------------------------------------------------
 
 
-def device_dict(device: DeviceRecord) -> dict[str, Any]:
-    """A JSON- and YAML-ready description of a device."""
+def refusal_dict(refused: RefusedReports) -> dict[str, Any]:
+    """A JSON- and YAML-ready description of reports refused from one sender."""
+    return {"kind": refused.kind, "reason": refused.reason, "count": refused.count,
+            "first_at": refused.first_at, "last_at": refused.last_at,
+            "last_message": refused.last_message}
+
+
+def device_dict(device: DeviceRecord,
+                refused: Sequence[RefusedReports] = ()) -> dict[str, Any]:
+    """A JSON- and YAML-ready description of a device and the reports refused from it."""
     return {
         "device_id": device.device_id,
         "device_class": device.device_class,
@@ -321,6 +354,7 @@ def device_dict(device: DeviceRecord) -> dict[str, Any]:
         "session": device.session,
         "facts": dict(device.facts),
         "telemetry": device.telemetry.to_dict() if device.telemetry is not None else None,
+        "refused_reports": [refusal_dict(r) for r in refused],
     }
 
 
@@ -418,6 +452,12 @@ class Fleet:
                 "`fleetlite devices list`; a device appears once its agent connects to the "
                 "broker while `fleetlite serve` runs")
         return found
+
+    def refused_reports(self, device_id: Optional[str] = None) -> list[RefusedReports]:
+        """Reports the controller refused from a device (or every device) because they spoke
+        for another device or claimed a release it was never sent, counted per kind and
+        reason (see docs/protocol.md, "Reports are bound to their sender")."""
+        return self.store.refusals(device_id)
 
     # -- releases ----------------------------------------------------------------------------
 

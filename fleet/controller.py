@@ -79,6 +79,13 @@ from fleetlite.fleet.rollout import (
     apply,
     decide,
 )
+from fleetlite.fleet.sender_check import (
+    Refusal,
+    RefusalLog,
+    check_device_id,
+    check_ota_status,
+    check_profile,
+)
 from fleetlite.fleet.store import OtaRecord, Store, open_store
 from fleetlite.sdk import topics
 from fleetlite.sdk.bundle import ReleaseBundle
@@ -132,8 +139,9 @@ class Controller:
         self._serving: set[str] = set()
         self._held: set[str] = set()
         self._resent: set[tuple[str, str]] = set()
-        self.counters = {"ingested": 0, "malformed": 0, "decisions": 0, "commands_sent": 0,
-                         "commands_resent": 0, "stale_batches": 0}
+        self.counters = {"ingested": 0, "malformed": 0, "refused": 0, "decisions": 0,
+                         "commands_sent": 0, "commands_resent": 0, "stale_batches": 0}
+        self.refusal_log = RefusalLog()
         self.ingested_by_kind: Counter[str] = Counter()
         self.connected = threading.Event()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.id,
@@ -207,46 +215,75 @@ class Controller:
     def _on_message(self, client: mqtt.Client, userdata: Any, message: Any) -> None:
         try:
             parsed = topics.parse_device_topic(message.topic)
-            self._ingest_retrying(parsed.device_id, parsed.kind, bytes(message.payload))
-            self.counters["ingested"] += 1
-            self.ingested_by_kind[parsed.kind] += 1
+            refusal = self._ingest_retrying(parsed.device_id, parsed.kind,
+                                            bytes(message.payload))
+            if refusal is None:
+                self.counters["ingested"] += 1
+                self.ingested_by_kind[parsed.kind] += 1
+            else:
+                self._refused(parsed.device_id, parsed.kind, refusal)
         except (MessageError, topics.TopicError, ValueError) as exc:
             self.counters["malformed"] += 1
             log.warning("ignored a malformed message on %s: %s", message.topic, exc)
         except Exception:  # never kill the network thread
             log.exception("could not store a message from %s", message.topic)
 
-    def _ingest_retrying(self, device_id: str, kind: str, payload: bytes) -> None:
+    def _refused(self, device_id: str, kind: str, refusal: Refusal) -> None:
+        self.counters["refused"] += 1
+        now = time.time()
+        line = self.refusal_log.note(device_id, refusal, now)
+        if line is not None:
+            log.warning("%s", line)
+        self.store.record_refusal(device_id, kind, refusal.reason, refusal.message, now=now)
+
+    def _ingest_retrying(self, device_id: str, kind: str, payload: bytes) -> Optional[Refusal]:
         # The network thread acknowledges the message when this returns: ride out a short
         # store outage (a PostgreSQL failover) instead of dropping the report.
         for attempt in range(_STORE_RETRIES):
             try:
-                self._ingest(device_id, kind, payload)
-                return
+                return self._ingest(device_id, kind, payload)
             except StoreUnavailableError:
                 if attempt == _STORE_RETRIES - 1 or self._stop.is_set():
                     raise
                 time.sleep(0.5 * (attempt + 1))
+        return None
 
-    def _ingest(self, device_id: str, kind: str, payload: bytes) -> None:
+    def _ingest(self, device_id: str, kind: str, payload: bytes) -> Optional[Refusal]:
+        """Store one report from ``device_id`` (the topic's device: the broker authenticated
+        it); a report that speaks for another device, or claims what was never sent to its
+        sender, is refused (:mod:`fleetlite.fleet.sender_check`) and nothing is stored."""
         if not payload:
-            return  # a cleared retained message
+            return None  # a cleared retained message
         if kind == topics.STATUS:
             status = Status.from_json(payload)
-            if status.device_id == device_id:
+            refusal = check_device_id(device_id, status.device_id, kind)
+            if refusal is None:
                 self.store.upsert_status(status)
         elif kind == topics.BIRTH:
             birth = Birth.from_json(payload)
-            if birth.device_id == device_id:
+            refusal = check_device_id(device_id, birth.device_id, kind)
+            if refusal is None:
                 self.store.upsert_birth(birth)
         elif kind == topics.TELEMETRY:
-            self.store.record_telemetry(Telemetry.from_json(payload))
+            telemetry = Telemetry.from_json(payload)
+            refusal = check_device_id(device_id, telemetry.device_id, kind)
+            if refusal is None:
+                self.store.record_telemetry(telemetry)
         elif kind == topics.PROFILE:
             record = ProfileRecord.from_json(payload)
             device = self.store.get_device(device_id)
-            self.store.add_profile(record, device_class=device.device_class if device else None)
+            known_class = device.device_class if device else None
+            refusal = check_profile(device_id, record, known_class)
+            if refusal is None:
+                self.store.add_profile(record, device_class=known_class or None)
         elif kind == topics.OTA_STATUS:
-            self.store.add_ota_status(OtaStatus.from_json(payload), received_at=time.time())
+            ota = OtaStatus.from_json(payload)
+            refusal = check_ota_status(device_id, ota, self.store.releases_sent_to(device_id))
+            if refusal is None:
+                self.store.add_ota_status(ota, received_at=time.time())
+        else:
+            refusal = None  # command responses are not stored
+        return refusal
 
     # -- rollouts --------------------------------------------------------------------------
 

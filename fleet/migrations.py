@@ -188,6 +188,22 @@ MIGRATIONS: tuple[Migration, ...] = (
         # Last Will of an earlier connection must not mark a reconnected device offline
         "ALTER TABLE devices ADD COLUMN status_conn BIGINT NOT NULL DEFAULT 0",
     )),
+    Migration(5, "reports refused from their sender", (
+        # counted per sender (the topic's device), kind and reason (fleet/sender_check.py): what
+        # `fleetlite devices show` lists; one row each, so a hostile device cannot grow it
+        """CREATE TABLE refused_reports (
+            device_id TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            count BIGINT NOT NULL,
+            first_at DOUBLE PRECISION NOT NULL,
+            last_at DOUBLE PRECISION NOT NULL,
+            last_message TEXT NOT NULL,
+            PRIMARY KEY (device_id, kind, reason)
+        )""",
+        # an OTA status is checked against the releases rollouts sent its sender
+        "CREATE INDEX rollout_devices_device ON rollout_devices (device_id)",
+    )),
 )
 
 

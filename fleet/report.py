@@ -54,6 +54,7 @@ PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#b07aa1", "#76b7b2", "#edc948", "#9
 
 STATUS_COLORS = {
     "installed": "#2e9e5b",
+    "unchanged": "#9ccfb0",
     "in_progress": "#4e79a7",
     "failed": "#d64545",
     "rolled_back": "#e08a1e",
@@ -63,7 +64,7 @@ STATUS_COLORS = {
 
 STATUS_BUCKETS: dict[str, Optional[str]] = {
     "installed": "installed",
-    "no_change": "installed",
+    "no_change": "unchanged",  # had the version already: succeeded, but not updated
     "failed": "failed",
     "rejected": "failed",
     "timed_out": "failed",
@@ -105,6 +106,7 @@ class WaveSummary:
 
     name: str
     installed: int = 0
+    unchanged: int = 0
     failed: int = 0
     rolled_back: int = 0
     pending: int = 0
@@ -114,7 +116,8 @@ class WaveSummary:
 
     @property
     def total(self) -> int:
-        return self.installed + self.failed + self.rolled_back + self.pending + self.in_progress
+        return (self.installed + self.unchanged + self.failed + self.rolled_back + self.pending
+                + self.in_progress)
 
     @classmethod
     def from_statuses(
@@ -123,7 +126,8 @@ class WaveSummary:
     ) -> WaveSummary:
         """Count per-device statuses into the bar's buckets (see :data:`STATUS_BUCKETS`);
         statuses mapped to ``None`` (``excluded``) are left out, unknown ones count as pending."""
-        counts = {"installed": 0, "failed": 0, "rolled_back": 0, "pending": 0, "in_progress": 0}
+        counts = {"installed": 0, "unchanged": 0, "failed": 0, "rolled_back": 0, "pending": 0,
+                  "in_progress": 0}
         for status in statuses:
             bucket = STATUS_BUCKETS.get(status, "pending")
             if bucket is not None:
@@ -641,6 +645,7 @@ def _classes_section(data: ReportData) -> str:
 
 _STATUS_LABELS = (
     ("installed", "installed"),
+    ("unchanged", "already had it"),
     ("in_progress", "in progress"),
     ("failed", "failed"),
     ("rolled_back", "rolled back"),
@@ -667,7 +672,7 @@ def _wave_html(wave: WaveSummary) -> str:
     counts: list[str] = []
     for key, label in _STATUS_LABELS:
         n = int(getattr(wave, key))
-        if key == "in_progress" and n == 0:
+        if key in ("in_progress", "unchanged") and n == 0:
             continue
         counts.append(f'<span class="count" data-status="{key}"><span class="swatch" '
                       f'style="background:{STATUS_COLORS[key]}"></span>{n} {label}</span>')

@@ -852,11 +852,15 @@ def _advance_rule(spec: RolloutSpec, st: RolloutState, inputs: _Inputs) -> list[
                 return []  # the gates have not judged this class yet
         if total == 0 and any(d.status == WAITING_OFFLINE for d in members):
             return []  # nobody to judge yet: wait for an offline device to come back
+        # no_change counts as success (the device has the version) but never as "updated"
+        unchanged = sum(d.status == NO_CHANGE for d in counted)
+        done = f"{ok - unchanged} of {total} device(s) updated" + (
+            f", {unchanged} already had v{spec.version}" if unchanged else "")
         if total and not overridden and ok / total < spec.success_threshold:
-            return _on_failure(spec, wave, f"wave {wave} ended with {ok} of {total} device(s) "
-                               f"updated ({ok / total:.0%}), below the success threshold of "
+            return _on_failure(spec, wave, f"wave {wave} ended with {done} ({ok / total:.0%} "
+                               f"succeeded), below the success threshold of "
                                f"{spec.success_threshold:.0%}", detail)
-        passed = (f"wave {wave} passed: {ok} of {total} device(s) updated" if total
+        passed = (f"wave {wave} passed: {done}" if total
                   else f"wave {wave} has no device left to judge")
     following = [d.wave for d in st.devices.values() if d.wave > wave]
     if not following:

@@ -40,6 +40,7 @@ from fleetlite.fleet.errors import (
     StoreUnavailableError,
 )
 from fleetlite.fleet.migrations import MIGRATIONS, SCHEMA_MIGRATIONS_DDL, latest_version, render
+from fleetlite.fleet.sender_check import SentRelease
 from fleetlite.sdk.messages import Birth, OtaStatus, Status, Telemetry, encode
 from fleetlite.sdk.profile import ProfileRecord
 
@@ -58,6 +59,7 @@ __all__ = [
     "ProgressLike",
     "ProgressRow",
     "ProgressUpdate",
+    "RefusedReports",
     "ReleaseInfo",
     "RolloutRecord",
     "RolloutTransaction",
@@ -281,6 +283,19 @@ class DecisionRow:
     device_class: Optional[str]
     detail: dict[str, Any]
     ts: float
+
+
+@dataclass(frozen=True)
+class RefusedReports:
+    """Reports of one kind refused from one sender for one reason (fleet/sender_check.py)."""
+
+    device_id: str
+    kind: str
+    reason: str
+    count: int
+    first_at: float
+    last_at: float
+    last_message: str
 
 
 @dataclass(frozen=True)
@@ -925,8 +940,12 @@ class Store:
 
         The release id is the manifest's hash, so a stored id already has these files; storing
         it again only replaces the envelope (e.g. one with more signatures) and returns False.
+        Raises :class:`StoreConstraintError` when another release of the same model and version
+        holds different files: a device that has one answers ``no_change`` to the other and
+        keeps what it has, so the two could never be told apart in a rollout.
         """
         with self._transaction(write=True) as db:
+            _refuse_same_version_other_files(db, release_id, name, version, files)
             result = db.execute(
                 """INSERT INTO releases (release_id, name, version, envelope, manifest_json,
                                          created)
@@ -1032,6 +1051,42 @@ class Store:
                               "ORDER BY ts, is_final, id", params).rows
         return [OtaRecord(OtaStatus.from_json(str(row[0]).encode()), float(row[1]))
                 for row in rows]
+
+    # -- reports refused from their sender ----------------------------------------------------
+
+    def record_refusal(self, device_id: str, kind: str, reason: str, message: str, *,
+                       now: Optional[float] = None) -> None:
+        """Count one report of ``kind`` refused from ``device_id`` (the sender) for ``reason``."""
+        ts = time.time() if now is None else now
+        with self._transaction(write=True) as db:
+            db.execute(
+                """INSERT INTO refused_reports (device_id, kind, reason, count, first_at, last_at,
+                    last_message) VALUES (?, ?, ?, 1, ?, ?, ?)
+                ON CONFLICT (device_id, kind, reason) DO UPDATE SET
+                    count = refused_reports.count + 1, last_at = excluded.last_at,
+                    last_message = excluded.last_message""",
+                (device_id, kind, reason, ts, ts, message[:500]))
+
+    def refusals(self, device_id: Optional[str] = None) -> list[RefusedReports]:
+        """Refused reports counted per sender, kind and reason (of one sender, or all)."""
+        condition, params = ("WHERE device_id = ?", [device_id]) if device_id else ("", [])
+        with self._transaction(write=False) as db:
+            rows = db.execute(
+                "SELECT device_id, kind, reason, count, first_at, last_at, last_message "
+                f"FROM refused_reports {condition} ORDER BY device_id, kind, reason",
+                params).rows
+        return [RefusedReports(str(r[0]), str(r[1]), str(r[2]), int(r[3]), float(r[4]),
+                               float(r[5]), str(r[6])) for r in rows]
+
+    def releases_sent_to(self, device_id: str) -> list[SentRelease]:
+        """The releases that rollouts sent (or decided to send) to ``device_id``."""
+        with self._transaction(write=False) as db:
+            rows = db.execute(
+                """SELECT DISTINCT r.release_id, r.name, r.version FROM rollout_devices d
+                JOIN rollouts o ON o.rollout_id = d.rollout_id
+                JOIN releases r ON r.release_id = o.release_id
+                WHERE d.device_id = ? ORDER BY r.release_id""", (device_id,)).rows
+        return [SentRelease(str(r[0]), str(r[1]), int(r[2])) for r in rows]
 
     # -- rollouts ----------------------------------------------------------------------------
 
@@ -1331,6 +1386,21 @@ class RolloutTransaction:
 
 _SELECT_ROLLOUT = ("SELECT rollout_id, release_id, spec_json, state_json, revision, created, "
                    "updated FROM rollouts")
+
+
+def _refuse_same_version_other_files(db: _Db, release_id: str, name: str, version: int,
+                                     files: Mapping[str, bytes]) -> None:
+    digests = {path: hashlib.sha256(data).hexdigest() for path, data in files.items()}
+    others = db.execute("SELECT release_id FROM releases WHERE name = ? AND version = ? AND "
+                        "release_id <> ?", (name, version, release_id)).rows
+    for (other,) in others:
+        stored = {str(path): hashlib.sha256(bytes(data)).hexdigest() for path, data in db.execute(
+            "SELECT path, data FROM release_files WHERE release_id = ?", (other,)).rows}
+        if stored != digests:
+            raise StoreConstraintError(
+                f"{name} v{version} is already stored as release {str(other)[:12]} with other "
+                "files; devices that have one would keep it and answer no_change to the other. "
+                f"Build this one as a new version (--version {version + 1} or higher)")
 
 
 def _rollout(row: _Row) -> RolloutRecord:

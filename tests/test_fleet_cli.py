@@ -228,7 +228,7 @@ def test_operator_verbs_against_a_live_fleet(site: Site, bundle_v2: Path,
         wait_until(lambda: fleet.rollout("ops-1").state == "paused", 20, "the created pause")
     status = cli("rollout", "status", "ops-1", env=env).stdout
     assert "paused by the operator (created paused)" in status
-    assert re.search(r"^\s+1\s+1\s+0\s+0\s+0\s+0\s+0\s+0\s+waiting$", status, re.M), status
+    assert re.search(r"^\s+1\s+1\s+0\s+0\s+0\s+0\s+0\s+0\s+0\s+waiting$", status, re.M), status
 
     resumed = cli("rollout", "resume", "ops-1", "--wait", "20", env=env).stdout
     assert "resumed by the operator" in resumed
@@ -457,6 +457,33 @@ def test_push_refuses_unsigned_and_tampered_bundles(fleet: Fleet, bundle_v2: Pat
     assert fleet.releases() == []
     root = write_root(tmp_path / "root.json")
     assert fleet.push_release(signed, root=root) == signed.release_id
+
+
+def test_push_refuses_a_second_release_of_a_version_with_other_files(
+        fleet: Fleet, bundle_v2: Path, tmp_path: Path, models_dir: Path) -> None:
+    from fleetlite.fleet.errors import StoreConstraintError
+
+    first = fleet.push_release(bundle_v2)
+    vocab = models_dir / "intent_classifier.vocab.json"
+    other = tmp_path / "intent_other.tflite"
+    other.write_bytes(intent_classifier(seed=12).tflite)
+    different = build_release([other], name="intent", version=2, device_classes=[CLASS],
+                              vocab=vocab, keys=[RELEASE_KEY])
+    with pytest.raises(StoreConstraintError, match="--version 3 or higher"):
+        fleet.push_release(different)
+    # through the CLI: a clear error and a non-zero exit, nothing stored
+    refused = cli("release", "push", str(different.write_dir(tmp_path / "other")),
+                  "--db", fleet.db, expect=1)
+    assert "already stored as release" in refused.stderr, refused.stderr
+    assert [r.release_id for r in fleet.releases()] == [first]
+    # the same files built again (a new manifest: another issue time) are the same model
+    same = tmp_path / "intent_v2.tflite"
+    same.write_bytes(intent_classifier(seed=11).tflite)
+    rebuilt = build_release([same], name="intent", version=2, device_classes=[CLASS],
+                            vocab=vocab, keys=[RELEASE_KEY], issued=int(time.time()) - 60)
+    assert rebuilt.release_id != first
+    fleet.push_release(rebuilt)
+    assert len(fleet.releases()) == 2
 
 
 def test_operator_requests_survive_a_concurrent_writer(fleet: Fleet, bundle_v2: Path) -> None:

@@ -343,13 +343,15 @@ def test_wave_from_statuses() -> None:
     wave = WaveSummary.from_statuses(
         "wave 2", ["installed", "no_change", "rolled_back", "sent", "timed_out", "excluded",
                    "waiting_offline", "something_new"], state="running")
-    assert (wave.installed, wave.failed, wave.rolled_back, wave.in_progress, wave.pending) == (
-        2, 1, 1, 1, 2)
+    assert (wave.installed, wave.unchanged, wave.failed, wave.rolled_back, wave.in_progress,
+            wave.pending) == (1, 1, 1, 1, 1, 2)
     assert wave.total == 7
     counts = [c.text() for c in parse(render_report(ReportData(
         generated_at=NOW, rollouts=[RolloutSummary("r", MODEL, 2, "running", waves=[wave])])
     )).find_all("span", class_="count")]
-    assert counts == ["2 installed", "1 in progress", "1 failed", "1 rolled back", "2 pending"]
+    # a device that already had the version is never shown as installed
+    assert counts == ["1 installed", "1 already had it", "1 in progress", "1 failed",
+                      "1 rolled back", "2 pending"]
 
 
 def test_report_escapes_device_text(report_html: str) -> None:

@@ -332,6 +332,9 @@ def test_count_waves_and_no_change_devices() -> None:
     assert [d.detail["devices"] for d in sim.kinds(START_WAVE)] == [1, 5, 3]
     assert state.counts() == {"installed": 8, "no_change": 1}
     assert state.devices["gw-004"].code == "same_version"
+    # gw-004 is in wave 2: it succeeded, but the log never calls it updated
+    passed = [d.reason for d in sim.kinds(START_WAVE) if d.wave == 3]
+    assert passed and "4 of 5 device(s) updated, 1 already had v" in passed[0], passed
 
 
 def test_an_empty_selector_completes_at_once() -> None:

@@ -28,6 +28,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Union
@@ -48,6 +49,11 @@ log = logging.getLogger("fleetlite.agent.local_api")
 DEFAULT_MODE = 0o660
 DEFAULT_MAX_CONNECTIONS = 32
 DEFAULT_IDLE_TIMEOUT_S = 300.0
+DEFAULT_REQUEST_TIMEOUT_S = 30.0
+# A request still arriving this long after its first byte is slow (see reserved_slots).
+DEFAULT_SLOW_REQUEST_S = 1.0
+# A connection idle this long between requests may be closed to make room for a new client.
+DEFAULT_EVICT_IDLE_S = 1.0
 # sockaddr_un.sun_path is 108 bytes on Linux, including the terminating NUL.
 MAX_SOCKET_PATH_BYTES = 107
 
@@ -55,12 +61,36 @@ Response = tuple[dict[str, Any], Sequence[wire.Buffer]]
 RequestId = Union[int, str, None]
 
 
+@dataclass
+class _Connection:
+    """One served connection: its thread and what the abuse limits track of it."""
+
+    thread: threading.Thread
+    idle_since: float = field(default_factory=time.monotonic)
+    guard: wire.FrameGuard | None = None
+    slow: bool = False
+    reserved: int = 0
+    evicted: bool = False
+
+
 class LocalApiServer:
     """Serve a :class:`ModelService` on a Unix socket; ``start()``/``stop()`` or ``with``.
 
     ``max_payload_bytes`` caps the tensor bytes of one request, ``max_header_bytes`` its JSON
     header; ``idle_timeout_s`` closes connections that send nothing for that long (clients
-    reconnect), which also bounds how long a half-sent frame can hold a connection.
+    reconnect).
+
+    Abuse limits (a local process is outside input too):
+
+    - a request's bytes are held in memory only as they arrive, and ``max_inflight_bytes``
+      (default: twice ``max_payload_bytes``) bounds them across every connection: a request
+      beyond it is answered ``busy``;
+    - a request must arrive whole within ``request_timeout_s`` of its first byte;
+    - at most ``max_connections - reserved_slots`` requests may be slow (still arriving
+      ``slow_after_s`` after their first byte; default: a quarter of the slots is kept for
+      clients that send a request in one go), and when every
+      slot is taken a connection idle between requests for ``evict_idle_s`` or more is closed
+      to make room for a new one (clients reconnect) instead of refusing the newcomer.
     """
 
     def __init__(
@@ -73,6 +103,11 @@ class LocalApiServer:
         max_payload_bytes: int = wire.DEFAULT_MAX_PAYLOAD_BYTES,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         idle_timeout_s: float | None = DEFAULT_IDLE_TIMEOUT_S,
+        request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
+        max_inflight_bytes: int | None = None,
+        reserved_slots: int | None = None,
+        evict_idle_s: float = DEFAULT_EVICT_IDLE_S,
+        slow_after_s: float = DEFAULT_SLOW_REQUEST_S,
     ) -> None:
         self.path = Path(socket_path)
         self.models = models
@@ -81,13 +116,26 @@ class LocalApiServer:
         self.max_payload_bytes = max_payload_bytes
         self.max_connections = max_connections
         self.idle_timeout_s = idle_timeout_s
+        self.request_timeout_s = request_timeout_s
+        self.max_inflight_bytes = (2 * (max_payload_bytes + max_header_bytes)
+                                   if max_inflight_bytes is None else max_inflight_bytes)
+        self.reserved_slots = (min(max(1, max_connections // 4), max_connections - 1)
+                               if reserved_slots is None else reserved_slots)
+        self.evict_idle_s = evict_idle_s
+        self.slow_after_s = slow_after_s
+        if not 0 <= self.reserved_slots < max_connections:
+            raise LocalApiSetupError(
+                f"reserved_slots ({self.reserved_slots}) must be at least 0 and less than "
+                f"max_connections ({max_connections})")
+        self._inflight_bytes = 0
+        self._slow = 0
         self._listener: socket.socket | None = None
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
         self._inode: tuple[int, int] | None = None
         self._accept_thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._connections: dict[socket.socket, threading.Thread] = {}
+        self._connections: dict[socket.socket, _Connection] = {}
         self._stopping = threading.Event()
         self._counts: Counter[str] = Counter()
         self._errors: Counter[str] = Counter()
@@ -146,8 +194,8 @@ class LocalApiServer:
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in recv
         deadline = time.monotonic() + timeout
-        for thread in connections.values():
-            thread.join(max(0.0, deadline - time.monotonic()))
+        for state in connections.values():
+            state.thread.join(max(0.0, deadline - time.monotonic()))
         for end in (self._wake_r, self._wake_w):
             if end is not None:
                 end.close()
@@ -173,6 +221,9 @@ class LocalApiServer:
                 "connections_open": len(self._connections),
                 "requests": self._counts["requests"],
                 "frames_rejected": self._counts["frames_rejected"],
+                "evicted_idle": self._counts["evicted_idle"],
+                "inflight_bytes": self._inflight_bytes,
+                "slow_requests": self._slow,
                 "errors": dict(self._errors),
             }
 
@@ -254,19 +305,41 @@ class LocalApiServer:
             conn.settimeout(self.idle_timeout_s)
             with self._lock:
                 self._counts["connections"] += 1
-                full = len(self._connections) >= self.max_connections
+                victim = None
+                if len(self._connections) >= self.max_connections:
+                    victim = self._longest_idle(time.monotonic())
+                full = len(self._connections) >= self.max_connections and victim is None
                 if not full:
-                    thread = threading.Thread(
+                    state = _Connection(threading.Thread(
                         target=self._serve_connection,
                         args=(conn,),
                         name="fleetlite-local-api-conn",
                         daemon=True,
-                    )
-                    self._connections[conn] = thread
+                    ))
+                    self._connections[conn] = state
+            if victim is not None:
+                self._evict(victim)
             if full:
                 self._refuse(conn)
             else:
-                thread.start()
+                state.thread.start()
+
+    def _longest_idle(self, now: float) -> socket.socket | None:
+        """The connection idle between requests the longest, if for ``evict_idle_s`` or more."""
+        idle = [(c.idle_since, conn) for conn, c in self._connections.items()
+                if not c.evicted and not (c.guard is not None and c.guard.in_frame)
+                and now - c.idle_since >= self.evict_idle_s]
+        if not idle:
+            return None
+        _, conn = min(idle, key=lambda item: item[0])
+        self._connections[conn].evicted = True
+        self._counts["evicted_idle"] += 1
+        return conn
+
+    @staticmethod
+    def _evict(conn: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            conn.shutdown(socket.SHUT_RDWR)  # its thread sees the end and closes it
 
     def _refuse(self, conn: socket.socket) -> None:
         with conn:
@@ -287,6 +360,15 @@ class LocalApiServer:
                 pass
 
     def _serve_connection(self, conn: socket.socket) -> None:
+        state = self._connections[conn]
+        guard = wire.FrameGuard(
+            idle_timeout_s=self.idle_timeout_s,
+            frame_timeout_s=self.request_timeout_s,
+            slow_after_s=self.slow_after_s,
+            on_slow=lambda: self._slow_request(state),
+            reserve=lambda n: self._reserve(state, n),
+        )
+        state.guard = guard
         try:
             while not self._stopping.is_set():
                 try:
@@ -295,6 +377,7 @@ class LocalApiServer:
                         tensors_key="inputs",
                         max_header_bytes=self.max_header_bytes,
                         max_payload_bytes=self.max_payload_bytes,
+                        guard=guard,
                     )
                 except wire.ProtocolError as exc:
                     with self._lock:
@@ -302,20 +385,61 @@ class LocalApiServer:
                     self._count_error(exc.code)
                     self._send(conn, self._error(None, exc.code, exc.detail, close=True))
                     return
+                finally:
+                    self._frame_ended(state)
                 if frame is None:
                     return
                 with self._lock:
                     self._counts["requests"] += 1
                 header, payload = frame
-                self._send(conn, self._respond(header, payload))
+                try:
+                    response = self._respond(header, payload)
+                finally:
+                    del frame, payload
+                    self._release(state)
+                self._send(conn, response)
+                state.idle_since = time.monotonic()
         except OSError:
             pass  # timeout, reset or shut down by stop(): just close
         except Exception:  # the server must outlive any bug in a request handler
             log.exception("local API connection failed")
         finally:
+            self._release(state)
             with self._lock:
                 self._connections.pop(conn, None)
             conn.close()
+
+    # -- abuse limits --------------------------------------------------------------------------
+
+    def _slow_request(self, state: _Connection) -> None:
+        with self._lock:
+            if self._slow >= self.max_connections - self.reserved_slots:
+                raise wire.ProtocolError(
+                    wire.BUSY, f"{self._slow} other connections are sending requests slowly; "
+                    "send each request in one go, or retry in a moment", fatal=True)
+            self._slow += 1
+            state.slow = True
+
+    def _frame_ended(self, state: _Connection) -> None:
+        with self._lock:
+            if state.slow:
+                self._slow -= 1
+                state.slow = False
+
+    def _reserve(self, state: _Connection, nbytes: int) -> None:
+        with self._lock:
+            if nbytes > 0 and self._inflight_bytes + nbytes > self.max_inflight_bytes:
+                raise wire.ProtocolError(
+                    wire.BUSY, f"the agent is already receiving {self._inflight_bytes} bytes of "
+                    f"requests (limit {self.max_inflight_bytes}); retry in a moment",
+                    fatal=True)
+            self._inflight_bytes += nbytes
+            state.reserved += nbytes
+
+    def _release(self, state: _Connection) -> None:
+        with self._lock:
+            self._inflight_bytes -= state.reserved
+            state.reserved = 0
 
     @staticmethod
     def _send(conn: socket.socket, response: Response) -> None:

@@ -20,7 +20,9 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Union
@@ -40,6 +42,7 @@ __all__ = [
     "ProtocolError",
     "decode_tensors",
     "encode_tensors",
+    "FrameGuard",
     "recv_frame",
     "send_frame",
 ]
@@ -146,19 +149,98 @@ def send_frame(
         sock.sendall(buffer)
 
 
-def _recv_exact(sock: socket.socket, size: int, what: str, *, eof_ok: bool = False) -> bytearray:
-    data = bytearray(size)
-    view = memoryview(data)
-    got = 0
-    while got < size:
-        n = sock.recv_into(view[got:])
-        if n == 0:
-            if eof_ok and got == 0:
+@dataclass
+class FrameGuard:
+    """What a server enforces while one frame arrives (all optional):
+
+    - ``idle_timeout_s``: how long to wait for the first byte of the next frame;
+    - ``frame_timeout_s``: from its first byte, the whole frame must arrive within this time
+      (a client trickling one byte a second cannot hold a connection for long);
+    - ``slow_after_s`` and ``on_slow()``: a frame still arriving this long after its first byte
+      is slow, and ``on_slow`` is called once for it; it may raise :class:`ProtocolError`
+      (e.g. ``busy``) to refuse it. A request sent in one go is never slow;
+    - ``reserve(n)``: called before ``n`` more bytes are received into memory (negative: bytes
+      given back); may raise :class:`ProtocolError` to refuse them. The receiver never
+      allocates more than it was sent, so a header that declares 64 MiB and sends nothing
+      costs nothing.
+    """
+
+    idle_timeout_s: float | None = None
+    frame_timeout_s: float | None = None
+    slow_after_s: float | None = None
+    on_slow: Callable[[], None] | None = None
+    reserve: Callable[[int], None] | None = None
+    _started: float | None = field(default=None, init=False, repr=False)
+    _slow: bool = field(default=False, init=False, repr=False)
+
+    @property
+    def in_frame(self) -> bool:
+        return self._started is not None
+
+    def next_frame(self, sock: socket.socket) -> None:
+        """Wait up to the idle timeout for the next frame."""
+        self._started, self._slow = None, False
+        sock.settimeout(self.idle_timeout_s)
+
+    def frame_started(self) -> None:
+        self._started, self._slow = time.monotonic(), False
+
+    def before_recv(self, sock: socket.socket) -> None:
+        """Enforce the deadline and the slow-frame callback; bound the next wait by both."""
+        if self._started is None:
+            return
+        elapsed = time.monotonic() - self._started
+        waits = [] if self.idle_timeout_s is None else [self.idle_timeout_s]
+        if self.frame_timeout_s is not None:
+            if elapsed >= self.frame_timeout_s:
+                raise ProtocolError(TIMEOUT, f"the frame did not arrive whole within "
+                                    f"{self.frame_timeout_s:g} s; send each request in one go",
+                                    fatal=True)
+            waits.append(self.frame_timeout_s - elapsed)
+        if self.slow_after_s is not None and not self._slow:
+            if elapsed >= self.slow_after_s:
+                self._slow = True
+                if self.on_slow is not None:
+                    self.on_slow()
+            else:
+                waits.append(self.slow_after_s - elapsed)
+        sock.settimeout(min(waits) if waits else None)
+
+
+_RECV_CHUNK = 256 * 1024
+
+
+def _recv_exact(sock: socket.socket, size: int, what: str, *, eof_ok: bool = False,
+                guard: FrameGuard | None = None) -> bytearray:
+    # Grow as bytes arrive: never allocate what a header merely declares.
+    data = bytearray()
+    while len(data) < size:
+        want = min(size - len(data), _RECV_CHUNK)
+        if guard is not None:
+            guard.before_recv(sock)
+            if guard.reserve is not None:
+                guard.reserve(want)
+        try:
+            chunk = sock.recv(want)
+        except socket.timeout:
+            if guard is None or not guard.in_frame:
+                raise
+            chunk = None  # a deadline of the guard's: before_recv decides
+        if guard is not None and guard.reserve is not None:
+            got = 0 if chunk is None else len(chunk)
+            if got < want:
+                guard.reserve(got - want)  # give back what did not arrive
+        if chunk is None:
+            continue
+        if not chunk:
+            if eof_ok and not data:
                 return bytearray()
             raise ProtocolError(
                 BAD_FRAME, f"the connection closed in the middle of a frame ({what})", fatal=True
             )
-        got += n
+        if eof_ok and not data and guard is not None:
+            guard.frame_started()
+        data += chunk
     return data
 
 
@@ -194,13 +276,17 @@ def recv_frame(
     tensors_key: str,
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+    guard: FrameGuard | None = None,
 ) -> tuple[dict[str, Any], bytearray] | None:
     """Read one frame: (header, tensor bytes), or ``None`` if the peer closed between frames.
 
     Raises :class:`ProtocolError` with ``fatal=True`` when the frame cannot be delimited (bad
-    length, non-JSON header, tensor sizes missing or over the caps).
+    length, non-JSON header, tensor sizes missing or over the caps), or when ``guard`` refuses
+    it (see :class:`FrameGuard`).
     """
-    prefix = _recv_exact(sock, HEADER_LENGTH.size, "length", eof_ok=True)
+    if guard is not None:
+        guard.next_frame(sock)
+    prefix = _recv_exact(sock, HEADER_LENGTH.size, "length", eof_ok=True, guard=guard)
     if not prefix:
         return None
     (length,) = HEADER_LENGTH.unpack(prefix)
@@ -213,7 +299,7 @@ def recv_frame(
             "is the length a 4-byte big-endian integer?",
             fatal=True,
         )
-    raw = _recv_exact(sock, length, "header")
+    raw = _recv_exact(sock, length, "header", guard=guard)
     try:
         header = json.loads(bytes(raw).decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -226,7 +312,7 @@ def recv_frame(
             fatal=True,
         )
     size = _payload_size(header.get(tensors_key, []), tensors_key, max_payload_bytes)
-    return header, _recv_exact(sock, size, "tensor bytes")
+    return header, _recv_exact(sock, size, "tensor bytes", guard=guard)
 
 
 def _shape(value: Any, where: str) -> tuple[int, ...]:

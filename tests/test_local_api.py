@@ -468,7 +468,8 @@ def test_client_reports_a_missing_agent_and_reconnects_after_a_restart(
 def test_connections_over_the_limit_are_told_busy(
     service: ModelService, tmp_path: Path
 ) -> None:
-    with LocalApiServer(tmp_path / "agent.sock", service, max_connections=1) as server:
+    with LocalApiServer(tmp_path / "agent.sock", service, max_connections=1,
+                        evict_idle_s=3600) as server:
         with LocalClient(server.path) as first:
             assert first.ping()["ok"]
             with LocalClient(server.path) as second, pytest.raises(LocalApiError) as info:

@@ -1,5 +1,5 @@
 """``fleetlite``: the operator's command (demo, keys, releases, controller, devices, rollouts,
-profiles, report)."""
+profiles, report, PKI and broker configuration)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from fleetlite.fleet import cli_fleet, cli_keys, cli_release
+from fleetlite.fleet import cli_fleet, cli_keys, cli_pki, cli_release
 from fleetlite.sdk.errors import FleetLiteError
 from fleetlite.sdk.version import __version__
 
@@ -18,6 +18,8 @@ examples:
   fleetlite demo --keep          ... and leave it running to explore with the commands below
   fleetlite keys create --role release --out ~/.fleetlite/keys
                                  create a signing key (see `fleetlite keys --help`)
+  fleetlite pki init fleet-pki   the fleet CA for TLS: certificates, enrolment bundles and
+                                 the broker's configuration (see `fleetlite pki --help`)
   fleetlite release build model.tflite --name intent --version 2 \\
       --device-class raspberry-pi-4 --key release.key --out intent-v2
                                  build and sign a release (see `fleetlite release --help`)
@@ -82,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep", action="store_true",
                       help="leave broker, agents and controller running to explore with the CLI")
     cli_keys.add_parser(sub)
+    cli_pki.add_parsers(sub)
     release = cli_release.add_parser(sub)
     cli_fleet.add_parsers(sub, release)
     return parser
@@ -101,6 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cli_keys.run(args)
         if args.command == "release":
             return cli_release.run(args)
+        if args.command in ("pki", "broker-config"):
+            return cli_pki.run(args)
     except FleetLiteError as exc:
         print(f"fleetlite: error: {exc}", file=sys.stderr)
         return 1

@@ -5,9 +5,10 @@ few it does not run are listed with the test that runs them, or the reason (they
 `sudo`, systemd).
 
 Placeholders a reader fills in are the only substitutions: `RELEASE_ID`, `ROLLOUT_ID`, `XXXX`,
-`DIR`, the example hosts and database, the certificate files under `/etc/` (from a fresh test CA),
-and `/opt/fleetlite/venv` (the venv running these tests). The operator guide's Mosquitto listener
-and ACL run as written, with this machine's port and files.
+`DIR`, the example hosts and database, the installed certificate files under `/etc/` (the files
+`fleetlite pki` wrote), and `/opt/fleetlite/venv` (the venv running these tests). The operator
+guide's Mosquitto runs the configuration and ACL its `fleetlite broker-config` wrote, on this
+machine's port.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from fleetlite.tools.models import intent_classifier
 from tests.conftest import PG_URL, fresh_pg_database
 from tests.doc_commands import DOCS, REPO, Walkthrough, shell_commands
 from tests.mqtt_harness import Mosquitto
-from tests.pki import TestPki
 from tests.test_fleet_cli import wait_until
 
 DEMO = "test_readme_demo.py runs `bash tools/demo.sh` verbatim in a fresh venv (it runs " \
@@ -96,26 +96,43 @@ def operator_decisions(db: str, rollout_id: str) -> list[str]:
         return [d.reason for d in fleet.rollout(rollout_id).decisions if d.detail.get("operator")]
 
 
-def guide_broker(guide: str, workdir: Path) -> tuple[Mosquitto, TestPki]:
-    """Mosquitto run with the operator guide's listener config and ACL, as written, with this
-    machine's port and files; certificates from a fresh test CA."""
-    pki = TestPki(workdir / "pki")
-    server = pki.issue("localhost", server=True)
-    listener = found(r"```\n(listener 8883\n.*?)```", guide)
-    acl = workdir / "fleetlite.acl"
-    acl.write_text(found(r"```\n(pattern readwrite .*?)```", guide))
-    broker = Mosquitto(workdir / "broker")
-    for placeholder, value in {"listener 8883": f"listener {broker.port} 127.0.0.1",
-                               "/etc/mosquitto/ca.pem": str(pki.ca),
-                               "/etc/mosquitto/broker.pem": str(server.cert),
-                               "/etc/mosquitto/broker.key": str(server.key),
-                               "/etc/mosquitto/fleetlite.acl": str(acl)}.items():
-        assert placeholder in listener, placeholder
-        listener = listener.replace(placeholder, value)
+def guide_broker(wt: Walkthrough, broker: Mosquitto) -> None:
+    """The operator guide's CA, broker and controller certificates and broker configuration, made
+    by its `fleetlite pki` and `fleetlite broker-config` commands as written; Mosquitto runs the
+    generated mosquitto.conf with this machine's port (and `user root` as in mqtt_harness)."""
+    assert "created the fleet CA" in wt.run("fleetlite pki init").stdout
+    wt.export("export FLEETLITE_PKI=")
+    issued = wt.run("fleetlite pki issue broker").stdout
+    assert "broker:localhost" in issued, issued
+    for name in ("ctl-1", "ctl-2"):
+        assert f"controller:{name}" in wt.run(f"fleetlite pki issue controller {name}").stdout
+    wt.run("fleetlite broker-config")
+    conf = (wt.cwd / "broker" / "mosquitto.conf").read_text()
+    assert "\nlistener 8883\n" in conf and "require_certificate true" in conf
     user = ["user root"] if os.geteuid() == 0 else []  # see Mosquitto in mqtt_harness
-    broker.conf.write_text("\n".join([
-        listener, "persistence false", *user, "log_type all", "connection_messages true", ""]))
-    return broker.start(), pki
+    listener = f"\nlistener {broker.port} 127.0.0.1\n"
+    broker.conf.write_text(conf.replace("\nlistener 8883\n", listener)
+                           + "\n".join([*user, "log_type all", ""]))
+    broker.start()
+
+
+def enrol(wt: Walkthrough, device_id: str, documented: dict[str, Any], seed: Path) -> Path:
+    """A gateway provisioned from `fleetlite pki enrol` output alone: its bundle's agent.yaml
+    (with the guide's optional settings and this machine's paths), started in the bundle."""
+    command = wt.command("fleetlite pki enrol gw-0001").replace("gw-0001", device_id)
+    if device_id == "gw-0001":
+        wt.run("fleetlite pki enrol gw-0001")
+    else:
+        wt.run_plain(wt.resolve(command))
+    bundle = wt.cwd / device_id
+    assert (bundle / f"{device_id}.key").stat().st_mode & 0o077 == 0
+    made = yaml.safe_load((bundle / "agent.yaml").read_text())
+    agent_config(bundle, device_id, port=int(made["broker"]["port"]),
+                 trust_root=bundle / made["trust_root"], seed=seed,
+                 base={**documented, **made}, tls=made["broker"]["tls"])
+    wt.start_plain(f"{sys.prefix}/bin/fleetlite-agent run --config agent.yaml", cwd=bundle,
+                   log=bundle / "agent.log")
+    return bundle
 
 
 @pytest.fixture
@@ -222,9 +239,9 @@ def test_readme_cli_tour(tmp_path: Path, broker: Mosquitto, models_dir: Path,
 
 
 def test_operator_guide_walkthrough(tmp_path: Path, models_dir: Path, store_db: str) -> None:
-    """The guide from gateway to rollout, on a Mosquitto configured with the guide's TLS
-    listener and ACL: agents with their own client certificates, two controllers of one group
-    connecting with the fleet-controller certificate."""
+    """The guide from gateway to rollout, on a Mosquitto configured by the guide's
+    `fleetlite broker-config`: gateways provisioned from `fleetlite pki enrol` bundles alone,
+    two controllers of one group with their own `fleetlite pki` certificates, then a revocation."""
     guide = REPO / "docs" / "operator-guide.md"
     text = guide.read_text()
     work = tmp_path / "ops"
@@ -232,28 +249,32 @@ def test_operator_guide_walkthrough(tmp_path: Path, models_dir: Path, store_db: 
     for name in ("intent_classifier.tflite", "intent_classifier.vocab.json"):
         shutil.copy(models_dir / name, work / name)
     (work / "model.tflite").write_bytes(intent_classifier(seed=11).tflite)
-    broker, pki = guide_broker(text, tmp_path)
-    controller = pki.issue("fleet-controller")
+    broker = Mosquitto(tmp_path / "broker")
     hosts = [c for c in shell_commands(guide) if c.startswith("sudo ")] + \
         ["journalctl -u fleetlite-agent -f"]
     wt = Walkthrough(guide, work, {}, exempt={
         **{command: HOST for command in hosts},
         "pip install 'fleetlite[fleet,postgres]'": "the venv running these tests is that "
                                                    "install (tools/bootstrap.sh)"})
+    controllers = work / "fleet-pki" / "controllers"
     wt.subst.update({"/opt/fleetlite/venv": sys.prefix,
                      "postgresql://fleet:secret@db.example.net/fleet": store_db,
                      "mqtt.example.net:8883": f"localhost:{broker.port}",
-                     "/etc/fleetlite/ca.pem": str(pki.ca),
-                     "/etc/fleetlite/fleet-controller.pem": str(controller.cert),
-                     "/etc/fleetlite/fleet-controller.key": str(controller.key)})
+                     "--dns mqtt.example.net": "--dns localhost",
+                     "/etc/mosquitto/fleetlite": str(work / "broker"),
+                     "/etc/fleetlite/ca.pem": str(work / "fleet-pki" / "ca.pem"),
+                     "/etc/fleetlite/ctl-1.pem": str(controllers / "ctl-1.pem"),
+                     "/etc/fleetlite/ctl-1.key": str(controllers / "ctl-1.key"),
+                     "/etc/fleetlite/ctl-2.pem": str(controllers / "ctl-2.pem"),
+                     "/etc/fleetlite/ctl-2.key": str(controllers / "ctl-2.key")})
     try:
-        walk_the_operator_guide(wt, text, broker, pki, store_db)
+        walk_the_operator_guide(wt, text, broker, store_db)
     finally:
         wt.stop()
         broker.stop()
 
 
-def walk_the_operator_guide(wt: Walkthrough, text: str, broker: Mosquitto, pki: TestPki,
+def walk_the_operator_guide(wt: Walkthrough, text: str, broker: Mosquitto,
                             store_db: str) -> None:
     work = wt.cwd
     # 1. provisioning: the installed agent, and where its systemd unit is
@@ -270,7 +291,7 @@ def walk_the_operator_guide(wt: Walkthrough, text: str, broker: Mosquitto, pki: 
     assert record["schema"] == "fleetlite.profile/1" and len(record["model"]["sha256"]) == 64
     assert record["memory"]["peak_rss_inference_mb"] > 0
 
-    # 5. keys and a release
+    # 5. keys and a release (root.json goes into every enrolment bundle)
     assert "created root key" in wt.run("fleetlite keys create --role root").stdout
     assert "created release key" in wt.run("fleetlite keys create --role release").stdout
     assert "wrote root.json" in wt.run("fleetlite keys root init").stdout
@@ -282,20 +303,17 @@ def walk_the_operator_guide(wt: Walkthrough, text: str, broker: Mosquitto, pki: 
     shown = wt.run("fleetlite release show rel-v2/").stdout
     assert "intent" in shown and "raspberry-pi-4" in shown
 
-    # 6. the fleet side over TLS: two controllers of one group, then the gateways
+    # 1. the CA, the broker and its configuration
+    guide_broker(wt, broker)
+
+    # 6. the fleet side over TLS: two controllers of one group, then the enrolled gateways
     for name in ("DB", "BROKER", "TLS_CA", "TLS_CERT", "TLS_KEY"):
         wt.export(f"export FLEETLITE_{name}=")
     wt.start("fleetlite serve --id ctl-1", log=work / "ctl-1.log")
     wt.start("fleetlite serve --id ctl-2", log=work / "ctl-2.log")
     devices = ["gw-0001", "gw-0002"]
     for device_id in devices:
-        home = work / device_id
-        issued = pki.issue(device_id)
-        agent_config(home, device_id, port=broker.port, trust_root=work / "root.json",
-                     seed=work / "intent_classifier.tflite", base=documented,
-                     tls={"ca": str(pki.ca), "cert": str(issued.cert), "key": str(issued.key)})
-        wt.start_plain(f"{sys.prefix}/bin/fleetlite-agent run --config agent.yaml", cwd=home,
-                       log=home / "agent.log")
+        enrol(wt, device_id, documented, work / "intent_classifier.tflite")
     with Fleet(store_db) as fleet:
         wait_until(lambda: len(fleet.devices(online=True)) == 2, 30,
                    "two gateways online:\n" + broker.read_log()[-3000:])
@@ -305,11 +323,25 @@ def walk_the_operator_guide(wt: Walkthrough, text: str, broker: Mosquitto, pki: 
         assert re.search(rf"^{device_id}\s+raspberry-pi-4\s+online\s+intent v1\s", listed, re.M)
 
     operate_rollout(wt, store_db, devices)
+
+    # revocation: gw-0001 is refused after the broker re-reads the CRL; gw-0002 carries on
+    wt.run("fleetlite pki revoke")
+    assert re.search(r"^device\s+gw-0001\s+\S+\s+revoked", wt.run("fleetlite pki list").stdout,
+                     re.M)
+    wt.run_plain(wt.resolve(wt.command("fleetlite broker-config")))
+    refused = broker.read_log().count("certificate verify failed")
+    broker.restart()
+    with Fleet(store_db) as fleet:
+        wait_until(lambda: broker.read_log().count("certificate verify failed") > refused, 30,
+                   "the broker refusing gw-0001's certificate")
+        wait_until(lambda: {d.device_id for d in fleet.devices(online=True)} == {"gw-0002"}, 30,
+                   "gw-0002 back online, gw-0001 not")
     codes = wt.stop()
     assert all(code == 0 for group in codes.values() for code in group), codes
-    # every connection was a certificate: the controllers' and each device's own
+    # every connection was a certificate: each controller's and each device's own
     log = broker.read_log()
-    assert "u'fleet-controller'" in log and all(f"u'{d}'" in log for d in devices), log[-3000:]
+    assert all(f"u'{user}'" in log for user in
+               ("controller:ctl-1", "controller:ctl-2", *devices)), log[-3000:]
     wt.assert_all_run()
 
 

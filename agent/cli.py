@@ -7,7 +7,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from fleetlite.agent import profile_cli
+from fleetlite.agent import generate_cli, profile_cli
 from fleetlite.agent.errors import AgentError
 from fleetlite.sdk.version import __version__
 
@@ -20,6 +20,9 @@ examples:
   fleetlite-agent check model.tflite        load and run a model in an isolated process
   fleetlite-agent profile model.tflite --device-class raspberry-pi-4
                                             benchmark it (p50/p95/p99, peak memory) vs budgets
+  fleetlite-agent generate home-lm --prompt "turn off the kitchen lights"
+                                            stream a language model's reply
+  fleetlite-agent chat home-lm              a conversation with it, turn by turn
 
 exit codes: 0 ok, 1 the command failed (the message says why), 2 usage error
 """
@@ -60,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--threads", type=int, default=1, help="interpreter threads (default 1)")
     check.add_argument("--timeout", type=float, default=60.0, help="seconds before giving up")
     profile_cli.add_parser(sub)
+    generate_cli.add_parsers(sub)
     return parser
 
 
@@ -95,6 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "profile":
             return profile_cli.run(args)
+        if args.command in ("generate", "chat"):
+            return generate_cli.run(args)
         if args.command == "check":
             from fleetlite.agent.isolated import check_model
 

@@ -6,6 +6,8 @@ over the loaded mapping (:func:`parse_config`); :func:`load_config` adds the fil
 
 from __future__ import annotations
 
+import reprlib
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,11 +52,16 @@ class BrokerConfig:
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """A model to serve at start-up (before any OTA install)."""
+    """A model to serve at start-up (before any OTA install). One with a ``tokenizer`` is a
+    generative language model, served to the local API's ``generate``: its prompt template
+    and stop ids (default: the tokenizer's end-of-sequence id) complete its metadata."""
 
     name: str
     path: Path
     version: int | None = None
+    tokenizer: Path | None = None
+    prompt_template: str = "{prompt}"
+    stop_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -94,7 +101,15 @@ _BROKER_KEYS = {"host", "port", "keepalive_s", "tls", "username", "password"}
 _TLS_KEYS = {"ca", "cert", "key", "insecure_skip_hostname"}
 _INTERVAL_KEYS = {"telemetry_s", "reconnect_min_s", "reconnect_max_s"}
 _SPOOL_KEYS = {"max_records", "max_mb"}
-_MODEL_KEYS = {"name", "path", "version"}
+_MODEL_KEYS = {"name", "path", "version", "tokenizer", "prompt_template", "stop_ids"}
+# Bad values are shown shortened: a YAML alias bomb expands to gigabytes when printed in full.
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+_REPR.maxlevel = 3
+
+
+def _shown(value: Any) -> str:
+    return _REPR.repr(value)
 
 
 class _Reader:
@@ -111,7 +126,7 @@ class _Reader:
             return {}
         if not isinstance(value, Mapping):
             raise self.fail(key, f"expected a mapping, got {type(value).__name__}")
-        unknown = sorted(set(value) - allowed)
+        unknown = sorted(str(k) for k in set(value) - allowed)  # YAML keys may be numbers
         if unknown:
             raise self.fail(
                 f"{key}.{unknown[0]}" if key else unknown[0],
@@ -127,7 +142,7 @@ class _Reader:
             return default
         value = data[key]
         if not isinstance(value, str) or not value:
-            raise self.fail(path, f"expected a non-empty string, got {value!r}")
+            raise self.fail(path, f"expected a non-empty string, got {_shown(value)}")
         return value
 
     def number(self, data: Mapping[str, Any], key: str, path: str, default: float,
@@ -135,10 +150,12 @@ class _Reader:
         if key not in data:
             return default
         value = data[key]
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        # Compared before float(): .nan, .inf and integers beyond a double's range are refused.
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+              and -sys.float_info.max <= value <= sys.float_info.max)
         if not ok or (value <= minimum if exclusive else value < minimum):
             bound = f"> {minimum:g}" if exclusive else f">= {minimum:g}"
-            raise self.fail(path, f"expected a number {bound}, got {value!r}")
+            raise self.fail(path, f"expected a finite number {bound}, got {_shown(value)}")
         return float(value)
 
     def integer(self, data: Mapping[str, Any], key: str, path: str, default: int | None,
@@ -147,13 +164,24 @@ class _Reader:
             return default
         value = data[key]
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise self.fail(path, f"expected an integer from {low} to {high}, got {value!r}")
+            raise self.fail(path, f"expected an integer from {low} to {high}, got {_shown(value)}")
         return value
 
 
 def _path(value: str, base: Path | None) -> Path:
-    path = Path(value).expanduser()
+    try:
+        path = Path(value).expanduser()
+    except (RuntimeError, ValueError):  # ~user of an unknown user, or a NUL byte
+        raise AgentConfigError(f"path {_shown(value)}: cannot expand '~' (no such user, or a "
+                               "NUL byte); write the path in full") from None
     return path if path.is_absolute() or base is None else base / path
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # e.g. a name too long for the file system
+        return False
 
 
 def parse_config(data: Any, *, origin: str = "agent.yaml", base: Path | None = None) -> AgentConfig:
@@ -175,7 +203,9 @@ def parse_config(data: Any, *, origin: str = "agent.yaml", base: Path | None = N
     state_dir = r.string(top, "state_dir", "state_dir", required=True)
     assert state_dir is not None
 
-    tags_raw = r.mapping(top.get("tags"), "tags", set(top.get("tags") or {}))
+    tags_value = top.get("tags")
+    tags_raw = r.mapping(tags_value, "tags",
+                         set(tags_value) if isinstance(tags_value, Mapping) else set())
     tags: dict[str, str] = {}
     for key, value in tags_raw.items():
         if not isinstance(key, str) or not isinstance(value, (str, int, float)):
@@ -202,7 +232,7 @@ def parse_config(data: Any, *, origin: str = "agent.yaml", base: Path | None = N
             insecure_skip_hostname=skip,
         )
         for label, file in (("ca", tls_cfg.ca), ("cert", tls_cfg.cert), ("key", tls_cfg.key)):
-            if file is not None and not file.is_file():
+            if file is not None and not _is_file(file):
                 raise r.fail(f"broker.tls.{label}", f"file {file} does not exist")
     default_port = 8883 if tls_cfg else 1883
     port = r.integer(b, "port", "broker.port", default_port, 1, 65535)
@@ -233,18 +263,31 @@ def parse_config(data: Any, *, origin: str = "agent.yaml", base: Path | None = N
         name = r.string(m, "name", f"models[{i}].name", required=True)
         mpath = r.string(m, "path", f"models[{i}].path", required=True)
         assert name is not None and mpath is not None
+        tokenizer = r.string(m, "tokenizer", f"models[{i}].tokenizer")
+        template = r.string(m, "prompt_template", f"models[{i}].prompt_template", "{prompt}")
+        if template is None or template.count("{prompt}") != 1:
+            raise r.fail(f"models[{i}].prompt_template", "must hold {prompt} exactly once")
+        stop_raw = m.get("stop_ids", [])
+        if not isinstance(stop_raw, list) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in stop_raw):
+            raise r.fail(f"models[{i}].stop_ids", "expected a list of token ids (integers >= 0)")
+        if tokenizer is None and ("prompt_template" in m or "stop_ids" in m):
+            raise r.fail(f"models[{i}].tokenizer", "a language model needs its tokenizer file")
         models.append(
             ModelEntry(
                 name=name,
                 path=_path(mpath, base),
                 version=r.integer(m, "version", f"models[{i}].version", None, 0, 2**53),
+                tokenizer=_path(tokenizer, base) if tokenizer is not None else None,
+                prompt_template=template,
+                stop_ids=tuple(stop_raw),
             )
         )
 
     ota_raw = r.mapping(top.get("ota"), "ota", _OTA_KEYS)
     ota = {key: r.number(ota_raw, key, f"ota.{key}", 0.0) for key in ota_raw}
     trust_root = r.string(top, "trust_root", "trust_root")
-    if trust_root is not None and not _path(trust_root, base).is_file():
+    if trust_root is not None and not _is_file(_path(trust_root, base)):
         raise r.fail("trust_root", f"file {_path(trust_root, base)} does not exist; copy the "
                      "fleet's root.json there (fleetlite keys root init makes one)")
     socket = r.string(top, "socket", "socket")
@@ -283,12 +326,21 @@ def load_config(path: str | Path) -> AgentConfig:
         ) from exc
     except OSError as exc:
         raise AgentConfigError(f"{path}: cannot read the config file ({exc.strerror})") from exc
+    except UnicodeDecodeError as exc:
+        raise AgentConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save the file as "
+                               "UTF-8") from exc
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise AgentConfigError(f"{path}: invalid YAML{where}: {exc}") from exc
+    except RecursionError as exc:
+        raise AgentConfigError(f"{path}: invalid YAML: nested too deeply; flatten the "
+                               "file") from exc
+    except ValueError as exc:  # a tagged or implicit value that cannot be built: 2024-13-01
+        raise AgentConfigError(f"{path}: invalid YAML value ({_shown(str(exc))}); fix it, or "
+                               "quote it to make it a string") from exc
     config = parse_config(data, origin=str(path), base=path.parent.resolve())
     return _with_source(config, path)
 

@@ -21,17 +21,19 @@ from typing import Any
 from fleetlite.agent import device_facts
 from fleetlite.agent.atomic import read_json, write_json_atomic
 from fleetlite.agent.commands import CommandDispatcher, arg
-from fleetlite.agent.config import AgentConfig, load_config
+from fleetlite.agent.config import AgentConfig, ModelEntry, load_config
 from fleetlite.agent.errors import AgentConfigError, AgentError
-from fleetlite.agent.isolated import check_model
+from fleetlite.agent.isolated import check_language_model, check_model
+from fleetlite.agent.language_models import LanguageModels
 from fleetlite.agent.link import MqttLink
+from fleetlite.agent.lm_serving import load_served_lm, release_generation
 from fleetlite.agent.model_service import ModelService
 from fleetlite.agent.ota import OtaManager, OtaSettings
 from fleetlite.agent.spool import Spool
 from fleetlite.agent.telemetry import system_snapshot
 from fleetlite.sdk import topics
 from fleetlite.sdk.device_class import DeviceClass, find_device_class
-from fleetlite.sdk.errors import DeviceClassError
+from fleetlite.sdk.errors import DeviceClassError, FleetLiteError
 from fleetlite.sdk.messages import Birth, Event, Telemetry
 from fleetlite.sdk.version import __version__
 
@@ -77,6 +79,7 @@ class Agent:
             max_bytes=int(config.spool_max_mb * 2**20),
         )
         self.models = ModelService()
+        self.language_models = LanguageModels()
         self.local_api: Any = None
         self.dispatcher = CommandDispatcher(
             config.device_id,
@@ -107,9 +110,10 @@ class Agent:
             link=self.link,
             root_path=config.trust_root,
             threads=self.threads,
-            seeds={m.name: (m.path, m.version) for m in config.models},
+            seeds={m.name: (m.path, m.version) for m in config.models if m.tokenizer is None},
             on_model_change=self._model_changed,
             settings=ota_settings(config),
+            language_models=self.language_models,
         )
         self.dispatcher.handlers.update({
             "ota_install": self.ota.cmd_install,
@@ -124,10 +128,14 @@ class Agent:
         served = self.ota.recover()
         for name, path, version, _sha in served:
             self._activate(name, path, version)
+        for entry in self.config.models:
+            if entry.tokenizer is not None:
+                self._serve_language_model(entry)
         if self.config.socket is not None:
             from fleetlite.agent.local_api import LocalApiServer
 
-            self.local_api = LocalApiServer(self.config.socket, self.models)
+            self.local_api = LocalApiServer(self.config.socket, self.models,
+                                            language_models=self.language_models)
             self.local_api.start()
         self.link.start()
         self.ota.start()
@@ -174,6 +182,13 @@ class Agent:
     # -- models --------------------------------------------------------------------------------
 
     def _activate(self, name: str, path: Path, version: int | None) -> None:
+        spec = release_generation(path.parent)
+        if spec is not None:  # an installed language-model release
+            self.language_models.add(load_served_lm(
+                name, path, spec, version=version, sha256=sha256_file(path),
+                num_threads=self.threads,
+                memory_budget_mib=self.device_class.budgets.max_peak_rss_mb))
+            return
         # Never load an unchecked file in our own process: a bad model can segfault it.
         check_model(path, num_threads=self.threads)
         self.models.activate(
@@ -187,6 +202,31 @@ class Agent:
 
     # -- messages ------------------------------------------------------------------------------
 
+    def _serve_language_model(self, entry: ModelEntry) -> None:
+        """Load a language model declared in agent.yaml and serve it to the local API."""
+        from fleetlite.agent.generation import LmEngine, LmService
+        from fleetlite.agent.language_models import ServedLm
+        from fleetlite.agent.lm_files import spec_for_files
+
+        assert entry.tokenizer is not None
+        try:
+            # a hostile or truncated file can crash the interpreter: first in a child process
+            check_language_model(entry.path, num_threads=self.threads)
+            spec, tokenizer = spec_for_files(entry.path, entry.tokenizer,
+                                             prompt_template=entry.prompt_template,
+                                             stop_ids=entry.stop_ids)
+            engine = LmEngine(entry.path, spec=spec, tokenizer=tokenizer,
+                              num_threads=self.threads,
+                              memory_budget_mib=self.device_class.budgets.max_peak_rss_mb)
+        except FleetLiteError as exc:
+            log.error("language model %s not served: %s", entry.name, exc)
+            return
+        self.language_models.add(ServedLm(entry.name, LmService(engine),
+                                          version=entry.version,
+                                          sha256=sha256_file(entry.path)))
+        log.info("serving language model %s (%s, %d layers, context %d)", entry.name,
+                 entry.path.name, engine.layout.num_layers, engine.layout.context_length)
+
     def _birth(self) -> bytes:
         return Birth(
             device_id=self.config.device_id,
@@ -196,7 +236,9 @@ class Agent:
             agent_version=__version__,
             tags=dict(self.config.tags),
             facts=device_facts.collect(self.config.device_class),
-            models=self.models.describe(),
+            models=self.models.describe() + [
+                {"name": lm.name, "version": lm.version, "sha256": lm.sha256,
+                 "kind": "generative"} for lm in self.language_models],
         ).to_json()
 
     def event(self, kind: str, message: str, **detail: Any) -> None:
@@ -214,7 +256,7 @@ class Agent:
             seq=self._telemetry_seq,
             ts=time.time(),
             system=system_snapshot(self.config.state_dir),
-            models=self.models.stats(),
+            models={**self.models.stats(), **self.language_models.stats()},
             spool=self.spool.stats(),
         ).to_json()
 

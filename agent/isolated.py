@@ -68,6 +68,31 @@ def check_model(
     )
 
 
+def check_language_model(
+    path: str | Path,
+    *,
+    timeout: float = DEFAULT_TIMEOUT_S,
+    num_threads: int = 1,
+    backend: str | None = None,
+) -> ModelCheck:
+    """Like :func:`check_model` for a generative LM: load it as the generation engine does and
+    generate one token from token id 0, in a subprocess. ``first_inference_ms`` is that
+    token's time (prefill and one decode step)."""
+    request = {"model": str(path), "num_threads": num_threads, "backend": backend, "lm": True}
+    reply = run_json_child(
+        [sys.executable, "-m", "fleetlite.agent.isolated"],
+        request,
+        timeout=timeout,
+        origin=str(path),
+        failures=_FAILURES,
+    )
+    return ModelCheck(
+        description=reply["description"],
+        load_ms=float(reply["load_ms"]),
+        first_inference_ms=float(reply["first_inference_ms"]),
+    )
+
+
 def _zero_inputs(model: Any) -> dict[str, Any]:
     return {spec.name: np.zeros(spec.shape, dtype=spec.numpy_dtype) for spec in model.inputs}
 
@@ -76,6 +101,8 @@ def _child_main() -> int:
     from fleetlite.agent.runtime import load_model
 
     request = json.loads(sys.stdin.read())
+    if request.get("lm"):
+        return _child_language_model(request)
     try:
         started = time.perf_counter()
         model = load_model(
@@ -96,6 +123,27 @@ def _child_main() -> int:
         },
         sys.stdout,
     )
+    return 0
+
+
+def _child_language_model(request: dict[str, Any]) -> int:
+    from fleetlite.agent.generation import GenerateParams, LmEngine
+    from fleetlite.sdk.errors import FleetLiteError
+
+    try:
+        started = time.perf_counter()
+        engine = LmEngine(request["model"], num_threads=request.get("num_threads") or 1,
+                          backend=request.get("backend"))
+        loaded = time.perf_counter()
+        with engine.generate([0], GenerateParams(max_tokens=1)) as generation:
+            list(generation)
+        ran = time.perf_counter()
+    except FleetLiteError as exc:
+        json.dump({"ok": False, "error": str(exc)}, sys.stdout)
+        return 1
+    json.dump({"ok": True, "description": {"layout": vars(engine.layout)},
+               "load_ms": (loaded - started) * 1e3, "first_inference_ms": (ran - loaded) * 1e3},
+              sys.stdout)
     return 0
 
 

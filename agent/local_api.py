@@ -40,6 +40,8 @@ from fleetlite.agent.errors import (
     LocalApiSetupError,
     ModelNotFoundError,
 )
+from fleetlite.agent.generation import BusyError, GenerateParams, GenerationInputError
+from fleetlite.agent.language_models import LanguageModels, ServedLm
 from fleetlite.agent.model_service import ModelService
 from fleetlite.sdk import local_client as wire
 from fleetlite.sdk.version import __version__
@@ -98,6 +100,7 @@ class LocalApiServer:
         socket_path: str | os.PathLike[str],
         models: ModelService,
         *,
+        language_models: LanguageModels | None = None,
         mode: int = DEFAULT_MODE,
         max_header_bytes: int = wire.DEFAULT_MAX_HEADER_BYTES,
         max_payload_bytes: int = wire.DEFAULT_MAX_PAYLOAD_BYTES,
@@ -111,6 +114,7 @@ class LocalApiServer:
     ) -> None:
         self.path = Path(socket_path)
         self.models = models
+        self.language_models = language_models or LanguageModels()
         self.mode = mode
         self.max_header_bytes = max_header_bytes
         self.max_payload_bytes = max_payload_bytes
@@ -392,6 +396,13 @@ class LocalApiServer:
                 with self._lock:
                     self._counts["requests"] += 1
                 header, payload = frame
+                if header.get("op") == "generate":
+                    del frame, payload
+                    self._release(state)
+                    if not self._generate(conn, header, guard, state):
+                        return
+                    state.idle_since = time.monotonic()
+                    continue
                 try:
                     response = self._respond(header, payload)
                 finally:
@@ -510,11 +521,16 @@ class LocalApiServer:
                 "v": wire.PROTOCOL_VERSION,
             }, []
         if op == "models":
-            return {"ok": True, "models": self.models.describe()}, []
+            described = self.models.describe() + self.language_models.describe()
+            return {"ok": True, "models": described}, []
         if op == "infer":
             return self._infer(header, payload)
+        if op == "cancel":
+            raise wire.ProtocolError(
+                wire.BAD_REQUEST, "nothing to cancel: no generation is streaming on this "
+                "connection")
         raise wire.ProtocolError(
-            wire.UNKNOWN_OP, f"unknown op {op!r}; use one of: infer, models, ping"
+            wire.UNKNOWN_OP, f"unknown op {op!r}; use one of: infer, generate, models, ping"
         )
 
     def _infer(self, header: dict[str, Any], payload: bytearray) -> Response:
@@ -540,3 +556,162 @@ class LocalApiServer:
         if result.model.version is not None:
             reply["version"] = result.model.version
         return reply, buffers
+
+    # -- generation ----------------------------------------------------------------------------
+
+    def _generate(self, conn: socket.socket, header: dict[str, Any], guard: wire.FrameGuard,
+                  state: _Connection) -> bool:
+        """Stream one generation: ``token`` frames as text is produced, then ``done``.
+
+        Between frames the connection is read without blocking: a ``cancel`` frame (or the
+        client going away) stops the generation. Returns False when the connection must close.
+        """
+        request_id = header.get("id")
+        try:
+            if request_id is not None and not _valid_id(request_id):
+                raise wire.ProtocolError(
+                    wire.BAD_REQUEST, f"'id' must be an integer or a string of at most "
+                    f"{wire.MAX_ID_LENGTH} characters")
+            served, prompt, params = self._generate_request(header)
+            cancel = threading.Event()
+            stream = served.service.stream(prompt, params, cancel=cancel)
+        except Exception as exc:  # each maps to an error response below
+            code, message = self._generate_error(exc)
+            self._count_error(code)
+            self._send(conn, self._error(request_id if _valid_id(request_id) else None,
+                                         code, message))
+            return True
+        text: list[str] = []
+        try:
+            with stream:
+                for chunk in stream:
+                    text.append(chunk.text)
+                    self._send(conn, ({"ok": True, **_id(request_id), "event": "token",
+                                       "text": chunk.text, "tokens": chunk.tokens}, []))
+                    if not self._poll_cancel(conn, request_id, guard, state, cancel):
+                        cancel.set()
+                        return False
+        except OSError:
+            cancel.set()  # the client went away: stop generating for nobody
+            served.record_error()
+            return False
+        except Exception as exc:  # an engine failure costs this request only
+            served.record_error()
+            code, message = self._generate_error(exc)
+            self._count_error(code)
+            self._send(conn, self._error(request_id, code, message))
+            return True
+        stats = stream.stats
+        served.record(stats)
+        self._send(conn, ({"ok": True, **_id(request_id), "event": "done", "text": "".join(text),
+                           "stop_reason": stats.stop_reason, "stats": _stats_dict(stats)}, []))
+        return True
+
+    def _generate_request(self, header: dict[str, Any]) -> tuple[ServedLm, str, GenerateParams]:
+        model, prompt = header.get("model"), header.get("prompt")
+        if not isinstance(model, str) or not model:
+            raise wire.ProtocolError(wire.BAD_REQUEST, "'generate' needs 'model': a model name")
+        if not isinstance(prompt, str):
+            raise wire.ProtocolError(wire.BAD_REQUEST, "'generate' needs 'prompt': a string")
+        served = self.language_models.get(model)
+        given = header.get("params", {})
+        if not isinstance(given, dict) or set(given) - set(_PARAM_TYPES):
+            raise wire.ProtocolError(
+                wire.BAD_REQUEST, f"'params' must be an object with keys among "
+                f"{', '.join(sorted(_PARAM_TYPES))}")
+        defaults = served.service.engine.default_params()
+        fields: dict[str, Any] = {}
+        for key, value in given.items():
+            if value is None:
+                continue
+            if key == "stop_strings":
+                ok = isinstance(value, list) and len(value) <= 8 and all(
+                    isinstance(v, str) for v in value)
+            else:
+                ok = isinstance(value, _PARAM_TYPES[key]) and not isinstance(value, bool)
+            if not ok:
+                raise wire.ProtocolError(wire.BAD_REQUEST, f"params.{key} has the wrong type")
+            fields[key] = tuple(value) if key == "stop_strings" else value
+        params = GenerateParams(**{**vars(defaults), **fields})
+        return served, prompt, params
+
+    @staticmethod
+    def _generate_error(exc: Exception) -> tuple[str, str]:
+        if isinstance(exc, wire.ProtocolError):
+            return exc.code, exc.detail
+        if isinstance(exc, BusyError):
+            return wire.BUSY, str(exc)
+        if isinstance(exc, ModelNotFoundError):
+            return wire.UNKNOWN_MODEL, str(exc)
+        if isinstance(exc, (GenerationInputError, InputMismatchError)):
+            return wire.INPUT_MISMATCH, str(exc)
+        if isinstance(exc, InferenceError):
+            return wire.INFERENCE_FAILED, str(exc)
+        if isinstance(exc, AgentError):
+            return wire.INTERNAL, str(exc)
+        log.exception("local API generation failed")
+        return wire.INTERNAL, f"internal error ({type(exc).__name__}); see agent log"
+
+    def _poll_cancel(self, conn: socket.socket, request_id: RequestId, guard: wire.FrameGuard,
+                     state: _Connection, cancel: threading.Event) -> bool:
+        """Read any frames the client sent while we stream; False if it closed or broke the
+        framing. A ``cancel`` sets ``cancel``; anything else is refused (one request at a time)."""
+        while select.select([conn], [], [], 0)[0]:
+            try:
+                frame = wire.recv_frame(conn, tensors_key="inputs",
+                                        max_header_bytes=self.max_header_bytes,
+                                        max_payload_bytes=self.max_payload_bytes, guard=guard)
+            except wire.ProtocolError as exc:
+                self._count_error(exc.code)
+                self._send(conn, self._error(None, exc.code, exc.detail, close=True))
+                return False
+            finally:
+                self._frame_ended(state)
+                self._release(state)
+            if frame is None:
+                return False
+            other = frame[0]
+            if other.get("op") == "cancel" and other.get("id", request_id) == request_id:
+                cancel.set()
+                continue
+            self._count_error(wire.BAD_REQUEST)
+            self._send(conn, self._error(
+                other.get("id") if _valid_id(other.get("id")) else None, wire.BAD_REQUEST,
+                "a generation is streaming on this connection: send only 'cancel' until its "
+                "'done', or use another connection"))
+        return True
+
+
+_PARAM_TYPES: dict[str, Any] = {
+    "temperature": (int, float), "top_k": int, "top_p": (int, float), "seed": int,
+    "max_tokens": int, "stop_strings": list,
+}
+
+
+def _valid_id(value: Any) -> bool:
+    return value is None or (isinstance(value, int) and not isinstance(value, bool)) or (
+        isinstance(value, str) and len(value) <= wire.MAX_ID_LENGTH)
+
+
+def _id(request_id: RequestId) -> dict[str, Any]:
+    return {} if request_id is None else {"id": request_id}
+
+
+def _stats_dict(stats: Any) -> dict[str, Any]:
+    """A generation's counts and timings for the ``done`` frame (no text)."""
+    decode = sorted(stats.decode_ms)
+    return {
+        "prompt_tokens": stats.prompt_tokens,
+        "generated_tokens": stats.generated_tokens,
+        "queued_ms": round(stats.queued_ms, 3),
+        "time_to_first_token_ms": (None if stats.time_to_first_token_ms is None
+                                   else round(stats.time_to_first_token_ms, 3)),
+        "prefill_ms": round(stats.prefill_ms, 3),
+        "decode_ms_p50": round(decode[len(decode) // 2], 3) if decode else None,
+        "prefill_tokens_per_s": _round(stats.prefill_tokens_per_s),
+        "decode_tokens_per_s": _round(stats.decode_tokens_per_s),
+    }
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)

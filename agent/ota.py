@@ -40,6 +40,8 @@ import numpy.typing as npt
 from fleetlite.agent.atomic import fsync_dir, write_atomic
 from fleetlite.agent.commands import CommandArgumentError, arg
 from fleetlite.agent.errors import AgentError
+from fleetlite.agent.language_models import LanguageModels
+from fleetlite.agent.lm_serving import load_served_lm, release_generation
 from fleetlite.agent.model_service import ModelService
 from fleetlite.agent.ota_state import Job, ModelState, OtaStateStore, SlotInfo
 from fleetlite.sdk import topics
@@ -105,10 +107,13 @@ class OtaManager:
         seeds: Mapping[str, tuple[Path, int | None]],
         on_model_change: Callable[[str], None],
         settings: OtaSettings | None = None,
+        language_models: LanguageModels | None = None,
     ) -> None:
         self.device_id = device_id
         self.device_class = device_class
         self.models = models
+        self.language_models = language_models if language_models is not None \
+            else LanguageModels()
         self.link = link
         self.threads = threads
         self.seeds = dict(seeds)
@@ -542,10 +547,13 @@ class OtaManager:
         from fleetlite.agent.smoke_test import run_smoke_test
 
         try:
+            generation = manifest.generation
             result = run_smoke_test(
                 files[variant.model.file], files[variant.smoke.file],
                 tolerance=variant.smoke.tolerance, budgets=self.device_class.budgets,
                 num_threads=self.threads, timeout_s=self.settings.smoke_timeout_s,
+                generation=generation.to_dict() if generation is not None else None,
+                tokenizer_path=files[generation.tokenizer] if generation is not None else None,
             )
         except AgentError as exc:
             # the device could not run the test at all: not the release's fault
@@ -581,6 +589,12 @@ class OtaManager:
         return slot
 
     def _serve_active(self, name: str, ms: ModelState) -> None:
+        if ms.active is None and name not in self.seeds:
+            # a language model rolled back to nothing: it is no longer served
+            self.language_models.remove(name)
+            if name in self.models.names():
+                self.models.deactivate(name)
+            return
         if ms.active is None:
             path, version = self.seeds[name]
             sha = ""
@@ -588,6 +602,15 @@ class OtaManager:
             info = ms.slots[ms.active]
             path = self.store.slot_dir(name, ms.active) / info.model_file
             version, sha = info.version, info.sha256
+            spec = release_generation(path.parent)
+            if spec is not None:
+                self.language_models.add(load_served_lm(
+                    name, path, spec, version=version, sha256=sha, num_threads=self.threads,
+                    memory_budget_mib=self.device_class.budgets.max_peak_rss_mb))
+                if name in self.models.names():
+                    self.models.deactivate(name)
+                return
+        self.language_models.remove(name)
         if name in self.models.names():
             self.models.swap(name, path, version=version, sha256=sha or None,
                              num_threads=self.threads)
@@ -599,6 +622,9 @@ class OtaManager:
 
     def _health_window(self, job: Job, manifest: Manifest, variant: Variant,
                        files: Mapping[str, Path], ms: ModelState) -> None:
+        if manifest.generation is not None:
+            self._lm_health_window(manifest, variant, files, ms)
+            return
         name, wanted = manifest.name, self.settings.health_inferences
         deadline = time.monotonic() + self.settings.health_timeout_s
         own_inputs = self._smoke_inputs(files[variant.smoke.file])
@@ -623,13 +649,48 @@ class OtaManager:
         self.state.job = None
         self.store.save(self.state)
 
+    def _lm_health_window(self, manifest: Manifest, variant: Variant,
+                          files: Mapping[str, Path], ms: ModelState) -> None:
+        """Like the health window of other models, counting generations: live requests, or
+        (without traffic) short generations from the release's smoke prompts."""
+        from fleetlite.agent.generation import GenerateParams
+        from fleetlite.sdk.lm_smoke import LmSmokeVectors
+
+        name, wanted = manifest.name, self.settings.health_inferences
+        deadline = time.monotonic() + self.settings.health_timeout_s
+        prompts = [case.prompt_ids for case in LmSmokeVectors.from_json(
+            files[variant.smoke.file].read_bytes()).cases]
+        served = self.language_models.get(name)
+        i = 0
+        while True:
+            stats = served.stats()
+            if stats["errors"]:
+                self._roll_back_failed(None, manifest, ms,
+                                       f"{stats['errors']} failed generation(s) on the new model")
+            if stats["generations"] >= wanted:
+                break
+            if time.monotonic() >= deadline:
+                try:
+                    with served.service.generate(prompts[i % len(prompts)],
+                                                 GenerateParams(max_tokens=4)) as generation:
+                        list(generation)
+                    served.record(generation.stats)
+                except AgentError as exc:
+                    self._roll_back_failed(None, manifest, ms, str(exc))
+                i += 1
+            else:
+                time.sleep(0.05)
+        ms.commit()
+        self.state.job = None
+        self.store.save(self.state)
+
     def _smoke_inputs(self, smoke_file: Path) -> list[list[npt.NDArray[Any]]]:
         from fleetlite.sdk.smoke import SmokeVectors
 
         vectors = SmokeVectors.from_json(smoke_file.read_bytes())
         return [case.input_arrays() for case in vectors.cases] or [[]]
 
-    def _roll_back_failed(self, job: Job, manifest: Manifest, ms: ModelState,
+    def _roll_back_failed(self, job: Job | None, manifest: Manifest, ms: ModelState,
                           why: str) -> None:
         ms.revert()
         self.store.save(self.state)

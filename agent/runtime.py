@@ -247,6 +247,25 @@ def check_model_header(content: bytes, origin: str = "model bytes") -> None:
         ) from exc
 
 
+def create_interpreter(
+    content: bytes, origin: str, *, num_threads: int = 1, backend: str | None = None
+) -> tuple[Backend, Any]:
+    """A raw interpreter over ``content`` (header checked, tensors not yet allocated).
+
+    For callers that drive signature runners themselves (the language-model engine); the same
+    loading rules and error translation as :class:`Model`. ``content`` must outlive it.
+    """
+    check_model_header(content, origin)
+    chosen = select_backend(backend)
+    if num_threads < 1:
+        raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+    try:
+        interpreter = chosen.interpreter_class(model_content=content, num_threads=num_threads)
+    except (ValueError, RuntimeError, UnicodeDecodeError) as exc:
+        raise _translate_load_error(exc, origin) from exc
+    return chosen, interpreter
+
+
 class Model:
     """A loaded TFLite model: describe its tensors and run it with numpy arrays.
 
@@ -261,18 +280,14 @@ class Model:
         num_threads: int | None = None,
         backend: str | None = None,
     ) -> None:
-        check_model_header(content, origin)
-        self.backend = select_backend(backend)
         self.origin = origin
         self.size = len(content)
         self.num_threads = 1 if num_threads is None else int(num_threads)
-        if self.num_threads < 1:
-            raise ValueError(f"num_threads must be >= 1, got {num_threads}")
         self._content = content  # the interpreter reads from this buffer; keep it alive
+        self.backend, self._interpreter = create_interpreter(
+            content, origin, num_threads=self.num_threads, backend=backend
+        )
         try:
-            self._interpreter = self.backend.interpreter_class(
-                model_content=content, num_threads=self.num_threads
-            )
             self._interpreter.allocate_tensors()
         except (ValueError, RuntimeError, UnicodeDecodeError) as exc:
             raise _translate_load_error(exc, origin) from exc

@@ -162,8 +162,14 @@ def run_smoke_test(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     latency_runs: int = DEFAULT_LATENCY_RUNS,
     backend: Optional[str] = None,
+    generation: Optional[Mapping[str, Any]] = None,
+    tokenizer_path: Optional[PathArg] = None,
 ) -> SmokeResult:
     """Smoke-test ``model_path`` with the vectors in ``smoke_path`` in a subprocess.
+
+    A language model's release also gives its ``generation`` metadata (the manifest's object)
+    and ``tokenizer_path``: the model, tokenizer and metadata must agree (else the failure's
+    reason is the :mod:`fleetlite.sdk.lm_signature` code, e.g. ``vocab_mismatch``).
 
     Give it files whose hashes the manifest has verified. Returns a failed :class:`SmokeResult`
     for every problem of the model or vectors. Raises ValueError for bad arguments,
@@ -201,6 +207,8 @@ def run_smoke_test(
         "num_threads": num_threads,
         "backend": backend,
         "latency_runs": latency_runs,
+        "generation": dict(generation) if generation is not None else None,
+        "tokenizer": os.fspath(tokenizer_path) if tokenizer_path is not None else None,
     }
     try:
         proc = subprocess.run(
@@ -350,6 +358,8 @@ def _smoke(request: Mapping[str, Any], measures: dict[str, Any]) -> int:
 
     backend = request.get("backend")
     select_backend(backend)  # imports the runtime now, outside the timed load
+    if _is_lm_smoke(Path(request["smoke"])):
+        return _smoke_language_model(request, measures)
     tolerance = Tolerance(**request["tolerance"])
     latency_runs = int(request["latency_runs"])
     # Parsed before the load so their memory is in the baseline; a problem with them is only
@@ -437,6 +447,87 @@ def _smoke(request: Mapping[str, Any], measures: dict[str, Any]) -> int:
             len(vectors.cases),
         )
     stats = summarize_latencies((samples_ns / 1e6).tolist())
+    measures["p50_ms"] = stats.p50_ms
+    measures["p95_ms"] = stats.p95_ms
+    return len(vectors.cases)
+
+
+def _is_lm_smoke(path: Path) -> bool:
+    from fleetlite.sdk.lm_smoke import is_lm_smoke
+
+    try:
+        with path.open("rb") as handle:
+            return is_lm_smoke(handle.read(4096))
+    except OSError:
+        return False  # the classifier path reports the unreadable file
+
+
+def _smoke_language_model(request: Mapping[str, Any], measures: dict[str, Any]) -> int:
+    """The smoke test of a generative LM: load it as the generation engine does, generate each
+    case's tokens greedily and judge them (:func:`fleetlite.sdk.lm_smoke.judge`). The first
+    token's time is the first inference; the decode steps' p95 is checked against the latency
+    budget."""
+    from fleetlite.agent.errors import InferenceError, InvalidModelError
+    from fleetlite.agent.generation import LmEngine
+    from fleetlite.agent.profiler import SAMPLE_INTERVAL_S, RssSampler, read_rss
+    from fleetlite.agent.tokenizer import load_tokenizer
+    from fleetlite.sdk.errors import FleetLiteError, LmFormatError
+    from fleetlite.sdk.generation import GenerationSpec
+    from fleetlite.sdk.lm_smoke import LmSmokeResult, LmSmokeVectors, judge
+    from fleetlite.sdk.profile import summarize_latencies
+
+    tolerance = Tolerance(**request["tolerance"])
+    try:
+        vectors = LmSmokeVectors.from_json(Path(request["smoke"]).read_bytes())
+    except (OSError, FleetLiteError) as exc:
+        raise _FailedError(SMOKE_VECTORS_MISMATCH, str(exc), [str(exc)]) from None
+    gc.collect()
+    steps_ms: list[float] = []
+    results = []
+    try:
+        with RssSampler(SAMPLE_INTERVAL_S, baseline=read_rss()) as sampler:
+            start = time.perf_counter_ns()
+            spec = tokenizer = None
+            if request.get("generation") is not None:
+                spec = GenerationSpec.from_dict(request["generation"])
+                tokenizer = load_tokenizer(request["tokenizer"], spec.tokenizer_kind)
+            engine = LmEngine(request["model"], num_threads=int(request["num_threads"]),
+                              backend=request.get("backend"), spec=spec, tokenizer=tokenizer)
+            measures["load_ms"] = (time.perf_counter_ns() - start) / 1e6
+            measures["model_size_mb"] = engine.model_size / MB
+            for i, case in enumerate(vectors.cases):
+                ids: list[int] = []
+                first_logits: Any = None
+                clock = time.perf_counter_ns()
+                for step, logits in enumerate(engine.greedy_logits(case.prompt_ids,
+                                                                   len(case.expected_ids))):
+                    now = time.perf_counter_ns()
+                    if step == 0:
+                        first_logits = logits.reshape(-1)
+                        if i == 0:
+                            measures["first_inference_ms"] = (now - clock) / 1e6
+                    else:
+                        steps_ms.append((now - clock) / 1e6)
+                    ids.append(int(logits.argmax()))
+                    clock = time.perf_counter_ns()
+                results.append(LmSmokeResult(
+                    tuple(ids), tuple(float(first_logits[t]) for t in case.first_top_ids),
+                    int(first_logits.argmax())))
+    except LmFormatError as exc:  # model, tokenizer and metadata disagree: the code says how
+        raise _FailedError(exc.reason, str(exc), [str(exc)]) from None
+    except InvalidModelError as exc:
+        raise _FailedError(INVALID_MODEL, str(exc)) from None
+    except (InferenceError, FleetLiteError) as exc:
+        raise _FailedError(INVALID_MODEL, str(exc), [str(exc)]) from None
+    except MemoryError:
+        raise _FailedError(OVER_MEMORY_BUDGET, "out of memory while running the model") from None
+    measures["peak_rss_mb"] = sampler.peak / MB
+    problems = judge(vectors, results, tolerance)
+    if problems:
+        raise _FailedError(SMOKE_OUTPUT_MISMATCH,
+                           f"the language model's greedy tokens differ from the release's: "
+                           f"{problems[-1]}", problems, len(vectors.cases))
+    stats = summarize_latencies(steps_ms or [measures.get("first_inference_ms", 0.0)])
     measures["p50_ms"] = stats.p50_ms
     measures["p95_ms"] = stats.p95_ms
     return len(vectors.cases)

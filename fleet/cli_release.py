@@ -12,6 +12,12 @@ from typing import Any
 from fleetlite.fleet.cli_keys import duration_arg
 from fleetlite.sdk.durations import DEFAULT_EXPIRES_IN
 from fleetlite.sdk.errors import BundleError, UpdateRejected
+from fleetlite.sdk.generation import Sampling
+from fleetlite.sdk.lm_release import (
+    DEFAULT_SMOKE_PROMPTS,
+    DEFAULT_SMOKE_TOKENS,
+    DEFAULT_VARIANT_AGREEMENT,
+)
 from fleetlite.sdk.manifest import Tolerance
 from fleetlite.sdk.version import __version__
 
@@ -22,6 +28,12 @@ examples:
       --expires-in 30d --key keys/release-1a2b.key --out intent-v2
   fleetlite release build sensor.tflite sensor_int8.tflite --name sensor --version 1 \\
       --device-class raspberry-pi-4 --out sensor-v1.flb      (two variants, one file)
+  fleetlite release build home_lm.tflite home_lm_int8.tflite --tokenizer home_lm.spm.model \
+      --prompt-template "<user> {prompt} <bot>" --smoke-prompt "turn off the kitchen lights" \
+      --name home-lm --version 1 --device-class raspberry-pi-4 --key keys/release-1a2b.key \
+      --out home-lm-v1      (a language model: its tokenizer and generation metadata travel
+                             with it; the int8 variant must agree with the float one on 90%
+                             of the greedy tokens, --min-token-agreement)
   fleetlite release sign intent-v2 --key keys/release-3c4d.key   (a second signer)
   fleetlite release verify intent-v2 --root root.json --device-class raspberry-pi-4
   fleetlite release verify intent-v2 --root root.json --smoke    (also rerun the smoke test)
@@ -59,6 +71,35 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     build.add_argument("--device-class", required=True, action="append", dest="device_classes",
                        metavar="CLASS", help="target device class (repeat for several)")
     build.add_argument("--vocab", help="vocabulary file shipped with the model")
+    lm = build.add_argument_group(
+        "generative language models (detected by their prefill_<N> and decode signatures)")
+    lm.add_argument("--tokenizer", metavar="FILE",
+                    help="the LM's tokenizer: a SentencePiece .model or a tokenizer.json")
+    lm.add_argument("--prompt-template", default="{prompt}",
+                    help="the text around a prompt, with {prompt} once, e.g. "
+                    "'<start_of_turn>user\\n{prompt}<end_of_turn>\\n<start_of_turn>model\\n' "
+                    "(default: the prompt alone)")
+    lm.add_argument("--stop-id", type=int, action="append", default=[], metavar="ID",
+                    help="a token id that ends a reply (default: the tokenizer's "
+                    "end-of-sequence id); repeatable")
+    lm.add_argument("--stop-string", action="append", default=[], metavar="TEXT",
+                    help="a text that ends a reply; repeatable")
+    lm.add_argument("--max-tokens", type=int, default=Sampling.max_tokens,
+                    help="default reply length limit (%(default)s)")
+    lm.add_argument("--temperature", type=float, default=Sampling.temperature,
+                    help="default sampling temperature, 0 = greedy (%(default)s)")
+    lm.add_argument("--top-k", type=int, default=Sampling.top_k,
+                    help="default top-k, 0 = off (%(default)s)")
+    lm.add_argument("--top-p", type=float, default=Sampling.top_p,
+                    help="default nucleus mass, 1 = off (%(default)s)")
+    lm.add_argument("--smoke-prompt", action="append", default=[], metavar="TEXT",
+                    help="a prompt whose greedy reply every device must reproduce in its "
+                    "smoke test; repeatable (default: a few generic prompts)")
+    lm.add_argument("--smoke-tokens", type=int, default=DEFAULT_SMOKE_TOKENS,
+                    help="greedy tokens compared per smoke prompt (%(default)s)")
+    lm.add_argument("--min-token-agreement", type=float, default=DEFAULT_VARIANT_AGREEMENT,
+                    help="share of the default variant's greedy tokens the other variants "
+                    "(e.g. int8) must reproduce (%(default)s)")
     build.add_argument("--expires-in", type=duration_arg, default=DEFAULT_EXPIRES_IN,
                        metavar="DURATION", help="manifest lifetime, e.g. 30d, 12h (default 30d)")
     build.add_argument("--min-agent-version", default=__version__,
@@ -141,6 +182,15 @@ def _build(args: argparse.Namespace) -> int:
         min_agent_version=args.min_agent_version,
         tolerance=Tolerance(atol=args.atol, rtol=args.rtol, max_lsb=args.max_lsb),
         keys=keys,
+        tokenizer=args.tokenizer,
+        prompt_template=args.prompt_template,
+        stop_ids=args.stop_id,
+        stop_strings=args.stop_string,
+        sampling=Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          max_tokens=args.max_tokens),
+        smoke_prompts=args.smoke_prompt or DEFAULT_SMOKE_PROMPTS,
+        smoke_tokens=args.smoke_tokens,
+        min_token_agreement=args.min_token_agreement,
     )
     if out.suffix == BUNDLE_SUFFIX:
         bundle.write_flb(out)
@@ -150,6 +200,10 @@ def _build(args: argparse.Namespace) -> int:
     print(f"built {out}: {m.name} v{m.version} for {', '.join(m.device_classes)}")
     print(f"  release id {m.release_id}")
     print(f"  files: {', '.join(f'{e.name} ({e.role}, {e.length} B)' for e in m.files)}")
+    if m.generation is not None:
+        g = m.generation
+        print(f"  language model: {g.num_layers} layers, context {g.context_length}, vocab "
+              f"{g.vocab_size}, {g.cache_layout} cache layout, stop ids {list(g.stop_ids)}")
     if keys:
         print(f"  signed by {', '.join(k.keyid[:12] for k in keys)}")
     else:

@@ -30,7 +30,15 @@ import numpy.typing as npt
 from fleetlite.sdk.durations import DEFAULT_EXPIRES_IN, parse_duration
 from fleetlite.sdk.envelope import MANIFEST_PAYLOAD_TYPE, Envelope
 from fleetlite.sdk.errors import BundleError, UnsafeNameError, UpdateRejected
+from fleetlite.sdk.generation import Sampling
 from fleetlite.sdk.keys import SigningKey
+from fleetlite.sdk.lm_release import (
+    DEFAULT_SMOKE_PROMPTS,
+    DEFAULT_SMOKE_TOKENS,
+    DEFAULT_VARIANT_AGREEMENT,
+    build_lm_parts,
+    is_lm_file,
+)
 from fleetlite.sdk.manifest import (
     MODEL_NAME_RE,
     FileEntry,
@@ -274,10 +282,24 @@ def build_release(
     smoke_cases: int = DEFAULT_SMOKE_CASES,
     keys: Sequence[SigningKey] = (),
     limits: Limits = DEFAULT_LIMITS,
+    tokenizer: PathArg | None = None,
+    prompt_template: str = "{prompt}",
+    stop_ids: Sequence[int] = (),
+    stop_strings: Sequence[str] = (),
+    sampling: Sampling | None = None,
+    smoke_prompts: Sequence[str] = DEFAULT_SMOKE_PROMPTS,
+    smoke_tokens: int = DEFAULT_SMOKE_TOKENS,
+    min_token_agreement: float = DEFAULT_VARIANT_AGREEMENT,
 ) -> ReleaseBundle:
     """Build a release of one or more ``.tflite`` files (the first is the default variant, the
     others variants named after their files), plus an optional vocabulary file, signed by
-    ``keys`` (none: an unsigned bundle to sign later with :func:`sign_bundle`)."""
+    ``keys`` (none: an unsigned bundle to sign later with :func:`sign_bundle`).
+
+    A generative language model (signatures ``prefill_<N>`` and ``decode``) needs its
+    ``tokenizer``; ``prompt_template``, ``stop_ids`` (default: the tokenizer's end-of-sequence
+    id), ``stop_strings`` and the default ``sampling`` complete its generation metadata, and its
+    smoke vectors are ``smoke_prompts``' greedy tokens (see :mod:`fleetlite.sdk.lm_release`).
+    """
     if not models:
         raise BundleError("give at least one .tflite model file")
     if not MODEL_NAME_RE.match(name):
@@ -302,6 +324,30 @@ def build_release(
 
     variants: list[Variant] = []
     smoke_files: list[tuple[str, bytes]] = []
+    paths = [Path(source) for source in models]
+    generation = None
+    if is_lm_file(paths[0]):
+        if tokenizer is None:
+            raise BundleError(f"{paths[0]} is a generative language model (signatures "
+                              "prefill_<N> and decode): give its tokenizer (--tokenizer)")
+        lm = build_lm_parts(paths, Path(tokenizer), device_classes,
+                            prompt_template=prompt_template, stop_ids=stop_ids,
+                            stop_strings=stop_strings, sampling=sampling,
+                            smoke_prompts=smoke_prompts, smoke_tokens=smoke_tokens,
+                            min_token_agreement=min_token_agreement, tolerance=tolerance)
+        generation = lm.spec
+        for path, (inputs, outputs, lm_vectors) in zip(paths, lm.variants):
+            smoke_name = f"{path.stem}.smoke.json"
+            add(path.name, path.read_bytes(), "model")
+            smoke_files.append((smoke_name, lm_vectors.to_json()))
+            vname = "default" if not variants else _variant_name(path, {v.name for v in variants})
+            variants.append(Variant(vname, ModelInfo(path.name, inputs, outputs),
+                                    SmokeSpec(smoke_name, tolerance)))
+        add(generation.tokenizer, lm.tokenizer_bytes, "tokenizer")
+        models = ()
+    elif tokenizer is not None:
+        raise BundleError(f"{paths[0]} is not a generative language model (no prefill_<N> and "
+                          "decode signatures): drop --tokenizer, or give the LM's .tflite")
     for source in models:
         path = Path(source)
         try:
@@ -335,6 +381,7 @@ def build_release(
         issued=issued,
         expires=issued + expires_in,
         variants=tuple(variants[1:]),
+        generation=generation,
     )
     payload = manifest.to_json()
     try:
@@ -431,29 +478,54 @@ def _load_dir(directory: Path, limits: Limits) -> ReleaseBundle:
 def _load_flb(path: Path, limits: Limits) -> ReleaseBundle:
     try:
         tar = tarfile.open(path, mode="r:")  # noqa: SIM115 - closed below
-    except (tarfile.TarError, OSError) as exc:
+    # ValueError: tarfile's own parse of a pax header, e.g. size=nan (Python 3.11)
+    except (tarfile.TarError, OSError, ValueError) as exc:
         raise BundleError(f"{path}: not a .flb bundle (an uncompressed tar): {exc}") from None
     with tar:
-        first = tar.next()
-        if first is None or first.name != ENVELOPE_NAME or not first.isreg():
-            raise BundleError(f"{path}: the first member must be {ENVELOPE_NAME}")
-        if first.size > limits.max_envelope_bytes:
-            raise BundleError(f"{path}: {ENVELOPE_NAME} exceeds "
-                              f"{limits.max_envelope_bytes} bytes [oversize]")
-        envelope, manifest = _parse_envelope(_extract(tar, first, first.size), str(path),
-                                             limits)
-        listed = {e.name: e for e in manifest.files}
-        files: dict[str, bytes] = {}
-        while True:
-            member = tar.next()
-            if member is None:
-                break
-            _check_member(path, member, listed, files)
-            files[member.name] = _extract(tar, member, listed[member.name].length + 1)
+        try:
+            first = tar.next()
+            if first is None or first.name != ENVELOPE_NAME or not first.isreg():
+                raise BundleError(f"{path}: the first member must be {ENVELOPE_NAME}")
+            if first.size > limits.max_envelope_bytes:
+                raise BundleError(f"{path}: {ENVELOPE_NAME} exceeds "
+                                  f"{limits.max_envelope_bytes} bytes [oversize]")
+            envelope, manifest = _parse_envelope(_extract(tar, first, first.size), str(path),
+                                                 limits)
+            listed = {e.name: e for e in manifest.files}
+            files: dict[str, bytes] = {}
+            while True:
+                member = tar.next()
+                if member is None:
+                    break
+                _check_member(path, member, listed, files)
+                files[member.name] = _extract(tar, member, listed[member.name].length + 1)
+        except (tarfile.TarError, ValueError) as exc:  # e.g. "unexpected end of data"
+            raise BundleError(f"{path}: truncated or corrupt .flb ({exc}); copy it again or "
+                              "rebuild it (fleetlite release build)") from None
+        _check_archive_end(path, tar)
     missing = [name for name in listed if name not in files]
     if missing:
         raise BundleError(f"{path}: listed in the manifest but missing: {', '.join(missing)}")
     return ReleaseBundle(envelope, manifest, files)
+
+
+def _check_archive_end(path: Path, tar: tarfile.TarFile) -> None:
+    """After the last member: the two zero blocks that end a tar, then nothing but the zero
+    padding tar writers add up to the 10240-byte record (docs/protocol.md, "Bundles")."""
+    end = tar.offset  # where the block that ended the member list starts
+    record = tarfile.RECORDSIZE
+    allowed = -(-(end + 2 * tarfile.BLOCKSIZE) // record) * record - end
+    assert tar.fileobj is not None
+    tar.fileobj.seek(end)
+    tail = tar.fileobj.read(allowed + 1)
+    if len(tail) < 2 * tarfile.BLOCKSIZE:
+        raise BundleError(f"{path}: truncated: the archive stops {len(tail)} bytes after its last "
+                          "member, before the two zero blocks that end a tar; copy it again or "
+                          "rebuild it (fleetlite release build)")
+    if len(tail) > allowed or tail.count(0) != len(tail):
+        raise BundleError(f"{path}: unexpected bytes after the end of the archive (offset {end}):"
+                          f" a damaged member header or appended data; only zero padding up to "
+                          f"the {record}-byte tar record may follow. Copy it again or rebuild it")
 
 
 def _check_member(path: Path, member: tarfile.TarInfo, listed: Mapping[str, FileEntry],

@@ -20,6 +20,9 @@ Every FleetLite error derives from :class:`FleetLiteError`; each package adds it
     │   ├── WrongDeviceClassError     wrong_device_class
     │   ├── ExpiredError              expired
     │   ├── AgentTooOldError          agent_too_old
+    │   ├── LmFormatError             missing_decode, missing_prefill, bad_lm_signature,
+    │   │                             cache_shape_mismatch, ambiguous_layout, vocab_mismatch,
+    │   │                             ids_out_of_range (a generative LM breaks its contract)
     │   └── FileMismatchError
     │       ├── LengthMismatchError   length_mismatch
     │       └── HashMismatchError     hash_mismatch
@@ -199,6 +202,18 @@ class AgentTooOldError(UpdateRejected):
     """The release needs a newer agent than this one."""
 
     default_reason = AGENT_TOO_OLD
+
+
+class LmFormatError(UpdateRejected):
+    """A generative language model, its tokenizer or its ``generation`` metadata break the LM
+    contract (signatures, cache layout, vocabulary, token ids).
+
+    ``reason`` is one of :data:`fleetlite.sdk.lm_signature.LM_REASONS`; the message names the
+    signature or tensor and both disagreeing values.
+    """
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message, reason=reason)
 
 
 class FileMismatchError(UpdateRejected):

@@ -14,6 +14,7 @@ The header lists tensors (``inputs`` in requests, ``outputs`` in responses) as
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -21,7 +22,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -43,6 +44,7 @@ __all__ = [
     "decode_tensors",
     "encode_tensors",
     "FrameGuard",
+    "GenerationStream",
     "recv_frame",
     "send_frame",
 ]
@@ -57,6 +59,7 @@ DEFAULT_MAX_HEADER_BYTES = 64 * 1024
 DEFAULT_MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
 MAX_TENSORS = 64
 MAX_NDIM = 8
+MAX_ELEMENTS = 2**31 - 1
 MAX_NAME_LENGTH = 256
 MAX_ID_LENGTH = 128
 ALLOWED_DTYPES = frozenset({
@@ -320,9 +323,12 @@ def _shape(value: Any, where: str) -> tuple[int, ...]:
         not isinstance(value, list)
         or len(value) > MAX_NDIM
         or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value)
+        # bounded even with a zero dimension: numpy cannot shape an empty array as [0, 2**70]
+        or math.prod(d for d in value if d) > MAX_ELEMENTS
     ):
         raise ProtocolError(
-            BAD_TENSOR, f"{where}: 'shape' must be a list of at most {MAX_NDIM} integers >= 0"
+            BAD_TENSOR, f"{where}: 'shape' must be a list of at most {MAX_NDIM} integers >= 0 "
+            f"whose non-zero entries multiply to at most {MAX_ELEMENTS}"
         )
     return tuple(value)
 
@@ -416,6 +422,25 @@ class LocalClient:
         outputs = decode_tensors(header.get("outputs", []), payload)
         return {str(name): array for name, array in outputs}
 
+    def generate(self, model: str, prompt: str, **params: Any) -> GenerationStream:
+        """Stream the reply of the language model ``model`` to ``prompt``.
+
+        ``params``: ``temperature``, ``top_k``, ``top_p``, ``seed``, ``max_tokens`` and
+        ``stop_strings`` (a list); omitted ones take the release's defaults. Iterate the
+        returned stream for the text as it is produced; :meth:`GenerationStream.cancel` stops
+        it early; its ``result`` (text, stop reason, counts and timings) is set at the end.
+        The stream holds this client's connection until it ends: close it (or use ``with``)
+        before the next request.
+        """
+        self._lock.acquire()
+        try:
+            header, _ = self._exchange({"op": "generate", "model": model, "prompt": prompt,
+                                        "params": params})
+        except BaseException:
+            self._lock.release()
+            raise
+        return GenerationStream(self, header)
+
     def models(self) -> list[dict[str, Any]]:
         """The models the agent serves: name, version, sha256, inputs and outputs."""
         header, _ = self._request({"op": "models"})
@@ -505,48 +530,134 @@ class LocalClient:
         self, header: dict[str, Any], buffers: Sequence[Buffer] = ()
     ) -> tuple[dict[str, Any], bytearray]:
         with self._lock:
-            self._next_id += 1
-            header = {"v": PROTOCOL_VERSION, "id": self._next_id, **header}
-            # A kept-alive connection may have been closed by the agent (idle timeout, restart):
-            # then retry once on a new one. Requests have no side effects, so a retry is safe.
-            for attempt in range(2):
-                reused = self._sock is not None
-                if self._sock is None:
-                    self._sock = self._connect()
-                sock = self._sock
+            return self._exchange(header, buffers)
+
+    def _exchange(
+        self, header: dict[str, Any], buffers: Sequence[Buffer] = ()
+    ) -> tuple[dict[str, Any], bytearray]:
+        """Send one request and read its (first) response; the caller holds ``_lock``."""
+        self._next_id += 1
+        header = {"v": PROTOCOL_VERSION, "id": self._next_id, **header}
+        # A kept-alive connection may have been closed by the agent (idle timeout, restart):
+        # then retry once on a new one. Requests have no side effects, so a retry is safe.
+        for attempt in range(2):
+            reused = self._sock is not None
+            if self._sock is None:
+                self._sock = self._connect()
+            sock = self._sock
+            try:
                 try:
-                    try:
-                        send_frame(sock, header, buffers)
-                    except socket.timeout:
-                        raise LocalApiError(
-                            TIMEOUT, f"the agent did not read the request within {self.timeout:g} s"
-                        ) from None
-                    except OSError:
-                        pass  # the agent may have refused the frame and closed: read why
-                    response = self._receive(sock)
-                except LocalApiError:
-                    self._drop()
-                    raise
-                if response is None:
-                    self._drop()
-                    if reused and attempt == 0:
-                        continue
+                    send_frame(sock, header, buffers)
+                except socket.timeout:
                     raise LocalApiError(
-                        CONNECTION_LOST, "the agent closed the connection without answering"
-                    )
-                reply, payload = response
-                if reply.get("close"):
-                    self._drop()
-                if reply.get("ok") is not True:
-                    raise LocalApiError(
-                        str(reply.get("error_code", BAD_RESPONSE)),
-                        str(reply.get("error", "the agent refused the request")),
-                    )
-                if reply.get("id") != header["id"]:
-                    self._drop()
-                    raise LocalApiError(
-                        BAD_RESPONSE,
-                        f"response id {reply.get('id')!r} does not match request {header['id']}",
-                    )
-                return reply, payload
-            raise AssertionError("unreachable")
+                        TIMEOUT, f"the agent did not read the request within {self.timeout:g} s"
+                    ) from None
+                except OSError:
+                    pass  # the agent may have refused the frame and closed: read why
+                response = self._receive(sock)
+            except LocalApiError:
+                self._drop()
+                raise
+            if response is None:
+                self._drop()
+                if reused and attempt == 0:
+                    continue
+                raise LocalApiError(
+                    CONNECTION_LOST, "the agent closed the connection without answering"
+                )
+            reply, payload = response
+            if reply.get("close"):
+                self._drop()
+            if reply.get("ok") is not True:
+                raise LocalApiError(
+                    str(reply.get("error_code", BAD_RESPONSE)),
+                    str(reply.get("error", "the agent refused the request")),
+                )
+            if reply.get("id") != header["id"]:
+                self._drop()
+                raise LocalApiError(
+                    BAD_RESPONSE,
+                    f"response id {reply.get('id')!r} does not match request {header['id']}",
+                )
+            return reply, payload
+        raise AssertionError("unreachable")
+
+
+class GenerationStream(Iterator[str]):
+    """The text of one streamed generation (see :meth:`LocalClient.generate`), piece by piece.
+
+    ``result`` is the agent's final ``done`` frame: ``text``, ``stop_reason`` and ``stats``
+    (prompt and generated tokens, time to first token, prefill and decode rates).
+    """
+
+    def __init__(self, client: LocalClient, first: dict[str, Any]) -> None:
+        self._client = client
+        self._id = first.get("id")
+        self._pending: dict[str, Any] | None = first
+        self.result: dict[str, Any] | None = None
+        self._open = True
+
+    def __next__(self) -> str:
+        while self._open:
+            frame = self._pending if self._pending is not None else self._read()
+            self._pending = None
+            if frame.get("event") == "token":
+                return str(frame.get("text", ""))
+            if frame.get("event") == "done":
+                self.result = frame
+                self._finish()
+                break
+            self._finish(drop=True)
+            raise LocalApiError(BAD_RESPONSE, f"unexpected frame in a generation: {frame!r:.200}")
+        raise StopIteration
+
+    def cancel(self) -> None:
+        """Ask the agent to stop; the stream then ends with stop reason ``cancelled``."""
+        sock = self._client._sock
+        if self._open and sock is not None:
+            with contextlib.suppress(OSError):
+                send_frame(sock, {"v": PROTOCOL_VERSION, "op": "cancel", "id": self._id})
+
+    def text(self) -> str:
+        """Read the stream to its end and return the whole reply."""
+        return "".join(self)
+
+    def close(self) -> None:
+        """Stop early if still running (cancel, then read to the end) and free the client."""
+        if self._open:
+            self.cancel()
+            try:
+                for _ in self:
+                    pass
+            except LocalApiError:
+                pass
+
+    def __enter__(self) -> GenerationStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _read(self) -> dict[str, Any]:
+        sock = self._client._sock
+        response = self._client._receive(sock) if sock is not None else None
+        if response is None:
+            self._finish(drop=True)
+            raise LocalApiError(CONNECTION_LOST, "the agent closed the connection mid-generation")
+        header, _ = response
+        if header.get("ok") is not True:
+            self._finish(drop=bool(header.get("close")))
+            raise LocalApiError(str(header.get("error_code", BAD_RESPONSE)),
+                                str(header.get("error", "the agent stopped the generation")))
+        if header.get("id") != self._id:
+            self._finish(drop=True)
+            raise LocalApiError(BAD_RESPONSE, f"response id {header.get('id')!r} does not "
+                                f"match the generation's {self._id!r}")
+        return header
+
+    def _finish(self, drop: bool = False) -> None:
+        if self._open:
+            self._open = False
+            if drop:
+                self._client._drop()
+            self._client._lock.release()

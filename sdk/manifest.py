@@ -13,11 +13,12 @@ import hashlib
 import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 from fleetlite.sdk.device_class import DEVICE_CLASS_NAME_RE
 from fleetlite.sdk.envelope import strict_json_loads
 from fleetlite.sdk.errors import MalformedError, OversizeError, UnsafeNameError
+from fleetlite.sdk.generation import GenerationSpec
 from fleetlite.sdk.trust import canonical_json
 
 __all__ = [
@@ -48,7 +49,7 @@ __all__ = [
 
 MANIFEST_TYPE = "fleetlite.manifest"
 SPEC_VERSION = 1
-FILE_ROLES = ("model", "smoke", "vocab", "data")
+FILE_ROLES = ("model", "smoke", "vocab", "data", "tokenizer")
 DTYPES = ("float32", "float16", "float64", "int8", "uint8", "int16", "int32", "int64", "bool")
 MODEL_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}\Z")
 VARIANT_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}\Z")
@@ -66,6 +67,7 @@ _MAX_QUANT_PARAMS = 4096
 _MAX_TEXT = 256
 _MAX_VARIANTS = 8
 _MAX_DEVICE_CLASSES = 64
+_MAX_NUMBER = 1.7976931348623157e308  # the largest finite double
 
 
 def release_id(payload: bytes) -> str:
@@ -214,7 +216,11 @@ class Variant:
 
 @dataclass(frozen=True)
 class Manifest:
-    """A release manifest. ``release_id`` is set by :func:`parse_manifest` from the exact bytes."""
+    """A release manifest. ``release_id`` is set by :func:`parse_manifest` from the exact bytes.
+
+    ``generation`` is set for a generative language model (every variant is then such a model,
+    checked against it on the device); it is serialized only when set.
+    """
 
     name: str
     version: int
@@ -226,6 +232,7 @@ class Manifest:
     issued: int
     expires: int
     variants: tuple[Variant, ...] = ()
+    generation: Optional[GenerationSpec] = None
     spec_version: int = SPEC_VERSION
     release_id: str = field(default="", compare=False)
 
@@ -245,6 +252,8 @@ class Manifest:
         }
         if self.variants:
             out["variants"] = [v.to_dict() for v in self.variants]
+        if self.generation is not None:
+            out["generation"] = self.generation.to_dict()
         return out
 
     def to_json(self) -> bytes:
@@ -305,8 +314,10 @@ def _int(value: Any, what: str, minimum: int | None = None) -> int:
 
 
 def _num(value: Any, what: str, minimum: float = 0.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
-        raise _bad(f"{what} must be a number >= {minimum}")
+    # Compared before float(): an integer beyond a double's range must not overflow.
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not minimum <= value <= _MAX_NUMBER):
+        raise _bad(f"{what} must be a finite number >= {minimum}")
     return float(value)
 
 
@@ -438,7 +449,8 @@ def parse_manifest(
         raise _bad("not UTF-8 JSON without duplicate keys") from None
     data = _obj(raw, "manifest",
                 {"_type", "spec_version", "name", "version", "issued", "expires",
-                 "min_agent_version", "targets", "files", "model", "smoke"}, {"variants"})
+                 "min_agent_version", "targets", "files", "model", "smoke"},
+                {"variants", "generation"})
     if data["_type"] != MANIFEST_TYPE:
         raise _bad(f"_type must be {MANIFEST_TYPE!r}")
     if _int(data["spec_version"], "spec_version", 1) != SPEC_VERSION:
@@ -484,6 +496,8 @@ def parse_manifest(
         issued=issued,
         expires=expires,
         variants=tuple(variants),
+        generation=(GenerationSpec.from_dict(data["generation"]) if "generation" in data
+                    else None),
         release_id=release_id(payload),
     )
     _check_references(manifest)
@@ -506,6 +520,14 @@ def _check_references(manifest: Manifest) -> None:
     unused = [n for n, role in roles.items() if role == "model" and n not in used]
     if unused:
         raise _bad(f"model file {unused[0]!r} is not used by any variant")
+    tokenizer = manifest.generation.tokenizer if manifest.generation is not None else None
+    if tokenizer is not None and roles.get(tokenizer) != "tokenizer":
+        raise _bad(f"generation.tokenizer refers to {tokenizer!r}, which is not a listed file of "
+                   "role 'tokenizer'")
+    unreferenced = [n for n, role in roles.items() if role == "tokenizer" and n != tokenizer]
+    if unreferenced:
+        raise _bad(f"tokenizer file {unreferenced[0]!r} is not referenced by generation."
+                   "tokenizer; drop the file or add the generation metadata that uses it")
 
 
 def sha256_hex(data: bytes) -> str:

@@ -23,7 +23,7 @@ if [ -e .venv-py39 ] && ! is_py39 .venv-py39/bin/python; then
   rm -rf .venv-py39  # made by another Python: start again
 fi
 source tools/side_venv.sh
-ensure_side_venv test_py39 .venv-py39 "$PY39" dev,fleet "tflite_runtime, fleetlite.agent, pytest"
+ensure_side_venv test_py39 .venv-py39 "$PY39" dev,fleet "tflite_runtime, sentencepiece, fleetlite.agent, pytest"
 echo "test_py39: the agent-facing tests on $(.venv-py39/bin/python --version)"
 .venv-py39/bin/python -m pytest -q -p no:cacheprovider \
   tests/test_agent_units.py tests/test_agent_mqtt.py tests/test_spool.py tests/test_local_api.py \

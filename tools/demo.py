@@ -5,7 +5,10 @@ keys and a root of trust, starts three real agent processes of different device 
 the project's text intent model, builds and signs a new release of that model, rolls it out in
 waves with a live progress display, shows the performance profiles the devices measured per
 device class, asks an agent a few smart-home commands through its local socket, rolls out a
-deliberately broken release that the devices reject, and writes the HTML report. Everything runs
+deliberately broken release that the devices reject, then rolls out the project's small language
+model (home-lm: its tokenizer and prompt format travel with it, every device smoke-tests its
+greedy replies) and streams its answer to "turn off the kitchen lights" from one gateway's local
+socket, and writes the HTML report. Everything runs
 under one work directory; ``--keep`` leaves broker, agents and controller running for exploring
 with the CLI.
 """
@@ -20,6 +23,7 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import yaml
 
@@ -36,6 +40,10 @@ from fleetlite.sdk.smoke import SmokeVectors
 from fleetlite.sdk.text import Tokenizer
 from fleetlite.sdk.trust import new_root, root_envelope
 from fleetlite.tools.models import intent_classifier
+
+LM_DIR = Path(__file__).resolve().parent / "lm"  # the project's LM (tools/train_lm.py made it)
+LM_TEMPLATE = "<user> {prompt} <bot>"
+LM_QUESTION = "turn off the kitchen lights"
 
 DEVICES = (
     ("gw-pi4-01", "raspberry-pi-4", {"site": "berlin"}),
@@ -184,22 +192,62 @@ class Demo:
         SmokeVectors.from_json(files[bundle.manifest.smoke.file])  # unchanged: from the good one
         return ReleaseBundle(envelope, parse_manifest(payload), files)
 
-    def rollout(self, rollout_id: str, bundle: ReleaseBundle, previous: int,
-                on_failure: str = "pause") -> RolloutState:
+    def rollout(self, rollout_id: str, bundle: ReleaseBundle, previous: int | None,
+                on_failure: str = "pause", gates: Any = None) -> RolloutState:
         from fleetlite.fleet.gates import GateSpec
         from fleetlite.fleet.rollout import RolloutSpec, Selector, parse_waves
 
         assert self.store is not None
+        model = bundle.manifest.name
+        lm = bundle.manifest.generation is not None
         spec = RolloutSpec(
-            rollout_id=rollout_id, release_id=bundle.release_id, model="intent",
+            rollout_id=rollout_id, release_id=bundle.release_id, model=model,
             version=bundle.manifest.version, previous_version=previous, selector=Selector(),
             waves=parse_waves("1,50%,100%"), wave_timeout_s=60, on_failure=on_failure,
-            gates=GateSpec(max_p95_regression=1.0, p95_floor_ms=0.5), chunk_size=4096,
+            gates=gates or GateSpec(max_p95_regression=1.0, p95_floor_ms=0.5),
+            # a 2 MB language model travels in 64 KiB chunks
+            chunk_size=65536 if lm else 4096,
         )
         self.store.create_rollout(rollout_id, bundle.release_id, spec.to_dict())
-        say(f"    rollout {rollout_id}: intent v{spec.version}, waves 1 device / 50% / 100%, "
-            "latency gate p95 +100%")
+        gate = ("smoke test: greedy replies" if gates is not None
+                else "latency gate p95 +100%")
+        say(f"    rollout {rollout_id}: {model} v{spec.version}, waves 1 device / 50% / 100%, "
+            f"{gate}")
         return self.watch(rollout_id)
+
+    def lm_release(self, version: int, key: SigningKey) -> ReleaseBundle:
+        """The project's LM (float32, with its int8 variant) and its SentencePiece tokenizer."""
+        bundle = build_release(
+            [LM_DIR / "home_lm.tflite", LM_DIR / "home_lm_int8.tflite"], name="home-lm",
+            version=version, device_classes=sorted({c for _, c, _ in DEVICES}), keys=[key],
+            tokenizer=LM_DIR / "home_lm.spm.model", prompt_template=LM_TEMPLATE,
+            smoke_prompts=[LM_QUESTION, "lock the front door"], smoke_tokens=12)
+        assert self.store is not None and bundle.manifest.generation is not None
+        self.store.add_release(bundle.release_id, "home-lm", version,
+                               bundle.envelope.to_json(), dict(bundle.files),
+                               bundle.manifest.to_dict())
+        g = bundle.manifest.generation
+        sizes = ", ".join(f"{f.name} {f.length / 2**20:.1f} MiB" for f in bundle.manifest.files
+                          if f.role == "model")
+        say(f"    release {bundle.release_id[:16]}: {sizes}; tokenizer {g.tokenizer} "
+            f"({g.vocab_size} pieces), {g.num_layers} layers, context {g.context_length}")
+        return bundle
+
+    def ask_lm(self, device_id: str) -> None:
+        """Stream the device's LM reply to the terminal as it is produced."""
+        home = self.dir / "agents" / device_id
+        with LocalClient(home / "agent.sock", timeout=60) as client:
+            sys.stdout.write(f"    {LM_QUESTION!r} -> ")
+            sys.stdout.flush()
+            with client.generate("home-lm", LM_QUESTION) as stream:
+                for piece in stream:
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+            stats = (stream.result or {}).get("stats", {})
+        say(f"\n    ({stats.get('generated_tokens')} tokens; time to first token "
+            f"{stats.get('time_to_first_token_ms', 0):.1f} ms, decode "
+            f"{stats.get('decode_tokens_per_s', 0):.0f} tokens/s; the prompt and the reply "
+            "never left the device)")
 
     def watch(self, rollout_id: str, timeout: float = 120.0) -> RolloutState:
         assert self.store is not None
@@ -339,12 +387,21 @@ def run_demo(out: str | None = None, *, keep: bool = False, broker: str = "auto"
         broken = demo.rollout("intent-v3", v3, previous=2, on_failure="rollback")
         demo.broken_outcomes(v3.release_id)
         demo.serving()
-        step(8, "Writing the HTML report")
+        step(8, "Rolling out the on-device language model home-lm v1 (tokenizer and prompt "
+             "format travel with it)")
+        from fleetlite.fleet.gates import GateSpec
+
+        lm = demo.lm_release(1, key)
+        lm_state = demo.rollout("home-lm-v1", lm, previous=None,
+                                gates=GateSpec(max_p95_regression=None, min_profiles=0))
+        step(9, "Asking gw-pi4-01's language model through its local socket (streamed)")
+        demo.ask_lm("gw-pi4-01")
+        step(10, "Writing the HTML report")
         report = demo.report()
         say(f"    {report}")
         elapsed = time.monotonic() - demo.started
-        say(f"\nDone in {elapsed:.0f} s: v2 {state.state}, broken v3 {broken.state}. "
-            f"Report: {report}")
+        say(f"\nDone in {elapsed:.0f} s: v2 {state.state}, broken v3 {broken.state}, "
+            f"home-lm v1 {lm_state.state}. Report: {report}")
         if keep:
             assert demo.broker is not None
             say("\n--keep: broker, agents and controller keep running. Try:\n"
@@ -358,6 +415,6 @@ def run_demo(out: str | None = None, *, keep: bool = False, broker: str = "auto"
                     time.sleep(1)
             except KeyboardInterrupt:
                 say("Stopping the agents, the controller and the broker ...")
-        return 0 if state.state == "completed" else 1
+        return 0 if state.state == lm_state.state == "completed" else 1
     finally:
         demo.stop()  # the work directory stays: it holds the report and the logs

@@ -90,7 +90,7 @@ class Site:
         return self.collector
 
     def start_agents(self, devices: dict[str, str], model: str, path: Path,
-                     threads: Optional[dict[str, int]] = None) -> None:
+                     threads: Optional[dict[str, int]] = None, socket: bool = False) -> None:
         root = write_root(self.tmp_path / "root.json")
         for device_id, device_class in devices.items():
             extra: dict[str, Any] = {"device_class": device_class, "trust_root": str(root),
@@ -99,7 +99,7 @@ class Site:
                 extra["threads"] = threads[device_class]
             config = write_config(
                 self.tmp_path / device_id, port=self.broker.port, device_id=device_id,
-                socket=False, models=[{"name": model, "path": path, "version": 1}],
+                socket=socket, models=[{"name": model, "path": path, "version": 1}],
                 profile_on_model_change=True, extra=extra)
             self.agents[device_id] = AgentProcess(config).start()
 

@@ -9,7 +9,14 @@
         │   ├── UnsupportedOpError   the model uses an op this runtime does not have
         │   └── ModelCrashedError    an isolated check saw the interpreter process die
         ├── InputMismatchError       inputs of the wrong name, count, shape or dtype
+        │   └── GenerationInputError a prompt or generation parameter the LM cannot take
+        │                            (agent/generation.py)
         ├── InferenceError           the interpreter failed while invoking
+        ├── BusyError                a language model's wait queue is full (agent/generation.py)
+        ├── MemoryBudgetError        an LM and its caches exceed the device class's memory
+        │                            budget (agent/generation.py)
+        ├── TokenizerError           a tokenizer file is unusable or its library is missing
+        │                            (agent/tokenizer.py)
         ├── ModelNotFoundError       no model of that name is active in the model service
         ├── LocalApiSetupError       the local API socket cannot be created
         ├── SmokeTestError           the OTA smoke test could not run at all (no verdict)

@@ -24,6 +24,13 @@ Reason codes of a failed :class:`SmokeResult` (stable), in the order they are de
 ``over_memory_budget``     peak RSS or model size above the budget
 =========================  ======================================================================
 
+A generative language model (its smoke file is ``fleetlite.lm_smoke``) is loaded as the generation
+engine loads it, with the release's tokenizer and ``generation`` metadata: when they disagree the
+reason is the :mod:`fleetlite.sdk.lm_signature` code (``missing_decode``, ``vocab_mismatch``,
+``cache_shape_mismatch``, ``ids_out_of_range``, ...); its greedy tokens and first-step logits are
+judged by :func:`fleetlite.sdk.lm_smoke.judge` (``smoke_output_mismatch``), and the decode steps'
+p95 stands for the latency budget's p95.
+
 One exception to that order: a model file larger than ``max_model_size_mb`` is refused
 (``over_memory_budget``) before any process loads it. A bad model never raises; an
 :class:`~fleetlite.agent.errors.AgentError` from :func:`run_smoke_test` means the device could not

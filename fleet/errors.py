@@ -9,6 +9,8 @@
         ├── PublishError        the broker could not be reached or did not acknowledge a publish
         │   └── BrokerConnectionError  unreachable, or refused us: TLS, certificates, credentials
         ├── RolloutError        an invalid rollout spec, state or operator request
+        ├── PkiError            the fleet PKI cannot issue, revoke or enrol (fleet/pki.py)
+        ├── BrokerConfigError   the broker configuration cannot be written (fleet/broker_config.py)
         └── StoreError          the fleet store (SQLite or PostgreSQL) failed
             ├── StoreUnavailableError  cannot open or reach the database, or it stayed locked
             ├── SchemaVersionError     the database is not migrated, or newer than this fleetlite

@@ -223,7 +223,7 @@ class Agent:
             return
         self.language_models.add(ServedLm(entry.name, LmService(engine),
                                           version=entry.version,
-                                          sha256=sha256_file(entry.path)))
+                                          sha256=sha256_file(entry.path), path=entry.path))
         log.info("serving language model %s (%s, %d layers, context %d)", entry.name,
                  entry.path.name, engine.layout.num_layers, engine.layout.context_length)
 
@@ -302,6 +302,8 @@ class Agent:
         from fleetlite.agent.profiler import profile_model_isolated
 
         name = args["model"]
+        if name in self.language_models:
+            return self._profile_language_model(name, args)
         active = self.models.get(name)
         defaults = self.device_class.profiler
         record = profile_model_isolated(
@@ -316,6 +318,25 @@ class Agent:
             device_class=self.config.device_class,
             model_name=name,
             model_version=active.version,
+            trigger=args.get("trigger", "command"),
+        )
+        self.link.report(topics.PROFILE, record.to_json(), priority="important")
+        return record.to_dict()
+
+    def _profile_language_model(self, name: str, args: dict[str, Any]) -> dict[str, Any]:
+        """A language-model profile (TTFT, prefill and decode tokens/s, peak memory) of the
+        served model, in a child process like every profile."""
+        from fleetlite.agent.lm_profiler import profile_lm_isolated
+
+        served = self.language_models.get(name)
+        if served.path is None:
+            raise AgentError(f"language model {name} has no file to profile")
+        spec = served.service.engine.spec
+        record = profile_lm_isolated(
+            served.path, num_threads=self.threads,
+            cache_layout=spec.cache_layout if spec else None,
+            device_id=self.config.device_id, device_class=self.config.device_class,
+            model_name=name, model_version=served.version,
             trigger=args.get("trigger", "command"),
         )
         self.link.report(topics.PROFILE, record.to_json(), priority="important")
@@ -344,7 +365,8 @@ class Agent:
         }
 
     def _cmd_profile(self, args: Any) -> dict[str, Any]:
-        names = [m["name"] for m in self.models.describe()]
+        names = [m["name"] for m in self.models.describe()] + [
+            lm.name for lm in self.language_models]
         name = arg(args, "model", str, names[0] if len(names) == 1 else None)
         if name is None:
             raise AgentError(

@@ -340,6 +340,14 @@ class LmEngine:
         self.backend, self._interpreter = create_interpreter(
             self._content, self.origin, num_threads=num_threads, backend=backend
         )
+        try:
+            # tflite-runtime 2.14 applies its default delegate (XNNPACK) only here: signature
+            # runners alone would run the reference kernels at about half the speed
+            self._interpreter.allocate_tensors()
+        except (ValueError, RuntimeError) as exc:
+            raise InferenceError(
+                f"{self.origin}: the runtime cannot allocate the model's tensors ({exc}); the "
+                "model is broken or needs a newer runtime") from exc
         signatures, runners = read_signatures(self._interpreter)
         self.signatures: SignatureShapes = signatures
         layout_hint = cache_layout or (spec.cache_layout if spec else None)
@@ -370,6 +378,12 @@ class LmEngine:
         self._mask = causal_mask(self.layout.context_length) if self.layout.has_mask else None
         self._stop_ids = frozenset(spec.stop_ids) if spec else frozenset()
         self._in_use = threading.Lock()
+
+    @property
+    def interpreter(self) -> Any:
+        """The runtime's interpreter (op counts and quantization for profiles; do not invoke it
+        while the engine generates)."""
+        return self._interpreter
 
     @property
     def model_size(self) -> int:

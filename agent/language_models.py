@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from fleetlite.agent.errors import ModelNotFoundError
@@ -40,6 +41,7 @@ class ServedLm:
     service: LmService
     version: Optional[int] = None
     sha256: str = ""
+    path: Optional[Path] = None
     _counts: _Counts = field(default_factory=_Counts)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 

@@ -52,4 +52,4 @@ def load_served_lm(name: str, model: Path, spec: GenerationSpec, *, version: Opt
     tokenizer = load_tokenizer(model.parent / spec.tokenizer, spec.tokenizer_kind)
     engine = LmEngine(model, spec=spec, tokenizer=tokenizer, num_threads=num_threads,
                       memory_budget_mib=memory_budget_mib)
-    return ServedLm(name, LmService(engine), version=version, sha256=sha256)
+    return ServedLm(name, LmService(engine), version=version, sha256=sha256, path=model)

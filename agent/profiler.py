@@ -29,11 +29,11 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Callable, Optional, TypedDict, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, TypedDict, Union, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -64,6 +64,7 @@ from fleetlite.sdk.profile import (
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
+    from fleetlite.agent.lm_profiler import LmProfileOptions
     from fleetlite.sdk.device_class import DeviceClass
 
 __all__ = [
@@ -75,6 +76,7 @@ __all__ = [
     "detect_quantization",
     "profile_model",
     "profile_model_isolated",
+    "quantization_of",
     "read_rss",
     "synthetic_inputs",
 ]
@@ -187,10 +189,14 @@ class RssSampler:
 
 
 def _ops(model: Model) -> Optional[list[dict[str, Any]]]:
+    return _interpreter_ops(model.interpreter)
+
+
+def _interpreter_ops(interpreter: Any) -> Optional[list[dict[str, Any]]]:
     # _get_ops_details is private to the interpreter but present in tflite-runtime, ai-edge-litert
     # and tf.lite alike; without it the record just lacks the node count and delegate.
     try:
-        ops = model.interpreter._get_ops_details()
+        ops = interpreter._get_ops_details()
     except (AttributeError, ValueError, RuntimeError):
         return None
     return list(ops)
@@ -217,8 +223,13 @@ def detect_quantization(model: Model) -> str:
     A model is ``int8`` (etc.) when every quantized tensor other than int32 biases has that type
     and float tensors occur only at its inputs/outputs; quantized and float compute is ``mixed``.
     """
-    details = _tensor_details(model)
     io = {spec.index for spec in (*model.inputs, *model.outputs)}
+    return quantization_of(_tensor_details(model), io)
+
+
+def quantization_of(details: Sequence[Mapping[str, Any]], io: Collection[int]) -> str:
+    """:func:`detect_quantization` over an interpreter's tensor details and the indices of its
+    input and output tensors."""
     quantized = {np.dtype(d["dtype"]).name for d in details if _is_quantized(d)}
     floats = {np.dtype(d["dtype"]).name for d in details
               if np.issubdtype(np.dtype(d["dtype"]), np.floating)}
@@ -451,13 +462,41 @@ def profile_model(source: ModelSource, **options: Unpack[ProfileOptions]) -> Pro
     stem (``"model"`` for bytes), ``device_id`` to ``""``, ``trigger`` to ``"cli"``, ``seed``
     (of the synthetic inputs) to 0; ``backend`` and ``model_version`` to None.
 
+    A generative language model (signatures ``decode`` and ``prefill_<N>``, read from the file)
+    gets a language-model profile instead (:func:`fleetlite.agent.lm_profiler.profile_lm` with
+    its default workload, a ``fleetlite.profile/2`` record): of the loop parameters only
+    ``max_seconds`` applies to it, as its time budget, and ``inputs`` must be None.
+
     Only give this function models that passed the isolated check (or use
     :func:`profile_model_isolated`): a corrupt model can crash the interpreter process.
     Raises :class:`InvalidModelError`, :class:`InputMismatchError`, :class:`InferenceError`,
     :class:`~fleetlite.sdk.errors.DeviceClassError`, or :class:`ValueError` for bad parameters.
     """
+    lm = _language_model_options(source, options)
+    if lm is not None:
+        from fleetlite.agent.lm_profiler import profile_lm
+
+        return profile_lm(source, **lm)
     run, inputs = _resolve(source, **options)
     return _profile(source, run, inputs, isolated=False)
+
+
+def _language_model_options(
+    source: ModelSource, options: ProfileOptions
+) -> Optional[LmProfileOptions]:
+    """The options of an LM profile when ``source`` is a generative LM, else None."""
+    from fleetlite.agent.lm_profiler import is_language_model
+
+    if not is_language_model(source):
+        return None
+    if options.get("inputs") is not None:
+        raise InputMismatchError(
+            "a language model is profiled with token-id prompts: inputs= does not apply to it "
+            "(use fleetlite.agent.lm_profiler.profile_lm to choose its tests)")
+    keep = ("num_threads", "backend", "device_id", "device_class", "model_name", "model_version",
+            "trigger", "seed", "max_seconds", "memory_sample_interval_s")
+    given: dict[str, Any] = dict(options)
+    return cast("LmProfileOptions", {k: given[k] for k in keep if k in given})
 
 
 def _profile(
@@ -613,8 +652,15 @@ def profile_model_isolated(
 
     ``timeout`` defaults to twice ``max_seconds`` (warm-up and steady state) plus 60 s. Raises
     :class:`~fleetlite.agent.errors.ModelCrashedError` if the child dies from a signal or times
-    out, otherwise the same errors as :func:`profile_model`.
+    out, otherwise the same errors as :func:`profile_model`. A generative language model gets a
+    language-model profile, as from :func:`profile_model`
+    (:func:`fleetlite.agent.lm_profiler.profile_lm_isolated`).
     """
+    lm = _language_model_options(source, options)
+    if lm is not None:
+        from fleetlite.agent.lm_profiler import profile_lm_isolated
+
+        return profile_lm_isolated(source, timeout=timeout, **lm)
     run, inputs = _resolve(source, **options)
     request: dict[str, Any] = asdict(run)
     if timeout is None:

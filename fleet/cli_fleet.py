@@ -195,6 +195,8 @@ def add_parsers(subparsers: Any, release_parser: Optional[argparse.ArgumentParse
   fleetlite rollout create 3f9a1c2d --waves 1,10%,100%
   fleetlite rollout create 3f9a1c2d --class raspberry-pi-4 --tag site=berlin \\
       --max-p95-regression 0.2 --max-peak-rss-mb 300 --on-failure rollback --timeout 900
+  fleetlite rollout create 9c41d7e0 --max-decode-regression 0.1 --max-ttft-regression 0.3
+                                    (a language model: decode tokens/s -10%, TTFT +30%)
   fleetlite rollout create 3f9a1c2d --device gw-1 --device gw-2 --waves all --id hotfix-7
   fleetlite rollout create 3f9a1c2d --paused        (review `rollout status`, then resume)
   ID=$(fleetlite rollout create 3f9a1c2d -o json | jq -r .rollout_id) && \\
@@ -221,6 +223,14 @@ def add_parsers(subparsers: Any, release_parser: Optional[argparse.ArgumentParse
     create.add_argument("--max-rss-regression", type=_limit(float), default=None,
                         metavar="FRACTION|off",
                         help="trip when the median peak RSS grows by more (default off)")
+    create.add_argument("--max-ttft-regression", type=_limit(float), default=0.2,
+                        metavar="FRACTION|off",
+                        help="language models: trip when the median time to first token of a "
+                        "class grows by more than this fraction (default 0.2 = +20%%)")
+    create.add_argument("--max-decode-regression", type=_limit(float), default=0.2,
+                        metavar="FRACTION|off",
+                        help="language models: trip when the median decode tokens/s of a class "
+                        "falls by more than this fraction (default 0.2 = -20%%)")
     create.add_argument("--max-smoke-failures", type=_limit(int), default=0,
                         metavar="N|off", help="smoke-test failures a class may have (default 0)")
     create.add_argument("--min-profiles", type=int, default=1, metavar="N",
@@ -313,7 +323,8 @@ def add_parsers(subparsers: Any, release_parser: Optional[argparse.ArgumentParse
 """)
     pshow = _leaf(profiles, "show", _profiles_show, help="aggregates per class and version",
                   description="Medians over devices of p50/p95/p99, the worst p95 and the "
-                  "worst peak RSS, per (device class, model, version).",
+                  "worst peak RSS, per (device class, model, version); language models in a "
+                  "table of their own: time to first token, prefill and decode tokens/s.",
                   examples="""\
   fleetlite profiles show
   fleetlite profiles show --model intent --version 2 --class raspberry-pi-4 -o json
@@ -324,7 +335,8 @@ def add_parsers(subparsers: Any, release_parser: Optional[argparse.ArgumentParse
     pcompare = _leaf(profiles, "compare", _profiles_compare,
                      help="compare two versions of a model per class",
                      description="Version B against version A per device class, with B/A "
-                     "ratios (1.25 = B is 25 %% slower or bigger).",
+                     "ratios (1.25 = B is 25 % slower or bigger; for a language model's "
+                     "tokens/s, 0.8 = B is 20 % slower).",
                      examples="""\
   fleetlite profiles compare intent 1 2
   fleetlite profiles compare intent 1 2 -o yaml
@@ -650,7 +662,9 @@ def _rollout_create(fleet: Fleet, args: argparse.Namespace) -> int:
                      max_peak_rss_mb=args.max_peak_rss_mb,
                      max_rss_regression=args.max_rss_regression,
                      max_smoke_failures=args.max_smoke_failures,
-                     min_profiles=args.min_profiles)
+                     min_profiles=args.min_profiles,
+                     max_ttft_regression=args.max_ttft_regression,
+                     max_decode_regression=args.max_decode_regression)
     selector = Selector(tuple(args.classes), dict(args.tags), tuple(args.device_ids))
     rollout = fleet.create_rollout(
         args.release_id, selector=selector, waves=args.waves or DEFAULT_WAVES, gates=gates,

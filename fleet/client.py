@@ -723,12 +723,9 @@ class Fleet:
 
     def profile_rows(self, model: Optional[str] = None, version: Optional[int] = None,
                      device_class: Optional[str] = None) -> list[ViewRow]:
-        """Every stored profile matching the filters, flattened, oldest first."""
-        return [ViewRow(device_id=r.device_id, device_class=r.device_class or "unknown",
-                        model=r.model, version=r.version if r.version is not None else 0,
-                        p50_ms=r.p50_ms, p95_ms=r.p95_ms, p99_ms=r.p99_ms, mean_ms=r.mean_ms,
-                        peak_rss_mb=r.peak_rss_mb, ts=r.ts, trigger=r.trigger)
-                for r in self.store.profiles(model, version, device_class)]
+        """Every stored profile matching the filters, flattened, oldest first (a language
+        model's TTFT and tokens/s come from its record)."""
+        return [ViewRow.from_stored(r) for r in self.store.profiles(model, version, device_class)]
 
     def profiles(self, model: Optional[str] = None, version: Optional[int] = None,
                  device_class: Optional[str] = None) -> list[Aggregate]:
@@ -788,6 +785,10 @@ def gate_texts(gates: GateSpec) -> list[str]:
         texts.append(f"peak RSS +{gates.max_rss_regression:.0%}")
     if gates.max_smoke_failures is not None:
         texts.append(f"smoke failures <= {gates.max_smoke_failures}")
+    if gates.max_ttft_regression is not None:
+        texts.append(f"LM time to first token +{gates.max_ttft_regression:.0%}")
+    if gates.max_decode_regression is not None:
+        texts.append(f"LM decode rate -{gates.max_decode_regression:.0%}")
     if gates.min_profiles:
         texts.append(f"profiles >= {gates.min_profiles} per class and wave")
     return texts

@@ -1,5 +1,6 @@
 """Performance gates of a rollout, evaluated per device class: p95 latency and peak memory of the
-new version against the previous version's profiles, and smoke-test failures.
+new version against the previous version's profiles, for language models also time to first token
+and decode tokens/s, and smoke-test failures.
 
 Pure functions over data (:class:`ProfileView`, :class:`GateSpec`); :mod:`fleetlite.fleet.rollout`
 decides when to evaluate them and what a tripped gate does (docs/rollouts.md, "Gates").
@@ -23,10 +24,12 @@ __all__ = [
     "GateSpec",
     "ProfileView",
     "baseline",
+    "check_decode_rate",
     "check_latency",
     "check_memory",
     "check_profiles_present",
     "check_smoke",
+    "check_ttft",
     "evaluate_class",
     "latest_profiles",
     "median",
@@ -43,14 +46,18 @@ PEAK_MEMORY = "peak_memory"
 MEMORY_REGRESSION = "memory_regression"
 SMOKE = "smoke"
 PROFILES = "profiles"
-GATES = (P95_LATENCY, PEAK_MEMORY, MEMORY_REGRESSION, SMOKE, PROFILES)
+TTFT = "ttft"
+DECODE_RATE = "decode_rate"
+GATES = (P95_LATENCY, PEAK_MEMORY, MEMORY_REGRESSION, SMOKE, PROFILES, TTFT, DECODE_RATE)
 """Gate names, as found in ``GateResult.gate`` and in the rollout's decisions."""
 
 
 @dataclass(frozen=True)
 class ProfileView:
-    """What the gates read from one ``fleetlite.profile/1`` record, plus the device's class
-    (which the record does not carry: the controller adds it from its registry)."""
+    """What the gates read from one profile record, plus the device's class (which the record
+    does not carry: the controller adds it from its registry). ``ttft_ms`` and
+    ``decode_tokens_per_s`` come from a language model's ``lm`` section (``fleetlite.profile/2``)
+    and are None for other models."""
 
     device_id: str
     device_class: str
@@ -59,10 +66,14 @@ class ProfileView:
     p95_ms: float
     peak_rss_mb: float
     ts: float = 0.0
+    ttft_ms: Optional[float] = None
+    decode_tokens_per_s: Optional[float] = None
 
     @classmethod
     def from_record(cls, record: ProfileRecord, device_class: str) -> ProfileView:
-        """Steady-state p95 and peak RSS during inference of a profile record."""
+        """Steady-state p95 and peak RSS during inference of a profile record (for a language
+        model the p95 of a decode step), and an LM's warm TTFT and headline decode rate."""
+        lm = record.lm
         return cls(
             device_id=record.device_id,
             device_class=device_class,
@@ -71,6 +82,8 @@ class ProfileView:
             p95_ms=record.timings.steady.p95_ms,
             peak_rss_mb=record.memory.peak_rss_inference_mb,
             ts=record.ts,
+            ttft_ms=lm.ttft_ms if lm is not None else None,
+            decode_tokens_per_s=lm.decode_tokens_per_s if lm is not None else None,
         )
 
 
@@ -87,6 +100,13 @@ class GateSpec:
       (an OTA outcome ``rejected`` with a reason in ``smoke_reasons``) during the rollout.
     - ``min_profiles``: profiles of the new version needed per class and wave before the latency
       and memory gates can pass (fewer if fewer devices installed); 0 makes profiles optional.
+    - ``max_ttft_regression`` (language models): like the p95 gate, for the median warm time to
+      first token, with ``ttft_floor_ms``.
+    - ``max_decode_regression`` (language models): trip when the median decode tokens/s of the
+      new version on a class falls below the previous version's by more than this fraction
+      (0.2 = -20 %) *and* each token takes more than ``decode_floor_ms`` longer.
+
+    The language-model gates compare only profiles with an ``lm`` section; others pass them.
     """
 
     max_p95_regression: Optional[float] = 0.2
@@ -97,13 +117,22 @@ class GateSpec:
     max_smoke_failures: Optional[int] = 0
     smoke_reasons: tuple[str, ...] = SMOKE_REASONS
     min_profiles: int = 1
+    max_ttft_regression: Optional[float] = 0.2
+    ttft_floor_ms: float = 1.0
+    max_decode_regression: Optional[float] = 0.2
+    decode_floor_ms: float = 0.05
 
     def __post_init__(self) -> None:
-        for name in ("max_p95_regression", "max_peak_rss_mb", "max_rss_regression"):
+        for name in ("max_p95_regression", "max_peak_rss_mb", "max_rss_regression",
+                     "max_ttft_regression", "max_decode_regression"):
             value = getattr(self, name)
             if value is not None and not _finite_non_negative(value):
                 raise RolloutError(f"gates.{name} must be a number >= 0 or None, got {value!r}")
-        for name in ("p95_floor_ms", "rss_floor_mb"):
+        lost = self.max_decode_regression
+        if lost is not None and lost >= 1:
+            raise RolloutError("gates.max_decode_regression is the share of the decode rate that "
+                               f"may be lost; it must be below 1, got {lost!r}")
+        for name in ("p95_floor_ms", "rss_floor_mb", "ttft_floor_ms", "decode_floor_ms"):
             value = getattr(self, name)
             if not _finite_non_negative(value):
                 raise RolloutError(f"gates.{name} must be a number >= 0, got {value!r}")
@@ -127,6 +156,10 @@ class GateSpec:
             "max_smoke_failures": self.max_smoke_failures,
             "smoke_reasons": list(self.smoke_reasons),
             "min_profiles": self.min_profiles,
+            "max_ttft_regression": self.max_ttft_regression,
+            "ttft_floor_ms": self.ttft_floor_ms,
+            "max_decode_regression": self.max_decode_regression,
+            "decode_floor_ms": self.decode_floor_ms,
         }
 
     @classmethod
@@ -149,12 +182,15 @@ class GateResult:
 
 @dataclass(frozen=True)
 class Baseline:
-    """The previous version on one device class: median p95 and peak RSS over its devices."""
+    """The previous version on one device class: median p95 and peak RSS over its devices, and
+    for a language model median TTFT and decode rate over those of its devices that have them."""
 
     version: Optional[int]
     devices: int = 0
     p95_ms: Optional[float] = None
     peak_rss_mb: Optional[float] = None
+    ttft_ms: Optional[float] = None
+    decode_tokens_per_s: Optional[float] = None
 
 
 def median(values: Iterable[float]) -> float:
@@ -206,7 +242,14 @@ def baseline(profiles: Iterable[ProfileView], model: str, version: Optional[int]
         devices=len(latest),
         p95_ms=median(p.p95_ms for p in latest.values()),
         peak_rss_mb=median(p.peak_rss_mb for p in latest.values()),
+        ttft_ms=_median_of([p.ttft_ms for p in latest.values()]),
+        decode_tokens_per_s=_median_of([p.decode_tokens_per_s for p in latest.values()]),
     )
+
+
+def _median_of(values: Sequence[Optional[float]]) -> Optional[float]:
+    present = [v for v in values if v is not None]
+    return median(present) if present else None
 
 
 def check_latency(spec: GateSpec, device_class: str, new: Sequence[ProfileView],
@@ -285,6 +328,80 @@ def check_memory(spec: GateSpec, device_class: str, new: Sequence[ProfileView],
     return results
 
 
+def check_ttft(spec: GateSpec, device_class: str, new: Sequence[ProfileView],
+               base: Baseline) -> GateResult:
+    """Median warm TTFT of the language-model profiles in ``new`` against the baseline's, with
+    the relative limit and absolute floor."""
+    if spec.max_ttft_regression is None:
+        return GateResult(TTFT, True, "TTFT gate is off")
+    values = [p.ttft_ms for p in new if p.ttft_ms is not None]
+    if not values:
+        return GateResult(TTFT, True, f"no language-model profiles of class {device_class}: "
+                          "TTFT not compared")
+    new_ttft = median(values)
+    detail: dict[str, Any] = {
+        "device_class": device_class, "new_ttft_ms": new_ttft, "new_devices": len(values),
+        "baseline_version": base.version, "baseline_ttft_ms": base.ttft_ms,
+        "max_ttft_regression": spec.max_ttft_regression, "ttft_floor_ms": spec.ttft_floor_ms,
+    }
+    if base.ttft_ms is None:
+        return GateResult(TTFT, True, f"TTFT on class {device_class}: no baseline language-model "
+                          f"profiles of version {base.version}, not compared (median TTFT "
+                          f"{new_ttft:.2f} ms)", detail)
+    limit = base.ttft_ms * (1.0 + spec.max_ttft_regression)
+    detail["limit_ttft_ms"] = limit
+    numbers = (f"median TTFT {new_ttft:.2f} ms over {len(values)} device(s) vs "
+               f"{base.ttft_ms:.2f} ms for version {base.version} "
+               f"({_change(new_ttft, base.ttft_ms)}, limit +{spec.max_ttft_regression:.0%}, floor "
+               f"{spec.ttft_floor_ms:g} ms)")
+    if new_ttft > limit and new_ttft - base.ttft_ms > spec.ttft_floor_ms:
+        return GateResult(TTFT, False, f"time to first token regressed on class {device_class}: "
+                          f"{numbers}", detail)
+    return GateResult(TTFT, True, f"time to first token within limits on class {device_class}: "
+                      f"{numbers}", detail)
+
+
+def check_decode_rate(spec: GateSpec, device_class: str, new: Sequence[ProfileView],
+                      base: Baseline) -> GateResult:
+    """Median decode tokens/s of the language-model profiles in ``new`` against the baseline's:
+    trips when it fell by more than the limit and each token takes more than the floor longer."""
+    if spec.max_decode_regression is None:
+        return GateResult(DECODE_RATE, True, "decode-rate gate is off")
+    values = [p.decode_tokens_per_s for p in new if p.decode_tokens_per_s is not None]
+    if not values:
+        return GateResult(DECODE_RATE, True, f"no language-model profiles of class "
+                          f"{device_class}: decode rate not compared")
+    new_rate = median(values)
+    detail: dict[str, Any] = {
+        "device_class": device_class, "new_decode_tokens_per_s": new_rate,
+        "new_devices": len(values), "baseline_version": base.version,
+        "baseline_decode_tokens_per_s": base.decode_tokens_per_s,
+        "max_decode_regression": spec.max_decode_regression,
+        "decode_floor_ms": spec.decode_floor_ms,
+    }
+    if base.decode_tokens_per_s is None:
+        return GateResult(DECODE_RATE, True, f"decode rate on class {device_class}: no baseline "
+                          f"language-model profiles of version {base.version}, not compared "
+                          f"(median {new_rate:.1f} tokens/s)", detail)
+    old_rate = base.decode_tokens_per_s
+    limit = old_rate * (1.0 - spec.max_decode_regression)
+    detail["limit_decode_tokens_per_s"] = limit
+    slower_ms = _ms_per_token(new_rate) - _ms_per_token(old_rate)
+    numbers = (f"median decode {new_rate:.1f} tokens/s over {len(values)} device(s) vs "
+               f"{old_rate:.1f} tokens/s for version {base.version} "
+               f"({_change(new_rate, old_rate)}, {slower_ms:+.3f} ms/token; limit "
+               f"-{spec.max_decode_regression:.0%}, floor {spec.decode_floor_ms:g} ms/token)")
+    if new_rate < limit and slower_ms > spec.decode_floor_ms:
+        return GateResult(DECODE_RATE, False, f"decode rate regressed on class {device_class}: "
+                          f"{numbers}", detail)
+    return GateResult(DECODE_RATE, True, f"decode rate within limits on class {device_class}: "
+                      f"{numbers}", detail)
+
+
+def _ms_per_token(tokens_per_s: float) -> float:
+    return 1000.0 / tokens_per_s if tokens_per_s > 0 else math.inf
+
+
 def check_smoke(spec: GateSpec, device_class: str, failed: Sequence[str]) -> GateResult:
     """``failed``: the devices of the class whose install was rejected by the smoke test."""
     detail = {"device_class": device_class, "smoke_failures": len(failed),
@@ -322,14 +439,18 @@ def evaluate_class(
     installed: Collection[str],
     profiles: Sequence[ProfileView],
 ) -> list[GateResult]:
-    """The latency, memory and profile-presence gates for the ``installed`` devices of one class
-    (smoke failures are counted separately, by :func:`check_smoke`)."""
+    """The latency, memory and profile-presence gates for the ``installed`` devices of one class,
+    and the TTFT and decode-rate gates when their profiles are a language model's (smoke
+    failures are counted separately, by :func:`check_smoke`)."""
     new = list(latest_profiles(profiles, model, version, device_ids=installed).values())
     new.sort(key=lambda p: p.device_id)
     base = baseline(profiles, model, previous_version, device_class)
     results = [check_profiles_present(spec, device_class, len(installed), len(new))]
     results.append(check_latency(spec, device_class, new, base))
     results.extend(check_memory(spec, device_class, new, base))
+    if any(p.ttft_ms is not None or p.decode_tokens_per_s is not None for p in new):
+        results.append(check_ttft(spec, device_class, new, base))
+        results.append(check_decode_rate(spec, device_class, new, base))
     return results
 
 

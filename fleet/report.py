@@ -1,5 +1,9 @@
 """The fleet's self-contained HTML report: devices, per-class latency and memory plots, rollouts.
 
+A language model's profiles (rows with its figures) get their own table per class (time to first
+token, prefill and decode tokens/s, peak memory) and plots of TTFT and decode rate per device in
+place of the latency plot.
+
 :func:`render_report` turns a :class:`ReportData` (plain dataclasses, filled by the controller from
 its store) into ONE HTML document: inline CSS, hand-written inline SVG plots and a small inline
 script (sortable/filterable tables). It references nothing outside itself — no URLs, fonts,
@@ -489,6 +493,32 @@ def _latency_plot(
     )
 
 
+def _lm_plot(
+    device_class: str, model: str, rows: Sequence[ProfileRow],
+    colors: Mapping[tuple[str, int], str], figure: str,
+) -> str:
+    """TTFT (``figure`` ``ttft``) or decode tokens/s (``decode``) per device, by version."""
+    ttft = figure == "ttft"
+    versions = sorted({r.version for r in rows})
+    plot_rows: list[_Row] = []
+    for v in versions:
+        points = [(r.device_id, r.ttft_ms if ttft else r.decode_tokens_per_s)
+                  for r in rows if r.version == v]
+        plot_rows.append(_Row(f"v{v}", "TTFT" if ttft else "rate",
+                              colors.get((model, v), PALETTE[0]), False,
+                              [(d, value) for d, value in points if value is not None]))
+    legend = [_LegendItem(f"v{v}", colors.get((model, v), PALETTE[0]), "swatch")
+              for v in versions]
+    legend.append(_LegendItem("one dot per device", "#5b6470", "dot"))
+    if ttft:
+        return _strip_plot(plot_rows, "warm time to first token per device", "ms",
+                           f"Time to first token of {model} on {device_class} by version",
+                           legend, None, "", "ttft", 460, allow_log=True)
+    return _strip_plot(plot_rows, "decode rate per device", "tokens/s",
+                       f"Decode rate of {model} on {device_class} by version", legend, None, "",
+                       "decode", 460, allow_log=True)
+
+
 def _memory_plot(
     device_class: str, model: str, rows: Sequence[ProfileRow],
     colors: Mapping[tuple[str, int], str], budget: Optional[float],
@@ -574,7 +604,49 @@ def _devices_section(data: ReportData) -> str:
     )
 
 
+def _lm_aggregate_table(aggs: Sequence[Aggregate],
+                        colors: Mapping[tuple[str, int], str]) -> str:
+    rows: list[str] = []
+    previous: Optional[Aggregate] = None
+    for a in aggs:
+        change = ""
+        old = previous.decode_tokens_per_s_median if previous is not None else None
+        new = a.decode_tokens_per_s_median
+        if previous is not None and previous.model == a.model and old and new is not None:
+            pct = (new / old - 1.0) * 100
+            cls = "worse" if pct < -0.5 else "better" if pct > 0.5 else ""
+            change = f'<span class="{cls}">{pct:+.0f}% vs v{previous.version}</span>'
+        color = _e(colors.get((a.model, a.version), PALETTE[0]))
+        cells = (a.ttft_ms_median, a.prefill_tokens_per_s_median, a.decode_tokens_per_s_median,
+                 a.p95_ms_median, a.peak_rss_mb_max)
+        rows.append(
+            f'<tr data-model="{_e(a.model)}" data-version="{a.version}" data-lm="1">'
+            f'<td>{_e(a.model)}</td>'
+            f'<td><span class="swatch" style="background:{color}"></span>v{a.version}</td>'
+            f'<td class="num">{a.count}</td>'
+            + "".join(f'<td class="num">{"-" if v is None else format_number(v)}</td>'
+                      for v in cells)
+            + f'<td>{change}</td></tr>'
+        )
+        previous = a
+    return (
+        '<table class="aggregates lm"><thead><tr><th>Language model</th><th>Version</th>'
+        '<th class="num">Devices</th><th class="num">TTFT ms</th>'
+        '<th class="num">prefill tok/s</th><th class="num">decode tok/s</th>'
+        '<th class="num">decode p95 ms</th><th class="num">max peak MiB</th>'
+        '<th>decode change</th></tr></thead>'
+        f'<tbody>{"".join(rows)}</tbody></table>'
+        '<p class="note">Medians across devices of each device\'s latest profile: warm time to '
+        'first token, the longest prefill test and the shallowest decode test.</p>'
+    )
+
+
 def _aggregate_table(aggs: Sequence[Aggregate], colors: Mapping[tuple[str, int], str]) -> str:
+    lm = [a for a in aggs if a.is_lm]
+    if lm:
+        others = [a for a in aggs if not a.is_lm]
+        return ((_aggregate_table(others, colors) if others else "")
+                + _lm_aggregate_table(lm, colors))
     rows: list[str] = []
     previous: Optional[Aggregate] = None
     for a in aggs:
@@ -628,6 +700,18 @@ def _classes_section(data: ReportData) -> str:
         parts.append(_aggregate_table(aggregate(of_class), colors))
         for model in sorted({r.model for r in of_class}):
             of_model = [r for r in of_class if r.model == model]
+            if any(r.is_lm for r in of_model):
+                parts.append(
+                    f'<div class="plots lm" data-model="{_e(model)}">'
+                    f'<figure><figcaption>Time to first token · {_e(model)}</figcaption>'
+                    f'{_lm_plot(name, model, of_model, colors, "ttft")}</figure>'
+                    f'<figure><figcaption>Decode rate · {_e(model)}</figcaption>'
+                    f'{_lm_plot(name, model, of_model, colors, "decode")}</figure>'
+                    f'<figure><figcaption>Peak memory · {_e(model)}</figcaption>'
+                    f'{_memory_plot(name, model, of_model, colors, budget.max_peak_rss_mb)}'
+                    '</figure></div>'
+                )
+                continue
             parts.append(
                 f'<div class="plots" data-model="{_e(model)}">'
                 f'<figure><figcaption>Latency distribution · {_e(model)}</figcaption>'
@@ -783,6 +867,7 @@ td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 .worse { color:#c0392b; font-weight:600; } .better { color:#2e9e5b; font-weight:600; }
 .note { color: var(--muted); font-size: 12px; margin: 6px 0 0; }
 .plots { display:grid; grid-template-columns: 660fr 460fr; gap: 16px; margin-top: 14px; }
+.plots.lm { grid-template-columns: 1fr 1fr; }
 figure { margin: 0; } figcaption { font-weight: 600; margin-bottom: 4px; }
 svg.plot { width: 100%; height: auto; display:block; }
 svg.plot text { font-family: inherit; font-size: 12px; fill: #3d4652; }

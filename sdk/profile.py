@@ -1,9 +1,16 @@
-"""The on-device profile record (``fleetlite.profile/1``) and the statistics behind it.
+"""The on-device profile record (``fleetlite.profile/1`` and ``/2``) and the statistics behind it.
 
 A profile is what the agent's profiler (:mod:`fleetlite.agent.profiler`) measured for one model on
 one device: model identity, run parameters, timings (init, first inference, warm-up, steady-state
 latency distribution) and memory (RSS before, during and after load, peak during inference), next
 to the device facts that produced them.
+
+A generative language model's profile (:mod:`fleetlite.agent.lm_profiler`) adds an ``lm`` section
+(:class:`LmProfile`: load time, cold and warm time to first token, prefill and decode tokens/s at
+fixed lengths, as llama-bench's pp/tg tests) and is written as ``fleetlite.profile/2``; a record
+without it is still written as ``/1``, byte for byte as before, so older readers keep reading
+every profile that is not an LM's. Both versions are read. In an LM record ``timings`` is kept
+and summarises decode steps (``run.timing`` ``decode``), so readers of ``timings`` still work.
 
 The run loop follows TFLite's ``benchmark_model`` (``tensorflow/lite/tools/benchmark``): same
 defaults and the same stopping rule (:func:`should_continue`), plus a ``max_runs`` cap. Unlike
@@ -26,14 +33,17 @@ from fleetlite.sdk.messages import (
     BAD_TYPE,
     BAD_VALUE,
     MAX_ID_LENGTH,
+    WRONG_SCHEMA,
     Message,
     MessageError,
+    decode_object,
     get_bool,
     get_dict,
     get_float,
     get_int,
     get_list,
     get_str,
+    get_ts,
 )
 
 __all__ = [
@@ -44,19 +54,28 @@ __all__ = [
     "DEFAULT_WARMUP_MIN_SECONDS",
     "DEFAULT_WARMUP_RUNS",
     "MAX_RUNS_LIMIT",
+    "LM_WORKLOADS",
+    "MAX_LM_FIGURES",
     "PERCENTILE_METHOD",
     "QUANTIZATIONS",
     "SCHEMA",
+    "SCHEMAS",
+    "SCHEMA_V2",
     "TIMINGS",
     "TRIGGERS",
     "BudgetCheck",
+    "DecodeFigure",
     "LatencyStats",
+    "LmProfile",
     "MemoryStats",
     "ModelInfo",
+    "PrefillFigure",
     "ProfileRecord",
     "ProfileSettings",
+    "RepeatStats",
     "RunParameters",
     "Timings",
+    "TtftFigure",
     "check_budgets",
     "format_ms",
     "percentile",
@@ -64,9 +83,15 @@ __all__ = [
     "resolve_settings",
     "should_continue",
     "summarize_latencies",
+    "summarize_runs",
 ]
 
 SCHEMA = "fleetlite.profile/1"
+SCHEMA_V2 = "fleetlite.profile/2"
+"""A record with an ``lm`` section; :meth:`ProfileRecord.to_dict` writes ``/1`` without one."""
+SCHEMAS = (SCHEMA, SCHEMA_V2)
+MAX_LM_FIGURES = 16
+"""At most this many prefill and this many decode figures in an ``lm`` section."""
 
 # benchmark_model's defaults (benchmark_model.cc): num_runs 50, min_secs 1, max_secs 150,
 # warmup_runs 1, warmup_min_secs 0.5. It has no run cap; ours bounds the sample buffer.
@@ -92,9 +117,15 @@ QUANTIZATIONS = ("float32", "float16", "int8", "uint8", "int16", "mixed", "other
 tensor has that type and float tensors occur only at the model's inputs/outputs. ``mixed``:
 quantized and float compute together (e.g. dynamic-range quantization). ``other``: neither."""
 
-TIMINGS = ("invoke",)
+TIMINGS = ("invoke", "decode")
 """``invoke``: only ``interpreter.invoke()`` is timed; inputs are set (``set_tensor``) before each
-run, outside the timed region, as in benchmark_model."""
+run, outside the timed region, as in benchmark_model. ``decode`` (language models): one sample is
+one decode step of the generation engine, the ``decode`` signature call and the choice of its
+token."""
+
+LM_WORKLOADS = ("token_ids",)
+"""``token_ids``: prompts are deterministic pseudo-random token ids (``lm.seed``), generation
+ignores stop ids: no tokenizer is needed and every run decodes exactly the tokens asked for."""
 
 _SHA256_RE = re.compile(r"[0-9a-f]{64}\Z")
 
@@ -179,6 +210,50 @@ def summarize_latencies(samples_ms: Sequence[float]) -> LatencyStats:
         p99_ms=percentile(values, 99),
         max_ms=hi,
     )
+
+
+@dataclass(frozen=True)
+class RepeatStats:
+    """One figure over repeated runs, as llama-bench reports ``mean ± sd``: ``sd`` is the sample
+    standard deviation (n - 1; 0 for one run)."""
+
+    count: int
+    mean: float
+    sd: float
+    min: float
+    max: float
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RepeatStats:
+        stats = cls(
+            count=get_int(data, "count", minimum=1),
+            mean=_non_negative(data, "mean"),
+            sd=_non_negative(data, "sd"),
+            min=_non_negative(data, "min"),
+            max=_non_negative(data, "max"),
+        )
+        if not stats.min <= stats.mean <= stats.max:
+            raise MessageError(BAD_VALUE, "a repeated figure must satisfy min <= mean <= max")
+        return stats
+
+    def text(self, digits: int = 2) -> str:
+        """``mean ± sd`` with ``digits`` decimals."""
+        return f"{self.mean:.{digits}f} ± {self.sd:.{digits}f}"
+
+
+def summarize_runs(values: Sequence[float]) -> RepeatStats:
+    """Count, mean, sample standard deviation, min and max of one figure's runs."""
+    runs = [float(v) for v in values]
+    if not runs:
+        raise ValueError("no runs to summarize")
+    if not all(math.isfinite(v) and v >= 0.0 for v in runs):
+        raise ValueError("run figures must be finite and non-negative")
+    lo, hi = min(runs), max(runs)
+    mean = min(max(math.fsum(runs) / len(runs), lo), hi)
+    sd = 0.0
+    if len(runs) > 1:
+        sd = math.sqrt(math.fsum((v - mean) ** 2 for v in runs) / (len(runs) - 1))
+    return RepeatStats(count=len(runs), mean=mean, sd=sd, min=lo, max=hi)
 
 
 def should_continue(
@@ -359,7 +434,7 @@ class RunParameters:
         if timing not in TIMINGS:
             raise MessageError(BAD_VALUE, f"field 'timing' must be one of {', '.join(TIMINGS)}")
         return cls(
-            threads=get_int(data, "threads", minimum=1),
+            threads=get_int(data, "threads", minimum=1, maximum=2**31 - 1),  # INTEGER column
             backend=get_str(data, "backend", max_len=MAX_ID_LENGTH),
             backend_version=get_str(data, "backend_version", max_len=MAX_ID_LENGTH),
             delegate=get_str(data, "delegate", max_len=MAX_ID_LENGTH),
@@ -435,8 +510,150 @@ class MemoryStats:
 
 
 @dataclass(frozen=True)
+class TtftFigure:
+    """Time to first token of a ``prompt_tokens``-token prompt, from the generate call to the
+    first token chosen: ``cold_ms`` for the first generation after load, ``warm_ms`` over the
+    repeated runs after it."""
+
+    prompt_tokens: int
+    cold_ms: float
+    warm_ms: RepeatStats
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TtftFigure:
+        return cls(
+            prompt_tokens=get_int(data, "prompt_tokens", minimum=1),
+            cold_ms=_non_negative(data, "cold_ms"),
+            warm_ms=_section(data, "warm_ms", RepeatStats.from_dict),
+        )
+
+
+@dataclass(frozen=True)
+class PrefillFigure:
+    """llama-bench's ``pp<tokens>``: ``tokens`` prompt tokens written into an empty cache by the
+    prefill signatures; time per run and tokens per second over the runs."""
+
+    tokens: int
+    ms: RepeatStats
+    tokens_per_s: RepeatStats
+
+    @property
+    def label(self) -> str:
+        return f"pp{self.tokens}"
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PrefillFigure:
+        return cls(
+            tokens=get_int(data, "tokens", minimum=1),
+            ms=_section(data, "ms", RepeatStats.from_dict),
+            tokens_per_s=_section(data, "tokens_per_s", RepeatStats.from_dict),
+        )
+
+
+@dataclass(frozen=True)
+class DecodeFigure:
+    """llama-bench's ``tg<tokens> @ d<depth>``: ``tokens`` decode steps per run starting at
+    context position ``depth`` (the cache holding ``depth`` tokens). ``tokens_per_s`` is per run
+    (tokens over the run's decode time); ``ms_per_token`` pools the steps of every run."""
+
+    depth: int
+    tokens: int
+    tokens_per_s: RepeatStats
+    ms_per_token: LatencyStats
+
+    @property
+    def label(self) -> str:
+        return f"tg{self.tokens} @ d{self.depth}"
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DecodeFigure:
+        return cls(
+            depth=get_int(data, "depth", minimum=0),
+            tokens=get_int(data, "tokens", minimum=1),
+            tokens_per_s=_section(data, "tokens_per_s", RepeatStats.from_dict),
+            ms_per_token=_section(data, "ms_per_token", LatencyStats.from_dict),
+        )
+
+
+@dataclass(frozen=True)
+class LmProfile:
+    """What users of on-device LMs compare, for one generative LM (the record's ``lm`` section).
+
+    The model's shape (``num_layers``, ``context_length``, ``vocab_size``, ``cache_layout``,
+    ``prefill_lengths``) as its signatures state it; the workload (``workload`` of
+    :data:`LM_WORKLOADS`, ``seed``, ``repetitions`` runs per figure after ``warmup_runs``
+    untimed ones); ``load_ms`` (read, create the interpreter, allocate every signature);
+    ``ttft``; ``prefill`` figures by ascending length; ``decode`` figures by ascending depth;
+    ``memory_estimate_mb``: the engine's estimate of the model and its caches. Peak RSS is the
+    record's ``memory``; runtime and threads its ``run``.
+    """
+
+    workload: str
+    seed: int
+    repetitions: int
+    warmup_runs: int
+    num_layers: int
+    cache_layout: str
+    context_length: int
+    vocab_size: int
+    prefill_lengths: tuple[int, ...]
+    load_ms: float
+    ttft: TtftFigure
+    prefill: tuple[PrefillFigure, ...] = ()
+    decode: tuple[DecodeFigure, ...] = ()
+    memory_estimate_mb: Optional[float] = None
+
+    @property
+    def ttft_ms(self) -> float:
+        """The headline time to first token: the warm mean."""
+        return self.ttft.warm_ms.mean
+
+    @property
+    def prefill_tokens_per_s(self) -> Optional[float]:
+        """The headline prefill rate: the mean of the longest prefill figure."""
+        return self.prefill[-1].tokens_per_s.mean if self.prefill else None
+
+    @property
+    def decode_tokens_per_s(self) -> Optional[float]:
+        """The headline decode rate: the mean of the shallowest decode figure."""
+        return self.decode[0].tokens_per_s.mean if self.decode else None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LmProfile:
+        workload = get_str(data, "workload", max_len=MAX_ID_LENGTH)
+        if workload not in LM_WORKLOADS:
+            raise MessageError(BAD_VALUE, f"field 'workload' must be one of "
+                               f"{', '.join(LM_WORKLOADS)}, got {workload!r}")
+        lengths = get_list(data, "prefill_lengths")
+        if len(lengths) > MAX_LM_FIGURES or not all(
+                isinstance(n, int) and not isinstance(n, bool) and 1 <= n < 2**31
+                for n in lengths):
+            raise MessageError(BAD_VALUE, f"field 'prefill_lengths' must list at most "
+                               f"{MAX_LM_FIGURES} lengths within 1..2**31-1")
+        estimate = data.get("memory_estimate_mb")
+        return cls(
+            workload=workload,
+            seed=get_int(data, "seed"),
+            repetitions=get_int(data, "repetitions", minimum=1),
+            warmup_runs=get_int(data, "warmup_runs", minimum=0),
+            num_layers=get_int(data, "num_layers", minimum=1),
+            cache_layout=get_str(data, "cache_layout", max_len=MAX_ID_LENGTH),
+            context_length=get_int(data, "context_length", minimum=1),
+            vocab_size=get_int(data, "vocab_size", minimum=1),
+            prefill_lengths=tuple(lengths),
+            load_ms=_non_negative(data, "load_ms"),
+            ttft=_section(data, "ttft", TtftFigure.from_dict),
+            prefill=_figures(data, "prefill", PrefillFigure.from_dict),
+            decode=_figures(data, "decode", DecodeFigure.from_dict),
+            memory_estimate_mb=None if estimate is None
+            else _non_negative(data, "memory_estimate_mb"),
+        )
+
+
+@dataclass(frozen=True)
 class ProfileRecord(Message):
-    """One profile of one model on one device (schema ``fleetlite.profile/1``).
+    """One profile of one model on one device (schema ``fleetlite.profile/1``, or ``/2`` when it
+    carries ``lm``: see the module's docstring).
 
     ``device_id`` may be empty for a profile taken outside the agent (``fleetlite-agent profile``);
     ``device`` holds the facts of :func:`fleetlite.agent.device_facts.collect` plus
@@ -453,22 +670,86 @@ class ProfileRecord(Message):
     timings: Timings
     memory: MemoryStats
     device: dict[str, Any] = field(default_factory=dict)
+    lm: Optional[LmProfile] = None
+
+    @property
+    def schema(self) -> str:
+        """The version this record is written as: ``/2`` with an ``lm`` section, else ``/1``."""
+        return SCHEMA if self.lm is None else SCHEMA_V2
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        data["schema"] = self.schema
+        if self.lm is None:
+            del data["lm"]
+        else:
+            data["lm"] = _lists(data["lm"])
+        return data
+
+    @classmethod
+    def from_json(cls, payload: bytes) -> ProfileRecord:
+        """Parse a ``fleetlite.profile/1`` or ``/2`` record (size, JSON and schema checked)."""
+        try:
+            data = decode_object(payload, SCHEMA, max_bytes=cls.MAX_BYTES)
+        except MessageError as exc:
+            if exc.code != WRONG_SCHEMA:
+                raise
+            try:
+                data = decode_object(payload, SCHEMA_V2, max_bytes=cls.MAX_BYTES)
+            except MessageError as again:
+                if again.code != WRONG_SCHEMA:
+                    raise
+                raise MessageError(WRONG_SCHEMA, f"{exc}; this side also reads {SCHEMA_V2!r}"
+                                   ) from None
+        return cls.from_dict(data)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ProfileRecord:
+        """Validate a record's fields. ``lm`` is read unless the record says it is ``/1``, which
+        has no such section (a ``/1`` writer's ``lm`` key is ignored, as any unknown key)."""
         trigger = get_str(data, "trigger", max_len=MAX_ID_LENGTH)
         if not trigger:
             raise MessageError(BAD_VALUE, "field 'trigger' must not be empty")
+        lm = None
+        if data.get("lm") is not None and data.get("schema") != SCHEMA:
+            lm = _section(data, "lm", LmProfile.from_dict)
         return cls(
             device_id=get_str(data, "device_id", max_len=MAX_ID_LENGTH),
-            ts=get_float(data, "ts"),
+            ts=get_ts(data),
             trigger=trigger,
             model=_section(data, "model", ModelInfo.from_dict),
             run=_section(data, "run", RunParameters.from_dict),
             timings=_section(data, "timings", Timings.from_dict),
             memory=_section(data, "memory", MemoryStats.from_dict),
             device=get_dict(data, "device", optional=True),
+            lm=lm,
         )
+
+
+def _lists(value: Any) -> Any:
+    """``value`` with every tuple made a list, as JSON gives it back."""
+    if isinstance(value, dict):
+        return {k: _lists(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_lists(v) for v in value]
+    return value
+
+
+def _figures(data: Mapping[str, Any], key: str, parse: Any) -> tuple[Any, ...]:
+    """A list of at most :data:`MAX_LM_FIGURES` objects; errors name the list and the index."""
+    items = get_list(data, key, optional=True)
+    if len(items) > MAX_LM_FIGURES:
+        raise MessageError(BAD_VALUE, f"field {key!r} holds {len(items)} figures, more than "
+                           f"{MAX_LM_FIGURES}")
+    figures = []
+    for index, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise MessageError(BAD_TYPE, f"field {key!r} must be a list of objects")
+        try:
+            figures.append(parse(item))
+        except MessageError as exc:
+            raise MessageError(exc.code, f"in {key!r}[{index}]: {exc}") from exc
+    return tuple(figures)
 
 
 def _section(data: Mapping[str, Any], key: str, parse: Any) -> Any:
@@ -539,10 +820,13 @@ class BudgetCheck:
 
 
 def check_budgets(record: ProfileRecord, budgets: _BudgetsLike) -> list[BudgetCheck]:
-    """Compare a profile with a device class's budgets (peak RSS is the whole process's)."""
+    """Compare a profile with a device class's budgets (peak RSS is the whole process's). For a
+    language model the p95 is a decode step's and the first inference the cold TTFT."""
+    lm = record.lm is not None
     return [
-        BudgetCheck("p95 latency", record.timings.steady.p95_ms, budgets.max_p95_latency_ms, "ms"),
-        BudgetCheck("first inference", record.timings.first_inference_ms,
+        BudgetCheck("p95 decode step" if lm else "p95 latency", record.timings.steady.p95_ms,
+                    budgets.max_p95_latency_ms, "ms"),
+        BudgetCheck("cold TTFT" if lm else "first inference", record.timings.first_inference_ms,
                     budgets.max_first_inference_ms, "ms"),
         BudgetCheck("model load", record.timings.init_ms, budgets.max_model_load_ms, "ms"),
         BudgetCheck("peak RSS", record.memory.peak_rss_mb, budgets.max_peak_rss_mb, "MB"),
@@ -561,7 +845,8 @@ def format_ms(value: float) -> str:
 
 
 def render_text(record: ProfileRecord, budgets: Optional[_BudgetsLike] = None) -> str:
-    """A benchmark_model-like summary of a profile, with percentiles (and budgets if given)."""
+    """A benchmark_model-like summary of a profile, with percentiles (and budgets if given); for
+    a language model, a llama-bench-like table of its pp and tg tests."""
     m, r, t, mem, d = record.model, record.run, record.timings, record.memory, record.device
     s = t.steady
     version = f" v{m.version}" if m.version is not None else ""
@@ -577,6 +862,8 @@ def render_text(record: ProfileRecord, budgets: Optional[_BudgetsLike] = None) -
     ]
     if device:
         lines.append(f"device           {device}{cores}")
+    if record.lm is not None:
+        return "\n".join(lines + _lm_lines(record.lm, mem) + _budget_lines(record, budgets))
     lines += [
         f"init             {format_ms(t.init_ms)} ms",
         f"first inference  {format_ms(t.first_inference_ms)} ms",
@@ -596,15 +883,61 @@ def render_text(record: ProfileRecord, budgets: Optional[_BudgetsLike] = None) -
         f"{mem.peak_rss_load_mb:.1f}, after load {mem.rss_after_load_mb:.1f}, "
         f"peak inference {mem.peak_rss_inference_mb:.1f}  ({mem.method})",
     ]
-    if budgets is not None:
-        lines.append("")
-        for check in check_budgets(record, budgets):
-            value = check.measured
-            if check.unit == "ms":
-                measured = format_ms(value)
-            else:
-                measured = f"{value:.1f}" if value >= 10 else f"{value:.3f}"
-            verdict = "ok" if check.ok else "OVER BUDGET"
-            lines.append(f"budget {check.name:<16} {measured:>10} {check.unit} "
-                         f"<= {check.limit:g} {check.unit}  {verdict}")
-    return "\n".join(lines)
+    return "\n".join(lines + _budget_lines(record, budgets))
+
+
+def _budget_lines(record: ProfileRecord, budgets: Optional[_BudgetsLike]) -> list[str]:
+    if budgets is None:
+        return []
+    lines = [""]
+    for check in check_budgets(record, budgets):
+        value = check.measured
+        if check.unit == "ms":
+            measured = format_ms(value)
+        else:
+            measured = f"{value:.1f}" if value >= 10 else f"{value:.3f}"
+        verdict = "ok" if check.ok else "OVER BUDGET"
+        lines.append(f"budget {check.name:<16} {measured:>10} {check.unit} "
+                     f"<= {check.limit:g} {check.unit}  {verdict}")
+    return lines
+
+
+def _lm_lines(lm: LmProfile, mem: MemoryStats) -> list[str]:
+    """The language-model part of :func:`render_text`: shape, workload, load, TTFT, pp and tg."""
+    lengths = ", ".join(str(n) for n in lm.prefill_lengths)
+    warm = lm.ttft.warm_ms
+    lines = [
+        f"language model   {lm.num_layers} layers, context {lm.context_length}, vocab "
+        f"{lm.vocab_size}, {lm.cache_layout} cache layout, prefill lengths {lengths}",
+        f"workload         {lm.workload.replace('_', ' ')} (seed {lm.seed}), {lm.repetitions} "
+        f"runs per test after {lm.warmup_runs} warm-up",
+        f"load             {format_ms(lm.load_ms)} ms",
+        f"TTFT             cold {format_ms(lm.ttft.cold_ms)} ms, warm {format_ms(warm.mean)} ± "
+        f"{format_ms(warm.sd)} ms ({lm.ttft.prompt_tokens}-token prompt, {warm.count} runs)",
+        "",
+    ]
+    heads = ("test", "tokens/s", "ms/run", "p50 ms/tok", "p90 ms/tok", "p99 ms/tok")
+    rows = [[f.label, _rate(f.tokens_per_s), f"{format_ms(f.ms.mean)} ± {format_ms(f.ms.sd)}",
+             "", "", ""] for f in lm.prefill]
+    for g in lm.decode:
+        per_token = g.ms_per_token
+        rows.append([g.label, _rate(g.tokens_per_s), format_ms(per_token.mean_ms * g.tokens),
+                     format_ms(per_token.p50_ms), format_ms(per_token.p90_ms),
+                     format_ms(per_token.p99_ms)])
+    widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(heads)]
+    for cells in [list(heads), *rows]:
+        text = [cells[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(cells[1:], widths[1:])]
+        lines.append("  ".join(text).rstrip())
+    estimate = (f"; engine estimate {lm.memory_estimate_mb:.1f}"
+                if lm.memory_estimate_mb is not None else "")
+    lines += [
+        "",
+        f"memory (MB)      before load {mem.rss_before_load_mb:.1f}, peak load "
+        f"{mem.peak_rss_load_mb:.1f}, after load {mem.rss_after_load_mb:.1f}, "
+        f"peak generating {mem.peak_rss_inference_mb:.1f}  ({mem.method}){estimate}",
+    ]
+    return lines
+
+
+def _rate(stats: RepeatStats) -> str:
+    return f"{stats.mean:.1f} ± {stats.sd:.1f}"

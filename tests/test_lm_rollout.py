@@ -1,8 +1,8 @@
 """A signed language-model release, end to end: real agent processes of two device classes, a
 real Mosquitto, a real controller and store. The release (the project's LM with its tokenizer)
-rolls out in waves; every device smoke-tests it (its greedy tokens) before switching; then each
-serves it on its local socket with the reply the float reference gives, and the fleet knows
-each device runs it.
+rolls out in waves; every device smoke-tests it (its greedy tokens) before switching, profiles it
+(time to first token, tokens/s: what the fleet's per-class views and gates read), serves it on its
+local socket with the reply the float reference gives, and the fleet knows each device runs it.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from fleetlite.fleet import Fleet
 from fleetlite.fleet.gates import GateSpec
 from fleetlite.fleet.rollout import RolloutSpec, Selector, parse_waves
 from fleetlite.fleet.store import open_store
@@ -62,7 +63,7 @@ def test_an_lm_release_rolls_out_in_waves_and_every_device_serves_it(
                        chunk_size=65536)
     site.store.create_rollout("lm-1", bundle.release_id, spec.to_dict())
 
-    wait_until(lambda: site.settled("lm-1"), 180, "the LM rollout to finish")
+    wait_until(lambda: site.settled("lm-1"), 60, "the LM rollout to finish")
     state = site.state("lm-1")
     assert state.state == "completed", state.reason
     assert {d.status for d in state.devices.values()} == {"installed"}
@@ -79,6 +80,16 @@ def test_an_lm_release_rolls_out_in_waves_and_every_device_serves_it(
     # the fleet knows each device runs it; each answers on its local socket
     wait_until(lambda: set(site.model_versions("home-lm").values()) == {1}, 30,
                "births with home-lm v1")
+    # every device profiled it after the install: time to first token and tokens/s, per class
+    wait_until(lambda: {p.device_id for p in site.store.profiles(model="home-lm", version=1)}
+               == set(DEVICES), 120, "a home-lm profile from every device")
+    for stored in site.store.profiles(model="home-lm", version=1):
+        lm = stored.record().lm
+        assert lm is not None, stored.device_id
+        assert lm.ttft.warm_ms.mean > 0 and lm.decode[0].tokens_per_s.mean > 0
+    with Fleet(store_url) as fleet:
+        classes = {a.device_class: a for a in fleet.profiles(model="home-lm")}
+    assert set(classes) == set(DEVICES.values())
     expected = next(c["reply"] for c in reference("home_lm")["prompts"] if c["prompt"] == PROMPT)
     for device_id in DEVICES:
         with LocalClient(site.tmp_path / device_id / "agent.sock", timeout=60) as client:

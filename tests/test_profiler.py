@@ -289,7 +289,7 @@ def test_record_errors_name_the_section() -> None:
 
 def test_record_rejects_other_schema_versions() -> None:
     data = sample_record().to_dict()
-    data["schema"] = "fleetlite.profile/2"
+    data["schema"] = "fleetlite.profile/3"  # /2 is read too: tests/test_lm_profile.py
     with pytest.raises(MessageError) as info:
         ProfileRecord.from_json(encode(data))
     assert info.value.code == WRONG_SCHEMA

@@ -14,5 +14,6 @@ FLEETLITE_RUNTIME=ai-edge-litert .venv-litert/bin/python -m pytest -q -p no:cach
   tests/test_profiler.py tests/test_model_service.py tests/test_local_api.py \
   tests/test_ota_install.py tests/test_agent_units.py tests/test_cli_basics.py \
   tests/test_generation.py tests/test_lm_contract.py tests/test_local_generate.py \
-  tests/test_lm_install.py tests/test_generate_cli.py \
+  tests/test_lm_install.py tests/test_generate_cli.py tests/test_lm_profile.py \
+  tests/test_lm_fixtures.py \
   -k "not demo" "$@"

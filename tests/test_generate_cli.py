@@ -105,6 +105,14 @@ def test_a_tflite_file_runs_in_place() -> None:
                      "-p", "open the living room blinds")
     assert done.returncode == 0, done.stderr
     assert done.stdout == replies()["open the living room blinds"] + "\n"
+    # a model in the other cache layout, with a mask input and another layer count
+    alt = reference("alt_lm")
+    case = alt["prompts"][0]
+    other = agent_cli("generate", str(LM / "alt_lm.tflite"), "--tokenizer",
+                      str(LM / alt["tokenizer"]["file"]), "--prompt-template",
+                      alt["prompt_template"], "-p", case["prompt"])
+    assert other.returncode == 0, other.stderr
+    assert other.stdout == case["reply"] + "\n"
     no_tokenizer = agent_cli("generate", str(LM / "home_lm.tflite"), "-p", "x")
     assert no_tokenizer.returncode == 1 and "--tokenizer" in no_tokenizer.stderr
 

@@ -82,11 +82,11 @@ def start_local_broker(port: int | None = None, *, prefer: str = "auto") -> Loca
     if prefer == "mosquitto" and mosquitto is None:
         raise FleetError("mosquitto is not installed: sudo apt-get install mosquitto")
     if mosquitto is not None:
+        from fleetlite.fleet.broker_config import local_mosquitto_conf
+
         conf = workdir / "mosquitto.conf"
-        lines = [f"listener {port} 127.0.0.1", "allow_anonymous true", "persistence false"]
-        if os.geteuid() == 0:
-            lines.append("user root")
-        conf.write_text("\n".join(lines) + "\n")
+        # the same generator as `fleetlite broker-config`: the protocol's size and queue limits
+        conf.write_text(local_mosquitto_conf(port) + ("user root\n" if os.geteuid() == 0 else ""))
         cmd = [mosquitto, "-c", str(conf)]
         kind = "mosquitto"
     else:

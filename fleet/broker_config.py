@@ -231,18 +231,12 @@ def acl_text(controllers: Sequence[str] = (), operators: Sequence[str] = ()) -> 
     return "\n".join(lines) + "\n"
 
 
-def mosquitto_conf(files: BrokerFiles, settings: BrokerSettings = BrokerSettings()) -> str:
-    """The ``mosquitto.conf`` text (Mosquitto 2.0)."""
+def _limit_lines(settings: BrokerSettings) -> list[str]:
+    """The message size and per-client queue limits, with why (shared with the demo's broker)."""
     packet = _check(settings)
     sizes = largest_messages()
     largest = max(sizes, key=lambda k: sizes[k])
-    lines = [
-        "# FleetLite broker configuration for Mosquitto 2.0, written by",
-        "# `fleetlite broker-config`; see docs/operator-guide.md.",
-        "",
-        "# authentication and ACL per listener (TLS for the fleet, optional loopback for tools)",
-        "per_listener_settings true",
-        "",
+    return [
         f"# the protocol's largest message is the {largest}:",
         f"# {sizes[largest]} bytes; {PACKET_HEADROOM} bytes of headroom on top",
         f"max_packet_size {packet}",
@@ -250,6 +244,28 @@ def mosquitto_conf(files: BrokerFiles, settings: BrokerSettings = BrokerSettings
         f"max_queued_messages {settings.max_queued_messages}",
         f"max_queued_bytes {settings.max_queued_bytes}",
         f"max_inflight_messages {settings.max_inflight_messages}",
+    ]
+
+
+def local_mosquitto_conf(port: int) -> str:
+    """A loopback-only, anonymous Mosquitto with the generated limits: the zero-setup broker of
+    ``fleetlite demo`` (no TLS and no ACL: every local user has a controller's rights)."""
+    lines = ["# FleetLite's local demo broker: the limits of `fleetlite broker-config`, plain",
+             "# MQTT on the loopback only", *_limit_lines(BrokerSettings()),
+             f"listener {port} 127.0.0.1", "allow_anonymous true", "persistence false"]
+    return "\n".join(lines) + "\n"
+
+
+def mosquitto_conf(files: BrokerFiles, settings: BrokerSettings = BrokerSettings()) -> str:
+    """The ``mosquitto.conf`` text (Mosquitto 2.0)."""
+    lines = [
+        "# FleetLite broker configuration for Mosquitto 2.0, written by",
+        "# `fleetlite broker-config`; see docs/operator-guide.md.",
+        "",
+        "# authentication and ACL per listener (TLS for the fleet, optional loopback for tools)",
+        "per_listener_settings true",
+        "",
+        *_limit_lines(settings),
     ]
     if settings.persistence_dir is not None:
         lines += ["persistence true", f"persistence_location {settings.persistence_dir}/"]

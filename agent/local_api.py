@@ -396,6 +396,12 @@ class LocalApiServer:
                 with self._lock:
                     self._counts["requests"] += 1
                 header, payload = frame
+                if header.get("op") == "cancel":
+                    # no answer of its own: a cancel that crossed its generation's 'done' (or
+                    # came without one) must not leave an unread response on the connection
+                    del frame, payload
+                    self._release(state)
+                    continue
                 if header.get("op") == "generate":
                     del frame, payload
                     self._release(state)
@@ -525,10 +531,6 @@ class LocalApiServer:
             return {"ok": True, "models": described}, []
         if op == "infer":
             return self._infer(header, payload)
-        if op == "cancel":
-            raise wire.ProtocolError(
-                wire.BAD_REQUEST, "nothing to cancel: no generation is streaming on this "
-                "connection")
         raise wire.ProtocolError(
             wire.UNKNOWN_OP, f"unknown op {op!r}; use one of: infer, generate, models, ping"
         )

@@ -405,6 +405,8 @@ def run_bundle_smoke(bundle: ReleaseBundle) -> list[str]:
     from fleetlite.agent.isolated import check_model
     from fleetlite.agent.runtime import load_model
 
+    if bundle.manifest.generation is not None:
+        return _run_lm_bundle_smoke(bundle)
     problems: list[str] = []
     for variant in bundle.manifest.all_variants():
         vectors = SmokeVectors.from_json(bundle.files[variant.smoke.file])
@@ -417,6 +419,40 @@ def run_bundle_smoke(bundle: ReleaseBundle) -> list[str]:
             model = load_model(bundle.files[variant.model.file])
             found = run_smoke(vectors, model.run, variant.smoke.tolerance)
         problems.extend(f"variant {variant.name}: {p}" for p in found)
+    return problems
+
+
+def _run_lm_bundle_smoke(bundle: ReleaseBundle) -> list[str]:
+    """A language model's smoke test here, as a device runs it: model, tokenizer and metadata
+    agree, then each variant's greedy tokens and first-step logits are judged."""
+    import tempfile
+
+    from fleetlite.agent.generation import LmEngine
+    from fleetlite.agent.isolated import check_language_model
+    from fleetlite.agent.lm_smoke import run_vectors
+    from fleetlite.agent.tokenizer import load_tokenizer
+    from fleetlite.sdk.errors import FleetLiteError
+    from fleetlite.sdk.lm_smoke import LmSmokeVectors, judge
+
+    spec = bundle.manifest.generation
+    assert spec is not None
+    problems: list[str] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, content in bundle.files.items():
+            (Path(tmp) / name).write_bytes(content)
+        for variant in bundle.manifest.all_variants():
+            model = Path(tmp) / variant.model.file
+            try:
+                check_language_model(model)
+                engine = LmEngine(model, spec=spec,
+                                  tokenizer=load_tokenizer(Path(tmp) / spec.tokenizer,
+                                                           spec.tokenizer_kind))
+                vectors = LmSmokeVectors.from_json(bundle.files[variant.smoke.file])
+                found = judge(vectors, run_vectors(engine, vectors), variant.smoke.tolerance)
+            except FleetLiteError as exc:
+                reason = getattr(exc, "reason", "")
+                found = [f"{exc}" + (f" [{reason}]" if reason else "")]
+            problems.extend(f"variant {variant.name}: {p}" for p in found)
     return problems
 
 

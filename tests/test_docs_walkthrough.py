@@ -6,7 +6,9 @@ few it does not run are listed with the test that runs them, or the reason (they
 
 Placeholders a reader fills in are the only substitutions: `RELEASE_ID`, `ROLLOUT_ID`, `XXXX`,
 `DIR`, the example hosts and database, the installed certificate files under `/etc/` (the files
-`fleetlite pki` wrote), and `/opt/fleetlite/venv` (the venv running these tests). The operator
+`fleetlite pki` wrote), `/opt/fleetlite/venv` (the venv running these tests), and a gateway's
+installed paths in the language-model guide (`/run/fleetlite/agent.sock`,
+`/etc/fleetlite/agent.yaml`, `/var/lib/fleetlite/seed`: the test gateway's files). The operator
 guide's Mosquitto runs the configuration and ACL its `fleetlite broker-config` wrote, on this
 machine's port.
 """
@@ -17,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -194,7 +197,9 @@ def test_readme_cli_tour(tmp_path: Path, broker: Mosquitto, models_dir: Path,
     wt = Walkthrough(REPO / "README.md", work, {
         "FLEETLITE_DB": store_db, "FLEETLITE_BROKER": f"{broker.host}:{broker.port}"},
         exempt={"bash tools/demo.sh": DEMO, "bash tools/test.sh": TESTS,
-                "fleetlite demo": DEMO, "fleetlite demo --keep": KEEP})
+                "fleetlite demo": DEMO, "fleetlite demo --keep": KEEP,
+                **{c: why for c, why in lm_guide_commands().items()
+                   if c in shell_commands(REPO / "README.md")}})
     wt.subst["DIR"] = "models"
 
     info = wt.run("fleetlite-agent info").stdout
@@ -363,6 +368,10 @@ def test_tool_commands(doc: str, tmp_path: Path) -> None:
         assert "intent_classifier" in profiler
         cli = wt.run("python -m fleetlite.tools.bench.bench_cli").stdout
         assert re.search(r"^\| fleetlite devices list \| \d+ \| [\d.]+x \|", cli, re.M), cli
+        generate = wt.run("python -m fleetlite.tools.bench.bench_generate").stdout
+        for model in ("home_lm.tflite", "home_lm_int8.tflite"):
+            assert re.search(rf"^\| {re.escape(model)} \| 32 \+ 64 \| [\d.]+ \| [\d.]+ \| "
+                             r"[\d.]+x \|", generate, re.M), generate
     else:
         before = {p.name: p.read_bytes() for p in fixtures.iterdir()}
         wt.run("python -m fleetlite.tools.build_models tests/fixtures/models")
@@ -409,6 +418,200 @@ def test_every_document_with_commands_has_a_walkthrough() -> None:
     walked = {"README.md", "operator-guide.md", "benchmarks.md", "models.md",
               # quickstart.md: test_cli_basics.py (the --keep commands) + test_readme_demo.py
               "quickstart.md",
-              "sdk.md"}
+              "sdk.md", "language-models.md"}
     with_commands = {doc.name for doc in DOCS if shell_commands(doc)}
     assert with_commands == walked
+
+
+# --- docs/language-models.md ------------------------------------------------------------------
+
+LM_GUIDE = REPO / "docs" / "language-models.md"
+LM_FILES = ("home_lm.tflite", "home_lm_int8.tflite", "home_lm.spm.model")
+TENSORFLOW = "needs TensorFlow, which is never a FleetLite dependency and is not in CI; " \
+             "tests/test_lm_fixtures.py checks the files it made"
+
+
+def lm_guide_commands() -> dict[str, str]:
+    """Commands other documents share with the language-model guide, which its walkthrough runs
+    (an exemption reason for those documents' walkthroughs)."""
+    reason = "test_language_models_walkthrough runs it (docs/language-models.md shows it too)"
+    return {command: reason for command in shell_commands(LM_GUIDE)
+            if not command.startswith("python -m fleetlite.tools.train_lm")}
+
+
+def python_block(doc: Path, marker: str) -> str:
+    """The ```python block of ``doc`` that contains ``marker``."""
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", doc.read_text(), re.S) if marker in b]
+    assert len(blocks) == 1, f"{doc.name}: {len(blocks)} python blocks contain {marker!r}"
+    return blocks[0]
+
+
+def run_exact(wt: Walkthrough, command: str, *, stdin: str | None = None,
+              expect: tuple[int, ...] = (0,), timeout: float = 180) -> Any:
+    """Run one documented command given whole (when it is the prefix of another, or is run
+    twice), optionally with ``stdin`` (a conversation for `chat`); its exit code in ``expect``."""
+    assert command in wt.commands, f"{wt.doc.name} shows no {command!r}"
+    proc = subprocess.run(["bash", "-c", "set -eo pipefail\n" + wt.resolve(command)],
+                          cwd=wt.cwd, env=wt.env, input=stdin, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+    assert proc.returncode in expect, (
+        f"{wt.doc.name}: {command} exited {proc.returncode}, expected {expect}\n"
+        f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
+    wt.ran.append(command)
+    return proc
+
+
+def lm_reply(prompt: str) -> str:
+    """The project LM's reply to ``prompt`` as TensorFlow computed it (its reference file)."""
+    from tests.test_generation import reference
+
+    return str(next(c["reply"] for c in reference("home_lm")["prompts"] if c["prompt"] == prompt))
+
+
+def lm_gateway(wt: Walkthrough, device_id: str, *, port: int, trust_root: Path,
+               models_dir: Path) -> Path:
+    """A gateway whose agent.yaml is the guide's (its LM files and socket at this machine's
+    paths) on the test broker; its agent is started as `fleetlite-agent run` would be."""
+    home = wt.cwd / device_id
+    path = agent_config(home, device_id, port=port, trust_root=trust_root,
+                        seed=models_dir / "intent_classifier.tflite")
+    shown = found(r"```yaml\n(socket: .*?)```", LM_GUIDE.read_text())
+    documented = yaml.safe_load(shown.replace("/var/lib/fleetlite/seed", str(wt.cwd))
+                                .replace("/run/fleetlite/agent.sock", str(home / "agent.sock")))
+    config = yaml.safe_load(path.read_text())
+    config.update(documented)
+    path.write_text(yaml.safe_dump(config))
+    wt.start_plain(f"{sys.prefix}/bin/fleetlite-agent run --config agent.yaml", cwd=home,
+                   log=home / "agent.log")
+    return home
+
+
+def test_language_models_walkthrough(tmp_path: Path, broker: Mosquitto, models_dir: Path) -> None:
+    """The guide on the project's LM: check it locally, build and sign float + int8 with the
+    tokenizer, one refused build, push and roll it out to two gateways (real agents, Mosquitto,
+    a controller) whose agent.yaml also serves a local LM, then serve it: the CLI on the socket,
+    `chat`, and the guide's and the local API doc's Python examples."""
+    work = tmp_path / "lm"
+    work.mkdir()
+    for name in LM_FILES:
+        shutil.copy(REPO / "tests" / "fixtures" / "lm" / name, work / name)
+    db = f"sqlite:///{tmp_path / 'fleet.db'}"
+    wt = Walkthrough(LM_GUIDE, work, {"FLEETLITE_DB": db,
+                                      "FLEETLITE_BROKER": f"{broker.host}:{broker.port}"},
+                     exempt={"python -m fleetlite.tools.train_lm OUTDIR": TENSORFLOW})
+    try:
+        walk_the_lm_guide(wt, db, broker, models_dir)
+    finally:
+        wt.stop()
+
+
+def walk_the_lm_guide(wt: Walkthrough, db: str, broker: Mosquitto, models_dir: Path) -> None:
+    work = wt.cwd
+    kitchen, door = "turn off the kitchen lights", "lock the front door"
+
+    # 2. check it on one machine: the file, its tokenizer and template
+    local = wt.run("fleetlite-agent generate home_lm.tflite")
+    assert local.stdout.strip() == lm_reply(kitchen), local.stdout
+    assert "time to first token" in local.stderr and "stop: stop_token" in local.stderr
+    piped = json.loads(wt.run('echo "lock the front door" |').stdout)
+    assert piped["text"] == lm_reply(door) and piped["stop_reason"] == "stop_token", piped
+
+    # 8. profiles (any time; they need only the file)
+    table = run_exact(wt, "fleetlite-agent profile home_lm.tflite").stdout
+    for shown in ("TTFT", "cold", "warm", "pp8 ", "pp32 ", "tg32 @ d16", "tg32 @ d64", "peak"):
+        assert shown in table, f"{shown!r} not in:\n{table}"
+    record = json.loads(run_exact(wt, "fleetlite-agent profile home_lm.tflite --json").stdout)
+    assert record["schema"] == "fleetlite.profile/2", record["schema"]
+    lm = record["lm"]
+    assert (lm["num_layers"], lm["context_length"], lm["cache_layout"]) == (2, 128, "default")
+    assert lm["ttft"]["warm_ms"]["mean"] > 0 and [p["tokens"] for p in lm["prefill"]] == [8, 32]
+    assert record["memory"]["peak_rss_inference_mb"] > 0
+
+    # 4. build and sign (the keys and root.json as the operator guide makes them: set-up)
+    created = wt.run_plain("fleetlite keys create --role release --out keys/").stdout
+    wt.subst["XXXX"] = found(r"keys/release-(\w+)\.key", created)
+    wt.run_plain("fleetlite keys create --role root --out root-keys/\n"
+                 "fleetlite keys root init --root-key root-keys/root-*.key "
+                 "--release-key keys/release-*.pub --out root.json")
+    built = wt.run("fleetlite release build home_lm.tflite home_lm_int8.tflite").stdout
+    assert "built home-lm-v1: home-lm v1 for raspberry-pi-4" in built, built
+    assert "home_lm.spm.model (tokenizer" in built and "stop ids [3]" in built, built
+    assert "signed by" in built
+    refused = wt.run("fleetlite release build home_lm.tflite --tokenizer", expect=1)
+    assert "[ids_out_of_range]" in refused.stderr, refused.stderr
+    assert not (work / "refused").exists()
+    verified = wt.run("fleetlite release verify home-lm-v1").stdout
+    assert verified.startswith("OK: home-lm v1 verifies against root.json"), verified
+    shown_release = wt.run("fleetlite release show home-lm-v1").stdout
+    assert re.search(r"home_lm\.spm\.model\s+tokenizer", shown_release), shown_release
+    assert "variant home_lm_int8 (home_lm_int8.tflite)" in shown_release
+
+    # 5. push and roll out to two gateways whose agent.yaml (7.) also serves a local LM
+    wt.start_plain("fleetlite serve", log=work / "serve.log")
+    gateways = ["gw-lm-1", "gw-lm-2"]
+    homes = [lm_gateway(wt, device_id, port=broker.port, trust_root=work / "root.json",
+                        models_dir=models_dir) for device_id in gateways]
+    with Fleet(db) as fleet:
+        wait_until(lambda: len(fleet.devices(online=True)) == 2, 120, "two gateways online")
+    pushed = wt.run("fleetlite release push home-lm-v1").stdout
+    wt.subst["RELEASE_ID"] = found(r"release id ([0-9a-f]{64})", pushed)
+    created_rollout = wt.run("fleetlite rollout create RELEASE_ID --waves 1,100%").stdout
+    wt.subst["ROLLOUT_ID"] = found(r"created rollout (\S+):", created_rollout)
+    watch = wt.command("fleetlite rollout watch")
+    watched = run_exact(wt, watch, timeout=240).stdout
+    assert re.search(rf"{wt.subst['ROLLOUT_ID']}: completed, wave \d+ of \d+: 2 installed",
+                     watched), watched
+    assert "TTFT on class raspberry-pi-4: no baseline" in watched, watched
+    with Fleet(db) as fleet:
+        def lm_versions() -> dict[str, Any]:
+            return {d.device_id: {m.name: m.version for m in d.models} for d in fleet.devices()}
+        wait_until(lambda: all(v.get("home-lm") == 1 for v in lm_versions().values()), 120,
+                   "births with home-lm v1")
+        wait_until(lambda: len(fleet.profile_rows("home-lm", 1)) >= 2, 180, "both v1 profiles")
+    shown_profiles = wt.run("fleetlite profiles show --model home-lm").stdout
+    assert re.search(r"^raspberry-pi-4\s+home-lm\s+1\s+2\s+[\d.]+\s+[\d.]+\s+[\d.]+",
+                     shown_profiles, re.M), shown_profiles
+
+    # the next version with the LM gates (built as section 4 says: --version 2, set-up)
+    build = wt.command("fleetlite release build home_lm.tflite home_lm_int8.tflite")
+    wt.run_plain(wt.resolve(build.replace("--version 1", "--version 2")
+                            .replace("--out home-lm-v1", "--out home-lm-v2")))
+    pushed = wt.run("fleetlite release push home-lm-v2").stdout
+    wt.subst["RELEASE_ID"] = found(r"release id ([0-9a-f]{64})", pushed)
+    created_rollout = wt.run("fleetlite rollout create RELEASE_ID --waves 1,10%").stdout
+    assert "home-lm v2 (baseline v1)" in created_rollout, created_rollout
+    wt.subst["ROLLOUT_ID"] = found(r"created rollout (\S+):", created_rollout)
+    gated = run_exact(wt, watch, expect=(0, 3), timeout=240)
+    # the same model again: it completes, unless this busy machine's noise trips a gate
+    if gated.returncode == 0:
+        assert re.search(r"decode rate within limits on class raspberry-pi-4: .* for version 1",
+                         gated.stdout), gated.stdout
+    else:
+        assert state(db, wt.subst["ROLLOUT_ID"]) == "rolled_back", gated.stdout
+        assert re.search(r"(time to first token|decode rate) regressed on class raspberry-pi-4",
+                         gated.stdout), gated.stdout
+    compared = wt.run("fleetlite profiles compare home-lm 1 2").stdout
+    assert "home-lm: v2 (B) against v1 (A)" in compared, compared
+    assert re.search(r"^raspberry-pi-4\s", compared, re.M), compared
+
+    # 7. serve it: the rolled-out release and the agent.yaml model, side by side on the socket
+    wt.subst["/run/fleetlite/agent.sock"] = str(homes[0] / "agent.sock")
+    wt.subst["/etc/fleetlite/agent.yaml"] = str(homes[0] / "agent.yaml")
+    released = wt.run("fleetlite-agent generate home-lm --socket").stdout
+    assert released.strip() == lm_reply(kitchen), released
+    served_local = wt.run("fleetlite-agent generate home-lm-local --socket")
+    assert served_local.stdout.strip() == lm_reply(door), served_local.stdout
+    assert "time to first token" in served_local.stderr
+    chat = wt.command("fleetlite-agent chat home-lm --config")
+    chatted = run_exact(wt, chat, stdin=f"{kitchen}\n{door}\n").stdout.splitlines()
+    assert len(chatted) == 2 and chatted[0] == lm_reply(kitchen), chatted
+    for doc, marker in ((LM_GUIDE, "client.generate("),
+                        (REPO / "docs" / "local-api.md", "client.generate(")):
+        script = python_block(doc, marker).replace("/run/fleetlite/agent.sock",
+                                                   str(homes[0] / "agent.sock"))
+        printed = wt.run_plain(f"{sys.executable} - <<'PYTHON'\n{script}PYTHON").stdout
+        expected = lm_reply(kitchen) if doc == LM_GUIDE else lm_reply(door)
+        assert printed.splitlines()[0] == expected and "stop_token" in printed, printed
+    codes = wt.stop()
+    assert all(code == 0 for group in codes.values() for code in group), codes
+    wt.assert_all_run()

@@ -19,7 +19,7 @@ from fleetlite.agent.language_models import LanguageModels
 from fleetlite.agent.model_service import ModelService
 from fleetlite.agent.ota import OtaManager, OtaSettings
 from fleetlite.agent.ota_state import OtaStateStore
-from fleetlite.sdk.bundle import ReleaseBundle, build_release
+from fleetlite.sdk.bundle import ReleaseBundle, build_release, run_bundle_smoke
 from fleetlite.sdk.device_class import find_device_class
 from fleetlite.sdk.envelope import Envelope
 from fleetlite.sdk.errors import BundleError
@@ -201,6 +201,18 @@ def test_the_builder_refuses_what_devices_would(tmp_path: Path) -> None:
     # ... and share its generation metadata (alt_lm has another cache layout and context)
     with pytest.raises(BundleError, match="cache_shape_mismatch"):
         lm_release(1, extra_models=[LM / "alt_lm.tflite"])
+
+
+def test_release_verify_smoke_runs_an_lm_release_here(tmp_path: Path) -> None:
+    bundle = lm_release(1, extra_models=[LM / "home_lm_int8.tflite"])
+    assert run_bundle_smoke(bundle) == []
+    # the int8 variant judged as strictly as the float one fails, and says why
+    doc = json.loads(bundle.files["home_lm_int8.smoke.json"])
+    doc["min_token_agreement"] = 1.0
+    strict = ReleaseBundle(bundle.envelope, bundle.manifest, {
+        **bundle.files, "home_lm_int8.smoke.json": json.dumps(doc).encode()})
+    problems = run_bundle_smoke(strict)
+    assert problems and all(p.startswith("variant home_lm_int8:") for p in problems)
 
 
 def test_float_and_int8_variants_travel_together(tmp_path: Path) -> None:

@@ -146,6 +146,7 @@ def bench_model(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     bare_interpreter = engine.backend.interpreter_class(
         model_path=str(path), num_threads=args.threads
     )
+    bare_interpreter.allocate_tensors()  # as the engine does: tflite-runtime's XNNPACK is here
     runners = {name: bare_interpreter.get_signature_runner(name)
                for name in bare_interpreter.get_signature_list()}
     # In blocks, each after an untimed warm-up: alternating two interpreters call by call slows

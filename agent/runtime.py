@@ -193,7 +193,8 @@ def _broadcast_params(spec: TensorSpec, ndim: int) -> tuple[Array, Array]:
 
 
 _UNSUPPORTED_OP = re.compile(
-    r"(Didn't find op for builtin opcode '?(?P<builtin>[A-Z_0-9]+)'?)|"
+    r"(Didn't find op for builtin opcode '?(?P<builtin>[A-Z_0-9]+)'?"
+    r"(?: version '?(?P<version>[0-9]+)'?)?)|"
     r"(Encountered unresolved custom op: (?P<custom>[^.\s]+))"
 )
 
@@ -203,6 +204,8 @@ def _translate_load_error(exc: BaseException, origin: str) -> InvalidModelError:
     match = _UNSUPPORTED_OP.search(text)
     if match:
         op = match.group("builtin") or match.group("custom")
+        if match.group("version"):
+            op += f" version {match.group('version')}"
         return UnsupportedOpError(
             f"{origin}: the model uses operator {op}, which this TFLite runtime does not provide. "
             "Rebuild the model with supported ops or install a runtime version that has it."

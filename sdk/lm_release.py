@@ -52,16 +52,11 @@ class LmBuild:
 
 
 def is_lm_file(path: Path) -> bool:
-    """Whether a ``.tflite`` file has the LM signatures (read without an interpreter)."""
-    from fleetlite.agent.runtime import create_interpreter, read_model_source
-    from fleetlite.sdk.lm_signature import is_lm
+    """Whether a ``.tflite`` file has the LM signatures, read from its flatbuffer without an
+    interpreter (so a model this machine's runtime cannot load is still recognised)."""
+    from fleetlite.agent.lm_profiler import is_language_model
 
-    try:
-        content, origin = read_model_source(path)
-        _, interpreter = create_interpreter(content, origin, num_threads=1)
-        return is_lm(interpreter.get_signature_list())
-    except FleetLiteError:
-        return False
+    return is_language_model(path)
 
 
 def oldest_runtime(device_classes: Sequence[str]) -> str:
@@ -83,26 +78,34 @@ def _installed(runtime: str) -> bool:
 
 def _check_in_runtime(paths: Sequence[Path], device_classes: Sequence[str]) -> str:
     """Load and generate with each model in a child process of the oldest runtime its classes
-    use (an older installed one stands in when that one is missing); returns the one used."""
+    use; returns the runtime used. When that runtime is not installed here, an older installed
+    one may stand in (what loads there loads in the newer one), but a failure there proves
+    nothing about the devices' runtime: then the message asks for that runtime."""
     from fleetlite.agent.isolated import check_language_model
 
     wanted = oldest_runtime(device_classes)
-    candidates = [r for r in RUNTIME_AGE[: RUNTIME_AGE.index(wanted) + 1] if _installed(r)]
-    if not candidates:
+    targets = ", ".join(device_classes)
+    package = "ai-edge-litert" if wanted == "ai-edge-litert" else "tflite-runtime"
+    older = [r for r in RUNTIME_AGE[: RUNTIME_AGE.index(wanted)] if _installed(r)]
+    runtime = wanted if _installed(wanted) else (older[-1] if older else None)
+    if runtime is None:
         raise BundleError(
-            f"the device classes {', '.join(device_classes)} run {wanted}, which is not "
-            f"installed here: install it to check the model loads there before signing "
-            f"(pip install {'ai-edge-litert' if wanted == 'ai-edge-litert' else 'tflite-runtime'})")
-    runtime = candidates[-1]
+            f"the device classes {targets} run {wanted}, which is not installed here: install "
+            f"it to check the model loads there before signing (pip install {package})")
     for path in paths:
         try:
             check_language_model(path, backend=runtime)
         except FleetLiteError as exc:
+            if runtime != wanted:
+                raise BundleError(
+                    f"{path} does not run in {runtime}, the runtime installed here ({exc}); "
+                    f"the device classes {targets} run {wanted}: install it (pip install "
+                    f"{package}) to check the model in the devices' runtime") from None
             raise BundleError(
-                f"{path} does not run in {runtime}, the TFLite runtime of "
-                f"{', '.join(device_classes)}: {exc}. Convert it for that runtime (for "
-                "tflite-runtime 2.14: no STABLEHLO_COMPOSITE, FULLY_CONNECTED at most version "
-                "9) or target device classes with a newer runtime") from None
+                f"{path} does not run in {runtime}, the TFLite runtime of {targets}: {exc}. "
+                "Convert it for that runtime (for tflite-runtime 2.14: no "
+                "STABLEHLO_COMPOSITE, FULLY_CONNECTED at most version 9) or target device "
+                "classes with a newer runtime") from None
     return runtime
 
 

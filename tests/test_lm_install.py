@@ -225,3 +225,31 @@ def test_float_and_int8_variants_travel_together(tmp_path: Path) -> None:
     assert smoke["default"]["min_token_agreement"] == 1.0
     assert smoke["home_lm_int8"]["min_token_agreement"] == 0.8
     assert smoke["default"]["cases"] == smoke["home_lm_int8"]["cases"]  # the float's tokens
+
+
+FC12 = LM / "home_lm_int8_fc12.tflite"  # TF 2.21's default int8 export: FULLY_CONNECTED v12
+
+
+def runtime_lacks_fc12() -> bool:
+    from fleetlite.agent.runtime import select_backend
+
+    return select_backend().name == "tflite-runtime"
+
+
+@pytest.mark.skipif(not runtime_lacks_fc12(),
+                    reason="only tflite-runtime 2.14 lacks FULLY_CONNECTED version 12")
+def test_an_op_the_runtime_lacks_is_refused_at_build_and_on_the_device(
+        device: LmDevice, v1: ReleaseBundle) -> None:
+    # at build time, for a class that runs tflite-runtime: with the op's name and version
+    with pytest.raises(BundleError, match="FULLY_CONNECTED version 12"):
+        build_release([FC12], name="home-lm", version=2, device_classes=["raspberry-pi-4"],
+                      tokenizer=LM / "home_lm.spm.model")
+    # a release built elsewhere (its smoke vectors from the float model) reaches the device
+    assert device.install(v1).outcome == "installed"
+    v2 = lm_release(2)
+    files = {"home_lm.tflite": FC12.read_bytes()}
+    final = device.install(v2, envelope=resign(v2, lambda doc: None, files), files=files)
+    assert (final.outcome, final.reason) == ("rejected", "invalid_model"), final.message
+    assert "FULLY_CONNECTED version 12" in final.message
+    assert device.answer(PROMPTS[0]) == reply(PROMPTS[0])
+    assert device.installed_version() == 1

@@ -8,8 +8,11 @@ artifact; the signature convention (``prefill_<N>`` and ``decode``, their tensor
 dtypes, the recorded cache layout); the tokenizer (special ids, vocabulary size = logits size,
 the prompts' token ids); and the greedy tokens: a float model reproduces the TensorFlow tokens
 exactly, also when prefill's ``input_pos`` is zero-padded the way LiteRT-LM pads it, and an int8
-model reaches its recorded agreement with them. :func:`greedy_generate` is also the loop
-tools/train_lm.py runs over the TensorFlow model to record those tokens.
+model reaches its recorded agreement with them. A model whose reference records an
+``unsupported_op`` (home_lm_int8_fc12: FULLY_CONNECTED version 12) must instead be refused by the
+runtime it names, with an error naming that op and version; other runtimes must load and run it.
+:func:`greedy_generate` is also the loop tools/train_lm.py runs over the TensorFlow model to
+record those tokens.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -224,6 +228,25 @@ def signature_runner(interpreter: Any) -> RunFn:
     return run
 
 
+def refusal_check(backend: Any, path: Path,
+                  unsupported: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """``backend`` must refuse to load ``path``, which needs an op version it lacks, with an
+    error naming the op and the version: (problems, notes)."""
+    op, version = str(unsupported["op"]), int(unsupported["version"])
+    label = f"{path.name} on {backend.name} {backend.version}"
+    try:
+        backend.interpreter_class(model_path=str(path), num_threads=1)
+    except (ValueError, RuntimeError) as exc:
+        text = str(exc).strip()
+        first_line = text.splitlines()[0] if text else type(exc).__name__
+        if re.search(rf"\b{re.escape(op)}\b\W+version\W+{version}\b", text):
+            return [], [f"{label}: refused as recorded ({first_line})"]
+        return [f"{label}: refused, but the error does not name {op} version {version}: "
+                f"{first_line}"], []
+    return [f"{label}: loaded, but it needs {op} version {version}, which "
+            f"{unsupported['refused_by']} is recorded to lack"], []
+
+
 def _tokenizer_problems(tokenizer: Any, recorded: Mapping[str, Any]) -> list[str]:
     found = {"vocab_size": tokenizer.get_piece_size(), "bos_id": tokenizer.bos_id(),
              "eos_id": tokenizer.eos_id(), "pad_id": tokenizer.pad_id(),
@@ -256,6 +279,10 @@ def check_reference(path: Path) -> tuple[list[str], list[str]]:
     problems += _tokenizer_problems(tokenizer, reference["tokenizer"])
     model_file = reference["model"]["file"]
     backend = select_backend()
+    unsupported = reference.get("unsupported_op")
+    if unsupported is not None and backend.name == unsupported["refused_by"]:
+        refused, notes = refusal_check(backend, directory / model_file, unsupported)
+        return problems + refused, notes
     interpreter = backend.interpreter_class(model_path=str(directory / model_file), num_threads=1)
     problems += signature_problems(interpreter, spec)
     if problems:
@@ -287,6 +314,10 @@ def check_reference(path: Path) -> tuple[list[str], list[str]]:
     per_token = 1000 * (time.perf_counter() - started) / max(generated, 1)
     notes = [f"{model_file} on {backend.name} {backend.version}: {generated} tokens generated, "
              f"{per_token:.2f} ms/token (prefill included)"]
+    if unsupported is not None:
+        notes.append(f"{model_file} loads in {backend.name} {backend.version}, which has "
+                     f"{unsupported['op']} version {unsupported['version']} "
+                     f"({unsupported['refused_by']} refuses it)")
     if int8 is not None and rates:
         rate, required = sum(rates) / len(rates), float(int8["required_agreement"])
         notes.append(f"{model_file}: greedy agreement {rate:.3f} with the float reference "

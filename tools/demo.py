@@ -209,16 +209,24 @@ class Demo:
             chunk_size=65536 if lm else 4096,
         )
         self.store.create_rollout(rollout_id, bundle.release_id, spec.to_dict())
-        gate = ("smoke test: greedy replies" if gates is not None
-                else "latency gate p95 +100%")
+        if gates is None:
+            gate = "latency gate p95 +100%"
+        elif gates.max_decode_regression is not None and previous is not None:
+            gate = (f"gates: TTFT +{gates.max_ttft_regression:.0%}, decode rate "
+                    f"-{gates.max_decode_regression:.0%}")
+        else:
+            gate = "smoke test: greedy replies"
         say(f"    rollout {rollout_id}: {model} v{spec.version}, waves 1 device / 50% / 100%, "
             f"{gate}")
         return self.watch(rollout_id)
 
     def lm_release(self, version: int, key: SigningKey) -> ReleaseBundle:
-        """The project's LM (float32, with its int8 variant) and its SentencePiece tokenizer."""
+        """The project's LM and its SentencePiece tokenizer: v1 float32 with its int8 variant,
+        v2 the fine-tune that confirms with "done, ..." (tools/finetune_lm.py)."""
+        models = ([LM_DIR / "home_lm.tflite", LM_DIR / "home_lm_int8.tflite"] if version == 1
+                  else [LM_DIR / "home_lm_v2.tflite"])
         bundle = build_release(
-            [LM_DIR / "home_lm.tflite", LM_DIR / "home_lm_int8.tflite"], name="home-lm",
+            models, name="home-lm",
             version=version, device_classes=sorted({c for _, c, _ in DEVICES}), keys=[key],
             tokenizer=LM_DIR / "home_lm.spm.model", prompt_template=LM_TEMPLATE,
             smoke_prompts=[LM_QUESTION, "lock the front door"], smoke_tokens=12)
@@ -291,13 +299,12 @@ class Demo:
 
     # -- showing ---------------------------------------------------------------------------
 
-    def show_profiles(self) -> None:
+    def show_profiles(self, model: str = "intent") -> None:
         from fleetlite.fleet.profiles_view import ProfileRow, aggregate, render
 
         assert self.store is not None
-        rows = [ProfileRow.from_record(r.record(), device_class=r.device_class)
-                for r in self.store.profiles(model="intent")]
-        say(render(aggregate(rows, model="intent"), "table"))
+        rows = [ProfileRow.from_stored(r) for r in self.store.profiles(model=model)]
+        say(render(aggregate(rows, model=model), "table"))
 
     def ask(self, device_id: str) -> None:
         home = self.dir / "agents" / device_id
@@ -396,12 +403,22 @@ def run_demo(out: str | None = None, *, keep: bool = False, broker: str = "auto"
                                 gates=GateSpec(max_p95_regression=None, min_profiles=0))
         step(9, "Asking gw-pi4-01's language model through its local socket (streamed)")
         demo.ask_lm("gw-pi4-01")
-        step(10, "Writing the HTML report")
+        step(10, "Rolling out a fine-tuned home-lm v2, gated on time to first token and decode "
+             "rate per device class")
+        lm_v2 = demo.lm_release(2, key)
+        # generous limits: four gateways share this machine's cores, so timings are noisy
+        lm_v2_state = demo.rollout("home-lm-v2", lm_v2, previous=1, gates=GateSpec(
+            max_p95_regression=None, max_ttft_regression=2.0, max_decode_regression=0.6))
+        demo.ask_lm("gw-pi4-01")
+        step(11, "The language model's profiles per device class: TTFT, prefill and decode "
+             "tokens/s, peak memory")
+        demo.show_profiles("home-lm")
+        step(12, "Writing the HTML report")
         report = demo.report()
         say(f"    {report}")
         elapsed = time.monotonic() - demo.started
         say(f"\nDone in {elapsed:.0f} s: v2 {state.state}, broken v3 {broken.state}, "
-            f"home-lm v1 {lm_state.state}. Report: {report}")
+            f"home-lm v1 {lm_state.state}, v2 {lm_v2_state.state}. Report: {report}")
         if keep:
             assert demo.broker is not None
             say("\n--keep: broker, agents and controller keep running. Try:\n"

@@ -3,16 +3,19 @@
 python -m fleetlite.tools.train_lm OUTDIR     (needs TensorFlow: a throw-away venv, never CI)
 
 Writes the SentencePiece tokenizer, ``home_lm`` (2 layers, cache layout [1, T, heads, head_dim]),
-its int8 variant and ``alt_lm`` (3 layers, "transposed" caches, a ``mask`` input) in the
-signature convention litert-torch exports and LiteRT-LM loads (``prefill_<N>`` and ``decode``
-over ``tokens``, ``input_pos`` and ``kv_cache_k_<i>``/``kv_cache_v_<i>``), each with a reference
-JSON whose greedy tokens come from the TensorFlow model itself. Seeded and deterministic.
+its int8 variant, ``home_lm_int8_fc12`` (the same weights as TensorFlow quantizes them by default:
+an op version tflite-runtime lacks, for tests that such a release is refused) and ``alt_lm``
+(3 layers, "transposed" caches, a ``mask`` input) in the signature convention litert-torch
+exports and LiteRT-LM loads (``prefill_<N>`` and ``decode`` over ``tokens``, ``input_pos`` and
+``kv_cache_k_<i>``/``kv_cache_v_<i>``), each with a reference JSON whose greedy tokens come from
+the TensorFlow model itself. Seeded and deterministic.
 tools/check_lm_fixtures.py checks the artifacts without TensorFlow.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import platform
@@ -64,6 +67,10 @@ TEST_PROMPTS = (
     "open the living room blinds",
     "what is the temperature in the office",
 )
+# The builtin op (and version) of TensorFlow's default int8 conversion of a dense layer, with
+# per-channel weight scales, that tflite-runtime (2.14, its last release) does not provide.
+UNSUPPORTED_OP, UNSUPPORTED_OP_VERSION = "FULLY_CONNECTED", 12
+UNSUPPORTED_OP_SUFFIX = "_int8_fc12"
 
 keras = tf.keras
 ops = keras.ops
@@ -87,6 +94,8 @@ class ModelConfig:
     prefill_lengths: tuple[int, ...]
     epochs: int
     int8_variant: bool
+    # also export the int8 weights with per-channel dense scales (UNSUPPORTED_OP's version)
+    unsupported_op_variant: bool = False
     batch_size: int = 64
     learning_rate: float = 3e-3
 
@@ -98,7 +107,8 @@ class ModelConfig:
 
 HOME_LM = ModelConfig("home_lm", num_layers=2, d_model=128, num_heads=4, head_dim=32,
                       context_length=128, cache_layout="default", mask_input=False,
-                      prefill_lengths=(8, 32), epochs=6, int8_variant=True)
+                      prefill_lengths=(8, 32), epochs=6, int8_variant=True,
+                      unsupported_op_variant=True)
 ALT_LM = ModelConfig("alt_lm", num_layers=3, d_model=96, num_heads=3, head_dim=32,
                      context_length=64, cache_layout="transposed", mask_input=True,
                      prefill_lengths=(8, 32), epochs=2, int8_variant=False)
@@ -301,8 +311,12 @@ def frozen_functions(net: Network, spec: LMSpec) -> dict[str, Any]:
     return result
 
 
-def convert(net: Network, spec: LMSpec, workdir: Path, int8: bool) -> bytes:
-    """The .tflite bytes (TFLite builtin ops only) of every signature, via a SavedModel."""
+def convert(net: Network, spec: LMSpec, workdir: Path, int8: bool,
+            per_channel_dense: bool = False) -> bytes:
+    """The .tflite bytes (TFLite builtin ops only) of every signature, via a SavedModel.
+
+    ``per_channel_dense`` keeps the converter's default for int8 dense weights (a scale per
+    output channel, FULLY_CONNECTED version 12) instead of one scale per tensor."""
     functions = frozen_functions(net, spec)
     saved = workdir / f"{net.config.name}_saved_model"
     tf.saved_model.save(tf.Module(), str(saved),
@@ -313,9 +327,25 @@ def convert(net: Network, spec: LMSpec, workdir: Path, int8: bool) -> bytes:
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         # Per-channel dense weights need FULLY_CONNECTED version 12, which tflite-runtime 2.14
         # refuses; per-tensor scales keep it at a version 2.14 loads.
-        converter._experimental_disable_per_channel_quantization_for_dense_layers = True
+        if not per_channel_dense:
+            converter._experimental_disable_per_channel_quantization_for_dense_layers = True
     content: bytes = converter.convert()
     return content
+
+
+def operator_versions(content: bytes) -> dict[str, int]:
+    """Builtin op name -> the highest version of it a .tflite needs (what a runtime must have)."""
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    names = {code: name for name, code in vars(schema.BuiltinOperator).items()
+             if not name.startswith("_")}
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(content))
+    found: dict[str, int] = {}
+    for code in model.operatorCodes:
+        name = names[max(code.builtinCode, code.deprecatedBuiltinCode)]
+        found[name] = max(found.get(name, 0), int(code.version))
+    return dict(sorted(found.items()))
 
 
 # ----------------------------------------------------------------------------- training
@@ -436,12 +466,24 @@ def write_json(path: Path, data: Mapping[str, Any]) -> None:
 
 
 def export_variant(net: Network, spec: LMSpec, tokenizer: Any, cases: list[dict[str, Any]],
-                   header: dict[str, Any], outdir: Path, workdir: Path, int8: bool) -> None:
+                   header: dict[str, Any], outdir: Path, workdir: Path, int8: bool,
+                   per_channel_dense: bool = False) -> None:
     """Write ``<name>[_int8].tflite`` and its reference JSON, after running it in TFLite: a
-    float model must give the TensorFlow tokens exactly; for int8 the agreement is recorded."""
-    name = net.config.name + ("_int8" if int8 else "")
+    float model must give the TensorFlow tokens exactly; for int8 the agreement is recorded.
+
+    With ``per_channel_dense``, ``<name>_int8_fc12.tflite``: int8 as TensorFlow converts by
+    default, which needs UNSUPPORTED_OP at UNSUPPORTED_OP_VERSION; its reference JSON records
+    that, and that tflite-runtime refuses it (check_lm_fixtures.py checks the refusal there and
+    the agreement in runtimes that have the op)."""
+    name = net.config.name + (UNSUPPORTED_OP_SUFFIX if per_channel_dense else
+                              "_int8" if int8 else "")
     file = f"{name}.tflite"
-    content = convert(net, spec, workdir, int8)
+    content = convert(net, spec, workdir, int8, per_channel_dense)
+    needed = operator_versions(content)
+    if per_channel_dense and needed.get(UNSUPPORTED_OP) != UNSUPPORTED_OP_VERSION:
+        raise SystemExit(f"{file}: needs {UNSUPPORTED_OP} version {needed.get(UNSUPPORTED_OP)}, "
+                         f"expected {UNSUPPORTED_OP_VERSION}: this TensorFlow converts "
+                         "differently, so the file would not test what it is for")
     (outdir / file).write_bytes(content)
     run = signature_runner(tf.lite.Interpreter(model_content=content, num_threads=1))
     produced = [greedy_generate(run, spec, c["prompt_ids"], MAX_NEW_TOKENS).ids for c in cases]
@@ -451,12 +493,24 @@ def export_variant(net: Network, spec: LMSpec, tokenizer: Any, cases: list[dict[
         rates = [agreement(c["reference_ids"], ids) for c, ids in zip(cases, produced)]
         rate = sum(rates) / len(rates)
         reference["int8"] = {
-            "quantization": "dynamic-range: int8 weights (per-tensor for dense layers), "
+            "quantization": "dynamic-range: int8 weights (per-"
+                            f"{'channel' if per_channel_dense else 'tensor'} for dense layers), "
                             "float activations",
             "float_reference": f"{net.config.name}.reference.json",
             "measured_with": f"tf.lite.Interpreter {tf.__version__}",
             "agreement": rate, "required_agreement": rate,
         }
+        if per_channel_dense:
+            reference["unsupported_op"] = {
+                "purpose": "a release whose model needs an op version the target runtime lacks: "
+                           "refused at build time naming the op, and on the device",
+                "op": UNSUPPORTED_OP, "version": UNSUPPORTED_OP_VERSION,
+                "refused_by": "tflite-runtime",
+                "error": f"Didn't find op for builtin opcode '{UNSUPPORTED_OP}' version "
+                         f"'{UNSUPPORTED_OP_VERSION}'",
+                "loads_in": ["ai-edge-litert", "tensorflow"],
+                "operator_versions": needed,
+            }
         reference["prompts"] = [
             {**c, "int8_ids": ids, "int8_reply": reply_text(tokenizer, ids),
              "agreement": r} for c, ids, r in zip(cases, produced, rates)]
@@ -486,6 +540,10 @@ def build(outdir: Path, seed: int) -> None:
     x, y, w = encode_dialogues(tokenizer, pairs)
     print(f"corpus: {len(pairs)} dialogues ({len(set(pairs))} distinct), "
           f"up to {x.shape[1] + 1} tokens")
+    # Exported after every other model: each export traces new Keras layers, whose automatic
+    # names (reshape_<n>) end up in the .tflite tensor names, so an export run earlier would
+    # change the bytes of the models exported after it.
+    last: list[Callable[[], None]] = []
     with tempfile.TemporaryDirectory() as workdir:
         for config in (HOME_LM, ALT_LM):
             keras.utils.set_random_seed(seed)
@@ -515,6 +573,12 @@ def build(outdir: Path, seed: int) -> None:
             }
             for int8 in (False, True) if config.int8_variant else (False,):
                 export_variant(net, spec, tokenizer, cases, header, outdir, Path(workdir), int8)
+            if config.unsupported_op_variant:
+                last.append(functools.partial(export_variant, net, spec, tokenizer, cases, header,
+                                              outdir, Path(workdir), int8=True,
+                                              per_channel_dense=True))
+        for export in last:
+            export()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

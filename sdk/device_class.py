@@ -12,6 +12,8 @@ import importlib.resources
 import math
 import os
 import re
+import reprlib
+import sys
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -145,11 +147,16 @@ _TYPE_NAMES = {
 }
 
 
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+_REPR.maxlevel = 3
+
+
 def _describe(value: object) -> str:
     """Show a bad value the way a reader of the YAML file recognises it."""
     if value is None:
         return "null (an empty value)"
-    shown = repr(value)
+    shown = _REPR.repr(value)  # bounded: a YAML alias bomb expands to gigabytes
     if len(shown) > 60:
         shown = shown[:57] + "..."
     kind = _TYPE_NAMES.get(type(value), type(value).__name__)
@@ -323,7 +330,9 @@ class _Reader:
                allow_zero: bool = False) -> float:
         value = m[key]
         wanted = "a number >= 0" if allow_zero else "a positive number"
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        # Compared before float(): an integer beyond a double's range must not overflow.
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or not -sys.float_info.max <= value <= sys.float_info.max):
             self.fail(_join(path, key), f"expected {wanted}, got {_describe(value)}")
         number = float(value)
         if not math.isfinite(number) or number < 0 or (number == 0 and not allow_zero):
@@ -363,15 +372,26 @@ def _parse_yaml(text: str, source: str) -> object:
     except yaml.YAMLError as exc:
         raise DeviceClassError(f"{source}: invalid YAML: {exc}. Fix the file.",
                                path=source) from exc
+    except RecursionError as exc:
+        raise DeviceClassError(f"{source}: invalid YAML: nested too deeply. Flatten the file.",
+                               path=source) from exc
+    except ValueError as exc:  # a tagged or implicit value that cannot be built: 2024-13-01
+        raise DeviceClassError(f"{source}: invalid YAML value ({_REPR.repr(str(exc))}). Fix it, "
+                               "or quote it to make it text.", path=source) from exc
     # safe_load keeps the last of two equal keys silently; a budget given twice is a mistake.
-    _check_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader), "", source)
+    _check_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader), "", source, set())
     return data
 
 
-def _check_duplicate_keys(node: Optional[yaml.Node], path: str, source: str) -> None:
+def _check_duplicate_keys(node: Optional[yaml.Node], path: str, source: str,
+                          checked: set[int]) -> None:
+    # An alias is the node it names: check each node once, or an alias bomb takes forever.
+    if id(node) in checked:
+        return
+    checked.add(id(node))
     if isinstance(node, yaml.SequenceNode):
         for item in node.value:
-            _check_duplicate_keys(item, path, source)
+            _check_duplicate_keys(item, path, source, checked)
     if not isinstance(node, yaml.MappingNode):
         return
     seen: set[tuple[str, str]] = set()
@@ -387,7 +407,7 @@ def _check_duplicate_keys(node: Optional[yaml.Node], path: str, source: str) -> 
                     path=source, key=key_path, line=line,
                 )
             seen.add((key_node.tag, key_node.value))
-        _check_duplicate_keys(value_node, key_path, source)
+        _check_duplicate_keys(value_node, key_path, source, checked)
 
 
 def load_device_class(path: PathArg) -> DeviceClass:

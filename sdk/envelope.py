@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -125,6 +126,12 @@ class Envelope:
         payload_type, payload_b64, sigs = obj["payloadType"], obj["payload"], obj["signatures"]
         if not isinstance(payload_type, str) or not 0 < len(payload_type) <= _MAX_TYPE_LENGTH:
             raise MalformedError("envelope payloadType must be a short string")
+        try:
+            payload_type.encode("utf-8")  # the PAE signs its UTF-8 bytes
+        except UnicodeEncodeError:
+            problem = ("envelope payloadType holds a lone surrogate (a \\ud800-style escape), "
+                       "which has no UTF-8 form; pass a real media type")
+            raise MalformedError(problem) from None
         if not isinstance(payload_b64, str):
             raise MalformedError("envelope payload must be a base64 string")
         # base64 grows 4/3: refuse before decoding anything larger than the cap allows.
@@ -210,13 +217,21 @@ def _b64decode(text: str, what: str) -> bytes:
 
 
 def strict_json_loads(data: bytes) -> Any:
-    """UTF-8 JSON that refuses duplicate object keys and NaN/Infinity.
+    """UTF-8 JSON that refuses duplicate object keys and NaN/Infinity (also as a number too
+    large for a double, such as ``1e400``).
 
     Duplicate keys are refused because parsers disagree on which one wins, and a signed document
     must mean the same thing to every implementation that verifies it.
     """
     return json.loads(data.decode("utf-8"), parse_constant=_reject_constant,
-                      object_pairs_hook=_no_duplicates)
+                      parse_float=_finite_float, object_pairs_hook=_no_duplicates)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (math.inf, -math.inf):
+        raise ValueError(f"number {text[:40]} is out of the range of a double")
+    return value
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

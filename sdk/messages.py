@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, TypeVar
@@ -20,6 +21,15 @@ MAX_COMMAND_BYTES = 16 * 1024
 MAX_REPORT_BYTES = 256 * 1024
 MAX_ID_LENGTH = 64
 MAX_TEXT_LENGTH = 2048
+# Integers are signed 64-bit (the fleet store's BIGINT columns): a larger one is a bad value at
+# parse time, not a store error later.
+MIN_INT = -(2**63)
+MAX_INT = 2**63 - 1
+# A ``ts`` is Unix seconds from 1970 to the end of year 9999, the range a date can be shown in.
+MAX_TS = 253_402_300_799.0
+#: objects and lists nest at most this deep (a parsed message must stay cheap to re-encode)
+MAX_DEPTH = 32
+_MAX_FLOAT = sys.float_info.max
 
 # Reason codes of MessageError; part of the protocol (docs/protocol.md).
 OVERSIZE = "oversize"
@@ -43,11 +53,15 @@ def decode_object(payload: bytes, schema: str, *, max_bytes: int) -> dict[str, A
     if len(payload) > max_bytes:
         raise MessageError(OVERSIZE, f"message of {len(payload)} bytes exceeds {max_bytes} bytes")
     try:
-        data = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
+        data = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant,
+                          parse_float=_finite_float)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise MessageError(MALFORMED, f"message is not valid UTF-8 JSON ({exc})") from exc
     if not isinstance(data, dict):
         raise MessageError(MALFORMED, f"message must be a JSON object, got {type(data).__name__}")
+    if _nests_deeper(data, MAX_DEPTH):
+        raise MessageError(MALFORMED, f"message nests objects/lists more than {MAX_DEPTH} levels "
+                           "deep; send a flatter message")
     got = data.get("schema")
     if got != schema:
         name = schema.split("/", maxsplit=1)[0]
@@ -62,6 +76,25 @@ def decode_object(payload: bytes, schema: str, *, max_bytes: int) -> dict[str, A
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not allowed")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # e.g. 1e400: JSON has no infinity
+        raise ValueError(f"number {text[:40]} is out of the range of a double")
+    return value
+
+
+def _nests_deeper(data: Any, limit: int) -> bool:
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > limit:
+                return True
+            children = value.values() if isinstance(value, dict) else value
+            stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def encode(data: Mapping[str, Any]) -> bytes:
@@ -84,7 +117,8 @@ def get_str(data: Mapping[str, Any], key: str, *, max_len: int = MAX_TEXT_LENGTH
 
 
 def get_int(data: Mapping[str, Any], key: str, *, optional: bool = False, default: int = 0,
-            minimum: int | None = None) -> int:
+            minimum: int | None = None, maximum: int = MAX_INT) -> int:
+    """An integer from ``minimum`` (default: the signed 64-bit minimum) to ``maximum``."""
     if key not in data:
         if optional:
             return default
@@ -94,8 +128,18 @@ def get_int(data: Mapping[str, Any], key: str, *, optional: bool = False, defaul
         kind = type(value).__name__
         raise MessageError(BAD_TYPE, f"field {key!r} must be an integer, got {kind}")
     if minimum is not None and value < minimum:
-        raise MessageError(BAD_VALUE, f"field {key!r} must be >= {minimum}, got {value}")
+        raise MessageError(BAD_VALUE, f"field {key!r} must be >= {minimum}, got "
+                                      f"{_int_text(value)}")
+    if not MIN_INT <= value <= maximum:
+        low = MIN_INT if minimum is None else minimum
+        raise MessageError(BAD_VALUE, f"field {key!r} must be within {low}..{maximum} (a "
+                                      f"signed 64-bit integer), got {_int_text(value)}")
     return value
+
+
+def _int_text(value: int) -> str:
+    """An integer for an error message: thousands of digits are named by their size."""
+    return str(value) if abs(value) < 10**30 else f"an integer of {value.bit_length()} bits"
 
 
 def get_float(data: Mapping[str, Any], key: str, *, optional: bool = False,
@@ -105,9 +149,20 @@ def get_float(data: Mapping[str, Any], key: str, *, optional: bool = False,
             return default
         raise MessageError(MISSING_FIELD, f"field {key!r} is required")
     value = data[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    # Compared, not math.isfinite(): an integer beyond a double's range must not overflow.
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not -_MAX_FLOAT <= value <= _MAX_FLOAT):
         raise MessageError(BAD_TYPE, f"field {key!r} must be a finite number, got {value!r:.40}")
     return float(value)
+
+
+def get_ts(data: Mapping[str, Any], key: str = "ts") -> float:
+    """A Unix time in seconds, from 0 to :data:`MAX_TS` (the end of year 9999)."""
+    value = get_float(data, key)
+    if not 0.0 <= value <= MAX_TS:
+        raise MessageError(BAD_VALUE, f"field {key!r} must be Unix seconds within 0..{MAX_TS:.0f} "
+                                      f"(1970 to the end of 9999), got {value!r}")
+    return value
 
 
 def get_bool(data: Mapping[str, Any], key: str) -> bool:
@@ -190,7 +245,7 @@ class Status(Message):
             device_id=get_str(data, "device_id", max_len=MAX_ID_LENGTH),
             online=get_bool(data, "online"),
             session=get_int(data, "session", minimum=0),
-            ts=get_float(data, "ts"),
+            ts=get_ts(data),
             reason=get_str(data, "reason", optional=True),
             conn=get_int(data, "conn", optional=True, minimum=0),
         )
@@ -219,7 +274,7 @@ class Birth(Message):
         return cls(
             device_id=get_str(data, "device_id", max_len=MAX_ID_LENGTH),
             session=get_int(data, "session", minimum=0),
-            ts=get_float(data, "ts"),
+            ts=get_ts(data),
             device_class=get_str(data, "device_class", max_len=MAX_ID_LENGTH),
             agent_version=get_str(data, "agent_version", max_len=MAX_ID_LENGTH),
             tags=tags,
@@ -248,7 +303,7 @@ class Telemetry(Message):
             device_id=get_str(data, "device_id", max_len=MAX_ID_LENGTH),
             session=get_int(data, "session", minimum=0),
             seq=get_int(data, "seq", minimum=0),
-            ts=get_float(data, "ts"),
+            ts=get_ts(data),
             system=get_dict(data, "system"),
             models=get_dict(data, "models"),
             spool=get_dict(data, "spool", optional=True),
@@ -271,7 +326,7 @@ class Event(Message):
     def from_dict(cls, data: Mapping[str, Any]) -> Event:
         return cls(
             device_id=get_str(data, "device_id", max_len=MAX_ID_LENGTH),
-            ts=get_float(data, "ts"),
+            ts=get_ts(data),
             kind=get_str(data, "kind", max_len=MAX_ID_LENGTH),
             message=get_str(data, "message"),
             detail=get_dict(data, "detail", optional=True),
@@ -321,7 +376,7 @@ class CommandResponse(Message):
             id=get_str(data, "id", max_len=MAX_ID_LENGTH),
             device_id=get_str(data, "device_id", max_len=MAX_ID_LENGTH),
             ok=get_bool(data, "ok"),
-            ts=get_float(data, "ts"),
+            ts=get_ts(data),
             result=get_dict(data, "result", optional=True),
             error_code=get_str(data, "error_code", optional=True, max_len=MAX_ID_LENGTH),
             error=get_str(data, "error", optional=True),
@@ -366,7 +421,7 @@ class OtaStatus(Message):
             raise MessageError(BAD_VALUE, f"unknown OTA outcome {outcome!r}")
         return cls(
             device_id=get_str(data, "device_id", max_len=MAX_ID_LENGTH),
-            ts=get_float(data, "ts"),
+            ts=get_ts(data),
             release_id=get_str(data, "release_id", max_len=MAX_ID_LENGTH),
             model=get_str(data, "model", max_len=MAX_ID_LENGTH),
             version=get_int(data, "version", minimum=0),

@@ -84,8 +84,10 @@ class Tensor:
                            for d in shape)):
             raise _bad(f"{what}.shape must be a list of at most 8 non-negative integers")
         count = math.prod(shape)
-        if count > _MAX_ELEMENTS:
-            raise _bad(f"{what} has more than {_MAX_ELEMENTS} elements")
+        # Zero dimensions included: numpy cannot shape even an empty array as [0, 2**70].
+        if math.prod(d for d in shape if d) > _MAX_ELEMENTS:
+            raise _bad(f"{what} has more than {_MAX_ELEMENTS} elements (counting the non-zero "
+                       "dimensions of its shape)")
         if not isinstance(payload, str):
             raise _bad(f"{what}.data must be a base64 string")
         try:

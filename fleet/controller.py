@@ -12,6 +12,12 @@ the decisions and the new state atomically (only if the rollout's revision did n
 meanwhile, so two controllers never apply a step twice), and then sends the commands the
 decisions name.
 
+Device input is limited (:mod:`fleetlite.fleet.ingest_limits`; docs/operator-guide.md, "Limits
+on device input"): a size cap per message kind and a rate per sending device are checked on the
+network thread before anything is parsed, so a flooding device costs no store write beyond its
+rate; refusals are counted in memory and stored once per tick (and before the sender's next
+stored report); profiles and OTA statuses kept per device are bounded.
+
 Restarts and crashes:
 
 - A controller started with an explicit id (``--id``) keeps a persistent MQTT session: while it
@@ -48,7 +54,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Optional
 
 import paho.mqtt.client as mqtt
@@ -68,6 +74,18 @@ from fleetlite.fleet.errors import (
     StoreUnavailableError,
 )
 from fleetlite.fleet.gates import ProfileView
+from fleetlite.fleet.ingest_limits import (
+    ADMIT,
+    HOLD,
+    MALFORMED,
+    OVERSIZE,
+    RATE_LIMITED,
+    IngestGate,
+    IngestLimits,
+    IngestLimitsError,
+    RefusalTally,
+    check_birth,
+)
 from fleetlite.fleet.ota_publisher import ReleasePublisher
 from fleetlite.fleet.rollout import (
     SEND_INSTALL,
@@ -107,6 +125,14 @@ _SENT = "sent"
 _ROLLBACK_SENT = "rollback_sent"
 _TIMED_OUT = "timed_out"
 _STORE_RETRIES = 3
+# the counter of each refusal reason (the sender checks' reasons count as "refused")
+_COUNTERS = {OVERSIZE: "oversize", RATE_LIMITED: "rate_limited", MALFORMED: "malformed"}
+# the parser of each kind the controller stores
+_PARSERS: dict[str, Callable[[bytes], object]] = {
+    topics.STATUS: Status.from_json, topics.BIRTH: Birth.from_json,
+    topics.TELEMETRY: Telemetry.from_json, topics.PROFILE: ProfileRecord.from_json,
+    topics.OTA_STATUS: OtaStatus.from_json,
+}
 
 
 class Controller:
@@ -117,13 +143,15 @@ class Controller:
     ``controller_id``: the MQTT client id and lease owner; an explicit one also makes the MQTT
     session persistent (``persistent_session`` overrides), so reports that arrive while the
     controller is down are delivered when it comes back with the same id.
+    ``limits``: the limits on device input (:class:`~fleetlite.fleet.ingest_limits.IngestLimits`;
+    default: the defaults in docs/operator-guide.md with ``FLEETLITE_INGEST_LIMITS`` applied).
     """
 
     def __init__(self, store: Store, broker: BrokerAddress | str, port: Optional[int] = None,
                  *, group: Optional[str] = None,
                  controller_id: Optional[str] = None, tick_s: float = 0.5,
                  lease_ttl_s: float = 10.0, persistent_session: Optional[bool] = None,
-                 resend_after_s: float = 15.0) -> None:
+                 resend_after_s: float = 15.0, limits: Optional[IngestLimits] = None) -> None:
         self.store = store
         self.broker = _address(broker, port)
         self.host, self.port = self.broker.host, self.broker.port
@@ -139,10 +167,17 @@ class Controller:
         self._serving: set[str] = set()
         self._held: set[str] = set()
         self._resent: set[tuple[str, str]] = set()
-        self.counters = {"ingested": 0, "malformed": 0, "refused": 0, "decisions": 0,
-                         "commands_sent": 0, "commands_resent": 0, "stale_batches": 0}
+        self.counters = {"ingested": 0, "malformed": 0, "refused": 0, "oversize": 0,
+                         "rate_limited": 0, "decisions": 0, "commands_sent": 0,
+                         "commands_resent": 0, "stale_batches": 0}
         self.refusal_log = RefusalLog()
         self.ingested_by_kind: Counter[str] = Counter()
+        # the limits on device input (fleet/ingest_limits.py), applied on the network thread
+        # before anything is parsed; refusals are counted in memory and stored once per tick
+        self.limits = limits or IngestLimits.from_env()
+        self.gate = IngestGate(self.limits)
+        self.refusals = RefusalTally(self.limits.max_refusal_keys)
+        self._ingest_lock = threading.Lock()  # the gate, the tally, the log and the counters
         self.connected = threading.Event()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.id,
                                   clean_session=not self.persistent)
@@ -187,6 +222,10 @@ class Controller:
         self._held.clear()
         self.client.disconnect()
         self.client.loop_stop()
+        try:  # the network thread is gone: store the held telemetry and the refusal counts
+            self._flush_ingest(everything=True)
+        except Exception:
+            log.exception("could not store the refusal counts and held telemetry at stop")
         self.publisher.close()
 
     # -- ingest ----------------------------------------------------------------------------
@@ -213,28 +252,89 @@ class Controller:
             log.warning("controller %s lost the broker (%s); reconnecting", self.id, reason)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: Any) -> None:
+        # The network thread: the size cap and the sender's rate are checked before anything is
+        # parsed, and what they refuse costs no store write (counted, stored once per tick).
         try:
             parsed = topics.parse_device_topic(message.topic)
-            refusal = self._ingest_retrying(parsed.device_id, parsed.kind,
-                                            bytes(message.payload))
-            if refusal is None:
-                self.counters["ingested"] += 1
-                self.ingested_by_kind[parsed.kind] += 1
-            else:
-                self._refused(parsed.device_id, parsed.kind, refusal)
-        except (MessageError, topics.TopicError, ValueError) as exc:
-            self.counters["malformed"] += 1
-            log.warning("ignored a malformed message on %s: %s", message.topic, exc)
+        except topics.TopicError as exc:
+            self._malformed("", "", exc)
+            return
+        device_id, kind, payload = parsed.device_id, parsed.kind, message.payload
+        dropped = None
+        with self._ingest_lock:
+            verdict = self.gate.check(device_id, kind, len(payload), time.monotonic())
+            if verdict == HOLD:
+                dropped = self.gate.hold(device_id, bytes(payload))
+        if verdict == ADMIT:
+            self._handle(device_id, kind, bytes(payload))
+        elif isinstance(verdict, Refusal):
+            self._refused(device_id, kind, verdict)
+        elif dropped is not None:
+            self._refused(device_id, kind, dropped)
+
+    def _handle(self, device_id: str, kind: str, payload: bytes) -> None:
+        """Parse, check and store one admitted report (network thread, or the loop thread for
+        telemetry held over the rate)."""
+        try:
+            refusal = self._ingest_retrying(device_id, kind, payload)
+        except (MessageError, ValueError) as exc:
+            self._malformed(device_id, kind, exc)
+            return
         except Exception:  # never kill the network thread
-            log.exception("could not store a message from %s", message.topic)
+            log.exception("could not store a %s message from %s", kind, device_id)
+            return
+        if refusal is None:
+            with self._ingest_lock:
+                self.counters["ingested"] += 1
+                self.ingested_by_kind[kind] += 1
+        else:
+            self._refused(device_id, kind, refusal)
 
     def _refused(self, device_id: str, kind: str, refusal: Refusal) -> None:
-        self.counters["refused"] += 1
+        """Count a refusal against its sender: in memory, stored by the next flush; logged at
+        once for the first of a sender and reason, then once per interval."""
         now = time.time()
-        line = self.refusal_log.note(device_id, refusal, now)
+        with self._ingest_lock:
+            self.counters[_COUNTERS.get(refusal.reason, "refused")] += 1
+            line = self.refusal_log.note(device_id or "(no device id)", refusal, now)
+            if device_id:
+                self.refusals.add(device_id, kind, refusal, now)
         if line is not None:
             log.warning("%s", line)
-        self.store.record_refusal(device_id, kind, refusal.reason, refusal.message, now=now)
+
+    def _malformed(self, device_id: str, kind: str, exc: Exception) -> None:
+        code = getattr(exc, "code", "")
+        what = f"a {kind} message" if kind else "a message on a topic"
+        self._refused(device_id, kind, Refusal(
+            MALFORMED, f"{what} that does not parse ({code + ': ' if code else ''}{exc})"))
+
+    def _flush_refusals(self, device_id: Optional[str] = None) -> None:
+        """Store the refusal counts (of one sender, or all) in one transaction."""
+        with self._ingest_lock:
+            batch = self.refusals.drain(device_id)
+            unrecorded, self.refusals.unrecorded = self.refusals.unrecorded, 0
+        if unrecorded:
+            log.warning("%d refusals were counted but not stored per sender: more than %d "
+                        "senders and reasons between two flushes (device ids made up by a "
+                        "client that the broker's ACL does not confine?)", unrecorded,
+                        self.refusals.max_keys)
+        if not batch:
+            return
+        try:
+            self.store.record_refusals(batch)
+        except Exception:
+            with self._ingest_lock:
+                self.refusals.restore(batch)
+            raise
+
+    def _flush_ingest(self, *, everything: bool = False) -> None:
+        """Store the telemetry held over the rate whose sender has a token again (all of it
+        with ``everything``), then the refusal counts."""
+        with self._ingest_lock:
+            released = self.gate.release_held(time.monotonic(), everything=everything)
+        for device_id, payload in released:
+            self._handle(device_id, topics.TELEMETRY, payload)
+        self._flush_refusals()
 
     def _ingest_retrying(self, device_id: str, kind: str, payload: bytes) -> Optional[Refusal]:
         # The network thread acknowledges the message when this returns: ride out a short
@@ -251,44 +351,68 @@ class Controller:
     def _ingest(self, device_id: str, kind: str, payload: bytes) -> Optional[Refusal]:
         """Store one report from ``device_id`` (the topic's device: the broker authenticated
         it); a report that speaks for another device, or claims what was never sent to its
-        sender, is refused (:mod:`fleetlite.fleet.sender_check`) and nothing is stored."""
-        if not payload:
-            return None  # a cleared retained message
-        if kind == topics.STATUS:
-            status = Status.from_json(payload)
-            refusal = check_device_id(device_id, status.device_id, kind)
+        sender, is refused (:mod:`fleetlite.fleet.sender_check`) and nothing is stored. The
+        sender's refusals counted since the last flush are stored in the same transaction, so
+        they are in the store before anything it sent after them."""
+        parse = _PARSERS.get(kind)
+        if not payload or parse is None:
+            return None  # a cleared retained message; command responses are not stored
+        report = parse(payload)  # before any transaction: a malformed report costs none
+        with self._ingest_lock:
+            earlier = self.refusals.drain(device_id)
+        if not earlier:
+            return self._store_report(device_id, report)
+        try:
+            with self.store.batch():
+                self.store.record_refusals(earlier)
+                return self._store_report(device_id, report)
+        except BaseException:
+            with self._ingest_lock:
+                self.refusals.restore(earlier)
+            raise
+
+    def _store_report(self, device_id: str, report: object) -> Optional[Refusal]:
+        """Check a parsed report against its sender and store it, or return the refusal."""
+        limits = self.limits
+        refusal: Optional[Refusal]
+        if isinstance(report, Status):
+            refusal = check_device_id(device_id, report.device_id, topics.STATUS)
             if refusal is None:
-                self.store.upsert_status(status)
-        elif kind == topics.BIRTH:
-            birth = Birth.from_json(payload)
-            refusal = check_device_id(device_id, birth.device_id, kind)
+                self.store.upsert_status(report)
+        elif isinstance(report, Birth):
+            refusal = (check_device_id(device_id, report.device_id, topics.BIRTH)
+                       or check_birth(report, limits))
             if refusal is None:
-                self.store.upsert_birth(birth)
-        elif kind == topics.TELEMETRY:
-            telemetry = Telemetry.from_json(payload)
-            refusal = check_device_id(device_id, telemetry.device_id, kind)
+                self.store.upsert_birth(report)
+        elif isinstance(report, Telemetry):
+            refusal = check_device_id(device_id, report.device_id, topics.TELEMETRY)
             if refusal is None:
-                self.store.record_telemetry(telemetry)
-        elif kind == topics.PROFILE:
-            record = ProfileRecord.from_json(payload)
+                self.store.record_telemetry(report)
+        elif isinstance(report, ProfileRecord):
             device = self.store.get_device(device_id)
             known_class = device.device_class if device else None
-            refusal = check_profile(device_id, record, known_class)
+            refusal = check_profile(device_id, report, known_class)
             if refusal is None:
-                self.store.add_profile(record, device_class=known_class or None)
-        elif kind == topics.OTA_STATUS:
-            ota = OtaStatus.from_json(payload)
-            refusal = check_ota_status(device_id, ota, self.store.releases_sent_to(device_id))
+                self.store.add_profile(report, device_class=known_class or None,
+                                       keep_per_device=limits.profiles_per_device)
+        elif isinstance(report, OtaStatus):
+            refusal = check_ota_status(device_id, report,
+                                       self.store.releases_sent_to(device_id))
             if refusal is None:
-                self.store.add_ota_status(ota, received_at=time.time())
+                self.store.add_ota_status(report, received_at=time.time(),
+                                          keep_per_release=limits.ota_statuses_per_release)
         else:
-            refusal = None  # command responses are not stored
+            raise TypeError(f"no store for a {type(report).__name__}")
         return refusal
 
     # -- rollouts --------------------------------------------------------------------------
 
     def _loop(self) -> None:
         while not self._stop.wait(self.tick_s):
+            try:
+                self._flush_ingest()
+            except Exception:
+                log.exception("could not store the refusal counts; retrying next tick")
             try:
                 self.tick(time.time())
             except Exception:
@@ -545,7 +669,10 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m fleetlite.fleet.controller",
         description="Run one fleet controller until SIGINT/SIGTERM (what `fleetlite serve` "
-        "runs): it stores what devices report, serves releases and drives the rollouts.")
+        "runs): it stores what devices report, serves releases and drives the rollouts.",
+        epilog="Limits on device input (size per message kind, messages per device per second, "
+        "profiles and OTA statuses kept): set FLEETLITE_INGEST_LIMITS, e.g. "
+        "rate=20,telemetry_rate=10; defaults in docs/operator-guide.md.")
     parser.add_argument("--db", default=os.environ.get("FLEETLITE_DB", "sqlite:///fleetlite.db"),
                         help="the store: sqlite:///PATH or postgresql://USER:PW@HOST/DB "
                         "(env FLEETLITE_DB)")
@@ -574,7 +701,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         broker = resolve_broker(args.broker, ca=args.tls_ca, cert=args.tls_cert,
                                 key=args.tls_key)
         ssl_context(broker)
-    except BrokerAddressError as exc:
+        limits = IngestLimits.from_env()
+    except (BrokerAddressError, IngestLimitsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
@@ -592,7 +720,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with open_store(args.db) as store:
         controller = Controller(store, broker, group=args.group,
                                 controller_id=args.controller_id, tick_s=args.tick,
-                                lease_ttl_s=args.lease_ttl).start()
+                                lease_ttl_s=args.lease_ttl, limits=limits).start()
         log.info("controller %s running: store %s, broker %s%s", controller.id, store.url,
                  broker.describe(), f", group {args.group}" if args.group else "")
         try:

@@ -41,7 +41,15 @@ from fleetlite.fleet.errors import (
 )
 from fleetlite.fleet.migrations import MIGRATIONS, SCHEMA_MIGRATIONS_DDL, latest_version, render
 from fleetlite.fleet.sender_check import SentRelease
-from fleetlite.sdk.messages import Birth, OtaStatus, Status, Telemetry, encode
+from fleetlite.sdk.messages import (
+    MAX_INT,
+    MIN_INT,
+    Birth,
+    OtaStatus,
+    Status,
+    Telemetry,
+    encode,
+)
 from fleetlite.sdk.profile import ProfileRecord
 
 if TYPE_CHECKING:
@@ -59,6 +67,7 @@ __all__ = [
     "ProgressLike",
     "ProgressRow",
     "ProgressUpdate",
+    "RefusalCountLike",
     "RefusedReports",
     "ReleaseInfo",
     "RolloutRecord",
@@ -296,6 +305,27 @@ class RefusedReports:
     first_at: float
     last_at: float
     last_message: str
+
+
+class RefusalCountLike(Protocol):
+    """Refusals of one (sender, kind, reason) counted since the last flush, as
+    :meth:`Store.record_refusals` reads them (``fleetlite.fleet.ingest_limits.RefusalCount``
+    and :class:`RefusedReports` fit)."""
+
+    @property
+    def device_id(self) -> str: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def reason(self) -> str: ...
+    @property
+    def count(self) -> int: ...
+    @property
+    def first_at(self) -> float: ...
+    @property
+    def last_at(self) -> float: ...
+    @property
+    def last_message(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -631,6 +661,13 @@ class Store:
             self._local.db = None
             self._give_back(db)
 
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Run this thread's store calls inside the block in one write transaction: they commit
+        together (one commit instead of one each), or not at all if the block raises."""
+        with self._transaction(write=True):
+            yield
+
     # -- schema ------------------------------------------------------------------------------
 
     def migrate(self, target: Optional[int] = None) -> list[int]:
@@ -851,11 +888,17 @@ class Store:
 
     # -- profiles ----------------------------------------------------------------------------
 
-    def add_profile(self, record: ProfileRecord, *, device_class: Optional[str] = None) -> bool:
+    def add_profile(self, record: ProfileRecord, *, device_class: Optional[str] = None,
+                    keep_per_device: Optional[int] = None) -> bool:
         """Store a profile; False if the same (device, ts, model sha256) is already stored.
 
         The device class is ``device_class``, else the record's ``device.device_class`` fact,
-        else the stored device's class.
+        else the stored device's class. ``keep_per_device``: keep about that many of the
+        device's profiles, the newest (by ``ts``), and beyond them the newest of every model
+        version a rollout names (its ``version`` and ``previous_version``: what the gates
+        compare). The count is read from the (device, ts) index at each insert; the oldest are
+        deleted once it exceeds the bound by a tenth, so pruning runs once per that many
+        inserts.
         """
         with self._transaction(write=True) as db:
             if device_class is None:
@@ -879,6 +922,8 @@ class Store:
                  steady.p99_ms, record.timings.init_ms, record.timings.first_inference_ms,
                  record.memory.peak_rss_mb, record.to_json().decode()),
             )
+            if result.rowcount > 0 and keep_per_device is not None:
+                _prune_profiles(db, record.device_id, keep_per_device)
             return result.rowcount > 0
 
     def profiles(
@@ -1001,9 +1046,17 @@ class Store:
 
     # -- OTA status --------------------------------------------------------------------------
 
-    def add_ota_status(self, status: OtaStatus, *, received_at: Optional[float] = None) -> bool:
+    def add_ota_status(self, status: OtaStatus, *, received_at: Optional[float] = None,
+                       keep_per_release: Optional[int] = None) -> bool:
         """Record an OTA status message received at ``received_at`` (default: now); False for a
-        redelivered duplicate (QoS 1), which keeps the first receipt time."""
+        redelivered duplicate (QoS 1), which keeps the first receipt time.
+
+        ``keep_per_release``: keep about that many statuses of the device's install of this
+        release, the newest, and beyond them its newest final status (the outcome a rollout
+        reads). Pruned like profiles: counted on the (release, device) index at each insert,
+        deleted once the count exceeds the bound by a tenth. A pruned status that is delivered
+        again is stored again (and pruned again).
+        """
         payload = status.to_json()
         with self._transaction(write=True) as db:
             result = db.execute(
@@ -1015,6 +1068,8 @@ class Store:
                  time.time() if received_at is None else received_at,
                  hashlib.sha256(payload).hexdigest()),
             )
+            if result.rowcount > 0 and keep_per_release is not None:
+                _prune_ota_statuses(db, status.device_id, status.release_id, keep_per_release)
             return result.rowcount > 0
 
     def latest_ota_status(self, device_id: str, release_id: str) -> Optional[OtaStatus]:
@@ -1058,14 +1113,30 @@ class Store:
                        now: Optional[float] = None) -> None:
         """Count one report of ``kind`` refused from ``device_id`` (the sender) for ``reason``."""
         ts = time.time() if now is None else now
+        self.record_refusals([RefusedReports(device_id, kind, reason, 1, ts, ts, message)])
+
+    def record_refusals(self, batch: Sequence[RefusalCountLike]) -> None:
+        """Add counts of refused reports, in one transaction: the controller counts refusals in
+        memory and writes them once per tick (fleet/ingest_limits.py ``RefusalTally``), so a
+        flood of refused messages is not a store write each."""
+        if not batch:
+            return
         with self._transaction(write=True) as db:
-            db.execute(
-                """INSERT INTO refused_reports (device_id, kind, reason, count, first_at, last_at,
-                    last_message) VALUES (?, ?, ?, 1, ?, ?, ?)
-                ON CONFLICT (device_id, kind, reason) DO UPDATE SET
-                    count = refused_reports.count + 1, last_at = excluded.last_at,
-                    last_message = excluded.last_message""",
-                (device_id, kind, reason, ts, ts, message[:500]))
+            for c in batch:
+                db.execute(
+                    """INSERT INTO refused_reports (device_id, kind, reason, count, first_at,
+                        last_at, last_message) VALUES (?, ?, ?, ?, ?, ?, ?)
+                    ON CONFLICT (device_id, kind, reason) DO UPDATE SET
+                        count = refused_reports.count + excluded.count,
+                        first_at = CASE WHEN excluded.first_at < refused_reports.first_at
+                                        THEN excluded.first_at ELSE refused_reports.first_at END,
+                        last_message = CASE WHEN excluded.last_at >= refused_reports.last_at
+                                            THEN excluded.last_message
+                                            ELSE refused_reports.last_message END,
+                        last_at = CASE WHEN excluded.last_at > refused_reports.last_at
+                                       THEN excluded.last_at ELSE refused_reports.last_at END""",
+                    (c.device_id, c.kind, c.reason, c.count, c.first_at, c.last_at,
+                     c.last_message[:500]))
 
     def refusals(self, device_id: Optional[str] = None) -> list[RefusedReports]:
         """Refused reports counted per sender, kind and reason (of one sender, or all)."""
@@ -1428,6 +1499,73 @@ def _set_progress(db: _Db, rollout_id: str, device_id: str, wave: int, status: s
          time.time() if now is None else now))
 
 
+def _slack(keep: int) -> int:
+    """How far a bounded set may grow past its bound before it is pruned back to it."""
+    return max(1, keep // 10)
+
+
+def _delete_ids(db: _Db, table: str, ids: Sequence[int]) -> None:
+    for start in range(0, len(ids), 500):
+        chunk = ids[start:start + 500]
+        db.execute(f"DELETE FROM {table} WHERE id IN ({', '.join('?' * len(chunk))})", chunk)
+
+
+def _rollout_versions(db: _Db) -> set[tuple[str, Optional[int]]]:
+    """(model, version) of every rollout's new and previous version: the profiles its gates
+    compare."""
+    pairs: set[tuple[str, Optional[int]]] = set()
+    for (text,) in db.execute("SELECT spec_json FROM rollouts").rows:
+        try:
+            spec = json.loads(str(text))
+        except ValueError:
+            continue
+        model = spec.get("model") if isinstance(spec, dict) else None
+        if not isinstance(model, str):
+            continue
+        for key in ("version", "previous_version"):
+            version = spec.get(key)
+            if isinstance(version, int) and not isinstance(version, bool):
+                pairs.add((model, version))
+    return pairs
+
+
+def _prune_profiles(db: _Db, device_id: str, keep: int) -> None:
+    """Keep the device's newest ``keep`` profiles and the newest of each model version a
+    rollout names, once the device has more than ``keep`` plus a tenth."""
+    count = int(db.execute("SELECT count(*) FROM profiles WHERE device_id = ?",
+                           (device_id,)).rows[0][0])
+    if count <= keep + _slack(keep):
+        return
+    rows = db.execute("SELECT id, model, model_version FROM profiles WHERE device_id = ? "
+                      "ORDER BY ts DESC, id DESC", (device_id,)).rows
+    protected = _rollout_versions(db)
+    kept = {int(row[0]) for row in rows[:keep]}
+    seen: set[tuple[str, Optional[int]]] = set()
+    for row_id, model, version in rows:
+        pair = (str(model), None if version is None else int(version))
+        if pair in protected and pair not in seen:
+            seen.add(pair)
+            kept.add(int(row_id))
+    _delete_ids(db, "profiles", [int(row[0]) for row in rows if int(row[0]) not in kept])
+
+
+def _prune_ota_statuses(db: _Db, device_id: str, release_id: str, keep: int) -> None:
+    """Keep the newest ``keep`` statuses of one device's install of a release and its newest
+    final status, once there are more than ``keep`` plus a tenth."""
+    where = "release_id = ? AND device_id = ?"
+    params = (release_id, device_id)
+    count = int(db.execute(f"SELECT count(*) FROM ota_status WHERE {where}", params).rows[0][0])
+    if count <= keep + _slack(keep):
+        return
+    rows = db.execute(f"SELECT id, is_final, received FROM ota_status WHERE {where} "
+                      "ORDER BY ts DESC, is_final DESC, id DESC", params).rows
+    kept = {int(row[0]) for row in rows[:keep]}
+    finals = [row for row in rows if row[1]]
+    if finals:
+        kept.add(int(max(finals, key=lambda row: (float(row[2]), int(row[0])))[0]))
+    _delete_ids(db, "ota_status", [int(row[0]) for row in rows if int(row[0]) not in kept])
+
+
 def _add_in(where: list[str], params: list[Any], column: str,
             values: Union[str, Collection[str]]) -> None:
     """Append ``column = ?`` or ``column IN (?, ...)`` (an empty set matches nothing)."""
@@ -1450,9 +1588,13 @@ def _birth_models(models: Sequence[Any]) -> list[DeviceModel]:
             continue
         version = entry.get("version")
         sha256 = entry.get("sha256")
+        # the entries are not schema-checked (sdk/messages.py Birth): a version that is not an
+        # integer the BIGINT column holds is unknown
+        known = (isinstance(version, int) and not isinstance(version, bool)
+                 and MIN_INT <= version <= MAX_INT)
         out[entry["name"]] = DeviceModel(
             name=entry["name"],
-            version=version if isinstance(version, int) and not isinstance(version, bool) else None,
+            version=version if known else None,
             sha256=sha256 if isinstance(sha256, str) else "",
         )
     return list(out.values())

@@ -64,6 +64,10 @@ def test_demo_keep_then_explore_with_the_cli_then_ctrl_c(tmp_path: Path) -> None
         out = _read_until(lines, "Press Ctrl-C", timeout=240)
         assert "broker: " in out
         assert "'turn off the kitchen lights'" in out and "lights_off" in out
+        # the language model: rolled out, streamed answers from v1 and the fine-tuned v2
+        assert "-> ok, the kitchen lights are off." in out
+        assert "-> done, the kitchen lights are off." in out
+        assert "home-lm v1 completed, v2 completed" in out
         assert "state: completed" in out  # v2 rolled out in waves
         for device_class in ("raspberry-pi-4", "jetson-orin-nano", "industrial-x86-gateway"):
             assert device_class in out  # agents and the profile table per class
@@ -88,8 +92,10 @@ def test_demo_keep_then_explore_with_the_cli_then_ctrl_c(tmp_path: Path) -> None
                            capture_output=True, text=True, timeout=60, check=True).stdout
             for command in commands)
         for device_id in ("gw-pi4-01", "gw-pi4-02", "gw-jetson-01", "gw-x86-01"):
-            assert re.search(rf"^{device_id}\s+\S+\s+online\s+intent v2\s", devices, re.M), \
-                devices
+            # its models: intent v2 and the language model home-lm v2 the demo rolled out
+            assert re.search(rf"^{device_id}\s+\S+\s+online\s+.*\bintent v2\b", devices,
+                             re.M), devices
+            assert re.search(rf"^{device_id}\s.*\bhome-lm v2\b", devices, re.M), devices
         assert re.search(r"^intent-v2\s+intent\s+2\s+completed\s", rollouts, re.M), rollouts
         assert re.search(r"^intent-v3\s+intent\s+3\s+aborted\s", rollouts, re.M), rollouts
         for device_class in ("raspberry-pi-4", "jetson-orin-nano", "industrial-x86-gateway"):

@@ -595,8 +595,8 @@ def _devices_show(fleet: Fleet, args: argparse.Namespace) -> int:
             for key, value in sorted(device.telemetry.system.items()):
                 lines.append(f"  {key:<22} {value}")
         if refused:
-            lines.append("refused reports (they spoke for another device or a release it was "
-                         "never sent)")
+            lines.append("refused reports (oversize, over the rate, malformed, or speaking for "
+                         "another device or a release it was never sent)")
         for r in refused:
             lines.append(f"  {r.kind:<12} {r.reason:<16} {r.count:>7}  last {_ago(r.last_at)}: "
                          f"{r.last_message}")

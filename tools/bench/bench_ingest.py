@@ -19,6 +19,10 @@ scenarios, each on a fresh broker and store:
   controller (it parses the honest telemetry and stores nothing): the ceiling that paho and the
   broker set on this machine, whatever the controller does.
 
+``--big 0`` leaves the one-megabyte payloads out (a flood of small messages, which a broker with
+``fleetlite broker-config``'s ``max_packet_size`` lets through: with ``--max-packet-size 589824``
+it disconnects the hostile device at its first one-megabyte message, and nothing more arrives).
+
 It prints the figures, their ratio to the baseline, and what the hostile device left in the
 store (rows and bytes). No assertion on time: re-run it on your hardware.
 """
@@ -128,16 +132,22 @@ def run_honest(port: int, devices: int, rate: float, seconds: float) -> int:
     return 0
 
 
-def _hostile_messages(victims: Sequence[str]) -> Iterator[tuple[str, bytes]]:
-    """The flood's mix, forever: per round one 1 MB payload, 20 valid telemetry reports of its
-    own, and 10 reports naming honest devices (telemetry, OTA status, status)."""
+def _big(size: int) -> bytes:
+    return b'{"schema":"fleetlite.telemetry/1","pad":"' + b"x" * size + b'"}'
+
+
+def _hostile_messages(victims: Sequence[str], big: int) -> Iterator[tuple[str, bytes]]:
+    """The flood's mix, forever: per round one payload of ``big`` bytes (none if 0), 20 valid
+    telemetry reports of its own, and 10 reports naming honest devices (telemetry, OTA status,
+    status)."""
     own = topics.device_topic(HOSTILE, topics.TELEMETRY)
-    big = b'{"schema":"fleetlite.telemetry/1","pad":"' + b"x" * BIG + b'"}'
+    large = _big(big) if big else b""
     seq = 0
     round_no = 0
     while True:
         round_no += 1
-        yield own, big
+        if large:
+            yield own, large
         for _ in range(20):
             seq += 1
             yield own, _telemetry(HOSTILE, seq)
@@ -156,38 +166,45 @@ def _hostile_messages(victims: Sequence[str]) -> Iterator[tuple[str, bytes]]:
                               reason="lost", conn=1).to_json())
 
 
-def run_hostile(port: int, mode: str, seconds: float, victims: Sequence[str]) -> int:
+def run_hostile(port: int, mode: str, seconds: float, victims: Sequence[str],
+                big: int = BIG) -> int:
     """``burst``: 100 one-megabyte messages and 3,000 telemetry reports, as fast as possible.
     ``flood``: the mix of :func:`_hostile_messages` for ``seconds``. QoS 1 with 100 messages in
-    flight (a device modified to flood). Prints the counts when done."""
+    flight (a device modified to flood). Prints the counts when done: messages the broker
+    acknowledged (a broker with ``max_packet_size`` disconnects it at its first one-megabyte
+    message, which paho then sends again at every reconnect)."""
     client = _client(HOSTILE, port, inflight=100)
     for info in _announce(client, HOSTILE):
         info.wait_for_publish(30)
     own = topics.device_topic(HOSTILE, topics.TELEMETRY)
-    big = b'{"schema":"fleetlite.telemetry/1","pad":"' + b"x" * BIG + b'"}'
     if mode == "burst":
         messages: Iterator[tuple[str, bytes]] = iter(
-            [(own, big)] * 100 + [(own, _telemetry(HOSTILE, i + 1)) for i in range(3000)])
-        deadline = float("inf")
+            [(own, _big(big))] * (100 if big else 0)
+            + [(own, _telemetry(HOSTILE, i + 1)) for i in range(3000)])
+        deadline = time.monotonic() + 120
     else:
-        messages = _hostile_messages(victims)
+        messages = _hostile_messages(victims, big)
         deadline = time.monotonic() + seconds
     sent = size = 0
-    window: list[mqtt.MQTTMessageInfo] = []
+    window: list[tuple[mqtt.MQTTMessageInfo, int]] = []
+
+    def settle(infos: Sequence[tuple[mqtt.MQTTMessageInfo, int]]) -> None:
+        nonlocal sent, size
+        for info, length in infos:
+            with contextlib.suppress(RuntimeError, ValueError):  # failed: not connected
+                info.wait_for_publish(max(0.1, deadline + 5 - time.monotonic()))
+                if info.is_published():
+                    sent += 1
+                    size += length
+
     for topic, payload in messages:
         if time.monotonic() >= deadline:
             break
-        window.append(client.publish(topic, payload, qos=1))
-        sent += 1
-        size += len(payload)
+        window.append((client.publish(topic, payload, qos=1), len(payload)))
         if len(window) >= 200:  # keep paho's own queue short: wait for the oldest half
-            for info in window[:100]:
-                with contextlib.suppress(RuntimeError, ValueError):
-                    info.wait_for_publish(30)
+            settle(window[:100])
             del window[:100]
-    for info in window:
-        with contextlib.suppress(RuntimeError, ValueError):
-            info.wait_for_publish(30)
+    settle(window)
     print(json.dumps({"sent": sent, "bytes": size}), flush=True)
     client.disconnect()
     client.loop_stop()
@@ -378,7 +395,8 @@ def _read_line(proc: subprocess.Popen[str], timeout: float, what: str) -> str:
     line = proc.stdout.readline() if ready else ""
     if not line:
         proc.kill()
-        raise SystemExit(f"the {what} process did not answer within {timeout:g} s")
+        why = "exited without an answer" if ready else f"did not answer within {timeout:g} s"
+        raise SystemExit(f"the {what} process {why} (its errors are above)")
     return line
 
 
@@ -402,6 +420,7 @@ def _run(scenario: str, backend: str, args: argparse.Namespace, broker: Broker,
         BareSubscriber(broker.port, stored) if bare
         else Controller(store, "127.0.0.1", broker.port).start())
     hostile: Optional[subprocess.Popen[str]] = None
+    honest: Optional[subprocess.Popen[str]] = None
     try:
         if not controller.connected.wait(10):
             raise SystemExit("the controller did not connect to the broker")
@@ -412,11 +431,12 @@ def _run(scenario: str, backend: str, args: argparse.Namespace, broker: Broker,
         _read_line(honest, 60, "honest devices")
         victims = ",".join(f"gw-{i:03d}" for i in range(args.devices))
         if scenario == "burst":
-            hostile = _child("hostile", broker.port, "--mode", "burst", "--victims", victims)
+            hostile = _child("hostile", broker.port, "--mode", "burst", "--victims", victims,
+                             "--big", str(args.big))
             hostile_out = json.loads(_read_line(hostile, 300, "hostile device"))
         elif scenario in ("flood", "bare-flood"):
             hostile = _child("hostile", broker.port, "--mode", "flood", "--victims", victims,
-                             "--seconds", str(args.seconds + 3))
+                             "--seconds", str(args.seconds + 3), "--big", str(args.big))
             time.sleep(1.0)  # the flood is under way before the honest devices start
         assert honest.stdin is not None
         honest.stdin.write("go\n")
@@ -446,14 +466,17 @@ def _run(scenario: str, backend: str, args: argparse.Namespace, broker: Broker,
         honest.wait(30)
         return result
     finally:
-        if hostile is not None and hostile.poll() is None:
-            hostile.kill()
-            hostile.wait(10)
+        for child in (hostile, honest):
+            if child is not None and child.poll() is None:
+                child.kill()
+                child.wait(10)
         controller.stop()
 
 
 def _print(results: Sequence[Result], args: argparse.Namespace) -> None:
     packets = f", max_packet_size {args.max_packet_size}" if args.max_packet_size else ""
+    packets += f"; hostile large payloads {args.big} bytes" if args.big else (
+        "; no large hostile payloads")
     print(f"# Ingest with a hostile device: {args.devices} honest devices, telemetry at "
           f"{args.rate:g}/s each for {args.seconds:g} s; Mosquitto max_queued_messages "
           f"{args.broker_queue}{packets}\n")
@@ -509,6 +532,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="how long they send")
     parser.add_argument("--broker-queue", type=int, default=1000,
                         help="Mosquitto max_queued_messages (1000: its default)")
+    parser.add_argument("--big", type=int, default=BIG,
+                        help="bytes of the hostile device's large payloads (default 1 MiB; 0: "
+                        "none, a flood of small messages)")
     parser.add_argument("--max-packet-size", type=int, default=0,
                         help="Mosquitto max_packet_size (0: none; `fleetlite broker-config` "
                         "writes the protocol's largest message + 64 KiB)")
@@ -531,7 +557,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.role == "honest":
         return run_honest(args.port, args.devices, args.rate, args.seconds)
     if args.role == "hostile":
-        return run_hostile(args.port, args.mode, args.seconds, args.victims.split(","))
+        return run_hostile(args.port, args.mode, args.seconds, args.victims.split(","),
+                           args.big)
     if (args.devices < 1 or args.rate <= 0 or args.seconds <= 0 or args.bursts < 1
             or args.repeat < 1):
         parser.error("--devices, --rate, --seconds, --bursts and --repeat must be positive")

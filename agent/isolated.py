@@ -53,19 +53,8 @@ def check_model(
     past ``timeout``, and :class:`InvalidModelError` (or a subclass) if the runtime refuses the
     model.
     """
-    request = {"model": str(path), "num_threads": num_threads, "backend": backend}
-    reply = run_json_child(
-        [sys.executable, "-m", "fleetlite.agent.isolated"],
-        request,
-        timeout=timeout,
-        origin=str(path),
-        failures=_FAILURES,
-    )
-    return ModelCheck(
-        description=reply["description"],
-        load_ms=float(reply["load_ms"]),
-        first_inference_ms=float(reply["first_inference_ms"]),
-    )
+    return _check({"model": str(path), "num_threads": num_threads, "backend": backend},
+                  timeout)
 
 
 def check_language_model(
@@ -78,12 +67,16 @@ def check_language_model(
     """Like :func:`check_model` for a generative LM: load it as the generation engine does and
     generate one token from token id 0, in a subprocess. ``first_inference_ms`` is that
     token's time (prefill and one decode step)."""
-    request = {"model": str(path), "num_threads": num_threads, "backend": backend, "lm": True}
+    return _check({"model": str(path), "num_threads": num_threads, "backend": backend,
+                   "lm": True}, timeout)
+
+
+def _check(request: dict[str, Any], timeout: float) -> ModelCheck:
     reply = run_json_child(
         [sys.executable, "-m", "fleetlite.agent.isolated"],
         request,
         timeout=timeout,
-        origin=str(path),
+        origin=str(request["model"]),
         failures=_FAILURES,
     )
     return ModelCheck(

@@ -8,35 +8,20 @@ local socket with the reply the float reference gives, and the fleet knows each 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from fleetlite.fleet import Fleet
 from fleetlite.fleet.gates import GateSpec
 from fleetlite.fleet.rollout import RolloutSpec, Selector, parse_waves
-from fleetlite.fleet.store import open_store
 from fleetlite.sdk.bundle import ReleaseBundle, build_release
 from fleetlite.sdk.local_client import LocalClient
-from tests.mqtt_harness import Mosquitto
-from tests.test_fleet_e2e import Site, controllers_for, wait_until
+from tests.test_fleet_e2e import Site, controllers_for, site, wait_until  # noqa: F401
 from tests.test_generation import LM, reference
 from tests.test_ota_install import ISSUED, RELEASE_KEY
 
 DEVICES = {"gw-x86-1": "industrial-x86-gateway", "gw-pi-1": "raspberry-pi-4",
            "gw-pi-2": "raspberry-pi-4"}
 PROMPT = "turn off the kitchen lights"
-
-
-@pytest.fixture
-def site(tmp_path: Path, broker: Mosquitto, store_url: str) -> Iterator[Site]:
-    s = Site(tmp_path, broker, open_store(store_url))
-    s.observe()
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def lm_bundle() -> ReleaseBundle:
@@ -48,7 +33,8 @@ def lm_bundle() -> ReleaseBundle:
 
 
 def test_an_lm_release_rolls_out_in_waves_and_every_device_serves_it(
-        site: Site, store_url: str, models_dir: Path) -> None:
+        site: Site, store_url: str, models_dir: Path,  # noqa: F811 (the imported fixture)
+) -> None:
     site.start_agents(DEVICES, "intent", models_dir / "intent_classifier.tflite", socket=True)
     site.start_controllers(store_url, controllers_for(store_url))
     wait_until(lambda: {d.device_id for d in site.store.list_devices(online=True)}

@@ -8,7 +8,10 @@ speak about (fleet/sender_check.py, docs/protocol.md "Reports are bound to their
   memory-hungry profile, telemetry, an offline status), or a release it was never sent, or a
   device class it does not have, changes nothing about the other device in the store or in the
   running rollout; the refusals are counted against the sender and `fleetlite devices show`
-  lists them; the other device's own reports still complete the rollout.
+  lists them; the other device's own reports still complete the rollout;
+- the same scenario with each device on its own certificate, through a Mosquitto running the
+  TLS listener and ACL that ``fleetlite broker-config`` wrote (tests/test_pki.py has the
+  broker-level refusals: publishing as another device, reading its topics, commands).
 """
 
 from __future__ import annotations
@@ -19,12 +22,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 
+from fleetlite.fleet.broker_address import BrokerAddress
 from fleetlite.fleet.controller import Controller
 from fleetlite.fleet.gates import GateSpec
 from fleetlite.fleet.rollout import (
@@ -53,6 +57,8 @@ from fleetlite.sdk.bundle import build_release
 from fleetlite.sdk.messages import Birth, Message, OtaStatus, Status
 from fleetlite.sdk.profile import ProfileRecord, summarize_latencies
 from tests.mqtt_harness import Collector, Mosquitto
+from tests.test_pki import Client as TlsClient
+from tests.test_pki import make_site
 from tests.test_fleet_e2e import wait_until
 from tests.test_ota_install import ISSUED, RELEASE_KEY
 from tests.test_store import add_release, birth, profile, telemetry
@@ -169,27 +175,104 @@ def test_the_store_knows_the_releases_rollouts_sent_a_device(store: Store) -> No
 ATTACKER, VICTIM = "gw-a", "gw-b"
 
 
-def publish(collector: Collector, sender: str, kind: str, message: Message) -> None:
-    collector.publish(topics.device_topic(sender, kind), message.to_json())
+class Devices(Protocol):
+    """How the scenario reaches the broker as the two devices: publish on a device's own topics,
+    and wait for the install command the controller sends the victim."""
+
+    def publish(self, sender: str, kind: str, message: Message) -> None: ...
+
+    def wait_for_command(self, device_id: str) -> None: ...
+
+
+@dataclass
+class CollectorDevices:
+    """Both devices through one plain-TCP client (the plain broker has no ACL)."""
+
+    collector: Collector
+
+    def publish(self, sender: str, kind: str, message: Message) -> None:
+        self.collector.publish(topics.device_topic(sender, kind), message.to_json())
+
+    def wait_for_command(self, device_id: str) -> None:
+        self.collector.wait_for(f"{device_id}/{topics.COMMAND}", timeout=30)
 
 
 def test_a_device_cannot_speak_for_another_in_the_store_or_a_rollout(
         models_dir: Path, broker: Mosquitto, store_url: str) -> None:
-    store = open_store(store_url)
-    controller_store = open_store(store_url)
     fleet = Collector(broker.host, broker.port, [f"{topics.DEVICE_PREFIX}/+/{topics.COMMAND}"],
                       client_id="test-devices").start()
+    controller_store = open_store(store_url)
     controller = Controller(controller_store, broker.host, broker.port, tick_s=0.2).start()
+    try:
+        forge_reports_during_a_rollout(CollectorDevices(fleet), controller, store_url,
+                                       models_dir)
+    finally:
+        controller.stop()
+        fleet.stop()
+        controller_store.close()
+
+
+@dataclass
+class TlsDevices:
+    """Each device through its own certificate, on a broker running the configuration and ACL
+    that ``fleetlite broker-config`` wrote: the broker lets each publish only on its own topics,
+    so the forgeries below are the ones a real device certificate can still send."""
+
+    clients: dict[str, TlsClient]
+
+    def publish(self, sender: str, kind: str, message: Message) -> None:
+        self.clients[sender].publish(topics.device_topic(sender, kind), message.to_json())
+
+    def wait_for_command(self, device_id: str) -> None:
+        client, topic = self.clients[device_id], topics.device_topic(device_id, topics.COMMAND)
+        wait(lambda: any(m.topic == topic for m in list(client.messages)),
+             f"an install command on {topic}")
+
+
+def test_through_the_generated_tls_and_acl_configuration(
+        models_dir: Path, store_url: str, tmp_path: Path) -> None:
+    site = make_site(tmp_path)
+    clients: dict[str, TlsClient] = {}
+    controller_store = open_store(store_url)
+    controller: Controller | None = None
+    try:
+        for device in (ATTACKER, VICTIM):
+            clients[device] = site.client("devices", device).connect()
+        clients[VICTIM].subscribe(topics.device_topic(VICTIM, topics.COMMAND))
+        identity = site.pki / "controllers" / "ctl-1"
+        address = BrokerAddress(host="localhost", port=site.port, tls=True, ca=site.ca,
+                                cert=identity.with_suffix(".pem"),
+                                key=identity.with_suffix(".key"))
+        controller = Controller(controller_store, address, tick_s=0.2).start()
+        forge_reports_during_a_rollout(TlsDevices(clients), controller, store_url, models_dir)
+        # the broker authenticated each device by its certificate, not by what it said
+        log = site.broker.read_log()
+        assert f"u'{ATTACKER}'" in log and "u'controller:ctl-1'" in log
+    finally:
+        if controller is not None:
+            controller.stop()
+        for client in clients.values():
+            client.close()
+        controller_store.close()
+        site.broker.stop()
+
+
+def forge_reports_during_a_rollout(devices: Devices, controller: Controller, store_url: str,
+                                   models_dir: Path) -> None:
+    """The attacker, on its own topics, forges every kind of report about the victim while a
+    rollout is sending the victim an install; nothing about the victim changes, the refusals
+    are counted against the attacker, and the victim's own reports then complete the rollout."""
+    store = open_store(store_url)
     try:
         assert controller.connected.wait(20)
         now = time.time()
-        publish(fleet, ATTACKER, topics.BIRTH, birth(ATTACKER, 1, now, device_class="cls-a"))
-        publish(fleet, VICTIM, topics.BIRTH, birth(VICTIM, 1, now, device_class="cls-b"))
+        devices.publish(ATTACKER, topics.BIRTH, birth(ATTACKER, 1, now, device_class="cls-a"))
+        devices.publish(VICTIM, topics.BIRTH, birth(VICTIM, 1, now, device_class="cls-b"))
         for device in (ATTACKER, VICTIM):
-            publish(fleet, device, topics.STATUS, Status(device_id=device, online=True,
-                                                         session=1, ts=now, reason="connected"))
-        publish(fleet, VICTIM, topics.PROFILE, profile(VICTIM, ts=now, version=3,
-                                                       device_facts={"device_class": "cls-b"}))
+            devices.publish(device, topics.STATUS, Status(device_id=device, online=True,
+                                                          session=1, ts=now, reason="connected"))
+        devices.publish(VICTIM, topics.PROFILE, profile(VICTIM, ts=now, version=3,
+                                                        device_facts={"device_class": "cls-b"}))
         wait(lambda: len(store.list_devices(online=True)) == 2 and store.profiles(model="kws"),
              "both births and the victim's baseline profile")
 
@@ -205,7 +288,7 @@ def test_a_device_cannot_speak_for_another_in_the_store_or_a_rollout(
                            gates=GateSpec(max_p95_regression=0.2, max_peak_rss_mb=100.0),
                            chunk_size=4096)
         store.create_rollout("ro-1", release, spec.to_dict())
-        fleet.wait_for(f"{VICTIM}/cmd", timeout=30)
+        devices.wait_for_command(VICTIM)
         assert device_status(store, VICTIM) == SENT
 
         # the attacker, on its own topics, speaks for the victim and claims what it was not sent
@@ -229,10 +312,10 @@ def test_a_device_cannot_speak_for_another_in_the_store_or_a_rollout(
                                      device_facts={"device_class": "cls-b"})),
         ]
         for kind, message in forged:
-            publish(fleet, ATTACKER, kind, message)
+            devices.publish(ATTACKER, kind, message)
         # the attacker's own, honest telemetry after them: once it is stored, so is every
         # decision about the forged ones (one publisher, QoS 1: the broker keeps the order)
-        publish(fleet, ATTACKER, topics.TELEMETRY, telemetry(ATTACKER, 1, 1, t))
+        devices.publish(ATTACKER, topics.TELEMETRY, telemetry(ATTACKER, 1, 1, t))
         wait(lambda: (store.get_device(ATTACKER) or no_device()).telemetry is not None,
              "the attacker's own telemetry")
         assert controller.counters["refused"] == len(forged), controller.counters
@@ -261,16 +344,13 @@ def test_a_device_cannot_speak_for_another_in_the_store_or_a_rollout(
 
         # the victim's own reports still count: it installs and profiles within the gates
         t = time.time()
-        publish(fleet, VICTIM, topics.PROFILE, profile(VICTIM, ts=t, version=4,
-                                                       device_facts={"device_class": "cls-b"}))
-        publish(fleet, VICTIM, topics.OTA_STATUS, ota(VICTIM, release, t, "done", final=True,
-                                                      outcome="installed"))
+        devices.publish(VICTIM, topics.PROFILE, profile(VICTIM, ts=t, version=4,
+                                                        device_facts={"device_class": "cls-b"}))
+        devices.publish(VICTIM, topics.OTA_STATUS, ota(VICTIM, release, t, "done", final=True,
+                                                       outcome="installed"))
         wait(lambda: rollout_state(store).state == "completed", "the rollout to complete")
         assert device_status(store, VICTIM) == INSTALLED
     finally:
-        controller.stop()
-        fleet.stop()
-        controller_store.close()
         store.close()
 
 

@@ -57,10 +57,10 @@ from fleetlite.sdk.bundle import build_release
 from fleetlite.sdk.messages import Birth, Message, OtaStatus, Status
 from fleetlite.sdk.profile import ProfileRecord, summarize_latencies
 from tests.mqtt_harness import Collector, Mosquitto
-from tests.test_pki import Client as TlsClient
-from tests.test_pki import make_site
 from tests.test_fleet_e2e import wait_until
 from tests.test_ota_install import ISSUED, RELEASE_KEY
+from tests.test_pki import Client as TlsClient
+from tests.test_pki import make_site
 from tests.test_store import add_release, birth, profile, telemetry
 
 RELEASE = "r" * 64

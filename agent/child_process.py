@@ -3,7 +3,8 @@
 The model check (:mod:`fleetlite.agent.isolated`) and the isolated profile
 (:func:`fleetlite.agent.profiler.profile_model_isolated`) both load untrusted models in such a
 child. A signal or a timeout becomes :class:`ModelCrashedError`, a non-zero exit or a reply
-without ``"ok": true`` the error class the reply names; each caller words the messages.
+without ``"ok": true`` the error class the reply names; each caller words the messages. The
+child is killed when the agent dies (:mod:`fleetlite.sdk.child_lifetime`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from fleetlite.agent.errors import AgentError, ModelCrashedError
+from fleetlite.sdk.child_lifetime import run_tied
 
 
 @dataclass(frozen=True)
@@ -47,13 +49,7 @@ def run_json_child(
 ) -> dict[str, Any]:
     """Run ``command`` with ``request`` on stdin; return its JSON reply or raise an AgentError."""
     try:
-        proc = subprocess.run(
-            list(command),
-            input=json.dumps(request).encode(),
-            capture_output=True,
-            timeout=timeout,
-            check=False,
-        )
+        proc = run_tied(command, input=json.dumps(request).encode(), timeout=timeout)
     except subprocess.TimeoutExpired as exc:
         raise ModelCrashedError(
             failures.timed_out.format(origin=origin, timeout=timeout)

@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 from fleetlite.agent.errors import AgentError, RuntimeMissingError, SmokeTestError
+from fleetlite.sdk.child_lifetime import run_tied
 from fleetlite.sdk.device_class import Budgets
 from fleetlite.sdk.manifest import Tolerance
 
@@ -218,13 +219,9 @@ def run_smoke_test(
         "tokenizer": os.fspath(tokenizer_path) if tokenizer_path is not None else None,
     }
     try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "fleetlite.agent.smoke_test"],
-            input=json.dumps(request).encode(),
-            capture_output=True,
-            timeout=timeout_s,
-            check=False,
-        )
+        # killed with the agent too: a SIGKILLed agent leaves no smoke test behind
+        proc = run_tied([sys.executable, "-m", "fleetlite.agent.smoke_test"],
+                        input=json.dumps(request).encode(), timeout=timeout_s)
     except subprocess.TimeoutExpired:
         return failed(SMOKE_TIMEOUT, f"the smoke test did not finish within {timeout_s:g} s "
                       "and was killed; the model hangs or is far too slow for this device")

@@ -2,7 +2,9 @@
 
 Mosquitto when it is installed (the broker FleetLite is tested against), otherwise the embedded
 pure-Python broker ``amqtt`` (MQTT 3.1.1 only; fine for a demo, not for a fleet). Either runs as a
-child process on a loopback port; :func:`start_local_broker` says which one it started.
+child process on a loopback port; :func:`start_local_broker` says which one it started. The child
+gets SIGTERM when the process that started it dies, even by SIGKILL
+(:mod:`fleetlite.sdk.child_lifetime`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fleetlite.fleet.errors import FleetError
+from fleetlite.sdk.child_lifetime import start_tied
 
 
 def free_port() -> int:
@@ -85,7 +89,8 @@ def start_local_broker(port: int | None = None, *, prefer: str = "auto") -> Loca
         from fleetlite.fleet.broker_config import local_mosquitto_conf
 
         conf = workdir / "mosquitto.conf"
-        # the same generator as `fleetlite broker-config`: the protocol's size and queue limits
+        # the same generator as `fleetlite broker-config`: the protocol's size and queue limits;
+        # `user root` also keeps Mosquitto from switching user, which would clear its tie to us
         conf.write_text(local_mosquitto_conf(port) + ("user root\n" if os.geteuid() == 0 else ""))
         cmd = [mosquitto, "-c", str(conf)]
         kind = "mosquitto"
@@ -100,7 +105,7 @@ def start_local_broker(port: int | None = None, *, prefer: str = "auto") -> Loca
         cmd = [sys.executable, "-m", "fleetlite.fleet.broker", "--port", str(port)]
         kind = "embedded (amqtt)"
     with log.open("ab") as out:
-        process = subprocess.Popen(cmd, stdout=out, stderr=out)
+        process = start_tied(cmd, death_signal=signal.SIGTERM, stdout=out, stderr=out)
     broker = LocalBroker(kind, port, process, workdir, _tmp=tmp)
     try:
         _wait_for_port(port, process, log)

@@ -10,7 +10,7 @@ model (home-lm: its tokenizer and prompt format travel with it, every device smo
 greedy replies) and streams its answer to "turn off the kitchen lights" from one gateway's local
 socket, and writes the HTML report. Everything runs
 under one work directory; ``--keep`` leaves broker, agents and controller running for exploring
-with the CLI.
+with the CLI. Broker and agents end with the demo's process, even when it is killed with SIGKILL.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from fleetlite.fleet.errors import FleetError
 from fleetlite.fleet.rollout import RolloutState
 from fleetlite.fleet.store import Store, open_store
 from fleetlite.sdk.bundle import ReleaseBundle, build_release
+from fleetlite.sdk.child_lifetime import start_tied
 from fleetlite.sdk.keys import SigningKey
 from fleetlite.sdk.local_client import LocalClient
 from fleetlite.sdk.manifest import file_entry
@@ -129,9 +130,10 @@ class Demo:
             }
             (home / "agent.yaml").write_text(yaml.safe_dump(config))
             log = (home / "agent.log").open("ab")
-            self.agents.append(subprocess.Popen(
+            # SIGTERM when this process dies, however it dies: no agent outlives the demo
+            self.agents.append(start_tied(
                 [sys.executable, "-m", "fleetlite.agent.cli", "run", "--config",
-                 str(home / "agent.yaml")], stdout=log, stderr=log))
+                 str(home / "agent.yaml")], death_signal=signal.SIGTERM, stdout=log, stderr=log))
             log.close()
             say(f"    agent {device_id:<14} {device_class:<24} pid {self.agents[-1].pid}")
 

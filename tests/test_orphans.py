@@ -5,6 +5,7 @@ ends keeps running while its process lives. Real processes, identified by pid be
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import queue
 import re
@@ -19,6 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from fleetlite.fleet.broker import mosquitto_path
 from fleetlite.sdk.child_lifetime import _die_with, start_tied
 
 BIN = Path(sys.executable).parent
@@ -58,8 +60,14 @@ def _assert_all_end(processes: list[psutil.Process], timeout: float) -> None:
                 process.kill()
 
 
-def test_demo_killed_with_sigkill_leaves_no_broker_or_agent(tmp_path: Path) -> None:
-    demo = subprocess.Popen([str(BIN / "fleetlite"), "demo", "--keep", "--out", str(tmp_path)],
+@pytest.mark.parametrize("broker", ["mosquitto", "embedded"])
+def test_demo_killed_with_sigkill_leaves_no_broker_or_agent(tmp_path: Path, broker: str) -> None:
+    if broker == "mosquitto" and mosquitto_path() is None:
+        pytest.skip("Mosquitto is not installed: sudo apt-get install mosquitto")
+    if broker == "embedded" and importlib.util.find_spec("amqtt") is None:
+        pytest.skip("the embedded broker (amqtt) is not installed; it needs Python 3.10+")
+    demo = subprocess.Popen([str(BIN / "fleetlite"), "demo", "--keep", "--out", str(tmp_path),
+                             "--local-broker", broker],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: queue.Queue[str] = queue.Queue()
     reader = threading.Thread(target=lambda: [lines.put(line) for line in demo.stdout or ()],

@@ -1,6 +1,6 @@
 """Ingest under a hostile device: what one device flooding the fleet costs the others.
 
-``python -m fleetlite.tools.bench.bench_ingest [--devices 20] [--rate 10] [--seconds 10]``
+``python -m fleetlite.tools.bench.bench_ingest [--devices 20] [--rate 4] [--seconds 10]``
 starts a real Mosquitto (``--broker-queue``: its per-client ``max_queued_messages``; 1000 is
 Mosquitto's default, 50000 what ``fleetlite broker-config`` writes) and a real
 :class:`~fleetlite.fleet.controller.Controller` on SQLite (and on PostgreSQL when
@@ -527,8 +527,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fleetlite.tools.bench.bench_ingest",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--devices", type=int, default=20, help="honest devices")
-    parser.add_argument("--rate", type=float, default=10.0,
-                        help="telemetry reports per second per honest device")
+    parser.add_argument("--rate", type=float, default=4.0,
+                        help="telemetry reports per second per honest device (default 4: "
+                        "within the controller's default telemetry limit of 5 a second, "
+                        "so the honest devices lose nothing to their own limit)")
     parser.add_argument("--seconds", type=float, default=10.0, help="how long they send")
     parser.add_argument("--broker-queue", type=int, default=1000,
                         help="Mosquitto max_queued_messages (1000: its default)")

@@ -635,6 +635,12 @@ def _plan_rule(spec: RolloutSpec, st: RolloutState, inputs: _Inputs) -> list[Dec
 
 
 def _outcome_rule(spec: RolloutSpec, st: RolloutState, inputs: _Inputs) -> list[Decision]:
+    """The device's newest final status since the send is its state: an answer to the install
+    while it is ``sent`` or ``timed_out``; a rollback confirmed after an install; and, when it
+    arrived after the record last changed, a success after a failure (the device installed on a
+    retry, e.g. a re-sent command reached it after it had given up), whatever the rollout's
+    state (paused included). Never from an installed or rolled-back device back to a failure:
+    the device's own rollback says that."""
     found = []
     for dev in _sorted(st.devices.values()):
         if dev.sent_at is None:
@@ -646,8 +652,10 @@ def _outcome_rule(spec: RolloutSpec, st: RolloutState, inputs: _Inputs) -> list[
         if latest is None or latest.outcome == dev.status:
             continue
         new, cur = latest.outcome, dev.status
+        newer = dev.updated_at is None or latest.ts > dev.updated_at
         if not (cur in (SENT, TIMED_OUT)
-                or (new == ROLLED_BACK and cur in (INSTALLED, ROLLBACK_SENT, ROLLBACK_FAILED))):
+                or (new == ROLLED_BACK and cur in (INSTALLED, ROLLBACK_SENT, ROLLBACK_FAILED))
+                or (newer and cur in (FAILED, REJECTED) and new in (INSTALLED, NO_CHANGE))):
             continue
         found.append(_mark(dev, new, latest.reason, _outcome_sentence(spec, dev, latest),
                            message=latest.message))
@@ -1000,7 +1008,9 @@ def _on_failure(spec: RolloutSpec, wave: int, why: str,
 
 
 def _outcome_sentence(spec: RolloutSpec, dev: DeviceProgress, outcome: OutcomeView) -> str:
-    late = "late answer: " if dev.status == TIMED_OUT else ""
+    late = ("late answer: " if dev.status == TIMED_OUT
+            else f"after it reported {dev.status}: " if dev.status in (FAILED, REJECTED)
+            else "")
     what = f"{spec.model} v{spec.version}"
     code = f" ({outcome.reason})" if outcome.reason else ""
     text = {

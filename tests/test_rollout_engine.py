@@ -432,6 +432,33 @@ def test_silent_device_times_out_and_a_late_answer_is_recorded() -> None:
     assert sim.installs["gw-001"] == 1
 
 
+def test_a_success_after_a_failure_is_recorded_even_while_paused() -> None:
+    """A device gave up (download_stalled) and the rollout paused on it; a re-sent install then
+    reached it and it installed: the record follows the device, not its first answer."""
+    sim = FleetSim(make_spec(waves=parse_waves("2,3,all")), failing_fleet())
+    state = sim.run()
+    assert state.state == "paused"
+    bad = next(k for k, d in state.devices.items() if d.status == "failed")
+    sim.outcomes.append(OutcomeView(bad, RELEASE, "installed", "", "", sim.now))
+    decisions = sim.step()
+    assert [(d.kind, d.device_id) for d in decisions] == [(MARK, bad)]
+    assert decisions[0].reason == f"after it reported failed: {bad} installed intent v3"
+    assert sim.state.devices[bad].status == "installed"
+    assert sim.state.state == "paused"  # the operator still decides; the record is true
+    assert sim.installs[bad] == 1  # the engine did not send it again
+
+
+def test_a_stale_failure_never_undoes_an_install() -> None:
+    sim = FleetSim(make_spec(waves=parse_waves("all")), fleet(2))
+    sim.run()
+    sent_at = sim.state.devices["gw-000"].sent_at
+    assert sent_at is not None
+    # a failure received after the install was recorded (e.g. a duplicate of an older attempt)
+    sim.outcomes.append(OutcomeView("gw-000", RELEASE, "failed", "internal", "", sim.now))
+    assert sim.step() == []
+    assert sim.state.devices["gw-000"].status == "installed"
+
+
 def test_outcomes_older_than_the_send_are_ignored() -> None:
     sim = FleetSim(make_spec(waves=parse_waves("all")), fleet(1))
     sim.outcomes.append(OutcomeView("gw-000", RELEASE, "rejected", "previously_rejected", "",

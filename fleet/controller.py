@@ -31,7 +31,10 @@ Restarts and crashes:
   installing answers ``already_running``; one that finished while its final status was lost
   (a controller without a persistent session was down) answers with a final ``no_change``.
   Rollbacks are never re-sent (they name the version they leave, ``from_version``, so a
-  redelivered one is a no-op on the device, but a re-send is not needed).
+  redelivered one is a no-op on the device, but a re-send is not needed). After the controller
+  itself stalled for ``resend_after_s`` or more (stopped, suspended, a hung store call), re-sends
+  wait another ``resend_after_s``: the devices' silence was the controller's, and the reports the
+  broker queued meanwhile are ingested first.
 - The release of a rollout is served (retained manifest, chunk re-sends) by whichever
   controller drives it, from its first tick on; a finished rollout is still driven while installs
   or rollbacks it sent are unanswered, so their outcomes are recorded.
@@ -167,6 +170,7 @@ class Controller:
         self._serving: set[str] = set()
         self._held: set[str] = set()
         self._resent: set[tuple[str, str]] = set()
+        self._resends_held_until = 0.0
         self.counters = {"ingested": 0, "malformed": 0, "refused": 0, "oversize": 0,
                          "rate_limited": 0, "decisions": 0, "commands_sent": 0,
                          "commands_resent": 0, "stale_batches": 0}
@@ -408,7 +412,10 @@ class Controller:
     # -- rollouts --------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        last = time.monotonic()
         while not self._stop.wait(self.tick_s):
+            gap, last = time.monotonic() - last, time.monotonic()
+            self.note_gap(gap, time.time())
             try:
                 self._flush_ingest()
             except Exception:
@@ -417,6 +424,17 @@ class Controller:
                 self.tick(time.time())
             except Exception:
                 log.exception("rollout tick failed; retrying next tick")
+
+    def note_gap(self, gap_s: float, now: float) -> None:
+        """After a stall (the process stopped, the machine suspended, a store call that hung),
+        the devices' silence is the controller's own: hold re-sends for ``resend_after_s`` so
+        the reports the broker queued meanwhile are ingested first."""
+        if gap_s < self.resend_after_s:  # a tick is normally tick_s (0.5 s) apart
+            return
+        self._resends_held_until = now + self.resend_after_s
+        log.warning("the controller was stalled for %.0f s (process stopped, machine suspended or "
+                    "a slow store); re-sends of unanswered installs wait %.0f s for the reports "
+                    "queued meanwhile", gap_s, self.resend_after_s)
 
     def tick(self, now: float) -> None:
         """Drive every rollout that needs it and whose lease this controller gets."""
@@ -510,12 +528,15 @@ class Controller:
         have been lost (a crash between the store's commit and the publish, a device offline at
         that moment), or the device's final status (a controller down without a persistent
         session)."""
+        if now < self._resends_held_until:
+            return
         heard: dict[str, float] = {}
         for r in records:
             heard[r.status.device_id] = max(heard.get(r.status.device_id, 0.0), r.received_at)
         online = {d.device_id for d in devices if d.online}
         for dev in state.devices.values():
             key = (rollout_id, dev.device_id)
+            # only ``sent`` devices: a final status since the send has made it something else
             if (dev.status != _SENT or dev.sent_at is None or key in self._resent
                     or dev.device_id not in online):
                 continue

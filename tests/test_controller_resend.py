@@ -1,0 +1,112 @@
+"""The controller's re-send of an unanswered install, through a real Mosquitto and store: a
+device that said nothing for ``resend_after_s`` is sent the install once more; after the
+controller itself was stalled (SIGSTOP, a suspended VM, a hung store call) the re-send waits
+``resend_after_s`` so the reports the broker queued meanwhile are ingested first (issue 15: a
+frozen controller re-sent an install to a device whose failure it had not read yet)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fleetlite.fleet.controller import Controller
+from fleetlite.fleet.rollout import SENT, RolloutSpec, RolloutState, Selector, parse_waves
+from fleetlite.fleet.store import Store, open_store
+from fleetlite.sdk import topics
+from fleetlite.sdk.bundle import build_release
+from fleetlite.sdk.messages import Status
+from tests.mqtt_harness import Collector, Mosquitto
+from tests.test_ota_install import ISSUED, RELEASE_KEY
+from tests.test_store import birth
+
+DEVICE = "gw-1"
+RESEND_S = 15.0
+
+
+@pytest.fixture
+def fleet(models_dir: Path, broker: Mosquitto,
+          store_url: str) -> Iterator[tuple[Store, Controller, Collector]]:
+    store = open_store(store_url)
+    controller_store = open_store(store_url)
+    commands = Collector(broker.host, broker.port, [topics.device_topic(DEVICE, topics.COMMAND)],
+                         client_id="test-device").start()
+    # a tick far away: the test drives the rollout itself, on its own clock
+    controller = Controller(controller_store, broker.host, broker.port, tick_s=3600,
+                            resend_after_s=RESEND_S).start()
+    try:
+        assert controller.connected.wait(20)
+        now = time.time()
+        store.upsert_birth(birth(DEVICE, 1, now, device_class="cls-a"))
+        store.upsert_status(Status(device_id=DEVICE, online=True, session=1, ts=now,
+                                   reason="connected"))
+        bundle = build_release([models_dir / "intent_classifier.tflite"], name="kws", version=4,
+                               device_classes=["cls-a"], issued=ISSUED, keys=[RELEASE_KEY])
+        store.add_release(bundle.release_id, "kws", 4, bundle.envelope.to_json(),
+                          dict(bundle.files), bundle.manifest.to_dict())
+        spec = RolloutSpec(rollout_id="ro-1", release_id=bundle.release_id, model="kws",
+                           version=4, previous_version=None, selector=Selector(),
+                           waves=parse_waves("100%"), wave_timeout_s=600, chunk_size=4096)
+        store.create_rollout("ro-1", bundle.release_id, spec.to_dict())
+        yield store, controller, commands
+    finally:
+        controller.stop()
+        commands.stop()
+        controller_store.close()
+        store.close()
+
+
+def installs(commands: Collector, count: int) -> None:
+    """Wait for ``count`` install commands in all (QoS 1 from one publisher: in order)."""
+    commands.wait_for(f"{DEVICE}/{topics.COMMAND}", count=count, timeout=30)
+
+
+def device_status(store: Store) -> str:
+    record = store.get_rollout("ro-1")
+    assert record is not None and record.state
+    return RolloutState.from_dict(record.state).devices[DEVICE].status
+
+
+def test_an_unanswered_install_is_sent_once_more(
+        fleet: tuple[Store, Controller, Collector]) -> None:
+    store, controller, commands = fleet
+    t0 = time.time()
+    controller.drive("ro-1", t0)
+    installs(commands, 1)
+    assert device_status(store) == SENT
+    controller.drive("ro-1", t0 + RESEND_S - 1)
+    controller.drive("ro-1", t0 + RESEND_S + 1)
+    installs(commands, 2)
+    controller.drive("ro-1", t0 + 3 * RESEND_S)  # once per controller process
+    assert controller.counters["commands_resent"] == 1
+    assert controller.counters["commands_sent"] == 2
+
+
+def test_after_a_stall_the_resend_waits_for_the_queued_reports(
+        fleet: tuple[Store, Controller, Collector]) -> None:
+    _, controller, commands = fleet
+    t0 = time.time()
+    controller.drive("ro-1", t0)
+    installs(commands, 1)
+    # the controller was stopped for 100 s: the device's silence is the controller's own
+    controller.note_gap(100.0, t0 + 100)
+    controller.drive("ro-1", t0 + 101)
+    controller.drive("ro-1", t0 + 100 + RESEND_S - 1)
+    assert controller.counters["commands_resent"] == 0
+    # still nothing from the device once the queued reports had their time: sent again
+    controller.drive("ro-1", t0 + 100 + RESEND_S + 1)
+    installs(commands, 2)
+    assert controller.counters["commands_resent"] == 1
+
+
+def test_an_ordinary_tick_gap_holds_nothing(
+        fleet: tuple[Store, Controller, Collector]) -> None:
+    _, controller, commands = fleet
+    t0 = time.time()
+    controller.drive("ro-1", t0)
+    installs(commands, 1)
+    controller.note_gap(2.0, t0 + 1)
+    controller.drive("ro-1", t0 + RESEND_S + 1)
+    installs(commands, 2)

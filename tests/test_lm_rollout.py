@@ -43,6 +43,23 @@ def lm_bundle() -> ReleaseBundle:
                          smoke_prompts=[PROMPT, "lock the front door"], smoke_tokens=12)
 
 
+def roll_out(at: Site, bundle: ReleaseBundle, rollout_id: str, waves: str,
+             gates: GateSpec, wave_timeout_s: float) -> None:
+    """Push ``bundle`` (home-lm) to the store and start a rollout of it to every device."""
+    version = bundle.manifest.version
+    at.store.add_release(bundle.release_id, "home-lm", version, bundle.envelope.to_json(),
+                         dict(bundle.files), bundle.manifest.to_dict())
+    spec = RolloutSpec(rollout_id=rollout_id, release_id=bundle.release_id, model="home-lm",
+                       version=version, previous_version=version - 1 or None,
+                       selector=Selector(), waves=parse_waves(waves),
+                       wave_timeout_s=wave_timeout_s, gates=gates, chunk_size=65536)
+    at.store.create_rollout(rollout_id, bundle.release_id, spec.to_dict())
+
+
+# the first version: nothing to compare with, every device installs it
+NO_GATES = GateSpec(max_p95_regression=None, min_profiles=0)
+
+
 def test_an_lm_release_rolls_out_in_waves_and_every_device_serves_it(
         site: Site, store_url: str, models_dir: Path,  # noqa: F811 (the imported fixture)
 ) -> None:
@@ -55,14 +72,7 @@ def test_an_lm_release_rolls_out_in_waves_and_every_device_serves_it(
     wait_until(lambda: {d.device_id for d in site.store.list_devices(online=True)}
                == set(DEVICES), 60, "every device online")
     bundle = lm_bundle()
-    site.store.add_release(bundle.release_id, "home-lm", 1, bundle.envelope.to_json(),
-                           dict(bundle.files), bundle.manifest.to_dict())
-    spec = RolloutSpec(rollout_id="lm-1", release_id=bundle.release_id, model="home-lm",
-                       version=1, previous_version=None, selector=Selector(),
-                       waves=parse_waves("1,100%"), wave_timeout_s=120,
-                       gates=GateSpec(max_p95_regression=None, min_profiles=0),
-                       chunk_size=65536)
-    site.store.create_rollout("lm-1", bundle.release_id, spec.to_dict())
+    roll_out(site, bundle, "lm-1", "1,100%", NO_GATES, wave_timeout_s=120)
 
     wait_until(lambda: site.settled("lm-1"), 60, "the LM rollout to finish")
     state = site.state("lm-1")
@@ -154,28 +164,15 @@ def test_a_v2_whose_decode_rate_regresses_on_one_class_is_rolled_back_on_that_cl
                == set(LM_DEVICES), 60, "every device online")
 
     # v1 everywhere, no gates: its profiles are the baseline of each class
-    v1 = single_file_release(LM / "home_lm_int8.tflite", 1)
-    site.store.add_release(v1.release_id, "home-lm", 1, v1.envelope.to_json(), dict(v1.files),
-                           v1.manifest.to_dict())
-    first = RolloutSpec(rollout_id="lm-v1", release_id=v1.release_id, model="home-lm",
-                        version=1, previous_version=None, selector=Selector(),
-                        waves=parse_waves("100%"), wave_timeout_s=180,
-                        gates=GateSpec(max_p95_regression=None, min_profiles=0),
-                        chunk_size=65536)
-    site.store.create_rollout("lm-v1", v1.release_id, first.to_dict())
+    roll_out(site, single_file_release(LM / "home_lm_int8.tflite", 1), "lm-v1", "100%",
+             NO_GATES, wave_timeout_s=180)
     wait_until(lambda: site.settled("lm-v1"), 180, "home-lm v1 everywhere")
     assert site.state("lm-v1").state == "completed", site.state("lm-v1").reason
     wait_until(lambda: {p.device_id for p in site.store.profiles(model="home-lm", version=1)}
                == set(LM_DEVICES), 180, "a home-lm v1 profile from every device")
 
     v2 = single_file_release(LM / "home_lm.tflite", 2)
-    site.store.add_release(v2.release_id, "home-lm", 2, v2.envelope.to_json(), dict(v2.files),
-                           v2.manifest.to_dict())
-    spec = RolloutSpec(rollout_id="lm-v2", release_id=v2.release_id, model="home-lm",
-                       version=2, previous_version=1, selector=Selector(),
-                       waves=parse_waves("50%,100%"), wave_timeout_s=180, gates=LM_GATES,
-                       chunk_size=65536)
-    site.store.create_rollout("lm-v2", v2.release_id, spec.to_dict())
+    roll_out(site, v2, "lm-v2", "50%,100%", LM_GATES, wave_timeout_s=180)
     wait_until(lambda: site.settled("lm-v2"), 300, "the v2 rollout to finish and roll back")
 
     state = site.state("lm-v2")

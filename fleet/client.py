@@ -87,7 +87,6 @@ DEFAULT_WAVES = "1,10%,100%"
 """Waves of :meth:`Fleet.create_rollout` when none are given: one canary, 10 %, the rest."""
 
 PathArg = Union[str, "os.PathLike[str]"]
-_REQUEST_RETRIES = 50
 
 
 class WaitTimeoutError(FleetError, TimeoutError):
@@ -642,28 +641,24 @@ class Fleet:
         controller handles it on its next tick and logs the answer (the action, or ``refuse``
         with the reason). With ``wait`` (seconds), wait for that answer.
 
-        The request is written with the rollout's revision check, retried when a controller
-        wrote the rollout in between, so neither side loses the other's change.
+        The request is written under the rollout's lock, the one a controller takes for each
+        step: it waits for a step in progress to end (never refused because the controller is
+        busy), and the controller's next step sees it.
         """
         if action not in OPERATOR_ACTIONS:
             raise RolloutError(f"operator action must be one of {', '.join(OPERATOR_ACTIONS)}, "
                                f"got {action!r}")
         before = max((d.id for d in self.store.decisions(rollout_id)), default=0)
-        for _ in range(_REQUEST_RETRIES):
-            record = self.store.get_rollout(rollout_id)
-            if record is None:
-                raise self._no_rollout(rollout_id)
-            state = RolloutState.from_dict(record.state) if record.state else RolloutState()
-            if state.finished and (action != "rollback" or state.state == "rolled_back"):
-                raise RolloutError(f"rollout {rollout_id} is already {state.state} "
-                                   f"({state.reason}): there is nothing to {action}")
-            queued = request(state, action, note)
-            if self.store.update_rollout_state(rollout_id, record.revision, queued.to_dict()):
-                break
-            time.sleep(0.02)  # a controller wrote the rollout meanwhile: read it again
-        else:
-            raise RolloutError(f"could not queue {action} on rollout {rollout_id}: it kept "
-                               "changing under us; try again")
+        try:
+            with self.store.rollout_lock(rollout_id) as txn:
+                record = txn.rollout
+                state = RolloutState.from_dict(record.state) if record.state else RolloutState()
+                if state.finished and (action != "rollback" or state.state == "rolled_back"):
+                    raise RolloutError(f"rollout {rollout_id} is already {state.state} "
+                                       f"({state.reason}): there is nothing to {action}")
+                txn.set_state(request(state, action, note).to_dict())
+        except RecordNotFoundError:
+            raise self._no_rollout(rollout_id) from None
         deadline = time.monotonic() + (wait or 0.0)
         while True:
             answer = self._answer(rollout_id, action, before)

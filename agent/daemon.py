@@ -176,7 +176,7 @@ class Agent:
         self.start()
         log.info("agent %s running (session %d)", self.config.device_id, self.session)
         while not done.wait(0.5):
-            pass
+            self.ota.check_worker()  # the tick: a dead OTA worker is reported and restarted
         self.stop()
 
     # -- models --------------------------------------------------------------------------------

@@ -105,8 +105,8 @@ class DownloadError(AgentError):
 class DiskFullError(DownloadError):
     """The staging file system is full (ENOSPC) or the file size limit was hit (EFBIG).
 
-    The chunks received before stay on disk and in the persisted bitmap: free space and the
-    download resumes.
+    The chunks received before stay on disk and in the persisted bitmap, so a store opened again
+    resumes; the OTA worker, though, ends the install and removes its staging copy.
     """
 
     default_reason = "disk_full"

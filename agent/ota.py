@@ -17,13 +17,20 @@ One install runs at a time, in the OTA worker thread, top to bottom:
    becomes the anti-rollback floor). Any failure rolls back to the previous model.
 
 Every install ends with one final ``fleetlite.ota_status/1`` message (``final: true``) whose
-``outcome`` and ``reason`` the fleet side can act on. A version that was rejected after its
-signature verified, or rolled back, is remembered and not installed again unless an operator
-retries it explicitly.
+``outcome`` and ``reason`` the fleet side can act on, whatever fails: an error in any phase, or in
+the clean-up after it, ends the job (``disk_full`` for a full disk anywhere, ``internal`` with the
+exception's type for a bug), removes what it wrote (staging copy, partial or abandoned slot) and
+the worker goes on with the next job; a worker thread that dies anyway is noticed by
+:meth:`OtaManager.check_worker` (the agent's tick and the OTA commands call it), reported and
+restarted. Before downloading, the free space for the staging and the slot copies is checked.
+
+A version that was rejected after its signature verified, or rolled back, is remembered and not
+installed again unless an operator retries it explicitly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -43,13 +50,21 @@ from fleetlite.agent.errors import AgentError
 from fleetlite.agent.language_models import LanguageModels
 from fleetlite.agent.lm_serving import load_served_lm, release_generation
 from fleetlite.agent.model_service import ModelService
-from fleetlite.agent.ota_state import Job, ModelState, OtaStateStore, SlotInfo
+from fleetlite.agent.ota_space import (
+    allocated,
+    describe_bytes,
+    free_bytes,
+    is_disk_full,
+    remove_tree,
+    shortfall,
+)
+from fleetlite.agent.ota_state import SLOTS, EndedJob, Job, ModelState, OtaStateStore, SlotInfo
 from fleetlite.sdk import topics
 from fleetlite.sdk.chunks import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 from fleetlite.sdk.device_class import DeviceClass
 from fleetlite.sdk.errors import EqualVersion, UpdateRejected
 from fleetlite.sdk.manifest import Manifest, Variant
-from fleetlite.sdk.messages import OtaStatus
+from fleetlite.sdk.messages import Event, OtaStatus
 from fleetlite.sdk.trust import Root, load_trusted_root, update_root
 from fleetlite.sdk.verify import DEFAULT_LIMITS, Limits, TimeFloor, verify_release
 from fleetlite.sdk.version import BUILD_TIME, __version__
@@ -66,6 +81,8 @@ OPERATOR_ROLLBACK = "operator_rollback"
 SMOKE_UNAVAILABLE = "smoke_test_unavailable"
 INTERNAL = "internal"
 
+# Reasons that are not the release's fault: a rollback for one of them does not reject the version.
+_NOT_THE_RELEASE = (DISK_FULL, INTERNAL, "staging_io_error")
 
 
 @dataclass(frozen=True)
@@ -80,6 +97,8 @@ class OtaSettings:
     health_inferences: int = 20
     health_timeout_s: float = 30.0
     limits: Limits = DEFAULT_LIMITS
+    # a failed install re-sent within this time is answered with its final status, not re-run
+    ended_memory_s: float = 600.0
 
 
 class InstallEndedError(Exception):
@@ -128,6 +147,11 @@ class OtaManager:
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=256)
         self._busy = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._revive = threading.Lock()
+        self._stopping = False
+        self._worker_death: BaseException | None = None
+        self._need: tuple[Path, int, int] | None = None  # (where, needed, free) of the job
+        self._rolled_back = False
         self.counters = {"installs": 0, "installed": 0, "rejected": 0, "rolled_back": 0,
                          "failed": 0}
 
@@ -145,7 +169,8 @@ class OtaManager:
         """Decide what to serve at start: (name, path, version, sha256) per model.
 
         A model found on probation (``pending``) means the agent died in its health window:
-        roll back to the previous model and report it.
+        roll back to the previous model, remove the abandoned slot and the release's staging
+        copy, and report it. Staging copies of no current job are removed too.
         """
         changed = False
         for name, ms in self.state.models.items():
@@ -154,14 +179,16 @@ class OtaManager:
                 ms.revert()
                 changed = True
                 self.counters["rolled_back"] += 1
+                if self.state.job is not None and self.state.job.release_id == pending.release_id:
+                    self.state.job = None
+                self._drop_abandoned_slots(name)
                 self._final(pending.release_id, name, pending.version, "rolled_back",
                             CRASHED_IN_HEALTH_WINDOW,
                             "the agent stopped while the new model was in its health window; "
                             "rolled back to the previous model")
-                if self.state.job is not None and self.state.job.release_id == pending.release_id:
-                    self.state.job = None
         if changed:
             self.store.save(self.state)
+        self._drop_orphan_staging()
         serve = []
         for name, (path, version) in self.seeds.items():
             seeded = self.state.models.get(name)
@@ -175,16 +202,53 @@ class OtaManager:
         return serve
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._worker, name="fleetlite-ota", daemon=True)
-        self._thread.start()
+        self._start_thread()
         if self.state.job is not None:
             log.info("resuming the install of release %s", self.state.job.release_id)
             self._jobs.put(self.state.job)
 
     def stop(self) -> None:
+        self._stopping = True
         self._jobs.put(None)
         if self._thread is not None:
             self._thread.join(10)
+
+    def _start_thread(self) -> None:
+        self._worker_death = None
+        self._thread = threading.Thread(target=self._worker_main, name="fleetlite-ota",
+                                        daemon=True)
+        self._thread.start()
+
+    def check_worker(self) -> bool:
+        """Restart the worker thread if it died; True if it had to.
+
+        The job it was running ends with a final ``internal`` status, so the fleet is not left
+        waiting for an install that nothing runs. Called from the agent's tick and the commands.
+        """
+        with self._revive:
+            thread = self._thread
+            if thread is None or thread.is_alive() or self._stopping:
+                return False
+            death = self._worker_death
+            why = f"{type(death).__name__}: {death}" if death is not None else "no exception seen"
+            log.error("the OTA worker thread died (%s); restarting it", why)
+            with self._busy:
+                while True:  # the dead worker's queue: its jobs are ended below or re-queued
+                    try:
+                        self._jobs.get_nowait()
+                    except queue.Empty:
+                        break
+                job = self.state.job
+                if job is not None:
+                    self._end_job(job, "failed", INTERNAL,
+                                  f"the OTA worker stopped unexpectedly ({why}); the agent "
+                                  "restarted it. Send the install again; if it recurs, send "
+                                  "the agent log to the FleetLite developers")
+            self._event("ota_worker_restarted",
+                        f"the OTA worker thread died ({why}) and was restarted",
+                        release_id=job.release_id if job is not None else "")
+            self._start_thread()
+            return True
 
     # -- commands --------------------------------------------------------------------------
 
@@ -202,12 +266,21 @@ class OtaManager:
         if self.root is None:
             raise AgentError("this device has no trusted root; set trust_root in agent.yaml "
                              "to the fleet's root.json and restart the agent")
+        self.check_worker()
         job = self.state.job
         if job is not None:
             if job.release_id == release_id:
                 return {"accepted": True, "already_running": True}
             raise AgentError(f"an install of release {job.release_id[:12]} is in progress; "
                              "wait for its final status")
+        ended = self.state.ended_job(release_id)
+        if ended is not None and not retry \
+                and 0 <= time.time() - ended.ended < self.settings.ended_memory_s:
+            # a re-send (the fleet missed the final status): answer with what really happened
+            self._final(ended.release_id, ended.model, ended.version, ended.outcome,
+                        ended.reason, ended.message)
+            return {"accepted": False, "ended": True, "outcome": ended.outcome,
+                    "reason": ended.reason, "message": ended.message}
         job = Job(release_id=release_id, model="", chunk_size=chunk_size, phase="accepted",
                   retry=retry, started=time.time())
         self.state.job = job
@@ -234,6 +307,8 @@ class OtaManager:
             ms.revert()
             self.store.save(self.state)
             self._serve_active(name, ms)
+            self._drop_abandoned_slots(name)
+            self._save_quietly()
             self.counters["rolled_back"] += 1
             self._final(bad.release_id, name, bad.version, "rolled_back", OPERATOR_ROLLBACK,
                         f"operator rolled {name} back from version {bad.version}")
@@ -241,6 +316,7 @@ class OtaManager:
         return {"rolled_back": bad.version, "slots": self.describe_slots().get(name, {})}
 
     def cmd_slots(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        self.check_worker()
         return {"models": self.describe_slots(), "job": None if self.state.job is None else
                 vars(self.state.job)}
 
@@ -284,19 +360,41 @@ class OtaManager:
     def _status(self, release_id: str, model: str, version: int, phase: str, *,
                 final: bool = False, outcome: str = "", reason: str = "", message: str = "",
                 progress: Mapping[str, Any] | None = None) -> None:
+        """Report an OTA status; never raises (a full spool must not end or crash an install).
+
+        A final status that cannot be spooled is published live instead: better sent once
+        than never."""
         payload = OtaStatus(
             device_id=self.device_id, ts=time.time(), release_id=release_id, model=model,
             version=version, phase=phase, final=final, outcome=outcome, reason=reason,
             message=message[:1000], progress=dict(progress or {}),
         ).to_json()
-        self.link.report(topics.OTA_STATUS, payload,
-                         priority="critical" if final else "important")
+        try:
+            self.link.report(topics.OTA_STATUS, payload,
+                             priority="critical" if final else "important")
+            return
+        except Exception as exc:
+            log.error("OTA status (%s) not spooled: %s", phase, exc)
+        if final:
+            try:
+                self.link.publish_live(topics.device_topic(self.device_id, topics.OTA_STATUS),
+                                       payload)
+            except Exception:
+                log.exception("the final OTA status of %s could not be sent", release_id)
 
     def _final(self, release_id: str, model: str, version: int, outcome: str, reason: str,
                message: str) -> None:
         log.info("install of %s v%s: %s (%s) %s", model, version, outcome, reason, message)
         self._status(release_id, model, version, "done", final=True, outcome=outcome,
                      reason=reason, message=message)
+
+    def _event(self, kind: str, message: str, **detail: Any) -> None:
+        payload = Event(device_id=self.device_id, ts=time.time(), kind=kind, message=message,
+                        detail=detail).to_json()
+        try:
+            self.link.report(topics.EVENTS, payload, priority="important")
+        except Exception as exc:
+            log.error("event %s not spooled: %s", kind, exc)
 
     # -- the worker ------------------------------------------------------------------------
 
@@ -307,39 +405,168 @@ class OtaManager:
         except queue.Full:
             log.warning("OTA inbox full; dropping a %s message (it will be re-requested)", kind)
 
+    def _worker_main(self) -> None:
+        try:
+            self._worker()
+        except BaseException as exc:  # recorded for check_worker, which restarts the thread
+            self._worker_death = exc
+            log.critical("the OTA worker thread stopped", exc_info=True)
+
     def _worker(self) -> None:
         while True:
             job = self._jobs.get()
             if job is None:
                 return
             with self._busy:
-                self.counters["installs"] += 1
+                current = self.state.job
+                if current is None or current.release_id != job.release_id:
+                    continue  # ended meanwhile (a restarted worker ended it)
                 try:
-                    outcome, reason, message = self._run(job)
-                except InstallEndedError as ended:
-                    outcome, reason, message = ended.outcome, ended.reason, str(ended)
-                except Exception as exc:  # a bug must still end in a final status
-                    log.exception("install of %s crashed", job.release_id)
-                    outcome, reason, message = "failed", INTERNAL, f"{type(exc).__name__}: {exc}"
-                # clean up first, so whoever sees the final status sees the finished state
-                self._finish_job(job)
-                self.counters[outcome if outcome in self.counters else "failed"] += 1
-                self._final(job.release_id, job.model, self._job_version(job), outcome,
-                            reason, message)
-                if outcome in ("installed", "rolled_back"):
-                    self.on_model_change(job.model)
+                    self._run_job(current)
+                except Exception as exc:
+                    # _run_job ends every job itself; this is the last line of defence
+                    log.exception("the OTA worker failed while ending %s", job.release_id)
+                    with contextlib.suppress(Exception):
+                        self._end_job(current, "failed", INTERNAL, _internal_message(exc))
+
+    def _run_job(self, job: Job) -> None:
+        self.counters["installs"] += 1
+        self._need = None
+        self._rolled_back = False
+        try:
+            outcome, reason, message = self._run(job)
+        except InstallEndedError as ended:
+            outcome, reason, message = ended.outcome, ended.reason, str(ended)
+        except Exception as exc:  # a bug or an I/O error must still end in a final status
+            outcome, reason, message = self._classify(job, exc)
+        self._end_job(job, outcome, reason, message)
+
+    def _classify(self, job: Job, exc: Exception) -> tuple[str, str, str]:
+        from fleetlite.agent.errors import DownloadError
+
+        where = f"while {job.phase.replace('_', ' ')}" if job.phase != "accepted" \
+            else "while starting"
+        if is_disk_full(exc):
+            log.error("install of %s: disk full %s: %s", job.release_id, where, exc)
+            return "failed", DISK_FULL, f"the disk filled up {where}: {_os_error_text(exc)}"
+        if isinstance(exc, DownloadError):
+            return "failed", exc.reason, str(exc)
+        log.exception("install of %s crashed %s", job.release_id, where)
+        return "failed", INTERNAL, _internal_message(exc, where)
 
     def _job_version(self, job: Job) -> int:
         return job.version
 
-    def _finish_job(self, job: Job) -> None:
-        for topic in (topics.release_topic(job.release_id, topics.RELEASE_MANIFEST),
-                      topics.release_topic(job.release_id, topics.RELEASE_CHUNKS)):
-            self.link.unsubscribe(topic)
+    def _end_job(self, job: Job, outcome: str, reason: str, message: str) -> None:
+        """Undo a half-done switch, free what the job wrote, forget the job, send ONE final
+        status. Never raises: each step's failure is logged and the next step still runs."""
+        try:
+            if self._undo_pending(job, reason):
+                outcome = "rolled_back" if outcome == "failed" else outcome
+        except Exception:
+            log.exception("rolling back the model of %s failed", job.release_id)
+        if self._rolled_back and outcome == "failed":
+            outcome = "rolled_back"
+        freed = self._clean_up(job)
+        if reason == DISK_FULL:
+            message = self._disk_full_message(message, freed)
         if self.state.job is not None and self.state.job.release_id == job.release_id:
             self.state.job = None
+        if outcome == "failed":
+            self.state.remember_ended(EndedJob(
+                release_id=job.release_id, model=job.model, version=self._job_version(job),
+                outcome=outcome, reason=reason, message=message, ended=time.time()))
+        else:
+            self.state.forget_ended(job.release_id)
+        self._save_quietly()
+        self.counters[outcome if outcome in self.counters else "failed"] += 1
+        self._final(job.release_id, job.model, self._job_version(job), outcome, reason, message)
+        if outcome in ("installed", "rolled_back") and job.model:
+            try:
+                self.on_model_change(job.model)
+            except Exception:
+                log.exception("announcing the model change of %s failed", job.model)
+
+    def _undo_pending(self, job: Job, reason: str) -> bool:
+        """Roll back a switch this job made but did not commit; True if it did."""
+        ms = self.state.models.get(job.model)
+        if ms is None or ms.pending is None or ms.pending.release_id != job.release_id:
+            return False
+        version = ms.pending.version
+        ms.revert()
+        if reason in _NOT_THE_RELEASE and version in ms.rejected:
+            ms.rejected.remove(version)  # not the release's fault: it may be installed later
+        self._serve_active(job.model, ms)
+        return True
+
+    def _clean_up(self, job: Job) -> int:
+        """Remove the job's staging copy and any slot no longer active or previous; returns
+        the bytes freed. Never raises."""
+        for topic in (topics.release_topic(job.release_id, topics.RELEASE_MANIFEST),
+                      topics.release_topic(job.release_id, topics.RELEASE_CHUNKS)):
+            try:
+                self.link.unsubscribe(topic)
+            except Exception:
+                log.exception("unsubscribing from %s failed", topic)
+        freed = remove_tree(self.store.staging_dir(job.release_id))
+        if job.model:
+            freed += self._drop_abandoned_slots(job.model)
+        return freed
+
+    def _drop_abandoned_slots(self, name: str) -> int:
+        """Delete the slots of ``name`` that are neither active nor previous (a rolled-back or
+        half-written model); returns the bytes freed. Never raises."""
+        ms = self.state.models.get(name)
+        keep = {ms.active, ms.previous} if ms is not None else set()
+        freed = 0
+        for slot in SLOTS:
+            if slot in keep:
+                continue
+            if ms is not None:
+                ms.slots.pop(slot, None)
+            try:
+                freed += remove_tree(self.store.slot_dir(name, slot))
+            except Exception:
+                log.exception("removing slot %s of %s failed", slot, name)
+        return freed
+
+    def _drop_orphan_staging(self) -> None:
+        """Remove staging copies that belong to no current job (left by an older agent)."""
+        current = self.state.job.release_id if self.state.job is not None else None
+        try:
+            leftovers = [p for p in (self.store.dir / "staging").iterdir() if p.name != current]
+        except OSError:
+            return
+        for path in leftovers:
+            log.info("removing the staging copy %s of an install that ended", path.name)
+            remove_tree(path)
+
+    def _save_quietly(self) -> None:
+        try:
             self.store.save(self.state)
-        shutil.rmtree(self.store.staging_dir(job.release_id), ignore_errors=True)
+        except Exception as exc:
+            log.error("could not save the OTA state (%s); a restart may resume or roll back "
+                      "the last install again", _os_error_text(exc))
+
+    def _disk_full_message(self, message: str, freed: int) -> str:
+        text = message.rstrip(". ")
+        if "free space on the device" in text:
+            text = text.replace("; free space on the device", "")
+        parts = [f"{text}. The install was stopped and its files removed "
+                 f"({describe_bytes(freed)} freed); the active model keeps serving."]
+        try:
+            free = free_bytes(self.store.dir)
+        except OSError:
+            free = -1
+        if self._need is not None:
+            where, needed, _free_then = self._need
+            parts.append(f"It needs {describe_bytes(needed)} free under {where}"
+                         + (f"; {describe_bytes(free)} are free now." if free >= 0 else "."))
+        elif free >= 0:
+            parts.append(f"{describe_bytes(free)} are free under {self.store.dir.parent} now.")
+        parts.append("Free space on that file system (the agent's spool there can be capped "
+                     "lower with spool.max_mb in agent.yaml), then send the install again.")
+        return " ".join(parts)
 
     def _set_phase(self, job: Job, phase: str, **progress: Any) -> None:
         job.phase = phase
@@ -352,6 +579,7 @@ class OtaManager:
         staging.mkdir(parents=True, exist_ok=True)
         envelope = self._fetch_manifest(job, staging)
         manifest = self._verify_manifest(job, envelope)
+        self._check_space(job, manifest, staging, len(envelope))
         if job.phase in ("accepted", "downloading"):
             self._set_phase(job, "downloading")
             files = self._download(job, manifest, staging)
@@ -372,6 +600,41 @@ class OtaManager:
         self._set_phase(job, "health_check")
         self._health_window(job, manifest, variant, files, ms)
         return "installed", "", f"{manifest.name} v{manifest.version} serving from slot {slot}"
+
+    def _check_space(self, job: Job, manifest: Manifest, staging: Path,
+                     manifest_bytes: int) -> None:
+        """End the job with ``disk_full`` now if the staging and slot copies cannot fit."""
+        from fleetlite.agent.ota_download import part_name
+        from fleetlite.agent.ota_space import HEADROOM
+
+        lengths = {entry.name: entry.length for entry in manifest.files}
+        staged = sum(min(length, max(allocated(staging / name),
+                                     allocated(staging / part_name(name))))
+                     for name, length in lengths.items())
+        ms = self.state.models.get(manifest.name)
+        free_slot = self.store.slot_dir(manifest.name, ms.free_slot() if ms else "a")
+        reclaimable = allocated(free_slot)
+        slots_root = self.store.dir.parent / "models"
+        slots_root.mkdir(parents=True, exist_ok=True)
+        total = sum(lengths.values())
+        needs = {staging: max(0, total - staged) + HEADROOM,
+                 slots_root: total + manifest_bytes - reclaimable}
+        short = shortfall(needs)
+        if os.stat(staging).st_dev == os.stat(slots_root).st_dev:
+            where, needed = self.store.dir.parent, max(0, sum(needs.values()))
+        else:
+            where, needed = staging, needs[staging]
+        self._need = (where, needed, free_bytes(where))
+        if short is None:
+            return
+        at, space = short
+        raise InstallEndedError(
+            "failed", DISK_FULL,
+            f"not enough free space for {manifest.name} v{manifest.version}: its download, "
+            f"the staging copy and the A/B slot copy need {describe_bytes(space.needed)} "
+            f"under {at} (the old model in the free slot already counted as freed), "
+            f"{describe_bytes(space.free)} are free, {describe_bytes(space.missing)} short. "
+            "Nothing was downloaded")
 
     # 1. manifest --------------------------------------------------------------------------
 
@@ -529,7 +792,11 @@ class OtaManager:
             raise InstallEndedError("rejected", exc.reason, str(exc)) from exc
         finally:
             self.link.unsubscribe(topic)
-            store.close()
+            try:
+                store.close()
+            except DownloadError as exc:
+                # the job ends now (its staging is removed); the first error tells why
+                log.warning("could not save the download's progress: %s", exc)
 
     def _verify_files(self, manifest: Manifest, files: Mapping[str, Path]) -> None:
         from fleetlite.sdk.verify import verify_file
@@ -569,6 +836,12 @@ class OtaManager:
                 files: Mapping[str, Path], ms: ModelState) -> str:
         slot = ms.free_slot()
         target = self.store.slot_dir(manifest.name, slot)
+        if ms.previous == slot or slot in ms.slots:
+            # the old model there is overwritten: the state must not point at it any more
+            ms.slots.pop(slot, None)
+            if ms.previous == slot:
+                ms.previous = None
+            self.store.save(self.state)
         if target.exists():
             shutil.rmtree(target)
         target.mkdir(parents=True)
@@ -645,9 +918,7 @@ class OtaManager:
                 i += 1
             else:
                 time.sleep(0.05)
-        ms.commit()
-        self.state.job = None
-        self.store.save(self.state)
+        self._commit(ms)
 
     def _lm_health_window(self, manifest: Manifest, variant: Variant,
                           files: Mapping[str, Path], ms: ModelState) -> None:
@@ -680,9 +951,19 @@ class OtaManager:
                 i += 1
             else:
                 time.sleep(0.05)
+        self._commit(ms)
+
+    def _commit(self, ms: ModelState) -> None:
+        """Commit the health window; if the state cannot be saved, the commit is undone in
+        memory too (the job then ends and rolls back: the disk says "pending")."""
+        pending, installed, job = ms.pending, ms.installed_version, self.state.job
         ms.commit()
-        self.state.job = None
-        self.store.save(self.state)
+        self.state.job = None  # saved with the commit: a restart must not resume the job
+        try:
+            self.store.save(self.state)
+        except BaseException:
+            ms.pending, ms.installed_version, self.state.job = pending, installed, job
+            raise
 
     def _smoke_inputs(self, smoke_file: Path) -> list[list[npt.NDArray[Any]]]:
         from fleetlite.sdk.smoke import SmokeVectors
@@ -693,7 +974,21 @@ class OtaManager:
     def _roll_back_failed(self, job: Job | None, manifest: Manifest, ms: ModelState,
                           why: str) -> None:
         ms.revert()
-        self.store.save(self.state)
+        self._rolled_back = True
         self._serve_active(manifest.name, ms)
+        self.store.save(self.state)
         raise InstallEndedError("rolled_back", HEALTH_FAILED,
                             f"health window failed ({why}); rolled back to the previous model")
+
+
+def _os_error_text(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"{exc.strerror}{where}"
+    return str(exc) or type(exc).__name__
+
+
+def _internal_message(exc: BaseException, where: str = "") -> str:
+    return (f"{type(exc).__name__}: {exc} {where}".rstrip() + "; this is a bug in the agent. "
+            "The install was stopped and its files removed; send the install again, and the "
+            "agent log (it has the traceback) to the FleetLite developers")

@@ -115,8 +115,8 @@ class DownloadProgress:
 def _disk_error(exc: OSError, what: str) -> DownloadError:
     """Translate an OSError from the staging directory into a DownloadError subclass."""
     if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-        return DiskFullError(f"{what}: {exc.strerror}; free space on the device (chunks "
-                             "received so far are kept and the download resumes)")
+        # no promise about the chunks: whether they are kept is the store owner's decision
+        return DiskFullError(f"{what}: {exc.strerror}; free space on the device")
     return StagingIOError(f"{what}: {exc.strerror or exc}; check the agent's state directory")
 
 

@@ -9,6 +9,9 @@ Per model there are two slots, ``a`` and ``b`` (A/B): the active slot serves; an
 the other one, switches, and keeps the old one as ``previous`` for rollback. ``pending`` is set
 between the switch and the commit (the health window): finding it set at start-up means the agent
 died while the new model was on probation, and the device rolls back.
+
+``ended`` remembers the last few installs that failed, so a re-sent ``ota_install`` of one is
+answered with its final status instead of being taken for a new install.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from fleetlite.agent.atomic import write_json_atomic
 
 SLOTS = ("a", "b")
 STATE_VERSION = 1
+MAX_ENDED = 16
 
 
 @dataclass
@@ -104,13 +108,37 @@ class Job:
 
 
 @dataclass
+class EndedJob:
+    """The final status of an install that ended without installing (kept for re-sends)."""
+
+    release_id: str
+    model: str
+    version: int
+    outcome: str
+    reason: str
+    message: str
+    ended: float  # wall-clock time
+
+
+@dataclass
 class OtaState:
     models: dict[str, ModelState] = field(default_factory=dict)
     job: Job | None = None
     time_floor: float = 0.0
+    ended: list[EndedJob] = field(default_factory=list)
 
     def model(self, name: str) -> ModelState:
         return self.models.setdefault(name, ModelState())
+
+    def remember_ended(self, ended: EndedJob) -> None:
+        self.ended = [e for e in self.ended if e.release_id != ended.release_id]
+        self.ended = [*self.ended, ended][-MAX_ENDED:]
+
+    def forget_ended(self, release_id: str) -> None:
+        self.ended = [e for e in self.ended if e.release_id != release_id]
+
+    def ended_job(self, release_id: str) -> EndedJob | None:
+        return next((e for e in self.ended if e.release_id == release_id), None)
 
     def to_dict(self) -> dict[str, Any]:
         return {"state_version": STATE_VERSION, **asdict(self)}
@@ -130,7 +158,8 @@ class OtaState:
             )
         job = data.get("job")
         return cls(models=models, job=Job(**job) if job else None,
-                   time_floor=float(data.get("time_floor", 0.0)))
+                   time_floor=float(data.get("time_floor", 0.0)),
+                   ended=[EndedJob(**e) for e in data.get("ended", [])])
 
 
 class OtaStateStore:

@@ -154,6 +154,10 @@ def test_kill_9_at_each_phase_leaves_a_serving_model(
             final = wait_final(collector)
             assert (final.outcome, final.reason) == ("rolled_back",
                                                      "crashed_during_health_window")
+            # the rolled-back release leaves nothing behind: no staging copy, no slot
+            state = tmp_path / "agent" / "state"
+            assert not any((state / "ota" / "staging").iterdir())
+            assert not (state / "models" / "intent" / "a").exists()
         # whatever the phase, the device serves a model, the old or the new one
         tokenizer = Tokenizer.from_file(models_dir / "intent_classifier.vocab.json")
         with LocalClient(tmp_path / "agent" / "agent.sock") as client:

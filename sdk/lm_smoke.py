@@ -79,8 +79,9 @@ class LmSmokeVectors:
                                 f"{MAX_LM_SMOKE_BYTES}")
         try:
             doc = strict_json_loads(data)
-        except MalformedError as exc:
-            raise MalformedError(f"LM smoke vectors: {exc}") from None
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise MalformedError(f"LM smoke vectors: not UTF-8 JSON without duplicate keys "
+                                 f"({exc})") from None
         if not isinstance(doc, dict) or set(doc) != {"_type", "spec_version",
                                                       "min_token_agreement", "cases"}:
             raise _bad("must be an object with _type, spec_version, min_token_agreement, cases")

@@ -81,6 +81,16 @@ OPERATOR_ROLLBACK = "operator_rollback"
 SMOKE_UNAVAILABLE = "smoke_test_unavailable"
 INTERNAL = "internal"
 
+# For messages: where in the install a phase is.
+_PHASE_WHERE = {
+    "accepted": "while fetching the manifest",
+    "downloading": "while downloading",
+    "verifying": "while verifying the download",
+    "smoke_testing": "while smoke testing",
+    "switching": "while copying the release into the free A/B slot",
+    "health_check": "in the health window",
+}
+
 # Reasons that are not the release's fault: a rollback for one of them does not reject the version.
 _NOT_THE_RELEASE = (DISK_FULL, INTERNAL, "staging_io_error")
 
@@ -444,11 +454,11 @@ class OtaManager:
     def _classify(self, job: Job, exc: Exception) -> tuple[str, str, str]:
         from fleetlite.agent.errors import DownloadError
 
-        where = f"while {job.phase.replace('_', ' ')}" if job.phase != "accepted" \
-            else "while starting"
+        where = _PHASE_WHERE.get(job.phase, f"while {job.phase}")
         if is_disk_full(exc):
             log.error("install of %s: disk full %s: %s", job.release_id, where, exc)
-            return "failed", DISK_FULL, f"the disk filled up {where}: {_os_error_text(exc)}"
+            text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            return "failed", DISK_FULL, f"the disk filled up {where}: {text}"
         if isinstance(exc, DownloadError):
             return "failed", exc.reason, str(exc)
         log.exception("install of %s crashed %s", job.release_id, where)
@@ -508,7 +518,11 @@ class OtaManager:
                 self.link.unsubscribe(topic)
             except Exception:
                 log.exception("unsubscribing from %s failed", topic)
-        freed = remove_tree(self.store.staging_dir(job.release_id))
+        freed = 0
+        try:
+            freed += remove_tree(self.store.staging_dir(job.release_id))
+        except Exception:
+            log.exception("removing the staging copy of %s failed", job.release_id)
         if job.model:
             freed += self._drop_abandoned_slots(job.model)
         return freed

@@ -58,9 +58,10 @@ class Device:
 
     def __init__(self, tmp_path: Path, models_dir: Path, *, threshold: int = 1,
                  device_class: DeviceClass | None = None,
-                 settings: OtaSettings | None = None) -> None:
+                 settings: OtaSettings | None = None,
+                 fleet: FleetSimulator | None = None) -> None:
         self.state_dir = tmp_path / "state"
-        self.fleet = FleetSimulator()
+        self.fleet = fleet if fleet is not None else FleetSimulator()
         self.models = ModelService()
         self.changes: list[str] = []
         self.seed = models_dir / "intent_classifier.tflite"

@@ -418,7 +418,7 @@ def test_every_document_with_commands_has_a_walkthrough() -> None:
     walked = {"README.md", "operator-guide.md", "benchmarks.md", "models.md",
               # quickstart.md: test_cli_basics.py (the --keep commands) + test_readme_demo.py
               "quickstart.md",
-              "sdk.md", "language-models.md"}
+              "sdk.md", "language-models.md", "protocol.md"}
     with_commands = {doc.name for doc in DOCS if shell_commands(doc)}
     assert with_commands == walked
 
@@ -614,4 +614,27 @@ def walk_the_lm_guide(wt: Walkthrough, db: str, broker: Mosquitto, models_dir: P
         assert printed.splitlines()[0] == expected and "stop_token" in printed, printed
     codes = wt.stop()
     assert all(code == 0 for group in codes.values() for code in group), codes
+    wt.assert_all_run()
+
+
+# --- docs/protocol.md -------------------------------------------------------------------------
+
+
+def test_protocol_json_schemas_walkthrough(tmp_path: Path) -> None:
+    """The JSON Schemas section: the schemas are valid draft 2020-12, the doc's status vector
+    passes and a broken one fails, the committed schemas are the generated ones."""
+    protocol = REPO / "docs" / "protocol.md"
+    shutil.copytree(REPO / "docs" / "schemas", tmp_path / "docs" / "schemas")
+    vector = re.search(r"<!-- vector: Status -->\s*```json\n(.*?)\n```", protocol.read_text(),
+                       re.S)
+    assert vector is not None
+    status = json.loads(vector.group(1))
+    (tmp_path / "status.json").write_text(json.dumps(status))
+    wt = Walkthrough(protocol, tmp_path, {})
+    wt.run("check-jsonschema --check-metaschema")
+    wt.run("check-jsonschema --schemafile")
+    (tmp_path / "status.json").write_text(json.dumps({**status, "online": "yes"}))
+    failed = wt.run_plain(wt.command("check-jsonschema --schemafile"), expect=1)
+    assert "online" in failed.stdout + failed.stderr
+    wt.run("python -m fleetlite.tools.gen_schemas --check")
     wt.assert_all_run()

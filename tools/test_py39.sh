@@ -29,5 +29,5 @@ echo "test_py39: the agent-facing tests on $(.venv-py39/bin/python --version)"
   tests/test_agent_units.py tests/test_agent_mqtt.py tests/test_spool.py tests/test_local_api.py \
   tests/test_model_service.py tests/test_runtime.py tests/test_profiler.py tests/test_chunks.py \
   tests/test_signing.py tests/test_bundle.py tests/test_smoke_test.py tests/test_ota_install.py \
-  tests/test_ota_agent.py tests/test_broker_address.py tests/test_orphans.py \
+  tests/test_ota_agent.py tests/test_ota_faults.py tests/test_broker_address.py tests/test_orphans.py \
   "$@"

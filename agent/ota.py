@@ -243,7 +243,7 @@ class OtaManager:
             why = f"{type(death).__name__}: {death}" if death is not None else "no exception seen"
             log.error("the OTA worker thread died (%s); restarting it", why)
             with self._busy:
-                while True:  # the dead worker's queue: its jobs are ended below or re-queued
+                while True:  # the dead worker's queue: the job in it is ended below
                     try:
                         self._jobs.get_nowait()
                     except queue.Empty:
@@ -479,7 +479,10 @@ class OtaManager:
             outcome = "rolled_back"
         freed = self._clean_up(job)
         if reason == DISK_FULL:
-            message = self._disk_full_message(message, freed)
+            try:
+                message = self._disk_full_message(message, freed)
+            except Exception:
+                log.exception("describing the disk space failed")
         if self.state.job is not None and self.state.job.release_id == job.release_id:
             self.state.job = None
         if outcome == "failed":

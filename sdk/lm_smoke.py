@@ -20,7 +20,7 @@ every case is compared over the same length) and :func:`judge` compares:
 
 from __future__ import annotations
 
-import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +46,7 @@ MAX_LM_SMOKE_BYTES = 1024 * 1024
 MAX_CASES = 16
 MAX_IDS = 4096
 TOP = 5
+_MAX_DOUBLE = sys.float_info.max
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,8 @@ class LmSmokeVectors:
         if not isinstance(doc, dict) or set(doc) != {"_type", "spec_version",
                                                       "min_token_agreement", "cases"}:
             raise _bad("must be an object with _type, spec_version, min_token_agreement, cases")
-        if doc["_type"] != LM_SMOKE_TYPE or doc["spec_version"] != SPEC_VERSION:
+        if doc["_type"] != LM_SMOKE_TYPE or type(doc["spec_version"]) is not int or (
+                doc["spec_version"] != SPEC_VERSION):  # not true, not 1.0
             raise _bad(f"_type must be {LM_SMOKE_TYPE!r} and spec_version {SPEC_VERSION}")
         agreement = doc["min_token_agreement"]
         if isinstance(agreement, bool) or not isinstance(agreement, (int, float)) or not (
@@ -106,7 +108,8 @@ class LmSmokeVectors:
             top_ids = _ids(case["first_top_ids"], f"{what}.first_top_ids", 1)
             logits = case["first_top_logits"]
             if not isinstance(logits, list) or len(logits) != len(top_ids) or not all(
-                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                    isinstance(v, (int, float)) and not isinstance(v, bool)
+                    and -_MAX_DOUBLE <= v <= _MAX_DOUBLE  # compared: 10**400 must not overflow
                     for v in logits):
                 raise _bad(f"{what}.first_top_logits must be finite numbers, one per top id")
             cases.append(LmSmokeCase(prompt, expected, top_ids, tuple(float(v) for v in logits)))

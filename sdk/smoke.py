@@ -140,7 +140,8 @@ class SmokeVectors:
             raise _bad("not UTF-8 JSON") from None
         if not isinstance(data, dict) or set(data) != {"_type", "spec_version", "cases"}:
             raise _bad("expected exactly the fields _type, spec_version, cases")
-        if data["_type"] != SMOKE_TYPE or data["spec_version"] != SPEC_VERSION:
+        if data["_type"] != SMOKE_TYPE or type(data["spec_version"]) is not int or (
+                data["spec_version"] != SPEC_VERSION):  # not true, not 1.0
             raise _bad(f"not a {SMOKE_TYPE} spec_version {SPEC_VERSION} file")
         cases = data["cases"]
         if not isinstance(cases, list) or not 0 < len(cases) <= MAX_CASES:

@@ -507,9 +507,85 @@ def test_messages_accept_unknown_fields_like_their_parsers(
     parse(kind, document)
 
 
-def test_lm_smoke_that_is_not_json_is_malformed() -> None:
+def test_smoke_parsers_refuse_what_their_schemas_refuse(valid_documents: dict[str, Any]) -> None:
+    """Found by the sweep below: each raised another error than MalformedError, or accepted."""
     from fleetlite.sdk.errors import MalformedError
 
     for data in (b"not json", b'{"cases":1,"cases":2}', b"\xff"):
         with pytest.raises(MalformedError):
             LmSmokeVectors.from_json(data)
+    huge_logit = copy.deepcopy(valid_documents["lm_smoke"])
+    huge_logit["cases"][0]["first_top_logits"][0] = 10**400
+    with pytest.raises(MalformedError):
+        LmSmokeVectors.from_json(canonical_json(huge_logit))
+    for kind in ("smoke", "lm_smoke"):
+        for version in (True, 1.0):
+            document = {**valid_documents[kind], "spec_version": version}
+            with pytest.raises(MalformedError):
+                parse(kind, document)
+
+
+# -- schema and parser agree on every single mutation of a valid document ------------------------
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, (dict, list)):
+        children = value.values() if isinstance(value, dict) else value
+        return 1 + max((_depth(child) for child in children), default=0)
+    return 0
+
+
+def _integral_float(value: Any) -> bool:
+    if isinstance(value, float):
+        return value == int(value)
+    children = (value.values() if isinstance(value, dict)
+                else value if isinstance(value, list) else ())
+    return any(_integral_float(child) for child in children)
+
+
+def _accepted(kind: str, document: Any) -> bool:
+    try:
+        parse(kind, document)
+    except (messages.MessageError, FleetLiteError):
+        return False
+    return True
+
+
+#: where a valid document's single mutation may pass its schema yet fail its parser: the rules
+#: between fields that JSON Schema cannot state (keys as single_mutations labels them)
+CROSS_FIELD = {
+    "chunk_request": r"[12]",  # first_chunk < end_chunk_exclusive
+    "manifest": r"'(issued|expires|name|file)'",  # expires > issued; files named by variants
+    "lm_manifest": r"'generation'",  # a tokenizer file needs generation
+    "root": r"'(threshold|keyids|[0-9a-f]{64})'",  # threshold <= key ids, all listed in keys
+    "smoke": r"'data'|'shape'|[01]",  # data holds the shape's elements (at most 2**22)
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", [*json_schemas.KINDS, "lm_manifest"])
+def test_schema_and_parser_agree_on_every_single_mutation(
+    valid_documents: dict[str, Any], kind: str,
+) -> None:
+    from fleetlite.sdk.envelope import strict_json_loads
+    from tests.fuzz_settings import encode, single_mutations
+
+    schema_kind = "manifest" if kind == "lm_manifest" else kind
+    disagree = []
+    for label, mutated in single_mutations(valid_documents[kind], deep=40):
+        text = encode(mutated)
+        try:
+            document = strict_json_loads(text)
+        except (UnicodeError, ValueError, RecursionError):
+            continue  # not JSON a schema could see (NaN, 1e400, a duplicate key, ...)
+        if _depth(document) > messages.MAX_DEPTH or _integral_float(document):
+            continue  # what a schema cannot say (docs/protocol.md, "JSON Schemas")
+        if len(text) > 256 * 1024 or "\\ud800" in text.decode("ascii", "replace"):
+            continue  # the smaller caps are the parsers'; a lone surrogate is no Unicode text
+        valid = not schema_errors(schema_kind, document)
+        if valid == _accepted(schema_kind, document):
+            continue
+        key = label.split("=", 1)[0]
+        if not (valid and re.fullmatch(CROSS_FIELD.get(kind, "(?!)"), key)):
+            disagree.append(f"{label}: schema {'accepts' if valid else 'refuses'}")
+    assert not disagree, f"{len(disagree)} disagreements:\n" + "\n".join(disagree[:40])

@@ -131,7 +131,7 @@ def test_schemas_ship_as_package_data() -> None:
     names = {entry.name for entry in shipped.iterdir()}
     assert names >= {f"{kind}.schema.json" for kind in json_schemas.KINDS}
     setup = (REPO / "setup.cfg").read_text()
-    assert re.search(r"fleetlite\.sdk = .*schemas/\*\.schema\.json", setup)
+    assert re.search(r"^fleetlite\.sdk\.schemas = \*\.schema\.json$", setup, re.M)
     assert "jsonschema" in setup.split("dev =", 1)[1].split("\n\n", 1)[0]
 
 

@@ -21,6 +21,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from fleetlite.agent.errors import AgentError, InferenceError, InputMismatchError
+from fleetlite.agent.native_log import runtime_log_filtered
 from fleetlite.agent.runtime import Array, ModelSource, create_interpreter, read_model_source
 from fleetlite.agent.sampling import StopMatcher, choose_token
 from fleetlite.agent.tokenizer import IncrementalDecoder, Tokenizer
@@ -343,7 +344,8 @@ class LmEngine:
         try:
             # tflite-runtime 2.14 applies its default delegate (XNNPACK) only here: signature
             # runners alone would run the reference kernels at about half the speed
-            self._interpreter.allocate_tensors()
+            with runtime_log_filtered():
+                self._interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
             raise InferenceError(
                 f"{self.origin}: the runtime cannot allocate the model's tensors ({exc}); the "

@@ -31,6 +31,7 @@ from fleetlite.agent.errors import (
     UnsupportedOpError,
 )
 from fleetlite.agent.model_bounds import BoundsError, check_model_bounds
+from fleetlite.agent.native_log import runtime_log_filtered
 
 BACKENDS = ("tflite-runtime", "ai-edge-litert", "tensorflow")
 RUNTIME_ENV = "FLEETLITE_RUNTIME"
@@ -263,7 +264,8 @@ def create_interpreter(
     if num_threads < 1:
         raise ValueError(f"num_threads must be >= 1, got {num_threads}")
     try:
-        interpreter = chosen.interpreter_class(model_content=content, num_threads=num_threads)
+        with runtime_log_filtered():
+            interpreter = chosen.interpreter_class(model_content=content, num_threads=num_threads)
     except (ValueError, RuntimeError, UnicodeDecodeError) as exc:
         raise _translate_load_error(exc, origin) from exc
     return chosen, interpreter
@@ -291,7 +293,8 @@ class Model:
             content, origin, num_threads=self.num_threads, backend=backend
         )
         try:
-            self._interpreter.allocate_tensors()
+            with runtime_log_filtered():  # tflite-runtime 2.14 creates XNNPACK here
+                self._interpreter.allocate_tensors()
         except (ValueError, RuntimeError, UnicodeDecodeError) as exc:
             raise _translate_load_error(exc, origin) from exc
         self.inputs = [TensorSpec.from_details(d) for d in self._interpreter.get_input_details()]

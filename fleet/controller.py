@@ -28,8 +28,9 @@ Restarts and crashes:
   never send one twice. A device that is still ``sent`` and has said nothing about the release
   for ``resend_after_s`` (since the send or its last OTA status) is sent the install once more
   per controller process (not a new decision): a lost command is replaced; a device still
-  installing answers ``already_running``; one that finished while its final status was lost
-  (a controller without a persistent session was down) answers with a final ``no_change``.
+  installing answers ``already_running``; one that installed while its final status was lost
+  (a controller without a persistent session was down) answers with a final ``no_change``, and
+  one whose install failed within ``ota.ended_memory_s`` publishes that final status again.
   Rollbacks are never re-sent (they name the version they leave, ``from_version``, so a
   redelivered one is a no-op on the device, but a re-send is not needed). After the controller
   itself stalled for ``resend_after_s`` or more (stopped, suspended, a hung store call), re-sends

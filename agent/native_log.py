@@ -33,7 +33,7 @@ def drop_runtime_info(text: bytes) -> bytes:
 @contextmanager
 def runtime_log_filtered() -> Iterator[None]:
     """While the block runs, fd 2 writes are held; afterwards all but the runtime's INFO lines
-    reach stderr. Nested use in one thread is a no-op inside the outer block."""
+    reach stderr. Blocks nest: an inner block's kept lines go to the outer block's file."""
     with _LOCK:
         try:
             saved = os.dup(2)

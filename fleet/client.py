@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 from fleetlite.fleet.broker_address import DEFAULT_BROKER, BrokerAddress, resolve_broker
-from fleetlite.fleet.device_clock import is_skewed
 from fleetlite.fleet.errors import (
     FleetError,
     RecordNotFoundError,
@@ -351,8 +350,6 @@ def device_dict(device: DeviceRecord,
                    for m in device.models],
         "agent_version": device.agent_version,
         "last_seen": device.last_seen,
-        "clock_offset_s": device.clock_offset,
-        "clock_skewed": is_skewed(device.clock_offset),
         "session": device.session,
         "facts": dict(device.facts),
         "telemetry": device.telemetry.to_dict() if device.telemetry is not None else None,
@@ -441,12 +438,9 @@ class Fleet:
 
     def devices(self, device_class: Optional[str] = None,
                 tags: Optional[Mapping[str, str]] = None,
-                online: Optional[bool] = None,
-                seen_since: Optional[float] = None) -> list[DeviceRecord]:
-        """Registered devices matching every given filter, by id; ``seen_since``: heard from
-        at or after this Unix time (the controller's clock, see ``DeviceRecord.last_seen``)."""
-        return self.store.list_devices(device_class=device_class, tags=tags, online=online,
-                                       seen_since=seen_since)
+                online: Optional[bool] = None) -> list[DeviceRecord]:
+        """Registered devices matching every given filter, by id."""
+        return self.store.list_devices(device_class=device_class, tags=tags, online=online)
 
     def device(self, device_id: str) -> DeviceRecord:
         """One device; :class:`RecordNotFoundError` if the fleet never heard of it."""
@@ -771,8 +765,7 @@ def _device_summary(device: DeviceRecord) -> DeviceSummary:
     model = device.models[0] if device.models else None
     return DeviceSummary(device_id=device.device_id, device_class=device.device_class,
                          online=device.online, model=model.name if model else None,
-                         version=model.version if model else None,
-                         last_seen=device.last_seen or None,  # 0: not heard live yet
+                         version=model.version if model else None, last_seen=device.last_seen,
                          tags=dict(device.tags), agent_version=device.agent_version)
 
 

@@ -59,13 +59,16 @@ def collector(broker: Mosquitto) -> Iterator[Collector]:
     c.stop()
 
 
-def command(collector: Collector, name: str, args: dict[str, Any]) -> dict[str, Any]:
+def command(collector: Collector, name: str, args: dict[str, Any],
+            timeout: float = 20.0) -> dict[str, Any]:
+    """Send one command to the agent ``DEVICE`` and return its response."""
     command_id = uuid.uuid4().hex[:10]
     collector.publish(topics.device_topic(DEVICE, topics.COMMAND), json.dumps(
         {"schema": "fleetlite.command/1", "id": command_id, "command": name, "args": args}
     ).encode())
     (response,) = collector.wait_for(
-        topics.COMMAND_RESPONSE, predicate=lambda m: json.loads(m.payload)["id"] == command_id)
+        topics.COMMAND_RESPONSE, timeout=timeout,
+        predicate=lambda m: json.loads(m.payload)["id"] == command_id)
     result: dict[str, Any] = json.loads(response.payload)
     return result
 

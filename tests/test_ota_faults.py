@@ -10,13 +10,11 @@ real agent process through a real Mosquitto.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 import subprocess
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -36,7 +34,7 @@ from tests.agent_harness import AgentProcess
 from tests.mqtt_harness import Collector, Mosquitto
 from tests.ota_harness import ManualRelease
 from tests.ota_simulator import FleetSimulator
-from tests.test_ota_agent import agent_config
+from tests.test_ota_agent import agent_config, command
 from tests.test_ota_install import CHUNK, Device, release
 
 DEADLINE_S = 60.0
@@ -389,17 +387,6 @@ def test_disk_filling_up_mid_install(
 # -- through a real agent process and Mosquitto ---------------------------------------------------
 
 
-def _command(collector: Collector, name: str, args: dict[str, Any]) -> dict[str, Any]:
-    command_id = uuid.uuid4().hex[:10]
-    collector.publish(topics.device_topic("gw-1", topics.COMMAND), json.dumps(
-        {"schema": "fleetlite.command/1", "id": command_id, "command": name, "args": args}
-    ).encode())
-    (response,) = collector.wait_for(
-        topics.COMMAND_RESPONSE, predicate=lambda m: json.loads(m.payload)["id"] == command_id)
-    result: dict[str, Any] = json.loads(response.payload)
-    return result
-
-
 def _finals(collector: Collector) -> list[OtaStatus]:
     return [s for s in (OtaStatus.from_json(m.payload)
                         for m in collector.on_topic(topics.OTA_STATUS)) if s.final]
@@ -441,14 +428,14 @@ def test_real_agent_on_a_full_disk(
         rel.publish_manifest()
         if case == "slot copy does not fit":
             watcher.start()
-        assert _command(collector, "ota_install", {"release_id": rel.rid,
+        assert command(collector, "ota_install", {"release_id": rel.rid,
                                                    "chunk_size": 1024})["ok"]
         collector.wait_for(topics.OTA_STATUS, timeout=DEADLINE_S,
                            predicate=lambda m: OtaStatus.from_json(m.payload).final)
         if case == "slot copy does not fit":
             assert filled, "the disk was not filled before the install ended"
         # a re-send, as the controller does for an install it heard nothing final about
-        answer = _command(collector, "ota_install", {"release_id": rel.rid,
+        answer = command(collector, "ota_install", {"release_id": rel.rid,
                                                      "chunk_size": 1024})
         assert answer["ok"] and answer["result"]["ended"] is True, answer
         assert answer["result"]["reason"] == "disk_full"
@@ -468,7 +455,7 @@ def test_real_agent_on_a_full_disk(
         tokenizer = Tokenizer.from_file(models_dir / "intent_classifier.vocab.json")
         with LocalClient(tmp_path / "agent" / "agent.sock") as client:
             assert client.infer("intent", tokenizer.encode("turn off the kitchen lights"))
-        slots = _command(collector, "ota_slots", {})["result"]
+        slots = command(collector, "ota_slots", {})["result"]
         assert slots["job"] is None and slots["models"]["intent"]["active"] is None
         assert agent.alive
     finally:

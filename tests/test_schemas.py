@@ -13,7 +13,6 @@ import base64
 import copy
 import json
 import re
-import uuid
 from collections.abc import Callable, Iterator
 from importlib import resources
 from pathlib import Path
@@ -38,6 +37,7 @@ from fleetlite.tools.models import intent_classifier
 from tests.agent_harness import AgentProcess, write_config
 from tests.mqtt_harness import Collector, Mosquitto
 from tests.ota_harness import ManualRelease
+from tests.test_ota_agent import collector, command  # noqa: F401 (the fixture)
 from tests.test_ota_install import CLASS, ISSUED, RELEASE_KEY, write_root
 
 REPO = Path(__file__).resolve().parent.parent
@@ -274,27 +274,10 @@ def test_profiles_of_both_versions_are_valid() -> None:
 # -- what a real agent publishes -----------------------------------------------------------------
 
 
-@pytest.fixture
-def collector(broker: Mosquitto) -> Iterator[Collector]:
-    c = Collector(broker.host, broker.port, [f"{topics.DEVICE_PREFIX}/#"]).start()
-    yield c
-    c.stop()
-
-
-def command(collector: Collector, name: str, args: dict[str, Any]) -> dict[str, Any]:
-    command_id = uuid.uuid4().hex[:10]
-    collector.publish(topics.device_topic(DEVICE, topics.COMMAND), messages.encode(
-        {"schema": "fleetlite.command/1", "id": command_id, "command": name, "args": args}))
-    (response,) = collector.wait_for(
-        topics.COMMAND_RESPONSE, timeout=60,
-        predicate=lambda m: json.loads(m.payload)["id"] == command_id)
-    result: dict[str, Any] = json.loads(response.payload)
-    return result
-
-
 @pytest.mark.slow
 def test_every_message_a_real_agent_publishes_is_valid(
-    tmp_path: Path, broker: Mosquitto, collector: Collector, models_dir: Path,
+    tmp_path: Path, broker: Mosquitto, collector: Collector,  # noqa: F811
+    models_dir: Path,
     intent_release: ReleaseBundle,
 ) -> None:
     config = write_config(
@@ -309,13 +292,14 @@ def test_every_message_a_real_agent_publishes_is_valid(
     try:
         collector.wait_for(topics.BIRTH)
         collector.wait_for(topics.PROFILE, timeout=60)
-        assert command(collector, "ping", {})["ok"]
-        assert command(collector, "self_destruct", {})["error_code"] == "unknown_command"
+        assert command(collector, "ping", {}, timeout=60)["ok"]
+        refused = command(collector, "self_destruct", {}, timeout=60)
+        assert refused["error_code"] == "unknown_command"
         assert command(collector, "profile", {"min_runs": 5, "min_seconds": 0,
-                                              "max_seconds": 2})["ok"]
+                                              "max_seconds": 2}, timeout=60)["ok"]
         release.publish_manifest()
         assert command(collector, "ota_install", {"release_id": release.rid,
-                                                  "chunk_size": 1024})["ok"]
+                                                  "chunk_size": 1024}, timeout=60)["ok"]
         final = collector.wait_for(topics.OTA_STATUS, timeout=120, predicate=lambda m: json.loads(
             m.payload)["final"])[-1]
         assert json.loads(final.payload)["outcome"] == "installed", final.payload

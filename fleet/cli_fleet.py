@@ -549,6 +549,14 @@ def _models_text(device: DeviceRecord) -> str:
                      for m in device.models) or "-"
 
 
+def _seen_text(device: DeviceRecord, now: Optional[float] = None) -> str:
+    """When the controller last heard the device, with a marker if its clock is skewed."""
+    from fleetlite.fleet.device_clock import offset_marker
+
+    marker = offset_marker(device.clock_offset)
+    return f"{_ago(device.last_seen, now)}, {marker}" if marker else _ago(device.last_seen, now)
+
+
 def _devices_list(fleet: Fleet, args: argparse.Namespace) -> int:
     from fleetlite.fleet.client import device_dict
 
@@ -561,13 +569,14 @@ def _devices_list(fleet: Fleet, args: argparse.Namespace) -> int:
     _emit(args, {"devices": [device_dict(d) for d in found]}, lambda: _table(
         ["DEVICE", "CLASS", "STATUS", "MODELS", "AGENT", "LAST SEEN", "TAGS"],
         [[d.device_id, d.device_class or "-", "online" if d.online else "offline",
-          _models_text(d), d.agent_version or "-", _ago(d.last_seen, now),
+          _models_text(d), d.agent_version or "-", _seen_text(d, now),
           ",".join(f"{k}={v}" for k, v in sorted(d.tags.items())) or "-"] for d in found]))
     return EXIT_OK
 
 
 def _devices_show(fleet: Fleet, args: argparse.Namespace) -> int:
     from fleetlite.fleet.client import device_dict
+    from fleetlite.fleet.device_clock import describe_offset, is_skewed
 
     device = fleet.device(args.device_id)
     refused = fleet.refused_reports(device.device_id)
@@ -579,7 +588,8 @@ def _devices_show(fleet: Fleet, args: argparse.Namespace) -> int:
         lines = [
             f"device    {device.device_id}",
             f"class     {device.device_class or '-'}",
-            f"status    {status}, last seen {_ago(device.last_seen)}",
+            f"status    {status}, last seen {_ago(device.last_seen)} (the controller's clock)",
+            f"clock     {describe_offset(device.clock_offset)}",
             f"agent     {device.agent_version or '-'} (session {device.session})",
             "tags      " + (", ".join(f"{k}={v}" for k, v in sorted(device.tags.items()))
                             or "-"),
@@ -591,7 +601,9 @@ def _devices_show(fleet: Fleet, args: argparse.Namespace) -> int:
         for key, value in sorted(device.facts.items()):
             lines.append(f"  {key:<22} {value}")
         if device.telemetry is not None:
-            lines.append(f"telemetry seq {device.telemetry.seq}, {_ago(device.telemetry.ts)}")
+            sent = (f"sent at {_clock(device.telemetry.ts)} by the device's clock"
+                    if is_skewed(device.clock_offset) else _ago(device.telemetry.ts))
+            lines.append(f"telemetry seq {device.telemetry.seq}, {sent}")
             for key, value in sorted(device.telemetry.system.items()):
                 lines.append(f"  {key:<22} {value}")
         if refused:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 from fleetlite.fleet.broker_address import DEFAULT_BROKER, BrokerAddress, resolve_broker
+from fleetlite.fleet.device_clock import is_skewed
 from fleetlite.fleet.errors import (
     FleetError,
     RecordNotFoundError,
@@ -350,6 +351,8 @@ def device_dict(device: DeviceRecord,
                    for m in device.models],
         "agent_version": device.agent_version,
         "last_seen": device.last_seen,
+        "clock_offset_s": device.clock_offset,
+        "clock_skewed": is_skewed(device.clock_offset),
         "session": device.session,
         "facts": dict(device.facts),
         "telemetry": device.telemetry.to_dict() if device.telemetry is not None else None,
@@ -438,9 +441,12 @@ class Fleet:
 
     def devices(self, device_class: Optional[str] = None,
                 tags: Optional[Mapping[str, str]] = None,
-                online: Optional[bool] = None) -> list[DeviceRecord]:
-        """Registered devices matching every given filter, by id."""
-        return self.store.list_devices(device_class=device_class, tags=tags, online=online)
+                online: Optional[bool] = None,
+                seen_since: Optional[float] = None) -> list[DeviceRecord]:
+        """Registered devices matching every given filter, by id; ``seen_since``: heard from
+        at or after this Unix time (the controller's clock, see ``DeviceRecord.last_seen``)."""
+        return self.store.list_devices(device_class=device_class, tags=tags, online=online,
+                                       seen_since=seen_since)
 
     def device(self, device_id: str) -> DeviceRecord:
         """One device; :class:`RecordNotFoundError` if the fleet never heard of it."""

@@ -18,6 +18,11 @@ network thread before anything is parsed, so a flooding device costs no store wr
 rate; refusals are counted in memory and stored once per tick (and before the sender's next
 stored report); profiles and OTA statuses kept per device are bounded.
 
+Time is the controller's: a device's last seen is when the controller received its last report
+(a retained snapshot or the Last Will does not count), OTA statuses are ordered by their receive
+time, and every timeout is measured on this clock. Device timestamps are stored as sent, and the
+difference (the device's clock offset) is kept per device (:mod:`fleetlite.fleet.device_clock`).
+
 Restarts and crashes:
 
 - A controller started with an explicit id (``--id``) keeps a persistent MQTT session: while it
@@ -71,6 +76,7 @@ from fleetlite.fleet.broker_address import (
     resolve_broker,
     ssl_context,
 )
+from fleetlite.fleet.device_clock import heard_from_device
 from fleetlite.fleet.errors import (
     BrokerAddressError,
     BrokerConnectionError,
@@ -265,23 +271,28 @@ class Controller:
             self._malformed("", "", exc)
             return
         device_id, kind, payload = parsed.device_id, parsed.kind, message.payload
+        # the controller's clock, never the device's, says when a device was last heard; a
+        # retained message is a snapshot the broker kept, not the device speaking now
+        received_at = None if message.retain else time.time()
         dropped = None
         with self._ingest_lock:
             verdict = self.gate.check(device_id, kind, len(payload), time.monotonic())
             if verdict == HOLD:
                 dropped = self.gate.hold(device_id, bytes(payload))
         if verdict == ADMIT:
-            self._handle(device_id, kind, bytes(payload))
+            self._handle(device_id, kind, bytes(payload), received_at)
         elif isinstance(verdict, Refusal):
             self._refused(device_id, kind, verdict)
         elif dropped is not None:
             self._refused(device_id, kind, dropped)
 
-    def _handle(self, device_id: str, kind: str, payload: bytes) -> None:
+    def _handle(self, device_id: str, kind: str, payload: bytes,
+                received_at: Optional[float]) -> None:
         """Parse, check and store one admitted report (network thread, or the loop thread for
-        telemetry held over the rate)."""
+        telemetry held over the rate). ``received_at``: when the controller received it (None: a
+        retained snapshot)."""
         try:
-            refusal = self._ingest_retrying(device_id, kind, payload)
+            refusal = self._ingest_retrying(device_id, kind, payload, received_at)
         except (MessageError, ValueError) as exc:
             self._malformed(device_id, kind, exc)
             return
@@ -337,23 +348,28 @@ class Controller:
         with ``everything``), then the refusal counts."""
         with self._ingest_lock:
             released = self.gate.release_held(time.monotonic(), everything=everything)
+        # held at most one token interval of the sender's bucket (0.2 s by default) plus a tick:
+        # their release is their receive time, well within the clock skew limit
+        received_at = time.time()
         for device_id, payload in released:
-            self._handle(device_id, topics.TELEMETRY, payload)
+            self._handle(device_id, topics.TELEMETRY, payload, received_at)
         self._flush_refusals()
 
-    def _ingest_retrying(self, device_id: str, kind: str, payload: bytes) -> Optional[Refusal]:
+    def _ingest_retrying(self, device_id: str, kind: str, payload: bytes,
+                         received_at: Optional[float]) -> Optional[Refusal]:
         # The network thread acknowledges the message when this returns: ride out a short
         # store outage (a PostgreSQL failover) instead of dropping the report.
         for attempt in range(_STORE_RETRIES):
             try:
-                return self._ingest(device_id, kind, payload)
+                return self._ingest(device_id, kind, payload, received_at)
             except StoreUnavailableError:
                 if attempt == _STORE_RETRIES - 1 or self._stop.is_set():
                     raise
                 time.sleep(0.5 * (attempt + 1))
         return None
 
-    def _ingest(self, device_id: str, kind: str, payload: bytes) -> Optional[Refusal]:
+    def _ingest(self, device_id: str, kind: str, payload: bytes,
+                received_at: Optional[float]) -> Optional[Refusal]:
         """Store one report from ``device_id`` (the topic's device: the broker authenticated
         it); a report that speaks for another device, or claims what was never sent to its
         sender, is refused (:mod:`fleetlite.fleet.sender_check`) and nothing is stored. The
@@ -366,33 +382,40 @@ class Controller:
         with self._ingest_lock:
             earlier = self.refusals.drain(device_id)
         if not earlier:
-            return self._store_report(device_id, report)
+            return self._store_report(device_id, report, received_at)
         try:
             with self.store.batch():
                 self.store.record_refusals(earlier)
-                return self._store_report(device_id, report)
+                return self._store_report(device_id, report, received_at)
         except BaseException:
             with self._ingest_lock:
                 self.refusals.restore(earlier)
             raise
 
-    def _store_report(self, device_id: str, report: object) -> Optional[Refusal]:
-        """Check a parsed report against its sender and store it, or return the refusal."""
+    def _store_report(self, device_id: str, report: object,
+                      received_at: Optional[float]) -> Optional[Refusal]:
+        """Check a parsed report against its sender and store it, or return the refusal.
+        A report that is not the device speaking now (a retained snapshot, the Last Will)
+        changes neither its last seen nor its clock offset."""
         limits = self.limits
         refusal: Optional[Refusal]
+        seen = received_at if heard_from_device(report, retained=received_at is None) else None
         if isinstance(report, Status):
             refusal = check_device_id(device_id, report.device_id, topics.STATUS)
             if refusal is None:
-                self.store.upsert_status(report)
+                with self.store.received(seen):
+                    self.store.upsert_status(report)
         elif isinstance(report, Birth):
             refusal = (check_device_id(device_id, report.device_id, topics.BIRTH)
                        or check_birth(report, limits))
             if refusal is None:
-                self.store.upsert_birth(report)
+                with self.store.received(seen):
+                    self.store.upsert_birth(report)
         elif isinstance(report, Telemetry):
             refusal = check_device_id(device_id, report.device_id, topics.TELEMETRY)
             if refusal is None:
-                self.store.record_telemetry(report)
+                with self.store.received(seen):
+                    self.store.record_telemetry(report)
         elif isinstance(report, ProfileRecord):
             device = self.store.get_device(device_id)
             known_class = device.device_class if device else None
@@ -404,7 +427,7 @@ class Controller:
             refusal = check_ota_status(device_id, report,
                                        self.store.releases_sent_to(device_id))
             if refusal is None:
-                self.store.add_ota_status(report, received_at=time.time(),
+                self.store.add_ota_status(report, received_at=received_at or time.time(),
                                           keep_per_release=limits.ota_statuses_per_release)
         else:
             raise TypeError(f"no store for a {type(report).__name__}")

@@ -18,6 +18,7 @@ rollout's ``revision`` is the one the batch was computed from (:meth:`Store.appl
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import json
 import logging
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Protocol, Union
 
+from fleetlite.fleet.device_clock import clock_offset
 from fleetlite.fleet.errors import (
     MissingExtraError,
     RecordNotFoundError,
@@ -84,6 +86,10 @@ log = logging.getLogger("fleetlite.fleet.store")
 
 _MIGRATION_LOCK_KEY = 0x666C746C69746501  # pg_advisory_xact_lock key: "fltlite" + 0x01
 _MAX_IDLE_CONNECTIONS = 4
+# The receive time of the reports being stored (Store.received), per thread; a context rather
+# than an argument so that code wrapping the store's report methods keeps working.
+_RECEIVED_AT: contextvars.ContextVar[Optional[float]] = contextvars.ContextVar(
+    "fleetlite_received_at", default=None)
 _Row = tuple[Any, ...]
 
 
@@ -104,8 +110,12 @@ class DeviceRecord:
     """What the fleet knows about one device, merged from its status, birth and telemetry.
 
     ``session`` is the newest agent session seen in any of them (-1: none yet); ``online`` and
-    ``status_reason`` come from the newest applicable status; ``last_seen`` is the largest message
-    ``ts`` (the device's clock); ``telemetry`` is the latest report (by session, then seq).
+    ``status_reason`` come from the newest applicable status; ``telemetry`` is the latest report
+    (by session, then seq). ``last_seen`` is when the controller received the device's last report
+    (the controller's clock; 0: none heard live yet), never a time the device wrote; its
+    timestamps are kept as sent. ``clock_offset`` is the device's clock minus the controller's
+    from that report, in seconds (positive: ahead; None: unknown); see
+    :mod:`fleetlite.fleet.device_clock`.
     """
 
     device_id: str
@@ -119,6 +129,7 @@ class DeviceRecord:
     models: tuple[DeviceModel, ...]
     facts: dict[str, Any]
     telemetry: Optional[Telemetry]
+    clock_offset: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -714,6 +725,19 @@ class Store:
 
     # -- devices -----------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def received(self, at: Optional[float]) -> Iterator[None]:
+        """Device reports stored in this block (on this thread) were received from their device
+        at ``at``, on the controller's clock: it becomes the device's last seen (if later) and
+        gives its clock offset. Outside such a block, or with None (a retained snapshot, the
+        Last Will: :func:`fleetlite.fleet.device_clock.heard_from_device`), a report changes
+        neither. ``with store.received(time.time()): store.record_telemetry(report)``."""
+        token = _RECEIVED_AT.set(at)
+        try:
+            yield
+        finally:
+            _RECEIVED_AT.reset(token)
+
     def upsert_status(self, status: Status) -> bool:
         """Apply an online/offline status unless it is stale; True if it changed the device.
 
@@ -721,12 +745,14 @@ class Store:
         connection (a late Last Will) is ignored. Within the current connection an offline
         status always applies (the Will carries the time of the connect, not of the loss) and an
         online one only if newer than the newest status seen.
+
+        Within :meth:`received` it sets the device's last seen and clock offset.
         """
         with self._transaction(write=True) as db:
             result = db.execute(
-                """INSERT INTO devices (device_id, online, status_session, status_conn,
-                                        status_ts, status_reason, last_seen)
-                VALUES (?, ?, ?, ?, ?, ?, ?)
+                f"""INSERT INTO devices (device_id, online, status_session, status_conn,
+                                        status_ts, status_reason, last_seen, clock_offset)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?)
                 ON CONFLICT (device_id) DO UPDATE SET
                     online = excluded.online,
                     status_session = excluded.status_session,
@@ -736,8 +762,7 @@ class Store:
                                           AND devices.status_ts > excluded.status_ts
                                      THEN devices.status_ts ELSE excluded.status_ts END,
                     status_reason = excluded.status_reason,
-                    last_seen = CASE WHEN devices.last_seen > excluded.last_seen
-                                     THEN devices.last_seen ELSE excluded.last_seen END
+                    {_SEEN}
                 WHERE excluded.status_session > devices.status_session
                    OR (excluded.status_session = devices.status_session
                        AND excluded.status_conn > devices.status_conn)
@@ -745,31 +770,31 @@ class Store:
                        AND excluded.status_conn = devices.status_conn
                        AND (excluded.online = 0 OR excluded.status_ts > devices.status_ts))""",
                 (status.device_id, status.online, status.session, status.conn, status.ts,
-                 status.reason, status.ts),
+                 status.reason, *_seen(status.ts)),
             )
             return result.rowcount > 0
 
     def upsert_birth(self, birth: Birth) -> bool:
         """Apply a birth (class, agent version, tags, facts, active models) unless an equal or
-        newer one (by session, then ts) is stored; True if applied."""
+        newer one (by session, then ts) is stored; True if applied. Within :meth:`received` it
+        sets the device's last seen and clock offset."""
         with self._transaction(write=True) as db:
             result = db.execute(
-                """INSERT INTO devices (device_id, device_class, agent_version, facts_json,
-                                        birth_session, birth_ts, last_seen)
-                VALUES (?, ?, ?, ?, ?, ?, ?)
+                f"""INSERT INTO devices (device_id, device_class, agent_version, facts_json,
+                                        birth_session, birth_ts, last_seen, clock_offset)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?)
                 ON CONFLICT (device_id) DO UPDATE SET
                     device_class = excluded.device_class,
                     agent_version = excluded.agent_version,
                     facts_json = excluded.facts_json,
                     birth_session = excluded.birth_session,
                     birth_ts = excluded.birth_ts,
-                    last_seen = CASE WHEN devices.last_seen > excluded.last_seen
-                                     THEN devices.last_seen ELSE excluded.last_seen END
+                    {_SEEN}
                 WHERE excluded.birth_session > devices.birth_session
                    OR (excluded.birth_session = devices.birth_session
                        AND excluded.birth_ts > devices.birth_ts)""",
                 (birth.device_id, birth.device_class, birth.agent_version, _dump(birth.facts),
-                 birth.session, birth.ts, birth.ts),
+                 birth.session, birth.ts, *_seen(birth.ts)),
             )
             if result.rowcount == 0:
                 return False
@@ -785,23 +810,23 @@ class Store:
             return True
 
     def record_telemetry(self, telemetry: Telemetry) -> bool:
-        """Keep the report if it is the device's latest (by session, then seq); True if kept."""
+        """Keep the report if it is the device's latest (by session, then seq); True if kept.
+        Within :meth:`received` it sets the device's last seen and clock offset."""
         with self._transaction(write=True) as db:
             result = db.execute(
-                """INSERT INTO devices (device_id, telemetry_json, telemetry_session,
-                                        telemetry_seq, last_seen)
-                VALUES (?, ?, ?, ?, ?)
+                f"""INSERT INTO devices (device_id, telemetry_json, telemetry_session,
+                                        telemetry_seq, last_seen, clock_offset)
+                VALUES (?, ?, ?, ?, ?, ?)
                 ON CONFLICT (device_id) DO UPDATE SET
                     telemetry_json = excluded.telemetry_json,
                     telemetry_session = excluded.telemetry_session,
                     telemetry_seq = excluded.telemetry_seq,
-                    last_seen = CASE WHEN devices.last_seen > excluded.last_seen
-                                     THEN devices.last_seen ELSE excluded.last_seen END
+                    {_SEEN}
                 WHERE excluded.telemetry_session > devices.telemetry_session
                    OR (excluded.telemetry_session = devices.telemetry_session
                        AND excluded.telemetry_seq > devices.telemetry_seq)""",
                 (telemetry.device_id, telemetry.to_json().decode(), telemetry.session,
-                 telemetry.seq, telemetry.ts),
+                 telemetry.seq, *_seen(telemetry.ts)),
             )
             return result.rowcount > 0
 
@@ -819,12 +844,14 @@ class Store:
         model: Optional[str] = None,
         model_version: Optional[int] = None,
         device_ids: Optional[Collection[str]] = None,
+        seen_since: Optional[float] = None,
     ) -> list[DeviceRecord]:
         """Devices matching every given filter, by id.
 
         ``device_class``: one class or a set; ``tags``: per key, the value or set of values
         allowed (``{"site": "berlin", "line": {"1", "2"}}``); ``model``/``model_version``: an
-        active model of that name (and version).
+        active model of that name (and version); ``seen_since``: last seen at or after this
+        time on the controller's clock (``now - 300``: heard from in the last five minutes).
         """
         where: list[str] = []
         params: list[Any] = []
@@ -849,12 +876,16 @@ class Store:
                          f"devices.device_id AND {sub})")
         if device_ids is not None:
             _add_in(where, params, "device_id", device_ids)
+        if seen_since is not None:
+            where.append("last_seen >= ?")
+            params.append(seen_since)
         condition = " AND ".join(where) or "1 = 1"
         with self._transaction(write=False) as db:
             rows = db.execute(
                 "SELECT device_id, device_class, agent_version, facts_json, online, "
                 "status_reason, status_session, birth_session, telemetry_session, last_seen, "
-                f"telemetry_json FROM devices WHERE {condition} ORDER BY device_id", params).rows
+                "telemetry_json, clock_offset "
+                f"FROM devices WHERE {condition} ORDER BY device_id", params).rows
             selected = f"SELECT device_id FROM devices WHERE {condition}"
             tag_rows = db.execute(
                 "SELECT device_id, tag_key, tag_value FROM device_tags "
@@ -882,6 +913,7 @@ class Store:
                 models=tuple(device_models.get(row[0], ())),
                 facts=_load_object(row[3]),
                 telemetry=None if row[10] is None else Telemetry.from_dict(_load_object(row[10])),
+                clock_offset=None if row[11] is None else float(row[11]),
             )
             for row in rows
         ]
@@ -1579,6 +1611,23 @@ def _add_in(where: list[str], params: list[Any], column: str,
         return
     where.append(f"{column} IN ({', '.join('?' * len(items))})")
     params.extend(items)
+
+
+# Last seen is the newest receive time; the clock offset is that of the report that set it. A
+# report not heard live (no receive time) inserts 0 and NULL, which change neither.
+_SEEN = """last_seen = CASE WHEN devices.last_seen > excluded.last_seen
+                                     THEN devices.last_seen ELSE excluded.last_seen END,
+                    clock_offset = CASE WHEN excluded.clock_offset IS NOT NULL
+                                             AND excluded.last_seen >= devices.last_seen
+                                        THEN excluded.clock_offset ELSE devices.clock_offset END"""
+
+
+def _seen(device_ts: float) -> tuple[float, Optional[float]]:
+    """The (last_seen, clock_offset) a report stored now gives its device."""
+    received_at = _RECEIVED_AT.get()
+    if received_at is None:
+        return 0.0, None
+    return received_at, clock_offset(device_ts, received_at)
 
 
 def _birth_models(models: Sequence[Any]) -> list[DeviceModel]:

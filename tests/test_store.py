@@ -139,9 +139,12 @@ def test_migrations_are_applied_once_and_rerunning_is_a_no_op(store_url: str) ->
 def test_an_older_schema_is_upgraded_with_its_data_kept(store_url: str) -> None:
     with open_store(store_url, migrate=False) as store:
         assert store.migrate(target=1) == [1]
-        store.upsert_birth(birth("gw-1", 1, 100.0))
+        with store._transaction(write=True) as db:  # as a fleetlite of schema 1 wrote it
+            db.execute("INSERT INTO devices (device_id, device_class, birth_session, birth_ts, "
+                       "last_seen) VALUES (?, ?, ?, ?, ?)", ("gw-1", "rpi4", 1, 100.0, 100.0))
         for needs_a_newer_schema in (store.list_releases,  # a table of migration 2
-                                     lambda: store.upsert_status(status("gw-1", True, 1, 101.0))):
+                                     lambda: store.upsert_status(status("gw-1", True, 1, 101.0)),
+                                     lambda: store.upsert_birth(birth("gw-1", 1, 102.0))):
             with pytest.raises(SchemaVersionError, match="migrate"):
                 needs_a_newer_schema()
         assert store.migrate() == [m.version for m in MIGRATIONS[1:]]
@@ -288,7 +291,8 @@ def test_device_round_trip(store: Store) -> None:
     assert store.upsert_status(status("gw-1", True, 3, 100.0))
     assert store.upsert_birth(birth("gw-1", 3, 100.5))
     report = telemetry("gw-1", 3, 1, 130.0)
-    assert store.record_telemetry(report)
+    with store.received(1000.0):  # last seen is the controller's receive time
+        assert store.record_telemetry(report)
     device = store.get_device("gw-1")
     assert device is not None
     assert device.device_id == "gw-1"
@@ -296,7 +300,7 @@ def test_device_round_trip(store: Store) -> None:
     assert device.tags == {"line": "1", "site": "berlin"}
     assert device.online and device.status_reason == "connected"
     assert device.session == 3
-    assert device.last_seen == 130.0
+    assert device.last_seen == 1000.0 and device.clock_offset == 130.0 - 1000.0
     assert device.agent_version == "0.3.0"
     assert device.models == (DeviceModel("kws", 3, SHA_A),)
     assert device.facts == {"arch": "aarch64", "cores": 4, "temperature_c": None}
@@ -319,10 +323,11 @@ def test_a_late_last_will_does_not_overwrite_a_newer_online_status(store: Store)
     # ... a reconnect in the same session (newer online status) and a new session do.
     assert store.upsert_status(status("gw-1", True, 5, 260.0))
     assert store.upsert_status(status("gw-1", False, 5, 270.0, reason="shutdown"))
-    assert store.upsert_status(status("gw-1", True, 6, 300.0))
+    with store.received(310.0):
+        assert store.upsert_status(status("gw-1", True, 6, 300.0))
     device = store.get_device("gw-1")
     assert device is not None and device.online and device.session == 6
-    assert device.last_seen == 300.0
+    assert device.last_seen == 310.0
 
 
 def test_a_late_will_of_an_earlier_connection_is_stale(store: Store) -> None:

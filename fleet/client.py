@@ -771,7 +771,8 @@ def _device_summary(device: DeviceRecord) -> DeviceSummary:
     model = device.models[0] if device.models else None
     return DeviceSummary(device_id=device.device_id, device_class=device.device_class,
                          online=device.online, model=model.name if model else None,
-                         version=model.version if model else None, last_seen=device.last_seen,
+                         version=model.version if model else None,
+                         last_seen=device.last_seen or None,  # 0: not heard live yet
                          tags=dict(device.tags), agent_version=device.agent_version)
 
 

@@ -403,19 +403,16 @@ class Controller:
         if isinstance(report, Status):
             refusal = check_device_id(device_id, report.device_id, topics.STATUS)
             if refusal is None:
-                with self.store.received(seen):
-                    self.store.upsert_status(report)
+                self.store.upsert_status(report, received_at=seen)
         elif isinstance(report, Birth):
             refusal = (check_device_id(device_id, report.device_id, topics.BIRTH)
                        or check_birth(report, limits))
             if refusal is None:
-                with self.store.received(seen):
-                    self.store.upsert_birth(report)
+                self.store.upsert_birth(report, received_at=seen)
         elif isinstance(report, Telemetry):
             refusal = check_device_id(device_id, report.device_id, topics.TELEMETRY)
             if refusal is None:
-                with self.store.received(seen):
-                    self.store.record_telemetry(report)
+                self.store.record_telemetry(report, received_at=seen)
         elif isinstance(report, ProfileRecord):
             device = self.store.get_device(device_id)
             known_class = device.device_class if device else None

@@ -18,7 +18,6 @@ rollout's ``revision`` is the one the batch was computed from (:meth:`Store.appl
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import hashlib
 import json
 import logging
@@ -86,10 +85,6 @@ log = logging.getLogger("fleetlite.fleet.store")
 
 _MIGRATION_LOCK_KEY = 0x666C746C69746501  # pg_advisory_xact_lock key: "fltlite" + 0x01
 _MAX_IDLE_CONNECTIONS = 4
-# The receive time of the reports being stored (Store.received), per thread; a context rather
-# than an argument so that code wrapping the store's report methods keeps working.
-_RECEIVED_AT: contextvars.ContextVar[Optional[float]] = contextvars.ContextVar(
-    "fleetlite_received_at", default=None)
 _Row = tuple[Any, ...]
 
 
@@ -725,20 +720,7 @@ class Store:
 
     # -- devices -----------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def received(self, at: Optional[float]) -> Iterator[None]:
-        """Device reports stored in this block (on this thread) were received from their device
-        at ``at``, on the controller's clock: it becomes the device's last seen (if later) and
-        gives its clock offset. Outside such a block, or with None (a retained snapshot, the
-        Last Will: :func:`fleetlite.fleet.device_clock.heard_from_device`), a report changes
-        neither. ``with store.received(time.time()): store.record_telemetry(report)``."""
-        token = _RECEIVED_AT.set(at)
-        try:
-            yield
-        finally:
-            _RECEIVED_AT.reset(token)
-
-    def upsert_status(self, status: Status) -> bool:
+    def upsert_status(self, status: Status, *, received_at: Optional[float] = None) -> bool:
         """Apply an online/offline status unless it is stale; True if it changed the device.
 
         Statuses are ordered by (session, connection): one of an older session or an earlier
@@ -746,7 +728,9 @@ class Store:
         status always applies (the Will carries the time of the connect, not of the loss) and an
         online one only if newer than the newest status seen.
 
-        Within :meth:`received` it sets the device's last seen and clock offset.
+        ``received_at``, when the controller received it (its clock), becomes the device's last
+        seen if later and gives its clock offset; None (a retained snapshot, the Last Will:
+        :func:`fleetlite.fleet.device_clock.heard_from_device`) changes neither.
         """
         with self._transaction(write=True) as db:
             result = db.execute(
@@ -770,14 +754,16 @@ class Store:
                        AND excluded.status_conn = devices.status_conn
                        AND (excluded.online = 0 OR excluded.status_ts > devices.status_ts))""",
                 (status.device_id, status.online, status.session, status.conn, status.ts,
-                 status.reason, *_seen(status.ts)),
+                 status.reason, *_seen(status.ts, received_at)),
             )
             return result.rowcount > 0
 
-    def upsert_birth(self, birth: Birth) -> bool:
+    def upsert_birth(self, birth: Birth, *, received_at: Optional[float] = None) -> bool:
         """Apply a birth (class, agent version, tags, facts, active models) unless an equal or
-        newer one (by session, then ts) is stored; True if applied. Within :meth:`received` it
-        sets the device's last seen and clock offset."""
+        newer one (by session, then ts) is stored; True if applied.
+        ``received_at``, when the controller received it (its clock), becomes the device's last
+        seen if later and gives its clock offset; None (a retained snapshot, the Last Will:
+        :func:`fleetlite.fleet.device_clock.heard_from_device`) changes neither."""
         with self._transaction(write=True) as db:
             result = db.execute(
                 f"""INSERT INTO devices (device_id, device_class, agent_version, facts_json,
@@ -794,7 +780,7 @@ class Store:
                    OR (excluded.birth_session = devices.birth_session
                        AND excluded.birth_ts > devices.birth_ts)""",
                 (birth.device_id, birth.device_class, birth.agent_version, _dump(birth.facts),
-                 birth.session, birth.ts, *_seen(birth.ts)),
+                 birth.session, birth.ts, *_seen(birth.ts, received_at)),
             )
             if result.rowcount == 0:
                 return False
@@ -809,9 +795,12 @@ class Store:
                            (birth.device_id, model.name, model.version, model.sha256))
             return True
 
-    def record_telemetry(self, telemetry: Telemetry) -> bool:
+    def record_telemetry(self, telemetry: Telemetry, *,
+                         received_at: Optional[float] = None) -> bool:
         """Keep the report if it is the device's latest (by session, then seq); True if kept.
-        Within :meth:`received` it sets the device's last seen and clock offset."""
+        ``received_at``, when the controller received it (its clock), becomes the device's last
+        seen if later and gives its clock offset; None (a retained snapshot, the Last Will:
+        :func:`fleetlite.fleet.device_clock.heard_from_device`) changes neither."""
         with self._transaction(write=True) as db:
             result = db.execute(
                 f"""INSERT INTO devices (device_id, telemetry_json, telemetry_session,
@@ -826,7 +815,7 @@ class Store:
                    OR (excluded.telemetry_session = devices.telemetry_session
                        AND excluded.telemetry_seq > devices.telemetry_seq)""",
                 (telemetry.device_id, telemetry.to_json().decode(), telemetry.session,
-                 telemetry.seq, *_seen(telemetry.ts)),
+                 telemetry.seq, *_seen(telemetry.ts, received_at)),
             )
             return result.rowcount > 0
 
@@ -1622,9 +1611,8 @@ _SEEN = """last_seen = CASE WHEN devices.last_seen > excluded.last_seen
                                         THEN excluded.clock_offset ELSE devices.clock_offset END"""
 
 
-def _seen(device_ts: float) -> tuple[float, Optional[float]]:
-    """The (last_seen, clock_offset) a report stored now gives its device."""
-    received_at = _RECEIVED_AT.get()
+def _seen(device_ts: float, received_at: Optional[float]) -> tuple[float, Optional[float]]:
+    """The (last_seen, clock_offset) a report received at ``received_at`` gives its device."""
     if received_at is None:
         return 0.0, None
     return received_at, clock_offset(device_ts, received_at)

@@ -88,19 +88,16 @@ def test_the_skew_limit_and_its_wording() -> None:
 def test_last_seen_is_the_receive_time_and_the_offset_that_of_the_last_report(
         store: Store) -> None:
     sent = 1_000_000.0 + AHEAD  # what the device's clock says
-    with store.received(1_000_000.0):
-        assert store.upsert_status(status("gw-1", True, 1, sent))
-        assert store.upsert_birth(birth("gw-1", 1, sent + 0.5))
-    with store.received(1_000_060.0):
-        assert store.record_telemetry(telemetry("gw-1", 1, 1, sent + 61.0))
+    assert store.upsert_status(status("gw-1", True, 1, sent), received_at=1_000_000.0)
+    assert store.upsert_birth(birth("gw-1", 1, sent + 0.5), received_at=1_000_000.0)
+    assert store.record_telemetry(telemetry("gw-1", 1, 1, sent + 61.0), received_at=1_000_060.0)
     device = store.get_device("gw-1")
     assert device is not None
     assert device.last_seen == 1_000_060.0
     assert device.clock_offset == pytest.approx(AHEAD + 1.0)
     assert device.telemetry is not None and device.telemetry.ts == sent + 61.0  # kept as sent
     # the device's clock is corrected: the next report says so
-    with store.received(1_000_120.0):
-        assert store.record_telemetry(telemetry("gw-1", 1, 2, 1_000_119.5))
+    assert store.record_telemetry(telemetry("gw-1", 1, 2, 1_000_119.5), received_at=1_000_120.0)
     device = store.get_device("gw-1")
     assert device is not None and device.last_seen == 1_000_120.0
     assert device.clock_offset == pytest.approx(-0.5)
@@ -110,13 +107,11 @@ def test_a_report_not_heard_live_changes_neither_last_seen_nor_the_offset(
         store: Store) -> None:
     # a retained snapshot on a fresh store: the device is known, but not seen
     assert store.upsert_birth(birth("gw-1", 1, 500.0))
-    with store.received(None):
-        assert store.upsert_status(status("gw-1", True, 1, 500.0))
+    assert store.upsert_status(status("gw-1", True, 1, 500.0), received_at=None)
     device = store.get_device("gw-1")
     assert device is not None and device.device_class == "rpi4" and device.online
     assert device.last_seen == 0.0 and device.clock_offset is None
-    with store.received(1000.0):
-        assert store.record_telemetry(telemetry("gw-1", 1, 1, 1003.0))
+    assert store.record_telemetry(telemetry("gw-1", 1, 1, 1003.0), received_at=1000.0)
     # the Last Will (the ts of the connect, published by the broker) applies, seen stays
     assert store.upsert_status(status("gw-1", False, 1, 500.0))
     device = store.get_device("gw-1")
@@ -126,10 +121,8 @@ def test_a_report_not_heard_live_changes_neither_last_seen_nor_the_offset(
 
 def test_a_report_received_earlier_does_not_move_last_seen_back(store: Store) -> None:
     # two controllers of a shared subscription store one device's reports in either order
-    with store.received(2000.0):
-        assert store.upsert_birth(birth("gw-1", 1, 1990.0))
-    with store.received(1990.0):
-        assert store.record_telemetry(telemetry("gw-1", 1, 1, 1989.0))
+    assert store.upsert_birth(birth("gw-1", 1, 1990.0), received_at=2000.0)
+    assert store.record_telemetry(telemetry("gw-1", 1, 1, 1989.0), received_at=1990.0)
     device = store.get_device("gw-1")
     assert device is not None and device.last_seen == 2000.0
     assert device.clock_offset == pytest.approx(-10.0)  # from the report that set last seen
@@ -138,11 +131,9 @@ def test_a_report_received_earlier_does_not_move_last_seen_back(store: Store) ->
 def test_a_device_ahead_is_not_fresh_once_the_controllers_time_passes_its_last_report(
         store: Store) -> None:
     received = 1_700_000_000.0
-    with store.received(received):
-        store.upsert_status(status("gw-ahead", True, 1, received + AHEAD))
-        store.record_telemetry(telemetry("gw-ahead", 1, 1, received + AHEAD))
-    with store.received(received + 290.0):
-        store.record_telemetry(telemetry("gw-ok", 1, 1, received + 290.2))
+    store.upsert_status(status("gw-ahead", True, 1, received + AHEAD), received_at=received)
+    store.record_telemetry(telemetry("gw-ahead", 1, 1, received + AHEAD), received_at=received)
+    store.record_telemetry(telemetry("gw-ok", 1, 1, received + 290.2), received_at=received + 290.0)
 
     def fresh(now: float) -> list[str]:
         return [d.device_id for d in store.list_devices(seen_since=now - 300.0)]

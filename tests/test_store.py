@@ -291,8 +291,7 @@ def test_device_round_trip(store: Store) -> None:
     assert store.upsert_status(status("gw-1", True, 3, 100.0))
     assert store.upsert_birth(birth("gw-1", 3, 100.5))
     report = telemetry("gw-1", 3, 1, 130.0)
-    with store.received(1000.0):  # last seen is the controller's receive time
-        assert store.record_telemetry(report)
+    assert store.record_telemetry(report, received_at=1000.0)  # the controller's clock
     device = store.get_device("gw-1")
     assert device is not None
     assert device.device_id == "gw-1"
@@ -323,8 +322,7 @@ def test_a_late_last_will_does_not_overwrite_a_newer_online_status(store: Store)
     # ... a reconnect in the same session (newer online status) and a new session do.
     assert store.upsert_status(status("gw-1", True, 5, 260.0))
     assert store.upsert_status(status("gw-1", False, 5, 270.0, reason="shutdown"))
-    with store.received(310.0):
-        assert store.upsert_status(status("gw-1", True, 6, 300.0))
+    assert store.upsert_status(status("gw-1", True, 6, 300.0), received_at=310.0)
     device = store.get_device("gw-1")
     assert device is not None and device.online and device.session == 6
     assert device.last_seen == 310.0

@@ -285,8 +285,8 @@ class Stored:
     def watch(self, store: Store) -> None:
         record = store.record_telemetry
 
-        def counting(telemetry: Telemetry) -> bool:
-            kept = record(telemetry)
+        def counting(telemetry: Telemetry, **kwargs: Any) -> bool:
+            kept = record(telemetry, **kwargs)
             with self.lock:
                 self.at.setdefault((telemetry.device_id, telemetry.seq), time.monotonic())
             return kept

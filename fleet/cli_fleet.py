@@ -117,6 +117,10 @@ def add_parsers(subparsers: Any, release_parser: Optional[argparse.ArgumentParse
   fleetlite serve --db postgresql://fleet:pw@db/fleet --broker emqx.lan:1883 \\
       --group ctl --id ctl-a                        (one of several controllers)
   FLEETLITE_DB=sqlite:////var/lib/fleetlite/fleet.db fleetlite serve --log-level DEBUG
+  fleetlite serve --health 9108 &  curl -fsS http://127.0.0.1:9108/healthz
+
+exit codes: 0 stopped by SIGINT/SIGTERM; 1 the broker or store cannot be used, or the
+controller stopped by itself (its SQLite file was deleted or replaced); 2 a usage error
 """)
     serve.set_defaults(creates_store=True)
     serve.add_argument("--group", metavar="NAME",
@@ -130,6 +134,10 @@ def add_parsers(subparsers: Any, release_parser: Optional[argparse.ArgumentParse
     serve.add_argument("--lease-ttl", type=_positive, default=10.0, metavar="SECONDS",
                        help="how long before another controller may take over a rollout of "
                        "this one when it stops renewing (default 10 s)")
+    serve.add_argument("--health", metavar="[HOST:]PORT",
+                       help="serve GET /healthz on this address: 200 while the controller "
+                       "ingests, drives rollouts and serves releases, 503 with the reason "
+                       "when not (a bare port listens on 127.0.0.1)")
     serve.add_argument("--log-level", default="INFO",
                        choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="default INFO")
 
@@ -461,6 +469,10 @@ def run(args: argparse.Namespace) -> int:
                             cert=getattr(args, "tls_cert", None),
                             key=getattr(args, "tls_key", None))
     fleet = Fleet(getattr(args, "db", None), broker, create=args.creates_store)
+    if fleet.created is not None:
+        _note(f"note: there was no fleet store at {fleet.created}: created a new, empty one "
+              "(the controller, `fleetlite serve`, must use this same store: --db / "
+              "FLEETLITE_DB)")
     try:
         return handler(fleet, args)
     finally:
@@ -509,8 +521,10 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequenc
 
 
 def _serve(fleet: Fleet, args: argparse.Namespace) -> int:
-    from fleetlite.fleet.controller import check_broker
+    from fleetlite.fleet.controller import check_broker, run_until_stopped
+    from fleetlite.fleet.health_endpoint import HealthEndpoint, parse_listen_address
 
+    health_address = parse_listen_address(args.health) if args.health else None
     # one trial connection first: a wrong address, certificate or credential is an error now,
     # not a controller that retries in the background forever
     check_broker(fleet.broker)
@@ -525,20 +539,25 @@ def _serve(fleet: Fleet, args: argparse.Namespace) -> int:
     try:
         controller = fleet.serve(group=args.group, tick_s=args.tick,
                                  controller_id=args.controller_id, lease_ttl_s=args.lease_ttl)
+        try:
+            health = (HealthEndpoint(*health_address, controller.health)
+                      if health_address else None)
+        except BaseException:
+            controller.stop()
+            raise
         group = f", group {args.group}" if args.group else ""
         _note(f"fleetlite serve: controller {controller.id} on store {fleet.store.url}, broker "
-              f"{fleet.broker.describe()}{group}; Ctrl-C or SIGTERM stops it")
-        try:
-            while not stop.wait(1.0):
-                pass
-        finally:
-            controller.stop()
+              f"{fleet.broker.describe()}{group}"
+              f"{f', health {health.url}' if health else ''}; Ctrl-C or SIGTERM stops it")
+        code = run_until_stopped(controller, stop, health)
         counters = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in controller.counters.items())
         _note(f"fleetlite serve: stopped ({counters})")
+        if controller.fatal:
+            _note(f"error: {controller.fatal}")
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    return EXIT_OK
+    return code
 
 
 # -- devices ---------------------------------------------------------------------------------------

@@ -423,6 +423,10 @@ class Fleet:
                 f"no fleet store at {path}: start the controller with `fleetlite serve --db "
                 f"{self.db}` (it creates the store), or point --db / FLEETLITE_DB at the store "
                 "your controller uses")
+        #: the SQLite file this Fleet created because none was there (None: it existed, or
+        #: the store is PostgreSQL); the CLI says so, so that a new store is never a surprise
+        self.created: Optional[Path] = (path if path is not None and not path.exists()
+                                        else None)
         self.store: Store = open_store(self.db)
 
     def __repr__(self) -> str:

@@ -81,9 +81,12 @@ from fleetlite.fleet.errors import (
     BrokerAddressError,
     BrokerConnectionError,
     FleetError,
+    StoreGoneError,
     StoreUnavailableError,
 )
 from fleetlite.fleet.gates import ProfileView
+from fleetlite.fleet.health_endpoint import HealthEndpoint, parse_listen_address
+from fleetlite.fleet.ingest_backlog import BacklogItem, IngestBacklog
 from fleetlite.fleet.ingest_limits import (
     ADMIT,
     HOLD,
@@ -115,6 +118,7 @@ from fleetlite.fleet.sender_check import (
     check_profile,
 )
 from fleetlite.fleet.store import OtaRecord, Store, open_store
+from fleetlite.fleet.store_health import StoreHealth
 from fleetlite.sdk import topics
 from fleetlite.sdk.bundle import ReleaseBundle
 from fleetlite.sdk.envelope import Envelope
@@ -123,7 +127,7 @@ from fleetlite.sdk.messages import Birth, MessageError, OtaStatus, Status, Telem
 from fleetlite.sdk.profile import ProfileRecord
 from fleetlite.sdk.tls_hints import verify_failure_hint
 
-__all__ = ["INGEST_KINDS", "Controller", "check_broker", "main"]
+__all__ = ["INGEST_KINDS", "Controller", "check_broker", "main", "run_until_stopped"]
 
 log = logging.getLogger("fleetlite.fleet.controller")
 
@@ -134,7 +138,10 @@ INGEST_KINDS = (topics.STATUS, topics.BIRTH, topics.TELEMETRY, topics.PROFILE,
 _SENT = "sent"
 _ROLLBACK_SENT = "rollback_sent"
 _TIMED_OUT = "timed_out"
-_STORE_RETRIES = 3
+# how long one tick may spend storing the backlog before it lets the rest of the loop run
+_DRAIN_BUDGET_S = 2.0
+# how long stop() tries to store a backlog left when the controller is stopped
+_STOP_DRAIN_S = 5.0
 # the counter of each refusal reason (the sender checks' reasons count as "refused")
 _COUNTERS = {OVERSIZE: "oversize", RATE_LIMITED: "rate_limited", MALFORMED: "malformed"}
 # the parser of each kind the controller stores
@@ -180,7 +187,8 @@ class Controller:
         self._resends_held_until = 0.0
         self.counters = {"ingested": 0, "malformed": 0, "refused": 0, "oversize": 0,
                          "rate_limited": 0, "decisions": 0, "commands_sent": 0,
-                         "commands_resent": 0, "stale_batches": 0}
+                         "commands_resent": 0, "stale_batches": 0, "kept_for_store": 0,
+                         "lost_store_down": 0}
         self.refusal_log = RefusalLog()
         self.ingested_by_kind: Counter[str] = Counter()
         # the limits on device input (fleet/ingest_limits.py), applied on the network thread
@@ -188,6 +196,14 @@ class Controller:
         self.limits = limits or IngestLimits.from_env()
         self.gate = IngestGate(self.limits)
         self.refusals = RefusalTally(self.limits.max_refusal_keys)
+        # reports kept while the store cannot take them, stored in order once it can
+        self.backlog = IngestBacklog(self.limits.backlog_messages, self.limits.backlog_bytes)
+        self.store_health = StoreHealth(store.url)
+        #: why the controller stopped by itself (its SQLite file deleted or replaced), if it did
+        self.fatal: Optional[str] = None
+        #: set when the controller stopped by itself; ``fleetlite serve`` then exits with 1
+        self.failed = threading.Event()
+        self.last_tick_at: Optional[float] = None  # the last rollout tick that completed
         self._ingest_lock = threading.Lock()  # the gate, the tally, the log and the counters
         self.connected = threading.Event()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.id,
@@ -225,7 +241,7 @@ class Controller:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(10)
-        for rollout_id in sorted(self._held):
+        for rollout_id in sorted(self._held if self.fatal is None else ()):
             try:
                 self.store.release_lease(f"rollout:{rollout_id}", self.id)
             except Exception:  # the lease expires by itself
@@ -233,10 +249,24 @@ class Controller:
         self._held.clear()
         self.client.disconnect()
         self.client.loop_stop()
-        try:  # the network thread is gone: store the held telemetry and the refusal counts
-            self._flush_ingest(everything=True)
-        except Exception:
-            log.exception("could not store the refusal counts and held telemetry at stop")
+        if self.fatal is None:
+            # the network thread is gone: store the backlog, the held telemetry and the refusal
+            # counts, as far as the store lets us
+            self._drain_backlog(_STOP_DRAIN_S)
+            try:
+                self._flush_ingest(everything=True)
+            except StoreUnavailableError as exc:
+                log.error("could not store the refusal counts and held telemetry at stop: %s",
+                          exc)
+            except Exception:
+                log.exception("could not store the refusal counts and held telemetry at stop")
+        lost = len(self.backlog)
+        if lost:
+            self.counters["lost_store_down"] += lost
+            log.error("%d report%s received while the store could not take %s %s lost: the "
+                      "controller stopped before the store answered again", lost,
+                      "" if lost == 1 else "s", "it" if lost == 1 else "them",
+                      "is" if lost == 1 else "are")
         self.publisher.close()
 
     # -- ingest ----------------------------------------------------------------------------
@@ -290,21 +320,70 @@ class Controller:
                 received_at: Optional[float]) -> None:
         """Parse, check and store one admitted report (network thread, or the loop thread for
         telemetry held over the rate). ``received_at``: when the controller received it (None: a
-        retained snapshot)."""
+        retained snapshot). While the store cannot take reports, or reports kept meanwhile wait
+        to be stored, it joins them (:mod:`fleetlite.fleet.ingest_backlog`)."""
+        item = BacklogItem(device_id, kind, payload, received_at)
+        if not self.store_health.ok or len(self.backlog) or not self._store_item(item):
+            self._keep(item)
+
+    def _keep(self, item: BacklogItem) -> None:
+        if self.backlog.append(item):
+            self.counters["kept_for_store"] += 1
+            return
+        self.counters["lost_store_down"] += 1
+        if self.backlog.dropped == 1 or self.backlog.dropped % 10_000 == 0:
+            log.error("the store has been unavailable for so long that the reports received "
+                      "meanwhile fill the backlog (%d reports, %d bytes): %d dropped so far; fix "
+                      "the store (%s), or raise backlog_messages / backlog_bytes in "
+                      "FLEETLITE_INGEST_LIMITS", len(self.backlog), self.backlog.bytes,
+                      self.backlog.dropped, self.store_health.error or "see above")
+
+    def _store_item(self, item: BacklogItem) -> bool:
+        """Store one report, or count its refusal; False if the store could not take it (the
+        store is unavailable: nothing was stored and the caller keeps the report)."""
         try:
-            refusal = self._ingest_retrying(device_id, kind, payload, received_at)
+            refusal = self._ingest(item.device_id, item.kind, item.payload, item.received_at)
+        except StoreUnavailableError as exc:
+            self._store_failed(exc)
+            return False
         except (MessageError, ValueError) as exc:
-            self._malformed(device_id, kind, exc)
-            return
+            self._malformed(item.device_id, item.kind, exc)
+            return True
         except Exception:  # never kill the network thread
-            log.exception("could not store a %s message from %s", kind, device_id)
-            return
+            log.exception("could not store a %s message from %s", item.kind, item.device_id)
+            return True
+        self._store_ok()
         if refusal is None:
             with self._ingest_lock:
                 self.counters["ingested"] += 1
-                self.ingested_by_kind[kind] += 1
+                self.ingested_by_kind[item.kind] += 1
         else:
-            self._refused(device_id, kind, refusal)
+            self._refused(item.device_id, item.kind, refusal)
+        return True
+
+    def _store_failed(self, exc: BaseException) -> None:
+        line = self.store_health.failed(exc, time.time())
+        if line is not None:
+            log.error("%s", line)
+
+    def _store_ok(self) -> None:
+        if self.store_health.ok:
+            return
+        line = self.store_health.recovered(time.time(), len(self.backlog))
+        if line is not None:
+            log.warning("%s", line)
+
+    def _drain_backlog(self, budget_s: float) -> bool:
+        """Store the reports kept while the store could not take them, oldest first, for at
+        most ``budget_s``; True when none is left."""
+        deadline = time.monotonic() + budget_s
+        while True:
+            item = self.backlog.first()
+            if item is None:
+                return True
+            if time.monotonic() > deadline or not self._store_item(item):
+                return False
+            self.backlog.done(item)
 
     def _refused(self, device_id: str, kind: str, refusal: Refusal) -> None:
         """Count a refusal against its sender: in memory, stored by the next flush; logged at
@@ -354,19 +433,6 @@ class Controller:
         for device_id, payload in released:
             self._handle(device_id, topics.TELEMETRY, payload, received_at)
         self._flush_refusals()
-
-    def _ingest_retrying(self, device_id: str, kind: str, payload: bytes,
-                         received_at: Optional[float]) -> Optional[Refusal]:
-        # The network thread acknowledges the message when this returns: ride out a short
-        # store outage (a PostgreSQL failover) instead of dropping the report.
-        for attempt in range(_STORE_RETRIES):
-            try:
-                return self._ingest(device_id, kind, payload, received_at)
-            except StoreUnavailableError:
-                if attempt == _STORE_RETRIES - 1 or self._stop.is_set():
-                    raise
-                time.sleep(0.5 * (attempt + 1))
-        return None
 
     def _ingest(self, device_id: str, kind: str, payload: bytes,
                 received_at: Optional[float]) -> Optional[Refusal]:
@@ -437,14 +503,83 @@ class Controller:
         while not self._stop.wait(self.tick_s):
             gap, last = time.monotonic() - last, time.monotonic()
             self.note_gap(gap, time.time())
+            if not self._check_store_file():
+                return
+            self._probe_store()
+            # rollouts are decided on what devices reported: the kept reports go in first
+            if not self._drain_backlog(_DRAIN_BUDGET_S):
+                continue
             try:
                 self._flush_ingest()
+            except StoreUnavailableError as exc:
+                self._store_failed(exc)
+                continue
             except Exception:
                 log.exception("could not store the refusal counts; retrying next tick")
             try:
                 self.tick(time.time())
+            except StoreUnavailableError as exc:
+                self._store_failed(exc)
             except Exception:
                 log.exception("rollout tick failed; retrying next tick")
+            else:
+                self.last_tick_at = time.time()
+
+    def _check_store_file(self) -> bool:
+        """False (and the controller stops itself) when its SQLite file was deleted or
+        replaced: writing on would go into a file nobody can read."""
+        try:
+            self.store.check_file()
+        except StoreGoneError as exc:
+            self.fatal = str(exc)
+            log.error("%s; the controller stops", exc)
+            self._stop.set()
+            self.failed.set()
+            return False
+        except StoreUnavailableError as exc:
+            self._store_failed(exc)
+        return True
+
+    def _probe_store(self) -> None:
+        """While the store is failing and no kept report would show it is back, try one small
+        write (a lease of its own): reads alone do not tell that a read-only store is back."""
+        if self.store_health.ok or len(self.backlog):
+            return
+        probe = f"store-check:{self.id}"
+        try:
+            self.store.claim(probe, self.id, self.lease_ttl_s)
+            self.store.release_lease(probe, self.id)
+        except StoreUnavailableError as exc:
+            self._store_failed(exc)
+        else:
+            self._store_ok()
+
+    def health(self, now: Optional[float] = None) -> dict[str, Any]:
+        """What ``/healthz`` answers (docs/operator-guide.md, "Controller health"): whether
+        the controller is ingesting, driving rollouts and serving releases, and why not."""
+        now = time.time() if now is None else now
+        broker = self.connected.is_set()
+        store = self.store_health
+        stale_after = max(10.0, 20 * self.tick_s)
+        ticking = self.last_tick_at is not None and now - self.last_tick_at <= stale_after
+        publisher = self.publisher.stats()
+        parts: dict[str, Any] = {
+            "broker": {"ok": broker, "url": self.broker.url},
+            "store": {"ok": store.ok and self.fatal is None, "url": self.store.url,
+                      "error": self.fatal or store.error or None,
+                      "down_since": store.down_since},
+            "ingest": {"ok": broker and store.ok and self.fatal is None,
+                       "backlog": len(self.backlog), "backlog_bytes": self.backlog.bytes,
+                       "ingested": self.counters["ingested"],
+                       "kept_for_store": self.counters["kept_for_store"],
+                       "lost_store_down": self.counters["lost_store_down"]},
+            "rollouts": {"ok": ticking and self.fatal is None, "last_tick_at": self.last_tick_at,
+                         "driving": sorted(self._held)},
+            "releases": {"ok": bool(publisher["connected"]),
+                         "serving": sorted(self._serving)},
+        }
+        return {"ok": all(part["ok"] for part in parts.values()), "controller": self.id,
+                "at": now, **parts}
 
     def note_gap(self, gap_s: float, now: float) -> None:
         """After a stall (the process stopped, the machine suspended, a store call that hung),
@@ -479,6 +614,8 @@ class Controller:
                          record.rollout_id, record.revision)
             try:
                 self.drive(record.rollout_id, now)
+            except StoreUnavailableError:
+                raise  # the loop reports it once, not once per rollout and tick
             except Exception:
                 log.exception("rollout %s: step failed; retrying next tick", record.rollout_id)
 
@@ -580,6 +717,24 @@ class Controller:
         self.client.publish(topics.device_topic(device_id, topics.COMMAND), payload, qos=1)
         self.counters["commands_sent"] += 1
         return command_id
+
+
+def run_until_stopped(controller: Controller, stop: threading.Event,
+                      health: Optional[HealthEndpoint] = None) -> int:
+    """Wait until ``stop`` is set (SIGINT/SIGTERM) or the controller stops by itself (its
+    SQLite file deleted or replaced), serving ``health`` meanwhile, then stop the controller.
+    Returns the exit code: 0, or 1 when it stopped by itself (the reason was logged)."""
+    if health is not None:
+        health.start()
+        log.info("health: GET %s", health.url)
+    try:
+        while not stop.wait(0.5) and not controller.failed.is_set():
+            pass
+    finally:
+        controller.stop()
+        if health is not None:
+            health.close()
+    return 1 if controller.fatal else 0
 
 
 def _awaiting_devices(state: RolloutState, spec: RolloutSpec, now: float) -> bool:
@@ -728,6 +883,8 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tick", type=float, default=0.5, help="seconds between rollout steps")
     parser.add_argument("--lease-ttl", type=float, default=10.0,
                         help="seconds before another controller may take over a rollout")
+    parser.add_argument("--health", metavar="[HOST:]PORT",
+                        help="serve GET /healthz on this address (a bare port: 127.0.0.1)")
     parser.add_argument("--log-level", default="INFO",
                         choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return parser
@@ -744,7 +901,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                 key=args.tls_key)
         ssl_context(broker)
         limits = IngestLimits.from_env()
+        health_address = parse_listen_address(args.health) if args.health else None
     except (BrokerAddressError, IngestLimitsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except FleetError as exc:  # the health address
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
@@ -762,19 +923,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with open_store(args.db) as store:
         controller = Controller(store, broker, group=args.group,
                                 controller_id=args.controller_id, tick_s=args.tick,
-                                lease_ttl_s=args.lease_ttl, limits=limits).start()
+                                lease_ttl_s=args.lease_ttl, limits=limits)
+        try:
+            health = (HealthEndpoint(*health_address, controller.health)
+                      if health_address else None)
+        except FleetError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        controller.start()
         log.info("controller %s running: store %s, broker %s%s", controller.id, store.url,
                  broker.describe(), f", group {args.group}" if args.group else "")
-        try:
-            while not stop.wait(0.5):
-                pass
-        finally:
-            controller.stop()
-            log.info("controller %s stopped: %s", controller.id, controller.counters)
+        code = run_until_stopped(controller, stop, health)
+        log.info("controller %s stopped: %s", controller.id, controller.counters)
     print(json.dumps({"controller": controller.id, "counters": controller.counters,
                       "ingested": dict(controller.ingested_by_kind)}, sort_keys=True),
           flush=True)
-    return 0
+    if controller.fatal:
+        print(f"error: {controller.fatal}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

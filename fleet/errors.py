@@ -55,6 +55,12 @@ class StoreUnavailableError(StoreError):
     the server runs, and retry."""
 
 
+class StoreGoneError(StoreError):
+    """The SQLite store's file was deleted or replaced while it was in use: whatever is written
+    now goes into a file nobody else can open. Restore the file (from a backup) or start again
+    on a new store."""
+
+
 class SchemaVersionError(StoreError):
     """The database schema does not fit this fleetlite: run ``Store.migrate()``, or upgrade
     fleetlite when the database was migrated by a newer version."""

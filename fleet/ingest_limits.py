@@ -109,6 +109,10 @@ class IngestLimits:
     max_held_bytes: int = 64 * 1024 * 1024
     #: distinct (sender, kind, reason) refusal counters between two flushes
     max_refusal_keys: int = 10_000
+    #: reports kept while the store cannot take them (fleet/ingest_backlog.py): at most this
+    #: many, and this many bytes
+    backlog_messages: int = 200_000
+    backlog_bytes: int = 256 * 1024 * 1024
 
     def __post_init__(self) -> None:
         for name in _RATES:
@@ -174,7 +178,7 @@ class IngestLimits:
 _RATES = ("rate", "telemetry_rate")
 _COUNTS = ("burst", "telemetry_burst", "max_birth_tags", "max_birth_models",
            "profiles_per_device", "ota_statuses_per_release", "max_devices", "max_held_bytes",
-           "max_refusal_keys")
+           "max_refusal_keys", "backlog_messages", "backlog_bytes")
 
 
 class TokenBucket:

@@ -38,6 +38,7 @@ from fleetlite.fleet.errors import (
     SchemaVersionError,
     StoreConstraintError,
     StoreError,
+    StoreGoneError,
     StoreUnavailableError,
 )
 from fleetlite.fleet.migrations import MIGRATIONS, SCHEMA_MIGRATIONS_DDL, latest_version, render
@@ -382,6 +383,18 @@ class _Db:
         raise NotImplementedError
 
 
+def _sqlite_advice(error: str) -> str:
+    """What to do about a SQLite operational error, by its text."""
+    if "locked" in error or "busy" in error:
+        return "another process holds a long write transaction: retry"
+    if "full" in error:
+        return "free space on its file system"
+    if "readonly" in error or "read-only" in error or "I/O" in error:
+        return ("make the file and its directory writable again (permissions, a read-only "
+                "or immutable file system, a failing disk)")
+    return "check the file and its directory"
+
+
 def _params(params: Sequence[Any]) -> tuple[Any, ...]:
     # Booleans are INTEGER 0/1 in both schemas; psycopg would send them as SQL booleans.
     return tuple(int(p) if isinstance(p, bool) else p for p in params)
@@ -443,9 +456,12 @@ class _SqliteDb(_Db):
                 raise SchemaVersionError(
                     f"SQLite store {self.path} is not migrated ({exc}): run Store.migrate() or "
                     "open it with open_store(..., migrate=True)") from exc
+            if "locked" not in str(exc):
+                # e.g. a connection opened while the file was not writable is read-only for
+                # good: the pool must not hand it out again once the file is writable
+                self.broken = True
             raise StoreUnavailableError(
-                f"SQLite store {self.path}: {exc}; if it is locked, another process holds a "
-                "long write transaction: retry") from exc
+                f"SQLite store {self.path}: {exc}; {_sqlite_advice(str(exc))}") from exc
         except sqlite3.Error as exc:
             raise StoreError(f"SQLite store {self.path}: {exc}") from exc
 
@@ -489,6 +505,11 @@ class _PgDb(_Db):
                 "or open it with open_store(..., migrate=True)") from exc
         except psycopg.IntegrityError as exc:
             raise StoreConstraintError(f"PostgreSQL store {self.display}: {exc}") from exc
+        except errors.ReadOnlySqlTransaction as exc:
+            raise StoreUnavailableError(
+                f"PostgreSQL store {self.display} is read-only ({exc}): point the store at the "
+                "primary server, or make the database writable again "
+                "(default_transaction_read_only)") from exc
         except psycopg.OperationalError as exc:
             self.broken = self.broken or self.raw.broken
             raise StoreUnavailableError(
@@ -566,6 +587,8 @@ def open_store(
         else:
             with store._transaction(write=False):
                 pass
+        if dialect == "sqlite":
+            store._watch_file(path)
     except BaseException:
         store.close()
         raise
@@ -610,6 +633,8 @@ class Store:
         self._idle: list[_Db] = []
         self._closed = False
         self._local = threading.local()
+        self._file: Optional[Path] = None
+        self._file_id: Optional[tuple[int, int]] = None
 
     def __repr__(self) -> str:
         return f"<Store {self.dialect} {self.url}>"
@@ -627,6 +652,35 @@ class Store:
             idle, self._idle = self._idle, []
         for db in idle:
             db.close()
+
+    # -- the SQLite file ----------------------------------------------------------------------
+
+    def _watch_file(self, path: Path) -> None:
+        info = path.stat()
+        self._file, self._file_id = path, (info.st_dev, info.st_ino)
+
+    def check_file(self) -> None:
+        """Raise :class:`StoreGoneError` if this SQLite store's file was deleted or replaced by
+        another file since it was opened (connections still open would go on writing into the
+        old one, which nobody else can open). Does nothing for PostgreSQL."""
+        if self._file is None:
+            return
+        try:
+            info = self._file.stat()
+        except FileNotFoundError:
+            raise StoreGoneError(
+                f"the SQLite store {self._file} was deleted while in use: nothing written now "
+                "would be kept. Restore it from a backup, or start `fleetlite serve` again to "
+                "begin a new, empty store there") from None
+        except OSError as exc:
+            raise StoreUnavailableError(
+                f"SQLite store {self._file}: cannot check the file ({exc.strerror or exc}); "
+                f"{_sqlite_advice('I/O')}") from exc
+        if (info.st_dev, info.st_ino) != self._file_id:
+            raise StoreGoneError(
+                f"the SQLite store {self._file} was replaced by another file while in use: "
+                "stop writing into the old one. Start `fleetlite serve` again to use the new "
+                "file (restoring a backup is done with the controller stopped)")
 
     # -- connections and transactions --------------------------------------------------------
 

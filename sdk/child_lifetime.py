@@ -137,7 +137,9 @@ def run_tied(
             stdout, stderr = proc.communicate(input, timeout=timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
-            proc.communicate()
+            # not communicate(): a grandchild that inherited the pipes would keep them open, and
+            # the caller waiting, long after the timeout
+            proc.wait()
             raise
         except BaseException:
             proc.kill()

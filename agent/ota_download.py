@@ -7,8 +7,11 @@ loss. The persisted bitmap never claims a chunk whose data is not on disk: data 
 before the bitmap naming it is (atomically) replaced.
 
 :class:`DownloadTracker` is pure logic over an injected clock, modelled on FreeRTOS OTA: ask
-for the missing chunks at once, again after ``idle_s`` without a new chunk, and declare the
-download stalled after ``max_requests_without_progress`` unanswered requests.
+for the missing chunks at once, again after ``idle_s`` without a new chunk (backing off to
+``BACKOFF_CAP`` times that while nothing comes), and declare the download stalled after
+``max_requests_without_progress`` unanswered requests: about four minutes of silence with the
+defaults, so a release publisher that is merely late (its controller paused, restarting or
+failing over) is waited for rather than called a failure.
 """
 
 from __future__ import annotations
@@ -528,6 +531,8 @@ REQUEST = "request"
 DONE = "done"
 STALLED = "stalled"
 TIMED_OUT = "timed_out"
+# unanswered requests are spaced idle_s, 2 idle_s, 4 idle_s, ... up to this many idle_s
+BACKOFF_CAP = 6
 
 
 @dataclass(frozen=True)
@@ -546,9 +551,10 @@ class DownloadTracker:
     - the first :meth:`poll` asks at once;
     - a new request goes out after ``idle_s`` without a new chunk (counted from the later of
       the last request and the last new chunk), or at once when the previous request's chunks
-      have all arrived (``batch_done``) and more are missing;
+      have all arrived (``batch_done``) and more are missing; while requests go unanswered the
+      wait doubles, up to ``BACKOFF_CAP * idle_s`` (5, 10, 20, 30, 30, ... s by default);
     - after ``max_requests_without_progress`` requests in a row without a new chunk, the next
-      due request becomes STALLED (``download_stalled``);
+      due request becomes STALLED (``download_stalled``): 245 s of silence by default;
     - ``deadline_s`` after the first poll the download is TIMED_OUT (``download_timeout``),
       progress or not.
 
@@ -593,11 +599,12 @@ class DownloadTracker:
         if batch_done and self.unanswered == 0:
             return self._request(now)
         quiet_since = max(self.last_request, self.last_progress)
-        if now - quiet_since >= self.idle_s:
+        idle = self.idle_s * min(2 ** max(0, self.unanswered - 1), BACKOFF_CAP)
+        if now - quiet_since >= idle:
             if self.unanswered >= self.max_requests_without_progress:
                 return TrackerDecision(STALLED, "download_stalled")
             return self._request(now)
-        wait = min(quiet_since + self.idle_s, self.started + self.deadline_s) - now
+        wait = min(quiet_since + idle, self.started + self.deadline_s) - now
         return TrackerDecision(WAIT, wait_s=max(0.0, wait))
 
     def _request(self, now: float) -> TrackerDecision:

@@ -109,6 +109,7 @@ class Received:
     payload: bytes
     retain: bool
     qos: int
+    at: float = field(default_factory=time.time)  # when the collector received it
 
 
 @dataclass

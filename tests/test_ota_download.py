@@ -443,12 +443,18 @@ class FakeClock:
 Step = tuple[float, int, bool, str]
 
 TRACKER_CASES: dict[str, list[Step]] = {
-    "asks at once, then every idle_s, then stalls after 10 unanswered": [
+    "asks at once, then backs off from idle_s to 6 idle_s, stalls after 10 unanswered": [
         (0.0, 0, False, REQUEST), (4.9, 0, False, WAIT), (5.0, 0, False, REQUEST),
-        (10.0, 0, False, REQUEST), (15.0, 0, False, REQUEST), (20.0, 0, False, REQUEST),
-        (25.0, 0, False, REQUEST), (30.0, 0, False, REQUEST), (35.0, 0, False, REQUEST),
-        (40.0, 0, False, REQUEST), (45.0, 0, False, REQUEST),  # the 10th request
-        (49.9, 0, False, WAIT), (50.0, 0, False, STALLED),
+        (14.9, 0, False, WAIT), (15.0, 0, False, REQUEST), (34.9, 0, False, WAIT),
+        (35.0, 0, False, REQUEST), (64.9, 0, False, WAIT), (65.0, 0, False, REQUEST),
+        (95.0, 0, False, REQUEST), (125.0, 0, False, REQUEST), (155.0, 0, False, REQUEST),
+        (185.0, 0, False, REQUEST), (215.0, 0, False, REQUEST),  # the 10th request
+        (244.9, 0, False, WAIT), (245.0, 0, False, STALLED),
+    ],
+    "a publisher paused for a minute is waited for, not called a failure": [
+        (0.0, 0, False, REQUEST), (1.0, 3, False, WAIT),  # then the controller is stopped
+        *[(t, 3, False, REQUEST) for t in (6.0, 11.0, 21.0, 41.0)], (61.0, 3, False, WAIT),
+        (71.0, 3, False, REQUEST), (71.5, 40, True, REQUEST),  # resumed: chunks, next batch
     ],
     "new chunks restart the idle timer and the unanswered count": [
         (0.0, 0, False, REQUEST), (3.0, 4, False, WAIT), (7.9, 4, False, WAIT),
@@ -464,13 +470,14 @@ TRACKER_CASES: dict[str, list[Step]] = {
         (0.0, 0, False, REQUEST), (1.0, 50, True, REQUEST), (1.1, 50, True, WAIT),
         (2.0, 90, False, WAIT), (2.5, 100, True, REQUEST),
     ],
-    "after 10 requests without progress, one chunk resets the count": [
-        *[(5.0 * k, 0, False, REQUEST) for k in range(10)],
-        (48.0, 1, False, WAIT), (53.0, 1, False, REQUEST),
+    "after 10 requests without progress, one chunk resets the count and the backoff": [
+        *[(t, 0, False, REQUEST) for t in (0.0, 5.0, 15.0, 35.0, 65.0, 95.0, 125.0, 155.0,
+                                           185.0, 215.0)],
+        (218.0, 1, False, WAIT), (223.0, 1, False, REQUEST), (228.0, 1, False, REQUEST),
     ],
     "the deadline ends a download that is still moving": [
-        (0.0, 0, False, REQUEST), (50.0, 10, False, WAIT), (99.0, 20, False, WAIT),
-        (100.0, 30, False, TIMED_OUT),
+        (0.0, 0, False, REQUEST), (500.0, 10, False, WAIT), (999.0, 20, False, WAIT),
+        (1000.0, 30, False, TIMED_OUT),
     ],
 }
 
@@ -478,7 +485,7 @@ TRACKER_CASES: dict[str, list[Step]] = {
 @pytest.mark.parametrize("steps", list(TRACKER_CASES.values()), ids=list(TRACKER_CASES))
 def test_tracker_timing(steps: list[Step]) -> None:
     clock = FakeClock()
-    tracker = DownloadTracker(idle_s=5.0, max_requests_without_progress=10, deadline_s=100.0,
+    tracker = DownloadTracker(idle_s=5.0, max_requests_without_progress=10, deadline_s=1000.0,
                               clock=clock)
     for t, received, batch_done, expected in steps:
         clock.t = t

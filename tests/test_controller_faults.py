@@ -7,7 +7,10 @@ list`` (the CLI), the devices' own answers and their published statuses agreeing
   for the release publisher rather than fail, and install once after SIGCONT;
 - the store made unwritable (``chattr +i``) as the install commands go out, for the whole
   install: the devices' statuses are kept and stored once it is writable, and the rollout
-  completes instead of showing devices in flight.
+  completes instead of showing devices in flight;
+- a device whose disk (its state directory on a small tmpfs) cannot hold the release: it says
+  ``disk_full`` up front, keeps serving version 1 and keeps no file of the release, and the
+  rollout shows it failed with that reason while the other devices install.
 """
 
 from __future__ import annotations
@@ -44,10 +47,19 @@ PAUSE_S = 15.0
 OTA = {"health_inferences": 3, "health_timeout_s": 0.5, "chunk_idle_s": 1.0}
 
 
-def start_rollout(fleet: Site, store_url: str, models_dir: Path,
-                  rollout_id: str) -> tuple[ControllerProcess, str]:
+def start_rollout(fleet: Site, store_url: str, models_dir: Path, rollout_id: str,
+                  small_disk: Optional[str] = None) -> tuple[ControllerProcess, str]:
     """Agents, a controller process and a one-wave rollout of intent v2 to every device;
-    returns once the controller published every install command."""
+    returns once the controller published every install command. ``small_disk``: a device
+    whose state directory is a 96 KiB tmpfs (skips where mounting is not allowed)."""
+    if small_disk is not None:
+        state = fleet.tmp_path / small_disk / "state"
+        state.mkdir(parents=True)
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(state)],
+                                 capture_output=True, check=False)
+        if mounted.returncode != 0:
+            pytest.skip("mounting a small tmpfs as a device's state dir needs root (CI runs as "
+                        f"root): {mounted.stderr.decode().strip()}")
     fleet.start_agents(INTENT_DEVICES, "intent", models_dir / "intent_classifier.tflite", ota=OTA)
     controller = ControllerProcess(
         fleet.tmp_path, "controller", ["--db", store_url, "--broker",
@@ -172,3 +184,42 @@ def test_a_store_unwritable_during_the_installs_loses_no_outcome(
     assert result["counters"]["kept_for_store"] >= len(INTENT_DEVICES), result
     assert result["counters"]["lost_store_down"] == 0, result
     check_views_agree(site, store_url, "r-ro", release_id)
+
+
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+def test_a_device_without_room_for_the_release_fails_it_truthfully(
+        site: Site, store_url: str, models_dir: Path,  # noqa: F811 (the imported fixture)
+) -> None:
+    full, others = "gw-pi-1", sorted(set(INTENT_DEVICES) - {"gw-pi-1"})
+    state = site.tmp_path / full / "state"
+    controller: Optional[ControllerProcess] = None
+    try:
+        controller, release_id = start_rollout(site, store_url, models_dir, "r-full",
+                                               small_disk=full)
+        wait_until(lambda: all(d.status in ("installed", "failed")
+                               for d in site.state("r-full").devices.values()), 120,
+                   "every device's outcome")
+        controller.terminate()
+        status = json.loads(cli("rollout", "status", "r-full", "--db", store_url,
+                                "-o", "json").stdout)
+        # a failure over the threshold (0 %) pauses the rollout for the operator to decide
+        assert status["state"] == "paused" and "disk_full x1" in status["reason"], status
+        by_device = {d["device_id"]: (d["status"], d["code"]) for d in status["devices"]}
+        assert by_device == {full: ("failed", "disk_full"),
+                             **{d: ("installed", "") for d in others}}, by_device
+        listed = json.loads(cli("devices", "list", "--db", store_url, "-o", "json").stdout)
+        assert {d["device_id"]: [m["version"] for m in d["models"]]
+                for d in listed["devices"]} == {full: [1], **{d: [2] for d in others}}
+        finals = site.final_statuses(release_id)
+        assert finals == {full: ["failed"], **{d: ["installed"] for d in others}}, finals
+        slots = site.ask(full, "ota_slots")
+        assert slots["job"] is None and slots["models"]["intent"]["active"] is None, slots
+        staging = state / "ota" / "staging"
+        assert not staging.exists() or not any(staging.iterdir())
+        assert not (state / "models" / "intent").exists() or not any(
+            (state / "models" / "intent").iterdir())
+    finally:
+        if controller is not None:
+            controller.stop()
+        site.close()  # the agent first: its state directory is about to be unmounted
+        subprocess.run(["umount", "-l", str(state)], check=False)

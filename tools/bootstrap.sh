@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up what FleetLite needs on a Debian-like machine, from nothing; safe to run again.
-#   tools/bootstrap.sh            Python venv (.venv) with fleetlite[dev,fleet,postgres] installed editable
+#   tools/bootstrap.sh            Python venv (.venv) with fleetlite[dev,fleet,postgres,sim] installed editable
 #   tools/bootstrap.sh --system   also the system services the test suite uses (Mosquitto)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -53,8 +53,8 @@ fi
 stamp=".venv/.fleetlite-installed"
 want="$(cat setup.cfg pyproject.toml | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  echo "bootstrap: installing fleetlite[dev,fleet,postgres] into .venv (first run takes a minute)"
+  echo "bootstrap: installing fleetlite[dev,fleet,postgres,sim] into .venv (first run takes a minute)"
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e '.[dev,fleet,postgres]'
+  .venv/bin/python -m pip install -q -e '.[dev,fleet,postgres,sim]'
   echo "$want" > "$stamp"
 fi

@@ -100,14 +100,23 @@ class CommandDispatcher:
 
 def _salvage_id(payload: bytes) -> str:
     """The correlation id of a rejected command, if one can be read safely; else ''."""
+    return _salvage(payload, "id")
+
+
+def command_name(payload: bytes) -> str:
+    """The command a (possibly rejected) command names, if it can be read safely; else ''."""
+    return _salvage(payload, "command")
+
+
+def _salvage(payload: bytes, key: str) -> str:
     if len(payload) > MAX_COMMAND_BYTES:
         return ""
     try:
         data = json.loads(payload)
     except (ValueError, UnicodeDecodeError, RecursionError):
         return ""
-    if isinstance(data, dict) and isinstance(data.get("id"), str) and len(data["id"]) <= 64:
-        return str(data["id"])
+    if isinstance(data, dict) and isinstance(data.get(key), str) and len(data[key]) <= 64:
+        return str(data[key])
     return ""
 
 

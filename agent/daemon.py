@@ -13,6 +13,7 @@ import queue
 import signal
 import threading
 import time
+from collections import deque
 from dataclasses import replace
 from pathlib import Path
 from types import FrameType
@@ -20,7 +21,7 @@ from typing import Any
 
 from fleetlite.agent import device_facts
 from fleetlite.agent.atomic import read_json, write_json_atomic
-from fleetlite.agent.commands import CommandDispatcher, arg
+from fleetlite.agent.commands import CommandDispatcher, arg, command_name
 from fleetlite.agent.config import AgentConfig, ModelEntry, load_config
 from fleetlite.agent.errors import AgentConfigError, AgentError
 from fleetlite.agent.isolated import check_language_model, check_model
@@ -34,10 +35,13 @@ from fleetlite.agent.telemetry import system_snapshot
 from fleetlite.sdk import topics
 from fleetlite.sdk.device_class import DeviceClass, find_device_class
 from fleetlite.sdk.errors import DeviceClassError, FleetLiteError
-from fleetlite.sdk.messages import Birth, Event, Telemetry
+from fleetlite.sdk.messages import Birth, CommandResponse, Event, Telemetry
 from fleetlite.sdk.version import __version__
 
 log = logging.getLogger("fleetlite.agent")
+
+# refused commands reported as events per minute (the rest are counted into the next one)
+_REJECTED_EVENTS = 20
 
 # Reconfigurable without a restart by the reload_config command; everything else needs one.
 RELOADABLE = ("tags", "telemetry_interval_s", "profile_on_model_change")
@@ -95,6 +99,8 @@ class Agent:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._telemetry_seq = 0
+        self._rejected_at: deque[float] = deque()
+        self._rejected_suppressed = 0
         self.link = MqttLink(
             config,
             session=self.session,
@@ -275,6 +281,27 @@ class Agent:
                 return
             response = self.dispatcher.handle(payload)
             self.link.report(topics.COMMAND_RESPONSE, response.to_json(), priority="important")
+            if not response.ok:
+                self._command_rejected(payload, response)
+
+    def _command_rejected(self, payload: bytes, response: CommandResponse) -> None:
+        """Report a refused command as an event (``fleetlite events``): at most
+        ``_REJECTED_EVENTS`` a minute, the rest counted into the next one, so a flood of bad
+        commands does not become a flood of events."""
+        now = time.monotonic()
+        while self._rejected_at and now - self._rejected_at[0] > 60.0:
+            self._rejected_at.popleft()
+        if len(self._rejected_at) >= _REJECTED_EVENTS:
+            self._rejected_suppressed += 1
+            return
+        self._rejected_at.append(now)
+        name = command_name(payload)
+        suppressed, self._rejected_suppressed = self._rejected_suppressed, 0
+        self.event("command_rejected",
+                   f"command {name or '(unreadable)'} refused ({response.error_code}): "
+                   f"{response.error}"[:1000],
+                   command_id=response.id, command=name, error_code=response.error_code,
+                   not_reported_before=suppressed)
 
     def _job_loop(self) -> None:
         while True:

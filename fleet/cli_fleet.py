@@ -143,13 +143,17 @@ controller stopped by itself (its SQLite file was deleted or replaced); 2 a usag
 
     devices = _group(
         subparsers, "devices", dest="devices_command",
-        help="list and show registered devices",
+        help="list, show and send commands to devices",
         description="Devices as the controller last heard from them: class, tags, online "
-        "status, active models, agent version, facts and the latest telemetry.",
+        "status, active models, agent version, facts and the latest telemetry; and commands "
+        "to them (ping, info, profile, reload-config, ota-slots, retry, update-root) with "
+        "their answers (history).",
         examples="""\
   fleetlite devices list
   fleetlite devices list --class raspberry-pi-4 --tag site=berlin --online -o json
   fleetlite devices show gw-berlin-01 -o yaml
+  fleetlite devices ping --all
+  fleetlite devices history gw-berlin-01
 """)
     listing = _leaf(
         devices, "list", _devices_list, help="list devices",
@@ -175,6 +179,10 @@ controller stopped by itself (its SQLite file was deleted or replaced); 2 a usag
   fleetlite devices show gw-berlin-01 -o json | jq .telemetry.system
 """)
     show.add_argument("device_id", metavar="ID")
+    from fleetlite.fleet.cli_commands import add_device_commands, add_events
+
+    add_device_commands(devices, _leaf)
+    add_events(subparsers, _leaf)
 
     if release_parser is not None:
         _add_release_verbs(release_parser)

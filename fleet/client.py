@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
@@ -46,8 +46,10 @@ from fleetlite.fleet.rollout import (
     request,
 )
 from fleetlite.fleet.store import (
+    CommandRecord,
     DecisionRow,
     DeviceRecord,
+    EventRecord,
     RefusedReports,
     ReleaseInfo,
     RolloutRecord,
@@ -61,6 +63,7 @@ if TYPE_CHECKING:
     # the release builder (numpy, the interpreter) and the report load only when used: every
     # `fleetlite` command imports this module, and most need neither
     from fleetlite.fleet.controller import Controller
+    from fleetlite.fleet.device_commands import CommandOutcome
     from fleetlite.fleet.report import ClassBudget, DeviceSummary, RolloutSummary
     from fleetlite.sdk.bundle import ReleaseBundle
     from fleetlite.sdk.keys import SigningKey
@@ -461,6 +464,34 @@ class Fleet:
                 "`fleetlite devices list`; a device appears once its agent connects to the "
                 "broker while `fleetlite serve` runs")
         return found
+
+    def send_command(self, device_ids: Sequence[str], command: str,
+                     args: Optional[Mapping[str, Any]] = None, *, timeout_s: float = 30.0,
+                     origin: str = "sdk") -> list[CommandOutcome]:
+        """Send an agent command (``ping``, ``info``, ``profile``, ``reload_config``,
+        ``ota_slots``, ``ota_install``, ``update_root``) to devices and wait up to
+        ``timeout_s`` for their answers: one :class:`~fleetlite.fleet.device_commands.
+        CommandOutcome` per device, in order (``.ok``, ``.result``, ``.state``, ``.text``). A
+        controller must run on this store: it publishes the commands and stores the answers
+        (:mod:`fleetlite.fleet.device_commands`)."""
+        from fleetlite.fleet.device_commands import send_and_wait
+
+        return send_and_wait(self.store, device_ids, command, args, timeout_s=timeout_s,
+                             origin=origin)
+
+    def command_history(self, device_id: str, limit: int = 50) -> list[CommandRecord]:
+        """The newest commands sent to ``device_id`` (by operators and rollouts), newest first,
+        with their answers."""
+        return self.store.command_history(device_id, limit)
+
+    def events(self, device_ids: Optional[Collection[str]] = None,
+               since: Optional[float] = None, after_id: int = 0,
+               limit: int = 100) -> list[EventRecord]:
+        """Events devices reported (``fleetlite.event/1``), oldest first: the newest ``limit``
+        of ``device_ids`` (default all) stored at or after ``since``, with an id above
+        ``after_id`` (pass the last id seen to follow new ones)."""
+        return self.store.events(device_ids=device_ids, since=since, after_id=after_id,
+                                 limit=limit)
 
     def refused_reports(self, device_id: Optional[str] = None) -> list[RefusedReports]:
         """Reports the controller refused from a device (or every device) because they spoke

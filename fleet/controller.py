@@ -81,6 +81,7 @@ from fleetlite.fleet.errors import (
     BrokerAddressError,
     BrokerConnectionError,
     FleetError,
+    StoreError,
     StoreGoneError,
     StoreUnavailableError,
 )
@@ -123,7 +124,15 @@ from fleetlite.sdk import topics
 from fleetlite.sdk.bundle import ReleaseBundle
 from fleetlite.sdk.envelope import Envelope
 from fleetlite.sdk.manifest import parse_manifest
-from fleetlite.sdk.messages import Birth, MessageError, OtaStatus, Status, Telemetry
+from fleetlite.sdk.messages import (
+    Birth,
+    CommandResponse,
+    Event,
+    MessageError,
+    OtaStatus,
+    Status,
+    Telemetry,
+)
 from fleetlite.sdk.profile import ProfileRecord
 from fleetlite.sdk.tls_hints import verify_failure_hint
 
@@ -132,7 +141,7 @@ __all__ = ["INGEST_KINDS", "Controller", "check_broker", "main", "run_until_stop
 log = logging.getLogger("fleetlite.fleet.controller")
 
 INGEST_KINDS = (topics.STATUS, topics.BIRTH, topics.TELEMETRY, topics.PROFILE,
-                topics.OTA_STATUS, topics.COMMAND_RESPONSE)
+                topics.OTA_STATUS, topics.COMMAND_RESPONSE, topics.EVENTS)
 
 # Device statuses of a rollout that still wait for an answer from the device.
 _SENT = "sent"
@@ -148,7 +157,8 @@ _COUNTERS = {OVERSIZE: "oversize", RATE_LIMITED: "rate_limited", MALFORMED: "mal
 _PARSERS: dict[str, Callable[[bytes], object]] = {
     topics.STATUS: Status.from_json, topics.BIRTH: Birth.from_json,
     topics.TELEMETRY: Telemetry.from_json, topics.PROFILE: ProfileRecord.from_json,
-    topics.OTA_STATUS: OtaStatus.from_json,
+    topics.OTA_STATUS: OtaStatus.from_json, topics.COMMAND_RESPONSE: CommandResponse.from_json,
+    topics.EVENTS: Event.from_json,
 }
 
 
@@ -443,7 +453,7 @@ class Controller:
         they are in the store before anything it sent after them."""
         parse = _PARSERS.get(kind)
         if not payload or parse is None:
-            return None  # a cleared retained message; command responses are not stored
+            return None  # a cleared retained message
         report = parse(payload)  # before any transaction: a malformed report costs none
         with self._ingest_lock:
             earlier = self.refusals.drain(device_id)
@@ -486,6 +496,17 @@ class Controller:
             if refusal is None:
                 self.store.add_profile(report, device_class=known_class or None,
                                        keep_per_device=limits.profiles_per_device)
+        elif isinstance(report, CommandResponse):
+            refusal = check_device_id(device_id, report.device_id, topics.COMMAND_RESPONSE)
+            if refusal is None:
+                # an answer to a command that was not sent to its sender changes nothing
+                self.store.record_command_response(device_id, report,
+                                                   received_at=received_at or time.time())
+        elif isinstance(report, Event):
+            refusal = check_device_id(device_id, report.device_id, topics.EVENTS)
+            if refusal is None:
+                self.store.add_event(report, received_at=received_at or time.time(),
+                                     keep_per_device=limits.events_per_device)
         elif isinstance(report, OtaStatus):
             refusal = check_ota_status(device_id, report,
                                        self.store.releases_sent_to(device_id))
@@ -593,7 +614,9 @@ class Controller:
                     "queued meanwhile", gap_s, self.resend_after_s)
 
     def tick(self, now: float) -> None:
-        """Drive every rollout that needs it and whose lease this controller gets."""
+        """Send the commands operators queued, then drive every rollout that needs it and
+        whose lease this controller gets."""
+        self.send_queued_commands(now)
         for record in self.store.list_rollouts():
             try:
                 spec = RolloutSpec.from_dict(record.spec)
@@ -669,11 +692,13 @@ class Controller:
                 if decision.kind == SEND_INSTALL and decision.device_id:
                     self.command(decision.device_id, "ota_install",
                                  {"release_id": spec.release_id,
-                                  "chunk_size": spec.chunk_size})
+                                  "chunk_size": spec.chunk_size},
+                                 origin=f"rollout {rollout_id}")
                 elif decision.kind == SEND_ROLLBACK and decision.device_id:
                     # from_version makes a redelivered rollback a no-op on the device
                     self.command(decision.device_id, "ota_rollback",
-                                 {"model": spec.model, "from_version": spec.version})
+                                 {"model": spec.model, "from_version": spec.version},
+                                 origin=f"rollout {rollout_id}")
             state = new_state
         self._resend_unanswered(rollout_id, spec, state, devices, records, now)
         return len(decisions)
@@ -707,16 +732,39 @@ class Controller:
                         "%.0f s ago); sending it again", rollout_id, dev.device_id,
                         now - quiet_since, now - dev.sent_at)
             self.command(dev.device_id, "ota_install",
-                         {"release_id": spec.release_id, "chunk_size": spec.chunk_size})
+                         {"release_id": spec.release_id, "chunk_size": spec.chunk_size},
+                         origin=f"rollout {rollout_id} (re-sent)")
 
-    def command(self, device_id: str, name: str, args: dict[str, Any]) -> str:
-        """Publish one command to a device (QoS 1); returns its id."""
-        command_id = uuid.uuid4().hex[:16]
+    def send_queued_commands(self, now: float) -> int:
+        """Publish the commands operators queued in the store (``fleetlite devices ping``,
+        :meth:`fleetlite.fleet.client.Fleet.send_command`) that no controller published yet;
+        each is claimed first, so one controller publishes it. Returns how many."""
+        sent = 0
+        for queued in self.store.commands_to_send(now):
+            if self.store.mark_command_sent(queued.command_id, now):
+                self._publish_command(queued.device_id, queued.command_id, queued.command,
+                                      queued.args)
+                sent += 1
+        return sent
+
+    def command(self, device_id: str, name: str, args: dict[str, Any], *,
+                origin: str = "") -> str:
+        """Record a command to a device in the store (its answer is stored when it comes:
+        ``fleetlite devices history``), publish it (QoS 1) and return its id."""
+        try:
+            command_id = self.store.queue_command(device_id, name, args, origin=origin,
+                                                  timeout_s=3600.0, sent=time.time())
+        except StoreError:  # sending is what matters; its history can go without
+            command_id = uuid.uuid4().hex[:16]
+        self._publish_command(device_id, command_id, name, args)
+        return command_id
+
+    def _publish_command(self, device_id: str, command_id: str, name: str,
+                         args: dict[str, Any]) -> None:
         payload = json.dumps({"schema": "fleetlite.command/1", "id": command_id,
                               "command": name, "args": args}, sort_keys=True).encode()
         self.client.publish(topics.device_topic(device_id, topics.COMMAND), payload, qos=1)
         self.counters["commands_sent"] += 1
-        return command_id
 
 
 def run_until_stopped(controller: Controller, stop: threading.Event,

@@ -67,7 +67,7 @@ class IngestLimitsError(FleetError, ValueError):
 #: active): status 142 B, birth 2.8 KB (a generative LM's tensor list adds ~20 KB per model),
 #: telemetry 2.5 KB, profile 1.8 KB (an LM's with the most figures allowed: 9.2 KB), OTA status
 #: 1.4 KB (with a 1000-character message); command responses carry whole profiles and ``info``
-#: results and are not stored.
+#: results (stored with the command they answer); an event is a sentence and a small detail.
 DEFAULT_MAX_BYTES: Mapping[str, int] = MappingProxyType({
     topics.STATUS: 8 * KiB,
     topics.BIRTH: MAX_REPORT_BYTES,
@@ -75,6 +75,7 @@ DEFAULT_MAX_BYTES: Mapping[str, int] = MappingProxyType({
     topics.PROFILE: 64 * KiB,
     topics.OTA_STATUS: 16 * KiB,
     topics.COMMAND_RESPONSE: MAX_REPORT_BYTES,
+    topics.EVENTS: 16 * KiB,
 })
 
 
@@ -103,6 +104,8 @@ class IngestLimits:
     #: OTA statuses kept per device and release (the newest); the newest final one is kept
     #: beyond it
     ota_statuses_per_release: int = 200
+    #: events kept per device (the newest)
+    events_per_device: int = 1000
     #: devices whose buckets are tracked at once (idle ones are forgotten first)
     max_devices: int = 100_000
     #: bytes of telemetry held over the rate, over all devices
@@ -177,8 +180,9 @@ class IngestLimits:
 
 _RATES = ("rate", "telemetry_rate")
 _COUNTS = ("burst", "telemetry_burst", "max_birth_tags", "max_birth_models",
-           "profiles_per_device", "ota_statuses_per_release", "max_devices", "max_held_bytes",
-           "max_refusal_keys", "backlog_messages", "backlog_bytes")
+           "profiles_per_device", "ota_statuses_per_release", "events_per_device",
+           "max_devices", "max_held_bytes", "max_refusal_keys", "backlog_messages",
+           "backlog_bytes")
 
 
 class TokenBucket:

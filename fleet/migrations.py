@@ -215,6 +215,38 @@ MIGRATIONS: tuple[Migration, ...] = (
         # kept as a maximum: a device-written time in the future would never be overtaken
         "UPDATE devices SET last_seen = 0 WHERE last_seen > {unix_now}",
     )),
+    Migration(7, "commands to devices and device events", (
+        # a command an operator (or a rollout) sent a device, and its answer: queued by the CLI
+        # (sent NULL), published by a controller (sent), answered by the device (answered)
+        """CREATE TABLE device_commands (
+            command_id TEXT PRIMARY KEY,
+            device_id TEXT NOT NULL,
+            command TEXT NOT NULL,
+            args_json TEXT NOT NULL DEFAULT '{{}}',
+            origin TEXT NOT NULL DEFAULT '',
+            created DOUBLE PRECISION NOT NULL,
+            expires DOUBLE PRECISION NOT NULL,
+            sent DOUBLE PRECISION,
+            answered DOUBLE PRECISION,
+            ok INTEGER,
+            result_json TEXT,
+            error_code TEXT,
+            error TEXT
+        )""",
+        "CREATE INDEX device_commands_device ON device_commands (device_id, created)",
+        "CREATE INDEX device_commands_unsent ON device_commands (sent, created)",
+        # what a device reported as an event (fleetlite.event/1), kept per device up to a bound
+        """CREATE TABLE device_events (
+            id {id},
+            device_id TEXT NOT NULL,
+            ts DOUBLE PRECISION NOT NULL,
+            received DOUBLE PRECISION NOT NULL,
+            kind TEXT NOT NULL,
+            message TEXT NOT NULL,
+            detail_json TEXT NOT NULL DEFAULT '{{}}'
+        )""",
+        "CREATE INDEX device_events_device ON device_events (device_id, id)",
+    )),
 )
 
 

@@ -26,6 +26,7 @@ import sqlite3
 import threading
 import time
 import urllib.parse
+import uuid
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,8 @@ from fleetlite.sdk.messages import (
     MAX_INT,
     MIN_INT,
     Birth,
+    CommandResponse,
+    Event,
     OtaStatus,
     Status,
     Telemetry,
@@ -58,11 +61,13 @@ if TYPE_CHECKING:
     import psycopg
 
 __all__ = [
+    "CommandRecord",
     "DecisionEntry",
     "DecisionLike",
     "DecisionRow",
     "DeviceModel",
     "DeviceRecord",
+    "EventRecord",
     "Lease",
     "OtaRecord",
     "ProfileRow",
@@ -333,6 +338,42 @@ class RefusalCountLike(Protocol):
     def last_at(self) -> float: ...
     @property
     def last_message(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class CommandRecord:
+    """A command to one device and its answer. ``sent`` is None while no controller has
+    published it; ``answered`` None while the device has not answered; then ``ok`` with
+    ``result``, or ``error_code`` and ``error``. ``origin``: who sent it (``cli``, ``sdk``,
+    ``rollout ID``). Times are the fleet's clock (Unix seconds)."""
+
+    command_id: str
+    device_id: str
+    command: str
+    args: dict[str, Any]
+    origin: str
+    created: float
+    expires: float
+    sent: Optional[float] = None
+    answered: Optional[float] = None
+    ok: Optional[bool] = None
+    result: Optional[dict[str, Any]] = None
+    error_code: str = ""
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    """An event a device reported (``fleetlite.event/1``); ``id`` grows with each stored event,
+    ``received`` is the controller's receive time and ``ts`` the device's."""
+
+    id: int
+    device_id: str
+    ts: float
+    received: float
+    kind: str
+    message: str
+    detail: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -1234,6 +1275,120 @@ class Store:
                 WHERE d.device_id = ? ORDER BY r.release_id""", (device_id,)).rows
         return [SentRelease(str(r[0]), str(r[1]), int(r[2])) for r in rows]
 
+    # -- commands to devices and device events ----------------------------------------------
+
+    def queue_command(self, device_id: str, command: str, args: Mapping[str, Any], *,
+                      timeout_s: float, origin: str = "", sent: Optional[float] = None,
+                      now: Optional[float] = None) -> str:
+        """Record a command for ``device_id`` and return its id. With ``sent`` it was already
+        published (a controller's own command); otherwise a controller publishes it at its next
+        tick, unless ``timeout_s`` passes first."""
+        created = time.time() if now is None else now
+        command_id = uuid.uuid4().hex[:16]
+        with self._transaction(write=True) as db:
+            db.execute(
+                """INSERT INTO device_commands (command_id, device_id, command, args_json, origin,
+                    created, expires, sent) VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
+                (command_id, device_id, command, _dump(args), origin[:200], created,
+                 created + timeout_s, sent))
+        return command_id
+
+    def commands_to_send(self, now: float, limit: int = 500) -> list[CommandRecord]:
+        """Commands no controller has published yet and whose time has not run out, oldest
+        first."""
+        with self._transaction(write=False) as db:
+            rows = db.execute(
+                f"SELECT {_COMMAND_COLUMNS} FROM device_commands WHERE sent IS NULL "
+                "AND expires > ? ORDER BY created LIMIT ?", (now, limit)).rows
+        return [_command(r) for r in rows]
+
+    def mark_command_sent(self, command_id: str, now: float) -> bool:
+        """Claim a queued command for publishing; False if another controller has (so each
+        command is published once however many controllers share the store)."""
+        with self._transaction(write=True) as db:
+            result = db.execute("UPDATE device_commands SET sent = ? WHERE command_id = ? "
+                                "AND sent IS NULL", (now, command_id))
+            return result.rowcount > 0
+
+    def record_command_response(self, device_id: str, response: CommandResponse, *,
+                                received_at: float) -> bool:
+        """Store ``device_id``'s answer to a command sent to it; False (nothing stored) when no
+        command of that id was sent to that device, or it was answered already: a device
+        answers only its own commands, once."""
+        with self._transaction(write=True) as db:
+            result = db.execute(
+                """UPDATE device_commands SET answered = ?, ok = ?, result_json = ?,
+                    error_code = ?, error = ?
+                WHERE command_id = ? AND device_id = ? AND answered IS NULL""",
+                (received_at, response.ok, _dump(response.result) if response.ok else None,
+                 response.error_code, response.error[:2000], response.id, device_id))
+            return result.rowcount > 0
+
+    def get_commands(self, command_ids: Sequence[str]) -> list[CommandRecord]:
+        """The commands of these ids that are stored, in the order given."""
+        if not command_ids:
+            return []
+        marks = ", ".join("?" for _ in command_ids)
+        with self._transaction(write=False) as db:
+            rows = db.execute(f"SELECT {_COMMAND_COLUMNS} FROM device_commands "
+                              f"WHERE command_id IN ({marks})", tuple(command_ids)).rows
+        found = {str(r[0]): _command(r) for r in rows}
+        return [found[i] for i in command_ids if i in found]
+
+    def command_history(self, device_id: str, limit: int = 50) -> list[CommandRecord]:
+        """The newest ``limit`` commands to ``device_id``, newest first."""
+        with self._transaction(write=False) as db:
+            rows = db.execute(f"SELECT {_COMMAND_COLUMNS} FROM device_commands WHERE "
+                              "device_id = ? ORDER BY created DESC LIMIT ?",
+                              (device_id, limit)).rows
+        return [_command(r) for r in rows]
+
+    def add_event(self, event: Event, *, received_at: float,
+                  keep_per_device: Optional[int] = None) -> int:
+        """Store a device's event; returns its id. ``keep_per_device``: keep about that many
+        of the device's events, the newest (pruned once the bound is passed by a tenth)."""
+        with self._transaction(write=True) as db:
+            rows = db.execute(
+                """INSERT INTO device_events (device_id, ts, received, kind, message, detail_json)
+                VALUES (?, ?, ?, ?, ?, ?) RETURNING id""",
+                (event.device_id, event.ts, received_at, event.kind, event.message[:2000],
+                 _dump(event.detail))).rows
+            new_id = int(rows[0][0])
+            if keep_per_device is not None:
+                count = db.execute("SELECT count(*) FROM device_events WHERE device_id = ?",
+                                   (event.device_id,)).rows[0][0]
+                if int(count) > keep_per_device + max(1, keep_per_device // 10):
+                    db.execute(
+                        """DELETE FROM device_events WHERE device_id = ? AND id <= (
+                            SELECT id FROM device_events WHERE device_id = ?
+                            ORDER BY id DESC LIMIT 1 OFFSET ?)""",
+                        (event.device_id, event.device_id, keep_per_device))
+            return new_id
+
+    def events(self, *, device_ids: Optional[Collection[str]] = None,
+               since: Optional[float] = None, after_id: int = 0,
+               limit: int = 100) -> list[EventRecord]:
+        """Stored device events, oldest first: of ``device_ids`` (default all), received at or
+        after ``since``, with an id above ``after_id`` (to follow new ones); the newest
+        ``limit`` of those."""
+        conditions: list[str] = ["id > ?"]
+        params: list[Any] = [after_id]
+        if device_ids is not None:
+            if not device_ids:
+                return []
+            conditions.append(f"device_id IN ({', '.join('?' for _ in device_ids)})")
+            params.extend(sorted(device_ids))
+        if since is not None:
+            conditions.append("received >= ?")
+            params.append(since)
+        with self._transaction(write=False) as db:
+            rows = db.execute(
+                "SELECT id, device_id, ts, received, kind, message, detail_json "
+                f"FROM device_events WHERE {' AND '.join(conditions)} "
+                "ORDER BY id DESC LIMIT ?", (*params, limit)).rows
+        return [EventRecord(int(r[0]), str(r[1]), float(r[2]), float(r[3]), str(r[4]),
+                            str(r[5]), _load_object(r[6])) for r in reversed(rows)]
+
     # -- rollouts ----------------------------------------------------------------------------
 
     def create_rollout(
@@ -1689,6 +1844,21 @@ def _birth_models(models: Sequence[Any]) -> list[DeviceModel]:
             sha256=sha256 if isinstance(sha256, str) else "",
         )
     return list(out.values())
+
+
+_COMMAND_COLUMNS = ("command_id, device_id, command, args_json, origin, created, expires, sent, "
+                    "answered, ok, result_json, error_code, error")
+
+
+def _command(row: _Row) -> CommandRecord:
+    return CommandRecord(
+        command_id=str(row[0]), device_id=str(row[1]), command=str(row[2]),
+        args=_load_object(row[3]), origin=str(row[4]), created=float(row[5]),
+        expires=float(row[6]), sent=None if row[7] is None else float(row[7]),
+        answered=None if row[8] is None else float(row[8]),
+        ok=None if row[9] is None else bool(row[9]),
+        result=None if row[10] is None else _load_object(row[10]),
+        error_code=str(row[11] or ""), error=str(row[12] or ""))
 
 
 def _dump(data: Mapping[str, Any]) -> str:

@@ -147,6 +147,21 @@ def store_db(tmp_path: Path) -> Iterator[str]:
         yield f"sqlite:///{tmp_path / 'fleet.db'}"
 
 
+def commands_to_devices(wt: Walkthrough, work: Path, devices: list[str]) -> None:
+    """The guide's commands to devices, against its running gateways."""
+    wt.start("fleetlite events --follow", log=work / "events.log")
+    assert f"{len(devices)} of {len(devices)} answered ok" in wt.run(
+        "fleetlite devices ping --all").stdout
+    info = json.loads(wt.run("fleetlite devices info gw-0001").stdout)
+    assert info["ok"] and info["outcomes"][0]["result"]["models"], info
+    slots = wt.run("fleetlite devices ota-slots --class raspberry-pi-4").stdout
+    assert all(d in slots for d in devices) and "answered ok" in slots
+    assert "1 of 1 answered ok" in wt.run("fleetlite devices profile gw-0001").stdout
+    assert "answered ok" in wt.run("fleetlite devices reload-config --all").stdout
+    history = wt.run("fleetlite devices history gw-0001").stdout
+    assert all(c in history for c in ("ping", "info", "profile", "reload_config")), history
+
+
 def operate_rollout(wt: Walkthrough, db: str, devices: list[str]) -> None:
     """The rollout verbs as a doc shows them: create, pause, resume, watch, compare, report,
     rollback, and abort of a second rollout (of v3)."""
@@ -236,6 +251,8 @@ def test_readme_cli_tour(tmp_path: Path, broker: Mosquitto, models_dir: Path,
     listed = wt.run("fleetlite devices list").stdout
     for device_id in devices:
         assert re.search(rf"^{device_id}\s+raspberry-pi-4\s+online\s+intent v1\s", listed, re.M)
+    wt.start("fleetlite events --follow", log=work / "events.log")
+    assert "2 of 2 answered ok" in wt.run("fleetlite devices ping --all").stdout
 
     operate_rollout(wt, store_db, devices)
     codes = wt.stop()
@@ -326,6 +343,7 @@ def walk_the_operator_guide(wt: Walkthrough, text: str, broker: Mosquitto,
     listed = wt.run("fleetlite devices list -o table").stdout
     for device_id in devices:
         assert re.search(rf"^{device_id}\s+raspberry-pi-4\s+online\s+intent v1\s", listed, re.M)
+    commands_to_devices(wt, work, devices)
 
     operate_rollout(wt, store_db, devices)
 

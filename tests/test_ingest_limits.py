@@ -258,7 +258,7 @@ def test_limits_are_read_from_the_environment_and_checked() -> None:
     for text, words in [("rate", "key=value"), ("speed=3", "unknown ingest limit 'speed'"),
                         ("burst=lots", "must be a number"), ("burst=0", "integer >= 1"),
                         ("rate=-1", "> 0"), ("max_bytes.telemetry=300000", "262144"),
-                        ("max_bytes.events=10", "no such message kind")]:
+                        ("max_bytes.cmd=10", "no such message kind")]:
         with pytest.raises(IngestLimitsError) as info:
             IngestLimits.from_env({ENV_VAR: text})
         assert words in str(info.value), (text, str(info.value))

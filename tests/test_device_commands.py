@@ -1,0 +1,197 @@
+"""Commands from the fleet to devices and device events (issue 12): the store's command log and
+event log on SQLite and PostgreSQL, the outcome of a command as the operator sees it, and the
+whole path through a real broker, a controller and real agent processes with the CLI
+(``fleetlite devices ping|info|profile|ota-slots|history``, ``fleetlite events [--follow]``)."""
+
+from __future__ import annotations
+
+import json
+import select
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fleetlite.fleet.device_commands import (
+    ANSWERED,
+    NO_ANSWER,
+    NOT_SENT,
+    OFFLINE,
+    REFUSED,
+    outcome_of,
+    send_and_wait,
+)
+from fleetlite.fleet.errors import FleetError
+from fleetlite.fleet.store import CommandRecord, Store, open_store
+from fleetlite.sdk.messages import CommandResponse, Event
+from tests.test_fleet_cli import FLEETLITE, cli
+from tests.test_fleet_e2e import (  # noqa: F401 (site: the imported fixture)
+    INTENT_DEVICES,
+    Site,
+    site,
+    wait_until,
+)
+from tests.test_store import status
+
+
+@pytest.fixture
+def store(store_url: str) -> Any:
+    with open_store(store_url) as s:
+        yield s
+
+
+def answer(device: str, command_id: str, ok: bool = True, **fields: Any) -> CommandResponse:
+    return CommandResponse(id=command_id, device_id=device, ok=ok, ts=1.0, **fields)
+
+
+# -- the store ---------------------------------------------------------------------------------
+
+
+def test_a_queued_command_is_claimed_once_and_answered_only_by_its_device(store: Store) -> None:
+    first = store.queue_command("gw-1", "ping", {}, timeout_s=30, origin="cli", now=100.0)
+    second = store.queue_command("gw-2", "info", {"x": 1}, timeout_s=5, origin="cli", now=101.0)
+    assert [c.command_id for c in store.commands_to_send(102.0)] == [first, second]
+    assert [c.command_id for c in store.commands_to_send(106.5)] == [first]  # second expired
+    assert store.mark_command_sent(first, 103.0)
+    assert not store.mark_command_sent(first, 103.5)  # another controller claimed it first
+    assert [c.command_id for c in store.commands_to_send(104.0)] == [second]
+    # gw-2 cannot answer gw-1's command; gw-1 answers once
+    assert not store.record_command_response("gw-2", answer("gw-2", first), received_at=104.0)
+    assert store.record_command_response("gw-1", answer("gw-1", first, result={"pong": True}),
+                                         received_at=104.25)
+    assert not store.record_command_response("gw-1", answer("gw-1", first, ok=False,
+                                                            error_code="failed"),
+                                             received_at=105.0)
+    assert not store.record_command_response("gw-1", answer("gw-1", "f" * 16),
+                                             received_at=105.0)
+    done, waiting = store.get_commands([first, second])
+    assert (done.sent, done.answered, done.ok, done.result) == (103.0, 104.25, True,
+                                                                {"pong": True})
+    assert (waiting.sent, waiting.answered, waiting.args) == (None, None, {"x": 1})
+    sent_by_rollout = store.queue_command("gw-1", "ota_install", {"release_id": "r"},
+                                          timeout_s=60, origin="rollout r-1", sent=110.0,
+                                          now=110.0)
+    assert [c.command_id for c in store.command_history("gw-1")] == [sent_by_rollout, first]
+    assert store.commands_to_send(111.0) == []  # already sent by its controller; gw-2's expired
+
+
+def test_events_are_kept_per_device_up_to_a_bound_and_can_be_followed(store: Store) -> None:
+    ids = [store.add_event(Event(device_id="gw-1", ts=float(n), kind="profile_failed",
+                                 message=f"n={n}"), received_at=1000.0 + n, keep_per_device=10)
+           for n in range(12)]
+    assert ids == sorted(ids)
+    other = store.add_event(Event(device_id="gw-2", ts=5.0, kind="command_rejected",
+                                  message="refused", detail={"error_code": "bad_args"}),
+                            received_at=1005.5)
+    mine = store.events(device_ids=["gw-1"], limit=100)
+    # pruned to the newest 10 once the bound was passed by more than a tenth (the 12th)
+    assert [e.message for e in mine] == [f"n={n}" for n in range(2, 12)]
+    store.add_event(Event(device_id="gw-1", ts=12.0, kind="k", message="n=12"),
+                    received_at=1012.0, keep_per_device=10)
+    assert [e.message for e in store.events(device_ids=["gw-1"])] == \
+        [f"n={n}" for n in range(2, 13)]  # 11: within the bound and its tenth
+    assert next(e.id for e in store.events(after_id=other)) > other  # following
+    since = store.events(since=1005.5)  # in the order stored
+    assert [e.message for e in since] == [f"n={n}" for n in range(6, 12)] + ["refused", "n=12"]
+    assert since[-2].device_id == "gw-2" and since[-2].detail == {"error_code": "bad_args"}
+    assert [e.message for e in store.events(limit=2)] == ["refused", "n=12"]  # the newest two
+    assert store.events(device_ids=[]) == []
+
+
+# -- outcomes ----------------------------------------------------------------------------------
+
+
+def record(**fields: Any) -> CommandRecord:
+    base: dict[str, Any] = {"command_id": "c1", "device_id": "gw-1", "command": "ping",
+                            "args": {}, "origin": "cli", "created": 10.0, "expires": 40.0}
+    return CommandRecord(**{**base, **fields})
+
+
+@pytest.mark.parametrize("fields, online, state, text", [
+    ({"sent": 10.5, "answered": 10.75, "ok": True, "result": {"pong": True}}, True, ANSWERED,
+     "answered"),
+    ({"sent": 10.5, "answered": 11.0, "ok": False, "error_code": "unknown_command",
+      "error": "no such command"}, True, REFUSED, "refused (unknown_command): no such command"),
+    ({"sent": 10.5}, True, NO_ANSWER, "online but no answer"),
+    ({"sent": 10.5}, False, OFFLINE, "offline: not delivered"),
+    ({}, True, NOT_SENT, "no controller picked it up"),
+    ({}, None, OFFLINE, "the fleet never heard of it"),
+])
+def test_the_outcome_says_what_happened(fields: dict[str, Any], online: Any, state: str,
+                                        text: str) -> None:
+    got = outcome_of(record(**fields), online)
+    assert got.state == state and text in got.text and got.ok == (state == ANSWERED)
+    if state == ANSWERED:
+        assert got.latency_s == 0.25 and got.to_dict()["result"] == {"pong": True}
+
+
+def test_without_a_controller_a_command_is_reported_not_sent(store: Store) -> None:
+    store.upsert_status(status("gw-1", True, 1, 1.0))
+    [outcome] = send_and_wait(store, ["gw-1"], "ping", timeout_s=0.3, poll_s=0.05)
+    assert outcome.state == NOT_SENT, outcome
+    with pytest.raises(FleetError, match="unknown command 'reboot'"):
+        send_and_wait(store, ["gw-1"], "reboot")
+    with pytest.raises(FleetError, match="named twice"):
+        send_and_wait(store, ["gw-1", "gw-1"], "ping")
+
+
+# -- through a broker, a controller and real agents --------------------------------------------
+
+
+def read_line(proc: subprocess.Popen[str], timeout: float) -> str:
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    assert ready, f"no line within {timeout} s"
+    return proc.stdout.readline()
+
+
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+def test_commands_and_events_through_a_real_fleet(
+        site: Site, store_url: str, models_dir: Path,  # noqa: F811 (the imported fixture)
+) -> None:
+    site.start_agents(INTENT_DEVICES, "intent", models_dir / "intent_classifier.tflite")
+    site.start_controllers(store_url, 1)
+    wait_until(lambda: {d.device_id for d in site.store.list_devices(online=True)} ==
+               set(INTENT_DEVICES), 40, "every device online")
+    db = ["--db", store_url]
+    pinged = json.loads(cli("devices", "ping", "--all", "-o", "json", *db).stdout)
+    assert pinged["ok"] and [o["device_id"] for o in pinged["outcomes"]] == sorted(INTENT_DEVICES)
+    assert all(o["state"] == "answered" and o["result"]["pong"] is True
+               for o in pinged["outcomes"]), pinged
+    slots = json.loads(cli("devices", "ota-slots", "--class", "raspberry-pi-4", "-o", "json",
+                           *db).stdout)
+    assert [(o["device_id"], o["result"]["models"]["intent"]["installed_version"])
+            for o in slots["outcomes"]] == [("gw-pi-1", 1)]
+    table = cli("devices", "info", "gw-x86-1", *db).stdout
+    assert "gw-x86-1" in table and "answered" in table and "1 of 1 answered ok" in table
+
+    follow = subprocess.Popen([FLEETLITE, "events", "--follow", *db], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        # a refused command: exit 1, the device's reason, and an event
+        refused = cli("devices", "profile", "gw-x86-2", "--model", "nope", *db, expect=1)
+        assert "refused (failed): no active model named 'nope'" in refused.stdout, refused.stdout
+        line = read_line(follow, 30)
+        assert "gw-x86-2" in line and "command_rejected" in line and "nope" in line, line
+    finally:
+        follow.terminate()
+        follow.communicate(timeout=10)
+    events = json.loads(cli("events", "--device", "gw-x86-2", "--since", "10m", "-o", "json",
+                            *db).stdout)["events"]
+    assert [(e["kind"], e["detail"]["command"], e["detail"]["error_code"])
+            for e in events] == [("command_rejected", "profile", "failed")]
+
+    # an unknown device and an offline one: exit 1, each said so
+    site.agents["gw-pi-1"].stop()
+    wait_until(lambda: not site.store.get_device("gw-pi-1").online,  # type: ignore[union-attr]
+               30, "gw-pi-1 offline")
+    mixed = cli("devices", "ping", "gw-x86-1", "gw-pi-1", "gw-nowhere", "--timeout", "2",
+                "-o", "json", *db, expect=1)
+    states = {o["device_id"]: o["state"] for o in json.loads(mixed.stdout)["outcomes"]}
+    assert states == {"gw-x86-1": "answered", "gw-pi-1": "offline", "gw-nowhere": "offline"}
+    history = json.loads(cli("devices", "history", "gw-x86-2", "-o", "json", *db).stdout)
+    assert [(c["command"], c["origin"], c["ok"]) for c in history["commands"]] == [
+        ("profile", "cli", False), ("ping", "cli", True)]
+    usage = cli("devices", "ping", *db, expect=2)
+    assert "name the devices" in usage.stderr and "Traceback" not in usage.stderr

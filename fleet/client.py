@@ -35,6 +35,7 @@ from fleetlite.fleet.rollout import (
     INSTALLED,
     NO_CHANGE,
     OPERATOR_ACTIONS,
+    ROLLBACK_FAILED,
     SUCCEEDED_STATUSES,
     DeviceProgress,
     DeviceView,
@@ -42,6 +43,7 @@ from fleetlite.fleet.rollout import (
     RolloutState,
     Selector,
     WaveSpec,
+    no_previous_version,
     parse_waves,
     request,
 )
@@ -109,7 +111,8 @@ class WaitTimeoutError(FleetError, TimeoutError):
 class WaveProgress:
     """One wave of a rollout: its planned size (``"1"``, ``"10%"``, ``"all"``; ``"extra"`` for a
     wave of late joiners), devices per status, and ``state``: ``waiting``, ``running``,
-    ``paused``, ``passed``, ``not started`` or the rollout's final state."""
+    ``paused``, ``passed``, ``failed`` (none of its devices succeeded), ``not started`` or the
+    rollout's final state."""
 
     number: int
     planned: str
@@ -312,7 +315,7 @@ def _snapshot(record: RolloutRecord, decisions: Sequence[DecisionRow]) -> Rollou
             planned=str(spec.waves[number - 1]) if number <= len(spec.waves) else "extra",
             counts=dict(sorted(counts.items())),
             device_classes=tuple(sorted({d.device_class for d in members})),
-            state=_wave_state(state, number)))
+            state=_wave_state(state, number, counts)))
     return Rollout(
         rollout_id=record.rollout_id, release_id=record.release_id, spec=spec,
         state=state.state, reason=state.reason, current_wave=state.current_wave,
@@ -323,11 +326,17 @@ def _snapshot(record: RolloutRecord, decisions: Sequence[DecisionRow]) -> Rollou
         updated=record.updated)
 
 
-def _wave_state(state: RolloutState, number: int) -> str:
-    if number < state.current_wave:
-        return "passed"
+def _wave_state(state: RolloutState, number: int, counts: Mapping[str, int]) -> str:
+    """``passed`` for a wave behind the rollout (or the last of a completed one) in which a
+    device succeeded; ``failed`` when devices were sent the release and none succeeded (the
+    operator resumed past it, or it ended the rollout): never ``passed``."""
+    if number < state.current_wave or (number == state.current_wave
+                                       and state.state == "completed"):
+        succeeded = sum(counts.get(s, 0) for s in SUCCEEDED_STATUSES)
+        failed = sum(counts.get(s, 0) for s in (*FAILED_STATUSES, ROLLBACK_FAILED))
+        return "failed" if failed and not succeeded else "passed"
     if number == state.current_wave:
-        return "passed" if state.state == "completed" else state.state
+        return state.state
     return "not started" if state.finished else "waiting"
 
 
@@ -622,6 +631,10 @@ class Fleet:
                       if m.name == info.name and m.version is not None
                       and m.version < info.version]
             previous_version = max(active) if active else None
+        if on_failure == "rollback" and previous_version is None:
+            raise RolloutError(
+                f"--on-failure rollback needs a version to go back to, and the selected devices "
+                f"run no earlier version of {info.name}: use --on-failure pause or abort")
         spec = RolloutSpec(
             rollout_id=rollout_id or f"{info.name}-v{info.version}-{uuid.uuid4().hex[:6]}",
             release_id=info.release_id, model=info.name, version=info.version,
@@ -697,6 +710,10 @@ class Fleet:
                 if state.finished and (action != "rollback" or state.state == "rolled_back"):
                     raise RolloutError(f"rollout {rollout_id} is already {state.state} "
                                        f"({state.reason}): there is nothing to {action}")
+                spec = RolloutSpec.from_dict(record.spec)
+                if action == "rollback" and spec.previous_version is None:
+                    raise RolloutError(no_previous_version(spec, f"cannot roll {rollout_id} "
+                                                                 "back"))
                 txn.set_state(request(state, action, note).to_dict())
         except RecordNotFoundError:
             raise self._no_rollout(rollout_id) from None

@@ -671,6 +671,7 @@ class Controller:
         # outcome times on the controller's clock: the engine compares them with send times
         outcomes = [OutcomeView.from_status(r.status, r.received_at)
                     for r in records if r.status.final]
+        outcomes += self._refusals(rollout_id, spec)
         profiles = [ProfileView.from_record(row.record(), row.device_class or
                                             classes.get(row.device_id, ""))
                     for row in self.store.profiles(model=spec.model)]
@@ -702,6 +703,17 @@ class Controller:
             state = new_state
         self._resend_unanswered(rollout_id, spec, state, devices, records, now)
         return len(decisions)
+
+    def _refusals(self, rollout_id: str, spec: RolloutSpec) -> list[OutcomeView]:
+        """The rollout's installs and rollbacks their device refused outright (a command
+        response with an error, e.g. a rollback with nothing to roll back to), as failures at
+        the time of the answer: the device's state now, not after ``wave_timeout_s``."""
+        origins = (f"rollout {rollout_id}", f"rollout {rollout_id} (re-sent)")
+        return [OutcomeView(c.device_id, spec.release_id, "failed", c.error_code or "refused",
+                            f"the device refused the {c.command} command: {c.error}",
+                            c.answered or 0.0)
+                for c in self.store.refused_commands(origins)
+                if c.command in ("ota_install", "ota_rollback")]
 
     def _resend_unanswered(self, rollout_id: str, spec: RolloutSpec, state: RolloutState,
                            devices: Sequence[DeviceView], records: Iterable[OtaRecord],

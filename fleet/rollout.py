@@ -46,6 +46,7 @@ __all__ = [
     "REFUSE",
     "RESUME",
     "ROLLBACK",
+    "ROLLBACK_FAILED",
     "ROLLOUT_STATES",
     "SEND_INSTALL",
     "SEND_ROLLBACK",
@@ -66,6 +67,7 @@ __all__ = [
     "apply",
     "assignment_key",
     "decide",
+    "no_previous_version",
     "parse_waves",
     "plan",
     "request",
@@ -617,10 +619,20 @@ def _operator_rule(spec: RolloutSpec, st: RolloutState, inputs: _Inputs) -> list
         return [Decision(ABORT, f"aborted by the operator{note}: no further installs are sent; "
                          "installed devices keep the release", detail=detail)]
     if req.action == "rollback" and st.state != ROLLED_BACK:
+        if spec.previous_version is None:
+            return [Decision(REFUSE, no_previous_version(spec, "operator rollback refused"),
+                             detail=detail)]
         return [Decision(ROLLBACK, f"rolled back by the operator{note}: every device that "
                          "installed this release is rolled back", detail=detail)]
     return [Decision(REFUSE, f"operator {req.action} refused: the rollout is {st.state}",
                      detail=detail)]
+
+
+def no_previous_version(spec: RolloutSpec, what: str) -> str:
+    """Why a rollout whose devices had no earlier version of the model cannot be rolled back."""
+    return (f"{what}: the devices had no earlier version of {spec.model} (this rollout installed "
+            f"its first, v{spec.version}), so there is nothing to roll back to; abort the "
+            "rollout to stop further installs")
 
 
 def _plan_rule(spec: RolloutSpec, st: RolloutState, inputs: _Inputs) -> list[Decision]:
@@ -639,8 +651,9 @@ def _outcome_rule(spec: RolloutSpec, st: RolloutState, inputs: _Inputs) -> list[
     while it is ``sent`` or ``timed_out``; a rollback confirmed after an install; and, when it
     arrived after the record last changed, a success after a failure (the device installed on a
     retry, e.g. a re-sent command reached it after it had given up), whatever the rollout's
-    state (paused included). Never from an installed or rolled-back device back to a failure:
-    the device's own rollback says that."""
+    state (paused included); a failure after the rollback was sent (the device refused the
+    rollback command) makes it ``rollback_failed`` at once. Never from an installed or
+    rolled-back device back to a failure: the device's own rollback says that."""
     found = []
     for dev in _sorted(st.devices.values()):
         if dev.sent_at is None:
@@ -653,6 +666,12 @@ def _outcome_rule(spec: RolloutSpec, st: RolloutState, inputs: _Inputs) -> list[
             continue
         new, cur = latest.outcome, dev.status
         newer = dev.updated_at is None or latest.ts > dev.updated_at
+        if newer and cur == ROLLBACK_SENT and new == FAILED:
+            found.append(_mark(dev, ROLLBACK_FAILED, latest.reason,
+                               f"{dev.device_id} refused the rollback ({latest.reason}): "
+                               f"{latest.message or 'no reason given'}",
+                               message=latest.message))
+            continue
         if not (cur in (SENT, TIMED_OUT)
                 or (new == ROLLED_BACK and cur in (INSTALLED, ROLLBACK_SENT, ROLLBACK_FAILED))
                 or (newer and cur in (FAILED, REJECTED) and new in (INSTALLED, NO_CHANGE))):

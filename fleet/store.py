@@ -1335,6 +1335,18 @@ class Store:
         found = {str(r[0]): _command(r) for r in rows}
         return [found[i] for i in command_ids if i in found]
 
+    def refused_commands(self, origins: Collection[str]) -> list[CommandRecord]:
+        """Commands sent with one of ``origins`` (e.g. ``rollout r-1``) that their device
+        answered with an error, oldest answer first."""
+        if not origins:
+            return []
+        marks = ", ".join("?" for _ in origins)
+        with self._transaction(write=False) as db:
+            rows = db.execute(f"SELECT {_COMMAND_COLUMNS} FROM device_commands WHERE origin IN "
+                              f"({marks}) AND answered IS NOT NULL AND ok = 0 ORDER BY answered",
+                              tuple(sorted(origins))).rows
+        return [_command(r) for r in rows]
+
     def command_history(self, device_id: str, limit: int = 50) -> list[CommandRecord]:
         """The newest ``limit`` commands to ``device_id``, newest first."""
         with self._transaction(write=False) as db:

@@ -1,20 +1,31 @@
 """Operator requests (pause, resume, abort, rollback) are never refused because a controller is
 busy writing the rollout (issue 13: under CPU load ``pause`` failed with "it kept changing under
 us"): the request takes the rollout's lock, waits for the step in progress and is queued. Real
-store on both backends, a writer thread standing in for a busy controller."""
+store on both backends, a writer thread standing in for a busy controller. And they tell the
+truth (issue 12): a rollback with nothing to go back to is refused up front with the reason,
+and a wave in which every device failed is shown ``failed``, never ``passed``."""
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 
 from fleetlite.fleet.client import Fleet
-from fleetlite.fleet.rollout import RolloutSpec, RolloutState, Selector, parse_waves
+from fleetlite.fleet.errors import RolloutError
+from fleetlite.fleet.rollout import (
+    DeviceProgress,
+    RolloutSpec,
+    RolloutState,
+    Selector,
+    parse_waves,
+)
 from fleetlite.fleet.store import Store, open_store
 from tests.test_fleet_e2e import wait_until
-from tests.test_store import add_release
+from tests.test_store import add_release, birth, status
 
 RELEASE = "ab" * 32
 
@@ -65,3 +76,48 @@ def test_requests_are_queued_while_a_controller_rewrites_the_rollout(
         ("pause" if n % 2 == 0 else "resume", f"request {n}") for n in range(20)]
     # the requests took turns with the writer, which is neither stuck nor broken by them
     wait_until(lambda: writes[0] > before, 30, "the busy writer's next step")
+
+
+# -- rollback tells the truth (issue 12) ---------------------------------------------------------
+
+
+def test_a_first_version_cannot_be_rolled_back_and_the_request_says_why(
+        store_url: str) -> None:
+    with Fleet(db=store_url) as fleet:
+        add_release(fleet.store, RELEASE)
+        spec = RolloutSpec(rollout_id="ro-first", release_id=RELEASE, model="kws", version=4,
+                           previous_version=None, selector=Selector(),
+                           waves=parse_waves("100%"), wave_timeout_s=600, chunk_size=4096)
+        fleet.store.create_rollout("ro-first", RELEASE, spec.to_dict())
+        with pytest.raises(RolloutError, match=re.escape(
+                "no earlier version of kws (this rollout installed its first, v4), so there is "
+                "nothing to roll back to")):
+            fleet.request("ro-first", "rollback")
+        record = fleet.store.get_rollout("ro-first")
+        assert record is not None and not record.state.get("operator_requests")
+        fleet.store.upsert_status(status("gw-1", True, 1, 1.0))
+        fleet.store.upsert_birth(birth("gw-1", 1, 1.0, models=[]))
+        with pytest.raises(RolloutError, match="--on-failure rollback needs a version"):
+            fleet.create_rollout(RELEASE, on_failure="rollback")
+
+
+def test_a_wave_in_which_every_device_failed_is_shown_failed_not_passed(store_url: str) -> None:
+    with Fleet(db=store_url) as fleet:
+        add_release(fleet.store, RELEASE)
+        spec = RolloutSpec(rollout_id="ro-bad", release_id=RELEASE, model="kws", version=4,
+                           previous_version=3, selector=Selector(),
+                           waves=parse_waves("1,100%"), wave_timeout_s=600, chunk_size=4096,
+                           failure_threshold=1.0)
+        state = RolloutState(state="completed", current_wave=2, devices={
+            "gw-1": DeviceProgress("gw-1", "rpi4", 1, status="failed", code="disk_full"),
+            "gw-2": DeviceProgress("gw-2", "rpi4", 2, status="timed_out"),
+            "gw-3": DeviceProgress("gw-3", "rpi4", 2, status="installed")})
+        fleet.store.create_rollout("ro-bad", RELEASE, spec.to_dict(), state=state.to_dict())
+        waves = fleet.rollout("ro-bad").waves
+        assert [(w.number, w.state) for w in waves] == [(1, "failed"), (2, "passed")]
+        only_failures = replace(state, devices={**state.devices, "gw-3": replace(
+            state.devices["gw-3"], status="failed")})
+        fleet.store.create_rollout("ro-worse", RELEASE, {**spec.to_dict(),
+                                                         "rollout_id": "ro-worse"},
+                                   state=only_failures.to_dict())
+        assert [w.state for w in fleet.rollout("ro-worse").waves] == ["failed", "failed"]

@@ -918,3 +918,46 @@ def test_property_rollouts_terminate_without_double_sends(
     for p in state.devices.values():
         if p.status == "rolled_back" and sim.rollbacks[p.device_id]:
             assert p.device_class in state.paused_classes or state.state == "rolled_back"
+
+
+# -- rollback tells the truth (issue 12) ---------------------------------------------------------
+
+
+def test_a_rollback_of_a_first_version_is_refused_with_the_reason() -> None:
+    sim = FleetSim(make_spec(waves=parse_waves("all"), previous_version=None), fleet(2))
+    sim.run()
+    sim.state = request(sim.state, "rollback")
+    decisions = sim.step()
+    assert [d.kind for d in decisions] == [REFUSE]
+    assert "no earlier version of intent (this rollout installed its first, v3)" in \
+        decisions[0].reason
+    assert sim.state.state == "completed" and not sim.rollbacks
+
+
+def test_a_device_that_refuses_the_rollback_is_rollback_failed_at_once() -> None:
+    devs = fleet(2)
+    sim = FleetSim(make_spec(waves=parse_waves("all")), devs)
+    sim.run()
+    sim.state = request(sim.state, "rollback")
+    sim.step()
+    assert {d.status for d in sim.state.devices.values()} == {"rollback_sent"}
+    # the device answers the rollback command with an error (the controller turns a refused
+    # command into a failure at the time of the answer); long before wave_timeout_s
+    sim.outcomes.append(OutcomeView("gw-000", RELEASE, "failed", "failed",
+                                    "the device refused the ota_rollback command: no slot",
+                                    sim.now + 1.0))
+    sim.now += 2.0
+    marks = [d for d in sim.decide() if d.kind == MARK and d.device_id == "gw-000"]
+    assert [m.detail["status"] for m in marks] == ["rollback_failed"]
+    assert "gw-000 refused the rollback (failed)" in marks[0].reason
+
+
+def test_a_refused_install_fails_the_device_at_once() -> None:
+    devs = fleet(1, delay=10_000.0)  # it would never send a final status
+    sim = FleetSim(make_spec(waves=parse_waves("all")), devs)
+    sim.step()
+    sim.outcomes.append(OutcomeView("gw-000", RELEASE, "failed", "bad_args", "refused",
+                                    sim.now + 0.5))
+    sim.now += 1.0
+    marks = [d for d in sim.decide() if d.kind == MARK]
+    assert [(m.device_id, m.detail["status"]) for m in marks] == [("gw-000", "failed")]

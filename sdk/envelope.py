@@ -210,10 +210,16 @@ def _b64decode(text: str, what: str) -> bytes:
     # DSSE allows the standard or the URL-safe alphabet, but not a mix of both.
     if ("-" in text or "_" in text) and ("+" in text or "/" in text):
         raise MalformedError(f"envelope {what} is not base64")
+    # Padded, no whitespace, and canonical (unused bits of the last character zero, RFC 4648
+    # 3.5): exactly one text per byte string, as every standard encoder writes it.
+    standard = text.translate(_URLSAFE)
     try:
-        return base64.b64decode(text.translate(_URLSAFE).encode("ascii"), validate=True)
+        decoded = base64.b64decode(standard.encode("ascii"), validate=True)
     except (binascii.Error, ValueError):
         raise MalformedError(f"envelope {what} is not base64") from None
+    if base64.b64encode(decoded).decode("ascii") != standard:
+        raise MalformedError(f"envelope {what} is not canonical base64 (non-zero padding bits)")
+    return decoded
 
 
 def strict_json_loads(data: bytes) -> Any:

@@ -43,7 +43,11 @@ _MAX_DOUBLE = 1.7976931348623157e308
 _HEX64 = "^[0-9a-f]{64}$"
 # Standard base64 with padding (what Python's b64decode(validate=True) takes).
 _B64 = "^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
-_B64_URLSAFE = "^(?:[A-Za-z0-9_-]{4})*(?:[A-Za-z0-9_-]{2}==|[A-Za-z0-9_-]{3}=)?$"
+# An envelope's base64 is also canonical: the unused bits of its last character are zero.
+_B64_CANONICAL = ("^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/][AQgw]==|[A-Za-z0-9+/]{2}"
+                  "[AEIMQUYcgkosw048]=)?$")
+_B64_URLSAFE = ("^(?:[A-Za-z0-9_-]{4})*(?:[A-Za-z0-9_-][AQgw]==|[A-Za-z0-9_-]{2}"
+                "[AEIMQUYcgkosw048]=)?$")
 
 
 # -- building blocks -----------------------------------------------------------------------------
@@ -175,7 +179,11 @@ def _command_response() -> Schema:
         "error_code": _string(messages.MAX_ID_LENGTH, description="a reason code, e.g. "
                               "oversize, malformed, wrong_schema, missing_field, bad_type, "
                               "bad_value, unknown_command, bad_args, failed, internal"),
-        "error": _TEXT})
+        "error": _TEXT}, keywords={
+        "if": {"properties": {"ok": {"const": True}}, "required": ["ok"]},
+        "then": {"properties": {"error_code": {"const": ""}}},
+        "else": {"properties": {"error_code": {"minLength": 1}}, "required": ["error_code"]},
+    })
 
 
 def _ota_status() -> Schema:
@@ -204,7 +212,7 @@ def _chunk_request() -> Schema:
                       "not": {"enum": [".", ".."]}},
         "release_id": _string(pattern=_HEX64),
         "chunk_size": _int(chunks.MIN_CHUNK_SIZE, chunks.MAX_CHUNK_SIZE),
-        "ts": _number(),
+        "ts": _TS,
         "missing": ranges,
         "done": {"type": "boolean"},
     }, keywords={"if": {"properties": {"done": {"const": True}}, "required": ["done"]},
@@ -256,9 +264,7 @@ def _profile_defs() -> dict[str, Schema]:
         "lm": _obj({
             "workload": {"enum": list(profile.LM_WORKLOADS)}, "seed": _int(),
             "repetitions": _int(1), "warmup_runs": _int(0), "num_layers": _int(1),
-            "cache_layout": _string(messages.MAX_ID_LENGTH, description=(
-                f"one of {', '.join(CACHE_LAYOUTS)} from the agent; the parser takes any "
-                "short string")),
+            "cache_layout": {"enum": list(CACHE_LAYOUTS)},
             "context_length": _int(1), "vocab_size": _int(1),
             "prefill_lengths": _array(_int(1, 2**31 - 1), profile.MAX_LM_FIGURES),
             "load_ms": _NON_NEGATIVE,
@@ -418,8 +424,8 @@ def _root() -> Schema:
                  "propertyNames": {"pattern": _HEX64},
                  "additionalProperties": _obj({
                      "keytype": {"const": "ed25519"},
-                     "public": _string(pattern="^[0-9a-fA-F]{64}$",
-                                       description="the raw 32-byte Ed25519 key, hex"),
+                     "public": _string(pattern=_HEX64, description="the raw 32-byte "
+                                       "Ed25519 key, 64 lowercase hex digits"),
                  }, strict=True),
                  "description": "key id (the sha256 of the raw public key, hex) -> key"},
         "roles": _obj({name: role for name in trust.ROLE_NAMES}, strict=True),
@@ -430,8 +436,10 @@ def _root() -> Schema:
 
 
 def _envelope() -> Schema:
-    base64 = {"type": "string", "anyOf": [{"pattern": _B64}, {"pattern": _B64_URLSAFE}],
-              "description": "base64, standard or URL-safe alphabet (not mixed), padded"}
+    base64 = {"type": "string", "anyOf": [{"pattern": _B64_CANONICAL},
+                                          {"pattern": _B64_URLSAFE}],
+              "description": "base64, standard or URL-safe alphabet (not mixed), padded, "
+                             "canonical (zero padding bits), no whitespace"}
     body = _obj({
         "payloadType": _string(envelope._MAX_TYPE_LENGTH, 1, description=(
             f"{envelope.MANIFEST_PAYLOAD_TYPE} or {envelope.ROOT_PAYLOAD_TYPE}")),

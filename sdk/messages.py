@@ -1,9 +1,12 @@
 """Versioned JSON message schemas shared by the agent and the fleet side.
 
 Every message is a JSON object with a ``schema`` field naming its type and version
-(``fleetlite.status/1``). Decoding checks, in this order: size cap, UTF-8, JSON, object, schema
-name and version, then each field's presence and type. A failure raises :class:`MessageError`
-with a machine-readable ``code`` that the agent echoes in its error responses.
+(``fleetlite.status/1``). Decoding checks, in this order: size cap, UTF-8, JSON (no NaN or
+Infinity, no number beyond a double, no key twice in one object), object, nesting depth, schema
+name and version, then each field's presence, type and range. Unknown fields are ignored. An
+integer field takes only a JSON number written without fraction or exponent (``7``, not
+``7.0``); a float field takes any JSON number. A failure raises :class:`MessageError` with a
+machine-readable ``code`` that the agent echoes in its error responses.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ def decode_object(payload: bytes, schema: str, *, max_bytes: int) -> dict[str, A
         raise MessageError(OVERSIZE, f"message of {len(payload)} bytes exceeds {max_bytes} bytes")
     try:
         data = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant,
-                          parse_float=_finite_float)
+                          parse_float=_finite_float, object_pairs_hook=_no_duplicate_keys)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise MessageError(MALFORMED, f"message is not valid UTF-8 JSON ({exc})") from exc
     if not isinstance(data, dict):
@@ -72,6 +75,14 @@ def decode_object(payload: bytes, schema: str, *, max_bytes: int) -> dict[str, A
             )
         raise MessageError(WRONG_SCHEMA, f"expected a {schema!r} message, got schema {got!r}")
     return data
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # JSON parsers disagree on which of two equal keys wins; a message must mean one thing.
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise ValueError("an object has the same key twice")
+    return result
 
 
 def _reject_constant(name: str) -> Any:
@@ -372,13 +383,22 @@ class CommandResponse(Message):
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> CommandResponse:
+        """``ok`` and ``error_code`` must agree: a success has no code (``""`` or absent), a
+        failure has one; a failure's ``result`` is ignored (producers write ``{}``)."""
+        ok = get_bool(data, "ok")
+        error_code = get_str(data, "error_code", optional=True, max_len=MAX_ID_LENGTH)
+        if ok and error_code:
+            raise MessageError(BAD_VALUE, f"an ok response must not carry an error_code, got "
+                                          f"{error_code!r}")
+        if not ok and not error_code:
+            raise MessageError(BAD_VALUE, "a failed response (ok: false) needs an error_code")
         return cls(
             id=get_str(data, "id", max_len=MAX_ID_LENGTH),
             device_id=get_str(data, "device_id", max_len=MAX_ID_LENGTH),
-            ok=get_bool(data, "ok"),
+            ok=ok,
             ts=get_ts(data),
             result=get_dict(data, "result", optional=True),
-            error_code=get_str(data, "error_code", optional=True, max_len=MAX_ID_LENGTH),
+            error_code=error_code,
             error=get_str(data, "error", optional=True),
         )
 

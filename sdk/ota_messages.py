@@ -21,10 +21,10 @@ from fleetlite.sdk.messages import (
     Message,
     MessageError,
     get_bool,
-    get_float,
     get_int,
     get_list,
     get_str,
+    get_ts,
 )
 from fleetlite.sdk.topics import TopicError, validate_device_id, validate_release_id
 
@@ -76,7 +76,7 @@ class ChunkRequest(Message):
         if done and missing:
             raise MessageError(BAD_VALUE, "a request with 'done': true must not list chunks")
         return cls(device_id=device_id, release_id=release_id, chunk_size=chunk_size,
-                   ts=get_float(data, "ts"), missing=missing, done=done)
+                   ts=get_ts(data), missing=missing, done=done)
 
 
 def _parse_ranges(items: list[Any]) -> tuple[ChunkRange, ...]:

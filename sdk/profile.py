@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Protocol
 
+from fleetlite.sdk.lm_signature import CACHE_LAYOUTS
 from fleetlite.sdk.messages import (
     BAD_TYPE,
     BAD_VALUE,
@@ -630,6 +631,10 @@ class LmProfile:
                 for n in lengths):
             raise MessageError(BAD_VALUE, f"field 'prefill_lengths' must list at most "
                                f"{MAX_LM_FIGURES} lengths within 1..2**31-1")
+        cache_layout = get_str(data, "cache_layout", max_len=MAX_ID_LENGTH)
+        if cache_layout not in CACHE_LAYOUTS:
+            raise MessageError(BAD_VALUE, f"field 'cache_layout' must be one of "
+                               f"{', '.join(CACHE_LAYOUTS)}, got {cache_layout!r:.40}")
         estimate = data.get("memory_estimate_mb")
         return cls(
             workload=workload,
@@ -637,7 +642,7 @@ class LmProfile:
             repetitions=get_int(data, "repetitions", minimum=1),
             warmup_runs=get_int(data, "warmup_runs", minimum=0),
             num_layers=get_int(data, "num_layers", minimum=1),
-            cache_layout=get_str(data, "cache_layout", max_len=MAX_ID_LENGTH),
+            cache_layout=cache_layout,
             context_length=get_int(data, "context_length", minimum=1),
             vocab_size=get_int(data, "vocab_size", minimum=1),
             prefill_lengths=tuple(lengths),

@@ -17,6 +17,7 @@ Pure functions over bytes: reading and writing ``root.json`` is the caller's job
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,6 +54,9 @@ ROLE_NAMES = ("root", "release")
 MAX_ROOT_BYTES = 512_000
 _MAX_KEYS = 64
 _MAX_KEYID_LENGTH = 64
+# A public key is written as 64 lowercase hex digits, nothing else (no spaces, no upper case):
+# bytes.fromhex alone would take "D7 5A ...".
+_PUBLIC_HEX_RE = re.compile(r"[0-9a-f]{64}\Z")
 
 
 def canonical_json(data: Mapping[str, Any]) -> bytes:
@@ -223,8 +227,11 @@ def _parse_root_payload(payload: bytes, envelope: Envelope | None = None) -> Roo
             raise _bad("each key must be an object with keytype and public")
         if entry["keytype"] != KEYTYPE:
             raise _bad(f"unsupported keytype {entry['keytype']!r:.40}")
+        raw_public = entry["public"]
+        if not isinstance(raw_public, str) or not _PUBLIC_HEX_RE.match(raw_public):
+            raise _bad("a public key must be 64 lowercase hex digits (32 bytes)")
         try:
-            public = PublicKey.from_hex(str(entry["public"]))
+            public = PublicKey.from_hex(raw_public)
         except ValueError:
             raise _bad("a public key is not 32 bytes of hex") from None
         # A key id must be the hash of its key, or one key could appear under two ids and

@@ -7,28 +7,64 @@ from pathlib import Path
 
 import pytest
 
-from fleetlite.sdk import messages, topics
+from fleetlite.sdk import messages, ota_messages, profile, topics
 from fleetlite.sdk.messages import MessageError
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 VECTOR = re.compile(r"<!-- vector: (\w+) -->\s*```json\n(.*?)\n```", re.S)
+# A table after a marker: rows of backquoted cells, up to the first line that is not a row.
+TABLE = r"<!-- {} -->\n\| .*?\n\| --- .*?\n((?:\|.*\n)+)"
 
 
 def vectors() -> list[tuple[str, bytes]]:
     return [(name, body.encode()) for name, body in VECTOR.findall(DOC.read_text())]
 
 
+def table(marker: str) -> list[list[str]]:
+    """The rows of the table after ``<!-- marker -->``: each cell, backquotes stripped."""
+    found = re.search(TABLE.format(re.escape(marker)), DOC.read_text())
+    assert found, f"no table after <!-- {marker} --> in docs/protocol.md"
+    rows = []
+    for line in found.group(1).splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split(" | ")]
+        rows.append([c[1:-1] if c.startswith("`") and c.endswith("`") else c for c in cells])
+    return rows
+
+
+def message_class(name: str) -> type[messages.Message]:
+    for module in (messages, ota_messages, profile):
+        if hasattr(module, name):
+            cls: type[messages.Message] = getattr(module, name)
+            return cls
+    raise AssertionError(f"no message class {name}")
+
+
 def test_the_doc_has_a_vector_per_message_type() -> None:
     assert {name for name, _ in vectors()} >= {
-        "Status", "Birth", "Telemetry", "Event", "Command", "CommandResponse", "OtaStatus"
+        "Status", "Birth", "Telemetry", "Event", "Command", "CommandResponse", "OtaStatus",
+        "ProfileRecord",
     }
+    profiles = [payload for name, payload in vectors() if name == "ProfileRecord"]
+    assert {profile.ProfileRecord.from_json(p).schema for p in profiles} == set(profile.SCHEMAS)
 
 
 @pytest.mark.parametrize(("name", "payload"), vectors())
 def test_vector_round_trips_exactly(name: str, payload: bytes) -> None:
-    cls = getattr(messages, name)
+    cls = message_class(name)
     decoded = cls.from_json(payload)
     assert decoded.to_json() == payload
+
+
+@pytest.mark.parametrize(("name", "payload", "result"), table("decode-cases"))
+def test_decoding_edge_cases_get_the_documented_code(name: str, payload: str,
+                                                     result: str) -> None:
+    cls = message_class(name)
+    if result == "ok":
+        cls.from_json(payload.encode())
+        return
+    with pytest.raises(MessageError) as info:
+        cls.from_json(payload.encode())
+    assert info.value.code == result
 
 
 def test_topic_table_matches_code() -> None:

@@ -154,8 +154,7 @@ def doc_vectors() -> list[tuple[str, str, Any]]:
     text = DOC.read_text()
     found = []
     for name, body in VECTOR.findall(text):
-        cls = getattr(messages, name)
-        kind = next(k for k, c in MESSAGE_CLASSES.items() if c is cls)
+        kind = next(k for k, c in MESSAGE_CLASSES.items() if c.__name__ == name)
         found.append((name, kind, json.loads(body)))
     found += [(name, name, json.loads(body)) for name, body in OTA_VECTOR.findall(text)]
     found += [(name, SIGNING_KINDS[name], json.loads(body))
@@ -169,7 +168,8 @@ def doc_vectors() -> list[tuple[str, str, Any]]:
 def test_the_doc_has_a_vector_of_each_kind_it_shows() -> None:
     kinds = {kind for _, kind, _ in doc_vectors()}
     assert kinds >= {"status", "birth", "telemetry", "event", "command", "command_response",
-                     "ota_status", "chunk_request", "root", "manifest", "envelope", "lm_smoke"}
+                     "ota_status", "chunk_request", "profile", "root", "manifest", "envelope",
+                     "lm_smoke"}
 
 
 @pytest.mark.parametrize(("name", "kind", "document"), doc_vectors(),
@@ -269,6 +269,12 @@ def test_profiles_of_both_versions_are_valid() -> None:
         document = json.loads(record.to_json())
         assert document["schema"] == schema
         assert_valid("profile", document)
+    # an LM profile's cache layout is one of the manifest's, in schema and parser alike
+    document["lm"]["cache_layout"] = "diagonal"
+    assert schema_errors("profile", document)
+    with pytest.raises(messages.MessageError) as info:
+        ProfileRecord.from_json(json.dumps(document).encode())
+    assert info.value.code == "bad_value"
 
 
 # -- what a real agent publishes -----------------------------------------------------------------
@@ -374,11 +380,15 @@ INVALID: list[tuple[str, str, Edit]] = [
     ("command_response", "ok is a string", put("ok", "yes")),
     ("command_response", "error_code over 64", put("error_code", LONG_ID)),
     ("command_response", "ts beyond year 9999", put("ts", 1e12)),
+    ("command_response", "ok with an error_code", put("ok", True)),
+    ("command_response", "failed without an error_code", drop("error_code")),
     ("ota_status", "unknown phase", put("phase", "exploding")),
     ("ota_status", "unknown outcome", put("outcome", "maybe")),
     ("ota_status", "negative version", put("version", -1)),
     ("ota_status", "version beyond 64 bits", put("version", 2**63)),
     ("chunk_request", "chunk size below 1024", put("chunk_size", 512)),
+    ("chunk_request", "ts before 1970", put("ts", -1)),
+    ("chunk_request", "ts beyond year 9999", put("ts", 1e12)),
     ("chunk_request", "upper-case release id", put("release_id", "AB" * 32)),
     ("chunk_request", "done with chunks missing", put("done", True)),
     ("chunk_request", "a range of two numbers", put("missing", [[0, 1]])),
@@ -406,9 +416,19 @@ INVALID: list[tuple[str, str, Edit]] = [
     ("root", "threshold 0", put("roles.root.threshold", 0)),
     ("root", "a third role", put("roles.admin", {"keyids": [], "threshold": 1})),
     ("root", "no keys", put("keys", {})),
+    ("root", "an upper-case public key",
+     lambda d: [key.update(public=key["public"].upper()) for key in d["keys"].values()]),
+    ("root", "a public key with spaces",
+     lambda d: [key.update(public=key["public"][:62] + " " + key["public"][62:])
+                for key in d["keys"].values()]),
     ("envelope", "an unknown field", put("extra", 1)),
     ("envelope", "a signature without sig", drop("signatures.0.sig")),
     ("envelope", "payload not base64", put("payload", "***")),
+    ("envelope", "a signature with non-zero padding bits",
+     # a 64-byte signature ends "x==", x one of AQgw; "B" differs in the unused bits only
+     lambda d: d["signatures"][0].update(sig=d["signatures"][0]["sig"][:-3] + "B==")),
+    ("envelope", "a signature without padding",
+     lambda d: d["signatures"][0].update(sig=d["signatures"][0]["sig"].rstrip("="))),
     ("envelope", "33 signatures", lambda d: d["signatures"].extend(d["signatures"] * 32)),
     ("smoke", "an unknown field", put("extra", 1)),
     ("smoke", "an unknown dtype", put("cases.0.inputs.0.dtype", "int4")),

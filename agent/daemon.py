@@ -24,6 +24,7 @@ from fleetlite.agent.atomic import read_json, write_json_atomic
 from fleetlite.agent.commands import CommandDispatcher, arg, command_name
 from fleetlite.agent.config import AgentConfig, ModelEntry, load_config
 from fleetlite.agent.errors import AgentConfigError, AgentError
+from fleetlite.agent.fleet_tags import FleetTags
 from fleetlite.agent.isolated import check_language_model, check_model
 from fleetlite.agent.language_models import LanguageModels
 from fleetlite.agent.link import MqttLink
@@ -92,6 +93,7 @@ class Agent:
                 "info": self._cmd_info,
                 "profile": self._cmd_profile,
                 "reload_config": self._cmd_reload_config,
+                "set_tags": self._cmd_set_tags,
             },
         )
         self._commands: queue.Queue[bytes | None] = queue.Queue(maxsize=1000)
@@ -99,6 +101,7 @@ class Agent:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._telemetry_seq = 0
+        self.fleet_tags = FleetTags(config.state_dir)
         self._rejected_at: deque[float] = deque()
         self._rejected_suppressed = 0
         self.link = MqttLink(
@@ -126,6 +129,7 @@ class Agent:
             "ota_rollback": self.ota.cmd_rollback,
             "ota_slots": self.ota.cmd_slots,
             "update_root": self.ota.cmd_update_root,
+            "remove_model": self.ota.cmd_remove,
         })
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -203,7 +207,9 @@ class Agent:
 
     def _model_changed(self, name: str) -> None:
         self.link.refresh_birth()
-        if self.config.profile_on_model_change:
+        served = name in self.models.names() or any(lm.name == name
+                                                      for lm in self.language_models)
+        if self.config.profile_on_model_change and served:  # not a model just removed
             self._jobs.put(("profile", {"model": name, "trigger": "model_change"}))
 
     # -- messages ------------------------------------------------------------------------------
@@ -240,7 +246,7 @@ class Agent:
             ts=time.time(),
             device_class=self.config.device_class,
             agent_version=__version__,
-            tags=dict(self.config.tags),
+            tags=self.fleet_tags.effective(self.config.tags),
             facts=device_facts.collect(self.config.device_class),
             models=self.models.describe() + [
                 {"name": lm.name, "version": lm.version, "sha256": lm.sha256,
@@ -383,7 +389,7 @@ class Agent:
         return {
             "facts": device_facts.collect(self.config.device_class),
             "device_class": self.config.device_class,
-            "tags": self.config.tags,
+            "tags": self.fleet_tags.effective(self.config.tags),
             "models": self.models.describe(),
             "spool": self.spool.stats(),
             "link": self.link.stats(),
@@ -416,6 +422,15 @@ class Agent:
                 request[key] = float(value)
         record = self._profile(request)
         return {"profile": record}
+
+    def _cmd_set_tags(self, args: Any) -> dict[str, Any]:
+        """Set and remove tags from the fleet (:mod:`fleetlite.agent.fleet_tags`); the birth
+        is published again with the device's tags now."""
+        to_set = arg(args, "set", dict, {})
+        to_remove = arg(args, "remove", list, [])
+        self.fleet_tags.apply(to_set, to_remove)
+        self.link.refresh_birth()
+        return {"tags": self.fleet_tags.effective(self.config.tags)}
 
     def _cmd_reload_config(self, args: Any) -> dict[str, Any]:
         if self.config.source is None:

@@ -202,7 +202,7 @@ class OtaManager:
         serve = []
         for name, (path, version) in self.seeds.items():
             seeded = self.state.models.get(name)
-            if seeded is None or seeded.active is None:
+            if seeded is None or (seeded.active is None and not seeded.removed):
                 serve.append((name, path, version, ""))
         for name, ms in self.state.models.items():
             if ms.active is not None:
@@ -325,6 +325,35 @@ class OtaManager:
         self.on_model_change(name)
         return {"rolled_back": bad.version, "slots": self.describe_slots().get(name, {})}
 
+    def cmd_remove(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        """Stop serving a model and delete its installed releases (the ``remove_model``
+        command); agent.yaml's copy of it is not served again, even after a restart, until a
+        release of it is installed. Its anti-rollback floor stays."""
+        name = arg(args, "model", str, required=True)
+        with self._busy:
+            job = self.state.job
+            if job is not None and job.model == name:
+                raise AgentError(f"an install of {name} (release {job.release_id[:12]}) is in "
+                                 "progress: wait for it to end (ota_slots), then remove it")
+            served = set(self.models.names()) | {lm.name for lm in self.language_models}
+            ms = self.state.models.get(name)
+            if name not in served and (ms is None or ms.active is None):
+                raise AgentError(f"this device serves no model {name!r}; it serves: "
+                                 f"{', '.join(sorted(served)) or 'none'}")
+            ms = self.state.model(name)
+            version = (ms.slots[ms.active].version if ms.active in ms.slots
+                       else self.seeds.get(name, (None, None))[1])
+            ms.active = ms.previous = None
+            ms.pending = None
+            ms.removed = True
+            self.store.save(self.state)
+            self._serve_active(name, ms)
+            freed = self._drop_abandoned_slots(name)
+            self._save_quietly()
+        log.info("removed model %s (version %s) on the fleet's command", name, version)
+        self.on_model_change(name)
+        return {"removed": name, "version": version, "freed_bytes": freed}
+
     def cmd_slots(self, args: Mapping[str, Any]) -> dict[str, Any]:
         self.check_worker()
         return {"models": self.describe_slots(), "job": None if self.state.job is None else
@@ -356,6 +385,7 @@ class OtaManager:
                 "pending": None if ms.pending is None else vars(ms.pending),
                 "rejected": list(ms.rejected),
                 "slots": {slot: vars(info) for slot, info in ms.slots.items()},
+                "removed": ms.removed,
             }
         for name, (_path, version) in self.seeds.items():
             out.setdefault(name, {"active": None, "installed_version": version})
@@ -879,7 +909,7 @@ class OtaManager:
         return slot
 
     def _serve_active(self, name: str, ms: ModelState) -> None:
-        if ms.active is None and name not in self.seeds:
+        if ms.active is None and (name not in self.seeds or ms.removed):
             # a language model rolled back to nothing: it is no longer served
             self.language_models.remove(name)
             if name in self.models.names():

@@ -60,6 +60,9 @@ class ModelState:
     slots: dict[str, SlotInfo] = field(default_factory=dict)
     pending: Pending | None = None
     rejected: list[int] = field(default_factory=list)
+    # removed by the fleet (remove_model): not served, agent.yaml's copy included, until a
+    # release of it is installed again; installed_version stays the anti-rollback floor
+    removed: bool = False
 
     def free_slot(self) -> str:
         """The slot an install may overwrite: never the active one."""
@@ -70,6 +73,7 @@ class ModelState:
             self.rejected.append(version)
 
     def switch_to(self, slot: str, info: SlotInfo, *, now: float) -> None:
+        self.removed = False
         self.slots[slot] = info
         self.previous, self.active = self.active, slot
         self.pending = Pending(slot, info.version, info.release_id, now)
@@ -155,6 +159,7 @@ class OtaState:
                 slots={k: SlotInfo(**v) for k, v in raw.get("slots", {}).items()},
                 pending=Pending(**pending) if pending else None,
                 rejected=list(raw.get("rejected", [])),
+                removed=bool(raw.get("removed", False)),
             )
         job = data.get("job")
         return cls(models=models, job=Job(**job) if job else None,

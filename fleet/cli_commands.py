@@ -83,6 +83,39 @@ def add_device_commands(devices: Any, leaf: Callable[..., argparse.ArgumentParse
     _targets(root)
     root.add_argument("--root", required=True, metavar="ROOT.json", type=Path,
                       help="the new root metadata")
+    tag = leaf(devices, "tag", _tag_devices, help="set or remove devices' tags",
+               description="Set and remove tags on devices from the fleet: each device keeps "
+               "them (over its agent.yaml's tags, across restarts), answers with its tags now "
+               "and publishes its birth again, so `devices list` shows them." + _HOW,
+               examples=_examples("tag", "--set line=2 --remove temp"),
+               exit_codes=COMMAND_EXIT_CODES)
+    _targets(tag)
+    tag.add_argument("--set", dest="set_tags", action="append", default=[],
+                     metavar="KEY=VALUE", help="set a tag (repeat for several)")
+    tag.add_argument("--remove", dest="remove_tags", action="append", default=[],
+                     metavar="KEY", help="remove a tag, agent.yaml's included (repeat)")
+    remove = leaf(devices, "remove-model", _remove_model, help="remove a model from devices",
+                  description="Stop serving a model on devices and delete its installed "
+                  "releases; a model from agent.yaml is not served again, even after a "
+                  "restart, until a release of it is installed. The device publishes its birth "
+                  "again without it." + _HOW,
+                  examples=_examples("remove-model", "--model intent"),
+                  exit_codes=COMMAND_EXIT_CODES)
+    _targets(remove)
+    remove.add_argument("--model", required=True, metavar="NAME", help="the model to remove")
+    decommission = leaf(
+        devices, "decommission", _decommission, help="take devices out of service",
+        description="Take devices out of service: they leave `devices list`, rollouts and "
+        "--all selections; their history (profiles, OTA statuses, commands, events) stays, "
+        "`devices show` and `devices list --decommissioned` still show them. --undo puts them "
+        "back. Nothing is sent to the devices.",
+        examples="""\
+  fleetlite devices decommission gw-berlin-07
+  fleetlite devices decommission gw-berlin-07 --undo
+  fleetlite devices list --decommissioned
+""")
+    decommission.add_argument("device_ids", nargs="+", metavar="ID", help="devices by id")
+    decommission.add_argument("--undo", action="store_true", help="put them back in service")
     history = leaf(devices, "history", _history, help="commands sent to a device and answers",
                    description="The commands sent to one device (by operators and rollouts), "
                    "newest first, with their answers.",
@@ -253,6 +286,41 @@ def _update_root(fleet: Fleet, args: argparse.Namespace) -> int:
         raise FleetError(f"{path} is not a signed root.json ({exc}); make the next root with "
                          "`fleetlite keys root rotate`") from None
     return _send(fleet, args, "update_root", {"root": base64.b64encode(data).decode()})
+
+
+def _tag_devices(fleet: Fleet, args: argparse.Namespace) -> int:
+    from fleetlite.fleet.cli_fleet import EXIT_USAGE
+
+    to_set: dict[str, str] = {}
+    for item in args.set_tags:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise FleetError(f"--set {item!r}: write KEY=VALUE, e.g. --set line=2")
+        to_set[key] = value
+    if not to_set and not args.remove_tags:
+        print("error: say what to change: --set KEY=VALUE and/or --remove KEY", file=sys.stderr)
+        return EXIT_USAGE
+    return _send(fleet, args, "set_tags", {"set": to_set, "remove": list(args.remove_tags)})
+
+
+def _remove_model(fleet: Fleet, args: argparse.Namespace) -> int:
+    return _send(fleet, args, "remove_model", {"model": args.model})
+
+
+def _decommission(fleet: Fleet, args: argparse.Namespace) -> int:
+    from fleetlite.fleet.cli_fleet import _emit
+
+    changed = fleet.decommission(args.device_ids, undo=args.undo)
+    unchanged = [d for d in args.device_ids if d not in changed]
+    state = "back in service" if args.undo else "decommissioned"
+
+    def table() -> str:
+        lines = [f"{d}: {state}" for d in changed]
+        lines += [f"{d}: already {state}" for d in unchanged]
+        return "\n".join(lines)
+
+    _emit(args, {"changed": changed, "unchanged": unchanged, "state": state}, table)
+    return EXIT_OK
 
 
 def _summary(result: Optional[dict[str, Any]]) -> str:

@@ -172,6 +172,8 @@ controller stopped by itself (its SQLite file was deleted or replaced); 2 a usag
                        help="only online devices")
     state.add_argument("--offline", dest="online", action="store_const", const=False,
                        help="only offline devices")
+    listing.add_argument("--decommissioned", action="store_true",
+                         help="only decommissioned devices (`devices decommission`)")
     show = _leaf(devices, "show", _devices_show, help="show one device",
                  description="Everything the fleet knows about one device.",
                  examples="""\
@@ -588,8 +590,9 @@ def _devices_list(fleet: Fleet, args: argparse.Namespace) -> int:
     from fleetlite.fleet.client import device_dict
 
     tags = dict(args.tag) if args.tag else None
-    found = fleet.devices(device_class=args.device_class, tags=tags, online=args.online)
-    if not found and not fleet.devices():
+    found = fleet.devices(device_class=args.device_class, tags=tags, online=args.online,
+                          decommissioned=args.decommissioned)
+    if not found and not fleet.devices(decommissioned=None):
         _note(f"no devices in the store {fleet.store.url} yet: is `fleetlite serve` running "
               "with this --db, and are the agents connected to its broker?")
     now = time.time()
@@ -612,6 +615,8 @@ def _devices_show(fleet: Fleet, args: argparse.Namespace) -> int:
         status = "online" if device.online else "offline"
         if device.status_reason:
             status += f" ({device.status_reason})"
+        if device.decommissioned is not None:
+            status = f"DECOMMISSIONED since {_clock(device.decommissioned)}; {status}"
         lines = [
             f"device    {device.device_id}",
             f"class     {device.device_class or '-'}",

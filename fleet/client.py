@@ -366,6 +366,7 @@ def device_dict(device: DeviceRecord,
         "clock_offset_s": device.clock_offset,
         "clock_skewed": is_skewed(device.clock_offset),
         "session": device.session,
+        "decommissioned": device.decommissioned,
         "facts": dict(device.facts),
         "telemetry": device.telemetry.to_dict() if device.telemetry is not None else None,
         "refused_reports": [refusal_dict(r) for r in refused],
@@ -458,11 +459,21 @@ class Fleet:
     def devices(self, device_class: Optional[str] = None,
                 tags: Optional[Mapping[str, str]] = None,
                 online: Optional[bool] = None,
-                seen_since: Optional[float] = None) -> list[DeviceRecord]:
+                seen_since: Optional[float] = None,
+                decommissioned: Optional[bool] = False) -> list[DeviceRecord]:
         """Registered devices matching every given filter, by id; ``seen_since``: heard from
-        at or after this Unix time (the controller's clock, see ``DeviceRecord.last_seen``)."""
+        at or after this Unix time (the controller's clock, see ``DeviceRecord.last_seen``);
+        by default those in service (``decommissioned=True``: only the decommissioned)."""
         return self.store.list_devices(device_class=device_class, tags=tags, online=online,
-                                       seen_since=seen_since)
+                                       seen_since=seen_since, decommissioned=decommissioned)
+
+    def decommission(self, device_ids: Sequence[str], *, undo: bool = False) -> list[str]:
+        """Take devices out of service (``undo``: back in): they leave lists, rollouts and
+        selections such as ``--all``; their history stays. Unknown ids are refused; returns
+        the ids that changed."""
+        for device_id in device_ids:
+            self.device(device_id)
+        return self.store.decommission(device_ids, undo=undo)
 
     def device(self, device_id: str) -> DeviceRecord:
         """One device; :class:`RecordNotFoundError` if the fleet never heard of it."""

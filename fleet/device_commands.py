@@ -25,7 +25,7 @@ __all__ = ["COMMANDS", "CommandOutcome", "outcome_of", "send_and_wait"]
 #: The agent's commands an operator sends (docs/protocol.md, the command table); the OTA
 #: install and rollback are sent by rollouts.
 COMMANDS = ("ping", "info", "profile", "reload_config", "ota_slots", "ota_install",
-            "update_root")
+            "update_root", "set_tags", "remove_model")
 
 ANSWERED = "answered"  # ok
 REFUSED = "refused"  # answered with an error

@@ -247,6 +247,11 @@ MIGRATIONS: tuple[Migration, ...] = (
         )""",
         "CREATE INDEX device_events_device ON device_events (device_id, id)",
     )),
+    Migration(8, "decommissioned devices", (
+        # when an operator decommissioned the device (NULL: in service): left out of lists,
+        # rollouts and --all, its history kept
+        "ALTER TABLE devices ADD COLUMN decommissioned DOUBLE PRECISION",
+    )),
 )
 
 

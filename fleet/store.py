@@ -116,7 +116,8 @@ class DeviceRecord:
     (the controller's clock; 0: none heard live yet), never a time the device wrote; its
     timestamps are kept as sent. ``clock_offset`` is the device's clock minus the controller's
     from that report, in seconds (positive: ahead; None: unknown); see
-    :mod:`fleetlite.fleet.device_clock`.
+    :mod:`fleetlite.fleet.device_clock`. ``decommissioned``: when an operator took it out of
+    service (None: in service).
     """
 
     device_id: str
@@ -131,6 +132,7 @@ class DeviceRecord:
     facts: dict[str, Any]
     telemetry: Optional[Telemetry]
     clock_offset: Optional[float] = None
+    decommissioned: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -915,8 +917,8 @@ class Store:
             return result.rowcount > 0
 
     def get_device(self, device_id: str) -> Optional[DeviceRecord]:
-        """One device, or None if the store has never heard of it."""
-        devices = self.list_devices(device_ids=[device_id])
+        """One device (decommissioned or not), or None if the store has never heard of it."""
+        devices = self.list_devices(device_ids=[device_id], decommissioned=None)
         return devices[0] if devices else None
 
     def list_devices(
@@ -929,8 +931,10 @@ class Store:
         model_version: Optional[int] = None,
         device_ids: Optional[Collection[str]] = None,
         seen_since: Optional[float] = None,
+        decommissioned: Optional[bool] = False,
     ) -> list[DeviceRecord]:
-        """Devices matching every given filter, by id.
+        """Devices matching every given filter, by id: by default those in service
+        (``decommissioned=True``: only the decommissioned; None: both).
 
         ``device_class``: one class or a set; ``tags``: per key, the value or set of values
         allowed (``{"site": "berlin", "line": {"1", "2"}}``); ``model``/``model_version``: an
@@ -963,12 +967,14 @@ class Store:
         if seen_since is not None:
             where.append("last_seen >= ?")
             params.append(seen_since)
+        if decommissioned is not None:
+            where.append(f"decommissioned IS {'NOT ' if decommissioned else ''}NULL")
         condition = " AND ".join(where) or "1 = 1"
         with self._transaction(write=False) as db:
             rows = db.execute(
                 "SELECT device_id, device_class, agent_version, facts_json, online, "
                 "status_reason, status_session, birth_session, telemetry_session, last_seen, "
-                "telemetry_json, clock_offset "
+                "telemetry_json, clock_offset, decommissioned "
                 f"FROM devices WHERE {condition} ORDER BY device_id", params).rows
             selected = f"SELECT device_id FROM devices WHERE {condition}"
             tag_rows = db.execute(
@@ -998,9 +1004,26 @@ class Store:
                 facts=_load_object(row[3]),
                 telemetry=None if row[10] is None else Telemetry.from_dict(_load_object(row[10])),
                 clock_offset=None if row[11] is None else float(row[11]),
+                decommissioned=None if row[12] is None else float(row[12]),
             )
             for row in rows
         ]
+
+    def decommission(self, device_ids: Collection[str], *, undo: bool = False,
+                     now: Optional[float] = None) -> list[str]:
+        """Take devices out of service (or back in, with ``undo``): out of lists, rollouts
+        and selections, their history kept. Returns the ids that changed."""
+        when = time.time() if now is None else now
+        changed = []
+        with self._transaction(write=True) as db:
+            for device_id in sorted(set(device_ids)):
+                result = db.execute(
+                    f"UPDATE devices SET decommissioned = ? WHERE device_id = ? AND "
+                    f"decommissioned IS {'NOT ' if undo else ''}NULL",
+                    (None if undo else when, device_id))
+                if result.rowcount > 0:
+                    changed.append(device_id)
+        return changed
 
     # -- profiles ----------------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
-"""Commands from the fleet to devices and device events (issue 12): the store's command log and
-event log on SQLite and PostgreSQL, the outcome of a command as the operator sees it, and the
-whole path through a real broker, a controller and real agent processes with the CLI
-(``fleetlite devices ping|info|profile|ota-slots|history``, ``fleetlite events [--follow]``)."""
+"""Commands from the fleet to devices, device events and the device lifecycle (issue 12): the
+store's command log and event log on SQLite and PostgreSQL, the outcome of a command as the
+operator sees it, the agent's fleet tag layer, and the whole path through a real broker, a
+controller and real agent processes with the CLI (``fleetlite devices ping|info|profile|
+ota-slots|tag|remove-model|decommission|history``, ``fleetlite events [--follow]``)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from fleetlite.agent.commands import CommandArgumentError
+from fleetlite.agent.fleet_tags import FleetTags
 from fleetlite.fleet.device_commands import (
     ANSWERED,
     NO_ANSWER,
@@ -195,3 +198,83 @@ def test_commands_and_events_through_a_real_fleet(
         ("profile", "cli", False), ("ping", "cli", True)]
     usage = cli("devices", "ping", *db, expect=2)
     assert "name the devices" in usage.stderr and "Traceback" not in usage.stderr
+
+
+# -- device lifecycle: tags from the fleet, model removal, decommissioning ----------------------
+
+
+def test_the_fleet_tag_layer_overrides_and_hides_agent_yaml_tags(tmp_path: Path) -> None:
+    tags = FleetTags(tmp_path)
+    configured = {"site": "berlin", "line": "1"}
+    assert tags.effective(configured) == configured
+    tags.apply({"line": "2", "owner": "ops"}, ["site"])
+    assert tags.effective(configured) == {"line": "2", "owner": "ops"}
+    assert FleetTags(tmp_path).effective(configured) == {"line": "2", "owner": "ops"}  # kept
+    tags.apply({"site": "hamburg"}, [])
+    assert tags.effective(configured) == {"line": "2", "owner": "ops", "site": "hamburg"}
+    for bad_set, bad_remove, words in [
+            ({"bad key": "x"}, [], "tag key 'bad key'"), ({"k": 7}, [], "must be a string"),
+            ({"k": "x" * 257}, [], "at most 256"), ({}, [""], "tag key ''"),
+            ({"k": "v"}, ["k"], "both set and removed"),
+            ({f"k{n}": "v" for n in range(70)}, [], "at most 64 tags")]:
+        with pytest.raises(CommandArgumentError, match=words):
+            tags.apply(bad_set, bad_remove)
+    assert tags.effective(configured)["site"] == "hamburg"  # nothing changed by a refusal
+    (tmp_path / "fleet_tags.json").write_text("[not a layer")
+    assert FleetTags(tmp_path).effective(configured) == configured  # damaged: agent.yaml's
+
+
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+def test_tags_model_removal_and_decommissioning_through_a_real_fleet(
+        site: Site, store_url: str, models_dir: Path,  # noqa: F811 (the imported fixture)
+) -> None:
+    site.start_agents(INTENT_DEVICES, "intent", models_dir / "intent_classifier.tflite")
+    site.start_controllers(store_url, 1)
+    wait_until(lambda: len(site.store.list_devices(online=True)) == len(INTENT_DEVICES), 40,
+               "every device online")
+    db = ["--db", store_url]
+
+    def device(device_id: str) -> Any:
+        return site.store.get_device(device_id)
+
+    # tags: set and removed from the fleet, learnt by the device, shown by the fleet
+    tagged = json.loads(cli("devices", "tag", "gw-x86-1", "--set", "line=2", "--remove", "site",
+                            "-o", "json", *db).stdout)
+    assert tagged["outcomes"][0]["result"]["tags"] == {"line": "2"}
+    wait_until(lambda: device("gw-x86-1").tags == {"line": "2"}, 20, "the new birth's tags")
+    assert cli("devices", "list", "--tag", "line=2", "-o", "json", *db).stdout.count(
+        '"device_id"') == 1
+    refused = cli("devices", "tag", "gw-x86-1", "--set", "bad key=1", *db, expect=1)
+    assert "refused (bad_args): tag key 'bad key'" in refused.stdout
+
+    # a model removed: not served, gone from the birth, and not back after a restart
+    removed = json.loads(cli("devices", "remove-model", "gw-x86-2", "--model", "intent", "-o",
+                             "json", *db).stdout)
+    assert removed["outcomes"][0]["result"]["removed"] == "intent"
+    wait_until(lambda: device("gw-x86-2").models == (), 20, "a birth without the model")
+    agent = site.agents["gw-x86-2"]
+    agent.stop()
+    agent.start()
+    wait_until(lambda: device("gw-x86-2").online and device("gw-x86-2").session > 1, 40,
+               "gw-x86-2 back")
+    slots = site.ask("gw-x86-2", "ota_slots")
+    assert slots["models"]["intent"]["removed"] is True and device("gw-x86-2").models == ()
+    again = cli("devices", "remove-model", "gw-x86-2", "--model", "intent", *db, expect=1)
+    assert "serves no model 'intent'" in again.stdout
+
+    # decommissioned: out of lists and --all, history kept, back with --undo
+    assert "gw-pi-1: decommissioned" in cli("devices", "decommission", "gw-pi-1", *db).stdout
+    listed = json.loads(cli("devices", "list", "-o", "json", *db).stdout)["devices"]
+    assert [d["device_id"] for d in listed] == ["gw-x86-1", "gw-x86-2"]
+    gone = json.loads(cli("devices", "list", "--decommissioned", "-o", "json", *db).stdout)
+    assert [d["device_id"] for d in gone["devices"]] == ["gw-pi-1"]
+    assert "DECOMMISSIONED since" in cli("devices", "show", "gw-pi-1", *db).stdout
+    pinged = json.loads(cli("devices", "ping", "--all", "-o", "json", *db).stdout)
+    assert [o["device_id"] for o in pinged["outcomes"]] == ["gw-x86-1", "gw-x86-2"]
+    assert [c["command"] for c in json.loads(cli(
+        "devices", "history", "gw-x86-2", "-o", "json", *db).stdout)["commands"]] == \
+        ["ping", "remove_model", "remove_model"]
+    cli("devices", "decommission", "gw-pi-1", "--undo", *db)
+    assert len(site.store.list_devices()) == len(INTENT_DEVICES)
+    unknown = cli("devices", "decommission", "gw-nowhere", *db, expect=1)
+    assert "no device 'gw-nowhere'" in unknown.stderr

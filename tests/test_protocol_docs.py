@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import re
 from pathlib import Path
 
 import pytest
 
 from fleetlite.sdk import messages, ota_messages, profile, topics
+from fleetlite.sdk.envelope import ROOT_PAYLOAD_TYPE, Envelope
+from fleetlite.sdk.errors import UpdateRejected
+from fleetlite.sdk.manifest import parse_manifest
 from fleetlite.sdk.messages import MessageError
+from fleetlite.sdk.trust import canonical_json, parse_root_envelope
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 VECTOR = re.compile(r"<!-- vector: (\w+) -->\s*```json\n(.*?)\n```", re.S)
 # A table after a marker: rows of backquoted cells, up to the first line that is not a row.
+URLSAFE = str.maketrans("-_", "+/")
 TABLE = r"<!-- {} -->\n\| .*?\n\| --- .*?\n((?:\|.*\n)+)"
 
 
@@ -27,7 +34,8 @@ def table(marker: str) -> list[list[str]]:
     rows = []
     for line in found.group(1).splitlines():
         cells = [cell.strip() for cell in line.strip().strip("|").split(" | ")]
-        rows.append([c[1:-1] if c.startswith("`") and c.endswith("`") else c for c in cells])
+        rows.append([c[1:-1] if c.startswith("`") and c.endswith("`") and c.count("`") == 2
+                     else c for c in cells])
     return rows
 
 
@@ -65,6 +73,66 @@ def test_decoding_edge_cases_get_the_documented_code(name: str, payload: str,
     with pytest.raises(MessageError) as info:
         cls.from_json(payload.encode())
     assert info.value.code == result
+
+
+@pytest.mark.parametrize(("text", "result"), table("base64-cases"))
+def test_envelope_base64_rules_are_the_documented_ones(text: str, result: str) -> None:
+    text = "" if text == "(empty)" else text.replace("\\n", "\n")
+    wrapper = json.dumps({"payloadType": "t", "payload": text, "signatures": []}).encode()
+    if result == "ok":
+        envelope = Envelope.from_json(wrapper, max_bytes=1024, max_payload_bytes=1024)
+        assert base64.b64encode(envelope.payload).decode() == text.translate(URLSAFE)
+        return
+    with pytest.raises(UpdateRejected) as info:
+        Envelope.from_json(wrapper, max_bytes=1024, max_payload_bytes=1024)
+    assert info.value.reason == result
+
+
+EDIT = re.compile(r"`([^`]+)` (?:= `(.*)`|absent)")
+SIGNING_VECTOR = r"<!-- signing-vector: {} -->\s*```json\n(.*?)\n```"
+
+
+def edited(vector: str, edit: str) -> bytes:
+    """The doc's signing vector ``vector`` with ``edit`` (`a.b.0` = `json`, `a.b` absent)
+    applied, written as compact key-sorted JSON like every signed payload."""
+    found = re.search(SIGNING_VECTOR.format(vector), DOC.read_text(), re.S)
+    assert found, f"no signing vector {vector}"
+    document = json.loads(found.group(1))
+    match = EDIT.fullmatch(edit)
+    assert match, f"not an edit: {edit}"
+    *parents, last = match.group(1).split(".")
+    target = document
+    for key in parents:
+        target = target[int(key)] if isinstance(target, list) else target[key]
+    index: int | str = int(last) if isinstance(target, list) else last
+    if match.group(2) is None:
+        del target[index]
+    else:
+        target[index] = json.loads(match.group(2))
+    return canonical_json(document)
+
+
+@pytest.mark.parametrize(("edit", "result"), table("root-cases"))
+def test_root_payload_edge_cases_get_the_documented_code(edit: str, result: str) -> None:
+    payload = edited("root_payload", edit)
+    wrapper = Envelope(ROOT_PAYLOAD_TYPE, payload).to_json()
+    if result == "ok":
+        parse_root_envelope(wrapper)
+        return
+    with pytest.raises(UpdateRejected) as info:
+        parse_root_envelope(wrapper)
+    assert info.value.reason == result
+
+
+@pytest.mark.parametrize(("edit", "result"), table("manifest-cases"))
+def test_manifest_edge_cases_get_the_documented_code(edit: str, result: str) -> None:
+    payload = edited("manifest_payload", edit)
+    if result == "ok":
+        parse_manifest(payload)
+        return
+    with pytest.raises(UpdateRejected) as info:
+        parse_manifest(payload)
+    assert info.value.reason == result
 
 
 def test_topic_table_matches_code() -> None:

@@ -33,6 +33,7 @@ from fleetlite.sdk.errors import (
     KeyFileError,
     LengthMismatchError,
     MalformedError,
+    OversizeError,
     RollbackError,
     SignatureError,
     UnsafeNameError,
@@ -778,3 +779,15 @@ def test_device_side_modules_import_nothing_fleet_side() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=60, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_sixteen_files_parse_and_a_seventeenth_is_oversize_before_any_entry_is_read() -> None:
+    data = manifest_dict()
+    data["files"] += [file_entry(f"extra{i}.bin", b"x", "data").to_dict() for i in range(14)]
+    assert len(parse_manifest(payload_of(data)).files) == 16
+    data["files"].append({"name": "../not-even-a-plain-name"})
+    with pytest.raises(OversizeError):
+        parse_manifest(payload_of(data))
+    data["files"] = []
+    with pytest.raises(MalformedError):
+        parse_manifest(payload_of(data))

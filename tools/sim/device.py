@@ -16,6 +16,7 @@ import logging
 import random
 import socket
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import aiomqtt
@@ -118,8 +119,7 @@ class SimDevice:
             finally:
                 self._client = None
                 self.stats.connected(-1)
-                for job in list(self._jobs):
-                    job.cancel()
+                await _cancel(list(self._jobs))
                 if self.stop.is_set():
                     with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
                         await client.publish(self.topic(topics.STATUS), reports.shutdown_status(
@@ -144,9 +144,7 @@ class SimDevice:
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await _cancel(tasks)
         for task in done:
             task.result()  # a lost connection or a churn drop ends the session with its error
 
@@ -168,13 +166,18 @@ class SimDevice:
     # -- reports ---------------------------------------------------------------------------
 
     async def _report(self, client: aiomqtt.Client) -> None:
-        # the first report is spread over one interval, so a fleet does not report in bursts
-        await asyncio.sleep(self.rng.uniform(0, self.config.report_s))
+        # the first report is spread over one interval, so a fleet does not report in bursts;
+        # then on a fixed schedule: a report more than a second behind it counts as late (the
+        # event loop is not keeping up)
+        due = time.monotonic() + self.rng.uniform(0, self.config.report_s)
         while True:
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            if time.monotonic() - due > 1.0:
+                self.stats.add("telemetry_late")
             payload = reports.telemetry(self.state, time.time(), self.rng).to_json()
             await client.publish(self.topic(topics.TELEMETRY), payload, qos=1)
             self.stats.add("telemetry")
-            await asyncio.sleep(self.config.report_s)
+            due = max(due + self.config.report_s, time.monotonic())
 
     async def _publish_birth(self, client: aiomqtt.Client) -> None:
         await client.publish(self.topic(topics.BIRTH), reports.birth(
@@ -390,3 +393,17 @@ class SimDevice:
         finally:
             self._wake.clear()
         return True
+
+
+async def _cancel(tasks: Sequence[asyncio.Future[Any]]) -> None:
+    """Cancel ``tasks`` and wait for their end. Python 3.11's ``asyncio.wait_for`` (which
+    aiomqtt awaits every acknowledgement with) loses a cancellation that arrives as its future
+    completes, so a task that goes on is cancelled again."""
+    pending = set(tasks)
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=1.0)
+    for task in tasks:
+        if not task.cancelled():
+            task.exception()  # retrieved: a lost connection's error is raised by the caller

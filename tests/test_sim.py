@@ -1,6 +1,9 @@
 """The fleet simulator through the real parts: a real Mosquitto, a real controller on a real
 SQLite store, and ``python -m fleetlite.tools.sim`` with 200 devices of two classes.
 
+First, the simulated device's install core alone (no broker): a table of releases, each with
+the outcome and reason a simulated device reports, as the ``sdk/`` checks decide them.
+
 Every simulated device registers with its class and its baseline profile; a signed release
 rolled out to all of them in two waves completes, and the devices the simulator was told to
 fail (10 %, ``download_stalled`` half way through the download) are the rollout's failed devices,
@@ -25,14 +28,111 @@ import pytest
 from fleetlite.fleet.controller import Controller
 from fleetlite.fleet.rollout import RolloutSpec, RolloutState, parse_waves
 from fleetlite.fleet.store import Store, open_store
-from fleetlite.sdk.bundle import build_release
+from fleetlite.sdk.bundle import ReleaseBundle, build_release
+from fleetlite.sdk.chunks import ChunkLayout, expand_ranges
+from fleetlite.sdk.ota_messages import ChunkRequest
+from fleetlite.sdk.trust import Root, load_trusted_root
+from fleetlite.tools.sim.ota import Install, Outcome
 from tests.mqtt_harness import Mosquitto
-from tests.test_ota_install import ISSUED, RELEASE_KEY, write_root
+from tests.test_ota_install import ISSUED, RELEASE_KEY, STRANGER, _resign, write_root
 
 DEVICES = 200
 FAILING = 20  # --fail-rate 0.1
 CLASSES = {"raspberry-pi-4": 140, "jetson-orin-nano": 60}  # --classes rpi4=0.7,jetson=0.3
 REASON = "download_stalled"
+
+
+PI4 = "raspberry-pi-4"
+
+
+# -- the install core, without a broker ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def release(models_dir: Path) -> ReleaseBundle:
+    return build_release([models_dir / "intent_classifier.tflite"], name="intent", version=2,
+                         device_classes=[PI4], issued=ISSUED, keys=[RELEASE_KEY],
+                         vocab=models_dir / "intent_classifier.vocab.json")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Root:
+    return load_trusted_root(write_root(tmp_path_factory.mktemp("root") / "root.json")
+                             .read_bytes())
+
+
+def deliver(install: Install, bundle: ReleaseBundle, envelope: bytes,
+            tamper: bool = False) -> tuple[Outcome, list[ChunkRequest], list[str]]:
+    """Serve ``install`` as a release publisher would: the manifest, then the frames of every
+    chunk it requests (``tamper``: one byte of the model flipped), until it ends or is done.
+    Returns its outcome, its requests and the phases it reported after the download."""
+    contents = [bytearray(bundle.files[f.name]) for f in bundle.manifest.files]
+    if tamper:
+        contents[0][100] ^= 0xFF
+    layout = ChunkLayout(tuple(len(c) for c in contents), install.chunk_size)
+    sent: list[ChunkRequest] = []
+    queue = install.on_manifest(envelope, 0.0)
+    while queue and install.ended is None:
+        request = ChunkRequest.from_json(queue.pop(0).to_json())  # what goes on the wire
+        sent.append(request)
+        for file_index, index in expand_ranges(request.missing):
+            queue += install.on_chunk(layout.frame(file_index, index, bytes(contents[file_index])),
+                                      1.0)
+    phases = install.remaining_phases()
+    return install.finish(), sent, phases
+
+
+def _install(root: Root | None, release_id: str, **kwargs: Any) -> Install:
+    settings: dict[str, Any] = {"device_class": PI4, "installed_version": 1}
+    settings.update(kwargs)
+    return Install(device_id="sim-000001", release_id=release_id, chunk_size=1024, root=root,
+                   model="intent", **settings)
+
+
+CASES: list[tuple[str, str, str, dict[str, Any]]] = [
+    ("installs", "installed", "", {}),
+    ("planned download failure", "failed", "download_stalled",
+     {"planned": "failed", "planned_reason": "download_stalled"}),
+    ("planned smoke rejection", "rejected", "smoke_output_mismatch",
+     {"planned": "rejected", "planned_reason": "smoke_output_mismatch"}),
+    ("signed by a stranger", "rejected", "untrusted_signer", {"envelope": "stranger"}),
+    ("another release's manifest", "rejected", "release_id_mismatch", {"release_id": "0" * 64}),
+    ("same version", "no_change", "same_version", {"installed_version": 2}),
+    ("rolled back before", "rejected", "previously_rejected", {"rejected_versions": {2}}),
+    ("another class", "rejected", "wrong_device_class", {"device_class": "jetson-orin-nano"}),
+    ("tampered model file", "failed", "hash_mismatch", {"tamper": True}),
+    ("no root provisioned", "rejected", "no_trusted_root", {"root": None}),
+]
+
+
+@pytest.mark.parametrize(("case", "outcome", "reason", "options"), CASES,
+                         ids=[c[0] for c in CASES])
+def test_simulated_install_checks_what_a_device_checks(
+        release: ReleaseBundle, root: Root, case: str, outcome: str, reason: str,
+        options: dict[str, Any]) -> None:
+    options = dict(options)
+    envelope = release.envelope.to_json()
+    if options.pop("envelope", None) == "stranger":
+        envelope = _resign(release, release.envelope.payload, STRANGER)
+    tamper = options.pop("tamper", False)
+    install = _install(options.pop("root", root), options.pop("release_id", release.release_id),
+                       **options)
+    ended, requests, phases = deliver(install, release, envelope, tamper=tamper)
+    assert (ended.outcome, ended.reason) == (outcome, reason), ended.message
+    final = install.final()
+    assert (final.final, final.phase, final.outcome, final.reason) == (True, "done", outcome,
+                                                                       reason)
+    if outcome == "installed":
+        assert requests[-1].done and not requests[-1].missing  # the fleet may stop serving
+        assert (final.model, final.version) == ("intent", 2)
+        assert phases == ["verifying", "smoke_testing", "switching", "health_check"]
+    if reason == "smoke_output_mismatch":  # it ends in the smoke test
+        assert phases == ["verifying", "smoke_testing"]
+    if reason == "download_stalled":  # it gave up half way, as planned
+        assert install.bitmap is not None and 0 < install.bitmap.received < install.bitmap.total
+
+
+# -- the simulator against a real broker and controller ------------------------------------------
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> None:

@@ -15,6 +15,7 @@ from fleetlite.sdk.errors import UpdateRejected
 from fleetlite.sdk.manifest import parse_manifest
 from fleetlite.sdk.messages import MessageError
 from fleetlite.sdk.trust import canonical_json, parse_root_envelope
+from fleetlite.sdk.verify import Limits
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 VECTOR = re.compile(r"<!-- vector: (\w+) -->\s*```json\n(.*?)\n```", re.S)
@@ -85,6 +86,20 @@ def test_envelope_base64_rules_are_the_documented_ones(text: str, result: str) -
         return
     with pytest.raises(UpdateRejected) as info:
         Envelope.from_json(wrapper, max_bytes=1024, max_payload_bytes=1024)
+    assert info.value.reason == result
+
+
+@pytest.mark.parametrize(("wrapper", "result"), table("envelope-cases"))
+def test_envelope_edge_cases_get_the_documented_code(wrapper: str, result: str) -> None:
+    limits = Limits()
+    caps = {"max_bytes": limits.max_envelope_bytes,
+            "max_payload_bytes": limits.max_manifest_bytes,
+            "max_signatures": limits.max_signatures}
+    if result == "ok":
+        Envelope.from_json(wrapper.encode(), **caps)
+        return
+    with pytest.raises(UpdateRejected) as info:
+        Envelope.from_json(wrapper.encode(), **caps)
     assert info.value.reason == result
 
 

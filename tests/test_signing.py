@@ -791,3 +791,20 @@ def test_sixteen_files_parse_and_a_seventeenth_is_oversize_before_any_entry_is_r
     data["files"] = []
     with pytest.raises(MalformedError):
         parse_manifest(payload_of(data))
+
+
+def test_the_payload_cap_counts_decoded_bytes_not_base64_characters() -> None:
+    limits = Limits()
+    for size, accepted in ((limits.max_manifest_bytes, True),
+                           (limits.max_manifest_bytes + 1, False)):
+        wrapper = Envelope(MANIFEST_PAYLOAD_TYPE, b"x" * size).to_json()
+        text = json.loads(wrapper)["payload"]
+        assert len(text) > limits.max_manifest_bytes  # the base64 text is 4/3 longer
+        if accepted:
+            envelope = Envelope.from_json(wrapper, max_bytes=limits.max_envelope_bytes,
+                                          max_payload_bytes=limits.max_manifest_bytes)
+            assert len(envelope.payload) == size
+        else:
+            with pytest.raises(OversizeError):
+                Envelope.from_json(wrapper, max_bytes=limits.max_envelope_bytes,
+                                   max_payload_bytes=limits.max_manifest_bytes)

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from fleetlite.agent import generate_cli, profile_cli
 from fleetlite.agent.errors import AgentError
+from fleetlite.sdk.cli_exit import closed_pipe, os_error_text
 from fleetlite.sdk.version import __version__
 
 EXAMPLES = """\
@@ -127,6 +128,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
     except AgentError as exc:
         print(f"fleetlite-agent: error: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return closed_pipe()
+    except OSError as exc:
+        print(f"fleetlite-agent: error: {os_error_text(exc)}", file=sys.stderr)
         return 1
     parser.print_help()
     return 2

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from fleetlite.fleet import cli_fleet, cli_keys, cli_pki, cli_release
+from fleetlite.sdk.cli_exit import closed_pipe, os_error_text
 from fleetlite.sdk.errors import FleetLiteError
 from fleetlite.sdk.version import __version__
 
@@ -119,6 +120,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fleetlite: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return closed_pipe()
+    except OSError as exc:
+        print(f"fleetlite: error: {os_error_text(exc)}", file=sys.stderr)
+        return 1
     parser.print_help()
     return 2
 

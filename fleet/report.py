@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional, Protocol, Union
 
+from fleetlite.fleet.errors import FleetError
 from fleetlite.fleet.profiles_view import (
     Aggregate,
     ProfileRow,
@@ -965,15 +966,26 @@ def write_report(path: Union[str, os.PathLike[str]], data: ReportData) -> Path:
     """Render and write the report atomically (temp file + rename); returns the path."""
     target = Path(path)
     text = render_report(data)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=str(target.parent))
+    if target.is_dir():
+        raise FleetError(f"{target} is a directory: give the report a file name, e.g. "
+                         f"{target / 'fleet.html'}")
+    if not target.parent.is_dir():
+        raise FleetError(f"cannot write the report {target}: the directory {target.parent} "
+                         f"does not exist (create it first: mkdir -p {target.parent})")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=str(target.parent))
+    except OSError as exc:
+        raise FleetError(f"cannot write the report {target}: {exc.strerror or exc}") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
         os.chmod(tmp, 0o644)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise FleetError(f"cannot write the report {target}: "
+                             f"{exc.strerror or exc}") from None
         raise
     return target

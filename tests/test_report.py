@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from fleetlite.fleet import profiles_view as pv
+from fleetlite.fleet.errors import FleetError
 from fleetlite.fleet.report import (
     PALETTE,
     STATUS_COLORS,
@@ -386,9 +387,17 @@ def test_empty_report_renders() -> None:
 
 
 def test_write_report(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
     out = write_report(tmp_path / "sub" / "fleet.html", build_data())
     assert out.read_text(encoding="utf-8") == render_report(build_data())
     assert [p.name for p in out.parent.iterdir()] == ["fleet.html"]
+    # a missing directory is not made silently; a directory is not a file name
+    with pytest.raises(FleetError, match=r"the directory \S*missing does not exist \(create it"):
+        write_report(tmp_path / "missing" / "fleet.html", build_data())
+    assert not (tmp_path / "missing").exists()
+    with pytest.raises(FleetError, match="sub is a directory: give the report a file name"):
+        write_report(tmp_path / "sub", build_data())
+    assert [p.name for p in out.parent.iterdir()] == ["fleet.html"]  # no temp file left
 
 
 # -- headless Chromium --------------------------------------------------------------------------

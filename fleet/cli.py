@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from fleetlite.fleet import cli_fleet, cli_keys, cli_pki, cli_release
+from fleetlite.fleet import cli_config, cli_fleet, cli_keys, cli_pki, cli_release
 from fleetlite.sdk.cli_exit import closed_pipe, os_error_text
 from fleetlite.sdk.errors import FleetLiteError
 from fleetlite.sdk.version import __version__
@@ -36,6 +36,8 @@ examples:
   fleetlite profiles compare intent 1 2
                                  latency and memory of two versions per device class
   fleetlite report --html fleet.html
+  fleetlite config use-context plant-a
+                                 switch fleets: store, broker and TLS files by name
 
 fleet options (before or after the command):
   --db URL            the fleet store, sqlite:///PATH or postgresql://USER:PW@HOST/DB
@@ -88,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_pki.add_parsers(sub)
     release = cli_release.add_parser(sub)
     cli_fleet.add_parsers(sub, release)
+    cli_config.add_parser(sub)
     return parser
 
 
@@ -107,6 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cli_release.run(args)
         if args.command in ("pki", "broker-config"):
             return cli_pki.run(args)
+        if args.command == "config":
+            return cli_config.run(args)
     except FleetLiteError as exc:
         print(f"fleetlite: error: {exc}", file=sys.stderr)
         return 1

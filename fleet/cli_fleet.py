@@ -475,6 +475,10 @@ def run(args: argparse.Namespace) -> int:
     if handler is None:
         args.fleet_usage.print_help(sys.stderr)
         return EXIT_USAGE
+    from fleetlite.fleet.cli_config import pick
+
+    for dest, value in pick(args).items():  # the current context fills what is not given
+        setattr(args, dest, value)
     broker = resolve_broker(getattr(args, "broker", None), ca=getattr(args, "tls_ca", None),
                             cert=getattr(args, "tls_cert", None),
                             key=getattr(args, "tls_key", None))

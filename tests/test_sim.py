@@ -32,7 +32,9 @@ from fleetlite.sdk.bundle import ReleaseBundle, build_release
 from fleetlite.sdk.chunks import ChunkLayout, expand_ranges
 from fleetlite.sdk.ota_messages import ChunkRequest
 from fleetlite.sdk.trust import Root, load_trusted_root
+from fleetlite.tools.sim.config import SimConfig, SimConfigError, class_counts, parse_weights
 from fleetlite.tools.sim.ota import Install, Outcome
+from fleetlite.tools.sim.plan import FAIL, INSTALL, REJECT, plan_fleet, slice_of
 from tests.mqtt_harness import Mosquitto
 from tests.test_ota_install import ISSUED, RELEASE_KEY, STRANGER, _resign, write_root
 
@@ -43,6 +45,40 @@ REASON = "download_stalled"
 
 
 PI4 = "raspberry-pi-4"
+
+
+# -- the plan and the flags ----------------------------------------------------------------------
+
+
+def test_the_plan_gives_exact_class_counts_and_fates_whatever_the_split() -> None:
+    config = SimConfig(devices=1001, classes=parse_weights("rpi4=0.7,jetson=0.2,x86=0.1",
+                                                           "--classes"),
+                       fail_rate=0.1, reject_rate=0.05, seed=3, processes=3)
+    plans = plan_fleet(config)
+    assert Counter(p.device_class for p in plans) == {
+        "raspberry-pi-4": 701, "jetson-orin-nano": 200, "industrial-x86-gateway": 100}
+    assert Counter(p.fate for p in plans) == {INSTALL: 851, FAIL: 100, REJECT: 50}
+    assert plan_fleet(config) == plans  # seeded: the same on every run and in every process
+    parts = [slice_of(plans, n, 3) for n in range(3)]
+    assert sorted(p.index for part in parts for p in part) == list(range(1001))
+    assert plans[0].device_id == "sim-000000"
+    assert plan_fleet(SimConfig(devices=1001, seed=4, fail_rate=0.1)) != plans
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ("rpi4=x", "is not NAME=NUMBER"), ("rpi4=-1", "finite number >= 0"),
+    ("Bad Class=1", "not a class name"), ("rpi4=1,raspberry-pi-4=1", "named twice"),
+    ("", "name at least one class")])
+def test_bad_class_mixes_are_refused_with_what_to_write(text: str, problem: str) -> None:
+    with pytest.raises(SimConfigError, match=problem):
+        parse_weights(text, "--classes")
+
+
+def test_class_counts_add_up() -> None:
+    assert class_counts((("a", 1.0), ("b", 1.0), ("c", 1.0)), 10) == [("a", 4), ("b", 3),
+                                                                       ("c", 3)]
+    with pytest.raises(SimConfigError, match="must not exceed 1"):
+        SimConfig(fail_rate=0.6, reject_rate=0.5)
 
 
 # -- the install core, without a broker ---------------------------------------------------------

@@ -8,7 +8,14 @@ import os
 import sys
 from collections.abc import Sequence
 
-from fleetlite.fleet import cli_config, cli_fleet, cli_keys, cli_pki, cli_release
+from fleetlite.fleet import (
+    cli_completion,
+    cli_config,
+    cli_fleet,
+    cli_keys,
+    cli_pki,
+    cli_release,
+)
 from fleetlite.sdk.cli_exit import closed_pipe, os_error_text
 from fleetlite.sdk.errors import FleetLiteError
 from fleetlite.sdk.version import __version__
@@ -91,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     release = cli_release.add_parser(sub)
     cli_fleet.add_parsers(sub, release)
     cli_config.add_parser(sub)
+    cli_completion.add_parser(sub)
     return parser
 
 
@@ -112,6 +120,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cli_pki.run(args)
         if args.command == "config":
             return cli_config.run(args)
+        if args.command == "completion":
+            print(cli_completion.completion_script(parser, args.shell), end="")
+            return 0
     except FleetLiteError as exc:
         print(f"fleetlite: error: {exc}", file=sys.stderr)
         return 1

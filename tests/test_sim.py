@@ -1,14 +1,16 @@
-"""The fleet simulator through the real parts: a real Mosquitto, a real controller on a real
-SQLite store, and ``python -m fleetlite.tools.sim`` with 200 devices of two classes.
+"""The fleet simulator (``python -m fleetlite.tools.sim``), from its pure parts to the real ones.
 
-First, the simulated device's install core alone (no broker): a table of releases, each with
-the outcome and reason a simulated device reports, as the ``sdk/`` checks decide them.
-
-Every simulated device registers with its class and its baseline profile; a signed release
-rolled out to all of them in two waves completes, and the devices the simulator was told to
-fail (10 %, ``download_stalled`` half way through the download) are the rollout's failed devices,
-with that reason, while every other device installed the release: verified against its root,
-fetched chunk by chunk with real chunk requests and hash-checked with the ``sdk/`` code.
+- The seeded plan and the flags: exact class counts and install fates.
+- The simulated install core alone (no broker): a table of releases, each with the outcome and
+  reason a simulated device reports, as the ``sdk/`` checks decide them.
+- 200 simulated devices of two classes against a real Mosquitto and a real controller on a real
+  SQLite store: every device registers with its class and baseline profile; a signed release
+  rolled out in two waves completes, the devices told to fail (10 %, ``download_stalled`` half
+  way through the download) are the rollout's failed devices with that reason, and every other
+  device installed it: verified against its root, fetched with real chunk requests and
+  hash-checked with the ``sdk/`` code.
+- Churn through a real broker: a drop fires the device's Will, and it comes back as its next
+  connection.
 """
 
 from __future__ import annotations
@@ -28,14 +30,16 @@ import pytest
 from fleetlite.fleet.controller import Controller
 from fleetlite.fleet.rollout import RolloutSpec, RolloutState, parse_waves
 from fleetlite.fleet.store import Store, open_store
+from fleetlite.sdk import topics
 from fleetlite.sdk.bundle import ReleaseBundle, build_release
 from fleetlite.sdk.chunks import ChunkLayout, expand_ranges
+from fleetlite.sdk.messages import Status
 from fleetlite.sdk.ota_messages import ChunkRequest
 from fleetlite.sdk.trust import Root, load_trusted_root
 from fleetlite.tools.sim.config import SimConfig, SimConfigError, class_counts, parse_weights
 from fleetlite.tools.sim.ota import Install, Outcome
 from fleetlite.tools.sim.plan import FAIL, INSTALL, REJECT, plan_fleet, slice_of
-from tests.mqtt_harness import Mosquitto
+from tests.mqtt_harness import Collector, Mosquitto, Received
 from tests.test_ota_install import ISSUED, RELEASE_KEY, STRANGER, _resign, write_root
 
 DEVICES = 200
@@ -274,3 +278,33 @@ def test_simulated_fleet_registers_and_takes_a_rollout_with_its_failure_rate(
     # a clean stop: every device said "shutdown" itself, so the fleet sees it offline
     wait_until(lambda: not any(d.online for d in store.list_devices()), 30,
                "every device offline after the simulator stopped")
+
+
+def test_churn_fires_the_will_and_the_device_comes_back_as_its_next_connection(
+        tmp_path: Path, broker: Mosquitto) -> None:
+    """A churn drop is a TCP close without DISCONNECT: the broker publishes the device's Will
+    (offline, ``lost``, that connection's number), and the device reconnects as ``conn`` + 1."""
+    collector = Collector(broker.host, broker.port, [topics.fleet_subscription(topics.STATUS)],
+                          client_id="churn-observer").start()
+    log = tmp_path / "sim.log"
+    with log.open("wb") as out:
+        sim = subprocess.Popen(
+            [sys.executable, "-m", "fleetlite.tools.sim", "--broker",
+             f"{broker.host}:{broker.port}", "--devices", "5", "--churn-per-hour", "3600",
+             "--offline-s", "0.3", "--report-s", "1", "--stats-s", "1"],
+            stdout=out, stderr=subprocess.STDOUT)
+    try:
+        def status(message: Received) -> Status:
+            return Status.from_json(message.payload)
+
+        will = status(collector.wait_for(
+            "/status", timeout=30, predicate=lambda m: status(m).reason == "lost")[0])
+        assert not will.online
+        back = status(collector.wait_for("/status", timeout=30, predicate=lambda m: (
+            status(m).device_id == will.device_id and status(m).online
+            and status(m).conn == will.conn + 1))[0])
+        assert back.session == will.session
+    finally:
+        summary = stop_sim(sim, log)
+        collector.stop()
+    assert summary["counts"]["churn_drops"] >= 1

@@ -308,3 +308,33 @@ def test_churn_fires_the_will_and_the_device_comes_back_as_its_next_connection(
         summary = stop_sim(sim, log)
         collector.stop()
     assert summary["counts"]["churn_drops"] >= 1
+
+
+def test_two_processes_share_the_fleet_and_devices_answer_commands(
+        tmp_path: Path, broker: Mosquitto) -> None:
+    """``--processes 2``: every device is run once, by one of the two processes, and answers a
+    command (after ``--reply-s``); the parent's summary adds the two up."""
+    collector = Collector(broker.host, broker.port,
+                          [topics.fleet_subscription(topics.BIRTH),
+                           topics.fleet_subscription(topics.COMMAND_RESPONSE)],
+                          client_id="processes-observer").start()
+    log = tmp_path / "sim.log"
+    with log.open("wb") as out:
+        sim = subprocess.Popen(
+            [sys.executable, "-m", "fleetlite.tools.sim", "--broker",
+             f"{broker.host}:{broker.port}", "--devices", "10", "--processes", "2",
+             "--reply-s", "0.2", "--report-s", "1", "--stats-s", "1", "--prefix", "two"],
+            stdout=out, stderr=subprocess.STDOUT)
+    try:
+        births = collector.wait_for("/birth", count=10, timeout=60)
+        assert {topics.parse_device_topic(m.topic).device_id for m in births} == {
+            f"two-{n:06d}" for n in range(10)}
+        collector.publish(topics.device_topic("two-000003", topics.COMMAND), json.dumps(
+            {"schema": "fleetlite.command/1", "id": "c-1", "command": "ping"}).encode())
+        answer = collector.wait_for("/cmd/resp", timeout=30)[0]
+        assert json.loads(answer.payload)["ok"] is True
+    finally:
+        summary = stop_sim(sim, log)
+        collector.stop()
+    assert (summary["devices"], summary["peak_online"], summary["counts"]["births"]) == (
+        10, 10, 10), summary

@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reject-reason", default=d.reject_reason)
     p.add_argument("--step-s", type=float, default=d.step_s,
                    help="mean seconds of each simulated install phase after the download")
+    p.add_argument("--reply-s", type=float, default=d.reply_s,
+                   help="mean seconds a device takes to answer a command")
     p.add_argument("--profile-ms", default="",
                    help="p95 ms that profiles report per class, e.g. rpi4=12,jetson=4")
     p.add_argument("--churn-per-hour", type=float, default=d.churn_per_hour,
@@ -85,7 +87,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         classes=parse_weights(args.classes, "--classes"), prefix=args.prefix, seed=args.seed,
         model=args.model, model_version=args.model_version, report_s=args.report_s,
         fail_rate=args.fail_rate, fail_reason=args.fail_reason, reject_rate=args.reject_rate,
-        reject_reason=args.reject_reason, step_s=args.step_s,
+        reject_reason=args.reject_reason, step_s=args.step_s, reply_s=args.reply_s,
         profile_ms=parse_weights(args.profile_ms, "--profile-ms") if args.profile_ms else (),
         churn_per_hour=args.churn_per_hour, offline_s=args.offline_s,
         start_offline=args.start_offline, root=root, connect_rate=args.connect_rate,

@@ -61,6 +61,8 @@ class SimConfig:
     reject_reason: str = "smoke_output_mismatch"
     #: mean seconds one simulated install step (smoke test, switch, health window) takes
     step_s: float = 0.2
+    #: mean seconds a device takes to answer a command (a slow or busy gateway)
+    reply_s: float = 0.0
     #: p95 latency (ms) per class that profiles report (others: DEFAULT_PROFILE_MS)
     profile_ms: tuple[tuple[str, float], ...] = ()
     #: disconnect churn: abrupt connection losses per device per hour (the Will fires), each
@@ -92,7 +94,7 @@ class SimConfig:
         for name in ("report_s", "connect_rate", "stats_s"):
             if getattr(self, name) <= 0:
                 raise SimConfigError(f"--{name.replace('_', '-')} must be positive")
-        for name in ("step_s", "churn_per_hour", "offline_s", "duration_s"):
+        for name in ("step_s", "reply_s", "churn_per_hour", "offline_s", "duration_s"):
             if getattr(self, name) < 0:
                 raise SimConfigError(f"--{name.replace('_', '-')} must not be negative")
         if not 1 <= self.processes <= self.devices:

@@ -211,6 +211,8 @@ class SimDevice:
 
     async def _command(self, client: aiomqtt.Client, payload: bytes) -> None:
         self.stats.add("commands")
+        if self.config.reply_s > 0:
+            await asyncio.sleep(self.config.reply_s * self.rng.uniform(0.5, 1.5))
         try:
             command = Command.from_json(payload)
         except MessageError as exc:

@@ -11,5 +11,5 @@ if [ -f .wheelhouse/.stamp ] && [ "$(cat .wheelhouse/.stamp)" = "$want" ]; then
 fi
 echo "wheelhouse: downloading packages for offline venvs into .wheelhouse/" >&2
 mkdir -p .wheelhouse
-"$PY" -m pip download -q -d .wheelhouse pip 'setuptools>=64' wheel '.[dev,fleet,postgres]' >&2
+"$PY" -m pip download -q -d .wheelhouse pip 'setuptools>=64' wheel '.[dev,fleet,postgres,sim]' >&2
 echo "$want" > .wheelhouse/.stamp

@@ -3,7 +3,7 @@
 # the Python venv, Mosquitto, a throw-away PostgreSQL cluster, headless Chromium and a local
 # wheelhouse (so the demo test can build a fresh venv offline). Then the runtime-facing tests
 # again under ai-edge-litert (tools/test_litert.sh) and the agent-facing tests on Python 3.9
-# (tools/test_py39.sh, when a Python 3.9 is installed).
+# (tools/test_py39.sh, when a Python 3.9 is installed), side by side.
 # Extra arguments go to pytest and skip those two passes, e.g. tools/test.sh -k runtime
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +14,17 @@ FLEETLITE_TEST_PG_URL="${FLEETLITE_TEST_PG_URL:-$(bash tools/postgres.sh)}"
 export FLEETLITE_TEST_PG_URL
 .venv/bin/python -m pytest "$@"
 if [ "$#" -eq 0 ]; then
-  bash tools/test_litert.sh
-  bash tools/test_py39.sh
+  # The two extra passes run side by side (each mostly waits on its own interpreter and
+  # subprocesses); their venvs are made first, one after the other, as pip builds in this tree.
+  FLEETLITE_PASS=setup bash tools/test_litert.sh
+  FLEETLITE_PASS=setup bash tools/test_py39.sh
+  logs="$(mktemp -d)"
+  bash tools/test_litert.sh > "$logs/litert.log" 2>&1 & litert=$!
+  bash tools/test_py39.sh > "$logs/py39.log" 2>&1 & py39=$!
+  status=0
+  wait "$litert" || status=1
+  wait "$py39" || status=1
+  cat "$logs/litert.log" "$logs/py39.log"
+  rm -rf "$logs"
+  exit "$status"
 fi

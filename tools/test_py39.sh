@@ -15,6 +15,7 @@ for candidate in "${PYTHON39:-}" "$(command -v python3.9 || true)" \
   if is_py39 "$candidate"; then PY39="$candidate"; break; fi
 done
 if [ -z "$PY39" ]; then
+  [ "${FLEETLITE_PASS:-}" != setup ] || exit 0  # said when the pass runs
   echo "test_py39: SKIPPED: no Python 3.9 interpreter found (set PYTHON39=/path/to/python3.9)"
   exit 0
 fi
@@ -24,6 +25,7 @@ if [ -e .venv-py39 ] && ! is_py39 .venv-py39/bin/python; then
 fi
 source tools/side_venv.sh
 ensure_side_venv test_py39 .venv-py39 "$PY39" dev,fleet "tflite_runtime, sentencepiece, fleetlite.agent, pytest"
+[ "${FLEETLITE_PASS:-}" != setup ] || exit 0  # tools/test.sh: the venv only, for now
 echo "test_py39: the agent-facing tests on $(.venv-py39/bin/python --version)"
 .venv-py39/bin/python -m pytest -q -p no:cacheprovider \
   tests/test_agent_units.py tests/test_agent_mqtt.py tests/test_spool.py tests/test_local_api.py \

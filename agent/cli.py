@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 
 from fleetlite.agent import generate_cli, profile_cli
+from fleetlite.agent.cli_output import add_output, emit, structured
 from fleetlite.agent.errors import AgentError
 from fleetlite.sdk.cli_exit import closed_pipe, os_error_text
 from fleetlite.sdk.version import __version__
@@ -17,7 +17,7 @@ examples:
   fleetlite-agent run --config /etc/fleetlite/agent.yaml
                                             run the agent (as the systemd unit does)
   fleetlite-agent info                      facts about this device and its TFLite runtime
-  fleetlite-agent info --json               the same, as JSON
+  fleetlite-agent info -o json              the same, as JSON (or yaml)
   fleetlite-agent check model.tflite        load and run a model in an isolated process
   fleetlite-agent profile model.tflite --device-class raspberry-pi-4
                                             benchmark it (p50/p95/p99, peak memory) vs budgets
@@ -44,23 +44,45 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="run the agent: serve models, report to the fleet, accept commands",
         description="Run the device agent in the foreground until SIGTERM/SIGINT.",
-    )
+        epilog="""examples:
+  fleetlite-agent run --config /etc/fleetlite/agent.yaml     (what the systemd unit runs)
+  fleetlite-agent run -c agent.yaml --log-level DEBUG
+
+exit codes: 0 stopped by SIGTERM/SIGINT, 1 the configuration or state cannot be used (the
+message says why), 2 usage error
+""", formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("--config", "-c", required=True, help="path to agent.yaml")
     run.add_argument(
         "--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
         help="log verbosity on stderr (default INFO)",
     )
 
-    info = sub.add_parser("info", help="print facts about this device and its TFLite runtime")
-    info.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    info = sub.add_parser(
+        "info", help="print facts about this device and its TFLite runtime",
+        description="Facts about this device (CPU, memory, OS, runtime) as the agent reports "
+        "them in its birth.",
+        epilog="""examples:
+  fleetlite-agent info
+  fleetlite-agent info --device-class raspberry-pi-4 -o json
+
+exit codes: 0 ok, 1 failed (the message says why), 2 usage error
+""", formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_output(info, "the facts")
     info.add_argument("--device-class", help="device class to report (e.g. raspberry-pi-4)")
 
     check = sub.add_parser(
         "check",
         help="load and run a .tflite model in an isolated process (safe on hostile files)",
-    )
+        description="Load a model and run it once in a child process: a broken or hostile file "
+        "can crash that process, not this one. Prints its inputs and outputs.",
+        epilog="""examples:
+  fleetlite-agent check model.tflite
+  fleetlite-agent check model.tflite --threads 2 -o json
+
+exit codes: 0 the model loads and runs, 1 it does not (the message says why), 2 usage error
+""", formatter_class=argparse.RawDescriptionHelpFormatter)
     check.add_argument("model", help="path to a .tflite file")
-    check.add_argument("--json", action="store_true", help="print JSON instead of text")
+    add_output(check, "the load and first-inference times and the tensors")
     check.add_argument("--threads", type=int, default=1, help="interpreter threads (default 1)")
     check.add_argument("--timeout", type=float, default=60.0, help="seconds before giving up")
     profile_cli.add_parser(sub)
@@ -93,8 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from fleetlite.agent import device_facts
 
             facts = device_facts.collect(args.device_class)
-            if args.json:
-                print(json.dumps(facts, indent=2))
+            if structured(args):
+                emit(args, facts)
             else:
                 _print_table(facts)
             return 0
@@ -106,18 +128,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from fleetlite.agent.isolated import check_model
 
             result = check_model(args.model, timeout=args.timeout, num_threads=args.threads)
-            if args.json:
-                print(
-                    json.dumps(
-                        {
-                            "model": args.model,
-                            "load_ms": result.load_ms,
+            if structured(args):
+                emit(args, {"model": args.model, "load_ms": result.load_ms,
                             "first_inference_ms": result.first_inference_ms,
-                            **result.description,
-                        },
-                        indent=2,
-                    )
-                )
+                            **result.description})
             else:
                 print(f"{args.model}: OK (loaded in {result.load_ms:.1f} ms, "
                       f"first inference {result.first_inference_ms:.2f} ms)")

@@ -11,13 +11,13 @@ stay on this machine.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, TextIO
 
+from fleetlite.agent.cli_output import add_output, emit, structured
 from fleetlite.sdk.errors import FleetLiteError
 
 DEFAULT_SOCKET = Path("/run/fleetlite/agent.sock")
@@ -54,8 +54,8 @@ def add_parsers(sub: Any) -> None:
         if name == "generate":
             parser.add_argument("--prompt", "-p",
                                 help="the prompt (default: read all of stdin)")
-            parser.add_argument("--json", action="store_true",
-                                help="print the result (text, stop reason, stats) as JSON")
+            add_output(parser, "the result (text, stop reason, stats) once it is complete "
+                       "(table: the text as it streams)")
         parser.add_argument("--stats", action="store_true",
                             help="print tokens, time to first token and tokens/s on stderr")
         where = parser.add_argument_group("reaching the agent")
@@ -243,12 +243,12 @@ def _generate(backend: Backend, args: argparse.Namespace, stdin: TextIO, out: Te
         return 2
     reply = Reply()
     for piece in backend.stream(prompt, _params(args), reply):
-        if not args.json:
+        if not structured(args):
             out.write(piece)
             out.flush()
-    if args.json:
-        print(json.dumps({"text": reply.text, "stop_reason": reply.stop_reason,
-                          "stats": reply.stats}, indent=2), file=out)
+    if structured(args):
+        emit(args, {"text": reply.text, "stop_reason": reply.stop_reason,
+                    "stats": reply.stats}, out)
     else:
         out.write("\n")
     if args.stats:

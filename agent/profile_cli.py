@@ -8,11 +8,11 @@ Wired into :mod:`fleetlite.agent.cli` by :func:`add_parser` and :func:`run`; als
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from fleetlite.agent.cli_output import add_output, emit, structured
 from fleetlite.sdk.errors import FleetLiteError
 
 if TYPE_CHECKING:
@@ -124,9 +124,8 @@ def add_parser(
     parser.add_argument("--timeout", type=_seconds, metavar="S",
                         help="isolated only: give up after this long "
                         "(default 2 x max-seconds + 60)")
-    parser.add_argument("--json", action="store_true",
-                        help="print the profile record as JSON (fleetlite.profile/1, or /2 for "
-                        "a language model)")
+    add_output(parser, "the profile record (fleetlite.profile/1, or /2 for a language "
+               "model)")
     lm = parser.add_argument_group("language models")
     lm.add_argument("--repetitions", type=_positive_int, metavar="N",
                     help="runs of each test (default 5)")
@@ -242,8 +241,8 @@ def _print(record: ProfileRecord, args: argparse.Namespace,
            device_class: DeviceClass | None) -> int:
     from fleetlite.sdk.profile import render_text
 
-    if args.json:
-        print(json.dumps(record.to_dict(), indent=2, sort_keys=True))
+    if structured(args):
+        emit(args, record.to_dict())
     else:
         print(render_text(record, device_class.budgets if device_class is not None else None))
     return 0

@@ -83,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
         "new release of the text intent model in waves; show the measured profiles; ask an "
         "agent sample commands; roll out a broken release the devices reject; write the HTML "
         "report. About a minute; everything stops at the end unless --keep.",
+        epilog="""examples:
+  fleetlite demo
+  fleetlite demo --keep          (then explore: fleetlite devices list, rollout list, ...)
+  fleetlite demo --out demo-run --local-broker embedded
+
+exit codes: 0 the demo ran end to end, 1 a step failed (the message says which), 2 usage
+error, 130 interrupted
+""", formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     demo.add_argument("--out", metavar="DIR",
                       help="work directory (default: a new temp dir; it keeps the report)")

@@ -40,6 +40,8 @@ FIELDS: Mapping[str, tuple[str, str]] = {
     "tls-key": ("FLEETLITE_TLS_KEY", "tls_key"),
 }
 _MAX_BYTES = 256 * 1024
+_EXIT_CODES = ("exit codes: 0 ok, 1 the config file cannot be read or written, or the context "
+               "is unknown, 2 usage error\n")
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 
 
@@ -169,20 +171,32 @@ exit codes: 0 ok, 1 the config file cannot be read or the context is unknown, 2 
 """, formatter_class=argparse.RawDescriptionHelpFormatter)
     verbs = config.add_subparsers(dest="config_command", metavar="COMMAND")
     config.set_defaults(config_usage=config)
-    verbs.add_parser("get-contexts", help="list the contexts, the current one marked")
-    verbs.add_parser("current-context", help="print the current context's name")
-    verbs.add_parser("view", help="print the config file's contents")
-    use = verbs.add_parser("use-context", help="make a context the current one")
+
+    def verb(name: str, help: str, example: str) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = verbs.add_parser(
+            name, help=help, description=help[0].upper() + help[1:] + ".",
+            epilog=f"examples:\n  {example}\n\n{_EXIT_CODES}",
+            formatter_class=argparse.RawDescriptionHelpFormatter)
+        return parser
+
+    verb("get-contexts", "list the contexts, the current one marked",
+         "fleetlite config get-contexts")
+    verb("current-context", "print the current context's name",
+         "fleetlite config current-context")
+    verb("view", "print the config file's contents", "fleetlite config view")
+    use = verb("use-context", "make a context the current one",
+               "fleetlite config use-context plant-a")
     use.add_argument("name", metavar="NAME")
-    setter = verbs.add_parser("set-context", help="create or change a context",
-                              description="Create a context, or change the settings given; "
-                              "--unset SETTING removes one.")
+    setter = verb("set-context", "create a context, or change the settings given (--unset "
+                  "SETTING removes one)",
+                  "fleetlite config set-context lab --db sqlite:////home/me/lab.db\n"
+                  "  fleetlite config set-context plant-a --unset tls-ca")
     setter.add_argument("name", metavar="NAME")
     for key in FIELDS:
         setter.add_argument(f"--{key}", dest=key.replace("-", "_"), metavar="VALUE")
     setter.add_argument("--unset", action="append", default=[], choices=list(FIELDS),
                         metavar="SETTING", help=f"remove a setting ({', '.join(FIELDS)})")
-    delete = verbs.add_parser("delete-context", help="remove a context")
+    delete = verb("delete-context", "remove a context", "fleetlite config delete-context lab")
     delete.add_argument("name", metavar="NAME")
 
 

@@ -33,6 +33,10 @@ from fleetlite.tools.sim.stats import Stats
 log = logging.getLogger("fleetlite.tools.sim")
 
 MANIFEST_TIMEOUT_S = 30.0
+#: how long a publish or subscribe may wait for the broker's acknowledgement. aiomqtt's default
+#: (10 s) ends the connection when a busy event loop or broker acknowledges late: a real agent's
+#: connection ends on a missed keepalive, not on a slow acknowledgement
+ACK_TIMEOUT_S = 300.0
 #: how long an ended install is remembered for re-sent commands (the agent's ota.ended_memory_s)
 ENDED_MEMORY_S = 600.0
 _RECONNECT_MIN_S, _RECONNECT_MAX_S = 1.0, 30.0
@@ -108,7 +112,7 @@ class SimDevice:
                             retain=True)
         client = aiomqtt.Client(self.config.host, self.config.port,
                                 identifier=self.plan.device_id, will=will, clean_session=True,
-                                keepalive=self.config.keepalive,
+                                keepalive=self.config.keepalive, timeout=ACK_TIMEOUT_S,
                                 protocol=aiomqtt.ProtocolVersion.V311)
         async with client:
             self._client = client

@@ -84,7 +84,7 @@ class Install:
     rejected_versions: Collection[int] = ()
     idle_s: float = 5.0
     max_unanswered: int = 10
-    progress_every_s: float = 1.0
+    progress_every_s: float = 2.0
     manifest: Manifest | None = None
     layout: ChunkLayout | None = None
     bitmap: ChunkBitmap | None = None
@@ -100,6 +100,7 @@ class Install:
     _last_progress: float = 0.0
     _unanswered: int = 0
     _last_status: float = 0.0
+    _reported: int = 0
 
     # -- messages ------------------------------------------------------------------------
 
@@ -253,10 +254,12 @@ class Install:
         return max(0.05, quiet_since + idle - now)
 
     def progress_due(self, now: float) -> bool:
-        """Whether a ``downloading`` progress status is due (at most one per second)."""
-        if now - self._last_status < self.progress_every_s:
+        """Whether a ``downloading`` progress status is due: new chunks came since the last
+        one, and ``progress_every_s`` (2 s, as the agent) passed."""
+        received = self.bitmap.received if self.bitmap is not None else 0
+        if now - self._last_status < self.progress_every_s or received == self._reported:
             return False
-        self._last_status = now
+        self._last_status, self._reported = now, received
         return True
 
     def _request(self, now: float) -> ChunkRequest:

@@ -41,6 +41,11 @@ Restarts and crashes:
   itself stalled for ``resend_after_s`` or more (stopped, suspended, a hung store call), re-sends
   wait another ``resend_after_s``: the devices' silence was the controller's, and the reports the
   broker queued meanwhile are ingested first.
+- A store that stops taking writes (read-only, full, PostgreSQL down) is logged once: the
+  reports received meanwhile are kept in memory, bounded (:mod:`fleetlite.fleet.ingest_backlog`),
+  and stored in order once a write succeeds again; rollouts wait for them. A SQLite file deleted
+  or replaced under the controller stops it (``fatal``; ``fleetlite serve`` exits 1).
+  :meth:`Controller.health` is what ``fleetlite serve --health`` answers on ``/healthz``.
 - The release of a rollout is served (retained manifest, chunk re-sends) by whichever
   controller drives it, from its first tick on; a finished rollout is still driven while installs
   or rollbacks it sent are unanswered, so their outcomes are recorded.

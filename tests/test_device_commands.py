@@ -28,6 +28,7 @@ from fleetlite.fleet.device_commands import (
 from fleetlite.fleet.errors import FleetError
 from fleetlite.fleet.store import CommandRecord, Store, open_store
 from fleetlite.sdk.messages import CommandResponse, Event
+from fleetlite.sdk.trust import new_root, root_envelope
 from tests.test_fleet_cli import FLEETLITE, cli
 from tests.test_fleet_e2e import (  # noqa: F401 (site: the imported fixture)
     INTENT_DEVICES,
@@ -35,6 +36,7 @@ from tests.test_fleet_e2e import (  # noqa: F401 (site: the imported fixture)
     site,
     wait_until,
 )
+from tests.test_ota_install import ISSUED, RELEASE_KEY, ROOT_KEY
 from tests.test_store import status
 
 
@@ -185,6 +187,18 @@ def test_commands_and_events_through_a_real_fleet(
     assert [(e["kind"], e["detail"]["command"], e["detail"]["error_code"])
             for e in events] == [("command_rejected", "profile", "failed")]
 
+    # a root rotation distributed to the fleet: each device's acceptance shown, once
+    rotated = new_root([ROOT_KEY.public_key], [RELEASE_KEY.public_key],
+                       expires=ISSUED + 10 * 365 * 86400, version=2)
+    root_v2 = site.tmp_path / "root-v2.json"
+    root_v2.write_bytes(root_envelope(rotated).sign(ROOT_KEY).to_json())
+    distributed = json.loads(cli("devices", "update-root", "--all", "--root", str(root_v2),
+                                 "-o", "json", *db).stdout)
+    assert {o["device_id"]: o["result"]["root_version"] for o in distributed["outcomes"]} == \
+        dict.fromkeys(INTENT_DEVICES, 2)
+    again = cli("devices", "update-root", "gw-x86-1", "--root", str(root_v2), *db, expect=1)
+    assert "refused (failed)" in again.stdout and "gw-x86-1" in again.stdout
+
     # an unknown device and an offline one: exit 1, each said so
     site.agents["gw-pi-1"].stop()
     wait_until(lambda: not site.store.get_device("gw-pi-1").online,  # type: ignore[union-attr]
@@ -195,7 +209,7 @@ def test_commands_and_events_through_a_real_fleet(
     assert states == {"gw-x86-1": "answered", "gw-pi-1": "offline", "gw-nowhere": "offline"}
     history = json.loads(cli("devices", "history", "gw-x86-2", "-o", "json", *db).stdout)
     assert [(c["command"], c["origin"], c["ok"]) for c in history["commands"]] == [
-        ("profile", "cli", False), ("ping", "cli", True)]
+        ("update_root", "cli", True), ("profile", "cli", False), ("ping", "cli", True)]
     usage = cli("devices", "ping", *db, expect=2)
     assert "name the devices" in usage.stderr and "Traceback" not in usage.stderr
 

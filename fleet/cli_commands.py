@@ -66,7 +66,9 @@ def add_device_commands(devices: Any, leaf: Callable[..., argparse.ArgumentParse
     retry = leaf(devices, "retry", _retry, help="send a failed install again",
                  description="Send the install of a release again with retry set, so a device "
                  "re-runs an install that ended in a failure it remembers (disk_full, a "
-                 "download that stalled) instead of answering with that failure." + _HOW,
+                 "download that stalled) instead of answering with that failure. The "
+                 "release must belong to a rollout that is not finished: the controller "
+                 "serves a release's chunks for its rollouts." + _HOW,
                  examples=_examples("retry", "--release 3f9a1c2d...", one=True),
                  exit_codes=COMMAND_EXIT_CODES)
     _targets(retry)

@@ -201,17 +201,12 @@ def _seconds(text: str) -> float:
 
 
 def _duration(text: str) -> float:
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    number, unit = text[:-1], text[-1:]
+    from fleetlite.sdk.durations import parse_duration
+
     try:
-        value = float(number) * units[unit]
-    except (KeyError, ValueError):
-        raise argparse.ArgumentTypeError(
-            f"expected a duration such as 30m, 2h or 7d (units s, m, h, d), got {text!r}"
-        ) from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"the duration must be more than 0, got {text!r}")
-    return value
+        return float(parse_duration(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _select(fleet: Fleet, args: argparse.Namespace) -> list[str]:

@@ -48,7 +48,7 @@ MISTAKES = {
         "fleetlite devices update-root gw-1 --root {dir} --db {store}", 1,
         ("cannot read the root {dir}: Is a directory",)),
     "a bare number as a duration": Mistake(
-        "fleetlite events --since 10 --db {store}", 2, ("expected a duration such as 30m",)),
+        "fleetlite events --since 10 --db {store}", 2, ("'10' has no unit; write e.g. 10d",)),
     "a command to no device": Mistake(
         "fleetlite devices ping --db {store}", 2, ("name the devices",)),
     "a tag change without a change": Mistake(

@@ -147,10 +147,12 @@ def test_build_refuses_an_unsafe_file_name(models_dir: Path, tmp_path: Path) -> 
 def test_parse_duration() -> None:
     assert parse_duration("30d") == 30 * 86400
     assert parse_duration("12h") == 43200
-    assert parse_duration("90") == 90
+    assert parse_duration("90s") == 90
     for bad in ("", "0d", "-1d", "3y", "d"):
         with pytest.raises(ValueError):
             parse_duration(bad)
+    with pytest.raises(ValueError, match=r"'30' has no unit; write e\.g\. 30d"):
+        parse_duration("30")
 
 
 # --- smoke comparison -------------------------------------------------------------------------

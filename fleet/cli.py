@@ -105,6 +105,7 @@ error, 130 interrupted
     cli_pki.add_parsers(sub)
     release = cli_release.add_parser(sub)
     cli_fleet.add_parsers(sub, release)
+    cli_release.add_push_root_check(release)  # push verifies against the fleet root
     cli_config.add_parser(sub)
     cli_completion.add_parser(sub)
     return parser

@@ -12,7 +12,14 @@ from typing import Any
 from fleetlite.sdk.durations import parse_duration
 from fleetlite.sdk.envelope import Envelope, verify_threshold
 from fleetlite.sdk.errors import KeyFileError, SignatureError, UpdateRejected
-from fleetlite.sdk.keys import PRIVATE_KEY_TYPE, ROLES, PublicKey, SigningKey, load_public_key
+from fleetlite.sdk.keys import (
+    PRIVATE_KEY_TYPE,
+    ROLES,
+    PublicKey,
+    SigningKey,
+    load_public_key,
+    require_role,
+)
 from fleetlite.sdk.trust import (
     Root,
     load_trusted_root,
@@ -35,6 +42,9 @@ examples:
   fleetlite keys root rotate --root root.json --sign r1.key r2.key \\
       --root-key r2.key r4.key --release-key a.pub c.pub --out root-v2.json
   fleetlite keys root show root-v2.json --previous root.json
+  fleetlite keys root use root.json      (the fleet's root: `release push` checks against it)
+  fleetlite keys root use root-v2.json   (after a rotation: accepted if devices accept it)
+  fleetlite keys root current
 
 A .key file is private (mode 0600, never printed); a .pub file may be shared. Where a command
 takes keys, a .key file both names the key and signs with it, a .pub file only names it.
@@ -67,7 +77,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     public.add_argument("key", help="a .key or .pub file")
     public.add_argument("--out", help="write a .pub file here instead of printing it")
 
-    root = sub.add_parser("root", help="root metadata: init, rotate, sign, show",
+    root = sub.add_parser("root", help="root metadata: init, rotate, sign, show, use, current",
                           epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     root_sub = root.add_subparsers(dest="root_command", metavar="COMMAND")
 
@@ -94,6 +104,36 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     show.add_argument("root", help="root file")
     show.add_argument("--previous", help="the root it rotates from: also check the rotation")
     show.add_argument("-o", "--output", choices=("text", "json"), default="text")
+
+    use = root_sub.add_parser(
+        "use", help="make a root file the fleet's root (release push checks against it)",
+        description="Keep a copy of ROOT as the fleet's root of trust: `fleetlite release push` "
+        "then refuses, with the device's reason, any release the fleet's devices would refuse. "
+        "The copy is fleet-root.json beside the CLI config file ($FLEETLITE_CONFIG, else "
+        "$XDG_CONFIG_HOME/fleetlite/, default ~/.config/fleetlite/), or fleet-root.CONTEXT.json "
+        "while a context is current (`fleetlite config use-context`). --root on a command and "
+        "$FLEETLITE_ROOT override it. Replacing it with a newer root must be a rotation devices "
+        "accept (N+1, signed by old and new root keys).",
+        epilog="""examples:
+  fleetlite keys root use root.json
+  fleetlite keys root use root-v2.json
+  fleetlite keys root use other-root.json --force   (a fleet re-provisioned with another root)
+
+exit codes: 0 ok, 1 the root is unusable or devices would refuse the change, 2 usage error
+""", formatter_class=argparse.RawDescriptionHelpFormatter)
+    use.add_argument("root", help="the root.json the fleet's devices are provisioned with")
+    use.add_argument("--force", action="store_true",
+                     help="replace the stored root even if it is not a rotation from it")
+
+    current = root_sub.add_parser(
+        "current", help="show the fleet's root (`keys root use`) and where it comes from",
+        epilog="""examples:
+  fleetlite keys root current
+  FLEETLITE_ROOT=root.json fleetlite keys root current -o json
+
+exit codes: 0 ok, 1 no fleet root is configured or it is unusable, 2 usage error
+""", formatter_class=argparse.RawDescriptionHelpFormatter)
+    current.add_argument("-o", "--output", choices=("text", "json"), default="text")
     return parser
 
 
@@ -144,6 +184,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             return _root_sign(args)
         if sub == "show":
             return _root_show(args)
+        if sub == "use":
+            return _root_use(args)
+        if sub == "current":
+            return _root_current(args)
     print("fleetlite keys: give a command; see `fleetlite keys --help`", file=sys.stderr)
     return 2
 
@@ -173,17 +217,21 @@ def _public(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_keys(paths: list[str]) -> tuple[list[PublicKey], list[SigningKey]]:
-    """Public keys in order (deduplicated) and the private ones among them."""
+def _load_keys(paths: list[str], role: str,
+               option: str = "") -> tuple[list[PublicKey], list[SigningKey]]:
+    """Public keys in order (deduplicated) and the private ones among them; a key file made for
+    another role than ``role`` is refused (``option``: the option it was given as)."""
     publics: dict[str, PublicKey] = {}
     signers: list[SigningKey] = []
     for path in paths:
         if _is_private(Path(path)):
             key = SigningKey.load(path)
+            require_role(key.role, role, path, option=option)
             signers.append(key)
             publics.setdefault(key.keyid, key.public_key)
         else:
-            public, _ = load_public_key(path)
+            public, file_role = load_public_key(path)
+            require_role(file_role, role, path, option=option)
             publics.setdefault(public.keyid, public)
     return list(publics.values()), signers
 
@@ -206,8 +254,8 @@ def _write_root(path: Path, envelope: Envelope) -> None:
 
 
 def _new_root_from_args(args: argparse.Namespace, version: int) -> tuple[Root, list[SigningKey]]:
-    root_keys, root_signers = _load_keys(args.root_key)
-    release_keys, _ = _load_keys(args.release_key)
+    root_keys, root_signers = _load_keys(args.root_key, "root", "--root-key")
+    release_keys, _ = _load_keys(args.release_key, "release", "--release-key")
     root = new_root(root_keys, release_keys, expires=int(time.time()) + args.expires_in,
                     root_threshold=args.threshold, release_threshold=args.release_threshold,
                     version=version)
@@ -231,7 +279,7 @@ def _root_init(args: argparse.Namespace) -> int:
         envelope = envelope.sign(key)
     _write_root(Path(args.out), envelope)
     met, status = _threshold_status(envelope, root, "root", "root signatures")
-    print(f"wrote {args.out}: root version 1, expires {_iso(root.expires)}")
+    print(f"wrote {args.out}: root version 1, expires {_expiry(root.expires)}")
     _print_roles(root)
     print(f"  {status}")
     if not met:
@@ -243,7 +291,7 @@ def _root_init(args: argparse.Namespace) -> int:
 def _root_rotate(args: argparse.Namespace) -> int:
     current = load_trusted_root(Path(args.root).read_bytes())
     root, new_signers = _new_root_from_args(args, current.version + 1)
-    _, old_signers = _load_keys(args.sign)
+    _, old_signers = _load_keys(args.sign, "root", "--sign")
     envelope = root_envelope(root)
     for key in {k.keyid: k for k in (*old_signers, *new_signers)}.values():
         envelope = envelope.sign(key)
@@ -252,7 +300,7 @@ def _root_rotate(args: argparse.Namespace) -> int:
                                            f"current root (v{current.version}) keys")
     new_ok, new_status = _threshold_status(envelope, root, "root",
                                            f"new root (v{root.version}) keys")
-    print(f"wrote {args.out}: root version {root.version}, expires {_iso(root.expires)}")
+    print(f"wrote {args.out}: root version {root.version}, expires {_expiry(root.expires)}")
     _print_roles(root)
     print(f"  {old_status}\n  {new_status}")
     if not (old_ok and new_ok):
@@ -268,6 +316,7 @@ def _root_sign(args: argparse.Namespace) -> int:
     envelope, root = parse_root_envelope(path.read_bytes())
     for key_path in args.key:
         key = SigningKey.load(key_path)
+        require_role(key.role, "root", key_path, option="--key")
         if key.keyid not in root.keys:
             print(f"note: key {key.keyid[:12]} is not listed in this root; its signature only "
                   "counts for the previous root during a rotation", file=sys.stderr)
@@ -285,6 +334,7 @@ def _root_show(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {
         "version": root.version,
         "expires": _iso(root.expires),
+        "expired": root.expires <= time.time(),
         "roles": {name: {"threshold": role.threshold, "keyids": list(role.keyids)}
                   for name, role in root.roles.items()},
         "signatures": list(envelope.keyids),
@@ -302,7 +352,7 @@ def _root_show(args: argparse.Namespace) -> int:
     if args.output == "json":
         print(json.dumps(result, indent=2))
     else:
-        print(f"root version {root.version}, expires {result['expires']}")
+        print(f"root version {root.version}, expires {_expiry(root.expires)}")
         _print_roles(root)
         print(f"  {self_status}")
         if args.previous:
@@ -311,6 +361,46 @@ def _root_show(args: argparse.Namespace) -> int:
                        else f"REFUSED [{rotation['reason']}] {rotation['message']}")
             print(f"  rotation from {args.previous}: {verdict}")
     return 0 if self_ok and rotation_ok else 1
+
+
+def _root_use(args: argparse.Namespace) -> int:
+    from fleetlite.fleet.fleet_root import use_root
+
+    root, stored, previous = use_root(Path(args.root), force=args.force)
+    change = f" (was v{previous.version})" if previous is not None else ""
+    print(f"the fleet's root is now {args.root}: version {root.version}{change}, expires "
+          f"{_expiry(root.expires)}")
+    _print_roles(root)
+    print(f"  stored as {stored}; `fleetlite release push` checks releases against it")
+    return 0
+
+
+def _root_current(args: argparse.Namespace) -> int:
+    from fleetlite.fleet.errors import FleetError
+    from fleetlite.fleet.fleet_root import resolve_fleet_root, stored_root_path
+
+    chosen = resolve_fleet_root(None)
+    if chosen is None:
+        raise FleetError(f"no fleet root is configured (none at {stored_root_path()}): set it "
+                         "with `fleetlite keys root use root.json`")
+    root = chosen.root
+    if args.output == "json":
+        print(json.dumps({"path": str(chosen.path), "source": chosen.source,
+                          "version": root.version, "expires": _iso(root.expires),
+                          "expired": root.expires <= time.time(),
+                          "roles": {name: {"threshold": role.threshold,
+                                           "keyids": list(role.keyids)}
+                                    for name, role in root.roles.items()}}, indent=2))
+        return 0
+    print(f"fleet root {chosen.path} ({chosen.source}): version {root.version}, expires "
+          f"{_expiry(root.expires)}")
+    _print_roles(root)
+    return 0
+
+
+def _expiry(ts: int) -> str:
+    """A UTC ISO time, marked EXPIRED once it has passed."""
+    return f"{_iso(ts)} EXPIRED" if ts <= time.time() else _iso(ts)
 
 
 def _print_roles(root: Root) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ from fleetlite.fleet.cli_keys import duration_arg
 from fleetlite.sdk.durations import DEFAULT_EXPIRES_IN
 from fleetlite.sdk.errors import BundleError, UpdateRejected
 from fleetlite.sdk.generation import Sampling
+from fleetlite.sdk.keys import SigningKey, require_role
 from fleetlite.sdk.lm_release import (
     DEFAULT_SMOKE_PROMPTS,
     DEFAULT_SMOKE_TOKENS,
@@ -135,10 +137,73 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="also run the smoke vectors through this machine's TFLite runtime")
     verify.add_argument("-o", "--output", choices=("text", "json"), default="text")
 
-    show = sub.add_parser("show", help="summarise a bundle (not a verification)")
-    show.add_argument("bundle", help="bundle directory or .flb file")
+    show = sub.add_parser(
+        "show", help="summarise a bundle or a stored release (not a verification)",
+        description="Summarise a bundle (directory or .flb), or a release in the fleet store by "
+        "its id or a unique prefix of 6+ characters (see `fleetlite release list`). Times are "
+        "UTC; a passed expiry is marked EXPIRED.",
+        epilog="""examples:
+  fleetlite release show intent-v2
+  fleetlite release show 3f9a1c2d -o json
+  fleetlite release show 3f9a1c2d --db sqlite:////var/lib/fleetlite/fleet.db
+
+exit codes: 0 ok, 1 no such bundle or release (the message says why), 2 usage error
+""", formatter_class=argparse.RawDescriptionHelpFormatter)
+    show.add_argument("bundle", metavar="BUNDLE|RELEASE_ID",
+                      help="bundle directory or .flb file, or a stored release's id")
+    show.add_argument("--db", metavar="URL", default=argparse.SUPPRESS,
+                      help="the fleet store to read a RELEASE_ID from (env FLEETLITE_DB; "
+                      "default sqlite:///fleetlite.db)")
     show.add_argument("-o", "--output", choices=("text", "json"), default="text")
     return parser
+
+
+def add_push_root_check(release_parser: argparse.ArgumentParser) -> None:
+    """Make `release push` (registered by cli_fleet) check every release against the fleet's
+    root first: --root, else $FLEETLITE_ROOT, else the root set with `keys root use`."""
+    sub = next(a for a in release_parser._actions
+               if isinstance(a, argparse._SubParsersAction))
+    push = sub.choices.get("push")
+    if push is None:
+        return
+    for action in push._actions:
+        if action.dest == "root":
+            action.help = ("the root of trust devices use (default: $FLEETLITE_ROOT, else the "
+                           "fleet's root set with `fleetlite keys root use root.json`)")
+    push.description = (
+        "Store a signed bundle (directory or .flb) in the fleet store; the controller serves it "
+        "to the devices of a rollout. It is first verified as the fleet's devices will verify "
+        "it, against the fleet's root (--root, $FLEETLITE_ROOT, or `fleetlite keys root use`): "
+        "what they would refuse is refused here, with their reason code. Unsigned, expired or "
+        "tampered bundles are always refused.")
+    handler = push.get_default("fleet_handler")
+    if handler is not None:
+        push.set_defaults(fleet_handler=_checked_push(handler))
+
+
+def _checked_push(handler: Any) -> Any:
+    def push(fleet: Any, args: argparse.Namespace) -> int:
+        from fleetlite.fleet.fleet_root import resolve_fleet_root
+        from fleetlite.sdk.bundle import load_bundle
+
+        bundle = load_bundle(args.bundle)
+        chosen = resolve_fleet_root(getattr(args, "root", None))
+        if chosen is None:
+            print("warning: no fleet root is configured, so this release is not checked as the "
+                  "devices will check it; set it once with `fleetlite keys root use root.json`",
+                  file=sys.stderr)
+            return int(handler(fleet, args))
+        try:
+            bundle.verify(chosen.root, time_floor=time.time())
+        except UpdateRejected as exc:
+            print(f"fleetlite release push: REFUSED [{exc.reason}]: {args.bundle}: {exc} "
+                  f"(devices with the fleet root {chosen.path}, {chosen.source}, would refuse "
+                  "it)", file=sys.stderr)
+            return 1
+        args.root = None  # verified above; the store's own checks still run
+        return int(handler(fleet, args))
+
+    return push
 
 
 def run(args: argparse.Namespace) -> int:
@@ -166,12 +231,12 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def _build(args: argparse.Namespace) -> int:
     from fleetlite.sdk.bundle import BUNDLE_SUFFIX, build_release
-    from fleetlite.sdk.keys import SigningKey
 
     out = Path(args.out)
     if out.exists() and (out.suffix == BUNDLE_SUFFIX or not out.is_dir() or any(out.iterdir())):
         raise BundleError(f"{out}: already exists; choose a new --out")
-    keys = [SigningKey.load(path) for path in args.key]
+    _check_device_classes(args.device_classes)
+    keys = [_release_key(path) for path in args.key]
     bundle = build_release(
         args.models,
         name=args.name,
@@ -199,6 +264,7 @@ def _build(args: argparse.Namespace) -> int:
     m = bundle.manifest
     print(f"built {out}: {m.name} v{m.version} for {', '.join(m.device_classes)}")
     print(f"  release id {m.release_id}")
+    print(f"  expires {_utc(m.expires)}")
     print(f"  files: {', '.join(f'{e.name} ({e.role}, {e.length} B)' for e in m.files)}")
     if m.generation is not None:
         g = m.generation
@@ -211,12 +277,38 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_device_classes(names: list[str]) -> None:
+    """Refuse a --device-class no device profile defines: no device would ever install it."""
+    import difflib
+
+    from fleetlite.sdk.device_class import PROFILES_ENV, default_profiles_dir, load_device_classes
+
+    folder = default_profiles_dir()
+    known = sorted(load_device_classes(folder))
+    for name in names:
+        if name in known:
+            continue
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise BundleError(
+            f"no device profile defines the device class {name!r} ({folder}); {hint}known: "
+            f"{', '.join(known) or 'none'}. Use one of these, or add {name}.yaml there "
+            f"(or point {PROFILES_ENV} at your profiles)")
+
+
+def _release_key(path: str) -> SigningKey:
+    """Load a --key file, refusing one made for another role before any work is done."""
+    key = SigningKey.load(path)
+    require_role(key.role, "release", path, option="--key")
+    return key
+
+
 def _sign(args: argparse.Namespace) -> int:
     from fleetlite.sdk.bundle import sign_bundle
-    from fleetlite.sdk.keys import SigningKey
 
-    for path in args.key:
-        envelope = sign_bundle(args.bundle, SigningKey.load(path))
+    keys = [_release_key(path) for path in args.key]
+    for key in keys:
+        envelope = sign_bundle(args.bundle, key)
     print(f"signed {args.bundle}: {len(envelope.signatures)} signature(s) "
           f"({', '.join(k[:12] for k in envelope.keyids)})")
     return 0
@@ -245,6 +337,34 @@ def _verify(args: argparse.Namespace) -> int:
     return _report(args, result)
 
 
+_RELEASE_ID = re.compile(r"[0-9a-f]{6,64}")
+
+
+def _stored_release(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """The release RELEASE_ID (or a unique prefix of 6+ characters) from the fleet store
+    (--db, $FLEETLITE_DB, the current context, or sqlite:///fleetlite.db)."""
+    from fleetlite.fleet.cli_config import pick
+    from fleetlite.fleet.client import Fleet
+    from fleetlite.fleet.errors import RecordNotFoundError
+    from fleetlite.sdk.bundle import bundle_from_bytes
+
+    for dest, value in pick(args).items():
+        setattr(args, dest, value)
+    with Fleet(getattr(args, "db", None), create=False) as fleet:
+        info = fleet.release(args.bundle)
+        stored = fleet.store.get_release(info.release_id)
+        if stored is None:
+            raise RecordNotFoundError(f"release {info.release_id[:16]} left the store "
+                                      f"{fleet.store.url} while it was read; try again")
+        bundle = bundle_from_bytes(stored.envelope, stored.files,
+                                   origin=f"release {info.release_id[:16]} in {fleet.store.url}")
+        return bundle, {"store": fleet.store.url, "pushed": _utc(info.created)}
+
+
+def _utc(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
 def _report(args: argparse.Namespace, result: dict[str, Any]) -> int:
     if args.output == "json":
         print(json.dumps(result, indent=2))
@@ -260,20 +380,30 @@ def _report(args: argparse.Namespace, result: dict[str, Any]) -> int:
 def _show(args: argparse.Namespace) -> int:
     from fleetlite.sdk.bundle import load_bundle
 
-    summary = load_bundle(args.bundle).summary()
+    source = Path(args.bundle)
+    where: dict[str, Any] = {}
+    if source.exists() or not _RELEASE_ID.fullmatch(args.bundle):
+        bundle = load_bundle(source)
+    else:
+        bundle, where = _stored_release(args)
+    summary = bundle.summary()
+    summary.update(where)
     if args.output == "json":
         print(json.dumps(summary, indent=2))
         return 0
     print(f"{summary['name']} v{summary['version']}  (NOT verified: use `fleetlite release "
           "verify --root root.json`)")
+    expires = summary["expires"] + (" EXPIRED" if summary["expired"] else "")
     rows = [
         ("release id", summary["release_id"]),
         ("issued", summary["issued"]),
-        ("expires", summary["expires"]),
+        ("expires", expires),
         ("device classes", ", ".join(summary["device_classes"])),
         ("min agent", summary["min_agent_version"]),
         ("signatures", ", ".join(k[:12] for k in summary["signatures"]) or "none"),
     ]
+    if where:
+        rows += [("stored in", where["store"]), ("pushed", where["pushed"])]
     for key, value in rows:
         print(f"  {key:<15} {value}")
     print("  files:")

@@ -31,7 +31,7 @@ from fleetlite.sdk.durations import DEFAULT_EXPIRES_IN, parse_duration
 from fleetlite.sdk.envelope import MANIFEST_PAYLOAD_TYPE, Envelope
 from fleetlite.sdk.errors import BundleError, UnsafeNameError, UpdateRejected
 from fleetlite.sdk.generation import Sampling
-from fleetlite.sdk.keys import SigningKey
+from fleetlite.sdk.keys import SigningKey, require_role
 from fleetlite.sdk.lm_release import (
     DEFAULT_SMOKE_PROMPTS,
     DEFAULT_SMOKE_TOKENS,
@@ -70,6 +70,7 @@ __all__ = [
     "ENVELOPE_NAME",
     "ReleaseBundle",
     "build_release",
+    "bundle_from_bytes",
     "load_bundle",
     "parse_duration",
     "run_bundle_smoke",
@@ -106,7 +107,9 @@ class ReleaseBundle:
         return self.envelope.to_json()
 
     def sign(self, key: SigningKey) -> ReleaseBundle:
-        """Add ``key``'s signature over the exact payload (never re-serialised)."""
+        """Add ``key``'s signature over the exact payload (never re-serialised); a key whose
+        role is not ``release`` is refused (:class:`KeyFileError`)."""
+        require_role(key.role, "release", f"key {key.keyid[:12]}")
         return replace(self, envelope=self.envelope.sign(key))
 
     def verify(
@@ -168,8 +171,10 @@ class ReleaseBundle:
         write_atomic(target, self.flb_bytes())
         return target
 
-    def summary(self) -> dict[str, Any]:
-        """A JSON-ready description (unverified unless the caller verified it)."""
+    def summary(self, now: float | None = None) -> dict[str, Any]:
+        """A JSON-ready description (unverified unless the caller verified it); times are UTC
+        ISO 8601 and ``expired`` says whether ``expires`` has passed at ``now`` (default: the
+        current time)."""
         m = self.manifest
         files = []
         for entry in m.files:
@@ -185,6 +190,7 @@ class ReleaseBundle:
             "release_id": m.release_id,
             "issued": _iso(m.issued),
             "expires": _iso(m.expires),
+            "expired": m.expires <= (time.time() if now is None else now),
             "device_classes": list(m.device_classes),
             "min_agent_version": m.min_agent_version,
             "signatures": [s.keyid for s in self.envelope.signatures],
@@ -467,6 +473,14 @@ def load_bundle(path: PathArg, *, limits: Limits = DEFAULT_LIMITS) -> ReleaseBun
     if source.is_file():
         return _load_flb(source, limits)
     raise BundleError(f"{source}: no such bundle (a directory with manifest.json or a .flb file)")
+
+
+def bundle_from_bytes(envelope: bytes, files: Mapping[str, bytes], *, origin: str = "the release",
+                      limits: Limits = DEFAULT_LIMITS) -> ReleaseBundle:
+    """A bundle from its envelope bytes and file contents (e.g. a release kept in the fleet
+    store). Structure is checked; signatures are not."""
+    parsed, manifest = _parse_envelope(envelope, origin, limits)
+    return ReleaseBundle(parsed, manifest, dict(files))
 
 
 def _parse_envelope(data: bytes, origin: str, limits: Limits) -> tuple[Envelope, Manifest]:

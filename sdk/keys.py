@@ -38,6 +38,7 @@ __all__ = [
     "SigningKey",
     "key_id",
     "load_public_key",
+    "require_role",
 ]
 
 PathArg = Union[str, "os.PathLike[str]"]
@@ -237,6 +238,24 @@ def load_public_key(path: PathArg) -> tuple[PublicKey, str]:
         raise KeyFileError(f"{target}: the key id does not match the public key; the file is "
                            "corrupt, export it again with `fleetlite keys public`")
     return public, str(data.get("role", ""))
+
+
+def require_role(role: str, wanted: str, where: str, *, option: str = "") -> None:
+    """Refuse a key whose file says it is for another role (a key with no role is accepted:
+    keys made by scripts and tests may have none).
+
+    ``where`` names the key file (or key id) in the message; ``option`` the command-line option
+    it was given as, if any."""
+    if not role or role == wanted:
+        return
+    given = f" given as {option}" if option else ""
+    if wanted == "release":
+        fix = ("sign releases with a release key; create one with `fleetlite keys create "
+               "--role release --out DIR`")
+    else:
+        fix = (f"pass {role} keys as --{role}-key and {wanted} keys as --{wanted}-key "
+               "(were the two swapped?)")
+    raise KeyFileError(f"{where}: a {role} key{given}, not a {wanted} key; {fix}")
 
 
 def _check_keytype(path: Path, data: dict[str, Any]) -> None:

@@ -53,6 +53,33 @@ exit codes: 0 ok, 1 the command failed (the message says why), 2 usage error
 """
 
 ROOT_EXPIRES_DEFAULT = "365d"
+OUTPUTS = ("table", "json", "yaml")
+EXIT_CODES = "exit codes: 0 ok, 1 the command failed (the message says why), 2 usage error"
+
+
+def help_text(examples: str, exit_codes: str = EXIT_CODES) -> dict[str, Any]:
+    """``add_parser`` keywords for a leaf command: its examples and exit codes as the epilog."""
+    return {"epilog": f"examples:\n{examples}\n{exit_codes}\n",
+            "formatter_class": argparse.RawDescriptionHelpFormatter}
+
+
+def add_output(parser: argparse.ArgumentParser) -> None:
+    """``-o table|json|yaml`` (shared by the keys and release verbs)."""
+    parser.add_argument("-o", "--output", choices=OUTPUTS, default="table",
+                        help="output format (default table; json and yaml for scripts)")
+
+
+def emit(args: argparse.Namespace, doc: Any) -> bool:
+    """Print ``doc`` as JSON or YAML if ``-o`` asks for it; False: print the table yourself."""
+    if args.output == "json":
+        print(json.dumps(doc, indent=2))
+        return True
+    if args.output == "yaml":
+        import yaml
+
+        print(str(yaml.safe_dump(doc, sort_keys=False, default_flow_style=False)).rstrip("\n"))
+        return True
+    return False
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -67,13 +94,21 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
     create = sub.add_parser("create", help="create a key pair (.key private, .pub public)",
                             description="Create an Ed25519 key pair. Prints the key id and the "
-                            "public key; the private key goes only into the 0600 .key file.")
+                            "public key; the private key goes only into the 0600 .key file.",
+                            **help_text("""\
+  fleetlite keys create --role root --out ~/.fleetlite/keys
+  fleetlite keys create --role release --out keys --name release-ci
+"""))
     create.add_argument("--role", required=True, choices=ROLES, help="what the key will sign")
     create.add_argument("--out", required=True, metavar="DIR",
                         help="directory for the key files (created with mode 0700 if missing)")
     create.add_argument("--name", help="base file name (default: ROLE-KEYID12)")
 
-    public = sub.add_parser("public", help="print (or write) the public key of a key file")
+    public = sub.add_parser("public", help="print (or write) the public key of a key file",
+                            **help_text("""\
+  fleetlite keys public keys/release-1a2b3c4d5e6f.key
+  fleetlite keys public keys/release-1a2b3c4d5e6f.key --out release-ci.pub
+"""))
     public.add_argument("key", help="a .key or .pub file")
     public.add_argument("--out", help="write a .pub file here instead of printing it")
 
@@ -81,7 +116,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                           epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     root_sub = root.add_subparsers(dest="root_command", metavar="COMMAND")
 
-    init = root_sub.add_parser("init", help="create root metadata version 1")
+    init = root_sub.add_parser("init", help="create root metadata version 1", **help_text("""\
+  fleetlite keys root init --root-key keys/root-aaaa.key --release-key keys/release-bbbb.pub \\
+      --out root.json
+  fleetlite keys root init --root-key r1.key r2.pub r3.pub --threshold 2 \\
+      --release-key a.pub b.pub --release-threshold 2 --expires-in 52w --out root.json
+"""))
     _add_role_arguments(init)
     init.add_argument("--out", required=True, help="root.json to write (must not exist)")
 
@@ -89,21 +129,33 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "rotate", help="create root version N+1, signed by old and new root keys",
         description="Create the next root version. It must be signed by a threshold of the "
         "CURRENT root keys (--sign) and of the NEW root keys (.key files among --root-key); "
-        "missing signatures can be added later with `fleetlite keys root sign`.")
+        "missing signatures can be added later with `fleetlite keys root sign`.",
+        **help_text("""\
+  fleetlite keys root rotate --root root.json --sign r1.key r2.key \\
+      --root-key r2.key r4.key --release-key a.pub c.pub --out root-v2.json
+"""))
     rotate.add_argument("--root", required=True, help="the current root.json")
     _add_role_arguments(rotate)
     rotate.add_argument("--sign", nargs="+", action="extend", default=[], metavar="KEY",
                         help="current root .key files to sign with")
     rotate.add_argument("--out", required=True, help="new root file to write (must not exist)")
 
-    sign = root_sub.add_parser("sign", help="add a signature to a root file (in place)")
+    sign = root_sub.add_parser("sign", help="add a signature to a root file (in place)",
+                               **help_text("""\
+  fleetlite keys root sign root-v2.json --key r4.key
+"""))
     sign.add_argument("root", help="root file")
     sign.add_argument("--key", required=True, nargs="+", action="extend", help=".key file(s)")
 
-    show = root_sub.add_parser("show", help="describe a root file and check its signatures")
+    show = root_sub.add_parser(
+        "show", help="describe a root file and check its signatures", **help_text("""\
+  fleetlite keys root show root.json
+  fleetlite keys root show root-v2.json --previous root.json -o json
+""", "exit codes: 0 ok, 1 the signatures or the rotation do not verify (or the file cannot be "
+     "read), 2 usage error"))
     show.add_argument("root", help="root file")
     show.add_argument("--previous", help="the root it rotates from: also check the rotation")
-    show.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    add_output(show)
 
     use = root_sub.add_parser(
         "use", help="make a root file the fleet's root (release push checks against it)",
@@ -124,6 +176,7 @@ exit codes: 0 ok, 1 the root is unusable or devices would refuse the change, 2 u
     use.add_argument("root", help="the root.json the fleet's devices are provisioned with")
     use.add_argument("--force", action="store_true",
                      help="replace the stored root even if it is not a rotation from it")
+    add_output(use)
 
     current = root_sub.add_parser(
         "current", help="show the fleet's root (`keys root use`) and where it comes from",
@@ -133,7 +186,7 @@ exit codes: 0 ok, 1 the root is unusable or devices would refuse the change, 2 u
 
 exit codes: 0 ok, 1 no fleet root is configured or it is unusable, 2 usage error
 """, formatter_class=argparse.RawDescriptionHelpFormatter)
-    current.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    add_output(current)
     return parser
 
 
@@ -349,9 +402,7 @@ def _root_show(args: argparse.Namespace) -> int:
         except UpdateRejected as exc:
             rotation_ok = False
             result["rotation"] = {"reason": exc.reason, "message": str(exc)}
-    if args.output == "json":
-        print(json.dumps(result, indent=2))
-    else:
+    if not emit(args, result):
         print(f"root version {root.version}, expires {_expiry(root.expires)}")
         _print_roles(root)
         print(f"  {self_status}")
@@ -367,6 +418,10 @@ def _root_use(args: argparse.Namespace) -> int:
     from fleetlite.fleet.fleet_root import use_root
 
     root, stored, previous = use_root(Path(args.root), force=args.force)
+    if emit(args, {"root": args.root, "stored": str(stored), "version": root.version,
+                   "previous_version": previous.version if previous is not None else None,
+                   "expires": _iso(root.expires), "expired": root.expires <= time.time()}):
+        return 0
     change = f" (was v{previous.version})" if previous is not None else ""
     print(f"the fleet's root is now {args.root}: version {root.version}{change}, expires "
           f"{_expiry(root.expires)}")
@@ -384,13 +439,11 @@ def _root_current(args: argparse.Namespace) -> int:
         raise FleetError(f"no fleet root is configured (none at {stored_root_path()}): set it "
                          "with `fleetlite keys root use root.json`")
     root = chosen.root
-    if args.output == "json":
-        print(json.dumps({"path": str(chosen.path), "source": chosen.source,
-                          "version": root.version, "expires": _iso(root.expires),
-                          "expired": root.expires <= time.time(),
-                          "roles": {name: {"threshold": role.threshold,
-                                           "keyids": list(role.keyids)}
-                                    for name, role in root.roles.items()}}, indent=2))
+    doc = {"path": str(chosen.path), "source": chosen.source, "version": root.version,
+           "expires": _iso(root.expires), "expired": root.expires <= time.time(),
+           "roles": {name: {"threshold": role.threshold, "keyids": list(role.keyids)}
+                     for name, role in root.roles.items()}}
+    if emit(args, doc):
         return 0
     print(f"fleet root {chosen.path} ({chosen.source}): version {root.version}, expires "
           f"{_expiry(root.expires)}")

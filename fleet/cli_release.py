@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from fleetlite.fleet.cli_keys import duration_arg
+from fleetlite.fleet.cli_keys import add_output, duration_arg, emit, help_text
 from fleetlite.sdk.durations import DEFAULT_EXPIRES_IN
 from fleetlite.sdk.errors import BundleError, UpdateRejected
 from fleetlite.sdk.generation import Sampling
@@ -119,7 +118,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     build.add_argument("--out", required=True, metavar="DIR|FILE.flb",
                        help="bundle directory to create, or a .flb file")
 
-    sign = sub.add_parser("sign", help="add a signature to a bundle (threshold signing)")
+    sign = sub.add_parser("sign", help="add a signature to a bundle (threshold signing)",
+                          **help_text("""\
+  fleetlite release sign intent-v2 --key keys/release-3c4d.key
+  fleetlite release sign intent-v2.flb --key a.key --key b.key
+"""))
     sign.add_argument("bundle", help="bundle directory or .flb file")
     sign.add_argument("--key", required=True, action="append", metavar="KEY.key",
                       help="release key to sign with (repeat for several)")
@@ -135,7 +138,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help=f"check as this agent version (default {__version__})")
     verify.add_argument("--smoke", action="store_true",
                         help="also run the smoke vectors through this machine's TFLite runtime")
-    verify.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    add_output(verify)
 
     show = sub.add_parser(
         "show", help="summarise a bundle or a stored release (not a verification)",
@@ -154,7 +157,7 @@ exit codes: 0 ok, 1 no such bundle or release (the message says why), 2 usage er
     show.add_argument("--db", metavar="URL", default=argparse.SUPPRESS,
                       help="the fleet store to read a RELEASE_ID from (env FLEETLITE_DB; "
                       "default sqlite:///fleetlite.db)")
-    show.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    add_output(show)
     return parser
 
 
@@ -366,8 +369,8 @@ def _utc(ts: float) -> str:
 
 
 def _report(args: argparse.Namespace, result: dict[str, Any]) -> int:
-    if args.output == "json":
-        print(json.dumps(result, indent=2))
+    if emit(args, result):
+        pass
     elif result["ok"]:
         smoke = " and its smoke test passes here" if args.smoke else ""
         print(f"OK: {result['name']} v{result['version']} verifies against {args.root}{smoke} "
@@ -388,8 +391,7 @@ def _show(args: argparse.Namespace) -> int:
         bundle, where = _stored_release(args)
     summary = bundle.summary()
     summary.update(where)
-    if args.output == "json":
-        print(json.dumps(summary, indent=2))
+    if emit(args, summary):
         return 0
     print(f"{summary['name']} v{summary['version']}  (NOT verified: use `fleetlite release "
           "verify --root root.json`)")

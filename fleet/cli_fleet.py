@@ -185,6 +185,9 @@ controller stopped by itself (its SQLite file was deleted or replaced); 2 a usag
 
     add_device_commands(devices, _leaf)
     add_events(subparsers, _leaf)
+    from fleetlite.fleet.conformance import add_parser as add_conformance
+
+    add_conformance(subparsers, _common())
 
     if release_parser is not None:
         _add_release_verbs(release_parser)
@@ -472,7 +475,7 @@ def run(args: argparse.Namespace) -> int:
     from fleetlite.fleet.client import Fleet
 
     handler: Optional[Handler] = args.fleet_handler
-    if handler is None:
+    if handler is None and getattr(args, "standalone", None) is None:
         args.fleet_usage.print_help(sys.stderr)
         return EXIT_USAGE
     from fleetlite.fleet.cli_config import pick
@@ -482,6 +485,11 @@ def run(args: argparse.Namespace) -> int:
     broker = resolve_broker(getattr(args, "broker", None), ca=getattr(args, "tls_ca", None),
                             cert=getattr(args, "tls_cert", None),
                             key=getattr(args, "tls_key", None))
+    standalone = getattr(args, "standalone", None)
+    if standalone is not None:  # a verb that talks to the broker only, not to a store
+        code: int = standalone(broker, args)
+        return code
+    assert handler is not None
     fleet = Fleet(getattr(args, "db", None), broker, create=args.creates_store)
     if fleet.created is not None:
         _note(f"note: there was no fleet store at {fleet.created}: created a new, empty one "

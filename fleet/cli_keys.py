@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -415,7 +416,7 @@ def _root_show(args: argparse.Namespace) -> int:
 
 
 def _root_use(args: argparse.Namespace) -> int:
-    from fleetlite.fleet.fleet_root import use_root
+    from fleetlite.fleet.fleet_root import ROOT_ENV, use_root
 
     root, stored, previous = use_root(Path(args.root), force=args.force)
     if emit(args, {"root": args.root, "stored": str(stored), "version": root.version,
@@ -427,6 +428,9 @@ def _root_use(args: argparse.Namespace) -> int:
           f"{_expiry(root.expires)}")
     _print_roles(root)
     print(f"  stored as {stored}; `fleetlite release push` checks releases against it")
+    if os.environ.get(ROOT_ENV):
+        print(f"note: {ROOT_ENV}={os.environ[ROOT_ENV]} is set and overrides it in this shell",
+              file=sys.stderr)
     return 0
 
 

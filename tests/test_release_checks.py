@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fleetlite.fleet.cli import main
 from fleetlite.fleet.store import open_store
@@ -157,6 +158,8 @@ def test_push_checks_against_the_fleet_root(run: Run, models_dir: Path,
     run("keys", "root", "init", "--root-key", "k/root2.key", "--release-key",
         "k/stranger.pub", "--out", "other.json")
     monkeypatch.setenv("FLEETLITE_ROOT", "other.json")
+    _, err = run("keys", "root", "use", "root.json")
+    assert err == "note: FLEETLITE_ROOT=other.json is set and overrides it in this shell\n"
     out, _ = run("keys", "root", "current")
     assert out.startswith("fleet root other.json ($FLEETLITE_ROOT): version 1")
     out, _ = run("--db", run.db, "release", "push", str(stranger))
@@ -199,6 +202,8 @@ def test_show_a_stored_release_with_dates(run: Run, models_dir: Path) -> None:
     assert time.strptime(expires, "%Y-%m-%dT%H:%M:%SZ") and "EXPIRED" not in out
     doc = json.loads(run("--db", run.db, "release", "show", release_id, "-o", "json")[0])
     assert doc["release_id"] == release_id and doc["expired"] is False
+    as_yaml = yaml.safe_load(run("release", "show", release_id, "--db", run.db, "-o", "yaml")[0])
+    assert as_yaml == doc
 
     message = run.refused("release", "show", "abcdef12", "--db", run.db)
     assert "no release 'abcdef12' in the store" in message

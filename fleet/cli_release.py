@@ -130,7 +130,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     verify = sub.add_parser("verify", help="verify a bundle as a device would",
                             epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     verify.add_argument("bundle", help="bundle directory or .flb file")
-    verify.add_argument("--root", required=True, help="the root.json devices are provisioned with")
+    verify.add_argument("--root", help="the root.json devices are provisioned with (default: "
+                        "$FLEETLITE_ROOT, else the fleet's root set with `fleetlite keys root "
+                        "use`)")
     verify.add_argument("--device-class", help="check that the release targets this class")
     verify.add_argument("--installed-version", type=int,
                         help="check as a device that has this version installed")
@@ -318,10 +320,16 @@ def _sign(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from fleetlite.fleet.errors import FleetError
+    from fleetlite.fleet.fleet_root import resolve_fleet_root
     from fleetlite.sdk.bundle import load_bundle, run_bundle_smoke
-    from fleetlite.sdk.trust import load_trusted_root
 
-    root = load_trusted_root(Path(args.root).read_bytes())
+    chosen = resolve_fleet_root(args.root)
+    if chosen is None:
+        raise FleetError("no root to verify against: give --root root.json, or set the fleet's "
+                         "root once with `fleetlite keys root use root.json`")
+    root = chosen.root
+    args.root = str(chosen.path)
     bundle = load_bundle(args.bundle)
     result: dict[str, Any] = {"bundle": args.bundle, "release_id": bundle.release_id}
     try:

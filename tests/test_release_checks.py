@@ -138,6 +138,9 @@ def test_push_checks_against_the_fleet_root(run: Run, models_dir: Path,
     stranger = _bundle(run, models_dir, "stranger-v3", "k/stranger.key", version=3)
     good = _bundle(run, models_dir, "pair-v2", "k/rel.key")
 
+    message = run.refused("release", "verify", str(good))
+    assert message == ("fleetlite: error: no root to verify against: give --root root.json, or "
+                       "set the fleet's root once with `fleetlite keys root use root.json`")
     message = run.refused("keys", "root", "current")
     assert "no fleet root is configured" in message and "keys root use root.json" in message
     out, _ = run("keys", "root", "use", "root.json")
@@ -153,6 +156,8 @@ def test_push_checks_against_the_fleet_root(run: Run, models_dir: Path,
     out, _ = run("--db", run.db, "release", "push", str(good))
     assert out.startswith("pushed: pair v2")
     assert len(run.stored_releases()) == 1
+    out, _ = run("release", "verify", str(good))  # verify too defaults to the fleet root
+    assert out.startswith(f"OK: pair v2 verifies against {stored}")
 
     # --root and $FLEETLITE_ROOT override the stored choice
     run("keys", "root", "init", "--root-key", "k/root2.key", "--release-key",

@@ -20,6 +20,27 @@ PG_SKIP = ("PostgreSQL variant skipped: FLEETLITE_TEST_PG_URL is not set. Run "
            "(CI sets it).")
 
 
+_CONFIG_HOME: list[Path] = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Keep the developer's own fleetlite configuration (contexts, the fleet root) out of the
+    suite: every command a test runs reads an empty config in a directory of its own."""
+    import tempfile
+
+    home = Path(tempfile.mkdtemp(prefix="fleetlite-test-config-"))
+    _CONFIG_HOME.append(home)
+    os.environ["FLEETLITE_CONFIG"] = str(home / "config.yaml")
+    os.environ.pop("FLEETLITE_ROOT", None)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    import shutil
+
+    for home in _CONFIG_HOME:
+        shutil.rmtree(home, ignore_errors=True)
+
+
 def crash_fixture_crashes() -> bool:
     """Whether tools/models.crashing_model() really crashes this run's TFLite runtime.
 

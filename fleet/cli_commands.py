@@ -20,7 +20,7 @@ from fleetlite.fleet.device_commands import CommandOutcome
 from fleetlite.fleet.errors import FleetError
 from fleetlite.fleet.store import CommandRecord, EventRecord
 
-__all__ = ["add_device_commands", "add_events"]
+__all__ = ["add_device_commands", "add_events", "add_root_distribute"]
 
 EXIT_OK, EXIT_FAILED = 0, 1
 
@@ -128,6 +128,29 @@ def add_device_commands(devices: Any, leaf: Callable[..., argparse.ArgumentParse
     history.add_argument("device_id", metavar="ID")
     history.add_argument("--limit", type=_positive_int, default=20, metavar="N",
                          help="how many (default 20)")
+
+
+def add_root_distribute(root_sub: Any, leaf: Callable[..., argparse.ArgumentParser]) -> None:
+    """Add ``fleetlite keys root distribute ROOT.json``: ``devices update-root`` for the fleet."""
+    distribute = leaf(root_sub, "distribute", _distribute,
+                      help="send the next root of trust to the fleet's devices",
+                      description="Send ROOT.json (the next root, from `keys root rotate`) to "
+                      "every registered device, or to those named, and show which accepted it: "
+                      "each checks it against the root it trusts (signed by a threshold of the "
+                      "old and the new root keys, exactly one version newer)." + _HOW,
+                      examples="""\
+  fleetlite keys root distribute root-v2.json
+  fleetlite keys root distribute root-v2.json --class raspberry-pi-4 -o json
+  fleetlite keys root distribute root-v2.json gw-berlin-01 gw-berlin-02
+""", exit_codes=COMMAND_EXIT_CODES)
+    distribute.add_argument("root", metavar="ROOT.json", type=Path, help="the new root")
+    _targets(distribute)
+
+
+def _distribute(fleet: Fleet, args: argparse.Namespace) -> int:
+    if not (args.device_ids or args.device_class or args.tag):
+        args.all = True  # the fleet, unless told which devices
+    return _update_root(fleet, args)
 
 
 def add_events(subparsers: Any, leaf: Callable[..., argparse.ArgumentParser]) -> None:

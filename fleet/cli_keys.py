@@ -113,7 +113,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     public.add_argument("key", help="a .key or .pub file")
     public.add_argument("--out", help="write a .pub file here instead of printing it")
 
-    root = sub.add_parser("root", help="root metadata: init, rotate, sign, show, use, current",
+    root = sub.add_parser("root", help="root metadata: init, rotate, sign, show, use, current, "
+                          "distribute",
                           epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     root_sub = root.add_subparsers(dest="root_command", metavar="COMMAND")
 
@@ -188,6 +189,10 @@ exit codes: 0 ok, 1 the root is unusable or devices would refuse the change, 2 u
 exit codes: 0 ok, 1 no fleet root is configured or it is unusable, 2 usage error
 """, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_output(current)
+    from fleetlite.fleet.cli_commands import add_root_distribute
+    from fleetlite.fleet.cli_fleet import _leaf
+
+    add_root_distribute(root_sub, _leaf)
     return parser
 
 

@@ -192,8 +192,8 @@ def test_commands_and_events_through_a_real_fleet(
                        expires=ISSUED + 10 * 365 * 86400, version=2)
     root_v2 = site.tmp_path / "root-v2.json"
     root_v2.write_bytes(root_envelope(rotated).sign(ROOT_KEY).to_json())
-    distributed = json.loads(cli("devices", "update-root", "--all", "--root", str(root_v2),
-                                 "-o", "json", *db).stdout)
+    distributed = json.loads(cli("keys", "root", "distribute", str(root_v2), "-o", "json",
+                                 *db).stdout)
     assert {o["device_id"]: o["result"]["root_version"] for o in distributed["outcomes"]} == \
         dict.fromkeys(INTENT_DEVICES, 2)
     again = cli("devices", "update-root", "gw-x86-1", "--root", str(root_v2), *db, expect=1)

@@ -73,7 +73,8 @@ def add_device_commands(devices: Any, leaf: Callable[..., argparse.ArgumentParse
                  exit_codes=COMMAND_EXIT_CODES)
     _targets(retry)
     retry.add_argument("--release", required=True, metavar="RELEASE_ID",
-                       help="the release to install (a stored release's id)")
+                       help="the release to install (a stored release's id, or a unique "
+                       "prefix of 6 or more characters)")
     retry.add_argument("--chunk-size", type=int, default=16384, metavar="BYTES",
                        help="chunk size of the download (default 16384)")
     root = leaf(devices, "update-root", _update_root, help="rotate devices' root of trust",
@@ -284,11 +285,8 @@ def _profile(fleet: Fleet, args: argparse.Namespace) -> int:
 
 
 def _retry(fleet: Fleet, args: argparse.Namespace) -> int:
-    release = fleet.store.get_release(args.release)
-    if release is None:
-        raise FleetError(f"no release {args.release!r} in the store {fleet.store.url}: list "
-                         "them with `fleetlite release list`")
-    return _send(fleet, args, "ota_install", {"release_id": args.release,
+    release = fleet.release(args.release)  # a full id or a unique prefix; else says which
+    return _send(fleet, args, "ota_install", {"release_id": release.release_id,
                                               "chunk_size": args.chunk_size, "retry": True})
 
 

@@ -1314,6 +1314,8 @@ class Store:
                     created, expires, sent) VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
                 (command_id, device_id, command, _dump(args), origin[:200], created,
                  created + timeout_s, sent))
+            _prune_per_device(db, "device_commands", "created", device_id,
+                              _COMMANDS_PER_DEVICE)
         return command_id
 
     def commands_to_send(self, now: float, limit: int = 500) -> list[CommandRecord]:
@@ -1390,14 +1392,7 @@ class Store:
                  _dump(event.detail))).rows
             new_id = int(rows[0][0])
             if keep_per_device is not None:
-                count = db.execute("SELECT count(*) FROM device_events WHERE device_id = ?",
-                                   (event.device_id,)).rows[0][0]
-                if int(count) > keep_per_device + max(1, keep_per_device // 10):
-                    db.execute(
-                        """DELETE FROM device_events WHERE device_id = ? AND id <= (
-                            SELECT id FROM device_events WHERE device_id = ?
-                            ORDER BY id DESC LIMIT 1 OFFSET ?)""",
-                        (event.device_id, event.device_id, keep_per_device))
+                _prune_per_device(db, "device_events", "id", event.device_id, keep_per_device)
             return new_id
 
     def events(self, *, device_ids: Optional[Collection[str]] = None,
@@ -1879,6 +1874,22 @@ def _birth_models(models: Sequence[Any]) -> list[DeviceModel]:
             sha256=sha256 if isinstance(sha256, str) else "",
         )
     return list(out.values())
+
+
+# commands kept per device in the history (the newest), operators' and rollouts' together
+_COMMANDS_PER_DEVICE = 500
+
+
+def _prune_per_device(db: _Db, table: str, order: str, device_id: str, keep: int) -> None:
+    """Keep about ``keep`` rows of ``device_id`` in ``table``, the newest by ``order``: pruned
+    once the bound is passed by a tenth, so a delete runs once per that many inserts."""
+    count = int(db.execute(f"SELECT count(*) FROM {table} WHERE device_id = ?",
+                           (device_id,)).rows[0][0])
+    if count <= keep + max(1, keep // 10):
+        return
+    db.execute(f"""DELETE FROM {table} WHERE device_id = ? AND {order} <= (
+                      SELECT {order} FROM {table} WHERE device_id = ?
+                      ORDER BY {order} DESC LIMIT 1 OFFSET ?)""", (device_id, device_id, keep))
 
 
 _COMMAND_COLUMNS = ("command_id, device_id, command, args_json, origin, created, expires, sent, "

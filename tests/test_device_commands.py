@@ -292,3 +292,16 @@ def test_tags_model_removal_and_decommissioning_through_a_real_fleet(
     assert len(site.store.list_devices()) == len(INTENT_DEVICES)
     unknown = cli("devices", "decommission", "gw-nowhere", *db, expect=1)
     assert "no device 'gw-nowhere'" in unknown.stderr
+
+
+def test_the_command_history_is_kept_per_device_up_to_a_bound(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fleetlite.fleet import store as store_module
+
+    monkeypatch.setattr(store_module, "_COMMANDS_PER_DEVICE", 10)
+    ids = [store.queue_command("gw-1", "ping", {}, timeout_s=30, now=100.0 + n)
+           for n in range(12)]
+    other = store.queue_command("gw-2", "ping", {}, timeout_s=30, now=50.0)
+    kept = [c.command_id for c in store.command_history("gw-1", limit=100)]
+    assert kept == list(reversed(ids[2:]))  # the newest 10, once 12 passed 10 and a tenth
+    assert [c.command_id for c in store.command_history("gw-2")] == [other]

@@ -69,6 +69,16 @@ def test_a_reply_streams_and_matches_the_reference(server: LocalApiServer) -> No
     assert PROMPT not in json.dumps(counts) and "kitchen" not in json.dumps(counts)
 
 
+class Frames:
+    """Collects what ``send_frame`` writes, to send several frames in one write."""
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def sendall(self, data: bytes) -> None:
+        self.data += bytes(data)
+
+
 def test_the_first_token_arrives_before_the_generation_ends(server: LocalApiServer) -> None:
     # the cancel is already waiting on the socket when the first token goes out: the server
     # reads it right after sending that token, so the generation stops after one token. The
@@ -76,9 +86,13 @@ def test_the_first_token_arrives_before_the_generation_ends(server: LocalApiServ
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.connect(str(server.path))
         sock.settimeout(60)
-        wire.send_frame(sock, {"op": "generate", "model": "home-lm", "prompt": PROMPT,
+        # both frames in one write: on a busy machine two writes let the server send its first
+        # token (and read no cancel yet) between them
+        both = Frames()
+        wire.send_frame(both, {"op": "generate", "model": "home-lm", "prompt": PROMPT,
                                "params": {"max_tokens": 64}, "id": 1})
-        wire.send_frame(sock, {"op": "cancel", "id": 1})
+        wire.send_frame(both, {"op": "cancel", "id": 1})
+        sock.sendall(both.data)
         frames = []
         while not frames or frames[-1].get("event") != "done":
             frame, _ = wire.recv_frame(sock, tensors_key="outputs") or ({}, b"")

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+from fleetlite.fleet.cli_keys import duration_arg
 from fleetlite.fleet.client import Fleet
 from fleetlite.fleet.device_commands import CommandOutcome
 from fleetlite.fleet.errors import FleetError
@@ -170,7 +171,7 @@ def add_events(subparsers: Any, leaf: Callable[..., argparse.ArgumentParser]) ->
 """)
     events.add_argument("--device", dest="devices", action="append", metavar="ID",
                         help="only this device's events (repeat for several)")
-    events.add_argument("--since", type=_duration, metavar="DURATION",
+    events.add_argument("--since", type=duration_arg, metavar="DURATION",
                         help="only events stored within this long, e.g. 30m, 2h, 7d")
     events.add_argument("--limit", type=_positive_int, default=100, metavar="N",
                         help="at most this many, the newest (default 100)")
@@ -222,15 +223,6 @@ def _seconds(text: str) -> float:
     if not 0 <= value <= 86400:
         raise argparse.ArgumentTypeError(f"expected seconds between 0 and 86400, got {text!r}")
     return value
-
-
-def _duration(text: str) -> float:
-    from fleetlite.sdk.durations import parse_duration
-
-    try:
-        return float(parse_duration(text))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _select(fleet: Fleet, args: argparse.Namespace) -> list[str]:

@@ -252,6 +252,10 @@ MIGRATIONS: tuple[Migration, ...] = (
         # rollouts and --all, its history kept
         "ALTER TABLE devices ADD COLUMN decommissioned DOUBLE PRECISION",
     )),
+    Migration(9, "commands by origin", (
+        # the controller reads a rollout's refused commands every tick (by origin)
+        "CREATE INDEX device_commands_origin ON device_commands (origin, answered)",
+    )),
 )
 
 

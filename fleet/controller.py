@@ -220,7 +220,10 @@ class Controller:
         self.failed = threading.Event()
         self.last_tick_at: Optional[float] = None  # the last rollout tick that completed
         self._ingest_lock = threading.Lock()  # the gate, the tally, the log and the counters
+        #: set once the broker has acknowledged every subscription: reports published from then
+        #: on reach the controller (before the SUBACKs, the broker may still drop them)
         self.connected = threading.Event()
+        self._unacked: set[int] = set()  # subscription packet ids awaiting their SUBACK
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.id,
                                   clean_session=not self.persistent)
         tls = ssl_context(self.broker)
@@ -228,6 +231,7 @@ class Controller:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
         self.publisher = ReleasePublisher(self.host, self.port, tls=tls,
                                           username=self.broker.username,
                                           password=self.broker.password,
@@ -291,15 +295,31 @@ class Controller:
         if reason.is_failure:
             log.warning("broker refused the connection: %s", reason)
             return
-        for kind in INGEST_KINDS:
-            client.subscribe(topics.fleet_subscription(kind, self.group), qos=1)
+        subscriptions = [topics.fleet_subscription(kind, self.group) for kind in INGEST_KINDS]
         if self.group:
             # shared subscriptions get no retained messages: take the status snapshot plainly
-            for kind in (topics.STATUS, topics.BIRTH):
-                client.subscribe(topics.fleet_subscription(kind), qos=1)
-        self.connected.set()
-        log.info("controller %s connected to %s (%s session)", self.id, self.broker.url,
-                 "persistent" if self.persistent else "clean")
+            subscriptions += [topics.fleet_subscription(kind)
+                              for kind in (topics.STATUS, topics.BIRTH)]
+        # the SUBACKs are read by this same network thread, so none arrives before this returns
+        self._unacked = set()
+        for topic in subscriptions:
+            result, mid = client.subscribe(topic, qos=1)
+            if result == mqtt.MQTT_ERR_SUCCESS and mid is not None:
+                self._unacked.add(mid)
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any,
+                      properties: Any) -> None:
+        refused = [code for code in reason_codes if code.is_failure]
+        if refused:
+            log.error("the broker at %s refused the controller's subscription (%s): the "
+                      "controller receives none of those reports; give its identity read access to "
+                      "fleetlite/v1/# in the broker's ACL (fleetlite broker-config writes one "
+                      "that does)", self.broker.url, ", ".join(str(code) for code in refused))
+        self._unacked.discard(mid)
+        if not self._unacked and not self.connected.is_set():
+            self.connected.set()
+            log.info("controller %s connected to %s (%s session)", self.id, self.broker.url,
+                     "persistent" if self.persistent else "clean")
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
                        properties: Any) -> None:

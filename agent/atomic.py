@@ -39,10 +39,13 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o644, sync_dir: bool =
         finally:
             os.close(fd)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         # Suppressed, so the caller sees the original error (e.g. ENOSPC), not the cleanup's.
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(exc, OSError) and exc.filename == str(tmp):
+            # name the file the caller asked for, not our temporary one
+            raise type(exc)(exc.errno, exc.strerror, str(path)) from exc
         raise
     if sync_dir:
         fsync_dir(path.parent)

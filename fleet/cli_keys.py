@@ -21,6 +21,7 @@ from fleetlite.sdk.keys import (
     load_public_key,
     require_role,
 )
+from fleetlite.sdk.out_dirs import missing_dirs, say_created
 from fleetlite.sdk.trust import (
     Root,
     load_trusted_root,
@@ -253,7 +254,9 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def _create(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser()
+    created = missing_dirs(out)
     out.mkdir(mode=0o700, parents=True, exist_ok=True)
+    say_created(created)
     key = SigningKey.generate(role=args.role)
     base = args.name or f"{args.role}-{key.keyid[:12]}"
     private = key.save(out / f"{base}.key")
@@ -309,6 +312,9 @@ def _write_root(path: Path, envelope: Envelope) -> None:
 
     if path.exists():
         raise KeyFileError(f"{path}: already exists; choose another --out file")
+    if not path.parent.is_dir():
+        raise KeyFileError(f"{path.parent}: no such directory; create it first, or choose "
+                           "another --out file")
     write_atomic(path, envelope.to_json())
 
 

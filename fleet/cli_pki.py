@@ -19,6 +19,7 @@ from fleetlite.fleet.broker_config import (
     DEFAULT_MAX_QUEUED_MESSAGES,
     DEFAULT_PORT,
 )
+from fleetlite.sdk.out_dirs import missing_dirs, say_created
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -378,10 +379,12 @@ def _sha256() -> Any:
 def _issue(args: argparse.Namespace) -> int:
     pki = _open(args)
     kind = args.kind
+    created = missing_dirs(Path(args.out).expanduser()) if args.out else []
     issued = pki.issue(kind, getattr(args, "name", ""), days=args.valid_for,
                        device_class=getattr(args, "device_class", None),
                        dns=getattr(args, "dns", ()), ips=getattr(args, "ip", ()), out=args.out,
                        renew=args.renew)
+    say_created(created)
     record = issued.record
     doc = {**record.to_json(), "cert_file": str(issued.cert), "key_file": str(issued.key)}
 
@@ -496,10 +499,12 @@ def _enrol(args: argparse.Namespace) -> int:
             f"--broker {args.enrol_broker} is plain MQTT; a gateway connects with its "
             "certificate over TLS: write mqtts://HOST:PORT")
     socket = None if args.socket in ("", "none") else args.socket
+    created = missing_dirs(Path(args.out).expanduser())
     enrolment = pki.enrol(args.name, device_class=args.device_class, host=address.host,
                           port=address.port, root=args.root, out=args.out, tar=args.tar,
                           days=args.valid_for, state_dir=args.state_dir, socket=socket,
                           tags=dict(args.tag), renew=args.renew)
+    say_created(created)
     record = enrolment.record
     notes = _broker_name_notes(pki, address.host)
     doc = {**record.to_json(), "broker": address.url, "directory": str(enrolment.directory),
@@ -562,7 +567,9 @@ def _broker_config(args: argparse.Namespace) -> int:
     now = _now()
     index = pki.index()
     cert_file, key_file = _broker_files(args, pki, index, now)
+    created = missing_dirs(Path(args.out).expanduser())
     out = private_dir(Path(args.out).expanduser())
+    say_created(created)
     install = Path(args.install_dir).expanduser() if args.install_dir else out.resolve()
     has_crl = pki.crl_path.is_file()
     files = BrokerFiles(ca=str(install / "ca.pem"), cert=str(install / "broker.pem"),

@@ -20,6 +20,7 @@ from fleetlite.sdk.lm_release import (
     DEFAULT_VARIANT_AGREEMENT,
 )
 from fleetlite.sdk.manifest import Tolerance
+from fleetlite.sdk.out_dirs import missing_dirs, say_created
 from fleetlite.sdk.version import __version__
 
 EXAMPLES = """\
@@ -263,9 +264,14 @@ def _build(args: argparse.Namespace) -> int:
         min_token_agreement=args.min_token_agreement,
     )
     if out.suffix == BUNDLE_SUFFIX:
+        if not out.parent.is_dir():
+            raise BundleError(f"{out.parent}: no such directory; create it first, or choose "
+                              "another --out")
         bundle.write_flb(out)
     else:
+        created = missing_dirs(out)
         bundle.write_dir(out)
+        say_created(created)
     m = bundle.manifest
     print(f"built {out}: {m.name} v{m.version} for {', '.join(m.device_classes)}")
     print(f"  release id {m.release_id}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 __all__ = ["closed_pipe", "os_error_text"]
 
@@ -25,6 +26,10 @@ def os_error_text(exc: OSError) -> str:
     """``cannot use PATH: REASON``, naming every file the error names."""
     files = [str(f) for f in (exc.filename, exc.filename2) if f is not None]
     reason = exc.strerror or str(exc)
+    if isinstance(exc, FileNotFoundError) and len(files) == 1:
+        parent = Path(files[0]).parent
+        if not parent.is_dir():
+            return f"{parent}: no such directory (for {files[0]}); create it first"
     if not files:
         return reason
     return f"{' -> '.join(files)}: {reason}"

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from fleetlite.fleet.store import open_store
-from tests.conftest import REPO
+from fleetlite.sdk.keys import SigningKey
+from tests.conftest import MODELS, REPO
 from tests.test_store import birth, status
 
 BIN = REPO / ".venv" / "bin"
@@ -64,6 +65,17 @@ MISTAKES = {
         ("{dir}/missing.tflite: no such model file",)),
     "a directory as a model": Mistake(
         "fleetlite-agent check {dir}", 1, ("{dir}: is a directory",)),
+    "a public key into a directory that does not exist": Mistake(
+        "fleetlite keys public {key} --out {dir}/nope/release.pub", 1,
+        ("{dir}/nope: no such directory",), leaves_out="{dir}/nope"),
+    "a root into a directory that does not exist": Mistake(
+        "fleetlite keys root init --root-key {root_key} --release-key {key} "
+        "--out {dir}/nope/root.json", 1, ("{dir}/nope: no such directory",),
+        leaves_out="{dir}/nope"),
+    "a bundle file into a directory that does not exist": Mistake(
+        "fleetlite release build {model} --name kws --version 1 --device-class raspberry-pi-4 "
+        "--out {dir}/nope/kws.flb", 1, ("{dir}/nope: no such directory",),
+        leaves_out="{dir}/nope"),
     "output cut short by a closed pipe": Mistake(
         "fleetlite devices list -o json --db {store} | head -c 10 >/dev/null; "
         "exit ${{PIPESTATUS[0]}}", 0, ()),
@@ -83,7 +95,12 @@ def places(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
             for n in range(600):
                 store.upsert_status(status(f"gw-{n}", True, 1, now))
                 store.upsert_birth(birth(f"gw-{n}", 1, now))
-    return {"dir": str(directory), "store": str(db)}
+    keys = root / "keys"
+    keys.mkdir()
+    release_key = SigningKey.generate(role="release").save(keys / "release.key")
+    root_key = SigningKey.generate(role="root").save(keys / "root.key")
+    return {"dir": str(directory), "store": str(db), "key": str(release_key),
+            "root_key": str(root_key), "model": str(MODELS / "intent_classifier.tflite")}
 
 
 @pytest.mark.parametrize("name", list(MISTAKES))
@@ -104,3 +121,17 @@ def test_an_operator_mistake_is_one_clear_message(name: str, places: dict[str, s
         assert len(errors) == 1, (name, done.stderr)  # one message, not a cascade
     if mistake.leaves_out:
         assert not Path(mistake.leaves_out.format(**places)).exists(), name
+
+
+def test_an_out_directory_the_command_creates_is_said(tmp_path: Path) -> None:
+    """``--out DIR`` may make DIR and its missing parents, never silently."""
+    out = tmp_path / "fleet" / "keys"
+    done = subprocess.run([FLEETLITE, "keys", "create", "--role", "release", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip() == (f"created directory {out} (and its missing parent "
+                                   f"{tmp_path / 'fleet'})")
+    assert len(list(out.glob("release-*.key"))) == 1
+    again = subprocess.run([FLEETLITE, "keys", "create", "--role", "release", "--out", str(out)],
+                           capture_output=True, text=True, timeout=120, check=False)
+    assert again.returncode == 0 and again.stderr == "", again.stderr

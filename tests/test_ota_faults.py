@@ -469,3 +469,20 @@ def test_real_agent_on_a_full_disk(
 @pytest.fixture
 def v2_bundle(tmp_path: Path, models_dir: Path) -> ReleaseBundle:
     return release(models_dir, tmp_path, 2)
+
+
+def test_a_failed_atomic_write_names_the_file_asked_for_and_leaves_no_temporary(
+        tmp_path: Path) -> None:
+    from fleetlite.agent.atomic import write_atomic
+
+    target = tmp_path / "missing" / "state.json"
+    with pytest.raises(FileNotFoundError) as info:
+        write_atomic(target, b"{}")
+    assert info.value.filename == str(target)
+    (tmp_path / "full").mkdir()
+    blocked = tmp_path / "full" / "state.json"
+    blocked.mkdir()  # a directory where the file goes: the rename fails after the write
+    with pytest.raises(IsADirectoryError) as rename_error:
+        write_atomic(blocked, b"{}")
+    assert rename_error.value.filename == str(blocked)
+    assert sorted(p.name for p in (tmp_path / "full").iterdir()) == ["state.json"]

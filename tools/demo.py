@@ -37,6 +37,7 @@ from fleetlite.sdk.child_lifetime import start_tied
 from fleetlite.sdk.keys import SigningKey
 from fleetlite.sdk.local_client import LocalClient
 from fleetlite.sdk.manifest import file_entry
+from fleetlite.sdk.out_dirs import missing_dirs, say_created
 from fleetlite.sdk.smoke import SmokeVectors
 from fleetlite.sdk.text import Tokenizer
 from fleetlite.sdk.trust import new_root, root_envelope
@@ -368,7 +369,9 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 def run_demo(out: str | None = None, *, keep: bool = False, broker: str = "auto") -> int:
     workdir = Path(out) if out else Path(tempfile.mkdtemp(prefix="fleetlite-demo-"))
+    created = missing_dirs(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    say_created(created)
     demo = Demo(workdir, keep=keep)
     if threading.current_thread() is threading.main_thread():
         # SIGTERM (kill, systemd, a CI runner) cleans up like Ctrl-C: no orphaned agents

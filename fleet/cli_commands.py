@@ -20,6 +20,7 @@ from fleetlite.fleet.client import Fleet
 from fleetlite.fleet.device_commands import CommandOutcome
 from fleetlite.fleet.errors import FleetError
 from fleetlite.fleet.store import CommandRecord, EventRecord
+from fleetlite.fleet.terminal_text import one_line
 
 __all__ = ["add_device_commands", "add_events", "add_root_distribute"]
 
@@ -339,10 +340,12 @@ def _summary(result: Optional[dict[str, Any]]) -> str:
         return ""
     parts = []
     for key, value in result.items():
-        if isinstance(value, (str, int, float, bool)) or value is None:
-            parts.append(f"{key}={value}")
+        if value is None or value == "":
+            parts.append(f"{one_line(str(key))}=-")
+        elif isinstance(value, (str, int, float, bool)):
+            parts.append(f"{one_line(str(key))}={one_line(str(value))}")
         else:
-            parts.append(f"{key}=...")
+            parts.append(f"{one_line(str(key))}=...")
     text = ", ".join(parts)
     return text if len(text) <= 70 else text[:67] + "..."
 
@@ -352,7 +355,7 @@ def _outcomes_table(outcomes: Sequence[CommandOutcome]) -> str:
     lines = [f"{'DEVICE':<{width}}  {'STATE':<9}  {'TIME':>7}  DETAIL"]
     for o in outcomes:
         took = f"{o.latency_s:.2f} s" if o.latency_s is not None else "-"
-        detail = _summary(o.result) if o.ok else o.text
+        detail = _summary(o.result) if o.ok else one_line(o.text)
         lines.append(f"{o.device_id:<{width}}  {o.state:<9}  {took:>7}  {detail}")
     answered = sum(o.ok for o in outcomes)
     lines.append(f"{answered} of {len(outcomes)} answered ok (full answers: -o json)")
@@ -371,7 +374,8 @@ def _history(fleet: Fleet, args: argparse.Namespace) -> int:
         lines = [f"{'SENT':<19}  {'COMMAND':<13}  {'BY':<18}  ANSWER"]
         for r in records:
             when = _clock(r.sent if r.sent is not None else r.created)
-            lines.append(f"{when:<19}  {r.command:<13}  {r.origin[:18]:<18}  {_answer(r)}")
+            by = one_line(r.origin[:18]) or "-"
+            lines.append(f"{when:<19}  {r.command:<13}  {by:<18}  {_answer(r)}")
         return "\n".join(lines)
 
     _emit(args, {"device_id": args.device_id, "commands": [_command_dict(r) for r in records]},
@@ -384,7 +388,8 @@ def _answer(record: CommandRecord) -> str:
         return "not sent" if record.sent is None else "no answer"
     if record.ok:
         return "ok " + _summary(record.result)
-    return f"refused ({record.error_code or 'error'}): {record.error}"
+    return (f"refused ({one_line(record.error_code) or 'error'}): "
+            f"{one_line(record.error) or 'no reason given'}")
 
 
 def _command_dict(record: CommandRecord) -> dict[str, Any]:
@@ -403,8 +408,8 @@ def _event_dict(event: EventRecord) -> dict[str, Any]:
 def _event_line(event: EventRecord) -> str:
     from fleetlite.fleet.cli_fleet import _clock
 
-    return f"{_clock(event.received):<19}  {event.device_id:<20}  {event.kind:<20}  " \
-           f"{event.message}"
+    return (f"{_clock(event.received):<19}  {one_line(event.device_id):<20}  "
+            f"{one_line(event.kind):<20}  {one_line(event.message) or '-'}")
 
 
 def _events(fleet: Fleet, args: argparse.Namespace) -> int:

@@ -510,9 +510,11 @@ def _emit(args: argparse.Namespace, doc: Any, table: Callable[[], str]) -> None:
 
         print(str(yaml.safe_dump(doc, sort_keys=False, default_flow_style=False)).rstrip("\n"))
     else:
+        from fleetlite.fleet.terminal_text import for_terminal
+
         text = table()
         if text:
-            print(text)
+            print(for_terminal(text))
 
 
 def _note(text: str) -> None:
@@ -616,6 +618,17 @@ def _devices_list(fleet: Fleet, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _fact(value: object) -> str:
+    """A device's fact or telemetry value in a table: what it did not measure shows as "-"."""
+    from fleetlite.fleet.terminal_text import one_line
+
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return one_line(str(value))
+
+
 def _devices_show(fleet: Fleet, args: argparse.Namespace) -> int:
     from fleetlite.fleet.client import device_dict
     from fleetlite.fleet.device_clock import describe_offset, is_skewed
@@ -626,13 +639,15 @@ def _devices_show(fleet: Fleet, args: argparse.Namespace) -> int:
     def table() -> str:
         status = "online" if device.online else "offline"
         if device.status_reason:
-            status += f" ({device.status_reason})"
+            status += f" ({_fact(device.status_reason)})"
         if device.decommissioned is not None:
             status = f"DECOMMISSIONED since {_clock(device.decommissioned)}; {status}"
         lines = [
             f"device    {device.device_id}",
             f"class     {device.device_class or '-'}",
-            f"status    {status}, last seen {_ago(device.last_seen)} (the controller's clock)",
+            f"status    {status}, " + (f"last seen {_ago(device.last_seen)} (the controller's "
+                                          "clock)" if device.last_seen
+                                          else "not heard from since the controller started"),
             f"clock     {describe_offset(device.clock_offset)}",
             f"agent     {device.agent_version or '-'} (session {device.session})",
             "tags      " + (", ".join(f"{k}={v}" for k, v in sorted(device.tags.items()))
@@ -643,13 +658,13 @@ def _devices_show(fleet: Fleet, args: argparse.Namespace) -> int:
         if device.facts:
             lines.append("facts")
         for key, value in sorted(device.facts.items()):
-            lines.append(f"  {key:<22} {value}")
+            lines.append(f"  {key:<22} {_fact(value)}")
         if device.telemetry is not None:
             sent = (f"sent at {_clock(device.telemetry.ts)} by the device's clock"
                     if is_skewed(device.clock_offset) else _ago(device.telemetry.ts))
             lines.append(f"telemetry seq {device.telemetry.seq}, {sent}")
             for key, value in sorted(device.telemetry.system.items()):
-                lines.append(f"  {key:<22} {value}")
+                lines.append(f"  {key:<22} {_fact(value)}")
         if refused:
             lines.append("refused reports (oversize, over the rate, malformed, or speaking for "
                          "another device or a release it was never sent)")

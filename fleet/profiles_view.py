@@ -21,6 +21,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, Protocol, Union
 
+from fleetlite.fleet.terminal_text import one_line
+
 if TYPE_CHECKING:
     from fleetlite.sdk.profile import LmProfile, ProfileRecord
 
@@ -453,6 +455,8 @@ def format_table(
     right-aligned (numeric) columns. No trailing spaces; ends without a newline."""
     right_cols = set(right)
     widths = [len(h) for h in headers]
+    # what a device sent stays in its cell; an empty cell shows as "-", never as a gap
+    rows = [[one_line(cell) if cell.strip() else "-" for cell in row] for row in rows]
     for row in rows:
         if len(row) != len(headers):
             raise ValueError(f"row has {len(row)} cells, expected {len(headers)}")

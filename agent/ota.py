@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy.typing as npt
 
@@ -78,6 +78,7 @@ DISK_FULL = "disk_full"
 HEALTH_FAILED = "health_check_failed"
 CRASHED_IN_HEALTH_WINDOW = "crashed_during_health_window"
 OPERATOR_ROLLBACK = "operator_rollback"
+MODEL_REMOVED = "model_removed"  # an operator rollback of a first version: the model is gone
 SMOKE_UNAVAILABLE = "smoke_test_unavailable"
 INTERNAL = "internal"
 
@@ -299,8 +300,12 @@ class OtaManager:
         return {"accepted": True}
 
     def cmd_rollback(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        """Go back to the previous version of a model (the ``ota_rollback`` command); with
+        ``remove``, a model with nothing to go back to (its first version) is removed as by
+        ``remove_model``, and the release's final status says ``rolled_back`` either way."""
         name = arg(args, "model", str, required=True)
         from_version = arg(args, "from_version", int)
+        remove = arg(args, "remove", bool, False)
         with self._busy:
             ms = self.state.models.get(name)
             active_version = (ms.slots[ms.active].version
@@ -311,19 +316,35 @@ class OtaManager:
                         "note": f"{name} is not at version {from_version}; nothing to do"}
             if ms is None or ms.active is None:
                 raise AgentError(f"model {name!r} has no installed release to roll back from")
-            if ms.previous is None and name not in self.seeds:
-                raise AgentError(f"model {name!r} has no previous model to roll back to")
             bad = ms.slots[ms.active]
-            ms.revert()
-            self.store.save(self.state)
-            self._serve_active(name, ms)
-            self._drop_abandoned_slots(name)
-            self._save_quietly()
+            first = ms.previous is None and name not in self.seeds
+            if first and not remove:
+                raise AgentError(f"model {name!r} has no previous model to roll back to "
+                                 "(send remove: true to remove it instead)")
+            freed = 0
+            if first:
+                _, freed = self._remove_locked(name)
+                self._final(bad.release_id, name, bad.version, "rolled_back", MODEL_REMOVED,
+                            f"operator rolled {name} back from version {bad.version}, its "
+                            "first: the model is removed")
+            else:
+                ms.revert()
+                self.store.save(self.state)
+                self._serve_active(name, ms)
+                self._drop_abandoned_slots(name)
+                self._save_quietly()
+                self._final(bad.release_id, name, bad.version, "rolled_back", OPERATOR_ROLLBACK,
+                            f"operator rolled {name} back from version {bad.version}")
             self.counters["rolled_back"] += 1
-            self._final(bad.release_id, name, bad.version, "rolled_back", OPERATOR_ROLLBACK,
-                        f"operator rolled {name} back from version {bad.version}")
+        if first:
+            log.info("removed model %s (version %s): rolled back from its first version", name,
+                     bad.version)
         self.on_model_change(name)
-        return {"rolled_back": bad.version, "slots": self.describe_slots().get(name, {})}
+        result: dict[str, Any] = {"rolled_back": bad.version,
+                                  "slots": self.describe_slots().get(name, {})}
+        if first:
+            result.update(removed=True, freed_bytes=freed)
+        return result
 
     def cmd_remove(self, args: Mapping[str, Any]) -> dict[str, Any]:
         """Stop serving a model and delete its installed releases (the ``remove_model``
@@ -340,19 +361,25 @@ class OtaManager:
             if name not in served and (ms is None or ms.active is None):
                 raise AgentError(f"this device serves no model {name!r}; it serves: "
                                  f"{', '.join(sorted(served)) or 'none'}")
-            ms = self.state.model(name)
-            version = (ms.slots[ms.active].version if ms.active in ms.slots
-                       else self.seeds.get(name, (None, None))[1])
-            ms.active = ms.previous = None
-            ms.pending = None
-            ms.removed = True
-            self.store.save(self.state)
-            self._serve_active(name, ms)
-            freed = self._drop_abandoned_slots(name)
-            self._save_quietly()
+            version, freed = self._remove_locked(name)
         log.info("removed model %s (version %s) on the fleet's command", name, version)
         self.on_model_change(name)
         return {"removed": name, "version": version, "freed_bytes": freed}
+
+    def _remove_locked(self, name: str) -> tuple[Optional[int], int]:
+        """Stop serving ``name`` and delete its installed releases (holding ``_busy``); the
+        version it served and the bytes freed."""
+        ms = self.state.model(name)
+        version = (ms.slots[ms.active].version if ms.active in ms.slots
+                   else self.seeds.get(name, (None, None))[1])
+        ms.active = ms.previous = None
+        ms.pending = None
+        ms.removed = True
+        self.store.save(self.state)
+        self._serve_active(name, ms)
+        freed = self._drop_abandoned_slots(name)
+        self._save_quietly()
+        return version, freed
 
     def cmd_slots(self, args: Mapping[str, Any]) -> dict[str, Any]:
         self.check_worker()

@@ -317,13 +317,21 @@ controller stopped by itself (its SQLite file was deleted or replaced); 2 a usag
             examples=f"""\
   fleetlite rollout {action} intent-v2-8c1f0a
   fleetlite rollout {action} intent-v2-8c1f0a --note "ticket OPS-12" --wait 10
-""")
+""" + ("""  fleetlite rollout rollback detector-v1-2b7e --remove-model --wait 10
+                                 (a model's first version: remove it from the devices)
+""" if action == "rollback" else ""))
         verb.add_argument("rollout_id", metavar="ROLLOUT_ID")
         verb.add_argument("--note", default="", help="a note logged with the decision")
         verb.add_argument("--wait", type=_positive, default=None, metavar="SECONDS",
                           help="wait this long for the controller's answer (exit 1 if it "
                           "refuses or does not answer in time)")
-        verb.set_defaults(action=action)
+        verb.set_defaults(action=action, remove_model=False)
+        if action == "rollback":
+            verb.add_argument(
+                "--remove-model", action="store_true",
+                help="for a rollout of a model's first version (nothing to go back to): "
+                "remove the model from every device that installed it; without it, such a "
+                "rollback is refused")
 
     rollouts = _leaf(rollout, "list", _rollout_list, help="list rollouts",
                      description="Every rollout in the store, oldest first.",
@@ -824,7 +832,8 @@ def _rollout_list(fleet: Fleet, args: argparse.Namespace) -> int:
 
 
 def _rollout_request(fleet: Fleet, args: argparse.Namespace) -> int:
-    result = fleet.request(args.rollout_id, args.action, note=args.note, wait=args.wait)
+    result = fleet.request(args.rollout_id, args.action, note=args.note, wait=args.wait,
+                           remove_model=args.remove_model)
     decision = result.decision
     doc = {"action": args.action, "rollout_id": args.rollout_id, "handled": result.handled,
            "refused": result.refused, "state": result.rollout.state,

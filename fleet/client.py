@@ -695,13 +695,16 @@ class Fleet:
         """Finish the rollout: no more installs; installed devices keep the release."""
         return self.request(rollout_id, "abort", note=note, wait=wait)
 
-    def rollback(self, rollout_id: str, note: str = "", *,
-                 wait: Optional[float] = None) -> RequestResult:
-        """Roll back every device that installed the release in this rollout."""
-        return self.request(rollout_id, "rollback", note=note, wait=wait)
+    def rollback(self, rollout_id: str, note: str = "", *, wait: Optional[float] = None,
+                 remove_model: bool = False) -> RequestResult:
+        """Roll back every device that installed the release in this rollout. A rollout of a
+        model's first version has nothing to go back to: it is refused, unless
+        ``remove_model`` asks to remove the model from those devices instead."""
+        return self.request(rollout_id, "rollback", note=note, wait=wait,
+                            remove_model=remove_model)
 
     def request(self, rollout_id: str, action: str, *, note: str = "",
-                wait: Optional[float] = None) -> RequestResult:
+                wait: Optional[float] = None, remove_model: bool = False) -> RequestResult:
         """Queue an operator request (``pause``, ``resume``, ``abort``, ``rollback``); the
         controller handles it on its next tick and logs the answer (the action, or ``refuse``
         with the reason). With ``wait`` (seconds), wait for that answer.
@@ -722,10 +725,16 @@ class Fleet:
                     raise RolloutError(f"rollout {rollout_id} is already {state.state} "
                                        f"({state.reason}): there is nothing to {action}")
                 spec = RolloutSpec.from_dict(record.spec)
-                if action == "rollback" and spec.previous_version is None:
+                if action == "rollback" and spec.previous_version is None and not remove_model:
                     raise RolloutError(no_previous_version(spec, f"cannot roll {rollout_id} "
                                                                  "back"))
-                txn.set_state(request(state, action, note).to_dict())
+                if remove_model and spec.previous_version is not None:
+                    raise RolloutError(
+                        f"--remove-model is for a rollout of a model's first version; "
+                        f"{rollout_id}'s devices had {spec.model} "
+                        f"v{spec.previous_version}, and a rollback returns them to it")
+                txn.set_state(request(state, action, note,
+                                      remove_model=remove_model).to_dict())
         except RecordNotFoundError:
             raise self._no_rollout(rollout_id) from None
         deadline = time.monotonic() + (wait or 0.0)

@@ -723,7 +723,8 @@ class Controller:
                 elif decision.kind == SEND_ROLLBACK and decision.device_id:
                     # from_version makes a redelivered rollback a no-op on the device
                     self.command(decision.device_id, "ota_rollback",
-                                 {"model": spec.model, "from_version": spec.version},
+                                 {**decision.detail.get("args", {"model": spec.model}),
+                                  "from_version": spec.version},
                                  origin=f"rollout {rollout_id}")
             state = new_state
         self._resend_unanswered(rollout_id, spec, state, devices, records, now)

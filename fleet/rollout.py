@@ -402,10 +402,13 @@ class ClassGate:
 
 @dataclass(frozen=True)
 class OperatorRequest:
-    """An operator's ``pause``, ``resume``, ``abort`` or ``rollback``, with an optional note."""
+    """An operator's ``pause``, ``resume``, ``abort`` or ``rollback``, with an optional note.
+    ``remove_model``: a rollback of a rollout that installed the model's first version removes
+    the model from the devices (without it, such a rollback is refused)."""
 
     action: str
     note: str = ""
+    remove_model: bool = False
 
 
 @dataclass(frozen=True)
@@ -427,6 +430,7 @@ class RolloutState:
     paused_by: str = ""
     override_wave: int = 0
     reason: str = ""
+    remove_model: bool = False  # rolled back by removing the model (it was the first version)
 
     @property
     def finished(self) -> bool:
@@ -448,6 +452,7 @@ class RolloutState:
             "paused_by": self.paused_by,
             "override_wave": self.override_wave,
             "reason": self.reason,
+            "remove_model": self.remove_model,
         }
 
     @classmethod
@@ -465,6 +470,7 @@ class RolloutState:
                 paused_by=data.get("paused_by", ""),
                 override_wave=data.get("override_wave", 0),
                 reason=data.get("reason", ""),
+                remove_model=bool(data.get("remove_model", False)),
             )
         except (KeyError, TypeError) as exc:
             raise RolloutError(f"stored rollout state is malformed ({exc})") from exc
@@ -489,13 +495,16 @@ class Decision:
                 "detail": dict(self.detail)}
 
 
-def request(state: RolloutState, action: str, note: str = "") -> RolloutState:
+def request(state: RolloutState, action: str, note: str = "", *,
+            remove_model: bool = False) -> RolloutState:
     """The state with an operator request queued; the next :func:`decide` handles it."""
     if action not in OPERATOR_ACTIONS:
         raise RolloutError(f"operator action must be one of {', '.join(OPERATOR_ACTIONS)}, "
                            f"got {action!r}")
+    if remove_model and action != "rollback":
+        raise RolloutError("remove_model goes with a rollback only")
     return replace(state, operator_requests=(*state.operator_requests,
-                                             OperatorRequest(action, note)))
+                                             OperatorRequest(action, note, remove_model)))
 
 
 # -- planning --------------------------------------------------------------------------------
@@ -619,6 +628,10 @@ def _operator_rule(spec: RolloutSpec, st: RolloutState, inputs: _Inputs) -> list
         return [Decision(ABORT, f"aborted by the operator{note}: no further installs are sent; "
                          "installed devices keep the release", detail=detail)]
     if req.action == "rollback" and st.state != ROLLED_BACK:
+        if spec.previous_version is None and req.remove_model:
+            return [Decision(ROLLBACK, f"rolled back by the operator{note}: {spec.model} is "
+                             f"removed from every device that installed v{spec.version}, its "
+                             "first version there", detail={**detail, "remove_model": True})]
         if spec.previous_version is None:
             return [Decision(REFUSE, no_previous_version(spec, "operator rollback refused"),
                              detail=detail)]
@@ -632,7 +645,8 @@ def no_previous_version(spec: RolloutSpec, what: str) -> str:
     """Why a rollout whose devices had no earlier version of the model cannot be rolled back."""
     return (f"{what}: the devices had no earlier version of {spec.model} (this rollout installed "
             f"its first, v{spec.version}), so there is nothing to roll back to; abort the "
-            "rollout to stop further installs")
+            "rollout to stop further installs, or roll back with --remove-model to remove "
+            f"{spec.model} from the devices that installed it")
 
 
 def _plan_rule(spec: RolloutSpec, st: RolloutState, inputs: _Inputs) -> list[Decision]:
@@ -792,6 +806,14 @@ def _rollback_rule(spec: RolloutSpec, st: RolloutState, inputs: _Inputs) -> list
         view = inputs.views.get(dev.device_id)
         if view is None or not view.online:
             continue  # sent when it is back online
+        if st.remove_model:
+            found.append(Decision(
+                SEND_ROLLBACK, f"remove {spec.model} from {dev.device_id} (v{spec.version} was "
+                f"its first): {why}", device_id=dev.device_id, wave=dev.wave,
+                device_class=dev.device_class,
+                detail={"command": "ota_rollback", "args": {"model": spec.model,
+                                                            "remove": True}}))
+            continue
         found.append(Decision(
             SEND_ROLLBACK, f"roll {dev.device_id} back to its previous model: {why}",
             device_id=dev.device_id, wave=dev.wave, device_class=dev.device_class,
@@ -971,7 +993,8 @@ def apply(state: RolloutState, decisions: Iterable[Decision], now: float) -> Rol
         elif d.kind == ABORT:
             s = replace(s, state=ABORTED, reason=d.reason)
         elif d.kind == ROLLBACK:
-            s = replace(s, state=ROLLED_BACK, reason=d.reason)
+            s = replace(s, state=ROLLED_BACK, reason=d.reason,
+                        remove_model=bool(d.detail.get("remove_model")))
         elif d.kind == COMPLETE:
             s = replace(s, state=COMPLETED, reason=d.reason)
         elif d.kind != REFUSE:

@@ -10,7 +10,8 @@ list`` (the CLI), the devices' own answers and their published statuses agreeing
   completes instead of showing devices in flight;
 - a device whose disk (its state directory on a small tmpfs) cannot hold the release: it says
   ``disk_full`` up front, keeps serving version 1 and keeps no file of the release, and the
-  rollout shows it failed with that reason while the other devices install.
+  rollout shows it failed with that reason while the other devices install; once it has room,
+  ``fleetlite devices retry`` installs it and every view follows the device to version 2.
 """
 
 from __future__ import annotations
@@ -221,8 +222,37 @@ def test_a_device_without_room_for_the_release_fails_it_truthfully(
         assert not staging.exists() or not any(staging.iterdir())
         assert not (state / "models" / "intent").exists() or not any(
             (state / "models" / "intent").iterdir())
+
+        # room made, `devices retry` runs the install again (a plain re-send would answer
+        # with the remembered disk_full), and every view follows the device to version 2
+        subprocess.run(["mount", "-o", "remount,size=16m", str(state)], check=True)
+        controller = ControllerProcess(
+            site.tmp_path, "controller-2", ["--db", store_url, "--broker",
+                                            f"{site.broker.host}:{site.broker.port}", "--id",
+                                            "ctl-main", "--tick", "0.2"])
+        retried = json.loads(cli("devices", "retry", full, "--release", release_id[:12],
+                                 "--db", store_url, "-o", "json").stdout)
+        assert [(o["device_id"], o["state"], o["result"]) for o in retried["outcomes"]] == \
+            [(full, "answered", {"accepted": True})], retried
+        wait_until(lambda: site.final_statuses(release_id).get(full) == ["failed", "installed"],
+                   120, f"{full}'s install after the retry")
+        wait_until(lambda: set(site.model_versions("intent").values()) == {2}, 30,
+                   "births with version 2")
+        wait_until(lambda: device_status(store_url, "r-full", full) == ("installed", ""), 30,
+                   "the rollout to show the retried install")
+        listed = json.loads(cli("devices", "list", "--db", store_url, "-o", "json").stdout)
+        assert {d["device_id"]: [m["version"] for m in d["models"]]
+                for d in listed["devices"]} == {d: [2] for d in INTENT_DEVICES}
     finally:
         if controller is not None:
             controller.stop()
         site.close()  # the agent first: its state directory is about to be unmounted
         subprocess.run(["umount", "-l", str(state)], check=False)
+
+
+def device_status(store_url: str, rollout_id: str, device_id: str) -> tuple[str, str]:
+    """A device's (status, code) in ``fleetlite rollout status``."""
+    status = json.loads(cli("rollout", "status", rollout_id, "--db", store_url,
+                            "-o", "json").stdout)
+    by_device = {d["device_id"]: (d["status"], d["code"]) for d in status["devices"]}
+    return by_device.get(device_id, ("-", ""))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import select
+import signal
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -27,12 +28,14 @@ from fleetlite.fleet.device_commands import (
 )
 from fleetlite.fleet.errors import FleetError
 from fleetlite.fleet.store import CommandRecord, Store, open_store
+from fleetlite.sdk.bundle import build_release
 from fleetlite.sdk.messages import CommandResponse, Event
 from fleetlite.sdk.trust import new_root, root_envelope
 from tests.test_fleet_cli import FLEETLITE, cli
 from tests.test_fleet_e2e import (  # noqa: F401 (site: the imported fixture)
     INTENT_DEVICES,
     Site,
+    intent_v2,
     site,
     wait_until,
 )
@@ -170,6 +173,13 @@ def test_commands_and_events_through_a_real_fleet(
             for o in slots["outcomes"]] == [("gw-pi-1", 1)]
     table = cli("devices", "info", "gw-x86-1", *db).stdout
     assert "gw-x86-1" in table and "answered" in table and "1 of 1 answered ok" in table
+    # the agent's own file changed on the device: reload-config applies what it can live
+    config = site.agents["gw-x86-1"].config
+    config.write_text(config.read_text() + "telemetry_interval_s: 7\n")
+    reloaded = json.loads(cli("devices", "reload-config", "gw-x86-1", "-o", "json",
+                              *db).stdout)
+    assert reloaded["outcomes"][0]["result"] == {"reloaded": True,
+                                                 "changed": ["telemetry_interval_s"]}, reloaded
 
     follow = subprocess.Popen([FLEETLITE, "events", "--follow", *db], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
@@ -210,6 +220,15 @@ def test_commands_and_events_through_a_real_fleet(
     history = json.loads(cli("devices", "history", "gw-x86-2", "-o", "json", *db).stdout)
     assert [(c["command"], c["origin"], c["ok"]) for c in history["commands"]] == [
         ("update_root", "cli", True), ("profile", "cli", False), ("ping", "cli", True)]
+    # a device online but silent (its agent frozen): no answer within the timeout, exit 1
+    frozen = site.agents["gw-x86-2"]
+    assert frozen.proc is not None
+    frozen.proc.send_signal(signal.SIGSTOP)
+    try:
+        silent = cli("devices", "ping", "gw-x86-2", "--timeout", "2", *db, expect=1)
+    finally:
+        frozen.proc.send_signal(signal.SIGCONT)
+    assert "no answer" in silent.stdout and "0 of 1 answered ok" in silent.stdout, silent.stdout
     usage = cli("devices", "ping", *db, expect=2)
     assert "name the devices" in usage.stderr and "Traceback" not in usage.stderr
 
@@ -292,6 +311,52 @@ def test_tags_model_removal_and_decommissioning_through_a_real_fleet(
     assert len(site.store.list_devices()) == len(INTENT_DEVICES)
     unknown = cli("devices", "decommission", "gw-nowhere", *db, expect=1)
     assert "no device 'gw-nowhere'" in unknown.stderr
+
+
+def test_rolling_back_a_first_version_is_refused_or_removes_the_model(
+        site: Site, store_url: str, models_dir: Path,  # noqa: F811 (the imported fixture)
+) -> None:
+    """A rollout of a model no device had (detector v1): its rollback is refused with the
+    reason, and with ``--remove-model`` removes the model; either way ``devices list``,
+    ``rollout list`` and ``rollout status`` agree, within a few seconds of the devices."""
+    site.start_agents(INTENT_DEVICES, "intent", models_dir / "intent_classifier.tflite")
+    site.start_controllers(store_url, 1)
+    site.wait_for_fleet("intent", INTENT_DEVICES)
+    db = ["--db", store_url]
+    bundle = build_release([intent_v2(site.tmp_path)], name="detector", version=1,
+                           device_classes=sorted(set(INTENT_DEVICES.values())), issued=ISSUED,
+                           keys=[RELEASE_KEY])
+    site.store.add_release(bundle.release_id, "detector", 1, bundle.envelope.to_json(),
+                           dict(bundle.files), bundle.manifest.to_dict())
+    cli("rollout", "create", bundle.release_id[:12], "--id", "ro-det", "--waves", "100%", *db)
+    wait_until(lambda: site.settled("ro-det"), 120, "the detector rollout to complete")
+    assert site.state("ro-det").state == "completed"
+
+    def views() -> tuple[str, set[str], dict[str, list[int]]]:
+        """The rollout's state in `rollout list`, its devices' statuses in `rollout status`,
+        and each device's detector versions in `devices list`."""
+        listed = json.loads(cli("rollout", "list", "-o", "json", *db).stdout)["rollouts"]
+        status = json.loads(cli("rollout", "status", "ro-det", "-o", "json", *db).stdout)
+        devices = json.loads(cli("devices", "list", "-o", "json", *db).stdout)["devices"]
+        return (next(r["state"] for r in listed if r["rollout_id"] == "ro-det"),
+                {d["status"] for d in status["devices"]},
+                {d["device_id"]: [m["version"] for m in d["models"] if m["name"] == "detector"]
+                 for d in devices})
+
+    refused = cli("rollout", "rollback", "ro-det", *db, expect=1)
+    assert "nothing to roll back to" in refused.stderr and "--remove-model" in refused.stderr
+    assert views() == ("completed", {"installed"}, {d: [1] for d in INTENT_DEVICES})
+
+    removed = cli("rollout", "rollback", "ro-det", "--remove-model", "--wait", "30", *db)
+    assert "detector is removed from every device that installed v1" in removed.stdout
+    wait_until(lambda: site.settled("ro-det"), 60, "every device's removal")
+    wait_until(lambda: views() == ("rolled_back", {"rolled_back"},
+                                   {d: [] for d in INTENT_DEVICES}), 30,
+               "the three views to agree on the removal")
+    assert site.final_statuses(bundle.release_id) == {
+        d: ["installed", "rolled_back"] for d in INTENT_DEVICES}
+    # the model the devices had before is untouched
+    assert set(site.model_versions("intent").values()) == {1}
 
 
 def test_the_command_history_is_kept_per_device_up_to_a_bound(

@@ -2,8 +2,9 @@
 busy writing the rollout (issue 13: under CPU load ``pause`` failed with "it kept changing under
 us"): the request takes the rollout's lock, waits for the step in progress and is queued. Real
 store on both backends, a writer thread standing in for a busy controller. And they tell the
-truth (issue 12): a rollback with nothing to go back to is refused up front with the reason,
-and a wave in which every device failed is shown ``failed``, never ``passed``."""
+truth (issue 12): a rollback with nothing to go back to is refused up front with the reason
+(or, asked with ``remove_model``, removes the model), and a wave in which every device failed
+is shown ``failed``, never ``passed``."""
 
 from __future__ import annotations
 
@@ -17,10 +18,14 @@ import pytest
 from fleetlite.fleet.client import Fleet
 from fleetlite.fleet.errors import RolloutError
 from fleetlite.fleet.rollout import (
+    SEND_ROLLBACK,
     DeviceProgress,
+    DeviceView,
     RolloutSpec,
     RolloutState,
     Selector,
+    apply,
+    decide,
     parse_waves,
 )
 from fleetlite.fleet.store import Store, open_store
@@ -121,3 +126,42 @@ def test_a_wave_in_which_every_device_failed_is_shown_failed_not_passed(store_ur
                                                          "rollout_id": "ro-worse"},
                                    state=only_failures.to_dict())
         assert [w.state for w in fleet.rollout("ro-worse").waves] == ["failed", "failed"]
+
+
+def test_a_first_version_rolled_back_with_remove_model_removes_it_from_its_devices(
+        store_url: str) -> None:
+    """Asked explicitly, the rollback of a model's first version removes the model: the
+    request is queued, the engine rolls the rollout back and sends each device that installed
+    it an ``ota_rollback`` with ``remove``; a device that had the model before is not
+    concerned, and ``--remove-model`` on a rollout with a version to go back to is refused."""
+    spec = RolloutSpec(rollout_id="ro-first", release_id=RELEASE, model="kws", version=1,
+                       previous_version=None, selector=Selector(), waves=parse_waves("100%"),
+                       wave_timeout_s=600, chunk_size=4096)
+    state = RolloutState(state="completed", current_wave=1, devices={
+        "gw-1": DeviceProgress("gw-1", "rpi4", 1, status="installed"),
+        "gw-2": DeviceProgress("gw-2", "rpi4", 1, status="failed", code="disk_full")})
+    with Fleet(db=store_url) as fleet:
+        add_release(fleet.store, RELEASE)
+        fleet.store.create_rollout("ro-first", RELEASE, spec.to_dict(), state=state.to_dict())
+        fleet.request("ro-first", "rollback", note="OPS-7", remove_model=True)
+        record = fleet.store.get_rollout("ro-first")
+        assert record is not None
+        queued = RolloutState.from_dict(record.state)
+        assert [(r.action, r.remove_model) for r in queued.operator_requests] == [
+            ("rollback", True)]
+        with pytest.raises(RolloutError, match="--remove-model is for a rollout of a model's "
+                                               "first version"):
+            with_previous = {**spec.to_dict(), "rollout_id": "ro-second", "previous_version": 1}
+            fleet.store.create_rollout("ro-second", RELEASE, with_previous,
+                                       state=state.to_dict())
+            fleet.request("ro-second", "rollback", remove_model=True)
+    views = [DeviceView("gw-1", "rpi4"), DeviceView("gw-2", "rpi4")]
+    decisions = decide(spec, queued, views, [], 100.0, outcomes=[])
+    after = apply(queued, decisions, 100.0)
+    assert (after.state, after.remove_model, after.operator_requests) == ("rolled_back", True, ())
+    assert "kws is removed from every device that installed v1" in after.reason
+    sends = [d for d in decisions if d.kind == SEND_ROLLBACK]
+    assert [(d.device_id, dict(d.detail["args"])) for d in sends] == [
+        ("gw-1", {"model": "kws", "remove": True})]
+    # the flag survives the store: a device back online later is sent the removal too
+    assert RolloutState.from_dict(after.to_dict()).remove_model

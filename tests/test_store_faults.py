@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.error
@@ -37,7 +38,7 @@ from fleetlite.fleet.store import Store, open_store
 from fleetlite.fleet.store_health import StoreHealth
 from fleetlite.sdk import topics
 from fleetlite.sdk.messages import Telemetry
-from tests.conftest import PG_SKIP, PG_URL, REPO, fresh_pg_database
+from tests.conftest import PG_SKIP, PG_URL, REPO
 from tests.mqtt_harness import Mosquitto, free_port, wait_for_port
 from tests.test_fleet_e2e import wait_until
 from tests.test_store import birth, status, telemetry
@@ -256,24 +257,39 @@ def test_a_sqlite_store_made_read_only_loses_no_report(broker: Mosquitto, tmp_pa
 
 
 @pytest.fixture
-def pg_url() -> Iterator[str]:
+def own_cluster() -> Iterator[Path]:
+    """A PostgreSQL cluster of this test's own (tools/postgres.sh in its own directory): the
+    test stops and restarts it, which the suite's shared cluster must not see, as other tests
+    may be using it at the same time. Not under pytest's temporary directory: as root, the
+    server runs as ``postgres``, which may not enter that one."""
     if not PG_URL:
         pytest.skip(PG_SKIP)
-    yield from fresh_pg_database()
+    directory = Path(tempfile.mkdtemp(prefix="fleetlite-pg-restart-"))
+    os.chmod(directory, 0o755)
+    cluster = directory / "cluster"
+    try:
+        yield cluster
+    finally:
+        postgres(cluster, "--stop")
+        shutil.rmtree(directory, ignore_errors=True)
 
 
-def postgres(*args: str) -> str:
+def postgres(cluster: Path, *args: str) -> str:
     done = subprocess.run(["bash", str(REPO / "tools" / "postgres.sh"), *args], check=True,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "FLEETLITE_PG_DIR": str(cluster)})
     return done.stdout.strip()
 
 
-def test_a_postgresql_restart_loses_no_report(broker: Mosquitto, pg_url: str,
+def test_a_postgresql_restart_loses_no_report(broker: Mosquitto, own_cluster: Path,
                                               caplog: pytest.LogCaptureFixture) -> None:
-    def start_again() -> None:
-        assert postgres() == PG_URL, "the restarted server must answer at the same URL"
+    url = postgres(own_cluster)
 
-    outage(broker, pg_url, caplog, lambda: postgres("--stop"), start_again, "PostgreSQL store")
+    def start_again() -> None:
+        assert postgres(own_cluster) == url, "the restarted server must answer at the same URL"
+
+    outage(broker, url, caplog, lambda: postgres(own_cluster, "--stop"), start_again,
+           "PostgreSQL store")
 
 
 def test_serve_stops_on_a_deleted_store_and_the_cli_creates_none_in_its_place(

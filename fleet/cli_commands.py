@@ -77,8 +77,9 @@ def add_device_commands(devices: Any, leaf: Callable[..., argparse.ArgumentParse
     retry.add_argument("--release", required=True, metavar="RELEASE_ID",
                        help="the release to install (a stored release's id, or a unique "
                        "prefix of 6 or more characters)")
-    retry.add_argument("--chunk-size", type=int, default=16384, metavar="BYTES",
-                       help="chunk size of the download (default 16384)")
+    retry.add_argument("--chunk-size", type=int, default=None, metavar="BYTES",
+                       help="chunk size of the download (default: the one the release's "
+                       "rollout serves it with; another is refused)")
     root = leaf(devices, "update-root", _update_root, help="rotate devices' root of trust",
                 description="Send a new root.json (signed by the current root's keys) to "
                 "devices; each verifies it against the root it trusts and answers with the "
@@ -278,9 +279,25 @@ def _profile(fleet: Fleet, args: argparse.Namespace) -> int:
 
 
 def _retry(fleet: Fleet, args: argparse.Namespace) -> int:
+    from fleetlite.fleet.rollout import FINISHED_STATES
+
     release = fleet.release(args.release)  # a full id or a unique prefix; else says which
+    # a controller serves a release's chunks, in its rollout's chunk size, only while one of
+    # its rollouts is not finished: anything else would download nothing
+    serving = [r for r in fleet.rollouts(release.release_id) if r.state not in FINISHED_STATES]
+    if not serving:
+        raise FleetError(f"release {release.release_id[:12]} ({release.name} v{release.version})"
+                         " is in no running or paused rollout, so no controller serves it: "
+                         "create a rollout of it for the device (`fleetlite rollout create "
+                         f"{release.release_id[:12]} --device DEVICE`)")
+    sizes = sorted({r.spec.chunk_size for r in serving})
+    chunk_size = args.chunk_size if args.chunk_size is not None else sizes[0]
+    if chunk_size not in sizes:
+        raise FleetError(f"--chunk-size {chunk_size}: rollout {serving[0].rollout_id} serves "
+                         f"release {release.release_id[:12]} in chunks of "
+                         f"{' or '.join(map(str, sizes))} bytes; leave --chunk-size out")
     return _send(fleet, args, "ota_install", {"release_id": release.release_id,
-                                              "chunk_size": args.chunk_size, "retry": True})
+                                              "chunk_size": chunk_size, "retry": True})
 
 
 def _update_root(fleet: Fleet, args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from fleetlite.agent.commands import CommandArgumentError
 from fleetlite.agent.fleet_tags import FleetTags
@@ -175,7 +176,9 @@ def test_commands_and_events_through_a_real_fleet(
     assert "gw-x86-1" in table and "answered" in table and "1 of 1 answered ok" in table
     # the agent's own file changed on the device: reload-config applies what it can live
     config = site.agents["gw-x86-1"].config
-    config.write_text(config.read_text() + "telemetry_interval_s: 7\n")
+    written = yaml.safe_load(config.read_text())
+    written["intervals"]["telemetry_s"] = 7
+    config.write_text(yaml.safe_dump(written))
     reloaded = json.loads(cli("devices", "reload-config", "gw-x86-1", "-o", "json",
                               *db).stdout)
     assert reloaded["outcomes"][0]["result"] == {"reloaded": True,

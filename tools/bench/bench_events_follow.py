@@ -310,7 +310,7 @@ def _interrupt(signum: int, frame: Optional[FrameType]) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fleetlite.tools.bench.bench_events_follow",
-                                     description=(__doc__ or "").split("\n")[0])
+                                     description=" ".join((__doc__ or "").split("\n\n")[0].split()))
     parser.add_argument("--rounds", type=int, default=15,
                         help=f"measured rounds (default 15; after {PER_MINUTE - 1} they are "
                         f"spaced to send at most {PER_MINUTE} refused commands a minute, the "

@@ -12,7 +12,14 @@ bash tools/chromium.sh >/dev/null
 bash tools/wheelhouse.sh
 FLEETLITE_TEST_PG_URL="${FLEETLITE_TEST_PG_URL:-$(bash tools/postgres.sh)}"
 export FLEETLITE_TEST_PG_URL
-.venv/bin/python -m pytest "$@"
+# Two workers by default, files kept together (their module fixtures are built once):
+# most tests wait on brokers, agents and subprocesses. FLEETLITE_TEST_WORKERS=0 runs serially.
+WORKERS="${FLEETLITE_TEST_WORKERS:-2}"
+if [ "$WORKERS" = 0 ]; then
+  .venv/bin/python -m pytest "$@"
+else
+  .venv/bin/python -m pytest -n "$WORKERS" --dist loadfile "$@"
+fi
 if [ "$#" -eq 0 ]; then
   # The two extra passes run side by side (each mostly waits on its own interpreter and
   # subprocesses); their venvs are made first, one after the other, as pip builds in this tree.

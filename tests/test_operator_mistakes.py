@@ -76,6 +76,24 @@ MISTAKES = {
         "fleetlite release build {model} --name kws --version 1 --device-class raspberry-pi-4 "
         "--out {dir}/nope/kws.flb", 1, ("{dir}/nope: no such directory",),
         leaves_out="{dir}/nope"),
+    "a release signed with a root key": Mistake(
+        "fleetlite release build {model} --name kws --version 1 --device-class raspberry-pi-4 "
+        "--key {root_key} --out {dir}/signed-by-root", 1,
+        ("{root_key}: a root key given as --key, not a release key",),
+        leaves_out="{dir}/signed-by-root"),
+    "a root made with the roles swapped": Mistake(
+        "fleetlite keys root init --root-key {key} --release-key {root_key} "
+        "--out {dir}/swapped.json", 1, ("{key}: a release key given as --root-key",
+                                         "were the two swapped?"),
+        leaves_out="{dir}/swapped.json"),
+    "a device class no profile defines": Mistake(
+        "fleetlite release build {model} --name kws --version 1 --device-class raspbery-pi-4 "
+        "--out {dir}/typo", 1, ("'raspbery-pi-4'", "did you mean 'raspberry-pi-4'?"),
+        leaves_out="{dir}/typo"),
+    "an expiry without a unit": Mistake(
+        "fleetlite release build {model} --name kws --version 1 --device-class raspberry-pi-4 "
+        "--expires-in 30 --out {dir}/no-unit", 2, ("'30' has no unit; write e.g. 30d",),
+        leaves_out="{dir}/no-unit"),
     "output cut short by a closed pipe": Mistake(
         "fleetlite devices list -o json --db {store} | head -c 10 >/dev/null; "
         "exit ${{PIPESTATUS[0]}}", 0, ()),

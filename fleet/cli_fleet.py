@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Callable, Optional
 
 from fleetlite.fleet.broker_address import add_tls_options
@@ -499,14 +500,27 @@ def run(args: argparse.Namespace) -> int:
         return code
     assert handler is not None
     fleet = Fleet(getattr(args, "db", None), broker, create=args.creates_store)
-    if fleet.created is not None:
-        _note(f"note: there was no fleet store at {fleet.created}: created a new, empty one "
-              "(the controller, `fleetlite serve`, must use this same store: --db / "
-              "FLEETLITE_DB)")
+    created = fleet.created
+    # `serve` says so before it runs; `release push` once it has stored something
+    if created is not None and handler is _serve:
+        _note_created(created)
+    code = 1
     try:
-        return handler(fleet, args)
+        code = handler(fleet, args)
+        return code
     finally:
-        fleet.close()
+        # a command that failed before storing anything leaves no empty store behind
+        if created is not None and code != 0:
+            fleet.discard_created()
+        else:
+            fleet.close()
+            if created is not None and handler is not _serve:
+                _note_created(created)
+
+
+def _note_created(path: Path) -> None:
+    _note(f"note: there was no fleet store at {path}: created a new one (the controller, "
+          "`fleetlite serve`, must use this same store: --db / FLEETLITE_DB)")
 
 
 def _emit(args: argparse.Namespace, doc: Any, table: Callable[[], str]) -> None:

@@ -454,6 +454,22 @@ class Fleet:
     def close(self) -> None:
         self.store.close()
 
+    def discard_created(self) -> bool:
+        """Close, and delete the SQLite store this Fleet created if nothing was stored in it
+        (a command that failed leaves no empty store behind); True if it was deleted."""
+        path = self.created
+        if path is None:
+            return False
+        empty = (not self.store.list_releases() and not self.store.list_rollouts()
+                 and not self.store.list_devices(decommissioned=None))
+        self.close()
+        if not empty:
+            return False
+        for leftover in (path, path.with_name(path.name + "-wal"),
+                         path.with_name(path.name + "-shm")):
+            leftover.unlink(missing_ok=True)
+        return True
+
     # -- devices -----------------------------------------------------------------------------
 
     def devices(self, device_class: Optional[str] = None,

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from fleetlite.fleet.store import open_store
+from fleetlite.sdk.bundle import build_release
 from fleetlite.sdk.keys import SigningKey
 from tests.conftest import MODELS, REPO
 from tests.test_store import birth, status
@@ -94,6 +95,9 @@ MISTAKES = {
         "fleetlite release build {model} --name kws --version 1 --device-class raspberry-pi-4 "
         "--expires-in 30 --out {dir}/no-unit", 2, ("'30' has no unit; write e.g. 30d",),
         leaves_out="{dir}/no-unit"),
+    "a refused push into a store that does not exist yet": Mistake(
+        "fleetlite release push {unsigned} --db {dir}/new.db", 1,
+        ("is unsigned: sign it with `fleetlite release sign",), leaves_out="{dir}/new.db"),
     "output cut short by a closed pipe": Mistake(
         "fleetlite devices list -o json --db {store} | head -c 10 >/dev/null; "
         "exit ${{PIPESTATUS[0]}}", 0, ()),
@@ -117,7 +121,11 @@ def places(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     keys.mkdir()
     release_key = SigningKey.generate(role="release").save(keys / "release.key")
     root_key = SigningKey.generate(role="root").save(keys / "root.key")
+    unsigned = root / "unsigned-bundle"
+    build_release([MODELS / "intent_classifier.tflite"], name="kws", version=1,
+                  device_classes=["raspberry-pi-4"]).write_dir(unsigned)
     return {"dir": str(directory), "store": str(db), "key": str(release_key),
+            "unsigned": str(unsigned),
             "root_key": str(root_key), "model": str(MODELS / "intent_classifier.tflite")}
 
 

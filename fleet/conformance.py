@@ -10,6 +10,7 @@ The OTA checks (a signed release and the hostile-release table) are the next par
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import uuid
@@ -23,15 +24,17 @@ from paho.mqtt.enums import CallbackAPIVersion
 from fleetlite.fleet.broker_address import BrokerAddress, ssl_context
 from fleetlite.fleet.errors import BrokerConnectionError
 from fleetlite.sdk import topics
+from fleetlite.sdk.keys import SigningKey
 from fleetlite.sdk.messages import (
     MAX_COMMAND_BYTES,
     Birth,
     CommandResponse,
     MessageError,
+    OtaStatus,
     Status,
 )
 
-__all__ = ["Check", "Probe", "run_checks"]
+__all__ = ["Check", "OtaOptions", "Probe", "run_checks"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,7 @@ class Probe:
         self._lock = threading.Condition()
         self.retained: dict[str, bytes] = {}
         self.responses: list[bytes] = []
+        self.ota_statuses: list[OtaStatus] = []
         self._connected = threading.Event()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2,
                                   client_id=f"fleetlite-conformance-{uuid.uuid4().hex[:8]}")
@@ -91,7 +95,7 @@ class Probe:
                     properties: Any) -> None:
         if reason.is_failure:
             return
-        for kind in (topics.STATUS, topics.BIRTH, topics.COMMAND_RESPONSE):
+        for kind in (topics.STATUS, topics.BIRTH, topics.COMMAND_RESPONSE, topics.OTA_STATUS):
             client.subscribe(topics.device_topic(self.device_id, kind), qos=1)
         self._connected.set()
 
@@ -100,6 +104,10 @@ class Probe:
         with self._lock:
             if kind == topics.COMMAND_RESPONSE:
                 self.responses.append(bytes(message.payload))
+            elif kind == topics.OTA_STATUS:
+                # a status that does not parse is never the one a check waits for
+                with contextlib.suppress(MessageError):
+                    self.ota_statuses.append(OtaStatus.from_json(bytes(message.payload)))
             else:
                 self.retained[kind] = bytes(message.payload)
             self._lock.notify_all()
@@ -108,6 +116,30 @@ class Probe:
         with self._lock:
             self._lock.wait_for(lambda: kind in self.retained, timeout)
             return self.retained.get(kind)
+
+    def ota_mark(self) -> int:
+        """A mark for :meth:`wait_ota`: statuses received from now on."""
+        with self._lock:
+            return len(self.ota_statuses)
+
+    def wait_ota(self, release_id: str, since: int, timeout: float, *,
+                 final_only: bool) -> Optional[OtaStatus]:
+        """The first ``ota/status`` of ``release_id`` after the mark ``since`` (with
+        ``final_only``, the final one) within ``timeout`` seconds; a final one wins."""
+
+        def found() -> Optional[OtaStatus]:
+            mine = [s for s in self.ota_statuses[since:] if s.release_id == release_id]
+            finals = [s for s in mine if s.final]
+            if finals:
+                return finals[0]
+            return mine[0] if mine and not final_only else None
+
+        with self._lock:
+            self._lock.wait_for(lambda: found() is not None, timeout)
+            return found()
+
+    def publish_retained(self, topic: str, payload: bytes, timeout: float = 10.0) -> None:
+        self.client.publish(topic, payload, qos=1, retain=True).wait_for_publish(timeout)
 
     def command(self, payload: bytes, answer_id: str, timeout: float) -> Optional[bytes]:
         """Publish ``payload`` on the device's command topic and wait for a response whose id
@@ -154,10 +186,29 @@ def _refusal_check(probe: Probe, name: str, section: str, payload: bytes, answer
     return Check(name, section, True, f"refused with {code}")
 
 
+@dataclass(frozen=True)
+class OtaOptions:
+    """What the OTA checks need: the release keys the device's root trusts, its class (None:
+    from its retained birth) and the bound of a whole install (download, smoke test, health
+    window)."""
+
+    keys: tuple[SigningKey, ...]
+    device_class: Optional[str] = None
+    install_timeout: float = 120.0
+
+
+OTA_SKIPPED = ("OTA checks skipped: give the release key(s) the device's root trusts with "
+               "--key RELEASE.key to run them (they install, then remove, a model named "
+               "fleetlite-conformance)")
+
+
 def run_checks(probe: Probe, timeout: float = 10.0,
-               progress: Callable[[Check], None] = lambda check: None) -> list[Check]:
-    """Run every check against the device of ``probe``; ``progress`` sees each as it ends."""
+               progress: Callable[[Check], None] = lambda check: None,
+               ota: Optional[OtaOptions] = None) -> list[Check]:
+    """Run every check against the device of ``probe``; ``progress`` sees each as it ends.
+    With ``ota``, the OTA checks of :mod:`fleetlite.fleet.conformance_ota` follow."""
     checks: list[Check] = []
+    birth_class: Optional[str] = None
 
     def done(check: Check) -> None:
         checks.append(check)
@@ -186,6 +237,7 @@ def run_checks(probe: Probe, timeout: float = 10.0,
     else:
         try:
             birth = Birth.from_json(birth_raw)
+            birth_class = birth.device_class
             same = session is None or birth.session == session
             done(Check("retained birth", "fleetlite.birth/1",
                        birth.device_id == device and same,
@@ -224,19 +276,32 @@ def run_checks(probe: Probe, timeout: float = 10.0,
                         _command("ping", later, schema="fleetlite.command/2"), later,
                         "wrong_schema", timeout))
     bad = f"conf-{uuid.uuid4().hex[:8]}"
-    done(_refusal_check(probe, "a bad argument is refused", "fleetlite.command/1 (commands)",
+    done(_refusal_check(probe, "a bad argument is refused", "fleetlite.command/1",
                         _command("ota_install", bad, {"release_id": 7}), bad, "bad_args",
                         timeout))
+    if ota is not None:
+        device_class = ota.device_class or birth_class
+        if not device_class:
+            done(Check("the device's class is known", "fleetlite.birth/1", False,
+                       "no retained birth names it: pass --device-class"))
+        else:
+            from fleetlite.fleet.conformance_ota import run_ota_checks
+
+            run_ota_checks(probe, probe.broker, ota.keys, device_class, timeout,
+                           ota.install_timeout, done)
     return checks
 
 
-def checks_table(checks: list[Check]) -> str:
+def checks_table(checks: list[Check], note: str = "") -> str:
     width = max(len(c.name) for c in checks)
-    lines = [f"{'CHECK':<{width}}  {'RESULT':<6}  {'SECTION':<30}  DETAIL"]
-    lines += [f"{c.name:<{width}}  {'pass' if c.passed else 'FAIL':<6}  {c.section:<30}  "
-              f"{c.detail}" for c in checks]
+    section = max(len(c.section) for c in checks)
+    lines = [f"{'CHECK':<{width}}  {'RESULT':<6}  {'SECTION':<{section}}  DETAIL"]
+    lines += [f"{c.name:<{width}}  {'pass' if c.passed else 'FAIL':<6}  "
+              f"{c.section:<{section}}  {c.detail}" for c in checks]
     passed = sum(c.passed for c in checks)
     lines.append(f"{passed} of {len(checks)} checks passed")
+    if note:
+        lines.append(note)
     return "\n".join(lines)
 
 
@@ -245,25 +310,47 @@ def add_parser(sub: Any, common: Any) -> None:
     import argparse
 
     parser = sub.add_parser(
-        "conformance", help="check that a device speaks the protocol (session, commands)",
+        "conformance", help="check that a device speaks the protocol (session, commands, OTA)",
         description="Drive one device through the broker and check its answers against "
         "docs/protocol.md: the retained status and birth, a command answered with its "
         "correlation id, and the refusals every device must give (an unknown command, bytes "
         "that are not JSON, a command over 16 KiB, another schema version, a bad argument). "
+        "With --key, the OTA checks follow: the kit builds a tiny model of its own under the "
+        "name fleetlite-conformance, signs its releases with the given release key(s) (keys "
+        "the device's root trusts) and serves them itself; the hostile releases (unsigned, an "
+        "unknown signer, changed after signing, expired, another device class, a newer agent, "
+        "a file over the size cap, bytes not matching the signed hash) must be refused with "
+        "their reason codes while the active model stays, a valid one must install, an older "
+        "and the same version must be refused, and the model is removed again at the end "
+        "(remove_model), leaving the device as found. "
         "Use the fleet's broker options (a controller's certificate: the device's topics "
-        "are read and its command topic written). The OTA checks come next.",
+        "are read, its command topic and the release topics written).",
         parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="""examples:
   fleetlite conformance gw-berlin-01
-  fleetlite conformance phone-7 --broker mqtts://mqtt.example.net:8883 --tls-ca ca.pem \\
-      --tls-cert ctl.pem --tls-key ctl.key -o json
+  fleetlite conformance gw-berlin-01 --key keys/release.key
+  fleetlite conformance phone-7 --key rel-a.key --key rel-b.key --device-class android-arm64 \\
+      --broker mqtts://mqtt.example.net:8883 --tls-ca ca.pem --tls-cert ctl.pem \\
+      --tls-key ctl.key -o json
+
+Without --key the OTA checks are skipped (not failed). A device that trusts a threshold of
+several release keys needs them all (--key per key).
 
 exit codes: 0 every check passed, 1 a check failed or the broker cannot be reached, 2 usage
-error
+error (also: a key file that cannot be read)
 """)
     parser.add_argument("device_id", metavar="DEVICE_ID")
     parser.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
                         help="how long to wait for each answer (default 10)")
+    parser.add_argument("--key", action="append", default=[], metavar="RELEASE.key",
+                        help="a release signing key the device's root trusts (repeatable); "
+                        "runs the OTA checks")
+    parser.add_argument("--device-class", metavar="CLASS",
+                        help="the device's class for the OTA releases (default: from its "
+                        "retained birth)")
+    parser.add_argument("--install-timeout", type=float, default=120.0, metavar="SECONDS",
+                        help="how long a release the device took may take to end: download, "
+                        "smoke test and health window (default 120)")
     parser.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table",
                         help="output format (default table)")
     parser.set_defaults(fleet_verb=True, fleet_handler=None, standalone=_run)
@@ -273,10 +360,24 @@ def _run(broker: BrokerAddress, args: Any) -> int:
     import sys
 
     from fleetlite.fleet.cli_fleet import _emit
+    from fleetlite.sdk.errors import KeyFileError
 
+    ota: Optional[OtaOptions] = None
+    if args.key:
+        try:
+            keys = tuple(SigningKey.load(path) for path in args.key)
+        except KeyFileError as exc:
+            print(f"fleetlite conformance: {exc}", file=sys.stderr)
+            return 2
+        ota = OtaOptions(keys, args.device_class, args.install_timeout)
     with Probe(broker, args.device_id) as probe:
-        checks = run_checks(probe, args.timeout)
-    _emit(args, {"device_id": args.device_id, "passed": all(c.passed for c in checks),
-                 "checks": [c.to_dict() for c in checks]}, lambda: checks_table(checks))
+        checks = run_checks(probe, args.timeout, ota=ota)
+    note = "" if ota is not None else OTA_SKIPPED
+    document: dict[str, Any] = {"device_id": args.device_id,
+                                "passed": all(c.passed for c in checks),
+                                "checks": [c.to_dict() for c in checks]}
+    if note:
+        document["ota_skipped"] = note
+    _emit(args, document, lambda: checks_table(checks, note))
     sys.stdout.flush()
     return 0 if all(c.passed for c in checks) else 1

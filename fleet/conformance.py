@@ -2,10 +2,16 @@
 protocol (docs/protocol.md) as a FleetLite fleet expects: a phone app, a C agent or the Python
 agent alike. Each check names the protocol section it tests and says what the device did.
 
-This first part of the kit covers the session and the commands: the retained status and birth,
-a command answered with its correlation id, and the refusals every device must give (an unknown
-command, bytes that are not JSON, an oversize command, another schema version, a bad argument).
-The OTA checks (a signed release and the hostile-release table) are the next part.
+The session and command checks always run: the retained status and birth, a command answered
+with its correlation id, and the refusals every device must give (an unknown command, bytes that
+are not JSON, an oversize command, another schema version, a bad argument).
+
+The OTA checks (:mod:`fleetlite.fleet.conformance_ota`) run when the operator gives the release
+key(s) the device's root trusts (``--key``): the hostile releases of "Verification order and
+reason codes" must be refused with their reason codes while the active model stays, a valid
+signed release must install, an older and the same version must be refused, and the kit's model
+(``fleetlite-conformance``) is removed again at the end. Without ``--key`` they are skipped with
+one line saying how to run them, not failed.
 """
 
 from __future__ import annotations
@@ -333,8 +339,9 @@ def add_parser(sub: Any, common: Any) -> None:
       --broker mqtts://mqtt.example.net:8883 --tls-ca ca.pem --tls-cert ctl.pem \\
       --tls-key ctl.key -o json
 
-Without --key the OTA checks are skipped (not failed). A device that trusts a threshold of
-several release keys needs them all (--key per key).
+Without --key the OTA checks are skipped (not failed). A device whose root asks for a
+threshold of several release keys needs that many (--key per key). The OTA checks install and
+then remove a model named fleetlite-conformance; the device's own models are not touched.
 
 exit codes: 0 every check passed, 1 a check failed or the broker cannot be reached, 2 usage
 error (also: a key file that cannot be read)
@@ -361,11 +368,14 @@ def _run(broker: BrokerAddress, args: Any) -> int:
 
     from fleetlite.fleet.cli_fleet import _emit
     from fleetlite.sdk.errors import KeyFileError
+    from fleetlite.sdk.keys import require_role
 
     ota: Optional[OtaOptions] = None
     if args.key:
         try:
             keys = tuple(SigningKey.load(path) for path in args.key)
+            for path, key in zip(args.key, keys):
+                require_role(key.role, "release", str(path), option="--key")
         except KeyFileError as exc:
             print(f"fleetlite conformance: {exc}", file=sys.stderr)
             return 2

@@ -1033,9 +1033,10 @@ def _profiles_compare(fleet: Fleet, args: argparse.Namespace) -> int:
 
 
 def _report(fleet: Fleet, args: argparse.Namespace) -> int:
-    path = fleet.report(args.html, title=args.title)
-    doc = {"path": str(path), "devices": len(fleet.devices()),
-           "rollouts": len(fleet.rollouts()), "profiles": len(fleet.store.profiles())}
+    written = fleet.write_report(args.html, title=args.title)
+    path = written.path
+    doc = {"path": str(path), "devices": written.devices, "rollouts": written.rollouts,
+           "profiles": written.profiles}
     _emit(args, doc, lambda: (
         f"wrote {path}: {doc['devices']} device(s), {doc['profiles']} profile(s), "
         f"{doc['rollouts']} rollout(s); open it in a browser (it needs nothing else)"))

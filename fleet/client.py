@@ -80,6 +80,7 @@ __all__ = [
     "Rollout",
     "WaitTimeoutError",
     "WaveProgress",
+    "WrittenReport",
     "decision_dict",
     "device_dict",
     "gate_texts",
@@ -279,6 +280,16 @@ class Rollout:
             "created": self.created,
             "updated": self.updated,
         }
+
+
+@dataclass(frozen=True)
+class WrittenReport:
+    """The HTML report :meth:`Fleet.write_report` wrote, and how much it shows."""
+
+    path: Path
+    devices: int
+    profiles: int
+    rollouts: int
 
 
 @dataclass(frozen=True)
@@ -827,6 +838,11 @@ class Fleet:
 
     def report(self, path: PathArg, *, title: str = "FleetLite fleet report") -> Path:
         """Write the self-contained HTML report of the store: devices, profiles, rollouts."""
+        return self.write_report(path, title=title).path
+
+    def write_report(self, path: PathArg, *,
+                     title: str = "FleetLite fleet report") -> WrittenReport:
+        """:meth:`report`, also saying how many devices, profiles and rollouts it shows."""
         from fleetlite.fleet.report import ReportData, write_report
 
         devices = self.store.list_devices()
@@ -835,7 +851,8 @@ class Fleet:
                           profiles=self.profile_rows(),
                           rollouts=[_rollout_summary(r) for r in rollouts],
                           budgets=_budgets({d.device_class for d in devices}), title=title)
-        return write_report(path, data)
+        return WrittenReport(write_report(path, data), len(data.devices), len(data.profiles),
+                             len(data.rollouts))
 
     # -- running a controller ----------------------------------------------------------------
 

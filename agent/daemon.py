@@ -20,7 +20,6 @@ from types import FrameType
 from typing import Any
 
 from fleetlite.agent import device_facts
-from fleetlite.agent.atomic import read_json, write_json_atomic
 from fleetlite.agent.commands import CommandDispatcher, arg, command_name
 from fleetlite.agent.config import AgentConfig, ModelEntry, load_config
 from fleetlite.agent.errors import AgentConfigError, AgentError
@@ -34,6 +33,7 @@ from fleetlite.agent.ota import OtaManager, OtaSettings
 from fleetlite.agent.spool import Spool
 from fleetlite.agent.telemetry import system_snapshot
 from fleetlite.sdk import topics
+from fleetlite.sdk.atomic import read_json, write_json_atomic
 from fleetlite.sdk.device_class import DeviceClass, find_device_class
 from fleetlite.sdk.errors import DeviceClassError, FleetLiteError
 from fleetlite.sdk.messages import Birth, CommandResponse, Event, Telemetry

@@ -14,8 +14,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-from fleetlite.agent.atomic import write_atomic
 from fleetlite.agent.commands import CommandArgumentError
+from fleetlite.sdk.atomic import write_atomic
 
 __all__ = ["MAX_FLEET_TAGS", "FleetTags"]
 

@@ -44,7 +44,6 @@ from typing import Any, Optional
 
 import numpy.typing as npt
 
-from fleetlite.agent.atomic import fsync_dir, write_atomic
 from fleetlite.agent.commands import CommandArgumentError, arg
 from fleetlite.agent.errors import AgentError
 from fleetlite.agent.language_models import LanguageModels
@@ -60,6 +59,7 @@ from fleetlite.agent.ota_space import (
 )
 from fleetlite.agent.ota_state import SLOTS, EndedJob, Job, ModelState, OtaStateStore, SlotInfo
 from fleetlite.sdk import topics
+from fleetlite.sdk.atomic import fsync_dir, write_atomic
 from fleetlite.sdk.chunks import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 from fleetlite.sdk.device_class import DeviceClass
 from fleetlite.sdk.errors import EqualVersion, UpdateRejected

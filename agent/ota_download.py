@@ -31,13 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fleetlite.agent.atomic import fsync_dir, write_atomic
 from fleetlite.agent.errors import (
     DiskFullError,
     DownloadError,
     DownloadIncompleteError,
     StagingIOError,
 )
+from fleetlite.sdk.atomic import fsync_dir, write_atomic
 from fleetlite.sdk.chunks import (
     MAX_REQUEST_CHUNKS,
     MAX_REQUEST_RANGES,

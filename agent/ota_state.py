@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fleetlite.agent.atomic import write_json_atomic
+from fleetlite.sdk.atomic import write_json_atomic
 
 SLOTS = ("a", "b")
 STATE_VERSION = 1

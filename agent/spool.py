@@ -36,8 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, cast
 
-from fleetlite.agent.atomic import fsync_dir, write_atomic
 from fleetlite.agent.errors import SpoolError, SpoolFullError
+from fleetlite.sdk.atomic import fsync_dir, write_atomic
 
 Priority = Literal["telemetry", "important", "critical"]
 Outcome = Literal["accept", "refuse", "full"]

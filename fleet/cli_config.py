@@ -28,6 +28,7 @@ from typing import Any, Optional
 import yaml
 
 from fleetlite.fleet.errors import FleetError
+from fleetlite.sdk.atomic import write_atomic
 
 __all__ = ["FIELDS", "CliConfig", "add_parser", "config_path", "load_config", "pick", "run"]
 
@@ -66,10 +67,9 @@ class CliConfig:
     def save(self) -> None:
         doc: dict[str, Any] = {"current-context": self.current, "contexts": self.contexts}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(yaml.safe_dump(doc, sort_keys=True), encoding="utf-8")
-        os.chmod(tmp, 0o600)  # it may hold database URLs with passwords
-        os.replace(tmp, self.path)
+        # 0600 from its creation: it may hold database URLs with passwords
+        write_atomic(self.path, yaml.safe_dump(doc, sort_keys=True).encode("utf-8"),
+                     mode=0o600, exact_mode=True)
 
 
 def config_path(environ: Mapping[str, str] = os.environ) -> Path:

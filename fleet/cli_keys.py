@@ -308,7 +308,7 @@ def _is_private(path: Path) -> bool:
 
 
 def _write_root(path: Path, envelope: Envelope) -> None:
-    from fleetlite.agent.atomic import write_atomic
+    from fleetlite.sdk.atomic import write_atomic
 
     if path.exists():
         raise KeyFileError(f"{path}: already exists; choose another --out file")
@@ -375,7 +375,7 @@ def _root_rotate(args: argparse.Namespace) -> int:
 
 
 def _root_sign(args: argparse.Namespace) -> int:
-    from fleetlite.agent.atomic import write_atomic
+    from fleetlite.sdk.atomic import write_atomic
 
     path = Path(args.root)
     envelope, root = parse_root_envelope(path.read_bytes())

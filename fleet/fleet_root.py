@@ -108,20 +108,8 @@ def use_root(source: Path, *, force: bool = False,
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    """Temp file, fsync, rename, fsync the directory: a crash leaves the old or the new root."""
+    """A crash leaves the old or the new root (:func:`fleetlite.sdk.atomic.write_atomic`)."""
+    from fleetlite.sdk.atomic import write_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with tmp.open("wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_atomic(path, data, mode=0o644, exact_mode=True)

@@ -53,6 +53,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fleetlite.fleet.errors import FleetError
+from fleetlite.sdk.atomic import write_atomic
 from fleetlite.sdk.topics import MAX_DEVICE_ID_LENGTH, TopicError, validate_device_id
 
 __all__ = [
@@ -463,35 +464,16 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def write_file(path: Path, data: bytes, *, mode: int, overwrite: bool = True) -> Path:
-    """Write ``path`` atomically with exactly ``mode``: a temp file created with that mode
-    (never wider, whatever the umask), fsync, rename (or hard link when ``overwrite`` is false,
-    which fails if the target exists), fsync of the directory."""
+    """Write ``path`` atomically with exactly ``mode`` (never wider, whatever the umask);
+    with ``overwrite`` false an existing file is refused, even one made by a race
+    (:func:`fleetlite.sdk.atomic.write_atomic`)."""
     if not overwrite and (path.exists() or path.is_symlink()):
         raise PkiError(f"{path} already exists; refusing to overwrite it (choose another --out, "
                        "or move the old file away)")
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-    fd = os.open(tmp, flags, mode)
     try:
-        try:
-            os.fchmod(fd, mode)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise PkiError(f"{path} already exists; refusing to overwrite it") from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    _fsync_dir(path.parent)
+        write_atomic(path, data, mode=mode, overwrite=overwrite, exact_mode=True)
+    except FileExistsError:
+        raise PkiError(f"{path} already exists; refusing to overwrite it") from None
     return path
 
 
@@ -511,15 +493,6 @@ def private_dir(path: Path) -> Path:
                 from None
     os.chmod(path, 0o700)
     return path
-
-
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):  # not every file system can fsync a directory
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 @contextlib.contextmanager

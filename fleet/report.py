@@ -19,7 +19,6 @@ import html
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -972,20 +971,10 @@ def write_report(path: Union[str, os.PathLike[str]], data: ReportData) -> Path:
     if not target.parent.is_dir():
         raise FleetError(f"cannot write the report {target}: the directory {target.parent} "
                          f"does not exist (create it first: mkdir -p {target.parent})")
+    from fleetlite.sdk.atomic import write_atomic
+
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=str(target.parent))
+        write_atomic(target, text.encode("utf-8"), mode=0o644, exact_mode=True)
     except OSError as exc:
         raise FleetError(f"cannot write the report {target}: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise FleetError(f"cannot write the report {target}: "
-                             f"{exc.strerror or exc}") from None
-        raise
     return target

@@ -143,7 +143,7 @@ class ReleaseBundle:
             raise BundleError(f"{target}: exists and is not an empty directory; choose a new "
                               "--out directory")
         target.mkdir(parents=True, exist_ok=True)
-        from fleetlite.agent.atomic import write_atomic
+        from fleetlite.sdk.atomic import write_atomic
 
         for entry in self.manifest.files:
             write_atomic(target / entry.name, self.files[entry.name])
@@ -165,7 +165,7 @@ class ReleaseBundle:
         return buffer.getvalue()
 
     def write_flb(self, path: PathArg) -> Path:
-        from fleetlite.agent.atomic import write_atomic
+        from fleetlite.sdk.atomic import write_atomic
 
         target = Path(path)
         write_atomic(target, self.flb_bytes())
@@ -604,7 +604,7 @@ def _extract(tar: tarfile.TarFile, member: tarfile.TarInfo, cap: int) -> bytes:
 
 def sign_bundle(path: PathArg, key: SigningKey, *, limits: Limits = DEFAULT_LIMITS) -> Envelope:
     """Add ``key``'s signature to the bundle at ``path`` (directory or .flb), in place."""
-    from fleetlite.agent.atomic import write_atomic
+    from fleetlite.sdk.atomic import write_atomic
 
     source = Path(path)
     bundle = load_bundle(source, limits=limits).sign(key)

@@ -285,34 +285,17 @@ def _read_key_json(path: Path) -> dict[str, Any]:
 
 
 def _write_new_file(path: Path, content: bytes, *, mode: int) -> None:
-    """Write ``content`` to a new file: temp file, fsync, hard link into place (which fails if
-    the target exists, so nothing is overwritten), fsync the directory."""
+    """Write ``content`` to a new file with exactly ``mode``, atomically, never overwriting
+    (:func:`fleetlite.sdk.atomic.write_atomic`)."""
+    from fleetlite.sdk.atomic import write_atomic
+
     if path.exists() or path.is_symlink():
         raise KeyFileError(f"{path}: already exists; refusing to overwrite a key file. "
                            "Choose another --out directory or name")
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    if not path.parent.is_dir():
+        raise KeyFileError(f"{path.parent}: no such directory; create it first")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    except FileNotFoundError:
-        raise KeyFileError(f"{path.parent}: no such directory; create it first") from None
-    try:
-        try:
-            os.fchmod(fd, mode)  # the umask must not loosen (or tighten) the requested mode
-            view = memoryview(content)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            raise KeyFileError(f"{path}: already exists; refusing to overwrite a key file") \
-                from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        write_atomic(path, content, mode=mode, overwrite=False, exact_mode=True)
+    except FileExistsError:
+        raise KeyFileError(f"{path}: already exists; refusing to overwrite a key file") \
+            from None

@@ -24,8 +24,6 @@ KNOWN = {
     # what both sides run to a shared package
     ("sdk/bundle.py", "fleetlite.agent"),
     ("sdk/lm_release.py", "fleetlite.agent"),
-    # one crash-safe write helper of the agent's, to be folded into one shared copy
-    ("fleet/cli_keys.py", "fleetlite.agent.atomic"),
     # `fleetlite demo` runs the demo in-process; it is to become a product module or a child
     ("fleet/cli.py", "fleetlite.tools.demo"),
     # the conformance kit's tiny model; the model builder is to move out of tools/

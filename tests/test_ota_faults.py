@@ -473,7 +473,7 @@ def v2_bundle(tmp_path: Path, models_dir: Path) -> ReleaseBundle:
 
 def test_a_failed_atomic_write_names_the_file_asked_for_and_leaves_no_temporary(
         tmp_path: Path) -> None:
-    from fleetlite.agent.atomic import write_atomic
+    from fleetlite.sdk.atomic import write_atomic
 
     target = tmp_path / "missing" / "state.json"
     with pytest.raises(FileNotFoundError) as info:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +21,27 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes, *, mode: int = 0o644, sync_dir: bool = True) -> None:
+def write_atomic(path: Path, data: bytes, *, mode: int = 0o644, sync_dir: bool = True,
+                 overwrite: bool = True, exact_mode: bool = False) -> None:
     """Replace ``path`` with ``data`` atomically and durably.
 
     ``sync_dir=False`` leaves the directory fsync (which makes the rename durable) to the caller:
     the spool does one for several files and handles its failure apart from the write's.
+    ``overwrite=False`` puts the file in place with a hard link, which fails with
+    :class:`FileExistsError` if ``path`` exists (nothing is overwritten, even by a race).
+    ``exact_mode``: the file gets exactly ``mode``, whatever the umask (keys, certificates).
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    # one temporary per process and thread: two writers never share one
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()  # left by a crashed process that had the same pid and thread id
+        fd = os.open(tmp, flags, mode)
         try:
+            if exact_mode:
+                os.fchmod(fd, mode)
             view = memoryview(data)
             while view:
                 written = os.write(fd, view)
@@ -38,7 +49,11 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o644, sync_dir: bool =
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+            tmp.unlink()
     except BaseException as exc:
         # Suppressed, so the caller sees the original error (e.g. ENOSPC), not the cleanup's.
         with contextlib.suppress(OSError):

@@ -198,6 +198,9 @@ class Controller:
         self._thread: Optional[threading.Thread] = None
         self._serving: set[str] = set()
         self._held: set[str] = set()
+        # rollouts found finished with nothing left to record, at that revision: a tick does
+        # not read them again (their state grows with the fleet) until their revision changes
+        self._settled: dict[str, int] = {}
         self._resent: set[tuple[str, str]] = set()
         self._resends_held_until = 0.0
         self.counters = {"ingested": 0, "malformed": 0, "refused": 0, "oversize": 0,
@@ -642,7 +645,12 @@ class Controller:
         """Send the commands operators queued, then drive every rollout that needs it and
         whose lease this controller gets."""
         self.send_queued_commands(now)
-        for record in self.store.list_rollouts():
+        for rollout_id, revision in self.store.rollout_revisions():
+            if self._settled.get(rollout_id) == revision:
+                continue  # finished, and nothing has changed it since
+            record = self.store.get_rollout(rollout_id)
+            if record is None:
+                continue
             try:
                 spec = RolloutSpec.from_dict(record.spec)
                 state = RolloutState.from_dict(record.state) if record.state else RolloutState()
@@ -651,7 +659,11 @@ class Controller:
                 continue
             if (state.finished and not state.operator_requests
                     and not _awaiting_devices(state, spec, now)):
+                # settled for good at this revision: _awaiting_devices only turns false as
+                # time passes, and anything that changes the rollout changes its revision
+                self._settled[rollout_id] = record.revision
                 continue
+            self._settled.pop(rollout_id, None)
             lease = f"rollout:{record.rollout_id}"
             if not self.store.claim(lease, self.id, self.lease_ttl_s):
                 self._held.discard(record.rollout_id)

@@ -1459,6 +1459,14 @@ class Store:
             rows = db.execute(f"{_SELECT_ROLLOUT} WHERE rollout_id = ?", (rollout_id,)).rows
         return _rollout(rows[0]) if rows else None
 
+    def rollout_revisions(self) -> list[tuple[str, int]]:
+        """Every rollout's id and revision, oldest first: what a controller's tick reads to
+        find the rollouts that changed, without their (possibly large) state."""
+        with self._transaction(write=False) as db:
+            rows = db.execute("SELECT rollout_id, revision FROM rollouts "
+                              "ORDER BY created, rollout_id").rows
+        return [(str(row[0]), int(row[1])) for row in rows]
+
     def list_rollouts(self, release_id: Optional[str] = None) -> list[RolloutRecord]:
         """Rollouts (of one release, if given), oldest first."""
         condition, params = (("WHERE release_id = ?", [release_id]) if release_id is not None

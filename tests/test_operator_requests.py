@@ -12,6 +12,7 @@ import re
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -29,7 +30,10 @@ from fleetlite.fleet.rollout import (
     parse_waves,
 )
 from fleetlite.fleet.store import Store, open_store
+from fleetlite.sdk.bundle import build_release
+from tests.mqtt_harness import Mosquitto
 from tests.test_fleet_e2e import wait_until
+from tests.test_ota_install import ISSUED, RELEASE_KEY
 from tests.test_store import add_release, birth, status
 
 RELEASE = "ab" * 32
@@ -165,3 +169,44 @@ def test_a_first_version_rolled_back_with_remove_model_removes_it_from_its_devic
         ("gw-1", {"model": "kws", "remove": True})]
     # the flag survives the store: a device back online later is sent the removal too
     assert RolloutState.from_dict(after.to_dict()).remove_model
+
+
+def test_a_settled_rollout_is_not_read_again_until_it_changes(
+        store_url: str, monkeypatch: pytest.MonkeyPatch, models_dir: Path,
+        broker: Mosquitto) -> None:
+    """A controller's tick reads a finished rollout's state (which grows with the fleet) once;
+    then only its revision, until something changes it: an operator's rollback request is
+    still seen and handled on the next tick."""
+    from fleetlite.fleet.controller import Controller
+
+    bundle = build_release([models_dir / "intent_classifier.tflite"], name="kws", version=4,
+                           device_classes=["rpi4"], issued=ISSUED, keys=[RELEASE_KEY])
+    spec = RolloutSpec(rollout_id="ro-done", release_id=bundle.release_id, model="kws",
+                       version=4, previous_version=3, selector=Selector(),
+                       waves=parse_waves("100%"), wave_timeout_s=600, chunk_size=4096)
+    done = RolloutState(state="completed", current_wave=1, devices={
+        "gw-1": DeviceProgress("gw-1", "rpi4", 1, status="installed")})
+    store = open_store(store_url)
+    store.add_release(bundle.release_id, "kws", 4, bundle.envelope.to_json(), dict(bundle.files),
+                      bundle.manifest.to_dict())
+    store.create_rollout("ro-done", bundle.release_id, spec.to_dict(), state=done.to_dict())
+    reads: list[str] = []
+    get_rollout = store.get_rollout
+    monkeypatch.setattr(store, "get_rollout",
+                        lambda rollout_id: reads.append(rollout_id) or get_rollout(rollout_id))
+    # ticked here, not by its loop: only its release publisher is started
+    controller = Controller(store, broker.host, broker.port, tick_s=0.2)
+    controller.publisher.start()
+    try:
+        for n in range(5):
+            controller.tick(1000.0 + n)
+        assert reads == ["ro-done"]
+        with Fleet(db=store_url) as fleet:
+            fleet.request("ro-done", "rollback", note="after all")
+        controller.tick(1010.0)
+        record = get_rollout("ro-done")
+        assert record is not None and record.state["state"] == "rolled_back"
+        assert reads[1:3] == ["ro-done", "ro-done"]  # seen again, then driven
+    finally:
+        controller.publisher.close()
+        store.close()

@@ -326,11 +326,13 @@ class MqttLink:
             return
         self.counters["connects"] += 1
         self.last_error = ""
-        client.publish(self.status_topic, self._status(True, "connected"), qos=1, retain=True)
-        self._publish_birth(client)
+        # subscribe first: the broker handles one connection's packets in order, so once the
+        # fleet sees this connection's online status, a command sent to the device reaches it
         client.subscribe(self.command_topic, qos=1)
         self._subscribed = set()
         self._sync_subscriptions(client)
+        client.publish(self.status_topic, self._status(True, "connected"), qos=1, retain=True)
+        self._publish_birth(client)
         self.connected.set()
         self._wake.set()
         log.info("connected to %s:%s", self.config.broker.host, self.config.broker.port)

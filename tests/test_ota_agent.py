@@ -148,6 +148,9 @@ def test_kill_9_at_each_phase_leaves_a_serving_model(
             config = agent_config(tmp_path, broker, models_dir)
         agent = AgentProcess(config).start()
         agent.wait_for_log("running (session 2)")
+        # its online status of session 2: from then on a command reaches it
+        collector.wait_for(topics.STATUS, predicate=lambda m: b'"session":2' in m.payload
+                           and b'"online":true' in m.payload, timeout=60)
         if phase == "smoke_testing":
             # verified files are kept: the install resumes without fetching a chunk again
             final = wait_final(collector, timeout=120)

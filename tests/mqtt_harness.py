@@ -82,7 +82,12 @@ class Mosquitto:
         self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(self.conf)],
                                      stdout=out, stderr=out)
         out.close()
-        wait_for_port(self.port)
+        try:
+            # generous: on a loaded machine a broker can take seconds to listen
+            wait_for_port(self.port, timeout=30.0)
+        except BaseException:
+            self.stop()  # never leave a broker running (and un-waited) behind a failed start
+            raise
         return self
 
     def stop(self) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +34,7 @@ from fleetlite.fleet.rollout import (
     parse_waves,
 )
 from fleetlite.fleet.store import open_store
+from fleetlite.tools.bench.bench_cli import wall_time
 from fleetlite.tools.sim.reports import DeviceState, birth, online_status, profile, telemetry
 
 BIN = Path(sys.executable).parent
@@ -88,12 +88,6 @@ def commands(db: Path, out: Path) -> dict[str, list[str]]:
                                       "--db", url],
         "report --html": [fleetlite, "report", "--html", str(out), "--db", url],
     }
-
-
-def wall_time(argv: Sequence[str]) -> float:
-    start = time.perf_counter()
-    subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
-    return time.perf_counter() - start
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -103,13 +103,8 @@ def use_root(source: Path, *, force: bool = False,
                     f"{previous.version}, {target}) would refuse it: {exc} [{exc.reason}]; make "
                     "it with `fleetlite keys root rotate`, or pass --force if the fleet's "
                     "devices were provisioned with it") from None
-    _write_atomic(target, data)
-    return new, target, previous
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """A crash leaves the old or the new root (:func:`fleetlite.sdk.atomic.write_atomic`)."""
     from fleetlite.sdk.atomic import write_atomic
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, data, mode=0o644, exact_mode=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(target, data, mode=0o644, exact_mode=True)  # a crash leaves old or new
+    return new, target, previous

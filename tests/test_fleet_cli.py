@@ -109,6 +109,13 @@ class Serve:
     def read_log(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def wait_connected(self, timeout: float = 60) -> None:
+        """Until the controller's subscriptions are acknowledged: what a device publishes after
+        that reaches it (before it, a clean session would miss it)."""
+        wait_until(lambda: " connected to " in self.read_log() or self.proc.poll() is not None,
+                   timeout, "the controller's connection")
+        assert self.proc.poll() is None, self.read_log()[-2000:]
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -128,6 +135,7 @@ class Site:
         self.env = {"FLEETLITE_DB": db, "FLEETLITE_BROKER": f"{broker.host}:{broker.port}"}
         # the controller first: it then also stores the agents' first (v1) profiles
         self.serve = Serve.on(db, broker, root / "serve.log")
+        self.serve.wait_connected()
         trust = write_root(root / "root.json")
         self.agents = []
         for device_id, device_tags in tags.items():

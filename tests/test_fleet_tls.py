@@ -109,6 +109,7 @@ def test_serve_over_tls_registers_the_device_and_rolls_out_a_signed_release(
         tmp_path: Path, tls_broker: TlsBroker, bundle_v2: Path) -> None:
     db = f"sqlite:///{tmp_path / 'fleet.db'}"
     serve = Serve(["--db", db, *tls_broker.flags()], tmp_path / "serve.log", clean_env())
+    serve.wait_connected()  # the agent's first profile is published once, at its start
     agent = start_agent(tmp_path, tls_broker)
     try:
         with Fleet(db) as fleet:

@@ -60,7 +60,12 @@ from fleetlite.agent.ota_space import (
 from fleetlite.agent.ota_state import SLOTS, EndedJob, Job, ModelState, OtaStateStore, SlotInfo
 from fleetlite.sdk import topics
 from fleetlite.sdk.atomic import fsync_dir, write_atomic
-from fleetlite.sdk.chunks import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
+from fleetlite.sdk.chunks import (
+    DEFAULT_CHUNK_SIZE,
+    MAX_CHUNK_SIZE,
+    MAX_REQUEST_CHUNKS,
+    MIN_CHUNK_SIZE,
+)
 from fleetlite.sdk.device_class import DeviceClass
 from fleetlite.sdk.errors import EqualVersion, UpdateRejected
 from fleetlite.sdk.manifest import Manifest, Variant
@@ -91,6 +96,23 @@ _PHASE_WHERE = {
     "switching": "while copying the release into the free A/B slot",
     "health_check": "in the health window",
 }
+
+#: Chunk frames received but not yet written are held in the OTA inbox up to this many bytes (a
+#: frame counts ``_FRAME_OVERHEAD`` more); beyond it a frame is dropped and must be asked for again,
+#: which costs at least a chunk-idle wait (5 s by default).
+CHUNK_BUFFER_BYTES = 8 * 1024 * 1024
+#: A chunk request asks for at most this many bytes (and at most MAX_REQUEST_CHUNKS chunks), so
+#: the answer to this device's own request always fits the buffer, whatever the disk's pauses (a
+#: persist fsyncs) while the broker delivers it; the rest is room for chunks others asked for.
+REQUEST_WINDOW_BYTES = CHUNK_BUFFER_BYTES // 2
+_FRAME_OVERHEAD = 64
+_INBOX_ENTRIES = 4 * MAX_REQUEST_CHUNKS
+
+
+def request_window(chunk_size: int) -> int:
+    """How many chunks one request asks for at most with chunks of ``chunk_size`` bytes."""
+    return max(1, min(MAX_REQUEST_CHUNKS, REQUEST_WINDOW_BYTES // (chunk_size + _FRAME_OVERHEAD)))
+
 
 # Reasons that are not the release's fault: a rollback for one of them does not reject the version.
 _NOT_THE_RELEASE = (DISK_FULL, INTERNAL, "staging_io_error")
@@ -155,7 +177,9 @@ class OtaManager:
         self.floor = TimeFloor.start(build_time=BUILD_TIME, persisted=self.state.time_floor,
                                      monotonic_now=time.monotonic())
         self._jobs: queue.Queue[Job | None] = queue.Queue()
-        self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=256)
+        self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=_INBOX_ENTRIES)
+        self._inbox_lock = threading.Lock()
+        self._inbox_bytes = 0  # chunk bytes in the inbox (CHUNK_BUFFER_BYTES at most)
         self._busy = threading.Lock()
         self._thread: threading.Thread | None = None
         self._revive = threading.Lock()
@@ -164,7 +188,7 @@ class OtaManager:
         self._need: tuple[Path, int, int] | None = None  # (where, needed, free) of the job
         self._rolled_back = False
         self.counters = {"installs": 0, "installed": 0, "rejected": 0, "rolled_back": 0,
-                         "failed": 0}
+                         "failed": 0, "chunks_dropped": 0}
 
     # -- start-up --------------------------------------------------------------------------
 
@@ -466,11 +490,31 @@ class OtaManager:
     # -- the worker ------------------------------------------------------------------------
 
     def on_message(self, kind: str, payload: bytes) -> None:
-        """Called from the network thread: hand over, never block."""
-        try:
-            self._inbox.put_nowait((kind, payload))
-        except queue.Full:
+        """Called from the network thread: hand over, never block. Chunk frames are buffered
+        up to CHUNK_BUFFER_BYTES (a request's answer fits; see REQUEST_WINDOW_BYTES)."""
+        cost = len(payload) + _FRAME_OVERHEAD if kind == "chunk" else 0
+        with self._inbox_lock:
+            if cost and self._inbox_bytes + cost > CHUNK_BUFFER_BYTES:
+                full = True
+            else:
+                try:
+                    self._inbox.put_nowait((kind, payload))
+                    self._inbox_bytes += cost
+                    full = False
+                except queue.Full:
+                    full = True
+            if full and cost:
+                self.counters["chunks_dropped"] += 1
+        if full:
             log.warning("OTA inbox full; dropping a %s message (it will be re-requested)", kind)
+
+    def _next_message(self, timeout: float) -> tuple[str, bytes]:
+        """The oldest message of the inbox (``queue.Empty`` after ``timeout`` seconds)."""
+        kind, payload = self._inbox.get(timeout=timeout)
+        if kind == "chunk":
+            with self._inbox_lock:
+                self._inbox_bytes -= len(payload) + _FRAME_OVERHEAD
+        return kind, payload
 
     def _worker_main(self) -> None:
         try:
@@ -727,7 +771,7 @@ class OtaManager:
                                     f"{self.settings.manifest_timeout_s:g} s; is the release "
                                     "published (fleetlite release push)?")
             try:
-                kind, payload = self._inbox.get(timeout=min(remaining, 0.5))
+                kind, payload = self._next_message(min(remaining, 0.5))
             except queue.Empty:
                 continue
             if kind != "manifest" or not payload:
@@ -835,12 +879,12 @@ class OtaManager:
                         f"{progress['total_bytes']} bytes: no new chunks after "
                         f"{tracker.requests} requests; is the release still being served?")
                 if decision.action == "request":
-                    request = store.missing_request(self.device_id)
+                    request = store.missing_request(
+                        self.device_id, limit_chunks=request_window(job.chunk_size))
                     if request is not None:
                         self.link.publish_live(request_topic, request.to_json())
                 try:
-                    kind, payload = self._inbox.get(timeout=min(max(decision.wait_s, 0.05),
-                                                                0.5))
+                    kind, payload = self._next_message(min(max(decision.wait_s, 0.05), 0.5))
                 except queue.Empty:
                     store.persist_if_due()
                     continue

@@ -136,8 +136,9 @@ class MqttLink:
         return seq
 
     def subscribe(self, topic: str, handler: Callable[[bytes], None]) -> None:
-        """Deliver messages on ``topic`` (exact, no wildcards) to ``handler`` in the network
-        thread; kept across reconnects. Handlers must be quick: hand work to another thread."""
+        """Deliver messages on ``topic`` (a topic, or a filter with ``+``/``#`` wildcards) to
+        ``handler`` in the network thread; kept across reconnects. Handlers must be quick: hand
+        work to another thread."""
         self._subscriptions[topic] = handler
         self._subscriptions_changed = True
         self._wake.set()
@@ -356,7 +357,11 @@ class MqttLink:
             if topic == self.command_topic:
                 self.counters["commands_received"] += 1
                 self._on_command(bytes(message.payload))
-            elif topic in self._subscriptions:
-                self._subscriptions[topic](bytes(message.payload))
+            else:
+                handler = self._subscriptions.get(topic) or next(
+                    (h for sub, h in list(self._subscriptions.items())
+                     if mqtt.topic_matches_sub(sub, topic)), None)
+                if handler is not None:
+                    handler(bytes(message.payload))
         except Exception:  # a bad message must never kill the network thread
             log.exception("handler for %s failed", topic)

@@ -6,8 +6,10 @@ the staging directory and keeps a bitmap of received chunks that survives restar
 loss. The persisted bitmap never claims a chunk whose data is not on disk: data is fsynced
 before the bitmap naming it is (atomically) replaced.
 
-:class:`DownloadTracker` is pure logic over an injected clock, modelled on FreeRTOS OTA: ask
-for the missing chunks at once, again after ``idle_s`` without a new chunk (backing off to
+:class:`DownloadTracker` is pure logic over an injected clock, modelled on FreeRTOS OTA. The
+broker holds every chunk of a served release retained, so subscribing brings them all and most
+downloads send no request; it asks for the missing chunks ``first_request_s`` after the start if
+nothing has come, again after ``idle_s`` without a new chunk (backing off to
 ``BACKOFF_CAP`` times that while nothing comes), and declare the download stalled after
 ``max_requests_without_progress`` unanswered requests: about four minutes of silence with the
 defaults, so a release publisher that is merely late (its controller paused, restarting or
@@ -548,10 +550,13 @@ class TrackerDecision:
 class DownloadTracker:
     """When to (re)send a chunk request, and when to give up (FreeRTOS OTA's rules).
 
-    - the first :meth:`poll` asks at once;
+    - the first :meth:`poll` starts the clock (call it once subscribed to the chunks): the
+      broker delivers the retained chunks, so the first request waits ``first_request_s`` for
+      them to start coming;
     - a new request goes out after ``idle_s`` without a new chunk (counted from the later of
       the last request and the last new chunk), or at once when the previous request's chunks
-      have all arrived (``batch_done``) and more are missing; while requests go unanswered the
+      have all arrived (``batch_done``, after a request) and more are missing; while requests
+      go unanswered the
       wait doubles, up to ``BACKOFF_CAP * idle_s`` (5, 10, 20, 30, 30, ... s by default);
     - after ``max_requests_without_progress`` requests in a row without a new chunk, the next
       due request becomes STALLED (``download_stalled``): 245 s of silence by default;
@@ -567,9 +572,11 @@ class DownloadTracker:
         idle_s: float = 5.0,
         max_requests_without_progress: int = 10,
         deadline_s: float = 3600.0,
+        first_request_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.idle_s = idle_s
+        self.first_request_s = first_request_s
         self.max_requests_without_progress = max_requests_without_progress
         self.deadline_s = deadline_s
         self._clock = clock
@@ -577,6 +584,7 @@ class DownloadTracker:
         self.last_request = 0.0
         self.last_progress = 0.0
         self.received = -1
+        self.received_at_start = -1
         self.unanswered = 0
         self.requests = 0
 
@@ -588,18 +596,19 @@ class DownloadTracker:
             return TrackerDecision(DONE)
         if self.started is None:
             self.started = self.last_progress = now
-            self.received = received
-            return self._request(now)
+            self.received = self.received_at_start = received
         if received > self.received:
             self.received = received
             self.last_progress = now
             self.unanswered = 0
         if now - self.started >= self.deadline_s:
             return TrackerDecision(TIMED_OUT, "download_timeout")
-        if batch_done and self.unanswered == 0:
+        if batch_done and self.requests and self.unanswered == 0:
             return self._request(now)
         quiet_since = max(self.last_request, self.last_progress)
         idle = self.idle_s * min(2 ** max(0, self.unanswered - 1), BACKOFF_CAP)
+        if not self.requests and received == self.received_at_start:
+            idle = self.first_request_s  # nothing retained has come: ask soon
         if now - quiet_since >= idle:
             if self.unanswered >= self.max_requests_without_progress:
                 return TrackerDecision(STALLED, "download_stalled")

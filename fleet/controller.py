@@ -46,9 +46,11 @@ Restarts and crashes:
   and stored in order once a write succeeds again; rollouts wait for them. A SQLite file deleted
   or replaced under the controller stops it (``fatal``; ``fleetlite serve`` exits 1).
   :meth:`Controller.health` is what ``fleetlite serve --health`` answers on ``/healthz``.
-- The release of a rollout is served (retained manifest, chunk re-sends) by whichever
-  controller drives it, from its first tick on; a finished rollout is still driven while installs
-  or rollbacks it sent are unanswered, so their outcomes are recorded.
+- The release of a rollout is served (retained manifest, every chunk once retained, chunk
+  re-sends) by whichever controller drives it, from its first tick on; a finished rollout is
+  still driven while installs or rollbacks it sent are unanswered, so their outcomes are
+  recorded. Once no rollout that is not settled needs a release, the controller serving it
+  clears it from the broker.
 
 Several controllers may share one PostgreSQL store and one broker: ingest is split with an MQTT
 shared subscription (``--group``) and each rollout is driven by whichever controller holds its
@@ -105,7 +107,7 @@ from fleetlite.fleet.ingest_limits import (
     RefusalTally,
     check_birth,
 )
-from fleetlite.fleet.ota_publisher import ReleasePublisher
+from fleetlite.fleet.ota_publisher import PublishError, ReleasePublisher
 from fleetlite.fleet.rollout import (
     SEND_INSTALL,
     SEND_ROLLBACK,
@@ -645,6 +647,7 @@ class Controller:
         """Send the commands operators queued, then drive every rollout that needs it and
         whose lease this controller gets."""
         self.send_queued_commands(now)
+        needed: set[str] = set()  # releases of rollouts not settled: devices may still fetch
         for rollout_id, revision in self.store.rollout_revisions():
             if self._settled.get(rollout_id) == revision:
                 continue  # finished, and nothing has changed it since
@@ -656,6 +659,7 @@ class Controller:
                 state = RolloutState.from_dict(record.state) if record.state else RolloutState()
             except Exception:
                 log.exception("rollout %s cannot be read; skipped", record.rollout_id)
+                needed.update(self._serving)  # cannot tell what it needs: keep serving all
                 continue
             if (state.finished and not state.operator_requests
                     and not _awaiting_devices(state, spec, now)):
@@ -663,6 +667,7 @@ class Controller:
                 # time passes, and anything that changes the rollout changes its revision
                 self._settled[rollout_id] = record.revision
                 continue
+            needed.add(spec.release_id)
             self._settled.pop(rollout_id, None)
             lease = f"rollout:{record.rollout_id}"
             if not self.store.claim(lease, self.id, self.lease_ttl_s):
@@ -678,6 +683,21 @@ class Controller:
                 raise  # the loop reports it once, not once per rollout and tick
             except Exception:
                 log.exception("rollout %s: step failed; retrying next tick", record.rollout_id)
+        for release_id in sorted(self._serving - needed):
+            self._unserve_release(release_id)
+
+    def _unserve_release(self, release_id: str) -> None:
+        """Clear a release no rollout needs any more from the broker (its retained manifest
+        and chunks), so the broker does not hold every release's bytes for ever."""
+        try:
+            self.publisher.stop_serving(release_id)
+        except PublishError as exc:
+            log.warning("could not clear release %s from the broker yet (%s); trying again "
+                        "next tick", release_id[:12], exc)
+            return
+        self._serving.discard(release_id)
+        log.info("release %s: no rollout needs it any more; cleared from the broker",
+                 release_id[:12])
 
     def _serve_release(self, release_id: str, chunk_size: int) -> None:
         if release_id in self._serving:
@@ -689,7 +709,9 @@ class Controller:
                                       max_payload_bytes=len(stored.envelope) + 1)
         manifest = parse_manifest(envelope.payload)
         bundle = ReleaseBundle(envelope, manifest, stored.files)
-        self.publisher.serve(bundle, chunk_size, initial_pass=False, wait=False)
+        # every chunk once, retained: the broker then hands the release to each device that
+        # subscribes, however late (docs/protocol.md, "OTA delivery")
+        self.publisher.serve(bundle, chunk_size, initial_pass=True, wait=False)
         self._serving.add(release_id)
         log.info("serving release %s (%s v%d)", release_id[:12], manifest.name, manifest.version)
 

@@ -2,10 +2,15 @@
 answer the devices' requests for the chunks they missed.
 
 For each served release a :class:`ReleasePublisher` publishes the signed envelope RETAINED on
-``fleetlite/v1/rel/{id}/manifest``, every chunk frame once on ``.../chunks`` (the broker fans
-them out to every device downloading the release), and re-publishes chunks that devices ask for on
-``fleetlite/v1/dev/+/ota/request``. A chunk that is already queued, or went out less than
+``fleetlite/v1/rel/{id}/manifest`` and every chunk frame once, RETAINED on its own topic
+``.../chunks/{file_index}/{index}``: the broker holds the release, and a device that subscribes
+to ``.../chunks/+/+`` gets every chunk from the broker however late it comes (a later wave, a
+retry, a controller that is stopped meanwhile), so the fleet publishes each chunk once per
+release. Chunks that devices ask for on ``fleetlite/v1/dev/+/ota/request`` (the broker dropped
+them from a full client queue, or lost its retained messages in a restart without persistence)
+are published again, retained; a chunk that is already queued, or went out less than
 ``dedupe_s`` ago, is not sent again, so many devices asking for the same chunk cost one publish.
+:meth:`ReleasePublisher.stop_serving` clears the manifest and every chunk from the broker.
 
 Threads: paho's network thread only hands incoming requests to a bounded queue; one worker thread
 parses requests and publishes chunks with at most ``max_inflight`` unacknowledged QoS 1 messages.
@@ -56,8 +61,8 @@ class _Release:
     bundle: ReleaseBundle
     layout: ChunkLayout
     contents: tuple[bytes, ...]
+    release_id: str
     manifest_topic: str
-    chunks_topic: str
     last_sent: dict[tuple[int, int], float] = field(default_factory=dict)
     pending: set[tuple[int, int]] = field(default_factory=set)
     initial_published: int = 0
@@ -186,7 +191,8 @@ class ReleasePublisher:
     def serve(self, bundle: ReleaseBundle, chunk_size: int, *, initial_pass: bool = True,
               wait: bool = True, timeout: float = 300.0) -> int:
         """Serve ``bundle`` with chunks of ``chunk_size`` bytes: publish its envelope retained,
-        queue every chunk once (``initial_pass``) and answer requests from now on.
+        queue every chunk once, retained (``initial_pass``; devices rely on it: they ask only
+        for what has not come once they subscribed) and answer requests from now on.
 
         With ``wait`` it returns once everything queued was acknowledged by the broker. Returns
         the number of chunks queued for the initial pass (chunks already queued or sent within
@@ -208,9 +214,8 @@ class ReleasePublisher:
                                    f"{release.layout.chunk_size} bytes; stop serving it first")
             if release is None:
                 release = _Release(
-                    bundle=bundle, layout=layout, contents=contents,
-                    manifest_topic=topics.release_topic(release_id, topics.RELEASE_MANIFEST),
-                    chunks_topic=topics.release_topic(release_id, topics.RELEASE_CHUNKS))
+                    bundle=bundle, layout=layout, contents=contents, release_id=release_id,
+                    manifest_topic=topics.release_topic(release_id, topics.RELEASE_MANIFEST))
                 self._releases[release_id] = release
         self._publish_and_wait(release.manifest_topic, bundle.envelope_bytes(), retain=True)
         queued = 0
@@ -228,17 +233,37 @@ class ReleasePublisher:
                                f"{timeout} s; is the broker overloaded?")
         return queued
 
-    def stop_serving(self, release_id: str, *, timeout: float = 10.0) -> None:
-        """Stop answering requests for a release, drop its queued chunks and clear its retained
-        manifest (an empty retained message), so devices that come later do not start it."""
+    def stop_serving(self, release_id: str, *, layout: ChunkLayout | None = None,
+                     timeout: float = 30.0) -> None:
+        """Stop answering requests for a release, drop its queued chunks and clear it from the
+        broker: an empty retained message on its manifest, so devices that come later do not
+        start it, and on every chunk topic (of the layout it is served with, else ``layout``:
+        a release served by another controller or before a restart), so the broker does not
+        hold its bytes for ever."""
         with self._lock:
             release = self._releases.pop(release_id, None)
             self._sends = collections.deque(s for s in self._sends
                                             if s.release_id != release_id)
-        topic = (release.manifest_topic if release is not None
-                 else topics.release_topic(release_id, topics.RELEASE_MANIFEST))
-        self._publish_and_wait(topic, b"", retain=True, timeout=timeout)
+        if release is not None:
+            layout = release.layout
+        self._publish_and_wait(topics.release_topic(release_id, topics.RELEASE_MANIFEST), b"",
+                               retain=True, timeout=timeout)
+        if layout is not None:
+            self._clear_chunks(release_id, layout, timeout)
         self._wake()
+
+    def _clear_chunks(self, release_id: str, layout: ChunkLayout, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        infos = [self._client.publish(topics.chunk_topic(release_id, file_index, index), b"",
+                                      qos=1, retain=True)
+                 for file_index, count in enumerate(layout.counts) for index in range(count)]
+        for info in infos:
+            with contextlib.suppress(RuntimeError, ValueError):
+                info.wait_for_publish(max(0.0, deadline - time.monotonic()))
+            if not _acknowledged(info):
+                raise PublishError(f"release {release_id[:12]}: the broker did not acknowledge "
+                                   f"clearing its {len(infos)} chunks within {timeout} s; is it "
+                                   "overloaded? Stopping the release again clears them")
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until no chunk is queued or unacknowledged; False on timeout."""
@@ -436,11 +461,11 @@ class ReleasePublisher:
                 return
             frame = release.layout.frame(send.file_index, send.index,
                                          release.contents[send.file_index])
-            topic = release.chunks_topic
+        topic = topics.chunk_topic(send.release_id, send.file_index, send.index)
         while not self._connected.wait(0.5):
             if self._stopping.is_set():
                 return
-        info = self._client.publish(topic, frame, qos=1)
+        info = self._client.publish(topic, frame, qos=1, retain=True)
         key = (send.file_index, send.index)
         with self._lock:
             self._counters["chunks_published"] += 1

@@ -17,8 +17,12 @@ its subtree with ``pattern`` lines (``%c``/``%u`` must fill a whole level). With
 Release topics are per release, not per device, so the broker fans a release out to every device
 downloading it. With {rel} = ``fleetlite/v1/rel/{release_id}`` (64 lowercase hex digits)::
 
-    {rel}/manifest        retained signed envelope (DSSE bytes)    fleet -> devices
-    {rel}/chunks          binary chunk frames (sdk/chunks.py)      fleet -> devices
+    {rel}/manifest                    retained signed envelope (DSSE bytes)  fleet -> devices
+    {rel}/chunks/{file_index}/{index} retained chunk frame (sdk/chunks.py)   fleet -> devices
+
+Every chunk has its own retained topic, so the broker holds the release: a device that
+subscribes to ``{rel}/chunks/+/+`` gets every chunk at once, however late it comes, and the
+fleet publishes each chunk once per release, not once per device or wave.
 """
 
 from __future__ import annotations
@@ -117,28 +121,65 @@ def validate_release_id(release_id: str) -> str:
 
 
 def release_topic(release_id: str, kind: str) -> str:
-    """A release topic, e.g. ``fleetlite/v1/rel/{release_id}/chunks``."""
+    """A release topic, e.g. ``fleetlite/v1/rel/{release_id}/manifest``; for ``chunks``, the
+    level under which each chunk has its topic (:func:`chunk_topic`)."""
     if kind not in RELEASE_KINDS:
         raise TopicError(f"unknown release topic kind {kind!r}; expected one of "
                          f"{', '.join(RELEASE_KINDS)}")
     return f"{RELEASE_PREFIX}/{validate_release_id(release_id)}/{kind}"
 
 
+# A file index is at most 65535 (a frame's 2-byte field) and a chunk index fits a frame's 8-byte
+# offset: written in decimal without leading zeros, so each chunk has exactly one topic.
+MAX_CHUNK_LEVEL_DIGITS = 20
+
+
+def chunk_topic(release_id: str, file_index: int, index: int) -> str:
+    """The retained topic of one chunk: ``fleetlite/v1/rel/{release_id}/chunks/{file}/{index}``."""
+    if not 0 <= file_index <= 0xFFFF or index < 0:
+        raise TopicError(f"no chunk topic for file {file_index}, chunk {index}")
+    return f"{release_topic(release_id, RELEASE_CHUNKS)}/{file_index}/{index}"
+
+
+def chunks_filter(release_id: str) -> str:
+    """The subscription that receives every chunk of a release (retained and re-published)."""
+    return f"{release_topic(release_id, RELEASE_CHUNKS)}/+/+"
+
+
 @dataclass(frozen=True)
 class ReleaseTopic:
-    """A parsed release topic."""
+    """A parsed release topic; a chunk topic also gives the chunk's file and index."""
 
     release_id: str
     kind: str
+    file_index: int | None = None
+    index: int | None = None
+
+
+def _chunk_level(text: str) -> int | None:
+    if (not text or len(text) > MAX_CHUNK_LEVEL_DIGITS or not text.isascii()
+            or not text.isdigit() or (text != "0" and text.startswith("0"))):
+        return None
+    return int(text)
 
 
 def parse_release_topic(topic: str) -> ReleaseTopic:
-    """Split ``fleetlite/v1/rel/{release_id}/{kind}`` into its parts; raise TopicError otherwise."""
+    """Split ``fleetlite/v1/rel/{release_id}/manifest`` or ``.../chunks/{file}/{index}`` into
+    its parts; raise TopicError otherwise."""
     prefix = RELEASE_PREFIX + "/"
     if not topic.startswith(prefix):
         raise TopicError(f"{topic[:120]!r} is not a FleetLite release topic "
                          f"(expected {prefix}...)")
-    release_id, sep, kind = topic[len(prefix):].partition("/")
-    if not sep or kind not in RELEASE_KINDS:
+    release_id, sep, rest = topic[len(prefix):].partition("/")
+    if not sep:
         raise TopicError(f"{topic[:120]!r} has no known release topic kind after the release id")
-    return ReleaseTopic(validate_release_id(release_id), kind)
+    if rest == RELEASE_MANIFEST:
+        return ReleaseTopic(validate_release_id(release_id), RELEASE_MANIFEST)
+    levels = rest.split("/")
+    if len(levels) == 3 and levels[0] == RELEASE_CHUNKS:
+        file_index, index = _chunk_level(levels[1]), _chunk_level(levels[2])
+        if file_index is not None and index is not None and file_index <= 0xFFFF:
+            return ReleaseTopic(validate_release_id(release_id), RELEASE_CHUNKS, file_index,
+                                index)
+    raise TopicError(f"{topic[:120]!r} has no known release topic kind after the release id "
+                     "(manifest, or chunks/{file_index}/{index})")

@@ -117,6 +117,12 @@ class Received:
     at: float = field(default_factory=time.time)  # when the collector received it
 
 
+def _matches(suffix: str, topic: str) -> bool:
+    if "+" in suffix or "#" in suffix:
+        return bool(mqtt.topic_matches_sub(suffix, topic))
+    return topic.endswith(suffix)
+
+
 @dataclass
 class Collector:
     """An independent MQTT client (plain paho) that records what it receives."""
@@ -161,20 +167,21 @@ class Collector:
             self._client.loop_stop()
             self._client = None
 
-    def publish(self, topic: str, payload: bytes, qos: int = 1) -> None:
-        info = self._client.publish(topic, payload, qos=qos)
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
         info.wait_for_publish(10)
 
     def on_topic(self, suffix: str) -> list[Received]:
+        """Messages whose topic ends with ``suffix``, or matches it if it is a filter."""
         with self._cond:
-            return [m for m in self.messages if m.topic.endswith(suffix)]
+            return [m for m in self.messages if _matches(suffix, m.topic)]
 
     def wait_for(self, suffix: str, count: int = 1, timeout: float = 20.0,
                  predicate: Any = None) -> list[Received]:
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
-                found = [m for m in self.messages if m.topic.endswith(suffix)
+                found = [m for m in self.messages if _matches(suffix, m.topic)
                          and (predicate is None or predicate(m))]
                 if len(found) >= count:
                     return found
@@ -185,3 +192,19 @@ class Collector:
                         f"topics seen: {sorted({m.topic for m in self.messages})}"
                     )
                 self._cond.wait(remaining)
+
+
+def retained_under(host: str, port: int, topic_filter: str, marker: str) -> list[Received]:
+    """The retained messages the broker holds under ``topic_filter`` (with a payload), read by
+    a fresh subscriber. ``marker``, a topic under the filter, is retained after subscribing and
+    cleared again: once it arrives, every retained message arrived before it."""
+    seen = Collector(host, port, [topic_filter], client_id=f"retained-{time.monotonic_ns()}")
+    seen.start()
+    try:
+        seen.publish(marker, b"marker", retain=True)
+        seen.wait_for(marker)
+        return [m for m in seen.messages if m.payload and m.topic != marker]
+    finally:
+        seen.publish(marker, b"", retain=True)
+        seen.stop()
+

@@ -42,12 +42,13 @@ class ManualRelease:
                             retain=True).wait_for_publish(10)
 
     def publish_chunks(self, chunks: list[tuple[int, int]]) -> None:
-        topic = topics.release_topic(self.rid, topics.RELEASE_CHUNKS)
         infos = []
         for file_index, index in chunks:
             offset = index * self.chunk_size
             data = self.contents[file_index][offset:offset + self.chunk_size]
-            infos.append(self.client.publish(topic, encode_frame(file_index, offset, data), qos=1))
+            infos.append(self.client.publish(topics.chunk_topic(self.rid, file_index, index),
+                                             encode_frame(file_index, offset, data), qos=1,
+                                             retain=True))
         for info in infos:
             info.wait_for_publish(10)
 

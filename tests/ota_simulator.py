@@ -48,11 +48,13 @@ class FleetSimulator:
 
     def subscribe(self, topic: str, handler: Callable[[bytes], None]) -> None:
         self.handlers[topic] = handler
-        parsed = topics.parse_release_topic(topic)
-        served = self.served.get(parsed.release_id)
+        # the agent subscribes to the manifest topic, and to the chunks filter: the retained
+        # chunks arrive at once, as from a broker
+        release_id = topic.split("/")[3]
+        served = self.served.get(release_id)
         if served is None:
             return
-        if parsed.kind == topics.RELEASE_MANIFEST:
+        if topic == topics.release_topic(release_id, topics.RELEASE_MANIFEST):
             handler(served.envelope)
         else:
             for file_index, content in enumerate(served.files):
@@ -78,8 +80,7 @@ class FleetSimulator:
         request = ChunkRequest.from_json(payload)
         self.requests.append(request)
         served = self.served.get(request.release_id)
-        handler = self.handlers.get(topics.release_topic(request.release_id,
-                                                         topics.RELEASE_CHUNKS))
+        handler = self.handlers.get(topics.chunks_filter(request.release_id))
         if served is None or handler is None or not served.answer_requests or request.done:
             return
         for file_index, first, end in request.missing:

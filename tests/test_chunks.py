@@ -363,6 +363,22 @@ def test_release_topics() -> None:
         topics.release_topic(RID, "files")
 
 
+def test_every_chunk_has_one_retained_topic() -> None:
+    assert topics.chunk_topic(RID, 1, 70) == f"fleetlite/v1/rel/{RID}/chunks/1/70"
+    assert topics.chunks_filter(RID) == f"fleetlite/v1/rel/{RID}/chunks/+/+"
+    assert topics.parse_release_topic(topics.chunk_topic(RID, 0, 123456789)) == \
+        topics.ReleaseTopic(RID, "chunks", 0, 123456789)
+    assert topics.parse_release_topic(topics.chunk_topic(RID, 65535, 0)).file_index == 65535
+    for bad in ["chunks", "chunks/1", "chunks/1/2/3", "chunks/01/2", "chunks/1/02",
+                "chunks/-1/2", "chunks/1/+", "chunks/65536/0", "chunks/1/" + "9" * 21,
+                "chunks/\u0661/2", "chunks//2"]:
+        with pytest.raises(topics.TopicError):
+            topics.parse_release_topic(f"fleetlite/v1/rel/{RID}/{bad}")
+    for file_index, index in [(-1, 0), (65536, 0), (0, -1)]:
+        with pytest.raises(topics.TopicError):
+            topics.chunk_topic(RID, file_index, index)
+
+
 # --- docs/protocol.md -------------------------------------------------------------------------
 
 
@@ -392,4 +408,4 @@ def test_doc_lists_the_codes() -> None:
     for code in (*chunks.FRAME_CODES, chunks.BAD_CHUNK_SIZE, chunks.BAD_RANGE,
                  "disk_full", "download_stalled", "download_timeout"):
         assert f"`{code}`" in text
-    assert "`fleetlite/v1/rel/{release_id}/chunks`" in text
+    assert "`fleetlite/v1/rel/{release_id}/chunks/{file_index}/{index}`" in text

@@ -1,6 +1,7 @@
 """Chunked release delivery end to end through a real Mosquitto: the fleet's ReleasePublisher
-serves a real signed bundle; device-side test loops (plain paho + ChunkStore + DownloadTracker)
-verify the retained manifest and download, resume and finish."""
+serves a real signed bundle, its chunks retained; device-side test loops (plain paho +
+ChunkStore + DownloadTracker) verify the retained manifest, subscribe to the chunks and
+download, resume, ask for what the broker does not hold, and finish."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from fleetlite.sdk.keys import SigningKey
 from fleetlite.sdk.ota_messages import ChunkRequest
 from fleetlite.sdk.trust import Root, new_root
 from fleetlite.sdk.verify import verify_release
-from tests.mqtt_harness import Collector, Mosquitto
+from tests.mqtt_harness import Collector, Mosquitto, retained_under
 
 ROOT_KEY = SigningKey.from_seed(b"\x01" * 32)
 RELEASE_KEY = SigningKey.from_seed(b"\x0b" * 32)
@@ -65,18 +66,21 @@ class Device:
     manifest, open the chunk store, write frames, request what is missing, finalize."""
 
     def __init__(self, broker: Mosquitto, device_id: str, release_id: str, staging: Path, *,
-                 chunk_size: int = CS, idle_s: float = 0.3, accept_limit: int | None = None,
-                 track: bool = True) -> None:
+                 chunk_size: int = CS, idle_s: float = 2.0, first_request_s: float = 10.0,
+                 accept_limit: int | None = None, track: bool = True) -> None:
         self.broker = broker
         self.device_id = device_id
         self.release_id = release_id
         self.staging = staging
         self.chunk_size = chunk_size
         self.idle_s = idle_s
+        # long by default: these tests wait for the broker's retained chunks, however loaded
+        # the machine; the tests of the request path make it short
+        self.first_request_s = first_request_s
         self.accept_limit = accept_limit
         self.track = track
         self.manifest_topic = topics.release_topic(release_id, topics.RELEASE_MANIFEST)
-        self.chunks_topic = topics.release_topic(release_id, topics.RELEASE_CHUNKS)
+        self.chunks_topic = topics.chunks_filter(release_id)
         self.store: ChunkStore | None = None
         self.accepted = 0
         self.early_frames = 0
@@ -95,7 +99,9 @@ class Device:
         subscribed = threading.Event()
 
         def on_connect(c: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
-            c.subscribe([(self.manifest_topic, 1), (self.chunks_topic, 1)])
+            c.subscribe(self.manifest_topic, 1)
+            if self.store is not None:
+                c.subscribe(self.chunks_topic, 1)
 
         def on_subscribe(c: Any, userdata: Any, mid: Any, rcs: Any, props: Any) -> None:
             subscribed.set()
@@ -121,6 +127,8 @@ class Device:
                                               device_class=DEVICE_CLASS, time_floor=NOW)
                     assert manifest.release_id == self.release_id
                     self.store = ChunkStore(self.staging, manifest, self.chunk_size)
+                    # the chunks only now: the broker delivers every retained one at once
+                    client.subscribe(self.chunks_topic, 1)
                     self.store_ready.set()
             elif self.store is None:
                 self.early_frames += 1
@@ -139,7 +147,7 @@ class Device:
             store = self.store
             assert store is not None
             tracker = DownloadTracker(idle_s=self.idle_s, max_requests_without_progress=5,
-                                      deadline_s=30.0)
+                                      deadline_s=30.0, first_request_s=self.first_request_s)
             while not self._stop.is_set():
                 decision = tracker.poll(store.received_chunks, complete=store.complete(),
                                         batch_done=store.request_satisfied)
@@ -197,10 +205,12 @@ def devices(*items: Device) -> Iterator[tuple[Device, ...]]:
             device.stop()
 
 
+CHUNKS = f"{topics.RELEASE_PREFIX}/+/{topics.RELEASE_CHUNKS}/+/+"
+
+
 def chunk_counter(broker: Mosquitto, release_id: str) -> Collector:
-    """An independent subscriber that counts every frame on the release's chunks topic."""
-    return Collector(broker.host, broker.port,
-                     [topics.release_topic(release_id, topics.RELEASE_CHUNKS)],
+    """An independent subscriber that counts every frame on the release's chunk topics."""
+    return Collector(broker.host, broker.port, [topics.chunks_filter(release_id)],
                      client_id="chunk-counter").start()
 
 
@@ -234,6 +244,7 @@ def test_a_device_downloads_a_real_release(broker: Mosquitto, publisher: Release
         stats = wait_for_stats(publisher, lambda s: s["releases"][bundle.release_id][
             "done_devices"] == ["gw-1"])
     assert stats["chunks_published"] == total and stats["requests_malformed"] == 0
+    assert gw.requested_chunks == [] and gw.early_frames == 0  # the broker delivered it all
 
 
 def test_three_devices_share_one_publish_per_chunk(broker: Mosquitto, bundle: ReleaseBundle,
@@ -249,29 +260,48 @@ def test_three_devices_share_one_publish_per_chunk(broker: Mosquitto, bundle: Re
             for device in fleet:
                 device.wait_done()
                 assert_files_match(device, bundle)
-                assert device.early_frames == 0
+                assert device.early_frames == 0 and device.requested_chunks == []
             stats = wait_for_stats(publisher, lambda s: len(
                 s["releases"][bundle.release_id]["done_devices"]) == 3)
         # fan-out: every chunk crossed the fleet's connection once, for all three devices
         assert stats["chunks_published"] == total
         release = stats["releases"][bundle.release_id]
         assert release["initial_published"] == total and release["resent_total"] == 0
-        counter.wait_for("/chunks", count=total)
-        time.sleep(0.2)
-        assert len(counter.on_topic("/chunks")) == total
-        # each device asked at start, but the chunks were already queued or just sent
-        assert release["requests"] >= 3 and release["deduped"] > 0
-        assert release["done_devices"] == names
+        counter.wait_for(CHUNKS, count=total)
+        assert len(counter.on_topic(CHUNKS)) == total
+        assert release["requests"] == 3 and release["done_devices"] == names  # only "done"
     finally:
         counter.stop()
 
 
-def test_a_late_device_asks_only_for_what_it_misses(broker: Mosquitto,
-                                                    publisher: ReleasePublisher,
-                                                    bundle: ReleaseBundle, tmp_path: Path) -> None:
+def test_a_device_that_comes_later_gets_the_release_from_the_broker(
+        broker: Mosquitto, publisher: ReleasePublisher, bundle: ReleaseBundle,
+        tmp_path: Path) -> None:
+    """A later wave, a device that was offline: the broker holds every chunk retained, so the
+    fleet publishes nothing more, even with the release publisher gone."""
+    total = layout_of(bundle).total_chunks
+    publisher.serve(bundle, CS)  # nobody listens yet
+    publisher.close()
+    counter = chunk_counter(broker, bundle.release_id)
+    try:
+        counter.wait_for(CHUNKS, count=total)  # retained copies, to a new subscriber
+        with devices(Device(broker, "gw-late", bundle.release_id, tmp_path / "late")) as (late,):
+            late.wait_done()
+            assert_files_match(late, bundle)
+            assert late.requested_chunks == []
+        assert [m.retain for m in counter.on_topic(CHUNKS)] == [True] * total
+    finally:
+        counter.stop()
+
+
+def test_a_device_asks_only_for_what_the_broker_does_not_hold(
+        broker: Mosquitto, publisher: ReleasePublisher, bundle: ReleaseBundle,
+        tmp_path: Path) -> None:
+    """Chunks the broker lost (a restart without persistence, a full client queue): the
+    device asks for exactly those, once, and the publisher publishes exactly those."""
     layout = layout_of(bundle)
     contents = [bundle.files[e.name] for e in bundle.manifest.files]
-    publisher.serve(bundle, CS)  # nobody listens yet: the initial pass reaches no device
+    publisher.serve(bundle, CS, initial_pass=False)  # the broker holds no chunk
     # the device already holds every third chunk of the model and the whole vocabulary
     staging = tmp_path / "gw-late"
     held = set()
@@ -283,10 +313,10 @@ def test_a_late_device_asks_only_for_what_it_misses(broker: Mosquitto,
                 held.add((file_index, index))
     everything = {(f, i) for f, n in enumerate(layout.counts) for i in range(n)}
     missing = everything - held
-    time.sleep(0.3)  # past the publisher's dedupe window
     counter = chunk_counter(broker, bundle.release_id)
     try:
-        with devices(Device(broker, "gw-late", bundle.release_id, staging)) as (late,):
+        with devices(Device(broker, "gw-late", bundle.release_id, staging, idle_s=0.3,
+                            first_request_s=0.3)) as (late,):
             late.wait_done()
             assert_files_match(late, bundle)
             assert set(expand_ranges(late.requests[0].missing)) == missing
@@ -294,9 +324,9 @@ def test_a_late_device_asks_only_for_what_it_misses(broker: Mosquitto,
         stats = wait_for_stats(publisher, lambda s: s["releases"][bundle.release_id][
             "done_devices"] == ["gw-late"])
         assert stats["releases"][bundle.release_id]["resent"] == {"gw-late": len(missing)}
-        counter.wait_for("/chunks", count=len(missing))
+        counter.wait_for(CHUNKS, count=len(missing))
         time.sleep(0.2)
-        assert len(counter.on_topic("/chunks")) == len(missing)
+        assert len(counter.on_topic(CHUNKS)) == len(missing)
     finally:
         counter.stop()
 
@@ -316,16 +346,16 @@ def test_an_interrupted_download_resumes_after_a_restart(broker: Mosquitto,
             assert time.monotonic() < deadline and not first.errors, first.errors
             time.sleep(0.01)
     assert ChunkStore.read_persisted(staging, bundle.manifest, CS) is not None
-    time.sleep(0.3)  # past the publisher's dedupe window
-    # second life: a new store on the same directory asks only for the rest
+    # second life: a new store on the same directory takes the rest from the broker
     with devices(Device(broker, "gw-r", bundle.release_id, staging)) as (second,):
         second.wait_done()
         assert_files_match(second, bundle)
-        assert len(second.requested_chunks) == total - 10
         assert second.accepted == total - 10
+        assert second.requested_chunks == []
     stats = wait_for_stats(publisher, lambda s: s["releases"][bundle.release_id][
         "done_devices"] == ["gw-r"])
-    assert stats["releases"][bundle.release_id]["resent"] == {"gw-r": total - 10}
+    assert stats["releases"][bundle.release_id]["resent"] == {}
+    assert stats["chunks_published"] == total
 
 
 def test_malformed_requests_are_counted_and_ignored(broker: Mosquitto,
@@ -393,6 +423,23 @@ def test_stop_serving_clears_the_retained_manifest(broker: Mosquitto,
     with pytest.raises(ChunkError) as info:
         publisher.serve(bundle, 100)
     assert info.value.code == "bad_chunk_size"
+
+
+def test_stop_serving_clears_every_retained_chunk(broker: Mosquitto,
+                                                 publisher: ReleasePublisher,
+                                                 bundle: ReleaseBundle) -> None:
+    total = layout_of(bundle).total_chunks
+    publisher.serve(bundle, CS)
+    held = chunk_counter(broker, bundle.release_id)
+    try:
+        held.wait_for(CHUNKS, count=total)  # the broker holds the whole release
+    finally:
+        held.stop()
+    publisher.stop_serving(bundle.release_id)
+    left = retained_under(broker.host, broker.port,
+                          f"{topics.RELEASE_PREFIX}/{bundle.release_id}/#",
+                          topics.chunk_topic(bundle.release_id, 9, 9))
+    assert left == []
 
 
 def test_serving_needs_a_broker(tmp_path: Path) -> None:

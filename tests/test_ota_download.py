@@ -443,40 +443,47 @@ class FakeClock:
 Step = tuple[float, int, bool, str]
 
 TRACKER_CASES: dict[str, list[Step]] = {
-    "asks at once, then backs off from idle_s to 6 idle_s, stalls after 10 unanswered": [
-        (0.0, 0, False, REQUEST), (4.9, 0, False, WAIT), (5.0, 0, False, REQUEST),
-        (14.9, 0, False, WAIT), (15.0, 0, False, REQUEST), (34.9, 0, False, WAIT),
-        (35.0, 0, False, REQUEST), (64.9, 0, False, WAIT), (65.0, 0, False, REQUEST),
-        (95.0, 0, False, REQUEST), (125.0, 0, False, REQUEST), (155.0, 0, False, REQUEST),
-        (185.0, 0, False, REQUEST), (215.0, 0, False, REQUEST),  # the 10th request
-        (244.9, 0, False, WAIT), (245.0, 0, False, STALLED),
+    "the broker's retained chunks complete most of a download with no request": [
+        (0.0, 0, False, WAIT), (0.5, 10, True, WAIT), (4.0, 40, True, WAIT),
+        (8.9, 40, True, WAIT), (9.0, 40, True, REQUEST),  # the flow stopped with gaps
+        (9.5, 60, True, REQUEST),  # that request's chunks came: the next batch at once
+    ],
+    "nothing retained: asks after first_request_s, backs off to 6 idle_s, stalls after 10": [
+        (0.0, 0, False, WAIT), (0.9, 0, False, WAIT), (1.0, 0, False, REQUEST),
+        (5.9, 0, False, WAIT), (6.0, 0, False, REQUEST),
+        (15.9, 0, False, WAIT), (16.0, 0, False, REQUEST), (35.9, 0, False, WAIT),
+        (36.0, 0, False, REQUEST), (65.9, 0, False, WAIT), (66.0, 0, False, REQUEST),
+        (96.0, 0, False, REQUEST), (126.0, 0, False, REQUEST), (156.0, 0, False, REQUEST),
+        (186.0, 0, False, REQUEST), (216.0, 0, False, REQUEST),  # the 10th request
+        (245.9, 0, False, WAIT), (246.0, 0, False, STALLED),
     ],
     "a publisher paused for a minute is waited for, not called a failure": [
-        (0.0, 0, False, REQUEST), (1.0, 3, False, WAIT),  # then the controller is stopped
+        (0.0, 0, False, WAIT), (1.0, 3, False, WAIT),  # then the controller is stopped
         *[(t, 3, False, REQUEST) for t in (6.0, 11.0, 21.0, 41.0)], (61.0, 3, False, WAIT),
         (71.0, 3, False, REQUEST), (71.5, 40, True, REQUEST),  # resumed: chunks, next batch
     ],
     "new chunks restart the idle timer and the unanswered count": [
-        (0.0, 0, False, REQUEST), (3.0, 4, False, WAIT), (7.9, 4, False, WAIT),
+        (0.0, 0, False, WAIT), (3.0, 4, False, WAIT), (7.9, 4, False, WAIT),
         (8.0, 4, False, REQUEST), (13.0, 4, False, REQUEST), (14.0, 9, False, WAIT),
         (19.0, 9, False, REQUEST),
     ],
     "chunks that keep coming never trigger a request": [
-        (0.0, 0, False, REQUEST), (4.0, 1, False, WAIT), (8.0, 2, False, WAIT),
-        (12.0, 3, False, WAIT), (16.0, 4, False, WAIT), (20.9, 4, False, WAIT),
+        (0.0, 0, False, WAIT), (4.0, 1, True, WAIT), (8.0, 2, True, WAIT),
+        (12.0, 3, True, WAIT), (16.0, 4, True, WAIT), (20.9, 4, True, WAIT),
         (21.0, 4, False, REQUEST),
     ],
     "a satisfied request asks for the next batch at once, once": [
-        (0.0, 0, False, REQUEST), (1.0, 50, True, REQUEST), (1.1, 50, True, WAIT),
-        (2.0, 90, False, WAIT), (2.5, 100, True, REQUEST),
+        (0.0, 0, False, WAIT), (1.0, 0, False, REQUEST), (2.0, 50, True, REQUEST),
+        (2.1, 50, True, WAIT), (3.0, 90, False, WAIT), (3.5, 100, True, REQUEST),
     ],
     "after 10 requests without progress, one chunk resets the count and the backoff": [
-        *[(t, 0, False, REQUEST) for t in (0.0, 5.0, 15.0, 35.0, 65.0, 95.0, 125.0, 155.0,
-                                           185.0, 215.0)],
-        (218.0, 1, False, WAIT), (223.0, 1, False, REQUEST), (228.0, 1, False, REQUEST),
+        (0.0, 0, False, WAIT),
+        *[(t, 0, False, REQUEST) for t in (1.0, 6.0, 16.0, 36.0, 66.0, 96.0, 126.0, 156.0,
+                                           186.0, 216.0)],
+        (219.0, 1, False, WAIT), (224.0, 1, False, REQUEST), (229.0, 1, False, REQUEST),
     ],
     "the deadline ends a download that is still moving": [
-        (0.0, 0, False, REQUEST), (500.0, 10, False, WAIT), (999.0, 20, False, WAIT),
+        (0.0, 0, False, WAIT), (500.0, 10, False, WAIT), (999.0, 20, False, WAIT),
         (1000.0, 30, False, TIMED_OUT),
     ],
 }
@@ -500,8 +507,11 @@ def test_tracker_timing(steps: list[Step]) -> None:
 def test_tracker_wait_hint_and_done() -> None:
     clock = FakeClock()
     tracker = DownloadTracker(idle_s=5.0, deadline_s=12.0, clock=clock)
+    first = tracker.poll(0)
+    assert first.action == WAIT and first.wait_s == pytest.approx(1.0)  # first_request_s
+    clock.t = 1.0
     assert tracker.poll(0).action == REQUEST
-    clock.t = 2.0
+    clock.t = 3.0
     assert tracker.poll(0).wait_s == pytest.approx(3.0)
     clock.t = 9.0
     assert tracker.poll(1).wait_s == pytest.approx(3.0)  # the deadline comes before idle

@@ -39,7 +39,7 @@ from fleetlite.sdk.trust import Root, load_trusted_root
 from fleetlite.tools.sim.config import SimConfig, SimConfigError, class_counts, parse_weights
 from fleetlite.tools.sim.ota import Install, Outcome
 from fleetlite.tools.sim.plan import FAIL, INSTALL, REJECT, plan_fleet, slice_of
-from tests.mqtt_harness import Collector, Mosquitto, Received
+from tests.mqtt_harness import Collector, Mosquitto, Received, retained_under
 from tests.test_ota_install import ISSUED, RELEASE_KEY, STRANGER, _resign, write_root
 
 DEVICES = 200
@@ -103,23 +103,41 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Root:
 
 def deliver(install: Install, bundle: ReleaseBundle, envelope: bytes,
             tamper: bool = False) -> tuple[Outcome, list[ChunkRequest], list[str]]:
-    """Serve ``install`` as a release publisher would: the manifest, then the frames of every
-    chunk it requests (``tamper``: one byte of the model flipped), until it ends or is done.
-    Returns its outcome, its requests and the phases it reported after the download."""
+    """Serve ``install`` as a broker holding the release would: the manifest, then every
+    retained chunk but every fifth (lost, as from a full client queue), then, once the install
+    asks after its idle time, the frames of every chunk it requests (``tamper``: one byte of
+    the model flipped), until it ends or is done. Returns its outcome, its requests and the
+    phases it reported after the download."""
     contents = [bytearray(bundle.files[f.name]) for f in bundle.manifest.files]
     if tamper:
         contents[0][100] ^= 0xFF
     layout = ChunkLayout(tuple(len(c) for c in contents), install.chunk_size)
+
+    def frame(file_index: int, index: int) -> bytes:
+        return layout.frame(file_index, index, bytes(contents[file_index]))
+
     sent: list[ChunkRequest] = []
     queue = install.on_manifest(envelope, 0.0)
+    assert queue == []  # the retained chunks come on subscription: nothing to ask yet
+    if install.manifest is not None:
+        for file_index, count in enumerate(layout.counts):
+            for index in range(count):
+                if index % 5 != 4:
+                    queue += install.on_chunk(frame(file_index, index), 0.5)
+        assert all(r.done for r in queue)  # a flowing download asks for nothing
+        queue += install.poll(0.5 + install.idle_s)
     while queue and install.ended is None:
         request = ChunkRequest.from_json(queue.pop(0).to_json())  # what goes on the wire
         sent.append(request)
         for file_index, index in expand_ranges(request.missing):
-            queue += install.on_chunk(layout.frame(file_index, index, bytes(contents[file_index])),
-                                      1.0)
+            queue += install.on_chunk(frame(file_index, index), 6.0)
     phases = install.remaining_phases()
     return install.finish(), sent, phases
+
+
+def held_back(bundle: ReleaseBundle) -> int:
+    """How many chunks ``deliver`` holds back from the retained delivery (every fifth)."""
+    return sum(count // 5 for count in ChunkLayout.from_manifest(bundle.manifest, 1024).counts)
 
 
 def _install(root: Root | None, release_id: str, **kwargs: Any) -> Install:
@@ -164,6 +182,7 @@ def test_simulated_install_checks_what_a_device_checks(
                                                                        reason)
     if outcome == "installed":
         assert requests[-1].done and not requests[-1].missing  # the fleet may stop serving
+        assert [r.chunk_total for r in requests[:-1]] == [held_back(release)]  # asked once
         assert (final.model, final.version) == ("intent", 2)
         assert phases == ["verifying", "smoke_testing", "switching", "health_check"]
     if reason == "smoke_output_mismatch":  # it ends in the smoke test
@@ -262,10 +281,26 @@ def test_simulated_fleet_registers_and_takes_a_rollout_with_its_failure_rate(
                            version=2, previous_version=1, waves=parse_waves("10%,100%"),
                            success_threshold=0.5, failure_threshold=0.5, wave_timeout_s=120,
                            chunk_size=4096)
-        store.create_rollout("r-sim", bundle.release_id, spec.to_dict())
-        wait_until(lambda: settled(store, "r-sim"), 90, "the rollout to finish")
+        counter = Collector(broker.host, broker.port, [topics.chunks_filter(bundle.release_id)],
+                            client_id="chunk-counter").start()
+        try:
+            store.create_rollout("r-sim", bundle.release_id, spec.to_dict())
+            wait_until(lambda: settled(store, "r-sim"), 90, "the rollout to finish")
+        finally:
+            counter.stop()
     finally:
         summary = stop_sim(sim, log)
+
+    # the broker held the release: the fleet published each chunk about once for both waves
+    # (a device that asks, on a loaded machine, may cost a few more), not once per wave
+    chunks = ChunkLayout.from_manifest(bundle.manifest, 4096).total_chunks
+    published = len(counter.messages)
+    assert chunks <= published <= chunks * 3 // 2, (published, chunks)
+    # and once the rollout settled, the controller cleared it from the broker
+    release_topics = f"{topics.RELEASE_PREFIX}/{bundle.release_id}/#"
+    wait_until(lambda: not retained_under(broker.host, broker.port, release_topics,
+                                          topics.chunk_topic(bundle.release_id, 9, 9)),
+               30, "the release cleared from the broker")
 
     state = rollout_state(store, "r-sim")
     assert state.state == "completed", state.reason

@@ -20,11 +20,13 @@ starts, on this machine:
   rollout of docs/scaling.md).
 
 What the fleet side published is counted by **a counting client subscribed to the release
-topics** (``fleetlite/v1/rel/+/chunks`` and ``.../manifest``, see ``sdk/topics.py`` and
+topics** (``fleetlite/v1/rel/+/chunks/+/+`` and ``.../manifest``, see ``sdk/topics.py`` and
 ``fleet/ota_publisher.py``): the sum of the payload bytes the release publisher put on them,
 attributed to the wave running when they arrived (from the wave's first install command to
-the next wave's). Those are the bytes the publisher sent to the broker once; the broker's
-fan-out to the downloading devices is not in it (that is the broker's, not the fleet's, cost).
+the next wave's; the first wave's from the rollout's creation, so the release's first
+publication, retained, counts there). Those are the bytes the publisher sent to the broker
+once; the broker's fan-out to the downloading devices, and its retained copies handed to
+devices that subscribe later, are not in it (the broker's cost, not the fleet's).
 
 Per wave and in total it prints: time to complete from the rollout's creation (the last
 device of the wave recorded) and from the wave's start (its first install command), the
@@ -144,14 +146,14 @@ class Counting:
 
         def on_connect(client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
                        properties: Any) -> None:
-            client.subscribe([(f"{topics.RELEASE_PREFIX}/+/{topics.RELEASE_CHUNKS}", 0),
+            client.subscribe([(f"{topics.RELEASE_PREFIX}/+/{topics.RELEASE_CHUNKS}/+/+", 0),
                               (f"{topics.RELEASE_PREFIX}/+/{topics.RELEASE_MANIFEST}", 0)])
 
         def on_subscribe(*args: Any) -> None:
             self.ready.set()
 
         def on_message(client: mqtt.Client, userdata: Any, message: Any) -> None:
-            if not message.retain:  # a retained manifest replayed at subscribe is not news
+            if not message.retain:  # a retained message replayed at subscribe is not news
                 self.seen.append((time.time(), len(message.payload)))
 
         self.client.on_connect = on_connect

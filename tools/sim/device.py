@@ -347,10 +347,10 @@ class SimDevice:
         """One install, top to bottom: accepted, manifest, download, phases, final status."""
         self._wake.clear()
         manifest_topic = topics.release_topic(install.release_id, topics.RELEASE_MANIFEST)
-        chunks_topic = topics.release_topic(install.release_id, topics.RELEASE_CHUNKS)
+        chunks_topic = topics.chunks_filter(install.release_id)
         try:
             await self._status(client, install.status("accepted"))
-            await client.subscribe([(chunks_topic, 1), (manifest_topic, 1)])
+            await client.subscribe(manifest_topic, qos=1)
             deadline = time.monotonic() + MANIFEST_TIMEOUT_S
             while install.manifest is None and install.ended is None:
                 if not await self._wait(deadline - time.monotonic()):
@@ -358,6 +358,9 @@ class SimDevice:
                                             f"on {manifest_topic} within "
                                             f"{MANIFEST_TIMEOUT_S:g} s")
             if install.ended is None:
+                # chunks only once the manifest says what to check them against: the broker
+                # delivers every retained chunk as soon as the subscription is made
+                await client.subscribe(chunks_topic, qos=1)
                 await self._status(client, install.status("downloading",
                                                           progress=install.progress()))
             while install.ended is None and not install.complete:

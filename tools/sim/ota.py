@@ -11,9 +11,11 @@ only out-of-order chunks are held, so a device holds little more than a chunk or
 
 Not simulated: the smoke test, the A/B switch and the health window run no model; they are
 phases with a delay (the adapter's), and a device planned to fail or reject ends there with the
-planned reason. Request timing follows docs/protocol.md ("OTA delivery"): at once, again after
-``idle_s`` without a new chunk (backing off up to 6x), at once when a request's chunks all came,
-and ``download_stalled`` after ``max_unanswered`` requests in a row without a new chunk.
+planned reason. Request timing follows docs/protocol.md ("OTA delivery"): the broker delivers
+the retained chunks on subscription, so a request goes out only ``first_request_s`` after the
+manifest if no chunk came, again after ``idle_s`` without a new chunk (backing off up to 6x), at
+once when a request's chunks all came, and ``download_stalled`` after ``max_unanswered``
+requests in a row without a new chunk.
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ class Install:
     planned_reason: str = ""
     rejected_versions: Collection[int] = ()
     idle_s: float = 5.0
+    first_request_s: float = 1.0
     max_unanswered: int = 10
     progress_every_s: float = 2.0
     manifest: Manifest | None = None
@@ -139,7 +142,8 @@ class Install:
     # -- manifest ------------------------------------------------------------------------
 
     def on_manifest(self, payload: bytes, now: float) -> list[ChunkRequest]:
-        """Verify the retained envelope; start the download (its first request) if it holds."""
+        """Verify the retained envelope; start the download if it holds (the caller then
+        subscribes to the chunks: the broker delivers them, so no request is due yet)."""
         if self.manifest is not None or self.ended is not None or not payload:
             return []
         try:
@@ -173,7 +177,7 @@ class Install:
         self._next = [0] * len(manifest.files)
         self._last_progress = now
         self._check_files()  # a release of empty files is complete at once
-        return [] if self.complete else [self._request(now)]
+        return []
 
     # -- chunks --------------------------------------------------------------------------
 
@@ -207,7 +211,7 @@ class Install:
         if self.bitmap.complete():
             self._check_files()
             return [self._done_request(now)] if self.ended is None else []
-        if not self._asked:
+        if self.requests and not self._asked:
             return [self._request(now)]
         return []
 
@@ -235,11 +239,12 @@ class Install:
     # -- requests ------------------------------------------------------------------------
 
     def poll(self, now: float) -> list[ChunkRequest]:
-        """A re-request after ``idle_s`` of silence, or the end as ``download_stalled``."""
+        """A request after ``first_request_s`` with nothing come or ``idle_s`` of silence, or
+        the end as ``download_stalled``."""
         if self.bitmap is None or self.ended is not None or self.complete:
             return []
         quiet_since = max(self._last_request, self._last_progress)
-        idle = self.idle_s * min(1 << max(0, self._unanswered - 1), _BACKOFF_CAP)
+        idle = self._idle()
         if now - quiet_since < idle:
             return []
         if self._unanswered >= self.max_unanswered:
@@ -250,8 +255,12 @@ class Install:
 
     def next_poll_in(self, now: float) -> float:
         quiet_since = max(self._last_request, self._last_progress)
-        idle = self.idle_s * min(1 << max(0, self._unanswered - 1), _BACKOFF_CAP)
-        return max(0.05, quiet_since + idle - now)
+        return max(0.05, quiet_since + self._idle() - now)
+
+    def _idle(self) -> float:
+        if not self.requests and self.bitmap is not None and not self.bitmap.received:
+            return self.first_request_s  # nothing retained came: ask soon
+        return self.idle_s * min(1 << max(0, self._unanswered - 1), _BACKOFF_CAP)
 
     def progress_due(self, now: float) -> bool:
         """Whether a ``downloading`` progress status is due: new chunks came since the last

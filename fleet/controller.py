@@ -779,15 +779,20 @@ class Controller:
                            devices: Sequence[DeviceView], records: Iterable[OtaRecord],
                            now: float) -> None:
         """Send the install again, once, to online ``sent`` devices that said nothing about the
-        release for ``resend_after_s`` since the send or their last OTA status: the command may
-        have been lost (a crash between the store's commit and the publish, a device offline at
-        that moment), or the device's final status (a controller down without a persistent
-        session)."""
+        release for ``resend_after_s`` since the send or their last OTA status, once no device
+        at all has said anything about it for that long: the command may have been lost (a
+        crash between the store's commit and the publish, a device offline at that moment), or
+        the device's final status (a controller down without a persistent session)."""
         if now < self._resends_held_until:
             return
         heard: dict[str, float] = {}
         for r in records:
             heard[r.status.device_id] = max(heard.get(r.status.device_id, 0.0), r.received_at)
+        if heard and now < max(heard.values()) + self.resend_after_s:
+            # devices are still answering this release: one still silent is most likely behind
+            # in a queue (the broker's, its own), not missing its command; a re-send now would
+            # only add to the load (10,000 devices: thousands of re-sends a minute into a wave)
+            return
         online = {d.device_id for d in devices if d.online}
         for dev in state.devices.values():
             key = (rollout_id, dev.device_id)

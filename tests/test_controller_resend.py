@@ -1,5 +1,7 @@
 """The controller's re-send of an unanswered install, through a real Mosquitto and store: a
-device that said nothing for ``resend_after_s`` is sent the install once more; after the
+device that said nothing for ``resend_after_s`` is sent the install once more, once the other
+devices of the release have been quiet that long too (a busy fleet's silent device is behind in
+a queue, not missing its command: issue 13's 10,000-device rollout re-sent thousands); after the
 controller itself was stalled (SIGSTOP, a suspended VM, a hung store call) the re-send waits
 ``resend_after_s`` so the reports the broker queued meanwhile are ingested first (issue 15: a
 frozen controller re-sent an install to a device whose failure it had not read yet)."""
@@ -20,7 +22,7 @@ from fleetlite.sdk.bundle import build_release
 from fleetlite.sdk.messages import Status
 from tests.mqtt_harness import Collector, Mosquitto
 from tests.test_ota_install import ISSUED, RELEASE_KEY
-from tests.test_store import birth
+from tests.test_store import birth, ota
 
 DEVICE = "gw-1"
 RESEND_S = 15.0
@@ -110,3 +112,30 @@ def test_an_ordinary_tick_gap_holds_nothing(
     controller.note_gap(2.0, t0 + 1)
     controller.drive("ro-1", t0 + RESEND_S + 1)
     installs(commands, 2)
+
+
+def test_no_resend_while_the_other_devices_are_still_answering(
+        fleet: tuple[Store, Controller, Collector]) -> None:
+    store, controller, commands = fleet
+    t0 = time.time()
+    store.upsert_birth(birth("gw-2", 1, t0, device_class="cls-a"))
+    store.upsert_status(Status(device_id="gw-2", online=True, session=1, ts=t0,
+                               reason="connected"))
+    controller.drive("ro-1", t0)
+    installs(commands, 1)
+    record = store.get_rollout("ro-1")
+    assert record is not None
+    release_id = str(record.spec["release_id"])
+    # gw-2 is downloading, and says so every few seconds; gw-1 has said nothing
+    for seconds in (3.0, 9.0, 14.0):
+        store.add_ota_status(ota("gw-2", release_id, t0 + seconds, "downloading"),
+                             received_at=t0 + seconds)
+    controller.drive("ro-1", t0 + RESEND_S + 1)
+    controller.drive("ro-1", t0 + 14 + RESEND_S - 1)
+    assert controller.counters["commands_resent"] == 0
+    # the release has been quiet for resend_after_s: both are sent it again (gw-2 has been
+    # quiet as long, and is still ``sent``)
+    controller.drive("ro-1", t0 + 14 + RESEND_S + 1)
+    installs(commands, 2)
+    assert controller.counters["commands_resent"] == 2
+

@@ -32,6 +32,9 @@ from fleetlite.sdk.tls_hints import verify_failure_hint
 log = logging.getLogger("fleetlite.agent.link")
 
 MAX_INFLIGHT = 64
+#: the longest the network thread waits in paho's select; work queued by another thread wakes it
+#: at once (:meth:`MqttLink._nudge`)
+LOOP_TIMEOUT_S = 0.05
 
 
 class SpooledRecord(Protocol):
@@ -152,17 +155,30 @@ class MqttLink:
                      retain: bool = False) -> None:
         """Publish without spooling (requests that are only useful now); dropped when offline."""
         self._live.append((topic, payload, qos, retain))
-        self._wake.set()
+        self._nudge()
 
     def refresh_birth(self) -> None:
         """Re-publish the retained birth message (after a model change or config reload)."""
         self._republish_birth = True
+        self._nudge()
+
+    def _nudge(self) -> None:
+        """Wake the network thread now, also out of paho's select: without it, a live publish
+        from another thread (a chunk request) waited for the select's timeout, up to
+        LOOP_TIMEOUT_S (50 ms); a download paid it at every request window. paho wakes its own
+        loop this way when ``publish`` is called from another thread (its ``_sockpairW``; no
+        public API does it). Spooled reports only set ``_wake``: waking for each of them made
+        an install's start slower in tools/bench/bench_ota_transfer.py."""
         self._wake.set()
+        pair = getattr(self._client, "_sockpairW", None)
+        if pair is not None:
+            with contextlib.suppress(OSError):  # full (already woken) or closed (reconnecting)
+                pair.send(b"0")
 
     def stop(self, timeout: float = 5.0) -> None:
         """Say goodbye (retained offline status) and disconnect, so no Will is sent."""
         self._stop.set()
-        self._wake.set()
+        self._nudge()
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -243,7 +259,7 @@ class MqttLink:
     def _pump(self, client: mqtt.Client, attempt: int) -> int:
         """Run one connection until it drops or the link stops; returns the backoff attempt."""
         while not self._stop.is_set():
-            rc = client.loop(timeout=0.05)
+            rc = client.loop(timeout=LOOP_TIMEOUT_S)
             if rc != mqtt.MQTT_ERR_SUCCESS:
                 self.last_error = f"connection lost ({mqtt.error_string(rc)})"
                 log.warning("%s", self.last_error)

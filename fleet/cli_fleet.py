@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import logging
 import os
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
     from fleetlite.fleet.store import DeviceRecord
 
 OUTPUTS = ("table", "json", "yaml")
+TABLE_PAGE = 500
+"""Devices a ``devices list`` table shows without ``--limit`` (json and yaml: all)."""
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_COMPLETED = 0, 1, 2, 3
 EXIT_CODES = ("exit codes: 0 ok, 1 the command failed (the message says why), 2 usage error")
 WATCH_EXIT_CODES = ("exit codes: 0 ok (watch/wait: the rollout completed), 1 the command failed "
@@ -158,12 +161,20 @@ controller stopped by itself (its SQLite file was deleted or replaced); 2 a usag
 """)
     listing = _leaf(
         devices, "list", _devices_list, help="list devices",
-        description="List registered devices, filtered by class, tags and online status.",
+        description="List registered devices, filtered by class, tags and online status, by "
+        f"id. On a large fleet the table shows {TABLE_PAGE} devices and ends (on stderr) with "
+        "the command for the next page; pages are keyset pages by device id, so devices "
+        "registered while you page neither repeat nor shift the others. -o json/yaml list "
+        "every device unless --limit is given (scripts written before paging still get the "
+        "whole fleet), and carry the next page's token as \"continue\" (null on the last).",
         examples="""\
   fleetlite devices list
   fleetlite devices list --class industrial-x86-gateway --tag site=plant-a
   fleetlite devices list --offline -o json | jq -r '.devices[].device_id'
-""")
+  fleetlite devices list --limit 0 | wc -l          (every device, and the header line)
+  fleetlite devices list --limit 100 -o json         (a page; then, until "continue" is null:)
+  fleetlite devices list --limit 100 --continue TOKEN -o json
+""", exit_codes=EXIT_CODES + " (also: a --continue token no page gave)")
     listing.add_argument("--class", dest="device_class", metavar="CLASS",
                          help="only devices of this class")
     listing.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
@@ -175,6 +186,12 @@ controller stopped by itself (its SQLite file was deleted or replaced); 2 a usag
                        help="only offline devices")
     listing.add_argument("--decommissioned", action="store_true",
                          help="only decommissioned devices (`devices decommission`)")
+    listing.add_argument("--limit", type=_page_size, metavar="N",
+                         help=f"at most N devices, then the command for the next page; 0: "
+                         f"all (default: {TABLE_PAGE} in the table, all with -o json/yaml)")
+    listing.add_argument("--continue", dest="after", type=_continue_token, metavar="TOKEN",
+                         help="the next page: the token the previous page ended with (the "
+                         "table's last line on stderr, or \"continue\" in -o json/yaml)")
     show = _leaf(devices, "show", _devices_show, help="show one device",
                  description="Everything the fleet knows about one device.",
                  examples="""\
@@ -455,6 +472,49 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _page_size(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of devices >= 0 "
+                                         "(0: all)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of devices >= 0 (0: all)")
+    return value
+
+
+_TOKEN_PREFIX = b"d1:"
+
+
+def continue_token(last_device_id: str) -> str:
+    """The ``--continue`` token of the page after the one that ended with this device: opaque
+    to the user (base64url, no padding), the last id shown inside."""
+    raw = _TOKEN_PREFIX + last_device_id.encode("utf-8")
+    return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
+
+
+def _continue_token(text: str) -> str:
+    """The device id a ``--continue`` token carries; a usage error if no page gave it."""
+    import binascii
+    import re
+
+    wrong = argparse.ArgumentTypeError(
+        f"{text!r} is not a token a page of `fleetlite devices list` gave: copy the one the "
+        "last page ended with (the table's last line on stderr, or \"continue\" in "
+        "-o json), or leave --continue out to start from the first device")
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", text):
+        raise wrong
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        device_id = raw[len(_TOKEN_PREFIX):].decode("utf-8") \
+            if raw.startswith(_TOKEN_PREFIX) else ""
+    except (binascii.Error, ValueError):
+        raise wrong from None
+    if not device_id:
+        raise wrong
+    return device_id
+
+
 def _limit(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         if text.lower() in ("off", "none"):
@@ -626,18 +686,66 @@ def _devices_list(fleet: Fleet, args: argparse.Namespace) -> int:
     from fleetlite.fleet.client import device_dict
 
     tags = dict(args.tag) if args.tag else None
+    limit = args.limit
+    if limit is None:
+        limit = TABLE_PAGE if args.output == "table" else 0
+    # one device more than the page: whether another page follows, known now
     found = fleet.devices(device_class=args.device_class, tags=tags, online=args.online,
-                          decommissioned=args.decommissioned)
-    if not found and not fleet.devices(decommissioned=None):
+                          decommissioned=args.decommissioned,
+                          limit=limit + 1 if limit else None, after=args.after)
+    token = None
+    if limit and len(found) > limit:
+        found = found[:limit]
+        token = continue_token(found[-1].device_id)
+    if (not found and args.after is None
+            and not fleet.devices(decommissioned=None, limit=1)):
         _note(f"no devices in the store {fleet.store.url} yet: is `fleetlite serve` running "
               "with this --db, and are the agents connected to its broker?")
     now = time.time()
-    _emit(args, {"devices": [device_dict(d) for d in found]}, lambda: _table(
-        ["DEVICE", "CLASS", "STATUS", "MODELS", "AGENT", "LAST SEEN", "TAGS"],
-        [[d.device_id, d.device_class or "-", "online" if d.online else "offline",
-          _models_text(d), d.agent_version or "-", _seen_text(d, now),
-          ",".join(f"{k}={v}" for k, v in sorted(d.tags.items())) or "-"] for d in found]))
+    rows = [[d.device_id, d.device_class or "-", "online" if d.online else "offline",
+             _models_text(d), d.agent_version or "-", _seen_text(d, now),
+             ",".join(f"{k}={v}" for k, v in sorted(d.tags.items())) or "-"] for d in found]
+    _emit(args, {"devices": [device_dict(d) for d in found], "continue": token},
+          lambda: _table(["DEVICE", "CLASS", "STATUS", "MODELS", "AGENT", "LAST SEEN", "TAGS"],
+                         rows))
+    if token is not None and args.output == "table":
+        sys.stdout.flush()  # the rows first, then the hint, on a terminal that shows both
+        _note(f"{len(found)} devices shown, more follow; the next page: "
+              f"{_next_page_command(args, token)}  (--limit 0: every device)")
     return EXIT_OK
+
+
+def _next_page_command(args: argparse.Namespace, token: str) -> str:
+    """The ``devices list`` command line of the next page: the same filters and page size."""
+    import shlex
+    from urllib.parse import urlsplit
+
+    words = ["fleetlite", "devices", "list"]
+    if args.device_class:
+        words += ["--class", args.device_class]
+    for key, value in args.tag:
+        words += ["--tag", f"{key}={value}"]
+    if args.online is not None:
+        words.append("--online" if args.online else "--offline")
+    if args.decommissioned:
+        words.append("--decommissioned")
+    if args.limit is not None:
+        words += ["--limit", str(args.limit)]
+    words += ["--continue", token]
+    db = getattr(args, "db", None)
+    suffix = ""
+    if db:  # a password is not echoed: the operator adds the --db they used
+        try:
+            secret = urlsplit(db).password
+        except ValueError:
+            secret = None
+        if secret:
+            suffix = " (with your --db)"
+        else:
+            words += ["--db", db]
+    from fleetlite.fleet.terminal_text import one_line
+
+    return one_line(" ".join(shlex.quote(w) for w in words)) + suffix
 
 
 def _fact(value: object) -> str:

@@ -487,12 +487,25 @@ class Fleet:
                 tags: Optional[Mapping[str, str]] = None,
                 online: Optional[bool] = None,
                 seen_since: Optional[float] = None,
-                decommissioned: Optional[bool] = False) -> list[DeviceRecord]:
+                decommissioned: Optional[bool] = False, *,
+                limit: Optional[int] = None,
+                after: Optional[str] = None) -> list[DeviceRecord]:
         """Registered devices matching every given filter, by id; ``seen_since``: heard from
         at or after this Unix time (the controller's clock, see ``DeviceRecord.last_seen``);
-        by default those in service (``decommissioned=True``: only the decommissioned)."""
+        by default those in service (``decommissioned=True``: only the decommissioned).
+
+        A page at a time on a large fleet: ``limit`` devices at most (None or 0: all), those
+        whose id sorts ``after`` the given one; pass the last id of a page as ``after`` for the
+        next (a device added meanwhile shows on a later page if its id sorts after it)::
+
+            page = fleet.devices(limit=500)
+            while page:
+                ...
+                page = fleet.devices(limit=500, after=page[-1].device_id)
+        """
         return self.store.list_devices(device_class=device_class, tags=tags, online=online,
-                                       seen_since=seen_since, decommissioned=decommissioned)
+                                       seen_since=seen_since, decommissioned=decommissioned,
+                                       limit=limit, after=after)
 
     def decommission(self, device_ids: Sequence[str], *, undo: bool = False) -> list[str]:
         """Take devices out of service (``undo``: back in): they leave lists, rollouts and

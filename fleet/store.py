@@ -932,9 +932,16 @@ class Store:
         device_ids: Optional[Collection[str]] = None,
         seen_since: Optional[float] = None,
         decommissioned: Optional[bool] = False,
+        limit: Optional[int] = None,
+        after: Optional[str] = None,
     ) -> list[DeviceRecord]:
         """Devices matching every given filter, by id: by default those in service
         (``decommissioned=True``: only the decommissioned; None: both).
+
+        Paging (keyset, by device id): ``after``, only devices whose id sorts after it;
+        ``limit``, at most that many (None or 0: all). The next page starts after the last id
+        of this one, so a device added or removed between pages neither repeats nor shifts
+        another: each device that stays is listed exactly once.
 
         ``device_class``: one class or a set; ``tags``: per key, the value or set of values
         allowed (``{"site": "berlin", "line": {"1", "2"}}``); ``model``/``model_version``: an
@@ -969,13 +976,23 @@ class Store:
             params.append(seen_since)
         if decommissioned is not None:
             where.append(f"decommissioned IS {'NOT ' if decommissioned else ''}NULL")
+        if after is not None:
+            where.append("device_id > ?")
+            params.append(after)
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit {limit}: give a number >= 0 (0 or None: no limit)")
         condition = " AND ".join(where) or "1 = 1"
+        page = " LIMIT ?" if limit else ""
         with self._transaction(write=False) as db:
             rows = db.execute(
                 "SELECT device_id, device_class, agent_version, facts_json, online, "
                 "status_reason, status_session, birth_session, telemetry_session, last_seen, "
                 "telemetry_json, clock_offset, decommissioned "
-                f"FROM devices WHERE {condition} ORDER BY device_id", params).rows
+                f"FROM devices WHERE {condition} ORDER BY device_id{page}",
+                [*params, limit] if limit else params).rows
+            if limit and rows:  # the tags and models of this page's devices only
+                condition += " AND device_id <= ?"
+                params.append(rows[-1][0])
             selected = f"SELECT device_id FROM devices WHERE {condition}"
             tag_rows = db.execute(
                 "SELECT device_id, tag_key, tag_value FROM device_tags "

@@ -395,13 +395,21 @@ controller stopped by itself (its SQLite file was deleted or replaced); 2 a usag
     report = _leaf(subparsers, "report", _report,
                    help="write the fleet's HTML report",
                    description="One self-contained HTML file (no external resources): devices, "
-                   "latency and memory per class and version, rollouts with their decisions.",
+                   "latency and memory per class and version, rollouts with their decisions. "
+                   "On a large fleet the devices table lists --max-devices rows, those needing "
+                   "attention first (offline, failed or rejected installs, rolled back, stale), "
+                   "then the rest by id, and says how many it left out and how to list them; "
+                   "the counts, aggregates and plots cover every device.",
                    examples="""\
   fleetlite report --html fleet.html
   fleetlite --db postgresql://fleet:pw@db/fleet report --html /srv/www/fleet.html
+  fleetlite report --html fleet.html --max-devices 0     (every device in the table)
 """)
     report.add_argument("--html", required=True, metavar="FILE", help="the file to write")
     report.add_argument("--title", default="FleetLite fleet report")
+    report.add_argument("--max-devices", type=_page_size, default=1000, metavar="N",
+                        help="rows of the devices table at most (default 1000; 0: every "
+                        "device; 10,000 rows make a page of about 4 MB)")
 
 
 _REQUEST_HELP = {
@@ -718,7 +726,6 @@ def _devices_list(fleet: Fleet, args: argparse.Namespace) -> int:
 def _next_page_command(args: argparse.Namespace, token: str) -> str:
     """The ``devices list`` command line of the next page: the same filters and page size."""
     import shlex
-    from urllib.parse import urlsplit
 
     words = ["fleetlite", "devices", "list"]
     if args.device_class:
@@ -732,20 +739,27 @@ def _next_page_command(args: argparse.Namespace, token: str) -> str:
     if args.limit is not None:
         words += ["--limit", str(args.limit)]
     words += ["--continue", token]
-    db = getattr(args, "db", None)
-    suffix = ""
-    if db:  # a password is not echoed: the operator adds the --db they used
-        try:
-            secret = urlsplit(db).password
-        except ValueError:
-            secret = None
-        if secret:
-            suffix = " (with your --db)"
-        else:
-            words += ["--db", db]
+    db = _db_words(args)
+    # a password is not echoed: the operator adds the --db they used
+    suffix = " (with your --db)" if getattr(args, "db", None) and not db else ""
     from fleetlite.fleet.terminal_text import one_line
 
-    return one_line(" ".join(shlex.quote(w) for w in words)) + suffix
+    return one_line(" ".join(shlex.quote(w) for w in [*words, *db])) + suffix
+
+
+def _db_words(args: argparse.Namespace) -> list[str]:
+    """``--db URL`` for a command line this one prints, if this one was given a store (on
+    the command line or by the context; FLEETLITE_DB stays set) without a password in it."""
+    from urllib.parse import urlsplit
+
+    db = getattr(args, "db", None)
+    if not db:
+        return []
+    try:
+        secret = urlsplit(db).password
+    except ValueError:
+        secret = None
+    return [] if secret else ["--db", db]
 
 
 def _fact(value: object) -> str:
@@ -1141,11 +1155,20 @@ def _profiles_compare(fleet: Fleet, args: argparse.Namespace) -> int:
 
 
 def _report(fleet: Fleet, args: argparse.Namespace) -> int:
-    written = fleet.write_report(args.html, title=args.title)
+    import shlex
+
+    list_command = " ".join(shlex.quote(w) for w in
+                            ["fleetlite", "devices", "list", "--limit", "0", *_db_words(args)])
+    written = fleet.write_report(args.html, title=args.title, max_devices=args.max_devices,
+                                 list_command=list_command)
     path = written.path
     doc = {"path": str(path), "devices": written.devices, "rollouts": written.rollouts,
-           "profiles": written.profiles}
+           "profiles": written.profiles, "devices_listed": written.devices_listed,
+           "devices_needing_attention": written.devices_needing_attention}
+    left_out = written.devices - written.devices_listed
+    listed = (f" ({written.devices_listed} in its table, those needing attention first; "
+              f"--max-devices 0 for all)" if left_out else "")
     _emit(args, doc, lambda: (
-        f"wrote {path}: {doc['devices']} device(s), {doc['profiles']} profile(s), "
+        f"wrote {path}: {doc['devices']} device(s){listed}, {doc['profiles']} profile(s), "
         f"{doc['rollouts']} rollout(s); open it in a browser (it needs nothing else)"))
     return EXIT_OK

@@ -30,6 +30,7 @@ from fleetlite.fleet.gates import GateSpec
 from fleetlite.fleet.profiles_view import Aggregate, Comparison, aggregate, compare
 from fleetlite.fleet.profiles_view import ProfileRow as ViewRow
 from fleetlite.fleet.rollout import (
+    EXCLUDED,
     FAILED_STATUSES,
     FINISHED_STATES,
     INSTALLED,
@@ -290,6 +291,9 @@ class WrittenReport:
     devices: int
     profiles: int
     rollouts: int
+    devices_listed: int = 0
+    """Rows of its devices table (at most ``max_devices``; the rest are left out)."""
+    devices_needing_attention: int = 0
 
 
 @dataclass(frozen=True)
@@ -849,23 +853,38 @@ class Fleet:
         """Version ``b`` of ``model`` against version ``a``, per device class."""
         return compare(self.profile_rows(model), model, a, b)
 
-    def report(self, path: PathArg, *, title: str = "FleetLite fleet report") -> Path:
-        """Write the self-contained HTML report of the store: devices, profiles, rollouts."""
-        return self.write_report(path, title=title).path
+    def report(self, path: PathArg, *, title: str = "FleetLite fleet report",
+               max_devices: Optional[int] = 1000) -> Path:
+        """Write the self-contained HTML report of the store: devices, profiles, rollouts.
+        Its devices table lists ``max_devices`` at most (None or 0: all), those needing
+        attention first (offline, failed or rejected installs, rolled back, stale); its
+        counts, aggregates and plots cover every device."""
+        return self.write_report(path, title=title, max_devices=max_devices).path
 
-    def write_report(self, path: PathArg, *,
-                     title: str = "FleetLite fleet report") -> WrittenReport:
-        """:meth:`report`, also saying how many devices, profiles and rollouts it shows."""
-        from fleetlite.fleet.report import ReportData, write_report
+    def write_report(self, path: PathArg, *, title: str = "FleetLite fleet report",
+                     max_devices: Optional[int] = 1000,
+                     list_command: str = "fleetlite devices list --limit 0") -> WrittenReport:
+        """:meth:`report`, also saying how many devices, profiles and rollouts it shows;
+        ``list_command``: what the report tells to run for the devices its table leaves out."""
+        from fleetlite.fleet.report import ReportData, table_devices, write_report
 
         devices = self.store.list_devices()
         rollouts = [self.rollout(r.rollout_id) for r in self.store.list_rollouts()]
-        data = ReportData(generated_at=time.time(), devices=[_device_summary(d) for d in devices],
+        installs: dict[str, str] = {}  # each device's status in the newest rollout to it
+        for rollout in sorted(rollouts, key=lambda r: r.created):
+            for progress in rollout.devices:
+                if progress.status != EXCLUDED:
+                    installs[progress.device_id] = progress.status
+        data = ReportData(generated_at=time.time(),
+                          devices=[_device_summary(d, installs.get(d.device_id))
+                                   for d in devices],
                           profiles=self.profile_rows(),
                           rollouts=[_rollout_summary(r) for r in rollouts],
-                          budgets=_budgets({d.device_class for d in devices}), title=title)
+                          budgets=_budgets({d.device_class for d in devices}), title=title,
+                          max_devices=max_devices, list_command=list_command)
+        shown, needing = table_devices(data)
         return WrittenReport(write_report(path, data), len(data.devices), len(data.profiles),
-                             len(data.rollouts))
+                             len(data.rollouts), len(shown), needing)
 
     # -- running a controller ----------------------------------------------------------------
 
@@ -883,7 +902,7 @@ class Fleet:
 # -- report adapters -------------------------------------------------------------------------------
 
 
-def _device_summary(device: DeviceRecord) -> DeviceSummary:
+def _device_summary(device: DeviceRecord, install: Optional[str] = None) -> DeviceSummary:
     from fleetlite.fleet.report import DeviceSummary
 
     model = device.models[0] if device.models else None
@@ -891,7 +910,8 @@ def _device_summary(device: DeviceRecord) -> DeviceSummary:
                          online=device.online, model=model.name if model else None,
                          version=model.version if model else None,
                          last_seen=device.last_seen or None,  # 0: not heard live yet
-                         tags=dict(device.tags), agent_version=device.agent_version)
+                         tags=dict(device.tags), agent_version=device.agent_version,
+                         install=install)
 
 
 def gate_texts(gates: GateSpec) -> list[str]:

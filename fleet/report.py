@@ -44,6 +44,8 @@ __all__ = [
     "DecisionEntry",
     "DeviceSummary",
     "ReportData",
+    "attention",
+    "table_devices",
     "RolloutSummary",
     "WaveSummary",
     "format_number",
@@ -84,6 +86,15 @@ STATUS_BUCKETS: dict[str, Optional[str]] = {
 
 _BUDGET_COLOR = "#c0392b"
 
+_INSTALL_PROBLEMS = {
+    "failed": "install failed",
+    "rejected": "install rejected",
+    "timed_out": "install timed out",
+    "rolled_back": "rolled back",
+    "rollback_failed": "rollback failed",
+}
+"""Rollout statuses (``fleet.rollout``) that put a device in the report's attention list."""
+
 
 # -- input ------------------------------------------------------------------------------------
 
@@ -101,6 +112,9 @@ class DeviceSummary:
     last_seen: Optional[float] = None
     tags: Union[Sequence[str], Mapping[str, str]] = ()
     agent_version: str = ""
+    install: Optional[str] = None
+    """Its status in the newest rollout that reached it (``fleet.rollout``'s constants:
+    ``installed``, ``failed``, ``rejected``, ``rolled_back``...), None if none did."""
 
 
 @dataclass(frozen=True)
@@ -199,6 +213,41 @@ class ReportData:
     rollouts: Sequence[RolloutSummary] = ()
     budgets: Mapping[str, ClassBudget] = field(default_factory=dict)
     title: str = "FleetLite fleet report"
+    max_devices: Optional[int] = 1000
+    """Rows of the devices table at most (None or 0: every device): those needing attention
+    first (:func:`attention`), then the rest by id. The counts, aggregates and plots are over
+    every device whatever this is."""
+    list_command: str = "fleetlite devices list --limit 0"
+    """The command the report names for the devices its table leaves out."""
+    stale_after_s: float = 600.0
+    """An online device not heard from for longer than this (ten telemetry intervals by
+    default) needs attention: its status may be out of date."""
+
+
+def attention(device: DeviceSummary, now: float, stale_after_s: float = 600.0) -> list[str]:
+    """Why ``device`` needs an operator's attention at ``now`` (empty: it does not): offline,
+    its newest rollout's install failed, was rejected, timed out or was rolled back, or it is
+    online but not heard from for more than ``stale_after_s``."""
+    reasons = []
+    if not device.online:
+        reasons.append("offline")
+    elif device.last_seen is not None and now - device.last_seen > stale_after_s:
+        reasons.append("stale")
+    if device.install in _INSTALL_PROBLEMS:
+        reasons.append(_INSTALL_PROBLEMS[device.install])
+    return reasons
+
+
+def table_devices(data: ReportData) -> tuple[list[tuple[DeviceSummary, list[str]]], int]:
+    """The devices table's rows with their attention reasons, in order (those needing
+    attention first, then the rest; each part by id), capped at ``data.max_devices``; and how
+    many devices need attention in all."""
+    flagged = [(d, attention(d, data.generated_at, data.stale_after_s)) for d in data.devices]
+    ordered = sorted(flagged, key=lambda item: (not item[1], item[0].device_id))
+    needing = sum(1 for _, reasons in flagged if reasons)
+    if data.max_devices:
+        ordered = ordered[:data.max_devices]
+    return ordered, needing
 
 
 # -- formatting helpers ------------------------------------------------------------------------
@@ -542,7 +591,7 @@ def _memory_plot(
 # -- sections ----------------------------------------------------------------------------------
 
 
-def _header(data: ReportData) -> str:
+def _header(data: ReportData, needing: int) -> str:
     total = len(data.devices)
     online = sum(1 for d in data.devices if d.online)
     classes = len({d.device_class for d in data.devices}
@@ -553,6 +602,7 @@ def _header(data: ReportData) -> str:
     cards = [
         ("Fleet size", str(total), "devices", "fleet-size"),
         ("Online", str(online), f"of {total}{pct}", "online-count"),
+        ("Needs attention", str(needing), "offline, failed installs, stale", "attention-count"),
         ("Device classes", str(classes), "", "class-count"),
         ("Rollouts", str(len(data.rollouts)), f"{active} active", "rollout-count"),
     ]
@@ -572,9 +622,11 @@ def _header(data: ReportData) -> str:
     )
 
 
-def _devices_section(data: ReportData) -> str:
+def _devices_section(data: ReportData,
+                     shown: Sequence[tuple[DeviceSummary, list[str]]], needing: int) -> str:
     rows: list[str] = []
-    for d in sorted(data.devices, key=lambda d: (d.device_class, d.device_id)):
+    marked = ' data-attention="1"'
+    for d, reasons in shown:
         tags = "".join(f'<span class="tag">{_e(t)}</span>' for t in _tags_text(d.tags))
         status = ('<span class="status on">online</span>' if d.online
                   else '<span class="status off">offline</span>')
@@ -585,23 +637,50 @@ def _devices_section(data: ReportData) -> str:
                     f'{_e(_ago(data.generated_at - d.last_seen))}</td>')
         else:
             seen = '<td data-v="0"><span class="muted">never</span></td>'
+        flags = "".join(f'<span class="badge {"warn" if r in ("offline", "stale") else "bad"}">'
+                        f'{_e(r)}</span> ' for r in reasons).rstrip()
         rows.append(
-            f'<tr data-device-id="{_e(d.device_id)}"><td class="mono">{_e(d.device_id)}</td>'
+            f'<tr data-device-id="{_e(d.device_id)}"{marked if reasons else ""}>'
+            f'<td class="mono">{_e(d.device_id)}</td>'
             f'<td>{_e(d.device_class)}</td><td>{tags}</td>'
             f'<td data-v="{1 if d.online else 0}">{status}</td><td>{model}</td>'
             f'<td data-v="{d.version if d.version is not None else -1}">{_e(version)}</td>'
-            f'{seen}</tr>'
+            f'{seen}<td data-v="{len(reasons)}">{flags}</td></tr>'
         )
-    body = "".join(rows) or '<tr><td colspan="7" class="muted">No devices.</td></tr>'
+    body = "".join(rows) or '<tr><td colspan="8" class="muted">No devices.</td></tr>'
+    total = len(data.devices)
+    left_out = total - len(shown)
+    stale = f"online but not heard from for over {_duration(data.stale_after_s)}"
+    if left_out:
+        first = (f"the {needing:,} needing attention (offline, failed or rejected installs, "
+                 f"rolled back, {stale}) first, then the rest by id"
+                 if needing else "no device needs attention; the first by id")
+        note = (f'<p class="note" id="devices-left-out">Showing {len(shown):,} of {total:,} '
+                f'devices: {_e(first)}. <strong>{left_out:,} left out</strong>; list them all '
+                f'with <code>{_e(data.list_command)}</code>.</p>')
+    elif needing:
+        note = (f'<p class="note">The {needing:,} device{"" if needing == 1 else "s"} needing '
+                f'attention (offline, failed or rejected installs, rolled back, {_e(stale)}) '
+                'first, then the rest by id.</p>')
+    else:
+        note = ""
     return (
         '<section id="devices"><div class="section-head"><h2>Devices</h2>'
         '<input id="device-filter" type="search" placeholder="Filter devices"'
         ' aria-label="Filter devices"></div>'
-        '<table class="sortable" id="devices-table"><thead><tr>'
+        f'{note}<table class="sortable" id="devices-table"><thead><tr>'
         '<th>Device</th><th>Class</th><th>Tags</th><th>Status</th><th>Model</th>'
-        '<th>Version</th><th>Last seen</th>'
+        '<th>Version</th><th>Last seen</th><th>Attention</th>'
         f'</tr></thead><tbody>{body}</tbody></table></section>'
     )
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 3600 and seconds % 3600 == 0:
+        return f"{seconds / 3600:g} h"
+    if seconds >= 60 and seconds % 60 == 0:
+        return f"{seconds / 60:g} min"
+    return f"{seconds:g} s"
 
 
 def _lm_aggregate_table(aggs: Sequence[Aggregate],
@@ -949,12 +1028,14 @@ _JS = """
 
 def render_report(data: ReportData) -> str:
     """The whole report as one self-contained HTML document (UTF-8 text)."""
+    shown, needing = table_devices(data)
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
         f"<title>{_e(data.title)} · {_e(_utc(data.generated_at))}</title>"
         f"<style>{_CSS}</style></head>\n<body data-rendered=\"no\"><main>"
-        f"{_header(data)}\n{_devices_section(data)}\n{_classes_section(data)}\n"
+        f"{_header(data, needing)}\n{_devices_section(data, shown, needing)}\n"
+        f"{_classes_section(data)}\n"
         f"{_rollouts_section(data)}\n"
         "<footer>FleetLite report · self-contained: no external resources</footer>"
         f"</main>\n<script>{_JS}</script></body></html>\n"

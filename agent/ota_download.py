@@ -8,8 +8,8 @@ before the bitmap naming it is (atomically) replaced.
 
 :class:`DownloadTracker` is pure logic over an injected clock, modelled on FreeRTOS OTA. The
 broker holds every chunk of a served release retained, so subscribing brings them all and most
-downloads send no request; it asks for the missing chunks ``first_request_s`` after the start if
-nothing has come, again after ``idle_s`` without a new chunk (backing off to
+downloads send no request; it asks for the missing chunks only after ``idle_s`` without a new
+chunk (counted from the subscription; backing off to
 ``BACKOFF_CAP`` times that while nothing comes), and declare the download stalled after
 ``max_requests_without_progress`` unanswered requests: about four minutes of silence with the
 defaults, so a release publisher that is merely late (its controller paused, restarting or
@@ -551,15 +551,16 @@ class DownloadTracker:
     """When to (re)send a chunk request, and when to give up (FreeRTOS OTA's rules).
 
     - the first :meth:`poll` starts the clock (call it once subscribed to the chunks): the
-      broker delivers the retained chunks, so the first request waits ``first_request_s`` for
-      them to start coming;
+      broker delivers the retained chunks, so the first request waits ``first_request_s``
+      (``idle_s`` unless given) for them to start coming: on a busy broker the first of them
+      can take seconds, and a request then only adds a re-publish to every device;
     - a new request goes out after ``idle_s`` without a new chunk (counted from the later of
       the last request and the last new chunk), or at once when the previous request's chunks
       have all arrived (``batch_done``, after a request) and more are missing; while requests
-      go unanswered the
-      wait doubles, up to ``BACKOFF_CAP * idle_s`` (5, 10, 20, 30, 30, ... s by default);
+      go unanswered the wait doubles, up to ``BACKOFF_CAP * idle_s`` (5, 10, 20, 30, 30, ...
+      s by default);
     - after ``max_requests_without_progress`` requests in a row without a new chunk, the next
-      due request becomes STALLED (``download_stalled``): 245 s of silence by default;
+      due request becomes STALLED (``download_stalled``): 250 s of silence by default;
     - ``deadline_s`` after the first poll the download is TIMED_OUT (``download_timeout``),
       progress or not.
 
@@ -572,11 +573,11 @@ class DownloadTracker:
         idle_s: float = 5.0,
         max_requests_without_progress: int = 10,
         deadline_s: float = 3600.0,
-        first_request_s: float = 1.0,
+        first_request_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.idle_s = idle_s
-        self.first_request_s = first_request_s
+        self.first_request_s = idle_s if first_request_s is None else first_request_s
         self.max_requests_without_progress = max_requests_without_progress
         self.deadline_s = deadline_s
         self._clock = clock

@@ -9,7 +9,9 @@ retry, a controller that is stopped meanwhile), so the fleet publishes each chun
 release. Chunks that devices ask for on ``fleetlite/v1/dev/+/ota/request`` (the broker dropped
 them from a full client queue, or lost its retained messages in a restart without persistence)
 are published again, retained; a chunk that is already queued, or went out less than
-``dedupe_s`` ago, is not sent again, so many devices asking for the same chunk cost one publish.
+``dedupe_s`` (10 s) ago, is not sent again, so many devices asking for the same chunk cost one
+publish (each goes to every device downloading the release: on a broker too busy to deliver the
+retained chunks quickly, re-publishing them would only multiply its work).
 :meth:`ReleasePublisher.stop_serving` clears the manifest and every chunk from the broker.
 
 Threads: paho's network thread only hands incoming requests to a bounded queue; one worker thread
@@ -112,7 +114,7 @@ class ReleasePublisher:
         password: str | None = None,
         keepalive: int = 30,
         max_inflight: int = 32,
-        dedupe_s: float = 2.0,
+        dedupe_s: float = 10.0,
         publish_timeout_s: float = 10.0,
         max_queued_requests: int = 1024,
     ) -> None:

@@ -493,7 +493,7 @@ TRACKER_CASES: dict[str, list[Step]] = {
 def test_tracker_timing(steps: list[Step]) -> None:
     clock = FakeClock()
     tracker = DownloadTracker(idle_s=5.0, max_requests_without_progress=10, deadline_s=1000.0,
-                              clock=clock)
+                              first_request_s=1.0, clock=clock)
     for t, received, batch_done, expected in steps:
         clock.t = t
         decision = tracker.poll(received, batch_done=batch_done)
@@ -506,7 +506,7 @@ def test_tracker_timing(steps: list[Step]) -> None:
 
 def test_tracker_wait_hint_and_done() -> None:
     clock = FakeClock()
-    tracker = DownloadTracker(idle_s=5.0, deadline_s=12.0, clock=clock)
+    tracker = DownloadTracker(idle_s=5.0, deadline_s=12.0, first_request_s=1.0, clock=clock)
     first = tracker.poll(0)
     assert first.action == WAIT and first.wait_s == pytest.approx(1.0)  # first_request_s
     clock.t = 1.0
@@ -517,3 +517,14 @@ def test_tracker_wait_hint_and_done() -> None:
     assert tracker.poll(1).wait_s == pytest.approx(3.0)  # the deadline comes before idle
     assert tracker.poll(5, complete=True).action == DONE
     assert tracker.requests == 1 and tracker.unanswered == 0
+
+
+def test_by_default_the_first_request_waits_idle_s_for_the_retained_chunks() -> None:
+    clock = FakeClock()
+    tracker = DownloadTracker(idle_s=5.0, clock=clock)
+    assert tracker.poll(0).wait_s == pytest.approx(5.0)
+    clock.t = 4.9
+    assert tracker.poll(0).action == WAIT
+    clock.t = 5.0
+    assert tracker.poll(0).action == REQUEST
+

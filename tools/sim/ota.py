@@ -12,8 +12,8 @@ only out-of-order chunks are held, so a device holds little more than a chunk or
 Not simulated: the smoke test, the A/B switch and the health window run no model; they are
 phases with a delay (the adapter's), and a device planned to fail or reject ends there with the
 planned reason. Request timing follows docs/protocol.md ("OTA delivery"): the broker delivers
-the retained chunks on subscription, so a request goes out only ``first_request_s`` after the
-manifest if no chunk came, again after ``idle_s`` without a new chunk (backing off up to 6x), at
+the retained chunks on subscription, so a request goes out only after ``idle_s`` without a new
+chunk (counted from the subscription; backing off up to 6x), at
 once when a request's chunks all came, and ``download_stalled`` after ``max_unanswered``
 requests in a row without a new chunk.
 """
@@ -85,7 +85,7 @@ class Install:
     planned_reason: str = ""
     rejected_versions: Collection[int] = ()
     idle_s: float = 5.0
-    first_request_s: float = 1.0
+    first_request_s: float | None = None  # None: idle_s
     max_unanswered: int = 10
     progress_every_s: float = 2.0
     manifest: Manifest | None = None
@@ -239,8 +239,8 @@ class Install:
     # -- requests ------------------------------------------------------------------------
 
     def poll(self, now: float) -> list[ChunkRequest]:
-        """A request after ``first_request_s`` with nothing come or ``idle_s`` of silence, or
-        the end as ``download_stalled``."""
+        """A request after ``idle_s`` of silence (``first_request_s`` before any chunk), or the
+        end as ``download_stalled``."""
         if self.bitmap is None or self.ended is not None or self.complete:
             return []
         quiet_since = max(self._last_request, self._last_progress)
@@ -259,7 +259,8 @@ class Install:
 
     def _idle(self) -> float:
         if not self.requests and self.bitmap is not None and not self.bitmap.received:
-            return self.first_request_s  # nothing retained came: ask soon
+            # nothing retained came yet
+            return self.idle_s if self.first_request_s is None else self.first_request_s
         return self.idle_s * min(1 << max(0, self._unanswered - 1), _BACKOFF_CAP)
 
     def progress_due(self, now: float) -> bool:

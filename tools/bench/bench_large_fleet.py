@@ -3,9 +3,11 @@ fleet of ten devices (issue 13's target: ``devices list`` and the report under 2
 devices).
 
 A SQLite store is filled, as the controller would fill it, with ``--devices`` devices (status,
-birth, one telemetry report and two profiles each, built by the fleet simulator's report code)
-and a completed rollout that installed a release on every one of them, with its decisions; a
-second store holds ten devices the same way (the baseline). Each command runs as a fresh
+birth, one telemetry report and two profiles each, built by the fleet simulator's report code;
+one in 50 offline) and a completed rollout that installed a release on every one of them but
+one in 100 (failed), with its decisions; a second store holds ten devices the same way (the
+baseline). ``devices list --limit 0`` and ``report --max-devices 0`` list every device, as both
+did before they paged (500 rows and 1,000 rows by default). Each command runs as a fresh
 process ``--runs`` times, alternating between the two stores, and the median wall time of each
 is printed with the ratio to the baseline and the store's size.
 
@@ -25,7 +27,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from fleetlite.fleet.cli_fleet import continue_token
 from fleetlite.fleet.rollout import (
+    FAILED,
     INSTALLED,
     DeviceProgress,
     RolloutSpec,
@@ -35,7 +39,14 @@ from fleetlite.fleet.rollout import (
 )
 from fleetlite.fleet.store import open_store
 from fleetlite.tools.bench.bench_cli import wall_time
-from fleetlite.tools.sim.reports import DeviceState, birth, online_status, profile, telemetry
+from fleetlite.tools.sim.reports import (
+    DeviceState,
+    birth,
+    online_status,
+    profile,
+    telemetry,
+    will_status,
+)
 
 BIN = Path(sys.executable).parent
 CLASSES = ("rpi4", "jetson")
@@ -55,7 +66,8 @@ def fill(db: Path, devices: int) -> None:
             with store.batch():
                 for n in range(start, min(start + 500, devices)):
                     state = DeviceState(f"sim-{n:05d}", CLASSES[n % 2], "kws", 1)
-                    store.upsert_status(online_status(state, now), received_at=now)
+                    status = will_status if n % 50 == 7 else online_status
+                    store.upsert_status(status(state, now), received_at=now)
                     store.upsert_birth(birth(state, now, {"site": f"s{n % 20}"}),
                                        received_at=now)
                     store.record_telemetry(telemetry(state, now, rng), received_at=now)
@@ -65,7 +77,8 @@ def fill(db: Path, devices: int) -> None:
                     store.add_profile(profile(state, now + 1, 12.5, rng),
                                       device_class=state.device_class)
                     progress[state.device_id] = DeviceProgress(
-                        state.device_id, state.device_class, 1, status=INSTALLED,
+                        state.device_id, state.device_class, 1,
+                        status=FAILED if n % 100 == 13 else INSTALLED,
                         sent_at=now, updated_at=now)
         spec = RolloutSpec(rollout_id="ro-all", release_id=RELEASE, model="kws", version=2,
                            previous_version=1, selector=Selector(), waves=parse_waves("100%"),
@@ -75,10 +88,14 @@ def fill(db: Path, devices: int) -> None:
         store.create_rollout("ro-all", RELEASE, spec.to_dict(), state=done.to_dict())
 
 
-def commands(db: Path, out: Path) -> dict[str, list[str]]:
+def commands(db: Path, out: Path, devices: int) -> dict[str, list[str]]:
     fleetlite, url = str(BIN / "fleetlite"), f"sqlite:///{db}"
+    middle = continue_token(f"sim-{devices // 2 - 1:05d}")
     return {
         "devices list": [fleetlite, "devices", "list", "--db", url],
+        "devices list --limit 0": [fleetlite, "devices", "list", "--limit", "0", "--db", url],
+        "devices list --continue (the middle)": [fleetlite, "devices", "list", "--continue",
+                                                 middle, "--db", url],
         "devices list -o json": [fleetlite, "devices", "list", "-o", "json", "--db", url],
         "devices list --class jetson": [fleetlite, "devices", "list", "--class", "jetson",
                                         "--db", url],
@@ -87,6 +104,9 @@ def commands(db: Path, out: Path) -> dict[str, list[str]]:
         "profiles show --model kws": [fleetlite, "profiles", "show", "--model", "kws",
                                       "--db", url],
         "report --html": [fleetlite, "report", "--html", str(out), "--db", url],
+        "report --html --max-devices 0": [fleetlite, "report", "--html",
+                                          str(out.with_suffix(".all.html")),
+                                          "--max-devices", "0", "--db", url],
     }
 
 
@@ -101,8 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         fill(small, 10)
         fill(large, args.devices)
         filled = time.perf_counter() - started
-        todo = {"small": commands(small, Path(tmp) / "small.html"),
-                "large": commands(large, Path(tmp) / "large.html")}
+        todo = {"small": commands(small, Path(tmp) / "small.html", 10),
+                "large": commands(large, Path(tmp) / "large.html", args.devices)}
         times: dict[tuple[str, str], list[float]] = {}
         for _ in range(args.runs):
             for name in todo["small"]:
@@ -110,9 +130,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     times.setdefault((which, name), []).append(wall_time(todo[which][name]))
         size_mb = large.stat().st_size / 1e6
         report_mb = (Path(tmp) / "large.html").stat().st_size / 1e6
+        all_mb = (Path(tmp) / "large.all.html").stat().st_size / 1e6
     print(f"# reading commands at {args.devices} devices (store {size_mb:.1f} MB, filled in "
-          f"{filled:.0f} s; report {report_mb:.1f} MB) against 10 devices: median of "
-          f"{args.runs} runs each, fresh processes\n")
+          f"{filled:.0f} s; report {report_mb:.1f} MB, {all_mb:.1f} MB with --max-devices 0) "
+          f"against 10 devices: median of {args.runs} runs each, fresh processes\n")
     print(f"| command | 10 devices ms | {args.devices} devices ms | ratio |")
     print("| --- | ---: | ---: | ---: |")
     for name in todo["small"]:

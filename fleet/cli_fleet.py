@@ -518,9 +518,12 @@ def _continue_token(text: str) -> str:
             if raw.startswith(_TOKEN_PREFIX) else ""
     except (binascii.Error, ValueError):
         raise wrong from None
-    if not device_id:
-        raise wrong
-    return device_id
+    from fleetlite.sdk.topics import TopicError, validate_device_id
+
+    try:  # a device id a page can end with (a cut or edited token decodes to anything)
+        return validate_device_id(device_id)
+    except TopicError:
+        raise wrong from None
 
 
 def _limit(kind: Callable[[str], Any]) -> Callable[[str], Any]:

@@ -98,9 +98,13 @@ _PHASE_WHERE = {
 }
 
 #: Chunk frames received but not yet written are held in the OTA inbox up to this many bytes (a
-#: frame counts ``_FRAME_OVERHEAD`` more); beyond it a frame is dropped and must be asked for again,
-#: which costs at least a chunk-idle wait (5 s by default).
+#: frame counts ``_FRAME_OVERHEAD`` more). While a download runs, a frame that does not fit makes
+#: the network thread wait for room (up to CHUNK_ROOM_WAIT_S): it stops reading, and TCP and the
+#: broker's in-flight window hold back the rest, so the broker's burst of a release's retained
+#: chunks is taken at the disk's pace. Otherwise (or after that wait) the frame is dropped and
+#: must be asked for again, which costs at least a chunk-idle wait (5 s by default).
 CHUNK_BUFFER_BYTES = 8 * 1024 * 1024
+CHUNK_ROOM_WAIT_S = 5.0
 #: A chunk request asks for at most this many bytes (and at most MAX_REQUEST_CHUNKS chunks), so
 #: the answer to this device's own request always fits the buffer, whatever the disk's pauses (a
 #: persist fsyncs) while the broker delivers it; the rest is room for chunks others asked for.
@@ -179,7 +183,10 @@ class OtaManager:
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=_INBOX_ENTRIES)
         self._inbox_lock = threading.Lock()
+        self._inbox_room = threading.Condition(self._inbox_lock)
         self._inbox_bytes = 0  # chunk bytes in the inbox (CHUNK_BUFFER_BYTES at most)
+        self._taking_chunks = False  # a download consumes chunks: wait for room, not drop
+        self._room_waits_failed = False  # the last wait timed out: drop until room is made
         self._busy = threading.Lock()
         self._thread: threading.Thread | None = None
         self._revive = threading.Lock()
@@ -490,11 +497,18 @@ class OtaManager:
     # -- the worker ------------------------------------------------------------------------
 
     def on_message(self, kind: str, payload: bytes) -> None:
-        """Called from the network thread: hand over, never block. Chunk frames are buffered
-        up to CHUNK_BUFFER_BYTES (a request's answer fits; see REQUEST_WINDOW_BYTES)."""
+        """Called from the network thread: hand over. Chunk frames are buffered up to
+        CHUNK_BUFFER_BYTES; while a download takes them, a frame waits for room (flow control
+        through the connection: see CHUNK_BUFFER_BYTES), up to CHUNK_ROOM_WAIT_S; nothing else
+        ever waits."""
         cost = len(payload) + _FRAME_OVERHEAD if kind == "chunk" else 0
-        with self._inbox_lock:
-            if cost and self._inbox_bytes + cost > CHUNK_BUFFER_BYTES:
+        with self._inbox_room:
+            if (cost and self._taking_chunks and not self._room_waits_failed
+                    and not self._inbox_room.wait_for(
+                        lambda: not self._taking_chunks or self._has_room(cost),
+                        timeout=CHUNK_ROOM_WAIT_S)):
+                self._room_waits_failed = True  # the worker is stuck: do not hold the link
+            if cost and not self._has_room(cost):
                 full = True
             else:
                 try:
@@ -508,13 +522,27 @@ class OtaManager:
         if full:
             log.warning("OTA inbox full; dropping a %s message (it will be re-requested)", kind)
 
+    def _has_room(self, cost: int) -> bool:
+        return (self._inbox_bytes + cost <= CHUNK_BUFFER_BYTES
+                and self._inbox.qsize() < _INBOX_ENTRIES)
+
     def _next_message(self, timeout: float) -> tuple[str, bytes]:
         """The oldest message of the inbox (``queue.Empty`` after ``timeout`` seconds)."""
         kind, payload = self._inbox.get(timeout=timeout)
         if kind == "chunk":
-            with self._inbox_lock:
+            with self._inbox_room:
                 self._inbox_bytes -= len(payload) + _FRAME_OVERHEAD
+                self._room_waits_failed = False
+                self._inbox_room.notify_all()
         return kind, payload
+
+    def _take_chunks(self, taking: bool) -> None:
+        """A download starts (chunks that do not fit wait for room) or ends (they are dropped:
+        nothing would make room)."""
+        with self._inbox_room:
+            self._taking_chunks = taking
+            self._room_waits_failed = False
+            self._inbox_room.notify_all()
 
     def _worker_main(self) -> None:
         try:
@@ -863,6 +891,7 @@ class OtaManager:
                                   max_requests_without_progress=int(
                                       settings.max_requests_without_progress),
                                   deadline_s=settings.download_deadline_s)
+        self._take_chunks(True)
         self.link.subscribe(topic, lambda payload: self.on_message("chunk", payload))
         last_report = 0.0
         try:
@@ -909,6 +938,7 @@ class OtaManager:
             store.discard()
             raise InstallEndedError("rejected", exc.reason, str(exc)) from exc
         finally:
+            self._take_chunks(False)
             self.link.unsubscribe(topic)
             try:
                 store.close()

@@ -12,9 +12,11 @@ from fleetlite.tools.bench import bench_ota_transfer
 from fleetlite.tools.bench.bench_rollout import model_bytes
 
 
-def test_small_transfer_completes_with_every_byte(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("serving", [[], ["--request-only"]], ids=["retained", "request-only"])
+def test_small_transfer_completes_with_every_byte(capsys: pytest.CaptureFixture[str],
+                                                  serving: list[str]) -> None:
     code = bench_ota_transfer.main(["--model-kib", "64", "--chunk-size", "4096", "--json",
-                                    "--timeout", "120"])
+                                    "--timeout", "120", *serving])
     out = capsys.readouterr().out
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert code == 0, out

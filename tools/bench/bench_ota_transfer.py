@@ -10,9 +10,11 @@ chunk size:
 - **FleetLite**: a signed release of ``heavy_mlp`` (``fleetlite.tools.models``) of about
   ``--model-kib`` KiB (as ``bench_rollout`` builds it), served by the real release publisher
   (:class:`~fleetlite.fleet.ota_publisher.ReleasePublisher` with its defaults, called as the
-  controller calls it: ``serve(bundle, chunk_size, initial_pass=False, wait=False)``, so chunks
-  go out only when the device asks for them; ``--initial-pass`` serves with ``initial_pass=True``
-  instead), and ONE real agent process (``python -m
+  controller calls it: ``serve(bundle, chunk_size, initial_pass=True, wait=False)``: every chunk
+  published once, retained on its own topic, before the command is sent (the time the broker
+  took to acknowledge them all is printed apart); ``--request-only`` serves with
+  ``initial_pass=False``, as the controller did before retained chunks: the device's requests
+  bring the chunks, window by window), and ONE real agent process (``python -m
   fleetlite.agent.cli run``, a fresh state directory, the release's root of trust, the agent's
   default OTA settings except the health window: ``--health-timeout-s``) sent a real
   ``ota_install`` command. A monitoring client subscribed to the device's topics times, from the
@@ -96,6 +98,7 @@ class FleetResult:
     chunks_published: int = 0
     requests: int = 0
     duplicates: int = 0
+    serve_s: float = float("nan")  # the publisher's initial pass, until the broker acked it all
     model_matches: bool = False  # the model file the device now serves is the model's bytes
 
 
@@ -328,7 +331,13 @@ def fleet_transfer(port: int, work: Path, bundle: ReleaseBundle, model: bytes, c
     publisher = ReleasePublisher("127.0.0.1", port)
     try:
         publisher.start(timeout=30)
-        publisher.serve(bundle, chunk_size, initial_pass=args.initial_pass, wait=False)
+        t_serve = time.monotonic()
+        publisher.serve(bundle, chunk_size, initial_pass=not args.request_only, wait=False)
+        if not args.request_only:
+            if not publisher.wait_idle(args.timeout):
+                print(f"# the release was not retained within {args.timeout:g} s", flush=True)
+                return result
+            result.serve_s = time.monotonic() - t_serve
         if monitor.wait_for(lambda kind, payload: kind == topics.BIRTH, args.agent_timeout) is None:
             print(f"# the agent did not start within {args.agent_timeout:g} s; its log:\n"
                   + (directory / "agent.log").read_text(errors="replace")[-2000:], flush=True)
@@ -393,6 +402,8 @@ def fleet_transfer(port: int, work: Path, bundle: ReleaseBundle, model: bytes, c
                   + (directory / "agent.log").read_text(errors="replace")[-2000:], flush=True)
         return result
     finally:
+        with contextlib.suppress(Exception):  # the next run may use another chunk size
+            publisher.stop_serving(bundle.release_id, timeout=60)
         publisher.close()
         if agent.poll() is None:
             agent.terminate()
@@ -421,8 +432,9 @@ def print_table(rows: Sequence[Row]) -> None:
     print()
     print("| model (bytes) | chunk | FleetLite download (s) | FleetLite MiB/s | bare (s) | "
           "bare MiB/s | FleetLite / bare | command→downloading (s) | →installed (s) | "
-          "chunks published / needed | requests | duplicates |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "chunks published / needed | requests | duplicates | release retained before (s) |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+          "| ---: |")
     for row in rows:
         fleet, bare = row.fleet_s(), row.bare_s()
         ratio = fleet / bare if bare and not math.isnan(bare) else float("nan")
@@ -436,7 +448,8 @@ def print_table(rows: Sequence[Row]) -> None:
               f"{_s(_median([r.installed_s for r in row.fleet]))} | "
               f"{published:,.0f} / {needed:,} | "
               f"{_median([r.requests for r in row.fleet]):.0f} | "
-              f"{_median([r.duplicates for r in row.fleet]):.0f} |")
+              f"{_median([r.duplicates for r in row.fleet]):.0f} | "
+              f"{_s(_median([r.serve_s for r in row.fleet]))} |")
     print()
 
 
@@ -457,9 +470,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="seconds for one install or bare transfer")
     parser.add_argument("--agent-timeout", type=float, default=60.0,
                         help="seconds for an agent to start")
-    parser.add_argument("--initial-pass", action="store_true",
-                        help="serve with initial_pass=True (every chunk published once when the "
-                             "release is served, before the command) instead of on request only")
+    parser.add_argument("--request-only", action="store_true",
+                        help="serve with initial_pass=False: chunks go out only when the device "
+                             "asks (the controller's serving before retained chunks)")
     parser.add_argument("--trace", action="store_true",
                         help="print the device's messages after the command, timed")
     parser.add_argument("--agent-log-level", default="WARNING",
@@ -469,7 +482,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     print(f"# one device's OTA transfer: models {args.model_kib} KiB, chunk sizes "
           f"{args.chunk_size}, repeat {args.repeat}, "
-          f"{'initial pass' if args.initial_pass else 'served on request'}; "
+          f"{'served on request only' if args.request_only else 'retained chunks'}; "
           f"{os.cpu_count()} CPUs, load "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
           f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}", flush=True)
@@ -494,7 +507,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           f"chunk {chunk_size}: FleetLite download {_s(f.download_s)} s "
                           f"(downloading at {_s(f.downloading_s)}, done request at "
                           f"{_s(f.done_request_s)}, {f.outcome or 'no final'} "
-                          f"{f.reason} at {_s(f.installed_s)}), bare {_s(b.seconds)} s; "
+                          f"{f.reason} at {_s(f.installed_s)}; release retained in "
+                          f"{_s(f.serve_s)} s before the command), bare {_s(b.seconds)} s; "
                           f"load {os.getloadavg()[0]:.2f}", flush=True)
                     rows.append(row)
                     if args.json:

@@ -409,7 +409,7 @@ controller stopped by itself (its SQLite file was deleted or replaced); 2 a usag
     report.add_argument("--title", default="FleetLite fleet report")
     report.add_argument("--max-devices", type=_page_size, default=1000, metavar="N",
                         help="rows of the devices table at most (default 1000; 0: every "
-                        "device; 10,000 rows make a page of about 4 MB)")
+                        "device; each 1,000 rows add about 0.3 MB to the page)")
 
 
 _REQUEST_HELP = {

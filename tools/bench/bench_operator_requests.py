@@ -35,7 +35,9 @@ answer:
 2. **under load**: a rollout of v2 to every device, waves ``--waves`` (default 1%,10%,100%),
    thresholds 0.5/0.5, answered by the responder; the requests are spread over the rollout's
    progress (the i-th pair once ``i/(pairs+1)`` of 95 % of the answers came), so that they fall
-   in the waves' busiest moments.
+   in the waves' busiest moments. The table also splits them: those called while the devices'
+   answers were still arriving (the ingest under way), and those after (the held devices keep
+   the rollout running, and the controller reads it on every tick).
 
 A request's latency is from the call to the SDK's return with the controller's answer (what an
 operator waits for: the request is written under the rollout's lock, the controller applies it
@@ -206,6 +208,7 @@ class FinalCounter:
 
     def __init__(self, port: int) -> None:
         self.finals: dict[str, set[str]] = {}
+        self.last_at: dict[str, float] = {}  # when the release's last final status came
         self._lock = threading.Lock()
         ready = threading.Event()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-op-counter",
@@ -216,8 +219,9 @@ class FinalCounter:
                 data = json.loads(message.payload)
                 if data.get("final"):
                     with self._lock:
-                        self.finals.setdefault(str(data.get("release_id")), set()).add(
-                            str(data.get("device_id")))
+                        release = str(data.get("release_id"))
+                        self.finals.setdefault(release, set()).add(str(data.get("device_id")))
+                        self.last_at[release] = time.time()
 
         self.client.on_connect = lambda c, *a: c.subscribe(
             topics.fleet_subscription(topics.OTA_STATUS), qos=0)
@@ -261,6 +265,7 @@ class Phase:
     peak_per_s: int = 0
     outcomes: dict[str, int] = field(default_factory=dict)
     final_state: str = ""
+    answers_until: float = 0.0  # the last device's answer came then (the held ones aside)
 
     @property
     def per_second(self) -> float:
@@ -411,6 +416,7 @@ def run_load(store: Store, fleet: Fleet, release_id: str, requests: int, devices
                  f"({state_of(store, LOAD_ID).reason}), {counter.count(release_id)} answers")
         for action in todo[2 * i:2 * i + 2]:
             phase.requests.append(timed_request(fleet, LOAD_ID, action, f"load {i}"))
+    phase.answers_until = counter.last_at.get(release_id, 0.0)
     # the abort is applied: the held devices answer, and every install has its outcome
     assert responder.stdin is not None
     responder.stdin.write("release\n")
@@ -562,6 +568,12 @@ def print_figures(result: dict[str, Any]) -> None:
                       if action in ("all", r["action"])]
             if values:
                 print(f"| {phase['name']} | {summary_row(action, values)} |")
+    until = load["answers_until"]
+    for label, chosen in (("load, answers arriving", True), ("load, answers done", False)):
+        values = [r["seconds"] for r in load["requests"]
+                  if (r["answered_at"] - r["seconds"] <= until) == chosen]
+        if values:
+            print(f"| {label} | {summary_row('all', values)} |")
     all_idle = [r["seconds"] for r in idle["requests"]]
     all_load = [r["seconds"] for r in load["requests"]]
     step_load = [r["to_step"] for r in load["requests"]]
@@ -572,7 +584,7 @@ def print_figures(result: dict[str, Any]) -> None:
           f"{statistics.median(step_load) * 1000:.0f} ms load, p99 "
           f"{percentile(step_load, .99) * 1000:.0f} ms load")
     print(f"# decisions under load: {load['device_decisions']:,} about devices "
-          f"({load['decisions']:,} in all) from the first to the abort's answer, "
+          f"({load['decisions']:,} in all) from the first to the last before the abort's answer, "
           f"{load['window_s']:.1f} s = "
           f"{load['per_second']:,.0f}/s, busiest second {load['peak_per_s']:,}; outcomes "
           f"{load['outcomes']}; final state {load['final_state']}; idle phase "

@@ -70,7 +70,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 import paho.mqtt.client as mqtt
@@ -92,9 +92,9 @@ from fleetlite.fleet.errors import (
     StoreGoneError,
     StoreUnavailableError,
 )
-from fleetlite.fleet.gates import ProfileView
 from fleetlite.fleet.health_endpoint import HealthEndpoint, parse_listen_address
 from fleetlite.fleet.ingest_backlog import BacklogItem, IngestBacklog
+from fleetlite.fleet.ingest_batch import AckOrder, IngestQueue, Ticket
 from fleetlite.fleet.ingest_limits import (
     ADMIT,
     HOLD,
@@ -104,6 +104,7 @@ from fleetlite.fleet.ingest_limits import (
     IngestGate,
     IngestLimits,
     IngestLimitsError,
+    RefusalCount,
     RefusalTally,
     check_birth,
 )
@@ -118,6 +119,7 @@ from fleetlite.fleet.rollout import (
     apply,
     decide,
 )
+from fleetlite.fleet.rollout_inputs import ProfileViews
 from fleetlite.fleet.sender_check import (
     Refusal,
     RefusalLog,
@@ -125,7 +127,7 @@ from fleetlite.fleet.sender_check import (
     check_ota_status,
     check_profile,
 )
-from fleetlite.fleet.store import OtaRecord, Store, open_store
+from fleetlite.fleet.store import Store, open_store
 from fleetlite.fleet.store_health import StoreHealth
 from fleetlite.sdk import topics
 from fleetlite.sdk.bundle import ReleaseBundle
@@ -158,6 +160,9 @@ _TIMED_OUT = "timed_out"
 _DRAIN_BUDGET_S = 2.0
 # how long stop() tries to store a backlog left when the controller is stopped
 _STOP_DRAIN_S = 5.0
+# reports stored in one transaction at most (fleet/ingest_batch.py); the broker's in-flight
+# window (max_inflight_messages) bounds what arrives unacknowledged meanwhile
+_MAX_BATCH = 500
 # the counter of each refusal reason (the sender checks' reasons count as "refused")
 _COUNTERS = {OVERSIZE: "oversize", RATE_LIMITED: "rate_limited", MALFORMED: "malformed"}
 # the parser of each kind the controller stores
@@ -199,6 +204,7 @@ class Controller:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._serving: set[str] = set()
+        self.profile_views = ProfileViews()  # parsed once per profile, not once per tick
         self._held: set[str] = set()
         # rollouts found finished with nothing left to record, at that revision: a tick does
         # not read them again (their state grows with the fleet) until their revision changes
@@ -229,8 +235,13 @@ class Controller:
         #: on reach the controller (before the SUBACKs, the broker may still drop them)
         self.connected = threading.Event()
         self._unacked: set[int] = set()  # subscription packet ids awaiting their SUBACK
+        # reports are stored in batches by a worker thread and each QoS 1 message acknowledged
+        # once its report is stored (fleet/ingest_batch.py): manual acknowledgements
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.id,
-                                  clean_session=not self.persistent)
+                                  clean_session=not self.persistent, manual_ack=True)
+        self.acks = AckOrder(self.client.ack)
+        self.ingest_queue: IngestQueue[tuple[BacklogItem, Ticket]] = IngestQueue(
+            self._store_received, max_batch=_MAX_BATCH)
         tls = ssl_context(self.broker)
         _configure(self.client, self.broker, tls)
         self.client.on_connect = self._on_connect
@@ -247,6 +258,7 @@ class Controller:
     def start(self) -> Controller:
         """Migrate the store, connect, start serving and the rollout loop."""
         self.store.migrate()
+        self.ingest_queue.start()
         self.client.connect_async(self.host, self.port, keepalive=30)
         self.client.loop_start()
         try:
@@ -271,8 +283,12 @@ class Controller:
             except Exception:  # the lease expires by itself
                 log.exception("could not release the lease of rollout %s", rollout_id)
         self._held.clear()
+        # store (and acknowledge) what was received, then disconnect; what arrives between the
+        # two is stored without its acknowledgement (a persistent session gets it again)
+        self.ingest_queue.flush(_STOP_DRAIN_S)
         self.client.disconnect()
         self.client.loop_stop()
+        self.ingest_queue.close(_STOP_DRAIN_S)
         if self.fatal is None:
             # the network thread is gone: store the backlog, the held telemetry and the refusal
             # counts, as far as the store lets us
@@ -329,17 +345,31 @@ class Controller:
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
                        properties: Any) -> None:
         self.connected.clear()
+        self.acks.reset()  # the broker sends the unacknowledged messages again (persistent)
         if not self._stop.is_set():
             log.warning("controller %s lost the broker (%s); reconnecting", self.id, reason)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: Any) -> None:
         # The network thread: the size cap and the sender's rate are checked before anything is
         # parsed, and what they refuse costs no store write (counted, stored once per tick).
+        # An admitted report goes to the ingest queue, whose worker stores it with the others
+        # that arrived meanwhile and then acknowledges it; anything else is acknowledged now
+        # (in arrival order: AckOrder).
+        ticket = self.acks.received(message.mid, message.qos)
+        queued = False
+        try:
+            queued = self._receive(message, ticket)
+        finally:
+            if not queued:
+                self.acks.settle(ticket)
+
+    def _receive(self, message: Any, ticket: Ticket) -> bool:
+        """Check one message on the network thread; True if it was queued to be stored."""
         try:
             parsed = topics.parse_device_topic(message.topic)
         except topics.TopicError as exc:
             self._malformed("", "", exc)
-            return
+            return False
         device_id, kind, payload = parsed.device_id, parsed.kind, message.payload
         # the controller's clock, never the device's, says when a device was last heard; a
         # retained message is a snapshot the broker kept, not the device speaking now
@@ -350,11 +380,100 @@ class Controller:
             if verdict == HOLD:
                 dropped = self.gate.hold(device_id, bytes(payload))
         if verdict == ADMIT:
-            self._handle(device_id, kind, bytes(payload), received_at)
-        elif isinstance(verdict, Refusal):
+            item = BacklogItem(device_id, kind, bytes(payload), received_at)
+            self.ingest_queue.put((item, ticket))
+            return True
+        if isinstance(verdict, Refusal):
             self._refused(device_id, kind, verdict)
         elif dropped is not None:
             self._refused(device_id, kind, dropped)
+        return False
+
+    def _store_received(self, batch: Sequence[tuple[BacklogItem, Ticket]]) -> None:
+        """The ingest worker: store a batch of reports, then acknowledge their messages."""
+        try:
+            self._store_batch([item for item, _ in batch])
+        except Exception:  # never lose the acknowledgements: they are owed in any case
+            log.exception("could not store a batch of %d reports", len(batch))
+        finally:
+            for _, ticket in batch:
+                self.acks.settle(ticket)
+
+    def _store_batch(self, items: Sequence[BacklogItem]) -> None:
+        """Store reports in arrival order, as few transactions as possible: as
+        :meth:`_handle` would one by one (the same checks, refusals, backlog and counters).
+        A transaction ends after a report its sender checks refuse (the refusal is counted
+        then, so it is stored before that sender's next report, as one by one); a transaction
+        that fails is done again one report at a time, or kept in the backlog when the store is
+        unavailable."""
+        parsed: list[tuple[BacklogItem, Optional[object]]] = []
+        for item in items:  # parse before any transaction: a malformed report costs none
+            parse = _PARSERS.get(item.kind)
+            if not item.payload or parse is None:
+                parsed.append((item, None))  # a cleared retained message: nothing to store
+                continue
+            try:
+                parsed.append((item, parse(item.payload)))
+            except (MessageError, ValueError) as exc:
+                self._malformed(item.device_id, item.kind, exc)
+        start = 0
+        while start < len(parsed):
+            if not self.store_health.ok or len(self.backlog):
+                for item, _ in parsed[start:]:
+                    self._keep(item)
+                return
+            start = self._store_run(parsed, start)
+
+    def _store_run(self, parsed: Sequence[tuple[BacklogItem, Optional[object]]],
+                   start: int) -> int:
+        """Store ``parsed[start:]`` in one transaction, up to and including the first report
+        refused; returns where the next transaction starts."""
+        drained: list[list[RefusalCount]] = []
+        done: list[tuple[BacklogItem, Optional[Refusal]]] = []
+        end = start
+        try:
+            with self.store.batch():
+                while end < len(parsed):
+                    item, report = parsed[end]
+                    end += 1
+                    if report is None:
+                        done.append((item, None))
+                        continue
+                    with self._ingest_lock:
+                        earlier = self.refusals.drain(item.device_id)
+                    if earlier:
+                        drained.append(earlier)
+                        self.store.record_refusals(earlier)
+                    refusal = self._store_report(item.device_id, report, item.received_at)
+                    done.append((item, refusal))
+                    if refusal is not None:
+                        break
+        except StoreUnavailableError as exc:
+            self._restore_refusals(drained)
+            self._store_failed(exc)
+            for item, _ in parsed[start:]:
+                self._keep(item)
+            return len(parsed)
+        except Exception:
+            # one report the store cannot take (or a bug): store them one by one, as before
+            self._restore_refusals(drained)
+            for item, _ in parsed[start:end]:
+                self._handle(item.device_id, item.kind, item.payload, item.received_at)
+            return end
+        self._store_ok()
+        for item, refusal in done:
+            if refusal is None:
+                with self._ingest_lock:
+                    self.counters["ingested"] += 1
+                    self.ingested_by_kind[item.kind] += 1
+            else:
+                self._refused(item.device_id, item.kind, refusal)
+        return end
+
+    def _restore_refusals(self, drained: Sequence[list[RefusalCount]]) -> None:
+        with self._ingest_lock:
+            for batch in drained:
+                self.refusals.restore(batch)
 
     def _handle(self, device_id: str, kind: str, payload: bytes,
                 received_at: Optional[float]) -> None:
@@ -726,14 +845,11 @@ class Controller:
         devices = [DeviceView(d.device_id, d.device_class, d.tags, d.online)
                    for d in self.store.list_devices()]
         classes = {d.device_id: d.device_class for d in devices}
-        records = self.store.ota_records(release_id=spec.release_id)
         # outcome times on the controller's clock: the engine compares them with send times
         outcomes = [OutcomeView.from_status(r.status, r.received_at)
-                    for r in records if r.status.final]
+                    for r in self.store.ota_outcomes(spec.release_id)]
         outcomes += self._refusals(rollout_id, spec)
-        profiles = [ProfileView.from_record(row.record(), row.device_class or
-                                            classes.get(row.device_id, ""))
-                    for row in self.store.profiles(model=spec.model)]
+        profiles = self.profile_views.views(self.store, spec.model, classes)
         decisions = decide(spec, state, devices, profiles, now, outcomes=outcomes)
         if decisions:
             new_state = apply(state, decisions, now)
@@ -761,7 +877,7 @@ class Controller:
                                   "from_version": spec.version},
                                  origin=f"rollout {rollout_id}")
             state = new_state
-        self._resend_unanswered(rollout_id, spec, state, devices, records, now)
+        self._resend_unanswered(rollout_id, spec, state, devices, now)
         return len(decisions)
 
     def _refusals(self, rollout_id: str, spec: RolloutSpec) -> list[OutcomeView]:
@@ -776,8 +892,7 @@ class Controller:
                 if c.command in ("ota_install", "ota_rollback")]
 
     def _resend_unanswered(self, rollout_id: str, spec: RolloutSpec, state: RolloutState,
-                           devices: Sequence[DeviceView], records: Iterable[OtaRecord],
-                           now: float) -> None:
+                           devices: Sequence[DeviceView], now: float) -> None:
         """Send the install again, once, to online ``sent`` devices that said nothing about the
         release for ``resend_after_s`` since the send or their last OTA status, once no device
         at all has said anything about it for that long: the command may have been lost (a
@@ -785,9 +900,9 @@ class Controller:
         the device's final status (a controller down without a persistent session)."""
         if now < self._resends_held_until:
             return
-        heard: dict[str, float] = {}
-        for r in records:
-            heard[r.status.device_id] = max(heard.get(r.status.device_id, 0.0), r.received_at)
+        if not any(dev.status == _SENT for dev in state.devices.values()):
+            return
+        heard = self.store.ota_last_heard(spec.release_id)
         if heard and now < max(heard.values()) + self.resend_after_s:
             # devices are still answering this release: one still silent is most likely behind
             # in a queue (the broker's, its own), not missing its command; a re-send now would

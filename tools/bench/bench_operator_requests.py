@@ -1,7 +1,8 @@
 """Operator requests during a large rollout (issue 13): how long a ``pause``, ``resume`` or
 ``abort`` takes to be applied while a controller drives a rollout to ``--devices`` devices,
 against the same requests on the same store with the rollout idle; and the decisions per second
-the controller stores meanwhile.
+the controller stores meanwhile (and its counters: ``stale_batches`` are the steps whose
+decisions were discarded because a request changed the rollout while they were decided).
 
 ``python -m fleetlite.tools.bench.bench_operator_requests [--devices 10000]
 [--store sqlite|postgresql|both] [--requests 50]``
@@ -539,8 +540,14 @@ def _run(backend: str, args: argparse.Namespace, work: Path, broker: Broker,
                                  f"{(work / 'controller.log').read_text()[-2000:]}")
     finally:
         counter.stop()
+    counters: dict[str, Any] = {}
+    for line in (work / "controller.log").read_text(errors="replace").splitlines():
+        if line.startswith("{"):  # what the controller prints when it stops
+            with contextlib.suppress(ValueError):
+                counters = json.loads(line).get("counters", {})
     return {"store": backend, "devices": args.devices, "seeded_s": round(seeded, 1),
-            "responder": summary, "idle": phase_dict(idle), "load": phase_dict(load)}
+            "responder": summary, "controller": counters, "idle": phase_dict(idle),
+            "load": phase_dict(load)}
 
 
 def phase_dict(phase: Phase) -> dict[str, Any]:
@@ -590,7 +597,8 @@ def print_figures(result: dict[str, Any]) -> None:
           f"{load['outcomes']}; final state {load['final_state']}; idle phase "
           f"{idle['device_decisions']:,} device decisions")
     print(f"# every request applied and the state as asked: idle {idle['all_applied']}, "
-          f"load {load['all_applied']}; responder {result['responder']}", flush=True)
+          f"load {load['all_applied']}; responder {result['responder']}; controller "
+          f"{result['controller']}", flush=True)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

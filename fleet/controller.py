@@ -119,7 +119,7 @@ from fleetlite.fleet.rollout import (
     apply,
     decide,
 )
-from fleetlite.fleet.rollout_inputs import ProfileViews
+from fleetlite.fleet.rollout_inputs import OutcomeViews, ProfileViews
 from fleetlite.fleet.sender_check import (
     Refusal,
     RefusalLog,
@@ -204,7 +204,9 @@ class Controller:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._serving: set[str] = set()
-        self.profile_views = ProfileViews()  # parsed once per profile, not once per tick
+        # parsed once per record, not once per tick (fleet/rollout_inputs.py)
+        self.profile_views = ProfileViews()
+        self.outcome_views = OutcomeViews()
         self._held: set[str] = set()
         # rollouts found finished with nothing left to record, at that revision: a tick does
         # not read them again (their state grows with the fleet) until their revision changes
@@ -767,6 +769,7 @@ class Controller:
         whose lease this controller gets."""
         self.send_queued_commands(now)
         needed: set[str] = set()  # releases of rollouts not settled: devices may still fetch
+        models: set[str] = set()
         for rollout_id, revision in self.store.rollout_revisions():
             if self._settled.get(rollout_id) == revision:
                 continue  # finished, and nothing has changed it since
@@ -787,6 +790,7 @@ class Controller:
                 self._settled[rollout_id] = record.revision
                 continue
             needed.add(spec.release_id)
+            models.add(spec.model)
             self._settled.pop(rollout_id, None)
             lease = f"rollout:{record.rollout_id}"
             if not self.store.claim(lease, self.id, self.lease_ttl_s):
@@ -804,6 +808,8 @@ class Controller:
                 log.exception("rollout %s: step failed; retrying next tick", record.rollout_id)
         for release_id in sorted(self._serving - needed):
             self._unserve_release(release_id)
+        self.outcome_views.retain(needed)
+        self.profile_views.retain(models)
 
     def _unserve_release(self, release_id: str) -> None:
         """Clear a release no rollout needs any more from the broker (its retained manifest
@@ -846,8 +852,7 @@ class Controller:
                    for d in self.store.list_devices()]
         classes = {d.device_id: d.device_class for d in devices}
         # outcome times on the controller's clock: the engine compares them with send times
-        outcomes = [OutcomeView.from_status(r.status, r.received_at)
-                    for r in self.store.ota_outcomes(spec.release_id)]
+        outcomes = self.outcome_views.views(self.store, spec.release_id)
         outcomes += self._refusals(rollout_id, spec)
         profiles = self.profile_views.views(self.store, spec.model, classes)
         decisions = decide(spec, state, devices, profiles, now, outcomes=outcomes)

@@ -665,6 +665,24 @@ def _redact(url: str) -> str:
 # -- the store ---------------------------------------------------------------------------------
 
 
+_PROFILE_COLUMNS = (
+    "id, device_id, ts, model, model_version, model_sha256, device_class, trigger_kind, "
+    "quantization, threads, mean_ms, p50_ms, p95_ms, p99_ms, init_ms, first_inference_ms, "
+    "peak_rss_mb, record_json")
+
+
+def _profile_row(r: Sequence[Any]) -> ProfileRow:
+    return ProfileRow(
+        id=int(r[0]), device_id=str(r[1]), ts=float(r[2]), model=str(r[3]),
+        version=None if r[4] is None else int(r[4]), sha256=str(r[5]),
+        device_class=str(r[6]), trigger=str(r[7]), quantization=str(r[8]),
+        threads=int(r[9]), mean_ms=float(r[10]), p50_ms=float(r[11]),
+        p95_ms=float(r[12]), p99_ms=float(r[13]), init_ms=float(r[14]),
+        first_inference_ms=float(r[15]), peak_rss_mb=float(r[16]),
+        record_json=str(r[17]),
+    )
+
+
 class Store:
     """The fleet's database. Make one with :func:`open_store`; close it (or use ``with``)."""
 
@@ -1082,6 +1100,26 @@ class Store:
                 _prune_profiles(db, record.device_id, keep_per_device)
             return result.rowcount > 0
 
+    def profile_ids(self, model: str) -> list[int]:
+        """The ids of every stored profile of ``model`` (a cache of parsed profiles keeps itself
+        in step with these: new ids to read, pruned ones to drop)."""
+        with self._transaction(write=False) as db:
+            rows = db.execute("SELECT id FROM profiles WHERE model = ?", (model,)).rows
+        return [int(row[0]) for row in rows]
+
+    def profiles_by_id(self, ids: Collection[int]) -> dict[int, ProfileRow]:
+        """The stored profiles with these ids (those still stored), by id."""
+        wanted = sorted(set(ids))
+        found: dict[int, ProfileRow] = {}
+        for start in range(0, len(wanted), 500):
+            part = wanted[start:start + 500]
+            with self._transaction(write=False) as db:
+                rows = db.execute(
+                    f"SELECT {_PROFILE_COLUMNS} FROM profiles WHERE id IN "
+                    f"({', '.join('?' * len(part))})", part).rows
+            found.update((int(r[0]), _profile_row(r)) for r in rows)
+        return found
+
     def profiles(
         self,
         model: Optional[str] = None,
@@ -1106,23 +1144,9 @@ class Store:
             params.append(since)
         condition = " AND ".join(where) or "1 = 1"
         with self._transaction(write=False) as db:
-            rows = db.execute(
-                "SELECT id, device_id, ts, model, model_version, model_sha256, device_class, "
-                "trigger_kind, quantization, threads, mean_ms, p50_ms, p95_ms, p99_ms, init_ms, "
-                f"first_inference_ms, peak_rss_mb, record_json FROM profiles WHERE {condition} "
-                "ORDER BY ts, id", params).rows
-        return [
-            ProfileRow(
-                id=int(r[0]), device_id=str(r[1]), ts=float(r[2]), model=str(r[3]),
-                version=None if r[4] is None else int(r[4]), sha256=str(r[5]),
-                device_class=str(r[6]), trigger=str(r[7]), quantization=str(r[8]),
-                threads=int(r[9]), mean_ms=float(r[10]), p50_ms=float(r[11]),
-                p95_ms=float(r[12]), p99_ms=float(r[13]), init_ms=float(r[14]),
-                first_inference_ms=float(r[15]), peak_rss_mb=float(r[16]),
-                record_json=str(r[17]),
-            )
-            for r in rows
-        ]
+            rows = db.execute(f"SELECT {_PROFILE_COLUMNS} FROM profiles WHERE {condition} "
+                              "ORDER BY ts, id", params).rows
+        return [_profile_row(r) for r in rows]
 
     # -- releases ----------------------------------------------------------------------------
 
@@ -1262,6 +1286,36 @@ class Store:
                               "ORDER BY ts, is_final, id", params).rows
         return [OtaRecord(OtaStatus.from_json(str(row[0]).encode()), float(row[1]))
                 for row in rows]
+
+    def ota_outcome_ids(self, release_id: str) -> list[int]:
+        """The ids of the final statuses (outcomes) of a release's installs: what a rollout
+        step needs of them, without the progress statuses that outnumber them."""
+        with self._transaction(write=False) as db:
+            rows = db.execute("SELECT id FROM ota_status WHERE release_id = ? AND is_final = 1",
+                              (release_id,)).rows
+        return [int(row[0]) for row in rows]
+
+    def ota_records_by_id(self, ids: Collection[int]) -> dict[int, OtaRecord]:
+        """The stored OTA statuses with these ids (those still stored), by id."""
+        wanted = sorted(set(ids))
+        found: dict[int, OtaRecord] = {}
+        for start in range(0, len(wanted), 500):
+            part = wanted[start:start + 500]
+            with self._transaction(write=False) as db:
+                rows = db.execute(
+                    "SELECT id, message_json, received FROM ota_status WHERE id IN "
+                    f"({', '.join('?' * len(part))})", part).rows
+            for row in rows:
+                found[int(row[0])] = OtaRecord(OtaStatus.from_json(str(row[1]).encode()),
+                                               float(row[2]))
+        return found
+
+    def ota_last_heard(self, release_id: str) -> dict[str, float]:
+        """Per device, when the fleet last received any status of its install of a release."""
+        with self._transaction(write=False) as db:
+            rows = db.execute("SELECT device_id, MAX(received) FROM ota_status WHERE "
+                              "release_id = ? GROUP BY device_id", (release_id,)).rows
+        return {str(row[0]): float(row[1]) for row in rows}
 
     # -- reports refused from their sender ----------------------------------------------------
 

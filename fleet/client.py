@@ -298,8 +298,9 @@ class WrittenReport:
 
 @dataclass(frozen=True)
 class RequestResult:
-    """An operator request: the rollout after it was queued (or handled, if waited for) and the
-    controller's answer, ``None`` until the controller handled it."""
+    """An operator request: the rollout after it was queued (or handled, if waited for;
+    without its decision log, which :meth:`Fleet.rollout` reads) and the controller's answer,
+    ``None`` until the controller handled it."""
 
     action: str
     rollout: Rollout
@@ -760,7 +761,8 @@ class Fleet:
         if action not in OPERATOR_ACTIONS:
             raise RolloutError(f"operator action must be one of {', '.join(OPERATOR_ACTIONS)}, "
                                f"got {action!r}")
-        before = max((d.id for d in self.store.decisions(rollout_id)), default=0)
+        # the controller answers after it read the request: its answer's id is greater
+        before = self.store.last_decision_id(rollout_id)
         try:
             with self.store.rollout_lock(rollout_id) as txn:
                 record = txn.rollout
@@ -785,13 +787,16 @@ class Fleet:
         while True:
             answer = self._answer(rollout_id, action, before)
             if answer is not None or time.monotonic() >= deadline:
-                return RequestResult(action, self.rollout(rollout_id), answer)
+                # the decision log of a large rollout is tens of thousands of rows: not here
+                record = self.store.get_rollout(rollout_id)
+                if record is None:
+                    raise self._no_rollout(rollout_id)
+                return RequestResult(action, _snapshot(record, ()), answer)
             time.sleep(0.1)
 
     def _answer(self, rollout_id: str, action: str, after: int) -> Optional[DecisionRow]:
-        for decision in self.store.decisions(rollout_id):
-            if (decision.id > after and decision.detail.get("operator")
-                    and decision.detail.get("action") == action):
+        for decision in self.store.decisions(rollout_id, after=after):
+            if decision.detail.get("operator") and decision.detail.get("action") == action:
                 return decision
         return None
 

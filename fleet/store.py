@@ -1674,13 +1674,14 @@ class Store:
             if result.rowcount == 0:
                 self._require_rollout(db, rollout_id)
 
-    def decisions(self, rollout_id: str) -> list[DecisionRow]:
-        """A rollout's decision log, in the order recorded."""
+    def decisions(self, rollout_id: str, *, after: int = 0) -> list[DecisionRow]:
+        """A rollout's decision log, in the order recorded; ``after``: only the decisions
+        recorded after the one with that id (:meth:`last_decision_id`)."""
         with self._transaction(write=False) as db:
             rows = db.execute(
                 "SELECT id, rollout_id, revision, kind, reason, device_id, wave, device_class, "
-                "detail_json, ts FROM rollout_decisions WHERE rollout_id = ? ORDER BY id",
-                (rollout_id,)).rows
+                "detail_json, ts FROM rollout_decisions WHERE rollout_id = ? AND id > ? "
+                "ORDER BY id", (rollout_id, after)).rows
         return [
             DecisionRow(id=int(r[0]), rollout_id=str(r[1]), revision=int(r[2]), kind=str(r[3]),
                         reason=str(r[4]), device_id=None if r[5] is None else str(r[5]),
@@ -1689,6 +1690,14 @@ class Store:
                         detail=_load_object(r[8]), ts=float(r[9]))
             for r in rows
         ]
+
+    def last_decision_id(self, rollout_id: str) -> int:
+        """The id of a rollout's latest decision (0 when it has none): a decision recorded
+        later has a greater id."""
+        with self._transaction(write=False) as db:
+            rows = db.execute("SELECT MAX(id) FROM rollout_decisions WHERE rollout_id = ?",
+                              (rollout_id,)).rows
+        return int(rows[0][0]) if rows and rows[0][0] is not None else 0
 
     def _require_rollout(self, db: _Db, rollout_id: str) -> None:
         if not db.execute("SELECT 1 FROM rollouts WHERE rollout_id = ?", (rollout_id,)).rows:

@@ -578,6 +578,10 @@ def test_rollout_lock_commits_together_or_not_at_all(store: Store) -> None:
     assert rollout is not None
     assert (rollout.revision, rollout.state) == (1, {"state": "running", "current_wave": 1})
     assert [d.kind for d in store.decisions("ro-1")] == ["send_install", "note"]
+    first, last = (d.id for d in store.decisions("ro-1"))
+    assert store.last_decision_id("ro-1") == last and store.last_decision_id("other") == 0
+    assert [d.kind for d in store.decisions("ro-1", after=first)] == ["note"]
+    assert store.decisions("ro-1", after=last) == []
     with store.rollout_lock("ro-1"):  # nothing written: the revision stays
         pass
     assert store.get_rollout("ro-1").revision == 1  # type: ignore[union-attr]

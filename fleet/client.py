@@ -788,10 +788,10 @@ class Fleet:
             answer = self._answer(rollout_id, action, before)
             if answer is not None or time.monotonic() >= deadline:
                 # the decision log of a large rollout is tens of thousands of rows: not here
-                record = self.store.get_rollout(rollout_id)
-                if record is None:
+                latest = self.store.get_rollout(rollout_id)
+                if latest is None:
                     raise self._no_rollout(rollout_id)
-                return RequestResult(action, _snapshot(record, ()), answer)
+                return RequestResult(action, _snapshot(latest, ()), answer)
             time.sleep(0.1)
 
     def _answer(self, rollout_id: str, action: str, after: int) -> Optional[DecisionRow]:

@@ -902,7 +902,12 @@ class Controller:
         release for ``resend_after_s`` since the send or their last OTA status, once no device
         at all has said anything about it for that long: the command may have been lost (a
         crash between the store's commit and the publish, a device offline at that moment), or
-        the device's final status (a controller down without a persistent session)."""
+        the device's final status (a controller down without a persistent session). While the
+        controller holds more received reports than one batch stores (or any report kept while
+        the store was down), and for ``resend_after_s`` after, nothing is re-sent: a device's
+        answer may be among them."""
+        if len(self.backlog) or len(self.ingest_queue) > self.ingest_queue.max_batch:
+            self._resends_held_until = max(self._resends_held_until, now + self.resend_after_s)
         if now < self._resends_held_until:
             return
         if not any(dev.status == _SENT for dev in state.devices.values()):

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from fleetlite.fleet.controller import Controller
+from fleetlite.fleet.ingest_backlog import BacklogItem
 from fleetlite.fleet.rollout import SENT, RolloutSpec, RolloutState, Selector, parse_waves
 from fleetlite.fleet.store import Store, open_store
 from fleetlite.sdk import topics
@@ -138,4 +139,23 @@ def test_no_resend_while_the_other_devices_are_still_answering(
     controller.drive("ro-1", t0 + 14 + RESEND_S + 1)
     installs(commands, 2)
     assert controller.counters["commands_resent"] == 2
+
+
+def test_no_resend_while_the_controller_holds_reports_it_has_not_stored(
+        fleet: tuple[Store, Controller, Collector]) -> None:
+    """The store was down: the device's answer may be among the reports kept meanwhile."""
+    _, controller, commands = fleet
+    t0 = time.time()
+    controller.drive("ro-1", t0)
+    installs(commands, 1)
+    kept = BacklogItem("gw-other", topics.TELEMETRY, b"", None)
+    assert controller.backlog.append(kept)
+    controller.drive("ro-1", t0 + RESEND_S + 1)
+    assert controller.counters["commands_resent"] == 0
+    controller.backlog.done(kept)  # stored: from now on, resend_after_s for the rest to come
+    controller.drive("ro-1", t0 + 2 * RESEND_S)
+    assert controller.counters["commands_resent"] == 0
+    controller.drive("ro-1", t0 + 2 * RESEND_S + 2)
+    installs(commands, 2)
+    assert controller.counters["commands_resent"] == 1
 

@@ -80,7 +80,7 @@ from fleetlite.fleet.store import Store
 from fleetlite.sdk import topics
 from fleetlite.sdk.messages import OtaStatus, Telemetry
 from fleetlite.sdk.profile import ProfileRecord
-from fleetlite.tools.bench.bench_ingest import fresh_store
+from fleetlite.tools.bench import bench_ingest
 from fleetlite.tools.sim.reports import DeviceState, birth, profile, telemetry
 
 KINDS = {"telemetry": topics.TELEMETRY, "profile": topics.PROFILE, "ota": topics.OTA_STATUS}
@@ -92,6 +92,41 @@ CLASS = "rpi4"
 BASE_TS = 1_800_000_000.0
 #: rates far above any stream this bench sends: the limiter never holds or refuses a report
 UNLIMITED = IngestLimits(rate=1e9, burst=10**9, telemetry_rate=1e9, telemetry_burst=10**9)
+
+
+@contextlib.contextmanager
+def fresh_store(backend: str, workdir: Path) -> Iterator[Store]:
+    """bench_ingest's empty store (a SQLite file, or a new PostgreSQL database dropped
+    afterwards); a database that cannot be dropped at once (an autovacuum worker on it, which
+    ``DROP DATABASE ... WITH (FORCE)`` may not end without superuser rights) is tried again,
+    then left with a warning rather than losing the run's figures."""
+    stores = bench_ingest.fresh_store(backend, workdir)
+    store = stores.__enter__()
+    try:
+        yield store
+    finally:
+        try:
+            stores.__exit__(None, None, None)
+        except Exception as exc:  # psycopg's InsufficientPrivilege or ObjectInUse
+            _drop_later(store, exc)
+
+
+def _drop_later(store: Store, first: Exception) -> None:
+    import urllib.parse
+
+    import psycopg
+
+    name = urllib.parse.urlsplit(store.url).path.lstrip("/")
+    error: Exception = first
+    for _ in range(5):
+        time.sleep(2.0)
+        try:
+            with psycopg.connect(os.environ["FLEETLITE_TEST_PG_URL"], autocommit=True) as admin:
+                admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            return
+        except Exception as exc:
+            error = exc
+    print(f"warning: could not drop the bench database {name}: {error}", file=sys.stderr)
 
 
 def device_ids(devices: int) -> list[str]:
@@ -374,6 +409,11 @@ def _print(results: Sequence[Result], args: argparse.Namespace, load: float) -> 
               f"({r.per_second:.0f}/s), refused/malformed {r.refused}")
 
 
+def _progress(r: Result) -> None:
+    print(f"{r.kind} {r.receiver}: {r.received} of {r.sent} in {r.seconds:.2f} s "
+          f"({r.per_second:.0f}/s)", file=sys.stderr, flush=True)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fleetlite.tools.bench.bench_ingest_rate",
                                      description=(__doc__ or "").split("\n")[0])
@@ -422,9 +462,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 for name in kinds:
                     kind = KINDS[name]
                     results.append(measure_bare(broker.port, kind, args, run))
+                    _progress(results[-1])
                     for backend in backends:
                         results.append(measure_controller(broker.port, kind, backend, args,
                                                           run, workdir))
+                        _progress(results[-1])
         finally:
             broker.stop()
             root.removeHandler(handler)

@@ -645,7 +645,7 @@ class OtaManager:
         """Remove the job's staging copy and any slot no longer active or previous; returns
         the bytes freed. Never raises."""
         for topic in (topics.release_topic(job.release_id, topics.RELEASE_MANIFEST),
-                      topics.chunks_filter(job.release_id)):
+                      topics.chunks_filter(job.release_id, job.chunk_size)):
             try:
                 self.link.unsubscribe(topic)
             except Exception:
@@ -880,7 +880,7 @@ class OtaManager:
         finished = {entry.name: staging / entry.name for entry in manifest.files}
         if all(path.is_file() for path in finished.values()):
             return finished  # finalized before a restart; the verify step re-checks them
-        topic = topics.chunks_filter(job.release_id)
+        topic = topics.chunks_filter(job.release_id, job.chunk_size)
         request_topic = topics.device_topic(self.device_id, topics.OTA_REQUEST)
         settings = self.settings
         try:

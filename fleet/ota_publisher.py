@@ -3,8 +3,9 @@ answer the devices' requests for the chunks they missed.
 
 For each served release a :class:`ReleasePublisher` publishes the signed envelope RETAINED on
 ``fleetlite/v1/rel/{id}/manifest`` and every chunk frame once, RETAINED on its own topic
-``.../chunks/{file_index}/{index}``: the broker holds the release, and a device that subscribes
-to ``.../chunks/+/+`` gets every chunk from the broker however late it comes (a later wave, a
+``.../chunks/{chunk_size}/{file_index}/{index}``: the broker holds the release, and a device that
+subscribes to ``.../chunks/{chunk_size}/+/+`` gets every chunk from the broker however late it
+comes (a later wave, a
 retry, a controller that is stopped meanwhile), so the fleet publishes each chunk once per
 release. Chunks that devices ask for on ``fleetlite/v1/dev/+/ota/request`` (the broker dropped
 them from a full client queue, or lost its retained messages in a restart without persistence)
@@ -256,7 +257,8 @@ class ReleasePublisher:
 
     def _clear_chunks(self, release_id: str, layout: ChunkLayout, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        infos = [self._client.publish(topics.chunk_topic(release_id, file_index, index), b"",
+        size = layout.chunk_size
+        infos = [self._client.publish(topics.chunk_topic(release_id, size, file_index, index), b"",
                                       qos=1, retain=True)
                  for file_index, count in enumerate(layout.counts) for index in range(count)]
         for info in infos:
@@ -463,7 +465,8 @@ class ReleasePublisher:
                 return
             frame = release.layout.frame(send.file_index, send.index,
                                          release.contents[send.file_index])
-        topic = topics.chunk_topic(send.release_id, send.file_index, send.index)
+            chunk_size = release.layout.chunk_size
+        topic = topics.chunk_topic(send.release_id, chunk_size, send.file_index, send.index)
         while not self._connected.wait(0.5):
             if self._stopping.is_set():
                 return

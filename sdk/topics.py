@@ -17,12 +17,14 @@ its subtree with ``pattern`` lines (``%c``/``%u`` must fill a whole level). With
 Release topics are per release, not per device, so the broker fans a release out to every device
 downloading it. With {rel} = ``fleetlite/v1/rel/{release_id}`` (64 lowercase hex digits)::
 
-    {rel}/manifest                    retained signed envelope (DSSE bytes)  fleet -> devices
-    {rel}/chunks/{file_index}/{index} retained chunk frame (sdk/chunks.py)   fleet -> devices
+    {rel}/manifest                          retained signed envelope (DSSE)  fleet -> devices
+    {rel}/chunks/{size}/{file_index}/{index} retained chunk frame            fleet -> devices
 
 Every chunk has its own retained topic, so the broker holds the release: a device that
-subscribes to ``{rel}/chunks/+/+`` gets every chunk at once, however late it comes, and the
-fleet publishes each chunk once per release, not once per device or wave.
+subscribes to ``{rel}/chunks/{size}/+/+`` (its chunk size) gets every chunk at once, however
+late it comes, and the fleet publishes each chunk once per release, not once per device or wave.
+The chunk size is a level of its own, so a release served with two chunk sizes (or again with
+another) never hands a device frames of the wrong size.
 """
 
 from __future__ import annotations
@@ -129,29 +131,34 @@ def release_topic(release_id: str, kind: str) -> str:
     return f"{RELEASE_PREFIX}/{validate_release_id(release_id)}/{kind}"
 
 
-# A file index is at most 65535 (a frame's 2-byte field) and a chunk index fits a frame's 8-byte
-# offset: written in decimal without leading zeros, so each chunk has exactly one topic.
+# The chunk size, a file index (at most 65535: a frame's 2-byte field) and a chunk index (it
+# fits a frame's 8-byte offset) are written in decimal without leading zeros, so each chunk has
+# exactly one topic.
 MAX_CHUNK_LEVEL_DIGITS = 20
 
 
-def chunk_topic(release_id: str, file_index: int, index: int) -> str:
-    """The retained topic of one chunk: ``fleetlite/v1/rel/{release_id}/chunks/{file}/{index}``."""
-    if not 0 <= file_index <= 0xFFFF or index < 0:
-        raise TopicError(f"no chunk topic for file {file_index}, chunk {index}")
-    return f"{release_topic(release_id, RELEASE_CHUNKS)}/{file_index}/{index}"
+def chunk_topic(release_id: str, chunk_size: int, file_index: int, index: int) -> str:
+    """The retained topic of one chunk:
+    ``fleetlite/v1/rel/{release_id}/chunks/{chunk_size}/{file_index}/{index}``."""
+    if chunk_size < 1 or not 0 <= file_index <= 0xFFFF or index < 0:
+        raise TopicError(f"no chunk topic for chunk size {chunk_size}, file {file_index}, "
+                         f"chunk {index}")
+    return f"{release_topic(release_id, RELEASE_CHUNKS)}/{chunk_size}/{file_index}/{index}"
 
 
-def chunks_filter(release_id: str) -> str:
-    """The subscription that receives every chunk of a release (retained and re-published)."""
-    return f"{release_topic(release_id, RELEASE_CHUNKS)}/+/+"
+def chunks_filter(release_id: str, chunk_size: int) -> str:
+    """The subscription that receives every chunk of a release served with ``chunk_size``
+    (retained and re-published)."""
+    return f"{release_topic(release_id, RELEASE_CHUNKS)}/{chunk_size}/+/+"
 
 
 @dataclass(frozen=True)
 class ReleaseTopic:
-    """A parsed release topic; a chunk topic also gives the chunk's file and index."""
+    """A parsed release topic; a chunk topic also gives its chunk size, file and index."""
 
     release_id: str
     kind: str
+    chunk_size: int | None = None
     file_index: int | None = None
     index: int | None = None
 
@@ -164,8 +171,8 @@ def _chunk_level(text: str) -> int | None:
 
 
 def parse_release_topic(topic: str) -> ReleaseTopic:
-    """Split ``fleetlite/v1/rel/{release_id}/manifest`` or ``.../chunks/{file}/{index}`` into
-    its parts; raise TopicError otherwise."""
+    """Split ``fleetlite/v1/rel/{release_id}/manifest`` or ``.../chunks/{size}/{file}/{index}``
+    into its parts; raise TopicError otherwise."""
     prefix = RELEASE_PREFIX + "/"
     if not topic.startswith(prefix):
         raise TopicError(f"{topic[:120]!r} is not a FleetLite release topic "
@@ -176,10 +183,11 @@ def parse_release_topic(topic: str) -> ReleaseTopic:
     if rest == RELEASE_MANIFEST:
         return ReleaseTopic(validate_release_id(release_id), RELEASE_MANIFEST)
     levels = rest.split("/")
-    if len(levels) == 3 and levels[0] == RELEASE_CHUNKS:
-        file_index, index = _chunk_level(levels[1]), _chunk_level(levels[2])
-        if file_index is not None and index is not None and file_index <= 0xFFFF:
-            return ReleaseTopic(validate_release_id(release_id), RELEASE_CHUNKS, file_index,
-                                index)
+    if len(levels) == 4 and levels[0] == RELEASE_CHUNKS:
+        size, file_index, index = (_chunk_level(level) for level in levels[1:])
+        if (size is not None and size >= 1 and file_index is not None and index is not None
+                and file_index <= 0xFFFF):
+            return ReleaseTopic(validate_release_id(release_id), RELEASE_CHUNKS, size,
+                                file_index, index)
     raise TopicError(f"{topic[:120]!r} has no known release topic kind after the release id "
-                     "(manifest, or chunks/{file_index}/{index})")
+                     "(manifest, or chunks/{chunk_size}/{file_index}/{index})")

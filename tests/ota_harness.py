@@ -46,7 +46,8 @@ class ManualRelease:
         for file_index, index in chunks:
             offset = index * self.chunk_size
             data = self.contents[file_index][offset:offset + self.chunk_size]
-            infos.append(self.client.publish(topics.chunk_topic(self.rid, file_index, index),
+            topic = topics.chunk_topic(self.rid, self.chunk_size, file_index, index)
+            infos.append(self.client.publish(topic,
                                              encode_frame(file_index, offset, data), qos=1,
                                              retain=True))
         for info in infos:

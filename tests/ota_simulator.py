@@ -80,7 +80,8 @@ class FleetSimulator:
         request = ChunkRequest.from_json(payload)
         self.requests.append(request)
         served = self.served.get(request.release_id)
-        handler = self.handlers.get(topics.chunks_filter(request.release_id))
+        handler = self.handlers.get(topics.chunks_filter(request.release_id,
+                                                      request.chunk_size))
         if served is None or handler is None or not served.answer_requests or request.done:
             return
         for file_index, first, end in request.missing:

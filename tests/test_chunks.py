@@ -364,19 +364,21 @@ def test_release_topics() -> None:
 
 
 def test_every_chunk_has_one_retained_topic() -> None:
-    assert topics.chunk_topic(RID, 1, 70) == f"fleetlite/v1/rel/{RID}/chunks/1/70"
-    assert topics.chunks_filter(RID) == f"fleetlite/v1/rel/{RID}/chunks/+/+"
-    assert topics.parse_release_topic(topics.chunk_topic(RID, 0, 123456789)) == \
-        topics.ReleaseTopic(RID, "chunks", 0, 123456789)
-    assert topics.parse_release_topic(topics.chunk_topic(RID, 65535, 0)).file_index == 65535
-    for bad in ["chunks", "chunks/1", "chunks/1/2/3", "chunks/01/2", "chunks/1/02",
-                "chunks/-1/2", "chunks/1/+", "chunks/65536/0", "chunks/1/" + "9" * 21,
-                "chunks/\u0661/2", "chunks//2"]:
+    assert topics.chunk_topic(RID, 4096, 1, 70) == f"fleetlite/v1/rel/{RID}/chunks/4096/1/70"
+    assert topics.chunks_filter(RID, 4096) == f"fleetlite/v1/rel/{RID}/chunks/4096/+/+"
+    assert topics.parse_release_topic(topics.chunk_topic(RID, 1024, 0, 123456789)) == \
+        topics.ReleaseTopic(RID, "chunks", 1024, 0, 123456789)
+    assert topics.parse_release_topic(topics.chunk_topic(RID, 16384, 65535, 0)).file_index == \
+        65535
+    for bad in ["chunks", "chunks/1", "chunks/1/2", "chunks/4096/1/2/3", "chunks/4096/01/2",
+                "chunks/4096/1/02", "chunks/04096/1/2", "chunks/0/1/2", "chunks/4096/-1/2",
+                "chunks/4096/1/+", "chunks/4096/65536/0", "chunks/4096/1/" + "9" * 21,
+                "chunks/4096/\u0661/2", "chunks/4096//2"]:
         with pytest.raises(topics.TopicError):
             topics.parse_release_topic(f"fleetlite/v1/rel/{RID}/{bad}")
-    for file_index, index in [(-1, 0), (65536, 0), (0, -1)]:
+    for size, file_index, index in [(4096, -1, 0), (4096, 65536, 0), (4096, 0, -1), (0, 0, 0)]:
         with pytest.raises(topics.TopicError):
-            topics.chunk_topic(RID, file_index, index)
+            topics.chunk_topic(RID, size, file_index, index)
 
 
 # --- docs/protocol.md -------------------------------------------------------------------------
@@ -408,4 +410,4 @@ def test_doc_lists_the_codes() -> None:
     for code in (*chunks.FRAME_CODES, chunks.BAD_CHUNK_SIZE, chunks.BAD_RANGE,
                  "disk_full", "download_stalled", "download_timeout"):
         assert f"`{code}`" in text
-    assert "`fleetlite/v1/rel/{release_id}/chunks/{file_index}/{index}`" in text
+    assert "`fleetlite/v1/rel/{release_id}/chunks/{chunk_size}/{file_index}/{index}`" in text

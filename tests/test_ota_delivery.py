@@ -80,7 +80,7 @@ class Device:
         self.accept_limit = accept_limit
         self.track = track
         self.manifest_topic = topics.release_topic(release_id, topics.RELEASE_MANIFEST)
-        self.chunks_topic = topics.chunks_filter(release_id)
+        self.chunks_topic = topics.chunks_filter(release_id, chunk_size)
         self.store: ChunkStore | None = None
         self.accepted = 0
         self.early_frames = 0
@@ -205,12 +205,12 @@ def devices(*items: Device) -> Iterator[tuple[Device, ...]]:
             device.stop()
 
 
-CHUNKS = f"{topics.RELEASE_PREFIX}/+/{topics.RELEASE_CHUNKS}/+/+"
+CHUNKS = f"{topics.RELEASE_PREFIX}/+/{topics.RELEASE_CHUNKS}/+/+/+"
 
 
 def chunk_counter(broker: Mosquitto, release_id: str) -> Collector:
     """An independent subscriber that counts every frame on the release's chunk topics."""
-    return Collector(broker.host, broker.port, [topics.chunks_filter(release_id)],
+    return Collector(broker.host, broker.port, [topics.chunks_filter(release_id, CS)],
                      client_id="chunk-counter").start()
 
 
@@ -438,7 +438,7 @@ def test_stop_serving_clears_every_retained_chunk(broker: Mosquitto,
     publisher.stop_serving(bundle.release_id)
     left = retained_under(broker.host, broker.port,
                           f"{topics.RELEASE_PREFIX}/{bundle.release_id}/#",
-                          topics.chunk_topic(bundle.release_id, 9, 9))
+                          topics.chunk_topic(bundle.release_id, CS, 9, 9))
     assert left == []
 
 

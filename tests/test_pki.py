@@ -357,7 +357,7 @@ def test_a_controller_reaches_everything_also_through_shared_subscriptions(
     plain.wait_for(topics.device_topic(A, topics.TELEMETRY), b"telemetry")
     for topic in (topics.device_topic(A, topics.COMMAND),
                   topics.release_topic(RELEASE, topics.RELEASE_MANIFEST),
-                  topics.chunk_topic(RELEASE, 0, 7)):
+                  topics.chunk_topic(RELEASE, 4096, 0, 7)):
         plain.publish(topic, b"from the controller")
         plain.wait_for(topic, b"from the controller")
         a.wait_for(topic, b"from the controller")

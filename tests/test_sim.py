@@ -281,7 +281,8 @@ def test_simulated_fleet_registers_and_takes_a_rollout_with_its_failure_rate(
                            version=2, previous_version=1, waves=parse_waves("10%,100%"),
                            success_threshold=0.5, failure_threshold=0.5, wave_timeout_s=120,
                            chunk_size=4096)
-        counter = Collector(broker.host, broker.port, [topics.chunks_filter(bundle.release_id)],
+        counter = Collector(broker.host, broker.port,
+                            [topics.chunks_filter(bundle.release_id, 4096)],
                             client_id="chunk-counter").start()
         try:
             store.create_rollout("r-sim", bundle.release_id, spec.to_dict())
@@ -299,7 +300,7 @@ def test_simulated_fleet_registers_and_takes_a_rollout_with_its_failure_rate(
     # and once the rollout settled, the controller cleared it from the broker
     release_topics = f"{topics.RELEASE_PREFIX}/{bundle.release_id}/#"
     wait_until(lambda: not retained_under(broker.host, broker.port, release_topics,
-                                          topics.chunk_topic(bundle.release_id, 9, 9)),
+                                          topics.chunk_topic(bundle.release_id, 4096, 9, 9)),
                30, "the release cleared from the broker")
 
     state = rollout_state(store, "r-sim")

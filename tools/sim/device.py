@@ -347,7 +347,7 @@ class SimDevice:
         """One install, top to bottom: accepted, manifest, download, phases, final status."""
         self._wake.clear()
         manifest_topic = topics.release_topic(install.release_id, topics.RELEASE_MANIFEST)
-        chunks_topic = topics.chunks_filter(install.release_id)
+        chunks_topic = topics.chunks_filter(install.release_id, install.chunk_size)
         try:
             await self._status(client, install.status("accepted"))
             await client.subscribe(manifest_topic, qos=1)

@@ -446,7 +446,8 @@ class Controller:
                     if earlier:
                         drained.append(earlier)
                         self.store.record_refusals(earlier)
-                    refusal = self._store_report(item.device_id, report, item.received_at)
+                    refusal = self._store_report(item.device_id, report, item.received_at,
+                                                 item.payload)
                     done.append((item, refusal))
                     if refusal is not None:
                         break
@@ -609,21 +610,22 @@ class Controller:
         with self._ingest_lock:
             earlier = self.refusals.drain(device_id)
         if not earlier:
-            return self._store_report(device_id, report, received_at)
+            return self._store_report(device_id, report, received_at, payload)
         try:
             with self.store.batch():
                 self.store.record_refusals(earlier)
-                return self._store_report(device_id, report, received_at)
+                return self._store_report(device_id, report, received_at, payload)
         except BaseException:
             with self._ingest_lock:
                 self.refusals.restore(earlier)
             raise
 
-    def _store_report(self, device_id: str, report: object,
-                      received_at: Optional[float]) -> Optional[Refusal]:
-        """Check a parsed report against its sender and store it, or return the refusal.
-        A report that is not the device speaking now (a retained snapshot, the Last Will)
-        changes neither its last seen nor its clock offset."""
+    def _store_report(self, device_id: str, report: object, received_at: Optional[float],
+                      payload: bytes) -> Optional[Refusal]:
+        """Check a parsed report against its sender and store it, or return the refusal
+        (telemetry and profiles as the ``payload`` they parsed from). A report that is not the
+        device speaking now (a retained snapshot, the Last Will) changes neither its last seen
+        nor its clock offset."""
         limits = self.limits
         refusal: Optional[Refusal]
         seen = received_at if heard_from_device(report, retained=received_at is None) else None
@@ -639,14 +641,14 @@ class Controller:
         elif isinstance(report, Telemetry):
             refusal = check_device_id(device_id, report.device_id, topics.TELEMETRY)
             if refusal is None:
-                self.store.record_telemetry(report, received_at=seen)
+                self.store.record_telemetry(report, received_at=seen, raw=payload)
         elif isinstance(report, ProfileRecord):
             device = self.store.get_device(device_id)
             known_class = device.device_class if device else None
             refusal = check_profile(device_id, report, known_class)
             if refusal is None:
                 self.store.add_profile(report, device_class=known_class or None,
-                                       keep_per_device=limits.profiles_per_device)
+                                       keep_per_device=limits.profiles_per_device, raw=payload)
         elif isinstance(report, CommandResponse):
             refusal = check_device_id(device_id, report.device_id, topics.COMMAND_RESPONSE)
             if refusal is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import urllib.parse
 import uuid
 from collections.abc import Iterator
@@ -79,8 +80,28 @@ def fresh_pg_database() -> Iterator[str]:
     try:
         yield urllib.parse.urlunsplit(parts._replace(path=f"/{name}"))
     finally:
-        with psycopg.connect(PG_URL, autocommit=True) as admin:
+        drop_pg_database(name)
+
+
+def drop_pg_database(name: str, timeout: float = 30.0) -> None:
+    """Drop a test database. FORCE may not end every session on it (an autovacuum worker:
+    "permission denied to terminate process"): then wait for them to end, and drop it then."""
+    import psycopg
+
+    with psycopg.connect(PG_URL, autocommit=True) as admin:
+        try:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            return
+        except psycopg.errors.InsufficientPrivilege:
+            pass
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            row = admin.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s",
+                                (name,)).fetchone()
+            if not row or not row[0]:
+                break
+            time.sleep(0.1)
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -245,6 +245,9 @@ def ingest_phase(args: argparse.Namespace, work: Path, broker: Broker) -> list[d
             ctl_cpu = sum(cpu.values())
             row = {"phase": "ingest", "controllers": n, "sent": total_sent,
                    "stored": sum(min(stored[k], sent[k]) for k in KINDS),
+                   # above what the simulator counted: reports the broker took whose PUBACK the
+                   # simulator did not see (it counts a report only once acknowledged)
+                   "stored_beyond_sent": sum(max(0, stored[k] - sent[k]) for k in KINDS),
                    "lost": sum(max(0, sent[k] - stored[k]) for k in KINDS),
                    "double_counted": sum(ingested[k] - sent[k] for k in KINDS),
                    "per_controller": [sum(int(r.get("ingested", {}).get(k, 0)) for k in KINDS)

@@ -469,12 +469,7 @@ class Controller:
             return end
         self._store_ok()
         for item, refusal in done:
-            if refusal is None:
-                with self._ingest_lock:
-                    self.counters["ingested"] += 1
-                    self.ingested_by_kind[item.kind] += 1
-            else:
-                self._refused(item.device_id, item.kind, refusal)
+            self._count_stored(item, refusal)
         return end
 
     def _restore_refusals(self, drained: Sequence[list[RefusalCount]]) -> None:
@@ -519,13 +514,17 @@ class Controller:
             log.exception("could not store a %s message from %s", item.kind, item.device_id)
             return True
         self._store_ok()
+        self._count_stored(item, refusal)
+        return True
+
+    def _count_stored(self, item: BacklogItem, refusal: Optional[Refusal]) -> None:
+        """Count a report the store took (stored, or refused by its sender's checks)."""
         if refusal is None:
             with self._ingest_lock:
                 self.counters["ingested"] += 1
                 self.ingested_by_kind[item.kind] += 1
         else:
             self._refused(item.device_id, item.kind, refusal)
-        return True
 
     def _store_failed(self, exc: BaseException) -> None:
         line = self.store_health.failed(exc, time.time())

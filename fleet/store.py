@@ -1112,16 +1112,19 @@ class Store:
 
     def profiles_by_id(self, ids: Collection[int]) -> dict[int, ProfileRow]:
         """The stored profiles with these ids (those still stored), by id."""
+        return {int(r[0]): _profile_row(r)
+                for r in self._rows_by_id(f"SELECT {_PROFILE_COLUMNS} FROM profiles", ids)}
+
+    def _rows_by_id(self, select: str, ids: Collection[int]) -> list[Sequence[Any]]:
+        """``select`` (whose table has an ``id`` column) for these ids, 500 to a query."""
         wanted = sorted(set(ids))
-        found: dict[int, ProfileRow] = {}
+        rows: list[Sequence[Any]] = []
         for start in range(0, len(wanted), 500):
             part = wanted[start:start + 500]
             with self._transaction(write=False) as db:
-                rows = db.execute(
-                    f"SELECT {_PROFILE_COLUMNS} FROM profiles WHERE id IN "
-                    f"({', '.join('?' * len(part))})", part).rows
-            found.update((int(r[0]), _profile_row(r)) for r in rows)
-        return found
+                rows += db.execute(f"{select} WHERE id IN ({', '.join('?' * len(part))})",
+                                   part).rows
+        return rows
 
     def profiles(
         self,
@@ -1300,18 +1303,9 @@ class Store:
 
     def ota_records_by_id(self, ids: Collection[int]) -> dict[int, OtaRecord]:
         """The stored OTA statuses with these ids (those still stored), by id."""
-        wanted = sorted(set(ids))
-        found: dict[int, OtaRecord] = {}
-        for start in range(0, len(wanted), 500):
-            part = wanted[start:start + 500]
-            with self._transaction(write=False) as db:
-                rows = db.execute(
-                    "SELECT id, message_json, received FROM ota_status WHERE id IN "
-                    f"({', '.join('?' * len(part))})", part).rows
-            for row in rows:
-                found[int(row[0])] = OtaRecord(OtaStatus.from_json(str(row[1]).encode()),
-                                               float(row[2]))
-        return found
+        rows = self._rows_by_id("SELECT id, message_json, received FROM ota_status", ids)
+        return {int(row[0]): OtaRecord(OtaStatus.from_json(str(row[1]).encode()), float(row[2]))
+                for row in rows}
 
     def ota_last_heard(self, release_id: str) -> dict[str, float]:
         """Per device, when the fleet last received any status of its install of a release."""

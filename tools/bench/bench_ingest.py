@@ -217,14 +217,15 @@ def run_hostile(port: int, mode: str, seconds: float, victims: Sequence[str],
 class Broker:
     """A Mosquitto child process on a free loopback port."""
 
-    def __init__(self, workdir: Path, max_queued: int, max_packet_size: int = 0) -> None:
+    def __init__(self, workdir: Path, max_queued: int, max_packet_size: int = 0,
+                 extra: Sequence[str] = ()) -> None:
         binary = mosquitto_path()
         if binary is None:
             raise SystemExit("mosquitto is not installed: sudo apt-get install mosquitto")
         self.port = free_port()
         conf = workdir / "mosquitto.conf"
         lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true", "persistence false",
-                 f"max_queued_messages {max_queued}"]
+                 f"max_queued_messages {max_queued}", *extra]
         if max_packet_size:
             lines.append(f"max_packet_size {max_packet_size}")
         if os.geteuid() == 0:

@@ -57,7 +57,6 @@ import json
 import logging
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -72,7 +71,6 @@ from typing import Any, Callable, Optional
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from fleetlite.fleet.broker import free_port, mosquitto_path
 from fleetlite.fleet.controller import INGEST_KINDS, Controller
 from fleetlite.fleet.ingest_limits import IngestLimits
 from fleetlite.fleet.rollout import INSTALLED
@@ -184,41 +182,13 @@ def run_publisher(port: int, kind: str, devices: int, messages: int) -> int:
 # -- the fleet side (this process) -------------------------------------------------------------
 
 
-class Broker:
+class Broker(bench_ingest.Broker):
     """A Mosquitto child process on a free loopback port, with ``fleetlite broker-config``'s
     in-flight window and a queue that holds the whole stream for an offline session."""
 
     def __init__(self, workdir: Path, max_queued: int) -> None:
-        binary = mosquitto_path()
-        if binary is None:
-            raise SystemExit("mosquitto is not installed: sudo apt-get install mosquitto")
-        self.port = free_port()
-        conf = workdir / "mosquitto.conf"
-        lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true", "persistence false",
-                 f"max_queued_messages {max_queued}", "max_queued_bytes 0",
-                 "max_inflight_messages 100"]
-        if os.geteuid() == 0:
-            lines.append("user root")
-        conf.write_text("\n".join(lines) + "\n")
-        with (workdir / "mosquitto.log").open("ab") as out:
-            self.process = subprocess.Popen([binary, "-c", str(conf)], stdout=out, stderr=out)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port),
-                                                                        0.2):
-                return
-            time.sleep(0.02)
-        self.stop()
-        raise SystemExit(f"mosquitto did not listen on port {self.port}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        super().__init__(workdir, max_queued,
+                         extra=("max_queued_bytes 0", "max_inflight_messages 100"))
 
 
 def open_session(port: int, client_id: str) -> None:

@@ -5,14 +5,13 @@ For each served release a :class:`ReleasePublisher` publishes the signed envelop
 ``fleetlite/v1/rel/{id}/manifest`` and every chunk frame once, RETAINED on its own topic
 ``.../chunks/{chunk_size}/{file_index}/{index}``: the broker holds the release, and a device that
 subscribes to ``.../chunks/{chunk_size}/+/+`` gets every chunk from the broker however late it
-comes (a later wave, a
-retry, a controller that is stopped meanwhile), so the fleet publishes each chunk once per
-release. Chunks that devices ask for on ``fleetlite/v1/dev/+/ota/request`` (the broker dropped
-them from a full client queue, or lost its retained messages in a restart without persistence)
-are published again, retained; a chunk that is already queued, or went out less than
-``dedupe_s`` (10 s) ago, is not sent again, so many devices asking for the same chunk cost one
-publish (each goes to every device downloading the release: on a broker too busy to deliver the
-retained chunks quickly, re-publishing them would only multiply its work).
+comes (a later wave, a retry, a controller that is stopped meanwhile), so the fleet publishes
+each chunk once per release. Chunks that devices ask for on ``fleetlite/v1/dev/+/ota/request``
+(the broker dropped them from a full client queue, or lost its retained messages in a restart
+without persistence) are published again, retained; a chunk that is already queued, or went out
+less than ``dedupe_s`` (10 s) ago, is not sent again, so many devices asking for the same chunk
+cost one publish (each goes to every device downloading the release: on a broker too busy to
+deliver the retained chunks quickly, re-publishing them would only multiply its work).
 :meth:`ReleasePublisher.stop_serving` clears the manifest and every chunk from the broker.
 
 Threads: paho's network thread only hands incoming requests to a bounded queue; one worker thread
@@ -64,7 +63,6 @@ class _Release:
     bundle: ReleaseBundle
     layout: ChunkLayout
     contents: tuple[bytes, ...]
-    release_id: str
     manifest_topic: str
     last_sent: dict[tuple[int, int], float] = field(default_factory=dict)
     pending: set[tuple[int, int]] = field(default_factory=set)
@@ -146,6 +144,7 @@ class ReleasePublisher:
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=max_queued_requests)
         self._lock = threading.Lock()
         self._releases: dict[str, _Release] = {}
+        self._uncleared: dict[str, ChunkLayout] = {}  # stopped, not yet cleared from the broker
         self._sends: collections.deque[_Send] = collections.deque()
         self._window: collections.deque[tuple[mqtt.MQTTMessageInfo, _Send]] = (
             collections.deque())
@@ -217,7 +216,7 @@ class ReleasePublisher:
                                    f"{release.layout.chunk_size} bytes; stop serving it first")
             if release is None:
                 release = _Release(
-                    bundle=bundle, layout=layout, contents=contents, release_id=release_id,
+                    bundle=bundle, layout=layout, contents=contents,
                     manifest_topic=topics.release_topic(release_id, topics.RELEASE_MANIFEST))
                 self._releases[release_id] = release
         self._publish_and_wait(release.manifest_topic, bundle.envelope_bytes(), retain=True)
@@ -242,17 +241,25 @@ class ReleasePublisher:
         broker: an empty retained message on its manifest, so devices that come later do not
         start it, and on every chunk topic (of the layout it is served with, else ``layout``:
         a release served by another controller or before a restart), so the broker does not
-        hold its bytes for ever."""
+        hold its bytes for ever. When the broker does not acknowledge it all, it raises
+        :class:`PublishError`; calling it again finishes the job."""
         with self._lock:
             release = self._releases.pop(release_id, None)
             self._sends = collections.deque(s for s in self._sends
                                             if s.release_id != release_id)
-        if release is not None:
-            layout = release.layout
-        self._publish_and_wait(topics.release_topic(release_id, topics.RELEASE_MANIFEST), b"",
-                               retain=True, timeout=timeout)
-        if layout is not None:
-            self._clear_chunks(release_id, layout, timeout)
+            if release is not None:
+                layout = release.layout
+            layout = self._uncleared.pop(release_id, layout)
+        try:
+            self._publish_and_wait(topics.release_topic(release_id, topics.RELEASE_MANIFEST),
+                                   b"", retain=True, timeout=timeout)
+            if layout is not None:
+                self._clear_chunks(release_id, layout, timeout)
+        except PublishError:
+            if layout is not None:
+                with self._lock:
+                    self._uncleared[release_id] = layout
+            raise
         self._wake()
 
     def _clear_chunks(self, release_id: str, layout: ChunkLayout, timeout: float) -> None:

@@ -442,6 +442,25 @@ def test_stop_serving_clears_every_retained_chunk(broker: Mosquitto,
     assert left == []
 
 
+def test_a_release_the_broker_could_not_clear_is_cleared_by_the_next_stop(
+        broker: Mosquitto, publisher: ReleasePublisher, bundle: ReleaseBundle) -> None:
+    total = layout_of(bundle).total_chunks
+    publisher.serve(bundle, CS)
+    broker.stop()
+    with pytest.raises(PublishError):
+        publisher.stop_serving(bundle.release_id, timeout=1)
+    assert publisher.serving() == []  # no longer answered, but still owed a clearing
+    broker.start()
+    wait_for_stats(publisher, lambda s: s["connected"], timeout=30)
+    clears = Collector(broker.host, broker.port, [CHUNKS], client_id="clears").start()
+    try:
+        publisher.stop_serving(bundle.release_id)  # nothing says which chunks: it remembers
+        clears.wait_for(CHUNKS, count=total)
+        assert {m.payload for m in clears.on_topic(CHUNKS)} == {b""}
+    finally:
+        clears.stop()
+
+
 def test_serving_needs_a_broker(tmp_path: Path) -> None:
     from tests.mqtt_harness import free_port
 

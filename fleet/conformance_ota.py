@@ -238,8 +238,8 @@ class OtaRunner:
         seen = self.probe.ota_mark()
         try:
             if served.bundle is not None:
-                self.publisher.serve(served.bundle, CHUNK_SIZE, initial_pass=False,
-                                     timeout=self.timeout)
+                # as a controller serves: every chunk retained before the command
+                self.publisher.serve(served.bundle, CHUNK_SIZE, timeout=self.timeout)
             else:
                 self.probe.publish_retained(
                     topics.release_topic(rid, topics.RELEASE_MANIFEST), served.envelope)

@@ -77,6 +77,13 @@ def agent_config(directory: Path, device_id: str, *, port: int, trust_root: Path
     return path
 
 
+def wait_connected(log: Path) -> None:
+    """Until the controller writing ``log`` has its subscriptions acknowledged: an agent's one
+    start-up profile published before that would not reach it."""
+    wait_until(lambda: log.is_file() and " connected to " in log.read_text(errors="replace"),
+               60, f"the controller's connection ({log.name})")
+
+
 def found(pattern: str, text: str) -> str:
     match = re.search(pattern, text, re.S)
     assert match, f"no {pattern!r} in:\n{text}"
@@ -239,6 +246,7 @@ def test_readme_cli_tour(tmp_path: Path, broker: Mosquitto, models_dir: Path,
     assert "intent v2" in verified
 
     wt.start("fleetlite serve", log=work / "serve.log")
+    wait_connected(work / "serve.log")
     devices = ["gw-tour-1", "gw-tour-2"]
     for device_id in devices:
         home = work / device_id
@@ -333,6 +341,8 @@ def walk_the_operator_guide(wt: Walkthrough, text: str, broker: Mosquitto,
         wt.export(f"export FLEETLITE_{name}=")
     wt.start("fleetlite serve --id ctl-1", log=work / "ctl-1.log")
     wt.start("fleetlite serve --id ctl-2", log=work / "ctl-2.log")
+    wait_connected(work / "ctl-1.log")
+    wait_connected(work / "ctl-2.log")
     devices = ["gw-0001", "gw-0002"]
     for device_id in devices:
         enrol(wt, device_id, documented, work / "intent_classifier.tflite")

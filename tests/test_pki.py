@@ -665,7 +665,8 @@ def test_the_configuration_sizes_and_listeners() -> None:
                  "require_certificate true", "use_identity_as_username true",
                  "allow_anonymous false", "crlfile /x/crl.pem", "acl_file /x/fleetlite.acl",
                  f"max_queued_messages {broker_config.DEFAULT_MAX_QUEUED_MESSAGES}",
-                 f"max_inflight_messages {broker_config.DEFAULT_MAX_INFLIGHT_MESSAGES}"):
+                 f"max_inflight_messages {broker_config.DEFAULT_MAX_INFLIGHT_MESSAGES}",
+                 "set_tcp_nodelay true"):
         assert re.search(rf"^{re.escape(line)}$", conf, re.M), line
     assert "allow_anonymous true" not in conf and len(re.findall("^listener ", conf, re.M)) == 1
     local = broker_config.mosquitto_conf(

@@ -196,7 +196,10 @@ def test_other_requests_during_a_stream_are_refused_and_the_stream_goes_on(
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.connect(str(server.path))
         sock.settimeout(60)
-        wire.send_frame(sock, {"op": "generate", "model": "home-lm", "prompt": PROMPT, "id": 1})
+        # a long stream (100 sampled tokens): the short reply to PROMPT could end before the
+        # server read the ping on a busy machine, and a ping after a stream is answered
+        wire.send_frame(sock, {"op": "generate", "model": "home-lm", "prompt": PROMPT, "id": 1,
+                               "params": {"temperature": 5.0, "seed": 11, "max_tokens": 100}})
         wire.send_frame(sock, {"op": "ping", "id": 2})
         frames = []
         while not frames or frames[-1].get("event") != "done":
@@ -204,7 +207,7 @@ def test_other_requests_during_a_stream_are_refused_and_the_stream_goes_on(
             frames.append(frame)
         refused = [f for f in frames if f.get("id") == 2]
         assert refused and refused[0]["error_code"] == wire.BAD_REQUEST
-        assert frames[-1]["text"] == expected_reply(PROMPT)
+        assert frames[-1]["stop_reason"] == "max_tokens"  # the stream went on to its end
 
 
 def test_a_client_that_disappears_frees_the_model(server: LocalApiServer) -> None:

@@ -34,10 +34,10 @@ import pytest
 from fleetlite.fleet.rollout import RolloutSpec, RolloutState, parse_waves
 from fleetlite.fleet.store import Store, open_store
 from fleetlite.sdk import topics
-from fleetlite.sdk.bundle import build_release
 from tests.conftest import PG_SKIP, PG_URL, fresh_pg_database
 from tests.mqtt_harness import Collector, Mosquitto
-from tests.test_ota_install import ISSUED, RELEASE_KEY, write_root
+from tests.test_ota_install import write_root
+from tests.test_sim import store_intent_v2
 
 GROUP = "scale"
 PI4 = "raspberry-pi-4"
@@ -210,12 +210,7 @@ def test_a_controller_killed_mid_rollout_loses_nothing(
         wait_until(lambda: scalar(pg_url, "SELECT COUNT(DISTINCT device_id) FROM profiles")
                    == devices, 60, "a version-1 profile from every device")
 
-        bundle = build_release([models_dir / "intent_classifier.tflite"], name="intent",
-                               version=2, device_classes=[PI4], issued=ISSUED,
-                               keys=[RELEASE_KEY],
-                               vocab=models_dir / "intent_classifier.vocab.json")
-        store.add_release(bundle.release_id, "intent", 2, bundle.envelope.to_json(),
-                          dict(bundle.files), bundle.manifest.to_dict())
+        bundle = store_intent_v2(store, models_dir, [PI4])
         spec = RolloutSpec(rollout_id="r-scale", release_id=bundle.release_id, model="intent",
                            version=2, previous_version=1, waves=parse_waves("100%"),
                            success_threshold=0.9, failure_threshold=0.1, wave_timeout_s=300,

@@ -217,6 +217,17 @@ def store(tmp_path: Path, broker: Mosquitto) -> Iterator[Store]:
         mine.close()
 
 
+def store_intent_v2(store: Store, models_dir: Path, classes: list[str]) -> ReleaseBundle:
+    """The real intent model as release v2 for ``classes``, signed with the key the simulated
+    devices' root trusts, stored for a rollout."""
+    bundle = build_release([models_dir / "intent_classifier.tflite"], name="intent", version=2,
+                           device_classes=classes, issued=ISSUED, keys=[RELEASE_KEY],
+                           vocab=models_dir / "intent_classifier.vocab.json")
+    store.add_release(bundle.release_id, "intent", 2, bundle.envelope.to_json(),
+                      dict(bundle.files), bundle.manifest.to_dict())
+    return bundle
+
+
 def start_sim(broker: Mosquitto, root: Path, log: Path) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
         return subprocess.Popen(
@@ -271,12 +282,7 @@ def test_simulated_fleet_registers_and_takes_a_rollout_with_its_failure_rate(
                    == DEVICES, 30, "a version-1 profile from every device")
 
         # 2. a signed release of the real model to both classes, in two waves
-        bundle = build_release([models_dir / "intent_classifier.tflite"], name="intent",
-                               version=2, device_classes=sorted(CLASSES), issued=ISSUED,
-                               keys=[RELEASE_KEY],
-                               vocab=models_dir / "intent_classifier.vocab.json")
-        store.add_release(bundle.release_id, "intent", 2, bundle.envelope.to_json(),
-                          dict(bundle.files), bundle.manifest.to_dict())
+        bundle = store_intent_v2(store, models_dir, sorted(CLASSES))
         spec = RolloutSpec(rollout_id="r-sim", release_id=bundle.release_id, model="intent",
                            version=2, previous_version=1, waves=parse_waves("10%,100%"),
                            success_threshold=0.5, failure_threshold=0.5, wave_timeout_s=120,

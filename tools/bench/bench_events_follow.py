@@ -53,6 +53,7 @@ from fleetlite.agent.daemon import _REJECTED_EVENTS
 from fleetlite.fleet.controller import Controller
 from fleetlite.fleet.store import EventRecord, Store, open_store
 from fleetlite.tools.bench.bench_ingest import Broker
+from fleetlite.tools.bench.children import stop_child
 
 MODEL = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "models" / (
     "intent_classifier.tflite")
@@ -140,12 +141,7 @@ def _stop(proc: Optional[subprocess.Popen[bytes]]) -> None:
         return
     if proc.poll() is None:
         proc.send_signal(signal.SIGCONT)  # if it was paused (see run)
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+    stop_child(proc, 10)
     if proc.stdout is not None:
         proc.stdout.close()
 

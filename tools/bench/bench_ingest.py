@@ -57,6 +57,7 @@ from fleetlite.fleet.controller import INGEST_KINDS, Controller
 from fleetlite.fleet.store import Store, open_store
 from fleetlite.sdk import topics
 from fleetlite.sdk.messages import Birth, OtaStatus, Status, Telemetry
+from fleetlite.tools.bench.children import stop_child
 
 HOSTILE = "gw-hostile"
 BIG = 1024 * 1024
@@ -244,13 +245,7 @@ class Broker:
         raise SystemExit(f"mosquitto did not listen on port {self.port}")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        stop_child(self.process, 5, kill_wait_s=5)
 
 
 @contextlib.contextmanager

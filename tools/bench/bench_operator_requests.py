@@ -86,6 +86,7 @@ from fleetlite.sdk.messages import OtaStatus
 from fleetlite.sdk.version import BUILD_TIME
 from fleetlite.tools.bench.bench_ingest import Broker
 from fleetlite.tools.bench.bench_rollout import RELEASE_KEY, model_bytes, raise_fd_limit
+from fleetlite.tools.bench.children import stop_child
 from fleetlite.tools.sim.reports import DeviceState, birth, online_status, profile
 
 CLASSES = ("raspberry-pi-4", "jetson-orin-nano")
@@ -454,13 +455,7 @@ def child(args: Sequence[str], log: Path, *,
                     proc.stdin.close()
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(10)
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(10)
+            stop_child(proc, 30)
             if proc.stdout is not None:
                 proc.stdout.close()
 

@@ -73,6 +73,7 @@ from fleetlite.sdk.trust import new_root, root_envelope
 from fleetlite.sdk.version import BUILD_TIME
 from fleetlite.tools.bench.bench_ingest import Broker
 from fleetlite.tools.bench.bench_rollout import model_bytes
+from fleetlite.tools.bench.children import stop_child
 
 ROOT_KEY = SigningKey.from_seed(b"\x41" * 32)
 RELEASE_KEY = SigningKey.from_seed(b"\x42" * 32)
@@ -405,13 +406,7 @@ def fleet_transfer(port: int, work: Path, bundle: ReleaseBundle, model: bytes, c
         with contextlib.suppress(Exception):  # the next run may use another chunk size
             publisher.stop_serving(bundle.release_id, timeout=60)
         publisher.close()
-        if agent.poll() is None:
-            agent.terminate()
-            try:
-                agent.wait(30)
-            except subprocess.TimeoutExpired:
-                agent.kill()
-                agent.wait(10)
+        stop_child(agent, 30)
         monitor.stop()
 
 

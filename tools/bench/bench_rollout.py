@@ -68,6 +68,7 @@ from fleetlite.sdk.keys import SigningKey
 from fleetlite.sdk.trust import new_root, root_envelope
 from fleetlite.sdk.version import BUILD_TIME
 from fleetlite.tools.bench.bench_ingest import Broker, fresh_store
+from fleetlite.tools.bench.children import stop_child
 from fleetlite.tools.models import heavy_mlp
 
 ROOT_KEY = SigningKey.from_seed(b"\x31" * 32)
@@ -265,13 +266,7 @@ def run(args: argparse.Namespace) -> int:
                 return _measure(args, work, broker, store, model, waves, root, children)
         finally:
             for child in reversed(children):
-                if child.poll() is None:
-                    child.terminate()
-                    try:
-                        child.wait(60)
-                    except subprocess.TimeoutExpired:
-                        child.kill()
-                        child.wait(10)
+                stop_child(child, 60)
             broker.stop()
 
 

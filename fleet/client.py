@@ -317,7 +317,7 @@ class RequestResult:
 
 def _snapshot(record: RolloutRecord, decisions: Sequence[DecisionRow]) -> Rollout:
     spec = RolloutSpec.from_dict(record.spec)
-    state = RolloutState.from_dict(record.state) if record.state else RolloutState()
+    state = RolloutState.from_stored(record.state)
     devices = tuple(sorted(state.devices.values(), key=lambda d: (d.wave, d.device_id)))
     count = max([len(spec.waves), *(d.wave for d in devices)])
     waves = []
@@ -766,7 +766,7 @@ class Fleet:
         try:
             with self.store.rollout_lock(rollout_id) as txn:
                 record = txn.rollout
-                state = RolloutState.from_dict(record.state) if record.state else RolloutState()
+                state = RolloutState.from_stored(record.state)
                 if state.finished and (action != "rollback" or state.state == "rolled_back"):
                     raise RolloutError(f"rollout {rollout_id} is already {state.state} "
                                        f"({state.reason}): there is nothing to {action}")
@@ -779,8 +779,9 @@ class Fleet:
                         f"--remove-model is for a rollout of a model's first version; "
                         f"{rollout_id}'s devices had {spec.model} "
                         f"v{spec.previous_version}, and a rollback returns them to it")
+                # the locked record has no per-device map: the request leaves the rows alone
                 txn.set_state(request(state, action, note,
-                                      remove_model=remove_model).to_dict())
+                                      remove_model=remove_model).to_dict(devices=False))
         except RecordNotFoundError:
             raise self._no_rollout(rollout_id) from None
         deadline = time.monotonic() + (wait or 0.0)

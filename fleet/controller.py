@@ -127,7 +127,7 @@ from fleetlite.fleet.sender_check import (
     check_ota_status,
     check_profile,
 )
-from fleetlite.fleet.store import Store, open_store
+from fleetlite.fleet.store import RolloutRecord, Store, open_store
 from fleetlite.fleet.store_health import StoreHealth
 from fleetlite.sdk import topics
 from fleetlite.sdk.bundle import ReleaseBundle
@@ -783,7 +783,7 @@ class Controller:
                 continue
             try:
                 spec = RolloutSpec.from_dict(record.spec)
-                state = RolloutState.from_dict(record.state) if record.state else RolloutState()
+                state = RolloutState.from_stored(record.state)
             except Exception:
                 log.exception("rollout %s cannot be read; skipped", record.rollout_id)
                 needed.update(self._serving)  # cannot tell what it needs: keep serving all
@@ -806,7 +806,7 @@ class Controller:
                 log.info("controller %s drives rollout %s (revision %d)", self.id,
                          record.rollout_id, record.revision)
             try:
-                self.drive(record.rollout_id, now)
+                self.drive(record.rollout_id, now, record=record)
             except StoreUnavailableError:
                 raise  # the loop reports it once, not once per rollout and tick
             except Exception:
@@ -845,16 +845,19 @@ class Controller:
         self._serving.add(release_id)
         log.info("serving release %s (%s v%d)", release_id[:12], manifest.name, manifest.version)
 
-    def drive(self, rollout_id: str, now: float) -> int:
-        """One read-decide-write-send step; returns the number of decisions applied."""
-        record = self.store.get_rollout(rollout_id)
+    def drive(self, rollout_id: str, now: float, *,
+              record: Optional[RolloutRecord] = None) -> int:
+        """One read-decide-write-send step; returns the number of decisions applied.
+        ``record``: the rollout as just read (with its devices), to save reading it again: if
+        it is stale, the write finds its revision changed and nothing is applied."""
+        if record is None or record.rollout_id != rollout_id:
+            record = self.store.get_rollout(rollout_id)
         if record is None:
             return 0
         spec = RolloutSpec.from_dict(record.spec)
-        state = RolloutState.from_dict(record.state) if record.state else RolloutState()
+        state = RolloutState.from_stored(record.state)
         self._serve_release(spec.release_id, spec.chunk_size)
-        devices = [DeviceView(d.device_id, d.device_class, d.tags, d.online)
-                   for d in self.store.list_devices()]
+        devices = [DeviceView(*entry) for entry in self.store.registry()]
         classes = {d.device_id: d.device_class for d in devices}
         # outcome times on the controller's clock: the engine compares them with send times
         outcomes = self.outcome_views.views(self.store, spec.release_id)
@@ -867,7 +870,8 @@ class Controller:
                        if state.devices.get(device_id) != dev]
             if not self.store.apply_decisions(rollout_id, record.revision, decisions,
                                               progress=changed,
-                                              new_state=new_state.to_dict(), now=now):
+                                              new_state=new_state.to_dict(devices=False),
+                                              now=now):
                 self.counters["stale_batches"] += 1
                 return 0  # another controller moved it first; decide again next tick
             self.counters["decisions"] += len(decisions)

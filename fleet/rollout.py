@@ -441,11 +441,14 @@ class RolloutState:
         found = Counter(d.status for d in self.devices.values() if wave in (None, d.wave))
         return dict(sorted(found.items()))
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, *, devices: bool = True) -> dict[str, Any]:
+        """The state as JSON data; ``devices=False`` leaves out the per-device map (the store
+        keeps it as one row per device, written apart: ``Store.apply_decisions``)."""
         return {
             "state": self.state,
             "current_wave": self.current_wave,
-            "devices": {k: vars(v).copy() for k, v in sorted(self.devices.items())},
+            **({"devices": {k: vars(v).copy() for k, v in sorted(self.devices.items())}}
+               if devices else {}),
             "paused_classes": {k: vars(v).copy() for k, v in sorted(self.paused_classes.items())},
             "gates": {k: vars(v).copy() for k, v in sorted(self.gates.items())},
             "operator_requests": [vars(r).copy() for r in self.operator_requests],
@@ -454,6 +457,14 @@ class RolloutState:
             "reason": self.reason,
             "remove_model": self.remove_model,
         }
+
+    @classmethod
+    def from_stored(cls, data: Mapping[str, Any]) -> RolloutState:
+        """The state of a stored rollout: a document without ``state`` is a rollout created
+        without one (``Store.create_rollout``'s default), which has not started."""
+        if "state" not in data:
+            return cls.from_dict({**cls().to_dict(), "devices": data.get("devices", {})})
+        return cls.from_dict(data)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RolloutState:

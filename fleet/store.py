@@ -76,6 +76,7 @@ __all__ = [
     "ProgressUpdate",
     "RefusalCountLike",
     "RefusedReports",
+    "RegistryEntry",
     "ReleaseInfo",
     "RolloutRecord",
     "RolloutTransaction",
@@ -196,12 +197,24 @@ class OtaRecord:
     received_at: float
 
 
+class RegistryEntry(NamedTuple):
+    """A device in service as a rollout selects it (:meth:`Store.registry`)."""
+
+    device_id: str
+    device_class: str
+    tags: dict[str, str]
+    online: bool
+
+
 @dataclass(frozen=True)
 class RolloutRecord:
     """A rollout: its spec, its state document and the ``revision`` of that state.
 
     ``revision`` grows by one with every change made through :meth:`Store.update_rollout_state`
-    or a :meth:`Store.rollout_lock` transaction that wrote something.
+    or a :meth:`Store.rollout_lock` transaction that wrote something. The state's ``devices``
+    map (one entry per device, ``fleetlite.fleet.rollout.DeviceProgress`` fields) is stored as
+    one ``rollout_devices`` row each, not in the document: present when the record was read
+    with ``devices=True``, absent otherwise.
     """
 
     rollout_id: str
@@ -1046,6 +1059,22 @@ class Store:
             for row in rows
         ]
 
+    def registry(self) -> list[RegistryEntry]:
+        """Every device in service, by id, with only what a rollout selects on (class, tags,
+        online): a rollout step's read, without the facts, models and telemetry that
+        :meth:`list_devices` parses (about a tenth of its time at 10,000 devices)."""
+        with self._transaction(write=False) as db:
+            rows = db.execute("SELECT device_id, device_class, online FROM devices "
+                              "WHERE decommissioned IS NULL ORDER BY device_id").rows
+            tag_rows = db.execute(
+                "SELECT t.device_id, t.tag_key, t.tag_value FROM device_tags t JOIN devices d "
+                "ON d.device_id = t.device_id WHERE d.decommissioned IS NULL").rows
+        tags: dict[str, dict[str, str]] = {}
+        for device_id, key, value in tag_rows:
+            tags.setdefault(str(device_id), {})[str(key)] = str(value)
+        return [RegistryEntry(str(r[0]), str(r[1]), tags.get(str(r[0]), {}), bool(r[2]))
+                for r in rows]
+
     def decommission(self, device_ids: Collection[str], *, undo: bool = False,
                      now: Optional[float] = None) -> list[str]:
         """Take devices out of service (or back in, with ``undo``): out of lists, rollouts
@@ -1505,7 +1534,7 @@ class Store:
         """
         ts = time.time() if now is None else now
         spec_text = _json_text(spec)
-        state_text = _json_text({} if state is None else state)
+        state_text, devices = _split_state({} if state is None else state)
         with self._transaction(write=True) as db:
             if not db.execute("SELECT 1 FROM releases WHERE release_id = ?", (release_id,)).rows:
                 raise RecordNotFoundError(f"release {release_id!r} is not in the store "
@@ -1519,13 +1548,21 @@ class Store:
             if result.rowcount == 0:
                 raise StoreConstraintError(f"a rollout {rollout_id!r} already exists: choose "
                                            "another id, or resume that rollout")
-        return RolloutRecord(rollout_id, release_id, _load_object(spec_text),
-                             _load_object(state_text), 0, ts, ts)
+            if devices is not None:
+                _replace_progress(db, rollout_id, devices, ts)
+        state_doc = _load_object(state_text)
+        state_doc["devices"] = {} if devices is None else _progress_docs(devices, ts)
+        return RolloutRecord(rollout_id, release_id, _load_object(spec_text), state_doc, 0, ts,
+                             ts)
 
-    def get_rollout(self, rollout_id: str) -> Optional[RolloutRecord]:
+    def get_rollout(self, rollout_id: str, *, devices: bool = True) -> Optional[RolloutRecord]:
+        """One rollout, or None; ``devices=False`` leaves out the state's per-device map (one
+        row per device: the bulk of a large rollout)."""
         with self._transaction(write=False) as db:
             rows = db.execute(f"{_SELECT_ROLLOUT} WHERE rollout_id = ?", (rollout_id,)).rows
-        return _rollout(rows[0]) if rows else None
+            if not rows:
+                return None
+            return _rollout(rows[0], _read_progress(db, [rollout_id]) if devices else None)
 
     def rollout_revisions(self) -> list[tuple[str, int]]:
         """Every rollout's id and revision, oldest first: what a controller's tick reads to
@@ -1535,30 +1572,38 @@ class Store:
                               "ORDER BY created, rollout_id").rows
         return [(str(row[0]), int(row[1])) for row in rows]
 
-    def list_rollouts(self, release_id: Optional[str] = None) -> list[RolloutRecord]:
-        """Rollouts (of one release, if given), oldest first."""
+    def list_rollouts(self, release_id: Optional[str] = None, *,
+                      devices: bool = True) -> list[RolloutRecord]:
+        """Rollouts (of one release, if given), oldest first; ``devices=False``: without the
+        states' per-device maps."""
         condition, params = (("WHERE release_id = ?", [release_id]) if release_id is not None
                              else ("", []))
         with self._transaction(write=False) as db:
             rows = db.execute(f"{_SELECT_ROLLOUT} {condition} ORDER BY created, rollout_id",
                               params).rows
-        return [_rollout(row) for row in rows]
+            progress = _read_progress(db, [str(row[0]) for row in rows]) if devices else None
+        return [_rollout(row, progress) for row in rows]
 
     def update_rollout_state(self, rollout_id: str, expected_revision: int,
                              new_state: JsonText, *, now: Optional[float] = None) -> bool:
         """Replace the state if the revision is still ``expected_revision`` (then bump it).
 
-        False when another writer changed the rollout since it was read: re-read and decide
-        again. Raises :class:`RecordNotFoundError` for an unknown rollout.
+        A state with a ``devices`` map replaces the rollout's per-device rows; one without
+        leaves them as they are. False when another writer changed the rollout since it was
+        read: re-read and decide again. Raises :class:`RecordNotFoundError` for an unknown
+        rollout.
         """
+        ts = time.time() if now is None else now
+        state_text, devices = _split_state(new_state)
         with self._transaction(write=True) as db:
             result = db.execute(
                 "UPDATE rollouts SET state_json = ?, revision = revision + 1, updated = ? "
                 "WHERE rollout_id = ? AND revision = ?",
-                (_json_text(new_state), time.time() if now is None else now, rollout_id,
-                 expected_revision))
+                (state_text, ts, rollout_id, expected_revision))
             if result.rowcount == 0:
                 self._require_rollout(db, rollout_id)
+            elif devices is not None:
+                _replace_progress(db, rollout_id, devices, ts)
             return result.rowcount > 0
 
     @contextlib.contextmanager
@@ -1568,7 +1613,8 @@ class Store:
 
         Other writers of the same rollout wait (PostgreSQL: its row is locked; SQLite: the whole
         database, so keep the block short). If anything was written, ``revision`` grows by one
-        at commit. Raises :class:`RecordNotFoundError` for an unknown rollout.
+        at commit. The locked record is read without the state's per-device map (see
+        :meth:`get_rollout`). Raises :class:`RecordNotFoundError` for an unknown rollout.
         """
         if getattr(self._local, "db", None) is not None:
             raise StoreError("rollout_lock() cannot run inside another store transaction of the "
@@ -1599,7 +1645,9 @@ class Store:
         revision the batch was computed from), record the decisions, the progress updates and
         the new state, bump the revision and return True; otherwise change nothing and return
         False (another controller applied a batch first: re-read and decide again). Every
-        decision is recorded with ts ``now`` (default: the current time).
+        decision is recorded with ts ``now`` (default: the current time). Give the devices
+        that changed as ``progress`` and ``new_state`` without its ``devices`` map: a map
+        there replaces every device's row.
         """
         with self.rollout_lock(rollout_id) as txn:
             if txn.rollout.revision != expected_revision:
@@ -1750,6 +1798,7 @@ class RolloutTransaction:
         self._db = db
         self.rollout = rollout
         self._new_state: Optional[str] = None
+        self._new_devices: Optional[Mapping[str, Any]] = None
         self._dirty = False
         self._now: Optional[float] = None
 
@@ -1775,8 +1824,9 @@ class RolloutTransaction:
         self._dirty = True
 
     def set_state(self, new_state: JsonText) -> None:
-        """Replace the rollout's state document (written at commit)."""
-        self._new_state = _json_text(new_state)
+        """Replace the rollout's state document (written at commit); with a ``devices`` map,
+        the per-device rows too (without one, they stay as they are)."""
+        self._new_state, self._new_devices = _split_state(new_state)
         self._dirty = True
 
     def touch(self, now: Optional[float] = None) -> None:
@@ -1796,6 +1846,8 @@ class RolloutTransaction:
             self._db.execute("UPDATE rollouts SET state_json = ?, revision = revision + 1, "
                              "updated = ? WHERE rollout_id = ?",
                              (self._new_state, updated, self.rollout.rollout_id))
+        if self._new_devices is not None:
+            _replace_progress(self._db, self.rollout.rollout_id, self._new_devices, updated)
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -1819,10 +1871,69 @@ def _refuse_same_version_other_files(db: _Db, release_id: str, name: str, versio
                 f"Build this one as a new version (--version {version + 1} or higher)")
 
 
-def _rollout(row: _Row) -> RolloutRecord:
+def _rollout(row: _Row,
+             progress: Optional[Mapping[str, dict[str, dict[str, Any]]]] = None) -> RolloutRecord:
+    state = _load_object(row[3])
+    # a document written before the per-device rows were authoritative may still hold a copy
+    state.pop("devices", None)
+    if progress is not None:
+        state["devices"] = progress.get(str(row[0]), {})
     return RolloutRecord(rollout_id=str(row[0]), release_id=str(row[1]),
-                         spec=_load_object(row[2]), state=_load_object(row[3]),
+                         spec=_load_object(row[2]), state=state,
                          revision=int(row[4]), created=float(row[5]), updated=float(row[6]))
+
+
+_PROGRESS_FIELDS = ("device_class", "wave", "status", "reason", "code", "sent_at", "updated_at")
+
+
+def _split_state(state: JsonText) -> tuple[str, Optional[Mapping[str, Any]]]:
+    """A state document's text without its ``devices`` map, and that map (None: absent)."""
+    doc = _load_object(_json_text(state)) if not isinstance(state, Mapping) else dict(state)
+    devices = doc.pop("devices", None)
+    if devices is not None and not isinstance(devices, Mapping):
+        raise StoreError(f"a rollout state's devices must be an object, got "
+                         f"{type(devices).__name__}")
+    return _dump(doc), devices
+
+
+def _progress_docs(devices: Mapping[str, Any], now: float) -> dict[str, dict[str, Any]]:
+    """The ``devices`` map as :func:`_read_progress` would read it back."""
+    return {str(device_id): {"device_id": str(device_id),
+                             **{k: entry.get(k) for k in _PROGRESS_FIELDS},
+                             "updated_at": entry.get("updated_at") or now}
+            for device_id, entry in devices.items()}
+
+
+def _replace_progress(db: _Db, rollout_id: str, devices: Mapping[str, Any], now: float) -> None:
+    """Make a rollout's per-device rows exactly ``devices`` (a state document's map)."""
+    db.execute("DELETE FROM rollout_devices WHERE rollout_id = ?", (rollout_id,))
+    for device_id, entry in sorted(_progress_docs(devices, now).items()):
+        try:
+            _set_progress(db, rollout_id, device_id, int(entry["wave"]), str(entry["status"]),
+                          str(entry["reason"] or ""), str(entry["code"] or ""),
+                          str(entry["device_class"] or ""),
+                          None if entry["sent_at"] is None else float(entry["sent_at"]),
+                          float(entry["updated_at"]))
+        except (TypeError, ValueError) as exc:
+            raise StoreError(f"rollout {rollout_id}: device {device_id}'s progress is malformed "
+                             f"({exc})") from exc
+
+
+def _read_progress(db: _Db, rollout_ids: Sequence[str]) -> dict[str, dict[str, dict[str, Any]]]:
+    """The per-device maps of these rollouts, by rollout id then device id."""
+    found: dict[str, dict[str, dict[str, Any]]] = {rollout_id: {} for rollout_id in rollout_ids}
+    for start in range(0, len(rollout_ids), 500):
+        ids = rollout_ids[start:start + 500]
+        rows = db.execute(
+            "SELECT rollout_id, device_id, device_class, wave, status, reason, code, sent_at, "
+            f"updated FROM rollout_devices WHERE rollout_id IN ({', '.join('?' * len(ids))}) "
+            "ORDER BY rollout_id, device_id", ids).rows
+        for r in rows:
+            found[str(r[0])][str(r[1])] = {
+                "device_id": str(r[1]), "device_class": str(r[2]), "wave": int(r[3]),
+                "status": str(r[4]), "reason": str(r[5]), "code": str(r[6]),
+                "sent_at": None if r[7] is None else float(r[7]), "updated_at": float(r[8])}
+    return found
 
 
 def _set_progress(db: _Db, rollout_id: str, device_id: str, wave: int, status: str,

@@ -147,7 +147,7 @@ class Site:
     def state(self, rollout_id: str) -> RolloutState:
         record = self.store.get_rollout(rollout_id)
         assert record is not None
-        return RolloutState.from_dict(record.state) if record.state else RolloutState()
+        return RolloutState.from_stored(record.state)
 
     def settled(self, rollout_id: str) -> bool:
         """Finished, and no install or rollback it sent is still unanswered."""

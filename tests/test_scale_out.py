@@ -245,7 +245,7 @@ def test_a_controller_killed_mid_rollout_loses_nothing(
         def settled() -> bool:
             record = store.get_rollout("r-scale")
             assert record is not None
-            state = RolloutState.from_dict(record.state) if record.state else RolloutState()
+            state = RolloutState.from_stored(record.state)
             return state.finished and not any(d.status in ("sent", "rollback_sent")
                                               for d in state.devices.values())
 

@@ -372,7 +372,7 @@ def no_device() -> Birth:
 def rollout_state(store: Store) -> RolloutState:
     record = store.get_rollout("ro-1")
     assert record is not None
-    return RolloutState.from_dict(record.state) if record.state else RolloutState()
+    return RolloutState.from_stored(record.state)
 
 
 def device_status(store: Store, device_id: str) -> str:

@@ -531,7 +531,8 @@ def test_rollout_round_trip(store: Store) -> None:
     assert not store.update_rollout_state("ro-1", 0, {"state": "stale"})
     rollout = store.get_rollout("ro-1")
     assert rollout is not None
-    assert (rollout.state, rollout.revision, rollout.updated) == (new_state, 1, 110.0)
+    assert (rollout.state, rollout.revision, rollout.updated) == (
+        {**new_state, "devices": {}}, 1, 110.0)
     with pytest.raises(RecordNotFoundError):
         store.update_rollout_state("nope", 0, {})
 
@@ -557,6 +558,41 @@ def test_rollout_round_trip(store: Store) -> None:
         store.add_decision("nope", "pause")
 
 
+def test_a_rollouts_devices_are_rows_and_its_document_stays_small(store: Store) -> None:
+    add_release(store)
+    pending = {"device_class": "rpi4", "wave": 1, "status": "pending", "reason": "assigned",
+               "code": "assigned", "sent_at": None, "updated_at": 100.0}
+    devices = {f"gw-{n}": {"device_id": f"gw-{n}", **pending} for n in range(3)}
+    store.create_rollout("ro-1", RELEASE, {}, state={"state": "running", "devices": devices},
+                         now=100.0)
+    assert store.get_rollout("ro-1").state["devices"] == devices  # type: ignore[union-attr]
+    assert [r.device_id for r in store.device_progress("ro-1")] == ["gw-0", "gw-1", "gw-2"]
+    # the document itself holds no device: a step rewrites only what changed
+    with store._transaction(write=False) as db:
+        (document,), = db.execute("SELECT state_json FROM rollouts").rows
+    assert "gw-" not in document and "devices" not in document
+
+    # a state without a devices map leaves the rows alone; one with a map replaces them
+    assert store.update_rollout_state("ro-1", 0, {"state": "paused"}, now=110.0)
+    after = store.get_rollout("ro-1")
+    assert after is not None and after.state == {"state": "paused", "devices": devices}
+    sent = {**devices["gw-1"], "status": "sent", "sent_at": 120.0, "updated_at": 120.0}
+    assert store.update_rollout_state("ro-1", 1, {"state": "running", "devices": {"gw-1": sent}})
+    assert store.get_rollout("ro-1").state["devices"] == {"gw-1": sent}  # type: ignore[union-attr]
+
+    # readers that do not need the devices leave them out; the lock's record never has them
+    light = store.get_rollout("ro-1", devices=False)
+    assert light is not None and light.state == {"state": "running"}
+    assert [r.state for r in store.list_rollouts(devices=False)] == [{"state": "running"}]
+    assert store.list_rollouts()[0].state["devices"] == {"gw-1": sent}
+    with store.rollout_lock("ro-1") as txn:
+        assert "devices" not in txn.rollout.state
+        txn.set_state({"state": "paused"})
+    assert store.get_rollout("ro-1").state["devices"] == {"gw-1": sent}  # type: ignore[union-attr]
+    with pytest.raises(StoreError, match="devices must be an object"):
+        store.update_rollout_state("ro-1", 2, {"state": "running", "devices": []})
+
+
 def test_rollout_lock_commits_together_or_not_at_all(store: Store) -> None:
     add_release(store)
     store.create_rollout("ro-1", RELEASE, {})
@@ -576,7 +612,9 @@ def test_rollout_lock_commits_together_or_not_at_all(store: Store) -> None:
         store.add_decision("ro-1", "note")  # the store on the same thread joins the transaction
     rollout = store.get_rollout("ro-1")
     assert rollout is not None
+    devices = rollout.state.pop("devices")
     assert (rollout.revision, rollout.state) == (1, {"state": "running", "current_wave": 1})
+    assert (devices["gw-1"]["status"], devices["gw-1"]["sent_at"]) == ("sent", 1.0)
     assert [d.kind for d in store.decisions("ro-1")] == ["send_install", "note"]
     first, last = (d.id for d in store.decisions("ro-1"))
     assert store.last_decision_id("ro-1") == last and store.last_decision_id("other") == 0
@@ -655,7 +693,10 @@ def test_racing_controllers_apply_a_decision_batch_exactly_once(store_url: str) 
         store = controllers[0]
         rollout = store.get_rollout("ro-1")
         assert rollout is not None
+        devices = rollout.state.pop("devices")
         assert (rollout.revision, rollout.state) == (3, {"current_wave": 3})
+        assert {d: (p["wave"], p["sent_at"]) for d, p in devices.items()} == {
+            f"gw-{i}": (3, 3.0) for i in range(4)}
         recorded = [(d.kind, d.device_id, d.wave, d.revision) for d in store.decisions("ro-1")]
         assert len(recorded) == 12
         assert Counter(recorded).most_common(1)[0][1] == 1  # no duplicates

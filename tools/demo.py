@@ -267,7 +267,7 @@ class Demo:
         last = ""
         while True:
             record = self.store.get_rollout(rollout_id)
-            state = RolloutState.from_dict(record.state) if record and record.state else None
+            state = RolloutState.from_stored(record.state) if record else None
             if state is not None:
                 lines = self._progress_lines(state)
                 text = "\n".join(lines)

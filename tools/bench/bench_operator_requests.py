@@ -320,7 +320,7 @@ def create(store: Store, rollout_id: str, release_id: str, version: int, waves: 
 
 def state_of(store: Store, rollout_id: str) -> RolloutState:
     record = store.get_rollout(rollout_id)
-    return RolloutState.from_dict(record.state) if record and record.state else RolloutState()
+    return RolloutState.from_stored(record.state) if record else RolloutState()
 
 
 def wait_for(predicate: Any, timeout: float, what: str, step: float = 0.25,

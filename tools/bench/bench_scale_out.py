@@ -324,15 +324,13 @@ def rollout_phase(args: argparse.Namespace, work: Path, broker: Broker) -> dict[
 
             def settled() -> bool:
                 record = store.get_rollout("r-kill")
-                state = (RolloutState.from_dict(record.state) if record and record.state
-                         else RolloutState())
+                state = RolloutState.from_stored(record.state) if record else RolloutState()
                 return state.finished and not any(d.status in ("sent", "rollback_sent")
                                                   for d in state.devices.values())
 
             done = wait_for(settled, args.timeout, step=1.0)
             record = store.get_rollout("r-kill")
-            state = (RolloutState.from_dict(record.state) if record and record.state
-                     else RolloutState())
+            state = RolloutState.from_stored(record.state) if record else RolloutState()
             result.update({"completed": done and state.state == "completed",
                            "state": state.state,
                            "done_s": round(time.monotonic() - created, 1),

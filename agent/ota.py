@@ -195,7 +195,8 @@ class OtaManager:
         self._need: tuple[Path, int, int] | None = None  # (where, needed, free) of the job
         self._rolled_back = False
         self.counters = {"installs": 0, "installed": 0, "rejected": 0, "rolled_back": 0,
-                         "failed": 0, "chunks_dropped": 0}
+                         "failed": 0, "chunks_dropped": 0, "chunk_resubscribes": 0,
+                         "chunk_requests": 0}
 
     # -- start-up --------------------------------------------------------------------------
 
@@ -871,6 +872,8 @@ class OtaManager:
         from fleetlite.agent.errors import DownloadError
         from fleetlite.agent.ota_download import (
             REFUSED,
+            RESUBSCRIBE,
+            RESUBSCRIBE_CHUNKS,
             STALLED,
             TIMED_OUT,
             ChunkStore,
@@ -887,17 +890,31 @@ class OtaManager:
             store = ChunkStore(staging, manifest, job.chunk_size, auto_persist=False)
         except DownloadError as exc:
             raise InstallEndedError("failed", exc.reason, str(exc)) from exc
+        window = request_window(job.chunk_size)
         tracker = DownloadTracker(idle_s=settings.chunk_idle_s,
                                   max_requests_without_progress=int(
                                       settings.max_requests_without_progress),
-                                  deadline_s=settings.download_deadline_s)
+                                  deadline_s=settings.download_deadline_s,
+                                  resubscribe_chunks=min(RESUBSCRIBE_CHUNKS, window))
+
+        def handler(payload: bytes) -> None:
+            self.on_message("chunk", payload)
+
+        round_topics: list[str] = []  # the exact chunk topics of the last re-subscription
+
+        def end_round() -> None:
+            for exact in round_topics:
+                self.link.unsubscribe(exact)
+            round_topics.clear()
+
         self._take_chunks(True)
-        self.link.subscribe(topic, lambda payload: self.on_message("chunk", payload))
+        self.link.subscribe(topic, handler)
         last_report = 0.0
         try:
             while True:
                 decision = tracker.poll(store.received_chunks, complete=store.complete(),
-                                        batch_done=store.request_satisfied)
+                                        batch_done=store.request_satisfied,
+                                        missing=store.missing_chunks)
                 if decision.action == "done":
                     break
                 if decision.action in (STALLED, TIMED_OUT):
@@ -907,11 +924,23 @@ class OtaManager:
                         f"download stopped at {progress['received_bytes']} of "
                         f"{progress['total_bytes']} bytes: no new chunks after "
                         f"{tracker.requests} requests; is the release still being served?")
-                if decision.action == "request":
-                    request = store.missing_request(
-                        self.device_id, limit_chunks=request_window(job.chunk_size))
+                if decision.action == RESUBSCRIBE:
+                    # the broker sends the retained copy of each newly subscribed topic to
+                    # this device alone; a topic still subscribed from the last round would
+                    # not be subscribed again by the link, so that round ends first
+                    end_round()
+                    store.expect(decision.chunks)
+                    round_topics.extend(topics.chunk_topic(job.release_id, job.chunk_size, f, i)
+                                        for f, i in decision.chunks)
+                    for exact in round_topics:
+                        self.link.subscribe(exact, handler)
+                    self.counters["chunk_resubscribes"] += 1
+                elif decision.action == "request":
+                    end_round()
+                    request = store.missing_request(self.device_id, limit_chunks=window)
                     if request is not None:
                         self.link.publish_live(request_topic, request.to_json())
+                        self.counters["chunk_requests"] += 1
                 try:
                     kind, payload = self._next_message(min(max(decision.wait_s, 0.05), 0.5))
                 except queue.Empty:
@@ -939,6 +968,7 @@ class OtaManager:
             raise InstallEndedError("rejected", exc.reason, str(exc)) from exc
         finally:
             self._take_chunks(False)
+            end_round()
             self.link.unsubscribe(topic)
             try:
                 store.close()

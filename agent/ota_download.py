@@ -8,12 +8,15 @@ before the bitmap naming it is (atomically) replaced.
 
 :class:`DownloadTracker` is pure logic over an injected clock, modelled on FreeRTOS OTA. The
 broker holds every chunk of a served release retained, so subscribing brings them all and most
-downloads send no request; it asks for the missing chunks only after ``idle_s`` without a new
-chunk (counted from the subscription; backing off to
-``BACKOFF_CAP`` times that while nothing comes), and declare the download stalled after
-``max_requests_without_progress`` unanswered requests: about four minutes of silence with the
-defaults, so a release publisher that is merely late (its controller paused, restarting or
-failing over) is waited for rather than called a failure.
+downloads send no request. After ``idle_s`` without a new chunk (counted from the subscription)
+a device that lost some of them (a broker drops messages for a client whose queue is full)
+first subscribes to the exact topics of the next missing chunks (RESUBSCRIBE), which makes the
+broker send their retained copies to this device alone; only when such a round brings nothing
+within ``idle_s`` does it ask the fleet for them (REQUEST: a re-publish to every subscribed
+device), backing off to ``BACKOFF_CAP`` times ``idle_s`` while nothing comes, and declare the
+download stalled after ``max_requests_without_progress`` unanswered requests: about four
+minutes of silence with the defaults, so a release publisher that is merely late (its
+controller paused, restarting or failing over) is waited for rather than called a failure.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import threading
 import time
 import zlib
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +61,8 @@ __all__ = [
     "NEW",
     "REFUSED",
     "REQUEST",
+    "RESUBSCRIBE",
+    "RESUBSCRIBE_CHUNKS",
     "STALLED",
     "TIMED_OUT",
     "WAIT",
@@ -382,6 +387,28 @@ class ChunkStore:
                             chunk_size=self.chunk_size,
                             ts=time.time() if ts is None else ts, missing=tuple(ranges))
 
+    def missing_chunks(self, limit: int) -> list[tuple[int, int]]:
+        """The first ``limit`` missing chunks as ``(file_index, index)``, in order."""
+        with self._lock:
+            found: list[tuple[int, int]] = []
+            for file_index, count in enumerate(self.layout.counts):
+                if len(found) >= limit:
+                    break
+                if self._bitmap.received_in(file_index) == count:
+                    continue
+                for index in range(count):
+                    if not self._bitmap.have(file_index, index):
+                        found.append((file_index, index))
+                        if len(found) >= limit:
+                            break
+            return found
+
+    def expect(self, chunks: Iterable[tuple[int, int]]) -> None:
+        """Remember ``chunks`` as the outstanding ones (a re-subscription round's), so
+        :attr:`request_satisfied` tells when they have all arrived."""
+        with self._lock:
+            self._outstanding = {key for key in chunks if not self._bitmap.have(*key)}
+
     def done_request(self, device_id: str, *, ts: float | None = None) -> ChunkRequest:
         """The ``done: true`` message that tells the fleet this device has everything."""
         return ChunkRequest(device_id=device_id, release_id=self.manifest.release_id,
@@ -390,7 +417,8 @@ class ChunkStore:
 
     @property
     def request_satisfied(self) -> bool:
-        """Every chunk of the last :meth:`missing_request` has arrived (ask for the next)."""
+        """Every chunk of the last :meth:`missing_request` (or :meth:`expect`) has arrived
+        (ask for the next)."""
         with self._lock:
             return not self._outstanding
 
@@ -529,42 +557,57 @@ class ChunkStore:
 
 # TrackerDecision actions.
 WAIT = "wait"
+RESUBSCRIBE = "resubscribe"
 REQUEST = "request"
 DONE = "done"
 STALLED = "stalled"
 TIMED_OUT = "timed_out"
 # unanswered requests are spaced idle_s, 2 idle_s, 4 idle_s, ... up to this many idle_s
 BACKOFF_CAP = 6
+#: a re-subscription round names at most this many chunks (one SUBSCRIBE of as many topics)
+RESUBSCRIBE_CHUNKS = 64
+
+MissingChunks = Callable[[int], Sequence[tuple[int, int]]]
 
 
 @dataclass(frozen=True)
 class TrackerDecision:
     """What to do now: ``action``; ``reason`` for STALLED/TIMED_OUT; ``wait_s`` until the next
-    poll is useful (for WAIT)."""
+    poll is useful (for WAIT); ``chunks`` for RESUBSCRIBE: the ``(file_index, index)`` whose
+    exact chunk topics to subscribe to."""
 
     action: str
     reason: str = ""
     wait_s: float = 0.0
+    chunks: tuple[tuple[int, int], ...] = ()
 
 
 class DownloadTracker:
-    """When to (re)send a chunk request, and when to give up (FreeRTOS OTA's rules).
+    """When to re-subscribe to missing chunks, when to (re)send a chunk request, and when to
+    give up (FreeRTOS OTA's rules, plus the broker's retained copies first).
 
     - the first :meth:`poll` starts the clock (call it once subscribed to the chunks): the
-      broker delivers the retained chunks, so the first request waits ``first_request_s``
-      (``idle_s`` unless given) for them to start coming: on a busy broker the first of them
-      can take seconds, and a request then only adds a re-publish to every device;
-    - a new request goes out after ``idle_s`` without a new chunk (counted from the later of
-      the last request and the last new chunk), or at once when the previous request's chunks
-      have all arrived (``batch_done``, after a request) and more are missing; while requests
-      go unanswered the wait doubles, up to ``BACKOFF_CAP * idle_s`` (5, 10, 20, 30, 30, ...
-      s by default);
+      broker delivers the retained chunks, so nothing is asked before ``first_request_s``
+      (``idle_s`` unless given) without a chunk: on a busy broker the first of them can take
+      seconds, and a request then only adds a re-publish to every device;
+    - when an ask is due (``idle_s`` without a new chunk, counted from the later of the last
+      ask and the last new chunk) and :meth:`poll` was given ``missing``, the first ask since
+      the last new chunk is a RESUBSCRIBE round: the next ``resubscribe_chunks`` missing
+      chunks, whose exact topics the caller subscribes to (the broker re-sends their retained
+      copies to this device only). Only when a round brings no new chunk within ``idle_s`` is
+      the next ask a REQUEST to the fleet. A round whose chunks have all arrived
+      (``batch_done``) is followed at once by the next round while more are missing;
+    - a request whose chunks have all arrived (``batch_done``) is followed at once by the next
+      request while more are missing; while requests go unanswered the wait doubles, up to
+      ``BACKOFF_CAP * idle_s`` (5, 10, 20, 30, 30, ... s by default);
     - after ``max_requests_without_progress`` requests in a row without a new chunk, the next
-      due request becomes STALLED (``download_stalled``): 250 s of silence by default;
+      due request becomes STALLED (``download_stalled``): 255 s of silence by default (one
+      round, then requests);
     - ``deadline_s`` after the first poll the download is TIMED_OUT (``download_timeout``),
       progress or not.
 
-    Pure: the caller passes the received-chunk count; time comes from the injected clock.
+    Pure: the caller passes the received-chunk count and the missing chunks; time comes from
+    the injected clock.
     """
 
     def __init__(
@@ -574,24 +617,31 @@ class DownloadTracker:
         max_requests_without_progress: int = 10,
         deadline_s: float = 3600.0,
         first_request_s: float | None = None,
+        resubscribe_chunks: int = RESUBSCRIBE_CHUNKS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.idle_s = idle_s
         self.first_request_s = idle_s if first_request_s is None else first_request_s
         self.max_requests_without_progress = max_requests_without_progress
         self.deadline_s = deadline_s
+        self.resubscribe_chunks = max(1, resubscribe_chunks)
         self._clock = clock
         self.started: float | None = None
         self.last_request = 0.0
+        self.last_resubscribe: float | None = None
+        self.last_ask = ""  # RESUBSCRIBE or REQUEST: what batch_done refers to
         self.last_progress = 0.0
         self.received = -1
         self.received_at_start = -1
         self.unanswered = 0
         self.requests = 0
+        self.resubscribes = 0
 
-    def poll(self, received: int, *, complete: bool = False,
-             batch_done: bool = False) -> TrackerDecision:
-        """Decide, given the number of chunks received so far. A REQUEST is counted as sent."""
+    def poll(self, received: int, *, complete: bool = False, batch_done: bool = False,
+             missing: MissingChunks | None = None) -> TrackerDecision:
+        """Decide, given the number of chunks received so far and (to allow re-subscription
+        rounds) ``missing(limit)``, the first ``limit`` missing chunks in order. A REQUEST or
+        RESUBSCRIBE is counted as done."""
         now = self._clock()
         if complete:
             return TrackerDecision(DONE)
@@ -604,21 +654,41 @@ class DownloadTracker:
             self.unanswered = 0
         if now - self.started >= self.deadline_s:
             return TrackerDecision(TIMED_OUT, "download_timeout")
-        if batch_done and self.requests and self.unanswered == 0:
-            return self._request(now)
-        quiet_since = max(self.last_request, self.last_progress)
+        if batch_done and self.unanswered == 0:
+            if self.last_ask == RESUBSCRIBE and missing is not None:
+                round_ = self._resubscribe(now, missing)
+                if round_ is not None:
+                    return round_
+            elif self.last_ask == REQUEST:
+                return self._request(now)
+        quiet_since = max(self.last_request, self.last_progress, self.last_resubscribe or 0.0)
         idle = self.idle_s * min(2 ** max(0, self.unanswered - 1), BACKOFF_CAP)
-        if not self.requests and received == self.received_at_start:
+        if not self.last_ask and received == self.received_at_start:
             idle = self.first_request_s  # nothing retained has come: ask soon
         if now - quiet_since >= idle:
+            if missing is not None and (self.last_resubscribe is None
+                                        or self.last_resubscribe < self.last_progress):
+                round_ = self._resubscribe(now, missing)
+                if round_ is not None:
+                    return round_
             if self.unanswered >= self.max_requests_without_progress:
                 return TrackerDecision(STALLED, "download_stalled")
             return self._request(now)
         wait = min(quiet_since + idle, self.started + self.deadline_s) - now
         return TrackerDecision(WAIT, wait_s=max(0.0, wait))
 
+    def _resubscribe(self, now: float, missing: MissingChunks) -> TrackerDecision | None:
+        chunks = tuple(missing(self.resubscribe_chunks))[:self.resubscribe_chunks]
+        if not chunks:
+            return None
+        self.resubscribes += 1
+        self.last_resubscribe = now
+        self.last_ask = RESUBSCRIBE
+        return TrackerDecision(RESUBSCRIBE, chunks=chunks)
+
     def _request(self, now: float) -> TrackerDecision:
         self.requests += 1
         self.unanswered += 1
         self.last_request = now
+        self.last_ask = REQUEST
         return TrackerDecision(REQUEST)

@@ -1,7 +1,8 @@
 """Chunked release delivery end to end through a real Mosquitto: the fleet's ReleasePublisher
 serves a real signed bundle, its chunks retained; device-side test loops (plain paho +
 ChunkStore + DownloadTracker) verify the retained manifest, subscribe to the chunks and
-download, resume, ask for what the broker does not hold, and finish."""
+download, resume, take what they lost from the broker's retained copies by subscribing to the
+missing chunks' topics, ask the fleet only for what the broker does not hold, and finish."""
 
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from fleetlite.agent.ota_download import (
     DONE,
+    DUPLICATE,
     NEW,
     REQUEST,
+    RESUBSCRIBE,
     ChunkStore,
     DownloadTracker,
 )
@@ -67,7 +70,8 @@ class Device:
 
     def __init__(self, broker: Mosquitto, device_id: str, release_id: str, staging: Path, *,
                  chunk_size: int = CS, idle_s: float = 2.0, first_request_s: float = 10.0,
-                 accept_limit: int | None = None, track: bool = True) -> None:
+                 accept_limit: int | None = None, track: bool = True,
+                 drop_first: Callable[[int, int], bool] | None = None) -> None:
         self.broker = broker
         self.device_id = device_id
         self.release_id = release_id
@@ -79,6 +83,12 @@ class Device:
         self.first_request_s = first_request_s
         self.accept_limit = accept_limit
         self.track = track
+        # chunks whose first delivery this device "misses", as when the broker drops messages
+        # for a client whose queue is full
+        self.drop_first = drop_first
+        self.dropped: list[tuple[int, int]] = []
+        self.rounds: list[tuple[tuple[int, int], ...]] = []
+        self.round_topics: list[str] = []
         self.manifest_topic = topics.release_topic(release_id, topics.RELEASE_MANIFEST)
         self.chunks_topic = topics.chunks_filter(release_id, chunk_size)
         self.store: ChunkStore | None = None
@@ -134,10 +144,31 @@ class Device:
                 self.early_frames += 1
             elif self.accept_limit is not None and self.accepted >= self.accept_limit:
                 return  # this "agent" is dead: frames go nowhere
+            elif self._dropped(payload):
+                return
             elif self.store.accept(payload) == NEW:
                 self.accepted += 1
         except Exception as exc:  # record, never kill paho's thread
             self.errors.append(repr(exc))
+
+    def _dropped(self, frame: bytes) -> bool:
+        assert self.store is not None
+        if self.drop_first is None:
+            return False
+        try:
+            chunk = self.store.layout.decode(frame)
+        except ChunkError:
+            return False
+        key = (chunk.file_index, chunk.index)
+        if key in self.dropped or not self.drop_first(*key):
+            return False
+        self.dropped.append(key)
+        return True
+
+    def _end_round(self) -> None:
+        if self.round_topics:
+            self._client.unsubscribe(self.round_topics)
+            self.round_topics = []
 
     def _track(self) -> None:
         try:
@@ -150,12 +181,23 @@ class Device:
                                       deadline_s=30.0, first_request_s=self.first_request_s)
             while not self._stop.is_set():
                 decision = tracker.poll(store.received_chunks, complete=store.complete(),
-                                        batch_done=store.request_satisfied)
-                if decision.action == REQUEST:
+                                        batch_done=store.request_satisfied,
+                                        missing=store.missing_chunks)
+                if decision.action == RESUBSCRIBE:
+                    self._end_round()
+                    self.rounds.append(decision.chunks)
+                    store.expect(decision.chunks)
+                    self.round_topics = [topics.chunk_topic(self.release_id, self.chunk_size,
+                                                            f, i) for f, i in decision.chunks]
+                    # one SUBSCRIBE naming every topic of the round
+                    self._client.subscribe([(topic, 1) for topic in self.round_topics])
+                elif decision.action == REQUEST:
+                    self._end_round()
                     request = store.missing_request(self.device_id)
                     if request is not None:
                         self._send(request)
                 elif decision.action == DONE:
+                    self._end_round()
                     self.paths = store.finalize()
                     self._send(store.done_request(self.device_id))
                     self.outcome = "done"
@@ -297,8 +339,9 @@ def test_a_device_that_comes_later_gets_the_release_from_the_broker(
 def test_a_device_asks_only_for_what_the_broker_does_not_hold(
         broker: Mosquitto, publisher: ReleasePublisher, bundle: ReleaseBundle,
         tmp_path: Path) -> None:
-    """Chunks the broker lost (a restart without persistence, a full client queue): the
-    device asks for exactly those, once, and the publisher publishes exactly those."""
+    """Chunks the broker does not hold (a restart without persistence, a release cleared):
+    the device's re-subscription round brings nothing, so it asks for exactly those, once,
+    and the publisher publishes exactly those."""
     layout = layout_of(bundle)
     contents = [bundle.files[e.name] for e in bundle.manifest.files]
     publisher.serve(bundle, CS, initial_pass=False)  # the broker holds no chunk
@@ -319,6 +362,9 @@ def test_a_device_asks_only_for_what_the_broker_does_not_hold(
                             first_request_s=0.3)) as (late,):
             late.wait_done()
             assert_files_match(late, bundle)
+            # the broker's retained copies first: one round of the first missing chunks, which
+            # brought nothing, then the fleet
+            assert late.rounds == [tuple(sorted(missing))[:64]]
             assert set(expand_ranges(late.requests[0].missing)) == missing
             assert sorted(late.requested_chunks) == sorted(missing)  # asked once, no more
         stats = wait_for_stats(publisher, lambda s: s["releases"][bundle.release_id][
@@ -329,6 +375,85 @@ def test_a_device_asks_only_for_what_the_broker_does_not_hold(
         assert len(counter.on_topic(CHUNKS)) == len(missing)
     finally:
         counter.stop()
+
+
+def test_a_device_that_lost_chunks_takes_the_brokers_retained_copies_not_the_fleets(
+        broker: Mosquitto, publisher: ReleasePublisher, bundle: ReleaseBundle,
+        tmp_path: Path) -> None:
+    """The device misses the first delivery of every third chunk (as when Mosquitto drops
+    messages for a client whose queue is full): after idle_s it subscribes to those chunks'
+    exact topics, the broker re-sends its retained copies to this device alone, and neither a
+    chunk request nor a re-publish happens."""
+    layout = layout_of(bundle)
+    total = layout.total_chunks
+    counter = chunk_counter(broker, bundle.release_id)
+    try:
+        # idle_s is the device's own silence rule, not a test wait: long enough that a round's
+        # retained copies come within it on a loaded machine, so the fleet is never asked
+        device = Device(broker, "gw-lossy", bundle.release_id, tmp_path / "lossy", idle_s=4.0,
+                        drop_first=lambda f, i: i % 3 == 1)
+        with devices(device) as (gw,):
+            publisher.serve(bundle, CS)
+            gw.wait_done(timeout=60)
+            assert_files_match(gw, bundle)
+            lost = sorted(gw.dropped)
+            assert len(lost) >= total // 3 - len(layout.counts)
+            # rounds of at most 64, the missing chunks in order, each fetched once
+            assert [key for chunks in gw.rounds for key in chunks] == lost
+            assert all(len(chunks) <= 64 for chunks in gw.rounds)
+            assert gw.requested_chunks == []
+            assert [r.done for r in gw.requests] == [True]
+            assert gw.accepted == total
+        stats = wait_for_stats(publisher, lambda s: s["releases"][bundle.release_id][
+            "done_devices"] == ["gw-lossy"])
+        release = stats["releases"][bundle.release_id]
+        assert stats["chunks_published"] == total
+        assert release["resent"] == {} and release["resent_total"] == 0
+        assert release["requests"] == 1  # the "done" message only
+        counter.wait_for(CHUNKS, count=total)
+        # the retained copies went to the lossy device's exact topics only: other subscribers
+        # of the release saw each chunk once
+        assert len(counter.on_topic(CHUNKS)) == total
+    finally:
+        counter.stop()
+
+
+def test_overlapping_subscriptions_and_rounds_bring_duplicates_the_store_ignores(
+        broker: Mosquitto, publisher: ReleasePublisher, bundle: ReleaseBundle,
+        tmp_path: Path) -> None:
+    """While a round's exact topic is subscribed beside the release's wildcard, a chunk the
+    fleet re-publishes reaches the device (once per matching subscription where a broker sends
+    duplicates; Mosquitto 2.0 sends one), and a round's retained copy can repeat a chunk that
+    came meanwhile: every later copy is a duplicate, counted and never written again."""
+    layout = layout_of(bundle)
+    contents = [bundle.files[e.name] for e in bundle.manifest.files]
+    frame = next(f for fi, i, f in layout.frames(contents) if (fi, i) == (0, 2))
+    publisher.serve(bundle, CS, initial_pass=False)  # nothing retained: one publish to see
+    exact = topics.chunk_topic(bundle.release_id, CS, 0, 2)
+    both = Collector(broker.host, broker.port, [topics.chunks_filter(bundle.release_id, CS),
+                                                exact], client_id="gw-asker").start()
+    try:
+        both.publish(topics.device_topic("gw-asker", topics.OTA_REQUEST), ChunkRequest(
+            device_id="gw-asker", release_id=bundle.release_id, chunk_size=CS,
+            ts=float(NOW), missing=((0, 2, 3),)).to_json(), qos=1)
+        both.wait_for(exact, predicate=lambda m: m.payload == frame)
+        # the broker queued every copy of the fleet's publish at once: a marker published now
+        # on the same topic comes after all of them
+        both.publish(exact, b"marker")
+        both.wait_for(exact, predicate=lambda m: m.payload == b"marker")
+        # a new round on the same topic: the broker re-sends its retained copy
+        both._client.subscribe(exact, 1)
+        copies = both.wait_for(exact, count=2, predicate=lambda m: m.payload == frame)
+        assert copies[-1].retain
+        stats = wait_for_stats(publisher, lambda s: s["releases"][bundle.release_id][
+            "resent_total"] == 1)
+        assert stats["chunks_published"] == 1
+        with ChunkStore(tmp_path / "overlap", bundle.manifest, CS) as store:
+            outcomes = [store.accept(m.payload) for m in copies]
+            assert outcomes == [NEW] + [DUPLICATE] * (len(copies) - 1)
+            assert store.duplicates == len(copies) - 1 and store.received_chunks == 1
+    finally:
+        both.stop()
 
 
 def test_an_interrupted_download_resumes_after_a_restart(broker: Mosquitto,

@@ -28,6 +28,7 @@ from fleetlite.agent.ota_download import (
     NEW,
     REFUSED,
     REQUEST,
+    RESUBSCRIBE,
     STALLED,
     TIMED_OUT,
     WAIT,
@@ -528,3 +529,136 @@ def test_by_default_the_first_request_waits_idle_s_for_the_retained_chunks() -> 
     clock.t = 5.0
     assert tracker.poll(0).action == REQUEST
 
+
+
+# --- re-subscription rounds: the broker's retained copies before the fleet ----------------------
+
+
+class FakeMissing:
+    """The missing chunks of a 300-chunk file, as ``DownloadTracker.poll`` asks for them."""
+
+    def __init__(self, total: int = 300) -> None:
+        self.missing = [(0, i) for i in range(total)]
+        self.limits: list[int] = []
+
+    def __call__(self, limit: int) -> list[tuple[int, int]]:
+        self.limits.append(limit)
+        return self.missing[:limit]
+
+    def arrive(self, count: int) -> int:
+        """``count`` of the first missing chunks arrive; returns how many were received."""
+        del self.missing[:count]
+        return 300 - len(self.missing)
+
+
+def resubscribing_tracker(clock: FakeClock, **kwargs: Any) -> DownloadTracker:
+    return DownloadTracker(idle_s=5.0, max_requests_without_progress=10, deadline_s=1000.0,
+                           clock=clock, **kwargs)
+
+
+def test_a_device_re_subscribes_to_missing_chunks_before_it_asks_the_fleet() -> None:
+    clock, missing = FakeClock(), FakeMissing()
+    tracker = resubscribing_tracker(clock, resubscribe_chunks=64)
+    assert tracker.poll(0, missing=missing).action == WAIT
+    clock.t = 1.0
+    received = missing.arrive(200)  # the broker's first delivery, with a gap at the end
+    assert tracker.poll(received, missing=missing).action == WAIT
+    clock.t = 5.9
+    assert tracker.poll(received, missing=missing).action == WAIT
+    clock.t = 6.0  # idle_s of silence: the first 64 missing chunks, in order, not a request
+    decision = tracker.poll(received, missing=missing)
+    assert decision.action == RESUBSCRIBE
+    assert decision.chunks == tuple((0, i) for i in range(200, 264))
+    assert tracker.requests == 0 and tracker.unanswered == 0 and tracker.resubscribes == 1
+    clock.t = 6.2  # the round's chunks all came: the next round at once, the rest
+    received = missing.arrive(64)
+    decision = tracker.poll(received, batch_done=True, missing=missing)
+    assert decision.action == RESUBSCRIBE
+    assert decision.chunks == tuple((0, i) for i in range(264, 300))
+    clock.t = 6.3
+    received = missing.arrive(36)
+    assert tracker.poll(received, complete=True, missing=missing).action == DONE
+    assert tracker.requests == 0 and tracker.resubscribes == 2
+
+
+def test_a_round_that_brings_nothing_is_followed_by_a_request_and_the_old_backoff() -> None:
+    clock, missing = FakeClock(), FakeMissing()
+    tracker = resubscribing_tracker(clock, first_request_s=1.0)
+    tracker.poll(0, missing=missing)
+    steps = [(0.9, WAIT), (1.0, RESUBSCRIBE),  # nothing at all after first_request_s
+             (5.9, WAIT), (6.0, REQUEST),  # the round brought nothing in idle_s: the fleet
+             (10.9, WAIT), (11.0, REQUEST), (21.0, REQUEST), (41.0, REQUEST), (71.0, REQUEST),
+             (101.0, REQUEST), (131.0, REQUEST), (161.0, REQUEST), (191.0, REQUEST),
+             (221.0, REQUEST),  # the 10th request
+             (250.9, WAIT), (251.0, STALLED)]
+    for t, expected in steps:
+        clock.t = t
+        decision = tracker.poll(0, missing=missing)
+        assert decision.action == expected, f"at t={t}: {decision}"
+    assert tracker.resubscribes == 1 and tracker.requests == 10
+
+
+def test_by_default_a_silent_broker_stalls_after_255_s() -> None:
+    clock, missing = FakeClock(), FakeMissing()
+    tracker = DownloadTracker(clock=clock)
+    actions = []
+    while (decision := tracker.poll(0, missing=missing)).action not in (STALLED, TIMED_OUT):
+        if decision.action != WAIT:
+            actions.append((clock.t, decision.action))
+        clock.t += decision.wait_s
+    assert decision.action == STALLED and clock.t == pytest.approx(255.0)
+    assert actions[:3] == [(5.0, RESUBSCRIBE), (10.0, REQUEST), (15.0, REQUEST)]
+
+
+def test_a_new_chunk_earns_a_new_round_before_the_next_request() -> None:
+    clock, missing = FakeClock(), FakeMissing()
+    tracker = resubscribing_tracker(clock)
+    received = missing.arrive(100)
+    tracker.poll(received, missing=missing)
+    clock.t = 5.0
+    assert tracker.poll(received, missing=missing).action == RESUBSCRIBE
+    clock.t = 6.0
+    received = missing.arrive(10)  # part of the round came (the rest was dropped again)
+    assert tracker.poll(received, missing=missing).action == WAIT
+    clock.t = 11.0  # silence: a new round from the first missing chunk, still no request
+    decision = tracker.poll(received, missing=missing)
+    assert decision.action == RESUBSCRIBE and decision.chunks[0] == (0, 110)
+    clock.t = 16.0  # that round brought nothing: now the fleet
+    assert tracker.poll(received, missing=missing).action == REQUEST
+    clock.t = 17.0
+    received = missing.arrive(150)  # the fleet's answer
+    # a request's answer came: the next request at once, as before
+    assert tracker.poll(received, batch_done=True, missing=missing).action == REQUEST
+    clock.t = 22.5  # the next answer never came; a round comes first again, then the fleet
+    assert tracker.poll(received, missing=missing).action == RESUBSCRIBE
+    clock.t = 27.5
+    assert tracker.poll(received, missing=missing).action == REQUEST
+    assert tracker.resubscribes == 3 and tracker.requests == 3
+
+
+def test_without_missing_the_tracker_never_re_subscribes() -> None:
+    clock = FakeClock()
+    tracker = resubscribing_tracker(clock)
+    tracker.poll(0)
+    clock.t = 5.0
+    assert tracker.poll(0).action == REQUEST and tracker.resubscribes == 0
+
+
+def test_store_missing_chunks_and_expect(tmp_path: Path) -> None:
+    frames = all_frames()
+    with ChunkStore(tmp_path / "s", MANIFEST, CS) as store:
+        for frame in frames[:5] + frames[7:21]:
+            store.accept(frame)
+        everything = [(f, i) for f, n in enumerate(LAYOUT.counts) for i in range(n)]
+        missing = [key for key in everything if not store.have(*key)]
+        assert missing[:2] == [(0, 5), (0, 6)] and len(missing) == LAYOUT.total_chunks - 19
+        assert store.missing_chunks(3) == missing[:3]
+        assert store.missing_chunks(100) == missing
+        store.expect(missing[:3])
+        assert not store.request_satisfied
+        store.accept(frames[5])
+        store.accept(frames[6])
+        assert not store.request_satisfied
+        store.accept(frames[21])  # (1, 0): the third of the round
+        assert store.request_satisfied
+        assert store.missing_chunks(1) == [missing[3]]

@@ -22,6 +22,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,7 +38,7 @@ from fleetlite.sdk.messages import Status
 from fleetlite.sdk.ota_messages import ChunkRequest
 from fleetlite.sdk.trust import Root, load_trusted_root
 from fleetlite.tools.sim.config import SimConfig, SimConfigError, class_counts, parse_weights
-from fleetlite.tools.sim.ota import Install, Outcome
+from fleetlite.tools.sim.ota import Install, Outcome, Resubscribe
 from fleetlite.tools.sim.plan import FAIL, INSTALL, REJECT, plan_fleet, slice_of
 from tests.mqtt_harness import Collector, Mosquitto, Received, retained_under
 from tests.test_ota_install import ISSUED, RELEASE_KEY, STRANGER, _resign, write_root
@@ -101,13 +102,14 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Root:
                              .read_bytes())
 
 
-def deliver(install: Install, bundle: ReleaseBundle, envelope: bytes,
-            tamper: bool = False) -> tuple[Outcome, list[ChunkRequest], list[str]]:
+def deliver(install: Install, bundle: ReleaseBundle, envelope: bytes, tamper: bool = False,
+            broker_holds: bool = True) -> Delivery:
     """Serve ``install`` as a broker holding the release would: the manifest, then every
-    retained chunk but every fifth (lost, as from a full client queue), then, once the install
-    asks after its idle time, the frames of every chunk it requests (``tamper``: one byte of
-    the model flipped), until it ends or is done. Returns its outcome, its requests and the
-    phases it reported after the download."""
+    retained chunk but every fifth (lost, as from a full client queue); once the install re-
+    subscribes to chunks after its idle time, their retained copies (``broker_holds``) or
+    nothing (a broker that lost them: the install asks the fleet after another idle time);
+    the frames of every chunk it requests (``tamper``: one byte of the model flipped), until
+    it ends or is done."""
     contents = [bytearray(bundle.files[f.name]) for f in bundle.manifest.files]
     if tamper:
         contents[0][100] ^= 0xFF
@@ -117,22 +119,47 @@ def deliver(install: Install, bundle: ReleaseBundle, envelope: bytes,
         return layout.frame(file_index, index, bytes(contents[file_index]))
 
     sent: list[ChunkRequest] = []
-    queue = install.on_manifest(envelope, 0.0)
+    rounds: list[Resubscribe] = []
+    queue: list[ChunkRequest | Resubscribe] = list(install.on_manifest(envelope, 0.0))
     assert queue == []  # the retained chunks come on subscription: nothing to ask yet
+    now = 0.5
     if install.manifest is not None:
         for file_index, count in enumerate(layout.counts):
             for index in range(count):
                 if index % 5 != 4:
-                    queue += install.on_chunk(frame(file_index, index), 0.5)
-        assert all(r.done for r in queue)  # a flowing download asks for nothing
-        queue += install.poll(0.5 + install.idle_s)
+                    queue += install.on_chunk(frame(file_index, index), now)
+        assert all(isinstance(r, ChunkRequest) and r.done for r in queue)  # nothing to ask
+        now += install.idle_s
+        queue += install.poll(now)
     while queue and install.ended is None:
-        request = ChunkRequest.from_json(queue.pop(0).to_json())  # what goes on the wire
+        ask = queue.pop(0)
+        now += 0.1
+        if isinstance(ask, Resubscribe):
+            rounds.append(ask)
+            if broker_holds:
+                for file_index, index in ask.chunks:
+                    queue += install.on_chunk(frame(file_index, index), now)
+            else:
+                now += install.idle_s  # the round brought nothing
+            queue += install.poll(now)
+            continue
+        request = ChunkRequest.from_json(ask.to_json())  # what goes on the wire
         sent.append(request)
         for file_index, index in expand_ranges(request.missing):
-            queue += install.on_chunk(frame(file_index, index), 6.0)
+            queue += install.on_chunk(frame(file_index, index), now)
     phases = install.remaining_phases()
-    return install.finish(), sent, phases
+    return Delivery(install.finish(), sent, rounds, phases)
+
+
+@dataclass
+class Delivery:
+    """What ``deliver`` saw: the outcome, the requests (on the wire), the re-subscription
+    rounds and the phases reported after the download."""
+
+    outcome: Outcome
+    requests: list[ChunkRequest]
+    rounds: list[Resubscribe]
+    phases: list[str]
 
 
 def held_back(bundle: ReleaseBundle) -> int:
@@ -175,20 +202,33 @@ def test_simulated_install_checks_what_a_device_checks(
     tamper = options.pop("tamper", False)
     install = _install(options.pop("root", root), options.pop("release_id", release.release_id),
                        **options)
-    ended, requests, phases = deliver(install, release, envelope, tamper=tamper)
+    delivery = deliver(install, release, envelope, tamper=tamper)
+    ended, requests, phases = delivery.outcome, delivery.requests, delivery.phases
     assert (ended.outcome, ended.reason) == (outcome, reason), ended.message
     final = install.final()
     assert (final.final, final.phase, final.outcome, final.reason) == (True, "done", outcome,
                                                                        reason)
     if outcome == "installed":
-        assert requests[-1].done and not requests[-1].missing  # the fleet may stop serving
-        assert [r.chunk_total for r in requests[:-1]] == [held_back(release)]  # asked once
+        # the lost chunks came from the broker's retained copies: the fleet heard only "done"
+        assert [(r.done, r.missing) for r in requests] == [(True, ())]
+        assert sum(len(r.chunks) for r in delivery.rounds) == held_back(release)
+        assert all(len(r.chunks) <= 64 for r in delivery.rounds)
         assert (final.model, final.version) == ("intent", 2)
         assert phases == ["verifying", "smoke_testing", "switching", "health_check"]
     if reason == "smoke_output_mismatch":  # it ends in the smoke test
         assert phases == ["verifying", "smoke_testing"]
     if reason == "download_stalled":  # it gave up half way, as planned
         assert install.bitmap is not None and 0 < install.bitmap.received < install.bitmap.total
+
+
+def test_a_simulated_device_asks_the_fleet_when_the_broker_does_not_hold_the_chunks(
+        release: ReleaseBundle, root: Root) -> None:
+    install = _install(root, release.release_id)
+    delivery = deliver(install, release, release.envelope.to_json(), broker_holds=False)
+    assert delivery.outcome.outcome == "installed", delivery.outcome.message
+    assert len(delivery.rounds) == 1  # one round, which brought nothing, then the fleet
+    assert delivery.requests[-1].done and not delivery.requests[-1].missing
+    assert [r.chunk_total for r in delivery.requests[:-1]] == [held_back(release)]  # once
 
 
 # -- the simulator against a real broker and controller ------------------------------------------
@@ -254,7 +294,7 @@ def stop_sim(sim: subprocess.Popen[bytes], log: Path) -> dict[str, Any]:
 def rollout_state(store: Store, rollout_id: str) -> RolloutState:
     record = store.get_rollout(rollout_id)
     assert record is not None
-    return RolloutState.from_dict(record.state) if record.state else RolloutState()
+    return RolloutState.from_stored(record.state)
 
 
 def settled(store: Store, rollout_id: str) -> bool:

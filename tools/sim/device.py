@@ -26,7 +26,7 @@ from fleetlite.sdk.messages import Command, CommandResponse, MessageError, OtaSt
 from fleetlite.sdk.trust import Root
 from fleetlite.tools.sim import reports
 from fleetlite.tools.sim.config import SimConfig
-from fleetlite.tools.sim.ota import Install, Outcome
+from fleetlite.tools.sim.ota import Install, Outcome, Resubscribe
 from fleetlite.tools.sim.plan import DevicePlan
 from fleetlite.tools.sim.stats import Stats
 
@@ -348,6 +348,7 @@ class SimDevice:
         self._wake.clear()
         manifest_topic = topics.release_topic(install.release_id, topics.RELEASE_MANIFEST)
         chunks_topic = topics.chunks_filter(install.release_id, install.chunk_size)
+        round_topics: list[str] = []  # the exact chunk topics of the last re-subscription
         try:
             await self._status(client, install.status("accepted"))
             await client.subscribe(manifest_topic, qos=1)
@@ -366,14 +367,26 @@ class SimDevice:
             while install.ended is None and not install.complete:
                 await self._wait(install.next_poll_in(time.monotonic()))
                 now = time.monotonic()
-                for request in install.poll(now):
-                    await client.publish(self.topic(topics.OTA_REQUEST), request.to_json(),
-                                         qos=1)
+                for ask in install.poll(now):
+                    # a round's exact topics are dropped when the next ask comes: a round
+                    # brought what the broker holds by then
+                    if round_topics:
+                        await client.unsubscribe(round_topics)
+                        round_topics = []
+                    if isinstance(ask, Resubscribe):
+                        round_topics = [topics.chunk_topic(install.release_id, install.chunk_size,
+                                                           f, i) for f, i in ask.chunks]
+                        # one SUBSCRIBE: the broker sends each topic's retained copy
+                        await client.subscribe([(topic, 1) for topic in round_topics])
+                        self.stats.add("chunk_resubscribes")
+                    else:
+                        await client.publish(self.topic(topics.OTA_REQUEST), ask.to_json(),
+                                             qos=1)
                 if install.ended is None and not install.complete and install.progress_due(now):
                     await self._status(client, install.status("downloading",
                                                               progress=install.progress()))
             with contextlib.suppress(aiomqtt.MqttError):
-                await client.unsubscribe([chunks_topic, manifest_topic])
+                await client.unsubscribe([chunks_topic, manifest_topic, *round_topics])
             for phase in install.remaining_phases():
                 await self._status(client, install.status(phase))
                 await asyncio.sleep(self.config.step_s * self.rng.uniform(0.5, 1.5))

@@ -11,10 +11,13 @@ only out-of-order chunks are held, so a device holds little more than a chunk or
 
 Not simulated: the smoke test, the A/B switch and the health window run no model; they are
 phases with a delay (the adapter's), and a device planned to fail or reject ends there with the
-planned reason. Request timing follows docs/protocol.md ("OTA delivery"): the broker delivers
-the retained chunks on subscription, so a request goes out only after ``idle_s`` without a new
-chunk (counted from the subscription; backing off up to 6x), at
-once when a request's chunks all came, and ``download_stalled`` after ``max_unanswered``
+planned reason. Request timing follows docs/protocol.md ("OTA delivery") and the agent's
+``DownloadTracker``: the broker delivers the retained chunks on subscription; after ``idle_s``
+without a new chunk (counted from the subscription) the device first subscribes to the exact
+topics of the next missing chunks (a :class:`Resubscribe` round: the broker re-sends their
+retained copies to this device alone), the next round at once when a round's chunks all came;
+a request goes out only when a round brought nothing within ``idle_s`` (backing off up to 6x),
+at once when a request's chunks all came, and ``download_stalled`` after ``max_unanswered``
 requests in a row without a new chunk.
 """
 
@@ -23,7 +26,7 @@ from __future__ import annotations
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Union
 
 from fleetlite.sdk.chunks import ChunkBitmap, ChunkError, ChunkLayout, decode_frame
 from fleetlite.sdk.envelope import Envelope
@@ -34,7 +37,7 @@ from fleetlite.sdk.ota_messages import ChunkRequest
 from fleetlite.sdk.trust import Root
 from fleetlite.sdk.verify import FileVerifier, verify_release
 
-__all__ = ["Install", "Outcome", "fail_phase"]
+__all__ = ["RESUBSCRIBE_CHUNKS", "Install", "Outcome", "Resubscribe", "fail_phase"]
 
 #: the phase a planned failure ends in, by reason (others: ``switching``)
 _PHASE_OF_REASON = {
@@ -49,6 +52,8 @@ _PHASE_OF_REASON = {
 }
 _AFTER_DOWNLOAD = ("verifying", "smoke_testing", "switching", "health_check")
 _BACKOFF_CAP = 6
+#: a re-subscription round names at most this many chunks (the agent's RESUBSCRIBE_CHUNKS)
+RESUBSCRIBE_CHUNKS = 64
 
 
 def fail_phase(reason: str) -> str:
@@ -63,6 +68,18 @@ class Outcome:
     outcome: str
     reason: str
     message: str
+
+
+@dataclass(frozen=True)
+class Resubscribe:
+    """Subscribe to the exact chunk topics of ``chunks`` (``(file_index, index)``) and drop the
+    previous round's: the broker sends each newly subscribed topic's retained copy to this
+    device alone."""
+
+    chunks: tuple[tuple[int, int], ...]
+
+
+Ask = Union[ChunkRequest, Resubscribe]
 
 
 @dataclass
@@ -87,6 +104,7 @@ class Install:
     idle_s: float = 5.0
     first_request_s: float | None = None  # None: idle_s
     max_unanswered: int = 10
+    resubscribe_chunks: int = RESUBSCRIBE_CHUNKS
     progress_every_s: float = 2.0
     manifest: Manifest | None = None
     layout: ChunkLayout | None = None
@@ -95,11 +113,14 @@ class Install:
     duplicates: int = 0
     refused: int = 0
     requests: int = 0
+    resubscribes: int = 0
     _verifiers: list[FileVerifier] = field(default_factory=list)
     _next: list[int] = field(default_factory=list)  # per file: next chunk index to hash
     _held: dict[tuple[int, int], bytes] = field(default_factory=dict)
     _asked: set[tuple[int, int]] = field(default_factory=set)
     _last_request: float = 0.0
+    _last_resubscribe: float | None = None
+    _last_ask: str = ""  # "resubscribe" or "request": what the outstanding _asked belong to
     _last_progress: float = 0.0
     _unanswered: int = 0
     _last_status: float = 0.0
@@ -211,9 +232,9 @@ class Install:
         if self.bitmap.complete():
             self._check_files()
             return [self._done_request(now)] if self.ended is None else []
-        if self.requests and not self._asked:
+        if self._last_ask == "request" and not self._asked:
             return [self._request(now)]
-        return []
+        return []  # a round whose chunks all came: poll makes the next one
 
     def _hash_in_order(self, file_index: int) -> None:
         verifier = self._verifiers[file_index]
@@ -238,15 +259,21 @@ class Install:
 
     # -- requests ------------------------------------------------------------------------
 
-    def poll(self, now: float) -> list[ChunkRequest]:
-        """A request after ``idle_s`` of silence (``first_request_s`` before any chunk), or the
-        end as ``download_stalled``."""
+    def poll(self, now: float) -> list[Ask]:
+        """The next round at once when the last round's chunks all came; after ``idle_s`` of
+        silence (``first_request_s`` before any chunk) a :class:`Resubscribe` round if none
+        was made since the last new chunk, else a request, or the end as
+        ``download_stalled``."""
         if self.bitmap is None or self.ended is not None or self.complete:
             return []
-        quiet_since = max(self._last_request, self._last_progress)
+        if self._last_ask == "resubscribe" and not self._asked and not self._unanswered:
+            return [self._resubscribe(now)]
+        quiet_since = self._quiet_since()
         idle = self._idle()
         if now - quiet_since < idle:
             return []
+        if self._last_resubscribe is None or self._last_resubscribe < self._last_progress:
+            return [self._resubscribe(now)]
         if self._unanswered >= self.max_unanswered:
             self._end("failed", "download_stalled", f"{self._unanswered} chunk requests in a "
                       "row got no new chunk")
@@ -254,11 +281,15 @@ class Install:
         return [self._request(now)]
 
     def next_poll_in(self, now: float) -> float:
-        quiet_since = max(self._last_request, self._last_progress)
-        return max(0.05, quiet_since + self._idle() - now)
+        if self._last_ask == "resubscribe" and not self._asked:
+            return 0.0
+        return max(0.05, self._quiet_since() + self._idle() - now)
+
+    def _quiet_since(self) -> float:
+        return max(self._last_request, self._last_progress, self._last_resubscribe or 0.0)
 
     def _idle(self) -> float:
-        if not self.requests and self.bitmap is not None and not self.bitmap.received:
+        if not self._last_ask and self.bitmap is not None and not self.bitmap.received:
             # nothing retained came yet
             return self.idle_s if self.first_request_s is None else self.first_request_s
         return self.idle_s * min(1 << max(0, self._unanswered - 1), _BACKOFF_CAP)
@@ -272,11 +303,27 @@ class Install:
         self._last_status, self._reported = now, received
         return True
 
+    def _resubscribe(self, now: float) -> Resubscribe:
+        assert self.layout is not None and self.bitmap is not None
+        chunks: list[tuple[int, int]] = []
+        for file_index, count in enumerate(self.layout.counts):
+            for index in range(count):
+                if len(chunks) >= self.resubscribe_chunks:
+                    break
+                if not self.bitmap.have(file_index, index):
+                    chunks.append((file_index, index))
+        self._asked = set(chunks)
+        self._last_resubscribe = now
+        self._last_ask = "resubscribe"
+        self.resubscribes += 1
+        return Resubscribe(tuple(chunks))
+
     def _request(self, now: float) -> ChunkRequest:
         assert self.bitmap is not None
         ranges = self.bitmap.missing_ranges()
         self._asked = {(f, i) for f, first, end in ranges for i in range(first, end)}
         self._last_request = now
+        self._last_ask = "request"
         self._unanswered += 1
         self.requests += 1
         return ChunkRequest(device_id=self.device_id, release_id=self.release_id,

@@ -158,6 +158,7 @@ _ROLLBACK_SENT = "rollback_sent"
 _TIMED_OUT = "timed_out"
 # how long one tick may spend storing the backlog before it lets the rest of the loop run
 _DRAIN_BUDGET_S = 2.0
+
 # how long stop() tries to store a backlog left when the controller is stopped
 _STOP_DRAIN_S = 5.0
 # reports stored in one transaction at most (fleet/ingest_batch.py); the broker's in-flight
@@ -184,13 +185,17 @@ class Controller:
     controller is down are delivered when it comes back with the same id.
     ``limits``: the limits on device input (:class:`~fleetlite.fleet.ingest_limits.IngestLimits`;
     default: the defaults in docs/operator-guide.md with ``FLEETLITE_INGEST_LIMITS`` applied).
+    ``wake_s``: between ticks, how often to look for a rollout someone else changed (an
+    operator's request, a new rollout; one small query) and tick at once; 0: only every
+    ``tick_s``.
     """
 
     def __init__(self, store: Store, broker: BrokerAddress | str, port: Optional[int] = None,
                  *, group: Optional[str] = None,
                  controller_id: Optional[str] = None, tick_s: float = 0.5,
                  lease_ttl_s: float = 10.0, persistent_session: Optional[bool] = None,
-                 resend_after_s: float = 15.0, limits: Optional[IngestLimits] = None) -> None:
+                 resend_after_s: float = 15.0, limits: Optional[IngestLimits] = None,
+                 wake_s: float = 0.1) -> None:
         self.store = store
         self.broker = _address(broker, port)
         self.host, self.port = self.broker.host, self.broker.port
@@ -199,6 +204,7 @@ class Controller:
         self.persistent = (controller_id is not None if persistent_session is None
                            else persistent_session)
         self.tick_s = tick_s
+        self.wake_s = wake_s
         self.lease_ttl_s = lease_ttl_s
         self.resend_after_s = resend_after_s
         self._stop = threading.Event()
@@ -211,6 +217,10 @@ class Controller:
         # rollouts found finished with nothing left to record, at that revision: a tick does
         # not read them again (their state grows with the fleet) until their revision changes
         self._settled: dict[str, int] = {}
+        # each rollout's revision as this controller last read or wrote it: a different one
+        # is someone else's change, worth a tick now (_changed_by_others)
+        # (None: another controller of the group drives it; its changes are not news)
+        self._known_revisions: dict[str, Optional[int]] = {}
         self._resent: set[tuple[str, str]] = set()
         self._resends_held_until = 0.0
         self.counters = {"ingested": 0, "malformed": 0, "refused": 0, "oversize": 0,
@@ -677,7 +687,7 @@ class Controller:
 
     def _loop(self) -> None:
         last = time.monotonic()
-        while not self._stop.wait(self.tick_s):
+        while not self._wait_for_tick():
             gap, last = time.monotonic() - last, time.monotonic()
             self.note_gap(gap, time.time())
             if not self._check_store_file():
@@ -701,6 +711,36 @@ class Controller:
                 log.exception("rollout tick failed; retrying next tick")
             else:
                 self.last_tick_at = time.time()
+
+    def _wait_for_tick(self) -> bool:
+        """Wait ``tick_s``, or less once a rollout changed under someone else's hand (an
+        operator's request, a new rollout): the request is answered without waiting for the
+        next tick. True when the controller is stopping."""
+        deadline = time.monotonic() + self.tick_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if self._stop.wait(min(left, self.wake_s) if self.wake_s > 0 else left):
+                return True
+            if self.wake_s > 0 and self._changed_by_others():
+                return False
+
+    def _changed_by_others(self) -> bool:
+        if not self.store_health.ok:
+            return False
+        try:
+            revisions = self.store.rollout_revisions()
+        except StoreError:
+            return False  # the tick reports it
+        known = self._known_revisions
+        if all(known.get(rollout_id, -1) in (revision, None)
+               for rollout_id, revision in revisions):
+            return False
+        # seen: if the tick it starts fails, the same change does not wake the loop again
+        self._known_revisions = {rollout_id: None if known.get(rollout_id, -1) is None
+                                 else revision for rollout_id, revision in revisions}
+        return True
 
     def _check_store_file(self) -> bool:
         """False (and the controller stops itself) when its SQLite file was deleted or
@@ -775,12 +815,15 @@ class Controller:
         self.send_queued_commands(now)
         needed: set[str] = set()  # releases of rollouts not settled: devices may still fetch
         models: set[str] = set()
+        known: dict[str, Optional[int]] = {}
         for rollout_id, revision in self.store.rollout_revisions():
+            known[rollout_id] = revision
             if self._settled.get(rollout_id) == revision:
                 continue  # finished, and nothing has changed it since
             record = self.store.get_rollout(rollout_id)
             if record is None:
                 continue
+            known[rollout_id] = record.revision
             try:
                 spec = RolloutSpec.from_dict(record.spec)
                 state = RolloutState.from_stored(record.state)
@@ -800,17 +843,20 @@ class Controller:
             lease = f"rollout:{record.rollout_id}"
             if not self.store.claim(lease, self.id, self.lease_ttl_s):
                 self._held.discard(record.rollout_id)
+                known[rollout_id] = None  # another controller drives it
                 continue
             if record.rollout_id not in self._held:
                 self._held.add(record.rollout_id)
                 log.info("controller %s drives rollout %s (revision %d)", self.id,
                          record.rollout_id, record.revision)
             try:
-                self.drive(record.rollout_id, now, record=record)
+                if self.drive(record.rollout_id, now, record=record):
+                    known[rollout_id] = record.revision + 1  # this step's own write
             except StoreUnavailableError:
                 raise  # the loop reports it once, not once per rollout and tick
             except Exception:
                 log.exception("rollout %s: step failed; retrying next tick", record.rollout_id)
+        self._known_revisions = known
         for release_id in sorted(self._serving - needed):
             self._unserve_release(release_id)
         self.outcome_views.retain(needed)

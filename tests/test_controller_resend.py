@@ -37,7 +37,7 @@ def fleet(models_dir: Path, broker: Mosquitto,
     commands = Collector(broker.host, broker.port, [topics.device_topic(DEVICE, topics.COMMAND)],
                          client_id="test-device").start()
     # a tick far away: the test drives the rollout itself, on its own clock
-    controller = Controller(controller_store, broker.host, broker.port, tick_s=3600,
+    controller = Controller(controller_store, broker.host, broker.port, tick_s=3600, wake_s=0,
                             resend_after_s=RESEND_S).start()
     try:
         assert controller.connected.wait(20)

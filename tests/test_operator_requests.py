@@ -210,3 +210,40 @@ def test_a_settled_rollout_is_not_read_again_until_it_changes(
     finally:
         controller.publisher.close()
         store.close()
+
+
+def test_a_request_is_answered_without_waiting_for_the_next_tick(
+        store_url: str, models_dir: Path, broker: Mosquitto) -> None:
+    """Between its ticks a controller looks for rollouts someone else changed: with its next
+    tick an hour away, a new rollout is still driven and an operator's pause answered."""
+    from fleetlite.fleet.controller import Controller
+
+    store = open_store(store_url)
+    bundle = build_release([models_dir / "intent_classifier.tflite"], name="kws", version=4,
+                           device_classes=["rpi4"], issued=ISSUED, keys=[RELEASE_KEY])
+    store.add_release(bundle.release_id, "kws", 4, bundle.envelope.to_json(), dict(bundle.files),
+                      bundle.manifest.to_dict())
+    store.upsert_birth(birth("gw-1", 1, 100.0))
+    store.upsert_status(status("gw-1", True, 1, 100.0))
+    controller = Controller(open_store(store_url), broker.host, broker.port,
+                            tick_s=3600).start()
+    try:
+        assert controller.connected.wait(30)
+        spec = RolloutSpec(rollout_id="ro-wake", release_id=bundle.release_id, model="kws",
+                           version=4, previous_version=3, selector=Selector(),
+                           waves=parse_waves("100%"), wave_timeout_s=600, chunk_size=4096)
+        store.create_rollout("ro-wake", bundle.release_id, spec.to_dict())
+        wait_until(lambda: any(d.kind == "send_install" for d in store.decisions("ro-wake")),
+                   60, "the new rollout's first step")
+        with Fleet(db=store_url) as fleet:
+            result = fleet.request("ro-wake", "pause", note="hold", wait=60)
+        assert result.decision is not None and result.decision.kind == "pause"
+        assert result.rollout.state == "paused"
+        # a step of its own does not wake it: the install is not re-sent, no step repeats
+        steps = len(store.decisions("ro-wake"))
+        assert not controller._changed_by_others()
+        assert len(store.decisions("ro-wake")) == steps
+    finally:
+        controller.stop()
+        controller.store.close()
+        store.close()

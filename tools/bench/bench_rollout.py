@@ -1,7 +1,8 @@
 """Rollout at fleet scale (issue 13): what a wave-by-wave OTA rollout costs the fleet side.
 
 ``python -m fleetlite.tools.bench.bench_rollout --devices 1000 --model-kib 256
-[--waves 1%,10%,100%] [--store sqlite|postgresql] [--processes 1] [--connect-rate 500]``
+[--waves 1%,10%,100%] [--store sqlite|postgresql] [--processes 1] [--connect-rate 500]
+[--kill-controller-at WAVE[:FRACTION] [--down-s 5]]``
 
 starts, on this machine:
 
@@ -36,6 +37,30 @@ the SQLite file's size at the end, and a **baseline** measured in the same run: 
 client publishing the model's bytes in chunks of the same size (QoS 1) to one subscriber, the
 floor of a transfer through this broker on this machine, with the ratio of each wave to it.
 
+The controller runs with a stable id (``--id bench-ctl``), so its MQTT session is persistent
+(docs/scaling.md, "What a killed controller loses"): what the devices report while it is down
+waits in its session.
+
+**A killed controller** (``--kill-controller-at WAVE[:FRACTION]``, e.g. ``3:0.25``): once wave
+WAVE has started and FRACTION (default 0.25) of its devices have a final status in the
+rollout, the controller is killed with SIGKILL (no flush, no acknowledgement, no lease given
+back), left down ``--down-s`` seconds (default 5) while the devices go on reporting, and started
+again with the same command line: the same store, broker and id. It prints the time down and
+the recovery: from the restart to the first report stored, to the first rollout decision, and
+to the last of the statuses published while it was down being stored.
+
+At the end of every run the simulator is stopped (its summary) and **every report is checked**
+(:func:`check_reports`): the final OTA statuses stored for the release, by ``outcome`` or
+``outcome:reason``, must equal the simulator's own count of ended installs (``outcomes`` of
+its summary, ``tools/sim/stats.py``; a status is counted there once the broker acknowledged
+it): fewer stored is a lost report, more a double count; every device the rollout holds in a
+final state must have a stored final status with that outcome; and no more OTA statuses may be
+stored than the simulator sent (the store keeps a redelivered QoS 1 duplicate once, by its
+digest, so ``sent - stored`` is the finals a device said again plus any lost progress status).
+A ``rolled_back`` final (an operator or engine rollback) is not counted by the simulator and is
+left out. The verdict, and a JSON line with the figures, are printed; the exit status is 1 when
+the check fails, or when a run with a kill did not complete.
+
 No assertion on time: re-run it on your hardware.
 """
 
@@ -61,14 +86,14 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from fleetlite.fleet.rollout import RolloutSpec, RolloutState, parse_waves
-from fleetlite.fleet.store import Store
+from fleetlite.fleet.store import OtaRecord, Store
 from fleetlite.sdk import topics
 from fleetlite.sdk.bundle import build_release
 from fleetlite.sdk.keys import SigningKey
 from fleetlite.sdk.trust import new_root, root_envelope
 from fleetlite.sdk.version import BUILD_TIME
 from fleetlite.tools.bench.bench_ingest import Broker, fresh_store
-from fleetlite.tools.bench.children import stop_child
+from fleetlite.tools.bench.children import kill_child, stop_child
 from fleetlite.tools.models import heavy_mlp
 
 ROOT_KEY = SigningKey.from_seed(b"\x31" * 32)
@@ -76,6 +101,7 @@ RELEASE_KEY = SigningKey.from_seed(b"\x32" * 32)
 CLASSES = ("raspberry-pi-4", "jetson-orin-nano")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
+CONTROLLER_ID = "bench-ctl"
 
 
 def raise_fd_limit() -> int:
@@ -109,6 +135,8 @@ class Sampler:
     period: float = 0.25
     samples: list[tuple[float, float, int]] = field(default_factory=list)  # (t, cpu, rss kB)
     _stop: threading.Event = field(default_factory=threading.Event)
+    #: CPU seconds of the processes sampled before ``pid`` (a killed controller's)
+    cpu_before: float = 0.0
 
     def start(self) -> Sampler:
         threading.Thread(target=self._run, daemon=True).start()
@@ -117,9 +145,19 @@ class Sampler:
     def _run(self) -> None:
         while not self._stop.is_set():
             with contextlib.suppress(OSError, ValueError):
-                self.samples.append((time.time(), cpu_seconds(self.pid),
+                self.samples.append((time.time(), self.cpu_before + cpu_seconds(self.pid),
                                      status_kb(self.pid, "VmRSS")))
             self._stop.wait(self.period)
+
+    def cpu(self) -> float:
+        """CPU seconds so far, the processes sampled before included."""
+        return self.cpu_before + cpu_seconds(self.pid)
+
+    def switch(self, pid: int) -> None:
+        """Go on with another process (a restarted controller): its CPU time adds to the
+        last sample of the one before."""
+        self.cpu_before = self.samples[-1][1] if self.samples else self.cpu_before
+        self.pid = pid
 
     def stop(self) -> None:
         self._stop.set()
@@ -222,7 +260,9 @@ def model_bytes(kib: int) -> bytes:
 
 def rollout_state(store: Store, rollout_id: str) -> RolloutState:
     record = store.get_rollout(rollout_id)
-    return RolloutState.from_dict(record.state) if record and record.state else RolloutState()
+    # a rollout no controller has stepped yet has no state document (but may have devices)
+    return (RolloutState.from_dict(record.state) if record and record.state.get("state")
+            else RolloutState())
 
 
 def wait_for(predicate: Any, timeout: float, what: str, step: float = 0.5) -> bool:
@@ -243,6 +283,138 @@ def last_stats(log: Path) -> dict[str, Any]:
                 with contextlib.suppress(ValueError):
                     found = json.loads(line)
     return found
+
+
+def sim_summary(log: Path) -> dict[str, Any]:
+    """The simulator's ``summary`` line ({} if it printed none)."""
+    found: dict[str, Any] = {}
+    with contextlib.suppress(OSError):
+        for line in log.read_text().splitlines():
+            if line.startswith("{"):
+                with contextlib.suppress(ValueError):
+                    data = json.loads(line)
+                    if data.get("event") == "summary":
+                        found = data
+    return found
+
+
+# -- the killed controller and the report check ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KillPlan:
+    """``WAVE[:FRACTION]``: kill once ``fraction`` of wave ``wave``'s devices have ended."""
+
+    wave: int
+    fraction: float = 0.25
+
+    @classmethod
+    def parse(cls, text: str) -> KillPlan:
+        wave, _, fraction = text.partition(":")
+        try:
+            plan = cls(int(wave), float(fraction) if fraction else 0.25)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected WAVE[:FRACTION], got {text!r}") from None
+        if plan.wave < 1 or not 0 <= plan.fraction < 1:
+            raise argparse.ArgumentTypeError(f"WAVE >= 1 and 0 <= FRACTION < 1, got {text!r}")
+        return plan
+
+    def due(self, state: RolloutState) -> bool:
+        mine = [d for d in state.devices.values() if d.wave == self.wave]
+        if not mine or not any(d.sent_at for d in mine):
+            return False
+        ended = sum(1 for d in mine if d.status not in UNFINISHED)
+        return ended >= max(1, math.ceil(self.fraction * len(mine))) if self.fraction else True
+
+
+UNFINISHED = ("pending", "waiting_offline", "sent", "rollback_sent")
+
+
+def outcome_key(outcome: str, reason: str) -> str:
+    """As the simulator counts an ended install (``tools/sim/stats.py``)."""
+    return f"{outcome}:{reason}" if reason else outcome
+
+
+@dataclass
+class ReportCheck:
+    """Every final OTA status the simulated devices sent, against the store (see the module's
+    docstring). ``ok`` when nothing is lost or counted twice."""
+
+    sent_finals: dict[str, int]
+    stored_finals: dict[str, int]
+    lost: int  # finals the devices sent (acknowledged) that the store does not hold
+    double_counted: int  # finals stored beyond what the devices sent
+    statuses_sent: int
+    statuses_stored: int
+    devices_with_final: int  # devices with at least one stored final status of the release
+    rollout_without_final: list[str]  # in a final state in the rollout, no such status stored
+    rolled_back_stored: int  # rollback finals (not counted by the simulator)
+    problems: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "lost": self.lost, "double_counted": self.double_counted,
+                "sent_finals": self.sent_finals, "stored_finals": self.stored_finals,
+                "statuses_sent": self.statuses_sent, "statuses_stored": self.statuses_stored,
+                "devices_with_final": self.devices_with_final,
+                "rollout_without_final": self.rollout_without_final[:20],
+                "rolled_back_stored": self.rolled_back_stored, "problems": self.problems}
+
+
+def check_reports(summary: dict[str, Any], records: list[OtaRecord],
+                  state: Optional[RolloutState], devices: int) -> ReportCheck:
+    """Compare the simulator's ``summary`` with the OTA statuses stored for the release
+    (``records``) and the rollout's per-device ``state``."""
+    problems: list[str] = []
+    if summary.get("devices") != devices:
+        problems.append(f"the simulator's summary covers {summary.get('devices')} devices, "
+                        f"not {devices} (a process that printed none?)")
+    sent = Counter({k: int(v) for k, v in summary.get("outcomes", {}).items()})
+    finals = [r.status for r in records if r.status.final]
+    stored = Counter(outcome_key(s.outcome, s.reason) for s in finals
+                     if s.outcome != "rolled_back")
+    lost = sum(max(0, n - stored[k]) for k, n in sent.items())
+    double = sum(max(0, n - sent[k]) for k, n in stored.items())
+    if lost:
+        problems.append(f"{lost} final statuses sent but not stored: "
+                        f"{dict((sent - stored).most_common(5))}")
+    if double:
+        problems.append(f"{double} final statuses stored beyond those sent: "
+                        f"{dict((stored - sent).most_common(5))}")
+    by_device: dict[str, set[str]] = {}
+    for status in finals:
+        by_device.setdefault(status.device_id, set()).add(status.outcome)
+    missing = sorted(d.device_id for d in (state.devices.values() if state else ())
+                     if d.status not in UNFINISHED and d.status not in ("timed_out", "excluded",
+                                                                      "rollback_failed")
+                     and d.status not in by_device.get(d.device_id, set()))
+    if missing:
+        problems.append(f"{len(missing)} devices final in the rollout without that final "
+                        f"status stored, e.g. {missing[:3]}")
+    statuses_sent = int(summary.get("counts", {}).get("ota_statuses", 0))
+    if len(records) > statuses_sent:
+        problems.append(f"{len(records)} OTA statuses stored, more than the {statuses_sent} sent")
+    return ReportCheck(sent_finals=dict(sent), stored_finals=dict(stored), lost=lost,
+                       double_counted=double, statuses_sent=statuses_sent,
+                       statuses_stored=len(records), devices_with_final=len(by_device),
+                       rollout_without_final=missing,
+                       rolled_back_stored=sum(1 for s in finals if s.outcome == "rolled_back"),
+                       problems=problems)
+
+
+def start_controller(store_url: str, port: int, log: Path) -> subprocess.Popen[bytes]:
+    """The controller child, with the stable id (a persistent session): a restart is the same
+    command line."""
+    env = dict(os.environ, FLEETLITE_LOG_LEVEL="WARNING")
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "fleetlite.fleet.controller", "--db", store_url,
+             "--broker", f"127.0.0.1:{port}", "--id", CONTROLLER_ID, "--tick", "0.5",
+             "--log-level", "WARNING"],
+            stdout=out, stderr=subprocess.STDOUT, env=env)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -281,12 +453,8 @@ def _measure(args: argparse.Namespace, work: Path, broker: Broker, store: Store,
     print(f"# baseline: bare publish of {len(model):,} bytes in {args.chunk_size}-byte chunks "
           f"to one subscriber: {baseline:.3f} s", flush=True)
     counter = Counting(broker.port)
-    env = dict(os.environ, FLEETLITE_LOG_LEVEL="WARNING")
-    ctl_log = (work / "controller.log").open("wb")
-    controller = subprocess.Popen(
-        [sys.executable, "-m", "fleetlite.fleet.controller", "--db", _store_url(store, work),
-         "--broker", f"127.0.0.1:{broker.port}", "--tick", "0.5", "--log-level", "WARNING"],
-        stdout=ctl_log, stderr=subprocess.STDOUT, env=env)
+    ctl_log = work / "controller.log"
+    controller = start_controller(_store_url(store, work), broker.port, ctl_log)
     children.append(controller)
     sampler = Sampler(controller.pid).start()
     time.sleep(3)
@@ -297,7 +465,7 @@ def _measure(args: argparse.Namespace, work: Path, broker: Broker, store: Store,
             [sys.executable, "-m", "fleetlite.tools.sim", "--broker",
              f"127.0.0.1:{broker.port}", "--devices", str(args.devices), "--classes",
              "rpi4=0.7,jetson=0.3", "--root", str(root), "--report-s", str(args.report_s),
-             "--step-s", "0.05", "--seed", "13", "--stats-s", "5", "--connect-rate",
+             "--step-s", str(args.step_s), "--seed", "13", "--stats-s", "5", "--connect-rate",
              str(args.connect_rate), "--processes", str(args.processes)],
             stdout=out, stderr=subprocess.STDOUT)
     children.insert(0, sim)
@@ -324,23 +492,51 @@ def _measure(args: argparse.Namespace, work: Path, broker: Broker, store: Store,
                        version=2, previous_version=1, waves=waves, success_threshold=0.9,
                        failure_threshold=0.1, wave_timeout_s=args.timeout,
                        chunk_size=args.chunk_size)
-    cpu0 = cpu_seconds(controller.pid)
+    cpu0 = sampler.cpu()
     t_create = time.time()
     store.create_rollout("r-bench", bundle.release_id, spec.to_dict())
+    kill: dict[str, Any] = {}
+    hwm_killed = 0
+    died: list[int] = []
 
     def settled() -> bool:
+        nonlocal controller, hwm_killed
+        if controller.poll() is not None:  # not by us: no use waiting (its log tail follows)
+            died.append(controller.returncode)
+            print(f"# the controller exited by itself (status {controller.returncode})",
+                  flush=True)
+            return True
         state = rollout_state(store, "r-bench")
+        if args.kill_controller_at and not kill and args.kill_controller_at.due(state):
+            hwm_killed = status_kb(controller.pid, "VmHWM")
+            kill["decision_id_at_kill"] = store.last_decision_id("r-bench")
+            kill["ended_in_wave_at_kill"] = sum(
+                1 for d in state.devices.values()
+                if d.wave == args.kill_controller_at.wave and d.status not in UNFINISHED)
+            kill["killed_at"] = kill_child(controller)
+            print(f"# controller killed (SIGKILL) at {kill['killed_at'] - t_create:.1f} s, "
+                  f"{kill['ended_in_wave_at_kill']} devices of wave "
+                  f"{args.kill_controller_at.wave} ended; down {args.down_s:g} s", flush=True)
+            time.sleep(args.down_s)
+            controller = start_controller(_store_url(store, work), broker.port, ctl_log)
+            kill["restarted_at"] = time.time()
+            children.append(controller)
+            sampler.switch(controller.pid)
+            return False
         return state.finished and not any(d.status in ("sent", "rollback_sent")
                                           for d in state.devices.values())
 
-    finished = wait_for(settled, args.timeout, "the rollout to finish", step=0.5)
+    finished = wait_for(settled, args.timeout, "the rollout to finish", step=0.5) and not died
     t_end = time.time()
     time.sleep(1)
     sampler.stop()
     state = rollout_state(store, "r-bench")
-    total_cpu = cpu_seconds(controller.pid) - cpu0
-    hwm = status_kb(controller.pid, "VmHWM")
-    sim_stats = last_stats(sim_log)
+    total_cpu = sampler.cpu() - cpu0
+    hwm = max(0 if died else status_kb(controller.pid, "VmHWM"), hwm_killed)
+    # the simulator's own counts: stop it (every device then sends its shutdown status)
+    stop_child(sim, 120)
+    summary = sim_summary(sim_log)
+    sim_stats = summary or last_stats(sim_log)
 
     # -- the table
     print(f"# rollout {state.state} {'' if finished else '(NOT settled) '}{state.reason}; "
@@ -393,11 +589,65 @@ def _measure(args: argparse.Namespace, work: Path, broker: Broker, store: Store,
           f"in {t_end - t_create:.1f} s")
     print(f"# simulator's last line: {json.dumps(sim_stats)[:1500]}", flush=True)
     counter.stop()
-    ctl_log.close()
-    tail = (work / "controller.log").read_text(errors="replace").splitlines()[-5:]
+    tail = ctl_log.read_text(errors="replace").splitlines()[-5:]
     if tail:
         print("# controller log tail:\n#   " + "\n#   ".join(tail))
+
+    # -- every report: the simulator's counts against the store
+    def check() -> ReportCheck:
+        return check_reports(summary, store.ota_records(release_id=bundle.release_id), state,
+                             args.devices)
+
+    verdict = check()
+    deadline = time.monotonic() + 60  # what the controller received may still be stored
+    while verdict.lost and time.monotonic() < deadline:
+        time.sleep(1)
+        verdict = check()
+    completed = finished and state.state == "completed"
+    print(f"# rollout completed: {'yes' if completed else 'NO'}; final OTA statuses sent "
+          f"(acknowledged) {sum(verdict.sent_finals.values()):,}, stored "
+          f"{sum(verdict.stored_finals.values()):,}: lost {verdict.lost}, double counted "
+          f"{verdict.double_counted}; devices with a stored final status "
+          f"{verdict.devices_with_final:,}; OTA statuses sent {verdict.statuses_sent:,}, "
+          f"stored {verdict.statuses_stored:,}")
+    print(f"# report check: {'OK' if verdict.ok else 'FAILED: ' + '; '.join(verdict.problems)}")
+    if kill:
+        kill.update(recovery(store, bundle.release_id, kill))
+        print(f"# controller down {kill['down_s']:.1f} s (SIGKILL to restart); after the "
+              f"restart: first report stored in {_s(kill.get('first_stored_s'))}, first rollout "
+              f"decision in {_s(kill.get('first_decision_s'))}; "
+              f"{kill['published_while_down']:,} OTA statuses published while it was down, "
+              f"the last of them stored {_s(kill.get('outage_stored_s'))} after the restart",
+              flush=True)
+    elif args.kill_controller_at:
+        print("# the controller was NOT killed: the kill condition never held")
+    print(json.dumps({"bench": "rollout", "devices": args.devices, "completed": completed,
+                      "state": state.state, "killed": bool(kill), "kill": kill,
+                      "check": verdict.to_dict(), "sim": summary}), flush=True)
+    if not verdict.ok or (args.kill_controller_at and not (kill and completed)):
+        return 1
     return 0
+
+
+def _s(seconds: Optional[float]) -> str:
+    return "never" if seconds is None else f"{seconds:.1f} s"
+
+
+def recovery(store: Store, release_id: str, kill: dict[str, Any]) -> dict[str, Any]:
+    """How the restarted controller caught up, from the store: seconds from the restart to its
+    first stored report, to its first rollout decision, and to the last stored of the statuses
+    the devices published while it was down (device time in [kill, restart))."""
+    killed, restarted = kill["killed_at"], kill["restarted_at"]
+    records = store.ota_records(release_id=release_id)
+    after = [r.received_at for r in records if r.received_at >= restarted]
+    outage = [r for r in records if killed <= r.status.ts < restarted]
+    decisions = store.decisions("r-bench", after=kill["decision_id_at_kill"])
+    return {"down_s": restarted - killed,
+            "first_stored_s": (min(after) - restarted) if after else None,
+            "first_decision_s": (decisions[0].ts - restarted) if decisions else None,
+            "published_while_down": len(outage),
+            "stored_before_restart": sum(1 for r in outage if r.received_at < restarted),
+            "outage_stored_s": (max(r.received_at for r in outage) - restarted) if outage else None}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -410,9 +660,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--connect-rate", type=float, default=500)
     parser.add_argument("--report-s", type=float, default=10.0, help="simulated telemetry period")
     parser.add_argument("--chunk-size", type=int, default=4096)
+    parser.add_argument("--step-s", type=float, default=0.05,
+                        help="the simulator's delay per install phase (a slower install)")
     parser.add_argument("--timeout", type=float, default=600.0,
                         help="seconds for the rollout (also each wave's timeout)")
     parser.add_argument("--register-timeout", type=float, default=300.0)
+    parser.add_argument("--kill-controller-at", metavar="WAVE[:FRACTION]", type=KillPlan.parse,
+                        help="SIGKILL the controller once FRACTION (default 0.25) of wave "
+                        "WAVE's devices have ended, restart it after --down-s with the same "
+                        "store, broker and id, and report the outage and the recovery")
+    parser.add_argument("--down-s", type=float, default=5.0,
+                        help="seconds the killed controller stays down")
     args = parser.parse_args(argv)
     if args.store == "postgresql" and not os.environ.get("FLEETLITE_TEST_PG_URL"):
         parser.error("--store postgresql needs FLEETLITE_TEST_PG_URL "

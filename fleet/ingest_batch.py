@@ -99,15 +99,22 @@ class IngestQueue(Generic[T]):
     """A bounded FIFO of received reports and the one worker thread that stores them in batches.
 
     ``store(batch)`` is called on the worker thread with up to ``max_batch`` items, oldest first:
-    whatever arrived while the previous batch was being stored (it never waits to fill one).
+    whatever arrived while the previous batch was being stored, and for up to ``linger_s`` after
+    the first of them (a group commit: stored one by one as they came, reports arriving at
+    broker speed made batches of about 16 and as many transactions; at most ``linger_s`` more
+    before a report is stored and acknowledged).
     :meth:`put` blocks while ``max_items`` wait (the network thread then stops reading, as it did
     while it stored each report itself).
     """
 
     def __init__(self, store: Callable[[Sequence[T]], None], *, max_batch: int = 500,
-                 max_items: int = 10_000, name: str = "fleetlite-ingest") -> None:
+                 max_items: int = 10_000, linger_s: float = 0.005,
+                 name: str = "fleetlite-ingest") -> None:
         if max_batch < 1 or max_items < 1:
             raise ValueError("max_batch and max_items must be >= 1")
+        if not linger_s >= 0:
+            raise ValueError(f"linger_s must be >= 0, got {linger_s}")
+        self.linger_s = linger_s
         self._store = store
         self.max_batch = max_batch
         self.max_items = max_items
@@ -138,7 +145,10 @@ class IngestQueue(Generic[T]):
                 self._cond.wait(0.5)
             if not self._closed:
                 self._items.append(item)
-                self._cond.notify_all()
+                # wake the worker when it waits for a first item or for a full batch; not for
+                # every item (each wake-up is a thread switch on the network thread's time)
+                if len(self._items) == 1 or len(self._items) >= self.max_batch:
+                    self._cond.notify_all()
                 return
         self._store([item])
 
@@ -172,6 +182,9 @@ class IngestQueue(Generic[T]):
                 self._cond.wait_for(lambda: self._items or self._closed)
                 if not self._items:
                     return  # closed and empty
+                if self.linger_s and len(self._items) < self.max_batch:
+                    self._cond.wait_for(lambda: len(self._items) >= self.max_batch
+                                        or self._closed, self.linger_s)
                 count = min(len(self._items), self.max_batch)
                 batch = [self._items.popleft() for _ in range(count)]
                 self._busy = True

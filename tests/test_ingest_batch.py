@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from fleetlite.fleet.controller import Controller
@@ -90,6 +91,22 @@ def test_the_worker_stores_what_arrived_meanwhile_in_one_batch_in_order() -> Non
     assert len(batches) < 10  # batched, not one by one
     assert len(queue) == 0
     queue.close()
+
+
+def test_reports_arriving_one_by_one_are_stored_together_after_a_linger() -> None:
+    """A group commit: the worker woken by a first report waits up to linger_s (or for a full
+    batch) before storing, so reports that come one at a time share a transaction."""
+    batches: list[list[int]] = []
+    queue: IngestQueue[int] = IngestQueue(batches.append, max_batch=3, linger_s=60).start()
+    for n in range(3):
+        queue.put(n)
+        time.sleep(0.01)  # one at a time, as a network thread hands them over
+    assert queue.flush(30)  # the third filled the batch: no 60 s wait
+    queue.put(3)  # alone: waits for its linger, or for close
+    queue.close()
+    assert batches == [[0, 1, 2], [3]]
+    with pytest.raises(ValueError, match="linger_s"):
+        IngestQueue(batches.append, linger_s=-1)
 
 
 def test_a_full_queue_makes_the_producer_wait() -> None:

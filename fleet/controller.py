@@ -116,6 +116,7 @@ from fleetlite.fleet.rollout import (
     OutcomeView,
     RolloutSpec,
     RolloutState,
+    answer_requests,
     apply,
     decide,
 )
@@ -820,6 +821,14 @@ class Controller:
             known[rollout_id] = revision
             if self._settled.get(rollout_id) == revision:
                 continue  # finished, and nothing has changed it since
+            if self._known_revisions.get(rollout_id) != revision:  # changed by someone else
+                try:
+                    self._answer_requests(rollout_id, now)
+                except StoreUnavailableError:
+                    raise
+                except Exception:  # the step below answers them, or reports the same error
+                    log.exception("rollout %s: could not answer the operator's requests "
+                                  "ahead of the step", rollout_id)
             record = self.store.get_rollout(rollout_id)
             if record is None:
                 continue
@@ -861,6 +870,32 @@ class Controller:
             self._unserve_release(release_id)
         self.outcome_views.retain(needed)
         self.profile_views.retain(models)
+
+    def _answer_requests(self, rollout_id: str, now: float) -> None:
+        """Answer a rollout's queued operator requests from its rollout-level state alone (a
+        small read and write) before the step that reads every device, profile and outcome:
+        an operator waits for this, not for that step (:func:`fleet.rollout.answer_requests`)."""
+        light = self.store.get_rollout(rollout_id, devices=False)
+        if light is None:
+            return
+        try:
+            spec = RolloutSpec.from_dict(light.spec)
+            state = RolloutState.from_stored(light.state)
+        except Exception:
+            return  # the step reports it
+        if not state.operator_requests:
+            return
+        if not self.store.claim(f"rollout:{rollout_id}", self.id, self.lease_ttl_s):
+            return  # another controller drives it, and answers
+        decisions = answer_requests(spec, state, now)
+        new_state = apply(state, decisions, now).to_dict(devices=False)
+        if not self.store.apply_decisions(rollout_id, light.revision, decisions,
+                                          new_state=new_state, now=now):
+            self.counters["stale_batches"] += 1
+            return  # changed again meanwhile: the step answers
+        self.counters["decisions"] += len(decisions)
+        for decision in decisions:
+            log.info("rollout %s: %s: %s", rollout_id, decision.kind, decision.reason)
 
     def _unserve_release(self, release_id: str) -> None:
         """Clear a release no rollout needs any more from the broker (its retained manifest

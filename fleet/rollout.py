@@ -64,6 +64,7 @@ __all__ = [
     "RolloutState",
     "Selector",
     "WaveSpec",
+    "answer_requests",
     "apply",
     "assignment_key",
     "decide",
@@ -617,6 +618,21 @@ def decide(
         if budget < 0:
             raise RolloutError("the rollout engine did not settle; this is a bug: report it "
                                "with the rollout's state")
+    return decided
+
+
+def answer_requests(spec: RolloutSpec, state: RolloutState, now: float) -> list[Decision]:
+    """The answers to the operator's queued requests, and nothing else: what :func:`decide`
+    would decide first (its first rule), from the rollout-level state alone, so that a
+    controller can answer without reading the devices, profiles and outcomes. Deciding the rest
+    on the applied state gives what one :func:`decide` call would have."""
+    inputs = _Inputs(views={}, outcomes={}, profiles=[], now=now)
+    work = state
+    decided: list[Decision] = []
+    while work.operator_requests:
+        found = _operator_rule(spec, work, inputs)
+        decided.extend(found)
+        work = apply(work, found, now)
     return decided
 
 

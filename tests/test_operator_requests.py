@@ -192,21 +192,23 @@ def test_a_settled_rollout_is_not_read_again_until_it_changes(
     store.create_rollout("ro-done", bundle.release_id, spec.to_dict(), state=done.to_dict())
     reads: list[str] = []
     get_rollout = store.get_rollout
-    monkeypatch.setattr(store, "get_rollout",
-                        lambda rollout_id: reads.append(rollout_id) or get_rollout(rollout_id))
+    monkeypatch.setattr(store, "get_rollout", lambda rollout_id, devices=True: reads.append(
+        rollout_id if devices else f"{rollout_id} (light)") or get_rollout(rollout_id,
+                                                                           devices=devices))
     # ticked here, not by its loop: only its release publisher is started
     controller = Controller(store, broker.host, broker.port, tick_s=0.2)
     controller.publisher.start()
     try:
         for n in range(5):
             controller.tick(1000.0 + n)
-        assert reads == ["ro-done"]
+        assert reads == ["ro-done (light)", "ro-done"]  # new to this controller: once
         with Fleet(db=store_url) as fleet:
             fleet.request("ro-done", "rollback", note="after all")
         controller.tick(1010.0)
         record = get_rollout("ro-done")
         assert record is not None and record.state["state"] == "rolled_back"
-        assert reads == ["ro-done", "ro-done"]  # seen again, and driven from that one read
+        # seen again: the request answered from the rollout-level state, then one full read
+        assert reads[2:] == ["ro-done (light)", "ro-done"]
     finally:
         controller.publisher.close()
         store.close()

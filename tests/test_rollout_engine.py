@@ -44,6 +44,7 @@ from fleetlite.fleet.rollout import (
     RolloutState,
     Selector,
     WaveSpec,
+    answer_requests,
     apply,
     decide,
     parse_waves,
@@ -819,6 +820,26 @@ def test_operator_requests_that_do_not_fit_are_refused() -> None:
     assert not sim.state.operator_requests
     with pytest.raises(RolloutError, match="operator action"):
         request(sim.state, "reboot")
+
+
+@pytest.mark.parametrize("actions", [("pause",), ("resume", "pause"), ("abort", "abort"),
+                                     ("pause", "resume"), ("rollback",)])
+def test_requests_answered_alone_then_decided_as_one_decide_would(
+        actions: tuple[str, ...]) -> None:
+    """A controller answers requests from the rollout-level state alone (answer_requests: no
+    devices, profiles or outcomes), then decides the rest: the same decisions as one decide."""
+    sim = FleetSim(make_spec(waves=parse_waves("1,all")), fleet(5, delay=20.0))
+    sim.step()
+    state = sim.state
+    for action in actions:
+        state = request(state, action, "note")
+    whole = decide(sim.spec, state, sim.views(), sim.profiles, sim.now, outcomes=sim.outcomes)
+    answers = answer_requests(sim.spec, replace(state, devices={}), sim.now)
+    assert answers == whole[:len(actions)] and all(d.detail["operator"] for d in answers)
+    answered = apply(state, answers, sim.now)
+    assert not answered.operator_requests
+    rest = decide(sim.spec, answered, sim.views(), sim.profiles, sim.now, outcomes=sim.outcomes)
+    assert answers + rest == whole
 
 
 def test_a_rollback_during_a_wave_also_catches_devices_still_installing() -> None:

@@ -88,6 +88,10 @@ __all__ = [
     "release_dict",
 ]
 
+# how often a request waiting for its answer reads the decisions recorded after it (one indexed
+# query); the controller answers within its wake_s (0.1 s) of the request
+_ANSWER_POLL_S = 0.025
+
 DEFAULT_DB = "sqlite:///fleetlite.db"
 """The store when neither ``db`` nor ``FLEETLITE_DB`` is given: ``fleetlite.db`` in the current
 directory."""
@@ -793,7 +797,7 @@ class Fleet:
                 if latest is None:
                     raise self._no_rollout(rollout_id)
                 return RequestResult(action, _snapshot(latest, ()), answer)
-            time.sleep(0.1)
+            time.sleep(_ANSWER_POLL_S)
 
     def _answer(self, rollout_id: str, action: str, after: int) -> Optional[DecisionRow]:
         for decision in self.store.decisions(rollout_id, after=after):

@@ -186,9 +186,10 @@ class Controller:
     controller is down are delivered when it comes back with the same id.
     ``limits``: the limits on device input (:class:`~fleetlite.fleet.ingest_limits.IngestLimits`;
     default: the defaults in docs/operator-guide.md with ``FLEETLITE_INGEST_LIMITS`` applied).
-    ``wake_s``: between ticks, how often to look for a rollout someone else changed (an
-    operator's request, a new rollout; one small query) and tick at once; 0: only every
-    ``tick_s``.
+    ``wake_s``: how often to look for a rollout someone else changed (an operator's request,
+    a new rollout; one small query): a thread of its own answers operator requests at once,
+    even during a long step, and the loop ticks at once instead of waiting for ``tick_s``; 0:
+    neither (requests are answered by the ticks).
     """
 
     def __init__(self, store: Store, broker: BrokerAddress | str, port: Optional[int] = None,
@@ -210,6 +211,7 @@ class Controller:
         self.resend_after_s = resend_after_s
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        self._answerer: Optional[threading.Thread] = None
         self._serving: set[str] = set()
         # parsed once per record, not once per tick (fleet/rollout_inputs.py)
         self.profile_views = ProfileViews()
@@ -283,6 +285,10 @@ class Controller:
         self._thread = threading.Thread(target=self._loop, name="fleetlite-controller",
                                         daemon=True)
         self._thread.start()
+        if self.wake_s > 0:
+            self._answerer = threading.Thread(target=self._answer_loop,
+                                              name="fleetlite-requests", daemon=True)
+            self._answerer.start()
         return self
 
     def stop(self) -> None:
@@ -290,6 +296,8 @@ class Controller:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(10)
+        if self._answerer is not None:
+            self._answerer.join(10)
         for rollout_id in sorted(self._held if self.fatal is None else ()):
             try:
                 self.store.release_lease(f"rollout:{rollout_id}", self.id)
@@ -870,6 +878,28 @@ class Controller:
             self._unserve_release(release_id)
         self.outcome_views.retain(needed)
         self.profile_views.retain(models)
+
+    def _answer_loop(self) -> None:
+        """Every ``wake_s``, answer the operator requests of the rollouts changed since: on a
+        thread of its own, so that a request is answered while the loop is in a step that takes
+        seconds (a 10,000-device wave under load). That step then finds the revision changed and
+        decides again on the next tick; each decision is still recorded exactly once
+        (:meth:`Store.apply_decisions`)."""
+        seen: dict[str, int] = {}
+        while not self._stop.wait(self.wake_s):
+            if not self.store_health.ok or self.fatal is not None:
+                continue
+            try:
+                for rollout_id, revision in self.store.rollout_revisions():
+                    if seen.get(rollout_id) == revision or \
+                            self._settled.get(rollout_id) == revision:
+                        continue
+                    seen[rollout_id] = revision
+                    self._answer_requests(rollout_id, time.time())
+            except StoreError:
+                continue  # the loop reports the store's state
+            except Exception:
+                log.exception("could not answer operator requests; trying again")
 
     def _answer_requests(self, rollout_id: str, now: float) -> None:
         """Answer a rollout's queued operator requests from its rollout-level state alone (a

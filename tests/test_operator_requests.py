@@ -249,3 +249,50 @@ def test_a_request_is_answered_without_waiting_for_the_next_tick(
         controller.stop()
         controller.store.close()
         store.close()
+
+
+def test_a_request_is_answered_while_the_controller_is_in_a_long_step(
+        store_url: str, models_dir: Path, broker: Mosquitto) -> None:
+    """The answers come from a thread of their own: a step that takes long (a 10,000-device
+    wave under load) does not hold an operator's pause back."""
+    from fleetlite.fleet.controller import Controller
+
+    store = open_store(store_url)
+    bundle = build_release([models_dir / "intent_classifier.tflite"], name="kws", version=4,
+                           device_classes=["rpi4"], issued=ISSUED, keys=[RELEASE_KEY])
+    store.add_release(bundle.release_id, "kws", 4, bundle.envelope.to_json(), dict(bundle.files),
+                      bundle.manifest.to_dict())
+    store.upsert_birth(birth("gw-1", 1, 100.0))
+    store.upsert_status(status("gw-1", True, 1, 100.0))
+    controller = Controller(open_store(store_url), broker.host, broker.port, tick_s=0.2)
+    in_step, release = threading.Event(), threading.Event()
+    drive = controller.drive
+
+    def slow_drive(*args: object, **kwargs: object) -> int:
+        in_step.set()
+        release.wait(120)
+        return drive(*args, **kwargs)  # type: ignore[arg-type]
+
+    controller.drive = slow_drive  # type: ignore[method-assign]
+    controller.start()
+    try:
+        assert controller.connected.wait(30)
+        spec = RolloutSpec(rollout_id="ro-busy", release_id=bundle.release_id, model="kws",
+                           version=4, previous_version=3, selector=Selector(),
+                           waves=parse_waves("100%"), wave_timeout_s=600, chunk_size=4096)
+        store.create_rollout("ro-busy", bundle.release_id, spec.to_dict())
+        assert in_step.wait(60)  # the loop is in a step, and stays there
+        with Fleet(db=store_url) as fleet:
+            result = fleet.request("ro-busy", "pause", wait=60)
+        assert result.decision is not None and result.decision.kind == "pause"
+        assert result.rollout.state == "paused" and not release.is_set()
+        release.set()
+        # the step decided on the rollout before the pause: its batch is refused, nothing
+        # is sent, and the next step starts nothing (paused)
+        wait_until(lambda: controller.counters["stale_batches"] >= 1, 60, "the stale step")
+        assert not any(d.kind == "send_install" for d in store.decisions("ro-busy"))
+    finally:
+        release.set()
+        controller.stop()
+        controller.store.close()
+        store.close()

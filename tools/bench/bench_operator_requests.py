@@ -42,7 +42,7 @@ answer:
 
 A request's latency is from the call to the SDK's return with the controller's answer (what an
 operator waits for: the request is written under the rollout's lock, the controller applies it
-on its next step, the SDK polls the decision log every 0.1 s); the rollout's state is checked
+within 0.1 s, the SDK polls the decision log every 25 ms); the rollout's state is checked
 after each (``paused``, ``running``, ``aborted``). Printed per phase and action: count, p50,
 p95, p99, max, and the ratio of load to baseline; also the time to the step that applied it
 (the decision's ``ts``, the start of the controller's tick) and the decisions per second

@@ -630,6 +630,41 @@ def test_rollout_lock_commits_together_or_not_at_all(store: Store) -> None:
         pass
 
 
+def test_a_sqlite_writer_waits_for_the_write_lock_up_to_its_busy_timeout(
+        tmp_path: Path) -> None:
+    """The store polls for SQLite's write lock itself (every 2 ms, not SQLite's sleeps of up to
+    100 ms): a write waits while another holds the lock, gets in once it is free, and gives up
+    with the store's error after busy_timeout_s."""
+    url = f"sqlite:///{tmp_path}/fleet.db"
+    with open_store(url) as holder, open_store(url, busy_timeout_s=30.0) as patient, \
+            open_store(url, busy_timeout_s=0.2) as hasty:
+        add_release(holder)
+        holder.create_rollout("ro-1", RELEASE, {})
+        locked, free = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            with holder.batch():
+                holder.add_decision("ro-1", "note")
+                locked.set()
+                free.wait(30)
+
+        thread = threading.Thread(target=hold, daemon=True)
+        thread.start()
+        assert locked.wait(30)
+        with pytest.raises(StoreUnavailableError, match="locked"):
+            hasty.set_device_progress("ro-1", "gw-1", wave=1, status="pending")
+        waiter = threading.Thread(target=lambda: patient.set_device_progress(
+            "ro-1", "gw-2", wave=1, status="pending"), daemon=True)
+        waiter.start()
+        waiter.join(0.3)
+        assert waiter.is_alive()  # still waiting for the lock
+        free.set()
+        waiter.join(30)
+        thread.join(30)
+        assert [r.device_id for r in patient.device_progress("ro-1")] == ["gw-2"]
+        assert [d.kind for d in patient.decisions("ro-1")] == ["note"]
+
+
 def test_rollout_lock_makes_other_controllers_wait(store_url: str) -> None:
     with open_store(store_url) as first, open_store(store_url) as second:
         add_release(first)

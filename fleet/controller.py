@@ -338,16 +338,21 @@ class Controller:
             log.warning("broker refused the connection: %s", reason)
             return
         subscriptions = [topics.fleet_subscription(kind, self.group) for kind in INGEST_KINDS]
-        if self.group:
-            # shared subscriptions get no retained messages: take the status snapshot plainly
-            subscriptions += [topics.fleet_subscription(kind)
-                              for kind in (topics.STATUS, topics.BIRTH)]
+        snapshot = ([topics.fleet_subscription(kind) for kind in (topics.STATUS, topics.BIRTH)]
+                    if self.group else [])
         # the SUBACKs are read by this same network thread, so none arrives before this returns
         self._unacked = set()
-        for topic in subscriptions:
+        for topic in subscriptions + snapshot:
             result, mid = client.subscribe(topic, qos=1)
             if result == mqtt.MQTT_ERR_SUCCESS and mid is not None:
                 self._unacked.add(mid)
+        if snapshot:
+            # Shared subscriptions get no retained messages, so a group member subscribes to
+            # the status and birth snapshot plainly, and at once unsubscribes: the broker
+            # queues the retained messages when it takes the SUBSCRIBE, before it reads the
+            # UNSUBSCRIBE, and every later status reaches one member (the shared
+            # subscription), not every member of the group.
+            client.unsubscribe(snapshot)
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any,
                       properties: Any) -> None:

@@ -159,7 +159,6 @@ _ROLLBACK_SENT = "rollback_sent"
 _TIMED_OUT = "timed_out"
 # how long one tick may spend storing the backlog before it lets the rest of the loop run
 _DRAIN_BUDGET_S = 2.0
-
 # how long stop() tries to store a backlog left when the controller is stopped
 _STOP_DRAIN_S = 5.0
 # reports stored in one transaction at most (fleet/ingest_batch.py); the broker's in-flight
@@ -221,8 +220,8 @@ class Controller:
         # not read them again (their state grows with the fleet) until their revision changes
         self._settled: dict[str, int] = {}
         # each rollout's revision as this controller last read or wrote it: a different one
-        # is someone else's change, worth a tick now (_changed_by_others)
-        # (None: another controller of the group drives it; its changes are not news)
+        # is someone else's change, worth a tick now (_changed_by_others); None: another
+        # controller of the group drives it, and its changes are not news
         self._known_revisions: dict[str, Optional[int]] = {}
         self._resent: set[tuple[str, str]] = set()
         self._resends_held_until = 0.0
@@ -347,10 +346,10 @@ class Controller:
             if result == mqtt.MQTT_ERR_SUCCESS and mid is not None:
                 self._unacked.add(mid)
         if snapshot:
-            # Shared subscriptions get no retained messages, so a group member subscribes to
-            # the status and birth snapshot plainly, and at once unsubscribes: the broker
-            # queues the retained messages when it takes the SUBSCRIBE, before it reads the
-            # UNSUBSCRIBE, and every later status reaches one member (the shared
+            # MQTT 5 gives a shared subscription no retained messages, so a group member
+            # subscribes to the status and birth snapshot plainly, and at once unsubscribes:
+            # the broker queues the retained messages when it takes the SUBSCRIBE, before it
+            # reads the UNSUBSCRIBE, and every later status reaches one member (the shared
             # subscription), not every member of the group.
             client.unsubscribe(snapshot)
 

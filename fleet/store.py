@@ -1087,7 +1087,7 @@ class Store:
     def registry(self) -> list[RegistryEntry]:
         """Every device in service, by id, with only what a rollout selects on (class, tags,
         online): a rollout step's read, without the facts, models and telemetry that
-        :meth:`list_devices` parses (about a tenth of its time at 10,000 devices)."""
+        :meth:`list_devices` also parses for every device."""
         with self._transaction(write=False) as db:
             rows = db.execute("SELECT device_id, device_class, online FROM devices "
                               "WHERE decommissioned IS NULL ORDER BY device_id").rows

@@ -5,8 +5,11 @@ paho client; a fresh client is made for every connection attempt, so nothing pah
 survives a disconnect: the on-disk spool is the only queue for reports ("write before publish,
 delete on PUBACK"). On every connect it publishes the retained online status (the Last Will
 turns it to offline if the agent dies), the retained birth message, subscribes to its command
-topic and then drains the spool in order. Reconnects back off exponentially with jitter so a
-fleet does not reconnect in lock-step after a broker restart.
+topic and then drains the spool in order. Other subscriptions are kept as wanted state and
+re-made on every connect: :meth:`MqttLink.subscribe` ones by a before/after diff, and
+:meth:`MqttLink.subscribe_many` ones (a device's window of exact chunk topics) as one packet per
+call that is always sent, in order with live publishes. Reconnects back off exponentially with
+jitter so a fleet does not reconnect in lock-step after a broker restart.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import random
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
@@ -35,6 +38,12 @@ MAX_INFLIGHT = 64
 #: the longest the network thread waits in paho's select; work queued by another thread wakes it
 #: at once (:meth:`MqttLink._nudge`)
 LOOP_TIMEOUT_S = 0.05
+#: live publishes kept while offline (the oldest go first)
+LIVE_LIMIT = 1000
+
+# queued network work, in the order it was asked for: (kind, topics, payload, qos, retain)
+_PUBLISH, _SUBSCRIBE, _UNSUBSCRIBE = "publish", "subscribe", "unsubscribe"
+_Action = tuple[str, tuple[str, ...], bytes, int, bool]
 
 
 class SpooledRecord(Protocol):
@@ -110,9 +119,10 @@ class MqttLink:
         self._subscribed: set[str] = set()
         self._subscriptions: dict[str, Callable[[bytes], None]] = {}
         self._subscriptions_changed = False
-        self._live: collections.deque[tuple[str, bytes, int, bool]] = collections.deque(
-            maxlen=1000
-        )
+        # topics of subscribe_many: subscribed with one packet per call, not by a diff
+        self._batched: dict[str, Callable[[bytes], None]] = {}
+        self._actions: collections.deque[_Action] = collections.deque()
+        self._actions_lock = threading.Lock()
         self.command_topic = topics.device_topic(config.device_id, topics.COMMAND)
         self.status_topic = topics.device_topic(config.device_id, topics.STATUS)
         self.counters = {
@@ -151,10 +161,41 @@ class MqttLink:
         self._subscriptions_changed = True
         self._wake.set()
 
+    def subscribe_many(self, names: Sequence[str], handler: Callable[[bytes], None]) -> None:
+        """Subscribe to every topic of ``names`` (exact topics, or filters) in ONE SUBSCRIBE
+        packet, sent even for topics already subscribed: the broker then replaces those
+        subscriptions and sends their retained messages again (MQTT 3.1.1 section 3.8.4), which
+        is how a device gets a chunk it lost. Messages go to ``handler`` (network thread).
+
+        Sent in order with :meth:`unsubscribe_many` and :meth:`publish_live` calls: a request
+        published after a subscription is read by the broker after it. Kept across reconnects
+        (all of them in one packet on connect); not diffed against :meth:`subscribe`'s."""
+        if not names:
+            return
+        with self._actions_lock:
+            for name in names:
+                self._batched[name] = handler
+            self._actions.append((_SUBSCRIBE, tuple(names), b"", 1, False))
+        self._nudge()
+
+    def unsubscribe_many(self, names: Sequence[str]) -> None:
+        """Unsubscribe from topics of :meth:`subscribe_many`, in one UNSUBSCRIBE packet."""
+        if not names:
+            return
+        with self._actions_lock:
+            for name in names:
+                self._batched.pop(name, None)
+            self._actions.append((_UNSUBSCRIBE, tuple(names), b"", 0, False))
+        self._nudge()
+
     def publish_live(self, topic: str, payload: bytes, *, qos: int = 1,
                      retain: bool = False) -> None:
-        """Publish without spooling (requests that are only useful now); dropped when offline."""
-        self._live.append((topic, payload, qos, retain))
+        """Publish without spooling (requests that are only useful now); while offline only the
+        last LIVE_LIMIT are kept."""
+        with self._actions_lock:
+            self._actions.append((_PUBLISH, (topic,), payload, qos, retain))
+            if len(self._actions) > LIVE_LIMIT and not self.connected.is_set():
+                self._actions.popleft()
         self._nudge()
 
     def refresh_birth(self) -> None:
@@ -274,9 +315,7 @@ class MqttLink:
                     if self._subscriptions_changed:
                         self._subscriptions_changed = False
                         self._sync_subscriptions(client)
-                    while self._live:
-                        topic, payload, qos, retain = self._live.popleft()
-                        client.publish(topic, payload, qos=qos, retain=retain)
+                    self._run_actions(client)
                     self._drain(client)
         return attempt
 
@@ -287,6 +326,20 @@ class MqttLink:
         for topic in wanted - self._subscribed:
             client.subscribe(topic, qos=1)
         self._subscribed = wanted
+
+    def _run_actions(self, client: mqtt.Client) -> None:
+        """Send the queued live publishes and batched (un)subscriptions, in order."""
+        while True:
+            with self._actions_lock:
+                if not self._actions:
+                    return
+                kind, names, payload, qos, retain = self._actions.popleft()
+            if kind == _PUBLISH:
+                client.publish(names[0], payload, qos=qos, retain=retain)
+            elif kind == _SUBSCRIBE:
+                client.subscribe([(name, 1) for name in names])
+            else:
+                client.unsubscribe(list(names))
 
     def _publish_birth(self, client: mqtt.Client) -> None:
         client.publish(
@@ -348,6 +401,13 @@ class MqttLink:
         client.subscribe(self.command_topic, qos=1)
         self._subscribed = set()
         self._sync_subscriptions(client)
+        with self._actions_lock:
+            # a new session: every batched topic is subscribed below, so the (un)subscriptions
+            # queued while offline are moot (sent again, each would repeat retained messages)
+            self._actions = collections.deque(a for a in self._actions if a[0] == _PUBLISH)
+            batched = list(self._batched)
+        if batched:
+            client.subscribe([(name, 1) for name in batched])
         client.publish(self.status_topic, self._status(True, "connected"), qos=1, retain=True)
         self._publish_birth(client)
         self.connected.set()
@@ -374,8 +434,8 @@ class MqttLink:
                 self.counters["commands_received"] += 1
                 self._on_command(bytes(message.payload))
             else:
-                handler = self._subscriptions.get(topic) or next(
-                    (h for sub, h in list(self._subscriptions.items())
+                handler = self._batched.get(topic) or self._subscriptions.get(topic) or next(
+                    (h for sub, h in [*self._batched.items(), *self._subscriptions.items()]
                      if mqtt.topic_matches_sub(sub, topic)), None)
                 if handler is not None:
                     handler(bytes(message.payload))

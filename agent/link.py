@@ -434,9 +434,12 @@ class MqttLink:
                 self.counters["commands_received"] += 1
                 self._on_command(bytes(message.payload))
             else:
-                handler = self._batched.get(topic) or self._subscriptions.get(topic) or next(
-                    (h for sub, h in [*self._batched.items(), *self._subscriptions.items()]
-                     if mqtt.topic_matches_sub(sub, topic)), None)
+                handler = self._batched.get(topic) or self._subscriptions.get(topic)
+                if handler is None:
+                    with self._actions_lock:  # another thread changes _batched
+                        batched = list(self._batched.items())
+                    handler = next((h for sub, h in [*batched, *self._subscriptions.items()]
+                                    if mqtt.topic_matches_sub(sub, topic)), None)
                 if handler is not None:
                     handler(bytes(message.payload))
         except Exception:  # a bad message must never kill the network thread

@@ -5,10 +5,8 @@ One install runs at a time, in the OTA worker thread, top to bottom:
 1. **manifest** — the signed envelope, from the release's retained manifest topic, is verified
    (:func:`fleetlite.sdk.verify.verify_release`: size caps, signature threshold, version,
    device class, expiry against the time floor, agent version);
-2. **download** — chunks from the release's retained chunk topics, subscribed a bounded window
-   of exact topics at a time (:class:`~fleetlite.agent.ota_download.ChunkWindow`), are written
-   into a staging directory (resumable: the received-chunk bitmap survives restarts); lost
-   chunks are re-subscribed, then requested;
+2. **download** — chunks from the release's fan-out topic are written into a staging directory
+   (resumable: the received-chunk bitmap survives restarts); missing chunks are requested;
    a download that stops making progress ends as ``download_stalled``;
 3. **verify** — every file is stream-hashed against the manifest (hard stop at the signed length);
 4. **smoke test** — in a subprocess: load, run the release's vectors, compare, check latency and
@@ -39,7 +37,7 @@ import queue
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -647,11 +645,12 @@ class OtaManager:
     def _clean_up(self, job: Job) -> int:
         """Remove the job's staging copy and any slot no longer active or previous; returns
         the bytes freed. Never raises."""
-        topic = topics.release_topic(job.release_id, topics.RELEASE_MANIFEST)
-        try:
-            self.link.unsubscribe(topic)
-        except Exception:
-            log.exception("unsubscribing from %s failed", topic)
+        for topic in (topics.release_topic(job.release_id, topics.RELEASE_MANIFEST),
+                      topics.chunks_filter(job.release_id, job.chunk_size)):
+            try:
+                self.link.unsubscribe(topic)
+            except Exception:
+                log.exception("unsubscribing from %s failed", topic)
         freed = 0
         try:
             freed += remove_tree(self.store.staging_dir(job.release_id))
@@ -872,51 +871,44 @@ class OtaManager:
         """Receive the release's chunks into ``staging`` (resuming what is already there)."""
         from fleetlite.agent.errors import DownloadError
         from fleetlite.agent.ota_download import (
-            NEW,
             REFUSED,
             RESUBSCRIBE,
+            RESUBSCRIBE_CHUNKS,
             STALLED,
             TIMED_OUT,
             ChunkStore,
-            ChunkWindow,
             DownloadTracker,
-            WindowChange,
-            window_chunks,
         )
-        from fleetlite.sdk.chunks import expand_ranges
 
         finished = {entry.name: staging / entry.name for entry in manifest.files}
         if all(path.is_file() for path in finished.values()):
             return finished  # finalized before a restart; the verify step re-checks them
+        topic = topics.chunks_filter(job.release_id, job.chunk_size)
         request_topic = topics.device_topic(self.device_id, topics.OTA_REQUEST)
         settings = self.settings
         try:
             store = ChunkStore(staging, manifest, job.chunk_size, auto_persist=False)
         except DownloadError as exc:
             raise InstallEndedError("failed", exc.reason, str(exc)) from exc
-        # the exact chunk topics subscribed at once; a request names at most the window, so
-        # its answer always reaches a subscribed topic and fits the inbox
-        window = ChunkWindow(window_chunks(job.chunk_size,
-                                           most=request_window(job.chunk_size)))
+        window = request_window(job.chunk_size)
         tracker = DownloadTracker(idle_s=settings.chunk_idle_s,
                                   max_requests_without_progress=int(
                                       settings.max_requests_without_progress),
                                   deadline_s=settings.download_deadline_s,
-                                  resubscribe_chunks=window.size, chain_rounds=False)
+                                  resubscribe_chunks=min(RESUBSCRIBE_CHUNKS, window))
 
         def handler(payload: bytes) -> None:
             self.on_message("chunk", payload)
 
-        def chunk_topics(keys: Iterable[tuple[int, int]]) -> list[str]:
-            return [topics.chunk_topic(job.release_id, job.chunk_size, f, i) for f, i in keys]
+        round_topics: list[str] = []  # the exact chunk topics of the last re-subscription
 
-        def apply(change: WindowChange) -> None:
-            # unsubscribe first: the window is never larger than its size at the broker
-            self.link.unsubscribe_many(chunk_topics(change.unsubscribe))
-            self.link.subscribe_many(chunk_topics(change.subscribe), handler)
+        def end_round() -> None:
+            for exact in round_topics:
+                self.link.unsubscribe(exact)
+            round_topics.clear()
 
         self._take_chunks(True)
-        apply(window.open(store.missing_chunks))
+        self.link.subscribe(topic, handler)
         last_report = 0.0
         try:
             while True:
@@ -933,16 +925,20 @@ class OtaManager:
                         f"{progress['total_bytes']} bytes: no new chunks after "
                         f"{tracker.requests} requests; is the release still being served?")
                 if decision.action == RESUBSCRIBE:
-                    # subscribed again, even those already in the window: the broker sends
-                    # each topic's retained copy to this device alone
+                    # the broker sends the retained copy of each newly subscribed topic to
+                    # this device alone; a topic still subscribed from the last round would
+                    # not be subscribed again by the link, so that round ends first
+                    end_round()
                     store.expect(decision.chunks)
-                    apply(window.reset(decision.chunks))
+                    round_topics.extend(topics.chunk_topic(job.release_id, job.chunk_size, f, i)
+                                        for f, i in decision.chunks)
+                    for exact in round_topics:
+                        self.link.subscribe(exact, handler)
                     self.counters["chunk_resubscribes"] += 1
                 elif decision.action == "request":
-                    request = store.missing_request(self.device_id, limit_chunks=window.size)
+                    end_round()
+                    request = store.missing_request(self.device_id, limit_chunks=window)
                     if request is not None:
-                        # subscribed before the request goes out (the link keeps the order)
-                        apply(window.cover(expand_ranges(request.missing)))
                         self.link.publish_live(request_topic, request.to_json())
                         self.counters["chunk_requests"] += 1
                 try:
@@ -952,11 +948,7 @@ class OtaManager:
                     continue
                 if kind != "chunk":
                     continue
-                accepted = store.accept(payload)
-                if accepted == NEW and store.last_new is not None:
-                    window.arrived(store.last_new)
-                    apply(window.slide(store.missing_chunks))
-                elif accepted == REFUSED and store.last_refusal is not None:
+                if store.accept(payload) == REFUSED and store.last_refusal is not None:
                     log.warning("refused a chunk: %s", store.last_refusal)
                 store.persist_if_due()
                 if time.monotonic() - last_report >= 2.0:
@@ -976,7 +968,8 @@ class OtaManager:
             raise InstallEndedError("rejected", exc.reason, str(exc)) from exc
         finally:
             self._take_chunks(False)
-            self.link.unsubscribe_many(chunk_topics(window.close()))
+            end_round()
+            self.link.unsubscribe(topic)
             try:
                 store.close()
             except DownloadError as exc:

@@ -7,11 +7,8 @@ loss. The persisted bitmap never claims a chunk whose data is not on disk: data 
 before the bitmap naming it is (atomically) replaced.
 
 :class:`DownloadTracker` is pure logic over an injected clock, modelled on FreeRTOS OTA. The
-broker holds every chunk of a served release retained, so subscribing brings them and most
-downloads send no request. :class:`ChunkWindow` (pure too) decides which chunks' exact topics
-are subscribed: a bounded window of the first missing ones, moved on as they arrive, so the
-broker never queues a whole release for one device. After ``idle_s`` without a new chunk
-(counted from the subscription)
+broker holds every chunk of a served release retained, so subscribing brings them all and most
+downloads send no request. After ``idle_s`` without a new chunk (counted from the subscription)
 a device that lost some of them (a broker drops messages for a client whose queue is full)
 first subscribes to the exact topics of the next missing chunks (RESUBSCRIBE), which makes the
 broker send their retained copies to this device alone; only when such a round brings nothing
@@ -70,16 +67,11 @@ __all__ = [
     "TIMED_OUT",
     "WAIT",
     "BITMAP_NAME",
-    "MIN_WINDOW_CHUNKS",
-    "WINDOW_BYTES",
     "ChunkStore",
-    "ChunkWindow",
     "DownloadProgress",
     "DownloadTracker",
     "TrackerDecision",
-    "WindowChange",
     "part_name",
-    "window_chunks",
 ]
 
 log = logging.getLogger("fleetlite.agent.ota_download")
@@ -196,8 +188,6 @@ class ChunkStore:
         self._last_persist = clock()
         self._outstanding: set[tuple[int, int]] = set()
         self.duplicates = 0
-        #: the ``(file_index, index)`` of the last chunk :meth:`accept` found NEW
-        self.last_new: tuple[int, int] | None = None
         self.refused: Counter[str] = Counter()
         self.last_refusal: ChunkError | None = None
         self.bitmap_path = self.dir / BITMAP_NAME
@@ -321,7 +311,6 @@ class ChunkStore:
                 raise StagingIOError("the chunk store is closed; open a new one to resume")
             self._pwrite(fd, chunk.data, chunk.offset, chunk.file_index)
             self._bitmap.set(*key)
-            self.last_new = key
             self._outstanding.discard(key)
             self._unsynced.add(chunk.file_index)
             self._since_persist += 1
@@ -402,12 +391,16 @@ class ChunkStore:
         """The first ``limit`` missing chunks as ``(file_index, index)``, in order."""
         with self._lock:
             found: list[tuple[int, int]] = []
-            for file_index in range(len(self.layout.counts)):
-                for first, end in self._bitmap.missing_in(file_index):
-                    found.extend((file_index, index)
-                                 for index in range(first, min(end, first + limit - len(found))))
-                    if len(found) >= limit:
-                        return found
+            for file_index, count in enumerate(self.layout.counts):
+                if len(found) >= limit:
+                    break
+                if self._bitmap.received_in(file_index) == count:
+                    continue
+                for index in range(count):
+                    if not self._bitmap.have(file_index, index):
+                        found.append((file_index, index))
+                        if len(found) >= limit:
+                            break
             return found
 
     def expect(self, chunks: Iterable[tuple[int, int]]) -> None:
@@ -575,122 +568,6 @@ BACKOFF_CAP = 6
 RESUBSCRIBE_CHUNKS = 64
 
 MissingChunks = Callable[[int], Sequence[tuple[int, int]]]
-ChunkKey = tuple[int, int]
-
-#: a device subscribes to the exact topics of at most this many bytes of chunks at once
-#: (:class:`ChunkWindow`): what the broker may queue for it, whatever the release's size
-WINDOW_BYTES = 1024 * 1024
-#: ... and to at least this many chunks, so that large chunks still keep a pipeline going
-MIN_WINDOW_CHUNKS = 8
-
-
-def window_chunks(chunk_size: int, window_bytes: int | None = None,
-                  most: int = MAX_REQUEST_CHUNKS) -> int:
-    """How many chunks of ``chunk_size`` bytes a window holds: ``window_bytes`` (WINDOW_BYTES)
-    worth, at least MIN_WINDOW_CHUNKS, at most ``most`` (one request can then name the whole
-    window)."""
-    budget = WINDOW_BYTES if window_bytes is None else window_bytes
-    return max(1, min(most, max(MIN_WINDOW_CHUNKS, budget // max(1, chunk_size))))
-
-
-@dataclass(frozen=True)
-class WindowChange:
-    """Exact chunk topics to unsubscribe from (first) and to subscribe to, as chunk keys."""
-
-    subscribe: tuple[ChunkKey, ...] = ()
-    unsubscribe: tuple[ChunkKey, ...] = ()
-
-    def __bool__(self) -> bool:
-        return bool(self.subscribe or self.unsubscribe)
-
-
-class ChunkWindow:
-    """The chunks whose exact topics a device is subscribed to: at most ``size``, the first
-    missing ones, so the broker never queues more than ``size`` chunks for the device (with the
-    wildcard filter it queued the whole release at once).
-
-    - :meth:`open` subscribes the first ``size`` missing chunks;
-    - :meth:`arrived` notes a new chunk; :meth:`slide` (after every new chunk) does nothing
-      until half the window has arrived (or all of it, near the end), then unsubscribes the
-      arrived chunks in one batch and subscribes the next missing ones, up to ``size`` again:
-      at least ``size / 2`` chunks are always on their way;
-    - :meth:`reset` is a re-subscribe round: the window becomes the given chunks (the first
-      missing), every one of them subscribed AGAIN (the broker re-sends retained copies);
-    - :meth:`cover` (before a request) adds the requested chunks that are not subscribed, so
-      the fleet's re-publish reaches the device; :meth:`close` is everything to unsubscribe.
-
-    Pure: ``missing(limit)`` gives the first ``limit`` missing chunks in order.
-    """
-
-    def __init__(self, size: int) -> None:
-        self.size = max(1, size)
-        self._subscribed: dict[ChunkKey, None] = {}  # in subscription order
-        self._arrived: set[ChunkKey] = set()
-        self.slides = 0
-        self.most_subscribed = 0
-
-    @property
-    def subscribed(self) -> tuple[ChunkKey, ...]:
-        return tuple(self._subscribed)
-
-    @property
-    def outstanding(self) -> int:
-        """Subscribed chunks that have not arrived."""
-        return len(self._subscribed) - len(self._arrived)
-
-    def open(self, missing: MissingChunks) -> WindowChange:
-        return self._refill(missing)
-
-    def arrived(self, key: ChunkKey) -> None:
-        if key in self._subscribed:
-            self._arrived.add(key)
-
-    def slide(self, missing: MissingChunks) -> WindowChange:
-        if not self._arrived or (len(self._arrived) * 2 < self.size
-                                 and len(self._arrived) < len(self._subscribed)):
-            return WindowChange()
-        return self._refill(missing)
-
-    def _refill(self, missing: MissingChunks) -> WindowChange:
-        gone = tuple(key for key in self._subscribed if key in self._arrived)
-        for key in gone:
-            del self._subscribed[key]
-        self._arrived.clear()
-        room = self.size - len(self._subscribed)
-        new = tuple(key for key in missing(self.size) if key not in self._subscribed)[:room]
-        self._subscribed.update(dict.fromkeys(new))
-        self._note()
-        if new or gone:
-            self.slides += 1
-        return WindowChange(new, gone)
-
-    def reset(self, chunks: Iterable[ChunkKey]) -> WindowChange:
-        keep = tuple(chunks)[:self.size]
-        wanted = set(keep)
-        gone = tuple(key for key in self._subscribed if key not in wanted)
-        self._subscribed = dict.fromkeys(keep)
-        self._arrived.clear()
-        self._note()
-        return WindowChange(keep, gone)
-
-    def cover(self, chunks: Iterable[ChunkKey]) -> WindowChange:
-        gone = tuple(key for key in self._subscribed if key in self._arrived)
-        for key in gone:
-            del self._subscribed[key]
-        self._arrived.clear()
-        new = tuple(key for key in chunks if key not in self._subscribed)
-        self._subscribed.update(dict.fromkeys(new))
-        self._note()
-        return WindowChange(new, gone)
-
-    def close(self) -> tuple[ChunkKey, ...]:
-        gone = tuple(self._subscribed)
-        self._subscribed.clear()
-        self._arrived.clear()
-        return gone
-
-    def _note(self) -> None:
-        self.most_subscribed = max(self.most_subscribed, len(self._subscribed))
 
 
 @dataclass(frozen=True)
@@ -718,11 +595,8 @@ class DownloadTracker:
       the last new chunk is a RESUBSCRIBE round: the next ``resubscribe_chunks`` missing
       chunks, whose exact topics the caller subscribes to (the broker re-sends their retained
       copies to this device only). Only when a round brings no new chunk within ``idle_s`` is
-      the next ask a REQUEST to the fleet. With ``chain_rounds`` (a device subscribed to the
-      wildcard chunks filter), a round whose chunks have all arrived (``batch_done``) is
-      followed at once by the next round while more are missing; a device with a
-      :class:`ChunkWindow` passes ``chain_rounds=False``: its window moves on by itself, and
-      a round at once would make the broker send the window's new chunks twice;
+      the next ask a REQUEST to the fleet. A round whose chunks have all arrived
+      (``batch_done``) is followed at once by the next round while more are missing;
     - a request whose chunks have all arrived (``batch_done``) is followed at once by the next
       request while more are missing; while requests go unanswered the wait doubles, up to
       ``BACKOFF_CAP * idle_s`` (5, 10, 20, 30, 30, ... s by default);
@@ -744,11 +618,9 @@ class DownloadTracker:
         deadline_s: float = 3600.0,
         first_request_s: float | None = None,
         resubscribe_chunks: int = RESUBSCRIBE_CHUNKS,
-        chain_rounds: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.idle_s = idle_s
-        self.chain_rounds = chain_rounds
         self.first_request_s = idle_s if first_request_s is None else first_request_s
         self.max_requests_without_progress = max_requests_without_progress
         self.deadline_s = deadline_s
@@ -783,7 +655,7 @@ class DownloadTracker:
         if now - self.started >= self.deadline_s:
             return TrackerDecision(TIMED_OUT, "download_timeout")
         if batch_done and self.unanswered == 0:
-            if self.last_ask == RESUBSCRIBE and missing is not None and self.chain_rounds:
+            if self.last_ask == RESUBSCRIBE and missing is not None:
                 round_ = self._resubscribe(now, missing)
                 if round_ is not None:
                     return round_

@@ -33,10 +33,8 @@ from fleetlite.agent.ota_download import (
     TIMED_OUT,
     WAIT,
     ChunkStore,
-    ChunkWindow,
     DownloadTracker,
     part_name,
-    window_chunks,
 )
 from fleetlite.sdk.chunks import ChunkBitmap, ChunkLayout, encode_frame, expand_ranges
 from fleetlite.sdk.errors import HashMismatchError
@@ -664,93 +662,3 @@ def test_store_missing_chunks_and_expect(tmp_path: Path) -> None:
         store.accept(frames[21])  # (1, 0): the third of the round
         assert store.request_satisfied
         assert store.missing_chunks(1) == [missing[3]]
-
-
-# --- the chunk window -----------------------------------------------------------------------
-
-
-def test_window_size_is_a_byte_budget_with_a_floor_and_the_request_cap() -> None:
-    assert ota_download.WINDOW_BYTES == 1024 * 1024
-    assert window_chunks(16384) == 64  # 1 MiB
-    assert window_chunks(262144) == 8  # at least 8 chunks (2 MiB of them)
-    assert window_chunks(1024) == 1024  # 1 MiB, also the most one request can name
-    assert window_chunks(1024, most=255) == 255
-    assert window_chunks(4096, window_bytes=8192) == 8
-
-
-def test_the_window_moves_on_by_half_windows_and_stays_bounded() -> None:
-    missing = FakeMissing(total=20)
-    window = ChunkWindow(8)
-    change = window.open(missing)
-    assert change.subscribe == tuple((0, i) for i in range(8)) and change.unsubscribe == ()
-    for i in range(3):  # less than half: nothing moves
-        missing.missing.remove((0, i))
-        window.arrived((0, i))
-        assert not window.slide(missing)
-    missing.missing.remove((0, 3))
-    window.arrived((0, 3))
-    change = window.slide(missing)  # half arrived: those out, the next four in
-    assert change.unsubscribe == tuple((0, i) for i in range(4))
-    assert change.subscribe == tuple((0, i) for i in range(8, 12))
-    assert window.outstanding == 8 and len(window.subscribed) == 8
-    window.arrived((0, 99))  # not in the window (a duplicate subscription's): ignored
-    assert not window.slide(missing)
-    # the rest arrives in any order; the window never holds more than 8
-    for key in [(0, 5), (0, 4), (0, 7), (0, 6)] + [(0, i) for i in range(8, 20)]:
-        missing.missing.remove(key)
-        window.arrived(key)
-        window.slide(missing)
-        assert len(window.subscribed) <= 8
-    assert window.most_subscribed == 8
-    assert window.subscribed == () and window.close() == ()
-
-
-def test_near_the_end_the_last_chunks_leave_the_window_when_all_arrived() -> None:
-    missing = FakeMissing(total=3)
-    window = ChunkWindow(8)
-    assert len(window.open(missing).subscribe) == 3
-    missing.missing.remove((0, 0))
-    window.arrived((0, 0))
-    assert not window.slide(missing)  # 1 of 8 (of 3 outstanding)
-    for i in (1, 2):
-        missing.missing.remove((0, i))
-        window.arrived((0, i))
-    change = window.slide(missing)
-    assert change.unsubscribe == ((0, 0), (0, 1), (0, 2)) and change.subscribe == ()
-
-
-def test_a_round_subscribes_the_window_again_and_a_request_is_covered() -> None:
-    missing = FakeMissing(total=30)
-    window = ChunkWindow(8)
-    window.open(missing)
-    for i in (0, 1):
-        missing.missing.remove((0, i))
-        window.arrived((0, i))
-    # a round: every chunk named is subscribed again, the arrived ones leave
-    change = window.reset(missing(8))
-    assert change.subscribe == tuple((0, i) for i in range(2, 10))
-    assert change.unsubscribe == ((0, 0), (0, 1))
-    assert window.subscribed == change.subscribe
-    # a request names chunks of the window: only those not subscribed are added
-    change = window.cover([(0, 2), (0, 3)])
-    assert change.subscribe == () and change.unsubscribe == ()
-    change = window.cover([(0, 2), (0, 10)])
-    assert change.subscribe == ((0, 10),)
-    assert set(window.close()) == {(0, i) for i in range(2, 11)}
-
-
-def test_a_windowed_tracker_does_not_chain_rounds() -> None:
-    clock, missing = FakeClock(), FakeMissing()
-    tracker = resubscribing_tracker(clock, resubscribe_chunks=64, chain_rounds=False)
-    received = missing.arrive(200)
-    tracker.poll(received, missing=missing)
-    clock.t = 5.0
-    assert tracker.poll(received, missing=missing).action == RESUBSCRIBE
-    clock.t = 5.2  # the round's chunks all came: the window moves on by itself, no round now
-    received = missing.arrive(64)
-    assert tracker.poll(received, batch_done=True, missing=missing).action == WAIT
-    clock.t = 10.5  # silence since the last new chunk: a round again, then the fleet
-    assert tracker.poll(received, batch_done=True, missing=missing).action == RESUBSCRIBE
-    clock.t = 15.5
-    assert tracker.poll(received, missing=missing).action == REQUEST
-    assert tracker.resubscribes == 2 and tracker.requests == 1

@@ -38,7 +38,7 @@ from fleetlite.sdk.messages import Status
 from fleetlite.sdk.ota_messages import ChunkRequest
 from fleetlite.sdk.trust import Root, load_trusted_root
 from fleetlite.tools.sim.config import SimConfig, SimConfigError, class_counts, parse_weights
-from fleetlite.tools.sim.ota import Install, Outcome, Resubscribe, WindowMove
+from fleetlite.tools.sim.ota import Install, Outcome, Resubscribe
 from fleetlite.tools.sim.plan import FAIL, INSTALL, REJECT, plan_fleet, slice_of
 from tests.mqtt_harness import Collector, Mosquitto, Received, retained_under
 from tests.test_ota_install import ISSUED, RELEASE_KEY, STRANGER, _resign, write_root
@@ -104,73 +104,62 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Root:
 
 def deliver(install: Install, bundle: ReleaseBundle, envelope: bytes, tamper: bool = False,
             broker_holds: bool = True) -> Delivery:
-    """Serve ``install`` as a broker holding the release would: the manifest, then the retained
-    chunk of every exact topic the install subscribes to (its window), but the first delivery
-    of every fifth chunk is lost (as from a full client queue); a round (subscribing again)
-    brings their retained copies (``broker_holds``) or nothing (a broker that lost them: the
-    install asks the fleet after another idle time); the frames of every chunk it requests
-    (``tamper``: one byte of the model flipped) reach it on the topics it is subscribed to,
-    until it ends or is done."""
+    """Serve ``install`` as a broker holding the release would: the manifest, then every
+    retained chunk but every fifth (lost, as from a full client queue); once the install re-
+    subscribes to chunks after its idle time, their retained copies (``broker_holds``) or
+    nothing (a broker that lost them: the install asks the fleet after another idle time);
+    the frames of every chunk it requests (``tamper``: one byte of the model flipped), until
+    it ends or is done."""
     contents = [bytearray(bundle.files[f.name]) for f in bundle.manifest.files]
     if tamper:
         contents[0][100] ^= 0xFF
     layout = ChunkLayout(tuple(len(c) for c in contents), install.chunk_size)
 
-    def frame(key: tuple[int, int]) -> bytes:
-        return layout.frame(key[0], key[1], bytes(contents[key[0]]))
+    def frame(file_index: int, index: int) -> bytes:
+        return layout.frame(file_index, index, bytes(contents[file_index]))
 
-    lost = {(f, i) for f, count in enumerate(layout.counts) for i in range(count) if i % 5 == 4}
-    held = {(f, i) for f, count in enumerate(layout.counts) for i in range(count)}
-    if not broker_holds:
-        held -= lost
-    first_sent: set[tuple[int, int]] = set()
-    subscribed: set[tuple[int, int]] = set()
-    delivery = Delivery(Outcome("", "", ""), [], [], [], 0)
-    assert install.on_manifest(envelope, 0.0) == []
+    sent: list[ChunkRequest] = []
+    rounds: list[Resubscribe] = []
+    queue: list[ChunkRequest | Resubscribe] = list(install.on_manifest(envelope, 0.0))
+    assert queue == []  # the retained chunks come on subscription: nothing to ask yet
     now = 0.5
-    for _ in range(10_000):
-        asks = install.poll(now)
-        if not asks:
-            if install.ended is not None or install.complete:
-                break
-            now += install.next_poll_in(now)
+    if install.manifest is not None:
+        for file_index, count in enumerate(layout.counts):
+            for index in range(count):
+                if index % 5 != 4:
+                    queue += install.on_chunk(frame(file_index, index), now)
+        assert all(isinstance(r, ChunkRequest) and r.done for r in queue)  # nothing to ask
+        now += install.idle_s
+        queue += install.poll(now)
+    while queue and install.ended is None:
+        ask = queue.pop(0)
+        now += 0.1
+        if isinstance(ask, Resubscribe):
+            rounds.append(ask)
+            if broker_holds:
+                for file_index, index in ask.chunks:
+                    queue += install.on_chunk(frame(file_index, index), now)
+            else:
+                now += install.idle_s  # the round brought nothing
+            queue += install.poll(now)
             continue
-        for ask in asks:
-            now += 0.01
-            if isinstance(ask, WindowMove):
-                subscribed.difference_update(ask.unsubscribe)
-                subscribed.update(ask.subscribe)
-                delivery.most_subscribed = max(delivery.most_subscribed, len(subscribed))
-                if isinstance(ask, Resubscribe):
-                    delivery.rounds.append(ask)
-                for key in ask.subscribe:  # each topic's retained copy, if the broker has it
-                    if key in held and (key in first_sent or key not in lost):
-                        delivery.requests += install.on_chunk(frame(key), now)
-                    first_sent.add(key)
-                continue
-            request = ChunkRequest.from_json(ask.to_json())  # what goes on the wire
-            delivery.requests.append(request)
-            for key in expand_ranges(request.missing):
-                held.add(key)  # re-published retained: it reaches the subscribed topics
-                if key in subscribed:
-                    delivery.requests += install.on_chunk(frame(key), now)
-    delivery.phases = install.remaining_phases()
-    delivery.outcome = install.finish()
-    delivery.requests = [ChunkRequest.from_json(r.to_json()) for r in delivery.requests]
-    return delivery
+        request = ChunkRequest.from_json(ask.to_json())  # what goes on the wire
+        sent.append(request)
+        for file_index, index in expand_ranges(request.missing):
+            queue += install.on_chunk(frame(file_index, index), now)
+    phases = install.remaining_phases()
+    return Delivery(install.finish(), sent, rounds, phases)
 
 
 @dataclass
 class Delivery:
     """What ``deliver`` saw: the outcome, the requests (on the wire), the re-subscription
-    rounds, the phases reported after the download and the most exact chunk topics the install
-    was subscribed to at once."""
+    rounds and the phases reported after the download."""
 
     outcome: Outcome
     requests: list[ChunkRequest]
     rounds: list[Resubscribe]
     phases: list[str]
-    most_subscribed: int
 
 
 def held_back(bundle: ReleaseBundle) -> int:
@@ -224,7 +213,6 @@ def test_simulated_install_checks_what_a_device_checks(
         assert [(r.done, r.missing) for r in requests] == [(True, ())]
         assert sum(len(r.chunks) for r in delivery.rounds) == held_back(release)
         assert all(len(r.chunks) <= 64 for r in delivery.rounds)
-        assert delivery.most_subscribed <= install.window_size
         assert (final.model, final.version) == ("intent", 2)
         assert phases == ["verifying", "smoke_testing", "switching", "health_check"]
     if reason == "smoke_output_mismatch":  # it ends in the smoke test
@@ -241,20 +229,6 @@ def test_a_simulated_device_asks_the_fleet_when_the_broker_does_not_hold_the_chu
     assert len(delivery.rounds) == 1  # one round, which brought nothing, then the fleet
     assert delivery.requests[-1].done and not delivery.requests[-1].missing
     assert [r.chunk_total for r in delivery.requests[:-1]] == [held_back(release)]  # once
-
-
-def test_a_simulated_device_subscribes_a_bounded_window(release: ReleaseBundle,
-                                                        root: Root) -> None:
-    install = _install(root, release.release_id, window_chunks=8)
-    total = sum(ChunkLayout.from_manifest(release.manifest, 1024).counts)
-    assert total >= 3 * 8
-    delivery = deliver(install, release, release.envelope.to_json())
-    assert delivery.outcome.outcome == "installed", delivery.outcome.message
-    assert delivery.most_subscribed == install.window_size == 8
-    # the lost chunks came from rounds of the window, without a request
-    assert [(r.done, r.missing) for r in delivery.requests] == [(True, ())]
-    assert delivery.rounds and all(len(r.chunks) <= 8 for r in delivery.rounds)
-    assert install.close_window() == ()  # every received chunk was unsubscribed
 
 
 # -- the simulator against a real broker and controller ------------------------------------------

@@ -16,7 +16,7 @@ import logging
 import random
 import socket
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import aiomqtt
@@ -26,7 +26,7 @@ from fleetlite.sdk.messages import Command, CommandResponse, MessageError, OtaSt
 from fleetlite.sdk.trust import Root
 from fleetlite.tools.sim import reports
 from fleetlite.tools.sim.config import SimConfig
-from fleetlite.tools.sim.ota import Install, Outcome, Resubscribe, WindowMove
+from fleetlite.tools.sim.ota import Install, Outcome, Resubscribe
 from fleetlite.tools.sim.plan import DevicePlan
 from fleetlite.tools.sim.stats import Stats
 
@@ -347,11 +347,8 @@ class SimDevice:
         """One install, top to bottom: accepted, manifest, download, phases, final status."""
         self._wake.clear()
         manifest_topic = topics.release_topic(install.release_id, topics.RELEASE_MANIFEST)
-
-        def chunk_topics(keys: Iterable[tuple[int, int]]) -> list[str]:
-            return [topics.chunk_topic(install.release_id, install.chunk_size, f, i)
-                    for f, i in keys]
-
+        chunks_topic = topics.chunks_filter(install.release_id, install.chunk_size)
+        round_topics: list[str] = []  # the exact chunk topics of the last re-subscription
         try:
             await self._status(client, install.status("accepted"))
             await client.subscribe(manifest_topic, qos=1)
@@ -362,24 +359,26 @@ class SimDevice:
                                             f"on {manifest_topic} within "
                                             f"{MANIFEST_TIMEOUT_S:g} s")
             if install.ended is None:
-                # chunks only once the manifest says what to check them against: the first
-                # poll gives the window's exact topics, whose retained chunks the broker sends
+                # chunks only once the manifest says what to check them against: the broker
+                # delivers every retained chunk as soon as the subscription is made
+                await client.subscribe(chunks_topic, qos=1)
                 await self._status(client, install.status("downloading",
                                                           progress=install.progress()))
             while install.ended is None and not install.complete:
                 await self._wait(install.next_poll_in(time.monotonic()))
                 now = time.monotonic()
                 for ask in install.poll(now):
-                    if isinstance(ask, WindowMove):
-                        # received chunks out first: the broker never holds more than the
-                        # window for this device; then one SUBSCRIBE, always sent (a round's
-                        # topics may be subscribed: the broker sends their retained copies)
-                        if ask.unsubscribe:
-                            await client.unsubscribe(chunk_topics(ask.unsubscribe))
-                        if ask.subscribe:
-                            await client.subscribe([(t, 1) for t in chunk_topics(ask.subscribe)])
-                        self.stats.add("chunk_resubscribes" if isinstance(ask, Resubscribe)
-                                       else "chunk_window_moves")
+                    # a round's exact topics are dropped when the next ask comes: a round
+                    # brought what the broker holds by then
+                    if round_topics:
+                        await client.unsubscribe(round_topics)
+                        round_topics = []
+                    if isinstance(ask, Resubscribe):
+                        round_topics = [topics.chunk_topic(install.release_id, install.chunk_size,
+                                                           f, i) for f, i in ask.chunks]
+                        # one SUBSCRIBE: the broker sends each topic's retained copy
+                        await client.subscribe([(topic, 1) for topic in round_topics])
+                        self.stats.add("chunk_resubscribes")
                     else:
                         await client.publish(self.topic(topics.OTA_REQUEST), ask.to_json(),
                                              qos=1)
@@ -387,8 +386,7 @@ class SimDevice:
                     await self._status(client, install.status("downloading",
                                                               progress=install.progress()))
             with contextlib.suppress(aiomqtt.MqttError):
-                await client.unsubscribe([manifest_topic,
-                                          *chunk_topics(install.close_window())])
+                await client.unsubscribe([chunks_topic, manifest_topic, *round_topics])
             for phase in install.remaining_phases():
                 await self._status(client, install.status(phase))
                 await asyncio.sleep(self.config.step_s * self.rng.uniform(0.5, 1.5))

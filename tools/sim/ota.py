@@ -11,16 +11,14 @@ only out-of-order chunks are held, so a device holds little more than a chunk or
 
 Not simulated: the smoke test, the A/B switch and the health window run no model; they are
 phases with a delay (the adapter's), and a device planned to fail or reject ends there with the
-planned reason. Subscriptions and request timing follow docs/protocol.md ("OTA delivery") and
-the agent: the device subscribes to a window of exact chunk topics, the first missing ones
-(:class:`~fleetlite.agent.ota_download.ChunkWindow`, the agent's own, ``window_chunks`` of them),
-and moves it on (a :class:`WindowMove`) when half of it has arrived; the broker delivers each
-topic's retained chunk on subscription. After ``idle_s`` without a new chunk (counted from the
-subscription) the device subscribes to the window's chunks again (a :class:`Resubscribe`
-round: the broker re-sends their retained copies to this device alone); a request goes out only
-when a round brought nothing within ``idle_s`` (backing off up to 6x), for the window's chunks
-(covered by the subscriptions first), at once when a request's chunks all came, and
-``download_stalled`` after ``max_unanswered`` requests in a row without a new chunk.
+planned reason. Request timing follows docs/protocol.md ("OTA delivery") and the agent's
+``DownloadTracker``: the broker delivers the retained chunks on subscription; after ``idle_s``
+without a new chunk (counted from the subscription) the device first subscribes to the exact
+topics of the next missing chunks (a :class:`Resubscribe` round: the broker re-sends their
+retained copies to this device alone), the next round at once when a round's chunks all came;
+a request goes out only when a round brought nothing within ``idle_s`` (backing off up to 6x),
+at once when a request's chunks all came, and ``download_stalled`` after ``max_unanswered``
+requests in a row without a new chunk.
 """
 
 from __future__ import annotations
@@ -30,14 +28,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-from fleetlite.agent.ota_download import ChunkWindow, WindowChange, window_chunks
-from fleetlite.sdk.chunks import (
-    ChunkBitmap,
-    ChunkError,
-    ChunkLayout,
-    decode_frame,
-    expand_ranges,
-)
+from fleetlite.sdk.chunks import ChunkBitmap, ChunkError, ChunkLayout, decode_frame
 from fleetlite.sdk.envelope import Envelope
 from fleetlite.sdk.errors import EqualVersion, FileMismatchError, UpdateRejected
 from fleetlite.sdk.manifest import Manifest, release_id
@@ -46,7 +37,7 @@ from fleetlite.sdk.ota_messages import ChunkRequest
 from fleetlite.sdk.trust import Root
 from fleetlite.sdk.verify import FileVerifier, verify_release
 
-__all__ = ["RESUBSCRIBE_CHUNKS", "Install", "Outcome", "Resubscribe", "WindowMove", "fail_phase"]
+__all__ = ["RESUBSCRIBE_CHUNKS", "Install", "Outcome", "Resubscribe", "fail_phase"]
 
 #: the phase a planned failure ends in, by reason (others: ``switching``)
 _PHASE_OF_REASON = {
@@ -61,7 +52,7 @@ _PHASE_OF_REASON = {
 }
 _AFTER_DOWNLOAD = ("verifying", "smoke_testing", "switching", "health_check")
 _BACKOFF_CAP = 6
-#: a re-subscription round names at most this many chunks when the window is not smaller
+#: a re-subscription round names at most this many chunks (the agent's RESUBSCRIBE_CHUNKS)
 RESUBSCRIBE_CHUNKS = 64
 
 
@@ -80,31 +71,15 @@ class Outcome:
 
 
 @dataclass(frozen=True)
-class WindowMove:
-    """Unsubscribe from the exact chunk topics of ``unsubscribe`` (``(file_index, index)``),
-    then subscribe to those of ``subscribe`` (one packet each)."""
+class Resubscribe:
+    """Subscribe to the exact chunk topics of ``chunks`` (``(file_index, index)``) and drop the
+    previous round's: the broker sends each newly subscribed topic's retained copy to this
+    device alone."""
 
-    subscribe: tuple[tuple[int, int], ...] = ()
-    unsubscribe: tuple[tuple[int, int], ...] = ()
-
-
-@dataclass(frozen=True)
-class Resubscribe(WindowMove):
-    """A round: unsubscribe ``unsubscribe``, then subscribe to ``chunks`` (the window's, the
-    first missing) AGAIN, even those subscribed: the broker re-sends each topic's retained copy
-    to this device alone."""
-
-    @property
-    def chunks(self) -> tuple[tuple[int, int], ...]:
-        return self.subscribe
+    chunks: tuple[tuple[int, int], ...]
 
 
-Ask = Union[ChunkRequest, WindowMove]
-
-
-def _move(change: WindowChange, round_: bool = False) -> WindowMove:
-    kind = Resubscribe if round_ else WindowMove
-    return kind(change.subscribe, change.unsubscribe)
+Ask = Union[ChunkRequest, Resubscribe]
 
 
 @dataclass
@@ -130,7 +105,6 @@ class Install:
     first_request_s: float | None = None  # None: idle_s
     max_unanswered: int = 10
     resubscribe_chunks: int = RESUBSCRIBE_CHUNKS
-    window_chunks: int = 0  # 0: the agent's window for the chunk size
     progress_every_s: float = 2.0
     manifest: Manifest | None = None
     layout: ChunkLayout | None = None
@@ -144,8 +118,6 @@ class Install:
     _next: list[int] = field(default_factory=list)  # per file: next chunk index to hash
     _held: dict[tuple[int, int], bytes] = field(default_factory=dict)
     _asked: set[tuple[int, int]] = field(default_factory=set)
-    _window: ChunkWindow | None = None
-    _moves: list[WindowMove] = field(default_factory=list)  # window moves not yet taken
     _last_request: float = 0.0
     _last_resubscribe: float | None = None
     _last_ask: str = ""  # "resubscribe" or "request": what the outstanding _asked belong to
@@ -191,9 +163,8 @@ class Install:
     # -- manifest ------------------------------------------------------------------------
 
     def on_manifest(self, payload: bytes, now: float) -> list[ChunkRequest]:
-        """Verify the retained envelope; start the download if it holds (:meth:`poll` then
-        gives the window's first subscriptions: the broker delivers the chunks, so no request
-        is due yet)."""
+        """Verify the retained envelope; start the download if it holds (the caller then
+        subscribes to the chunks: the broker delivers them, so no request is due yet)."""
         if self.manifest is not None or self.ended is not None or not payload:
             return []
         try:
@@ -226,25 +197,8 @@ class Install:
         self._verifiers = [FileVerifier(entry) for entry in manifest.files]
         self._next = [0] * len(manifest.files)
         self._last_progress = now
-        self._window = ChunkWindow(self.window_chunks or window_chunks(self.chunk_size))
-        self._moves.append(_move(self._window.open(self._missing)))
         self._check_files()  # a release of empty files is complete at once
         return []
-
-    @property
-    def window_size(self) -> int:
-        return self._window.size if self._window is not None else 0
-
-    def _missing(self, limit: int) -> list[tuple[int, int]]:
-        """The first ``limit`` missing chunks, in order."""
-        if self.bitmap is None:
-            return []
-        return list(expand_ranges(self.bitmap.missing_ranges(limit, limit)))[:limit]
-
-    def close_window(self) -> tuple[tuple[int, int], ...]:
-        """Every chunk whose exact topic is still subscribed (to unsubscribe at the end)."""
-        self._moves.clear()
-        return self._window.close() if self._window is not None else ()
 
     # -- chunks --------------------------------------------------------------------------
 
@@ -268,11 +222,6 @@ class Install:
         self._last_progress = now
         self._unanswered = 0
         self._asked.discard(key)
-        if self._window is not None:
-            self._window.arrived(key)
-            change = self._window.slide(self._missing)
-            if change:
-                self._moves.append(_move(change))
         self._held[key] = chunk.data
         self._hash_in_order(chunk.file_index)
         if self.planned == "failed" and fail_phase(self.planned_reason) == "downloading" \
@@ -283,7 +232,9 @@ class Install:
         if self.bitmap.complete():
             self._check_files()
             return [self._done_request(now)] if self.ended is None else []
-        return []  # window moves and the next request: poll gives them
+        if self._last_ask == "request" and not self._asked:
+            return [self._request(now)]
+        return []  # a round whose chunks all came: poll makes the next one
 
     def _hash_in_order(self, file_index: int) -> None:
         verifier = self._verifiers[file_index]
@@ -309,34 +260,28 @@ class Install:
     # -- requests ------------------------------------------------------------------------
 
     def poll(self, now: float) -> list[Ask]:
-        """The window's moves since the last poll; the next request at once when the last
-        request's chunks all came; after ``idle_s`` of silence (``first_request_s`` before
-        any chunk) a :class:`Resubscribe` round if none was made since the last new chunk,
-        else a request (after the window move that covers it), or the end as
+        """The next round at once when the last round's chunks all came; after ``idle_s`` of
+        silence (``first_request_s`` before any chunk) a :class:`Resubscribe` round if none
+        was made since the last new chunk, else a request, or the end as
         ``download_stalled``."""
         if self.bitmap is None or self.ended is not None or self.complete:
             return []
-        asks: list[Ask] = list(self._moves)
-        self._moves.clear()
-        if self._request_chained():
-            return asks + self._request(now)
+        if self._last_ask == "resubscribe" and not self._asked and not self._unanswered:
+            return [self._resubscribe(now)]
         quiet_since = self._quiet_since()
         idle = self._idle()
         if now - quiet_since < idle:
-            return asks
+            return []
         if self._last_resubscribe is None or self._last_resubscribe < self._last_progress:
-            return [*asks, self._resubscribe(now)]
+            return [self._resubscribe(now)]
         if self._unanswered >= self.max_unanswered:
             self._end("failed", "download_stalled", f"{self._unanswered} chunk requests in a "
                       "row got no new chunk")
             return []
-        return asks + self._request(now)
-
-    def _request_chained(self) -> bool:
-        return self._last_ask == "request" and not self._asked and not self._unanswered
+        return [self._request(now)]
 
     def next_poll_in(self, now: float) -> float:
-        if self._moves or self._request_chained():
+        if self._last_ask == "resubscribe" and not self._asked:
             return 0.0
         return max(0.05, self._quiet_since() + self._idle() - now)
 
@@ -359,34 +304,30 @@ class Install:
         return True
 
     def _resubscribe(self, now: float) -> Resubscribe:
-        assert self._window is not None
-        chunks = self._missing(min(self.resubscribe_chunks, self._window.size))
+        assert self.layout is not None and self.bitmap is not None
+        chunks: list[tuple[int, int]] = []
+        for file_index, count in enumerate(self.layout.counts):
+            for index in range(count):
+                if len(chunks) >= self.resubscribe_chunks:
+                    break
+                if not self.bitmap.have(file_index, index):
+                    chunks.append((file_index, index))
         self._asked = set(chunks)
         self._last_resubscribe = now
         self._last_ask = "resubscribe"
         self.resubscribes += 1
-        round_ = _move(self._window.reset(chunks), round_=True)
-        assert isinstance(round_, Resubscribe)
-        return round_
+        return Resubscribe(tuple(chunks))
 
-    def _request(self, now: float) -> list[Ask]:
-        """The request for the window's missing chunks, after the window move that makes sure
-        their topics are subscribed (the fleet's re-publish must reach this device)."""
-        assert self.bitmap is not None and self._window is not None
-        ranges = self.bitmap.missing_ranges(limit_chunks=self._window.size)
-        self._asked = set(expand_ranges(ranges))
+    def _request(self, now: float) -> ChunkRequest:
+        assert self.bitmap is not None
+        ranges = self.bitmap.missing_ranges()
+        self._asked = {(f, i) for f, first, end in ranges for i in range(first, end)}
         self._last_request = now
         self._last_ask = "request"
         self._unanswered += 1
         self.requests += 1
-        asks: list[Ask] = []
-        change = self._window.cover(expand_ranges(ranges))
-        if change:
-            asks.append(_move(change))
-        asks.append(ChunkRequest(device_id=self.device_id, release_id=self.release_id,
-                                 chunk_size=self.chunk_size, ts=time.time(),
-                                 missing=tuple(ranges)))
-        return asks
+        return ChunkRequest(device_id=self.device_id, release_id=self.release_id,
+                            chunk_size=self.chunk_size, ts=time.time(), missing=tuple(ranges))
 
     def _done_request(self, now: float) -> ChunkRequest:
         self._last_request = now

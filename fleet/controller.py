@@ -852,19 +852,22 @@ class Controller:
                 log.exception("rollout %s cannot be read; skipped", record.rollout_id)
                 needed.update(self._serving)  # cannot tell what it needs: keep serving all
                 continue
-            if (state.finished and not state.operator_requests
-                    and not _awaiting_devices(state, spec, now)):
-                # settled for good at this revision: _awaiting_devices only turns false as
-                # time passes, and anything that changes the rollout changes its revision
-                self._settled[rollout_id] = record.revision
-                continue
-            needed.add(spec.release_id)
+            # finished with nothing in flight: settled for good once a step at this revision
+            # decides nothing (an operator's rollback answered ahead of the step still has its
+            # rollbacks to send); _awaiting_devices only turns false as time passes, and
+            # anything that changes the rollout changes its revision
+            quiet = (state.finished and not state.operator_requests
+                     and not _awaiting_devices(state, spec, now))
+            if not quiet:
+                needed.add(spec.release_id)
             models.add(spec.model)
             self._settled.pop(rollout_id, None)
             lease = f"rollout:{record.rollout_id}"
             if not self.store.claim(lease, self.id, self.lease_ttl_s):
                 self._held.discard(record.rollout_id)
                 known[rollout_id] = None  # another controller drives it
+                if quiet:
+                    self._settled[rollout_id] = record.revision  # its holder steps it
                 continue
             if record.rollout_id not in self._held:
                 self._held.add(record.rollout_id)
@@ -873,6 +876,8 @@ class Controller:
             try:
                 if self.drive(record.rollout_id, now, record=record):
                     known[rollout_id] = record.revision + 1  # this step's own write
+                elif quiet:
+                    self._settled[rollout_id] = record.revision
             except StoreUnavailableError:
                 raise  # the loop reports it once, not once per rollout and tick
             except Exception:
@@ -971,7 +976,8 @@ class Controller:
             return 0
         spec = RolloutSpec.from_dict(record.spec)
         state = RolloutState.from_stored(record.state)
-        self._serve_release(spec.release_id, spec.chunk_size)
+        if not state.finished or _awaiting_devices(state, spec, now):
+            self._serve_release(spec.release_id, spec.chunk_size)  # devices may download
         devices = [DeviceView(*entry) for entry in self.store.registry()]
         classes = {d.device_id: d.device_class for d in devices}
         # outcome times on the controller's clock: the engine compares them with send times

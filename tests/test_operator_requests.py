@@ -214,12 +214,8 @@ def test_a_settled_rollout_is_not_read_again_until_it_changes(
         store.close()
 
 
-def test_a_request_is_answered_without_waiting_for_the_next_tick(
-        store_url: str, models_dir: Path, broker: Mosquitto) -> None:
-    """Between its ticks a controller looks for rollouts someone else changed: with its next
-    tick an hour away, a new rollout is still driven and an operator's pause answered."""
-    from fleetlite.fleet.controller import Controller
-
+def one_online_device_and_a_release(store_url: str, models_dir: Path) -> tuple[Store, str]:
+    """A store with kws v4 (a real signed release) and one online rpi4 device running v3."""
     store = open_store(store_url)
     bundle = build_release([models_dir / "intent_classifier.tflite"], name="kws", version=4,
                            device_classes=["rpi4"], issued=ISSUED, keys=[RELEASE_KEY])
@@ -227,14 +223,28 @@ def test_a_request_is_answered_without_waiting_for_the_next_tick(
                       bundle.manifest.to_dict())
     store.upsert_birth(birth("gw-1", 1, 100.0))
     store.upsert_status(status("gw-1", True, 1, 100.0))
+    return store, bundle.release_id
+
+
+def create_rollout(store: Store, rollout_id: str, release_id: str) -> None:
+    spec = RolloutSpec(rollout_id=rollout_id, release_id=release_id, model="kws", version=4,
+                       previous_version=3, selector=Selector(), waves=parse_waves("100%"),
+                       wave_timeout_s=600, chunk_size=4096)
+    store.create_rollout(rollout_id, release_id, spec.to_dict())
+
+
+def test_a_request_is_answered_without_waiting_for_the_next_tick(
+        store_url: str, models_dir: Path, broker: Mosquitto) -> None:
+    """Between its ticks a controller looks for rollouts someone else changed: with its next
+    tick an hour away, a new rollout is still driven and an operator's pause answered."""
+    from fleetlite.fleet.controller import Controller
+
+    store, release_id = one_online_device_and_a_release(store_url, models_dir)
     controller = Controller(open_store(store_url), broker.host, broker.port,
                             tick_s=3600).start()
     try:
         assert controller.connected.wait(30)
-        spec = RolloutSpec(rollout_id="ro-wake", release_id=bundle.release_id, model="kws",
-                           version=4, previous_version=3, selector=Selector(),
-                           waves=parse_waves("100%"), wave_timeout_s=600, chunk_size=4096)
-        store.create_rollout("ro-wake", bundle.release_id, spec.to_dict())
+        create_rollout(store, "ro-wake", release_id)
         wait_until(lambda: any(d.kind == "send_install" for d in store.decisions("ro-wake")),
                    60, "the new rollout's first step")
         with Fleet(db=store_url) as fleet:
@@ -257,13 +267,7 @@ def test_a_request_is_answered_while_the_controller_is_in_a_long_step(
     wave under load) does not hold an operator's pause back."""
     from fleetlite.fleet.controller import Controller
 
-    store = open_store(store_url)
-    bundle = build_release([models_dir / "intent_classifier.tflite"], name="kws", version=4,
-                           device_classes=["rpi4"], issued=ISSUED, keys=[RELEASE_KEY])
-    store.add_release(bundle.release_id, "kws", 4, bundle.envelope.to_json(), dict(bundle.files),
-                      bundle.manifest.to_dict())
-    store.upsert_birth(birth("gw-1", 1, 100.0))
-    store.upsert_status(status("gw-1", True, 1, 100.0))
+    store, release_id = one_online_device_and_a_release(store_url, models_dir)
     controller = Controller(open_store(store_url), broker.host, broker.port, tick_s=0.2)
     in_step, release = threading.Event(), threading.Event()
     drive = controller.drive
@@ -277,10 +281,7 @@ def test_a_request_is_answered_while_the_controller_is_in_a_long_step(
     controller.start()
     try:
         assert controller.connected.wait(30)
-        spec = RolloutSpec(rollout_id="ro-busy", release_id=bundle.release_id, model="kws",
-                           version=4, previous_version=3, selector=Selector(),
-                           waves=parse_waves("100%"), wave_timeout_s=600, chunk_size=4096)
-        store.create_rollout("ro-busy", bundle.release_id, spec.to_dict())
+        create_rollout(store, "ro-busy", release_id)
         assert in_step.wait(60)  # the loop is in a step, and stays there
         with Fleet(db=store_url) as fleet:
             result = fleet.request("ro-busy", "pause", wait=60)

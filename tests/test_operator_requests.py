@@ -251,10 +251,6 @@ def test_a_request_is_answered_without_waiting_for_the_next_tick(
             result = fleet.request("ro-wake", "pause", note="hold", wait=60)
         assert result.decision is not None and result.decision.kind == "pause"
         assert result.rollout.state == "paused"
-        # a step of its own does not wake it: the install is not re-sent, no step repeats
-        steps = len(store.decisions("ro-wake"))
-        assert not controller._changed_by_others()
-        assert len(store.decisions("ro-wake")) == steps
     finally:
         controller.stop()
         controller.store.close()

@@ -275,27 +275,22 @@ def wait_for(predicate: Any, timeout: float, what: str, step: float = 0.5) -> bo
     return True
 
 
-def last_stats(log: Path) -> dict[str, Any]:
-    found: dict[str, Any] = {}
-    with contextlib.suppress(OSError):
-        for line in log.read_text().splitlines():
-            if line.startswith("{"):
-                with contextlib.suppress(ValueError):
-                    found = json.loads(line)
-    return found
-
-
-def sim_summary(log: Path) -> dict[str, Any]:
-    """The simulator's ``summary`` line ({} if it printed none)."""
+def last_stats(log: Path, event: Optional[str] = None) -> dict[str, Any]:
+    """The simulator's last JSON line (of that ``event``, if given); {} if it printed none."""
     found: dict[str, Any] = {}
     with contextlib.suppress(OSError):
         for line in log.read_text().splitlines():
             if line.startswith("{"):
                 with contextlib.suppress(ValueError):
                     data = json.loads(line)
-                    if data.get("event") == "summary":
+                    if event is None or data.get("event") == event:
                         found = data
     return found
+
+
+def sim_summary(log: Path) -> dict[str, Any]:
+    """The simulator's ``summary`` line ({} if it printed none)."""
+    return last_stats(log, "summary")
 
 
 # -- the killed controller and the report check ------------------------------------------------

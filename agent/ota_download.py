@@ -389,19 +389,8 @@ class ChunkStore:
 
     def missing_chunks(self, limit: int) -> list[tuple[int, int]]:
         """The first ``limit`` missing chunks as ``(file_index, index)``, in order."""
-        with self._lock:
-            found: list[tuple[int, int]] = []
-            for file_index, count in enumerate(self.layout.counts):
-                if len(found) >= limit:
-                    break
-                if self._bitmap.received_in(file_index) == count:
-                    continue
-                for index in range(count):
-                    if not self._bitmap.have(file_index, index):
-                        found.append((file_index, index))
-                        if len(found) >= limit:
-                            break
-            return found
+        with self._lock:  # the bitmap's runs of missing chunks, as a request names them
+            return list(expand_ranges(self._bitmap.missing_ranges(limit, limit)))
 
     def expect(self, chunks: Iterable[tuple[int, int]]) -> None:
         """Remember ``chunks`` as the outstanding ones (a re-subscription round's), so

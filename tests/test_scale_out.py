@@ -172,9 +172,14 @@ def test_two_controllers_share_the_ingest_and_store_every_report_once(
         sent = {topics.TELEMETRY: counts["telemetry"], topics.PROFILE: counts["profiles"]}
         assert sent[topics.TELEMETRY] > devices * 3, summary  # several reports per device
         # every report sent is stored: profiles are rows, telemetry the latest seq per device
-        wait_until(lambda: scalar(pg_url, "SELECT COUNT(*) FROM profiles") == sent[
-            topics.PROFILE] and stored_telemetry(pg_url) == sent[topics.TELEMETRY], 60,
-            f"every report the simulator sent stored ({sent})")
+        def stored() -> dict[str, int]:
+            return {topics.TELEMETRY: stored_telemetry(pg_url),
+                    topics.PROFILE: int(scalar(pg_url, "SELECT COUNT(*) FROM profiles"))}
+
+        try:
+            wait_until(lambda: stored() == sent, 60, "every report the simulator sent stored")
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}: sent {sent}, stored {stored()}") from None
         assert scalar(pg_url, "SELECT COUNT(DISTINCT device_id) FROM profiles") == devices
     finally:
         results = [controller.stop() for controller in controllers]

@@ -31,6 +31,7 @@ installed again unless an operator retries it explicitly.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import queue
@@ -645,12 +646,11 @@ class OtaManager:
     def _clean_up(self, job: Job) -> int:
         """Remove the job's staging copy and any slot no longer active or previous; returns
         the bytes freed. Never raises."""
-        for topic in (topics.release_topic(job.release_id, topics.RELEASE_MANIFEST),
-                      topics.chunks_filter(job.release_id, job.chunk_size)):
-            try:
-                self.link.unsubscribe(topic)
-            except Exception:
-                log.exception("unsubscribing from %s failed", topic)
+        topic = topics.release_topic(job.release_id, topics.RELEASE_MANIFEST)
+        try:
+            self.link.unsubscribe(topic)  # the chunk blocks: when the download ended
+        except Exception:
+            log.exception("unsubscribing from %s failed", topic)
         freed = 0
         try:
             freed += remove_tree(self.store.staging_dir(job.release_id))
@@ -871,6 +871,7 @@ class OtaManager:
         """Receive the release's chunks into ``staging`` (resuming what is already there)."""
         from fleetlite.agent.errors import DownloadError
         from fleetlite.agent.ota_download import (
+            NEW,
             REFUSED,
             RESUBSCRIBE,
             RESUBSCRIBE_CHUNKS,
@@ -883,7 +884,6 @@ class OtaManager:
         finished = {entry.name: staging / entry.name for entry in manifest.files}
         if all(path.is_file() for path in finished.values()):
             return finished  # finalized before a restart; the verify step re-checks them
-        topic = topics.chunks_filter(job.release_id, job.chunk_size)
         request_topic = topics.device_topic(self.device_id, topics.OTA_REQUEST)
         settings = self.settings
         try:
@@ -901,20 +901,34 @@ class OtaManager:
             self.on_message("chunk", payload)
 
         round_topics: list[str] = []  # the exact chunk topics of the last re-subscription
+        per_block = topics.chunks_per_block(job.chunk_size)
+        blocks: dict[int, str] = {}  # the block filters subscribed to, by block
 
         def end_round() -> None:
-            for exact in round_topics:
-                self.link.unsubscribe(exact)
+            self.link.unsubscribe_many(round_topics)
             round_topics.clear()
 
+        def follow_blocks() -> int:
+            """Subscribe to the first block still missing a chunk and the next, no other; the
+            index below which chunks can arrive (what asks may name)."""
+            wanted = store.wanted_blocks(per_block)
+            for block in [b for b in blocks if b not in wanted]:
+                self.link.unsubscribe(blocks.pop(block))
+            for block in wanted:
+                if block not in blocks:
+                    blocks[block] = topics.block_filter(job.release_id, job.chunk_size, block)
+                    self.link.subscribe(blocks[block], handler)
+            return wanted.stop * per_block
+
         self._take_chunks(True)
-        self.link.subscribe(topic, handler)
+        below = follow_blocks()
         last_report = 0.0
         try:
             while True:
                 decision = tracker.poll(store.received_chunks, complete=store.complete(),
                                         batch_done=store.request_satisfied,
-                                        missing=store.missing_chunks)
+                                        missing=functools.partial(store.missing_chunks,
+                                                                  below=below))
                 if decision.action == "done":
                     break
                 if decision.action in (STALLED, TIMED_OUT):
@@ -932,12 +946,14 @@ class OtaManager:
                     store.expect(decision.chunks)
                     round_topics.extend(topics.chunk_topic(job.release_id, job.chunk_size, f, i)
                                         for f, i in decision.chunks)
-                    for exact in round_topics:
-                        self.link.subscribe(exact, handler)
+                    # one SUBSCRIBE, sent even for a topic of the last round: the broker
+                    # sends each topic's retained copy again
+                    self.link.subscribe_many(round_topics, handler)
                     self.counters["chunk_resubscribes"] += 1
                 elif decision.action == "request":
                     end_round()
-                    request = store.missing_request(self.device_id, limit_chunks=window)
+                    request = store.missing_request(self.device_id, limit_chunks=window,
+                                                    below=below)
                     if request is not None:
                         self.link.publish_live(request_topic, request.to_json())
                         self.counters["chunk_requests"] += 1
@@ -948,8 +964,11 @@ class OtaManager:
                     continue
                 if kind != "chunk":
                     continue
-                if store.accept(payload) == REFUSED and store.last_refusal is not None:
+                accepted = store.accept(payload)
+                if accepted == REFUSED and store.last_refusal is not None:
                     log.warning("refused a chunk: %s", store.last_refusal)
+                elif accepted == NEW:
+                    below = follow_blocks()
                 store.persist_if_due()
                 if time.monotonic() - last_report >= 2.0:
                     last_report = time.monotonic()
@@ -969,7 +988,8 @@ class OtaManager:
         finally:
             self._take_chunks(False)
             end_round()
-            self.link.unsubscribe(topic)
+            for block_topic in blocks.values():
+                self.link.unsubscribe(block_topic)
             try:
                 store.close()
             except DownloadError as exc:

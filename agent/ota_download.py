@@ -375,22 +375,32 @@ class ChunkStore:
 
     def missing_request(self, device_id: str, *, ts: float | None = None,
                         limit_ranges: int = MAX_REQUEST_RANGES,
-                        limit_chunks: int = MAX_REQUEST_CHUNKS) -> ChunkRequest | None:
-        """The request for the first missing chunks (None when complete); remembers them, so
+                        limit_chunks: int = MAX_REQUEST_CHUNKS,
+                        below: int | None = None) -> ChunkRequest | None:
+        """The request for the first missing chunks (None when complete; with ``below``, only
+        chunks whose index is below it: those of the blocks subscribed); remembers them, so
         :attr:`request_satisfied` tells when they have all arrived."""
         with self._lock:
             if self._bitmap.complete():
                 return None
-            ranges = self._bitmap.missing_ranges(limit_ranges, limit_chunks)
+            ranges = self._bitmap.missing_ranges(limit_ranges, limit_chunks, below)
+            if not ranges:
+                return None
             self._outstanding = set(expand_ranges(ranges))
         return ChunkRequest(device_id=device_id, release_id=self.manifest.release_id,
                             chunk_size=self.chunk_size,
                             ts=time.time() if ts is None else ts, missing=tuple(ranges))
 
-    def missing_chunks(self, limit: int) -> list[tuple[int, int]]:
-        """The first ``limit`` missing chunks as ``(file_index, index)``, in order."""
+    def missing_chunks(self, limit: int, below: int | None = None) -> list[tuple[int, int]]:
+        """The first ``limit`` missing chunks as ``(file_index, index)``, in order (with
+        ``below``, only those whose index is below it)."""
         with self._lock:  # the bitmap's runs of missing chunks, as a request names them
-            return list(expand_ranges(self._bitmap.missing_ranges(limit, limit)))
+            return list(expand_ranges(self._bitmap.missing_ranges(limit, limit, below)))
+
+    def wanted_blocks(self, chunks_per_block: int) -> range:
+        """The blocks to be subscribed to now (:meth:`ChunkBitmap.wanted_blocks`)."""
+        with self._lock:
+            return self._bitmap.wanted_blocks(chunks_per_block)
 
     def expect(self, chunks: Iterable[tuple[int, int]]) -> None:
         """Remember ``chunks`` as the outstanding ones (a re-subscription round's), so

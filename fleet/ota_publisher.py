@@ -3,16 +3,16 @@ answer the devices' requests for the chunks they missed.
 
 For each served release a :class:`ReleasePublisher` publishes the signed envelope RETAINED on
 ``fleetlite/v1/rel/{id}/manifest`` and every chunk frame once, RETAINED on its own topic
-``.../chunks/{chunk_size}/{file_index}/{index}``: the broker holds the release, and a device that
-subscribes to ``.../chunks/{chunk_size}/+/+`` gets every chunk from the broker however late it
-comes (a later wave, a retry, a controller that is stopped meanwhile), so the fleet publishes
-each chunk once per release. Chunks that devices ask for on ``fleetlite/v1/dev/+/ota/request``
-(the broker dropped them from a full client queue, or lost its retained messages in a restart
-without persistence) are published again, retained; a chunk that is already queued, or went out
-less than ``dedupe_s`` (10 s) ago, is not sent again, so many devices asking for the same chunk
-cost one publish (each goes to every device downloading the release: on a broker too busy to
-deliver the retained chunks quickly, re-publishing them would only multiply its work).
-:meth:`ReleasePublisher.stop_serving` clears the manifest and every chunk from the broker.
+``.../chunks/{chunk_size}/{block}/{file_index}/{index}``: the broker holds the release, and a
+device that subscribes to ``.../chunks/{chunk_size}/{block}/+/+`` (two blocks at a time) gets every
+chunk from the broker however late it comes (a later wave, a retry, a controller that is stopped
+meanwhile), so the fleet publishes each chunk once per release. Chunks that devices ask for on
+``fleetlite/v1/dev/+/ota/request`` (the broker dropped them from a full client queue, or lost its
+retained messages in a restart without persistence) are published again, retained; a chunk that is
+already queued, or went out less than ``dedupe_s`` (10 s) ago, is not sent again, so many devices
+asking for the same chunk cost one publish (each goes to every device downloading the release: on a
+broker too busy to deliver the retained chunks quickly, re-publishing them would only multiply its
+work). :meth:`ReleasePublisher.stop_serving` clears the manifest and every chunk from the broker.
 
 Threads: paho's network thread only hands incoming requests to a bounded queue; one worker thread
 parses requests and publishes chunks with at most ``max_inflight`` unacknowledged QoS 1 messages.

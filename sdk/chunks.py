@@ -29,6 +29,7 @@ __all__ = [
     "FRAME_VERSION",
     "HEADER",
     "HEADER_SIZE",
+    "LOOKAHEAD_BLOCKS",
     "MAGIC",
     "MAX_CHUNK_SIZE",
     "MAX_FILES",
@@ -56,6 +57,8 @@ MIN_CHUNK_SIZE = 1024
 MAX_CHUNK_SIZE = 256 * 1024
 DEFAULT_CHUNK_SIZE = 16 * 1024
 MAX_FILES = 0xFFFF + 1  # file_index is a u16
+#: a download subscribes to this many blocks of a release at a time (docs/protocol.md, "Flow")
+LOOKAHEAD_BLOCKS = 2
 #: caps of one chunk request (``fleetlite.chunk_request/1``)
 MAX_REQUEST_RANGES = 64
 MAX_REQUEST_CHUNKS = 1024
@@ -328,19 +331,40 @@ class ChunkBitmap:
             position = end
 
     def missing_ranges(self, limit_ranges: int = MAX_REQUEST_RANGES,
-                       limit_chunks: int = MAX_REQUEST_CHUNKS) -> list[ChunkRange]:
+                       limit_chunks: int = MAX_REQUEST_CHUNKS,
+                       below: int | None = None) -> list[ChunkRange]:
         """The first missing chunks as (file_index, first, end) ranges, capped at
-        ``limit_ranges`` ranges and ``limit_chunks`` chunks (the request caps)."""
+        ``limit_ranges`` ranges and ``limit_chunks`` chunks (the request caps); with ``below``,
+        only chunks whose index (in any file) is below it."""
         ranges: list[ChunkRange] = []
         budget = limit_chunks
         for file_index in range(len(self.counts)):
             for first, end in self.missing_in(file_index):
+                if below is not None and first >= below:
+                    break
                 if budget <= 0 or len(ranges) >= limit_ranges:
                     return ranges
-                stop = min(end, first + budget)
+                stop = min(end, first + budget, below if below is not None else end)
                 ranges.append((file_index, first, stop))
                 budget -= stop - first
         return ranges
+
+    def first_missing(self) -> int | None:
+        """The lowest chunk index missing in any file (None when complete)."""
+        firsts = [next(self.missing_in(f), (None, None))[0] for f in range(len(self.counts))]
+        present = [first for first in firsts if first is not None]
+        return min(present) if present else None
+
+    def wanted_blocks(self, chunks_per_block: int, lookahead: int = LOOKAHEAD_BLOCKS) -> range:
+        """The blocks (of ``chunks_per_block`` chunks, counted in every file alike) a download
+        subscribes to now: the first one with a missing chunk and the ``lookahead - 1`` after
+        it that exist; empty when complete."""
+        first = self.first_missing()
+        if first is None:
+            return range(0)
+        blocks = -(-max(self.counts, default=0) // chunks_per_block)
+        low = first // chunks_per_block
+        return range(low, min(low + max(1, lookahead), blocks))
 
     def copy(self) -> ChunkBitmap:
         other = ChunkBitmap(self.counts)

@@ -17,14 +17,17 @@ its subtree with ``pattern`` lines (``%c``/``%u`` must fill a whole level). With
 Release topics are per release, not per device, so the broker fans a release out to every device
 downloading it. With {rel} = ``fleetlite/v1/rel/{release_id}`` (64 lowercase hex digits)::
 
-    {rel}/manifest                          retained signed envelope (DSSE)  fleet -> devices
-    {rel}/chunks/{size}/{file_index}/{index} retained chunk frame            fleet -> devices
+    {rel}/manifest                                  retained signed envelope   fleet -> devices
+    {rel}/chunks/{size}/{block}/{file_index}/{index} retained chunk frame      fleet -> devices
 
 Every chunk has its own retained topic, so the broker holds the release: a device that
-subscribes to ``{rel}/chunks/{size}/+/+`` (its chunk size) gets every chunk at once, however
-late it comes, and the fleet publishes each chunk once per release, not once per device or wave.
-The chunk size is a level of its own, so a release served with two chunk sizes (or again with
-another) never hands a device frames of the wrong size.
+subscribes to ``{rel}/chunks/{size}/{block}/+/+`` gets that block of every file at once,
+however late it comes, and the fleet publishes each chunk once per release, not once per device
+or wave. The chunk size is a level of its own, so a release served with two chunk sizes (or
+again with another) never hands a device frames of the wrong size. The block level
+(``index // chunks_per_block(size)``, blocks of BLOCK_BYTES) lets a device hold a bounded part
+of a large release at the broker at a time: it subscribes to the first block it still misses
+and the next, never to the whole release, so the broker queues at most two blocks for it.
 """
 
 from __future__ import annotations
@@ -137,19 +140,44 @@ def release_topic(release_id: str, kind: str) -> str:
 MAX_CHUNK_LEVEL_DIGITS = 20
 
 
+#: A release's chunks are grouped in blocks of this many bytes (at least one chunk): the block
+#: is a topic level, so a device subscribes to a release one block (two, with the next) at a
+#: time and the broker never queues a whole large release for one device.
+BLOCK_BYTES = 512 * 1024
+
+
+def chunks_per_block(chunk_size: int) -> int:
+    """How many chunks of ``chunk_size`` bytes one block holds (32 of 16 KiB, 2 of 256 KiB)."""
+    return max(1, BLOCK_BYTES // chunk_size)
+
+
+def chunk_block(chunk_size: int, index: int) -> int:
+    """The block of chunk ``index`` of any file: ``index // chunks_per_block(chunk_size)``."""
+    return index // chunks_per_block(chunk_size)
+
+
 def chunk_topic(release_id: str, chunk_size: int, file_index: int, index: int) -> str:
     """The retained topic of one chunk:
-    ``fleetlite/v1/rel/{release_id}/chunks/{chunk_size}/{file_index}/{index}``."""
+    ``fleetlite/v1/rel/{release_id}/chunks/{chunk_size}/{block}/{file_index}/{index}``."""
     if chunk_size < 1 or not 0 <= file_index <= 0xFFFF or index < 0:
         raise TopicError(f"no chunk topic for chunk size {chunk_size}, file {file_index}, "
                          f"chunk {index}")
-    return f"{release_topic(release_id, RELEASE_CHUNKS)}/{chunk_size}/{file_index}/{index}"
+    return (f"{release_topic(release_id, RELEASE_CHUNKS)}/{chunk_size}/"
+            f"{chunk_block(chunk_size, index)}/{file_index}/{index}")
+
+
+def block_filter(release_id: str, chunk_size: int, block: int) -> str:
+    """The subscription that receives block ``block`` of every file of a release served with
+    ``chunk_size`` (retained and re-published): ``.../chunks/{chunk_size}/{block}/+/+``."""
+    if chunk_size < 1 or block < 0:
+        raise TopicError(f"no block filter for chunk size {chunk_size}, block {block}")
+    return f"{release_topic(release_id, RELEASE_CHUNKS)}/{chunk_size}/{block}/+/+"
 
 
 def chunks_filter(release_id: str, chunk_size: int) -> str:
     """The subscription that receives every chunk of a release served with ``chunk_size``
-    (retained and re-published)."""
-    return f"{release_topic(release_id, RELEASE_CHUNKS)}/{chunk_size}/+/+"
+    (an observer's; a device subscribes block by block, :func:`block_filter`)."""
+    return f"{release_topic(release_id, RELEASE_CHUNKS)}/{chunk_size}/+/+/+"
 
 
 @dataclass(frozen=True)
@@ -171,8 +199,9 @@ def _chunk_level(text: str) -> int | None:
 
 
 def parse_release_topic(topic: str) -> ReleaseTopic:
-    """Split ``fleetlite/v1/rel/{release_id}/manifest`` or ``.../chunks/{size}/{file}/{index}``
-    into its parts; raise TopicError otherwise."""
+    """Split ``fleetlite/v1/rel/{release_id}/manifest`` or
+    ``.../chunks/{size}/{block}/{file}/{index}`` into its parts; raise TopicError otherwise
+    (also for a block level that is not the chunk's block: each chunk has one topic)."""
     prefix = RELEASE_PREFIX + "/"
     if not topic.startswith(prefix):
         raise TopicError(f"{topic[:120]!r} is not a FleetLite release topic "
@@ -183,11 +212,13 @@ def parse_release_topic(topic: str) -> ReleaseTopic:
     if rest == RELEASE_MANIFEST:
         return ReleaseTopic(validate_release_id(release_id), RELEASE_MANIFEST)
     levels = rest.split("/")
-    if len(levels) == 4 and levels[0] == RELEASE_CHUNKS:
-        size, file_index, index = (_chunk_level(level) for level in levels[1:])
-        if (size is not None and size >= 1 and file_index is not None and index is not None
-                and file_index <= 0xFFFF):
+    if len(levels) == 5 and levels[0] == RELEASE_CHUNKS:
+        size, block, file_index, index = (_chunk_level(level) for level in levels[1:])
+        if (size is not None and size >= 1 and block is not None and file_index is not None
+                and index is not None and file_index <= 0xFFFF
+                and block == chunk_block(size, index)):
             return ReleaseTopic(validate_release_id(release_id), RELEASE_CHUNKS, size,
                                 file_index, index)
     raise TopicError(f"{topic[:120]!r} has no known release topic kind after the release id "
-                     "(manifest, or chunks/{chunk_size}/{file_index}/{index})")
+                     "(manifest, or chunks/{chunk_size}/{block}/{file_index}/{index} with "
+                     "block = index // chunks per block)")

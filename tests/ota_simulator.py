@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from paho.mqtt.client import topic_matches_sub
+
 from fleetlite.sdk import topics
 from fleetlite.sdk.chunks import chunk_count, encode_frame
 from fleetlite.sdk.messages import OtaStatus
@@ -48,21 +50,32 @@ class FleetSimulator:
 
     def subscribe(self, topic: str, handler: Callable[[bytes], None]) -> None:
         self.handlers[topic] = handler
-        # the agent subscribes to the manifest topic, and to the chunks filter: the retained
-        # chunks arrive at once, as from a broker
+        # as a broker does: the manifest topic brings the retained envelope, a chunk filter
+        # (a block's, or an exact chunk topic) every retained chunk it matches, at once
         release_id = topic.split("/")[3]
         served = self.served.get(release_id)
         if served is None:
             return
         if topic == topics.release_topic(release_id, topics.RELEASE_MANIFEST):
             handler(served.envelope)
-        else:
-            for file_index, content in enumerate(served.files):
-                for index in range(chunk_count(len(content), served.chunk_size)):
-                    if (file_index, index) not in served.drop:
-                        self._send(handler, served, file_index, index)
+            return
+        for file_index, content in enumerate(served.files):
+            for index in range(chunk_count(len(content), served.chunk_size)):
+                if (file_index, index) not in served.drop and topic_matches_sub(
+                        topic, topics.chunk_topic(release_id, served.chunk_size, file_index,
+                                                  index)):
+                    self._send(handler, served, file_index, index)
+        if topic == topics.block_filter(release_id, served.chunk_size, 0):
             for frame in served.extra_frames:
                 handler(frame)
+
+    def subscribe_many(self, names: Sequence[str], handler: Callable[[bytes], None]) -> None:
+        for name in names:
+            self.subscribe(name, handler)
+
+    def unsubscribe_many(self, names: Sequence[str]) -> None:
+        for name in names:
+            self.unsubscribe(name)
 
     def _send(self, handler: Callable[[bytes], None], served: Served, file_index: int,
               index: int) -> None:
@@ -80,14 +93,17 @@ class FleetSimulator:
         request = ChunkRequest.from_json(payload)
         self.requests.append(request)
         served = self.served.get(request.release_id)
-        handler = self.handlers.get(topics.chunks_filter(request.release_id,
-                                                      request.chunk_size))
-        if served is None or handler is None or not served.answer_requests or request.done:
+        if served is None or not served.answer_requests or request.done:
             return
         for file_index, first, end in request.missing:
             for index in range(first, end):
                 served.drop.discard((file_index, index))
-                self._send(handler, served, file_index, index)
+                chunk = topics.chunk_topic(request.release_id, request.chunk_size, file_index,
+                                           index)
+                # re-published: every matching subscription gets it, as from a broker
+                for name, handler in list(self.handlers.items()):
+                    if topic_matches_sub(name, chunk):
+                        self._send(handler, served, file_index, index)
 
     def report(self, kind: str, payload: bytes, *, priority: str = "telemetry") -> int:
         assert kind == topics.OTA_STATUS

@@ -364,21 +364,52 @@ def test_release_topics() -> None:
 
 
 def test_every_chunk_has_one_retained_topic() -> None:
-    assert topics.chunk_topic(RID, 4096, 1, 70) == f"fleetlite/v1/rel/{RID}/chunks/4096/1/70"
-    assert topics.chunks_filter(RID, 4096) == f"fleetlite/v1/rel/{RID}/chunks/4096/+/+"
+    # 128 chunks of 4096 bytes to a 512 KiB block: chunk 70 is in block 0, chunk 200 in block 1
+    assert topics.chunks_per_block(4096) == 128 and topics.chunks_per_block(16384) == 32
+    assert topics.chunks_per_block(262144) == 2 and topics.chunks_per_block(1024 * 1024) == 1
+    assert topics.chunk_topic(RID, 4096, 1, 70) == f"fleetlite/v1/rel/{RID}/chunks/4096/0/1/70"
+    assert topics.chunk_topic(RID, 4096, 1, 200) == f"fleetlite/v1/rel/{RID}/chunks/4096/1/1/200"
+    assert topics.block_filter(RID, 4096, 1) == f"fleetlite/v1/rel/{RID}/chunks/4096/1/+/+"
+    assert topics.chunks_filter(RID, 4096) == f"fleetlite/v1/rel/{RID}/chunks/4096/+/+/+"
     assert topics.parse_release_topic(topics.chunk_topic(RID, 1024, 0, 123456789)) == \
         topics.ReleaseTopic(RID, "chunks", 1024, 0, 123456789)
     assert topics.parse_release_topic(topics.chunk_topic(RID, 16384, 65535, 0)).file_index == \
         65535
-    for bad in ["chunks", "chunks/1", "chunks/1/2", "chunks/4096/1/2/3", "chunks/4096/01/2",
-                "chunks/4096/1/02", "chunks/04096/1/2", "chunks/0/1/2", "chunks/4096/-1/2",
-                "chunks/4096/1/+", "chunks/4096/65536/0", "chunks/4096/1/" + "9" * 21,
-                "chunks/4096/\u0661/2", "chunks/4096//2"]:
+    for bad in ["chunks", "chunks/1", "chunks/1/2", "chunks/4096/1/2", "chunks/4096/0/1/2/3",
+                "chunks/4096/0/01/2", "chunks/4096/0/1/02", "chunks/04096/0/1/2",
+                "chunks/0/0/1/2", "chunks/4096/0/-1/2", "chunks/4096/0/1/+",
+                "chunks/4096/0/65536/0", "chunks/4096/0/1/" + "9" * 21,
+                "chunks/4096/0/\u0661/2", "chunks/4096/0//2", "chunks/4096/00/1/2",
+                "chunks/4096/1/1/70",  # chunk 70 is in block 0: one topic per chunk
+                "chunks/4096/0/1/200", "chunks/4096/+/1/2"]:
         with pytest.raises(topics.TopicError):
             topics.parse_release_topic(f"fleetlite/v1/rel/{RID}/{bad}")
     for size, file_index, index in [(4096, -1, 0), (4096, 65536, 0), (4096, 0, -1), (0, 0, 0)]:
         with pytest.raises(topics.TopicError):
             topics.chunk_topic(RID, size, file_index, index)
+    with pytest.raises(topics.TopicError):
+        topics.block_filter(RID, 4096, -1)
+
+
+def test_a_download_wants_the_first_block_it_misses_and_the_next() -> None:
+    bitmap = ChunkBitmap([100, 5])  # blocks of 32 chunks: file 0 has 4, file 1 one
+    assert bitmap.wanted_blocks(32) == range(0, 2)
+    for index in range(40):
+        bitmap.set(0, index)
+    assert bitmap.wanted_blocks(32) == range(0, 2)  # file 1's block 0 is still missing
+    for index in range(5):
+        bitmap.set(1, index)
+    assert bitmap.first_missing() == 40 and bitmap.wanted_blocks(32) == range(1, 3)
+    assert bitmap.wanted_blocks(32, lookahead=1) == range(1, 2)
+    for index in range(40, 96):
+        bitmap.set(0, index)
+    assert bitmap.wanted_blocks(32) == range(3, 4)  # the last block: no block after it
+    # what an ask may name: only chunks of the subscribed blocks
+    assert bitmap.missing_ranges(below=97) == [(0, 96, 97)]
+    assert bitmap.missing_ranges(below=96) == []
+    for index in range(96, 100):
+        bitmap.set(0, index)
+    assert bitmap.first_missing() is None and bitmap.wanted_blocks(32) == range(0)
 
 
 # --- docs/protocol.md -------------------------------------------------------------------------
@@ -410,4 +441,5 @@ def test_doc_lists_the_codes() -> None:
     for code in (*chunks.FRAME_CODES, chunks.BAD_CHUNK_SIZE, chunks.BAD_RANGE,
                  "disk_full", "download_stalled", "download_timeout"):
         assert f"`{code}`" in text
-    assert "`fleetlite/v1/rel/{release_id}/chunks/{chunk_size}/{file_index}/{index}`" in text
+    assert ("`fleetlite/v1/rel/{release_id}/chunks/{chunk_size}/{block}/{file_index}/{index}`"
+            in text)

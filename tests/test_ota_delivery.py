@@ -247,7 +247,7 @@ def devices(*items: Device) -> Iterator[tuple[Device, ...]]:
             device.stop()
 
 
-CHUNKS = f"{topics.RELEASE_PREFIX}/+/{topics.RELEASE_CHUNKS}/+/+/+"
+CHUNKS = f"{topics.RELEASE_PREFIX}/+/{topics.RELEASE_CHUNKS}/+/+/+/+"
 
 
 def chunk_counter(broker: Mosquitto, release_id: str) -> Collector:

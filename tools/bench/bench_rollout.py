@@ -21,7 +21,7 @@ starts, on this machine:
   rollout of docs/scaling.md).
 
 What the fleet side published is counted by **a counting client subscribed to the release
-topics** (``fleetlite/v1/rel/+/chunks/+/+/+`` and ``.../manifest``, see ``sdk/topics.py`` and
+topics** (``fleetlite/v1/rel/+/chunks/#`` and ``.../manifest``, see ``sdk/topics.py`` and
 ``fleet/ota_publisher.py``): the sum of the payload bytes the release publisher put on them,
 attributed to the wave running when they arrived (from the wave's first install command to
 the next wave's; the first wave's from the rollout's creation, so the release's first
@@ -185,7 +185,7 @@ class Counting:
 
         def on_connect(client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
                        properties: Any) -> None:
-            client.subscribe([(f"{topics.RELEASE_PREFIX}/+/{topics.RELEASE_CHUNKS}/+/+/+", 0),
+            client.subscribe([(f"{topics.RELEASE_PREFIX}/+/{topics.RELEASE_CHUNKS}/#", 0),
                               (f"{topics.RELEASE_PREFIX}/+/{topics.RELEASE_MANIFEST}", 0)])
 
         def on_subscribe(*args: Any) -> None:

@@ -360,8 +360,22 @@ class SimDevice:
         """One install, top to bottom: accepted, manifest, download, phases, final status."""
         self._wake.clear()
         manifest_topic = topics.release_topic(install.release_id, topics.RELEASE_MANIFEST)
-        chunks_topic = topics.chunks_filter(install.release_id, install.chunk_size)
         round_topics: list[str] = []  # the exact chunk topics of the last re-subscription
+        blocks: dict[int, str] = {}  # the chunk blocks subscribed to, by block
+
+        async def follow_blocks() -> None:
+            # the first block still missing a chunk and the next, no other: the broker
+            # queues at most two blocks of the release for this device
+            wanted = install.wanted_blocks()
+            gone = [blocks.pop(b) for b in list(blocks) if b not in wanted]
+            if gone:
+                await client.unsubscribe(gone)
+            new = {b: topics.block_filter(install.release_id, install.chunk_size, b)
+                   for b in wanted if b not in blocks}
+            if new:
+                blocks.update(new)
+                await client.subscribe([(topic, 1) for topic in new.values()])
+
         try:
             await self._status(client, install.status("accepted"))
             await client.subscribe(manifest_topic, qos=1)
@@ -374,11 +388,12 @@ class SimDevice:
             if install.ended is None:
                 # chunks only once the manifest says what to check them against: the broker
                 # delivers every retained chunk as soon as the subscription is made
-                await client.subscribe(chunks_topic, qos=1)
+                await follow_blocks()
                 await self._status(client, install.status("downloading",
                                                           progress=install.progress()))
             while install.ended is None and not install.complete:
                 await self._wait(install.next_poll_in(time.monotonic()))
+                await follow_blocks()
                 now = time.monotonic()
                 for ask in install.poll(now):
                     # a round's exact topics are dropped when the next ask comes: a round
@@ -399,7 +414,7 @@ class SimDevice:
                     await self._status(client, install.status("downloading",
                                                               progress=install.progress()))
             with contextlib.suppress(aiomqtt.MqttError):
-                await client.unsubscribe([chunks_topic, manifest_topic, *round_topics])
+                await client.unsubscribe([*blocks.values(), manifest_topic, *round_topics])
             for phase in install.remaining_phases():
                 await self._status(client, install.status(phase))
                 await asyncio.sleep(self.config.step_s * self.rng.uniform(0.5, 1.5))

@@ -12,7 +12,9 @@ only out-of-order chunks are held, so a device holds little more than a chunk or
 Not simulated: the smoke test, the A/B switch and the health window run no model; they are
 phases with a delay (the adapter's), and a device planned to fail or reject ends there with the
 planned reason. Request timing follows docs/protocol.md ("OTA delivery") and the agent's
-``DownloadTracker``: the broker delivers the retained chunks on subscription; after ``idle_s``
+``DownloadTracker``: the device subscribes to the first chunk block it misses and the next
+(:meth:`Install.wanted_blocks`), the broker delivers their retained chunks on subscription, and
+every ask names only chunks of those blocks; after ``idle_s``
 without a new chunk (counted from the subscription) the device first subscribes to the exact
 topics of the next missing chunks (a :class:`Resubscribe` round: the broker re-sends their
 retained copies to this device alone), the next round at once when a round's chunks all came;
@@ -28,12 +30,19 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-from fleetlite.sdk.chunks import ChunkBitmap, ChunkError, ChunkLayout, decode_frame
+from fleetlite.sdk.chunks import (
+    ChunkBitmap,
+    ChunkError,
+    ChunkLayout,
+    decode_frame,
+    expand_ranges,
+)
 from fleetlite.sdk.envelope import Envelope
 from fleetlite.sdk.errors import EqualVersion, FileMismatchError, UpdateRejected
 from fleetlite.sdk.manifest import Manifest, release_id
 from fleetlite.sdk.messages import OtaStatus
 from fleetlite.sdk.ota_messages import ChunkRequest
+from fleetlite.sdk.topics import chunks_per_block
 from fleetlite.sdk.trust import Root
 from fleetlite.sdk.verify import FileVerifier, verify_release
 
@@ -303,15 +312,21 @@ class Install:
         self._last_status, self._reported = now, received
         return True
 
+    def wanted_blocks(self) -> range:
+        """The chunk blocks to be subscribed to now: the first one still missing a chunk and
+        the next (docs/protocol.md, "Flow"); empty before the manifest and once complete."""
+        if self.bitmap is None or self.ended is not None:
+            return range(0)
+        return self.bitmap.wanted_blocks(chunks_per_block(self.chunk_size))
+
+    def _below(self) -> int:
+        """Asks name only chunks of the subscribed blocks: their indexes are below this."""
+        return self.wanted_blocks().stop * chunks_per_block(self.chunk_size)
+
     def _resubscribe(self, now: float) -> Resubscribe:
-        assert self.layout is not None and self.bitmap is not None
-        chunks: list[tuple[int, int]] = []
-        for file_index, count in enumerate(self.layout.counts):
-            for index in range(count):
-                if len(chunks) >= self.resubscribe_chunks:
-                    break
-                if not self.bitmap.have(file_index, index):
-                    chunks.append((file_index, index))
+        assert self.bitmap is not None
+        limit = self.resubscribe_chunks
+        chunks = list(expand_ranges(self.bitmap.missing_ranges(limit, limit, self._below())))
         self._asked = set(chunks)
         self._last_resubscribe = now
         self._last_ask = "resubscribe"
@@ -320,7 +335,7 @@ class Install:
 
     def _request(self, now: float) -> ChunkRequest:
         assert self.bitmap is not None
-        ranges = self.bitmap.missing_ranges()
+        ranges = self.bitmap.missing_ranges(below=self._below())
         self._asked = {(f, i) for f, first, end in ranges for i in range(first, end)}
         self._last_request = now
         self._last_ask = "request"

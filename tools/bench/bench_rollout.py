@@ -528,6 +528,7 @@ def _measure(args: argparse.Namespace, work: Path, broker: Broker, store: Store,
     state = rollout_state(store, "r-bench")
     total_cpu = sampler.cpu() - cpu0
     hwm = max(0 if died else status_kb(controller.pid, "VmHWM"), hwm_killed)
+    broker_hwm = status_kb(broker.process.pid, "VmHWM")  # what the broker held at its peak
     # the simulator's own counts: stop it (every device then sends its shutdown status)
     stop_child(sim, 120)
     summary = sim_summary(sim_log)
@@ -581,7 +582,7 @@ def _measure(args: argparse.Namespace, work: Path, broker: Broker, store: Store,
           f"{db_bytes:,} bytes (SQLite file with its -wal/-shm); controller RSS idle "
           f"{rss_idle / 1024:.1f} MiB, registered {rss_reg / 1024:.1f} MiB, peak "
           f"{hwm / 1024:.1f} MiB; controller CPU in the rollout {total_cpu:.1f} s "
-          f"in {t_end - t_create:.1f} s")
+          f"in {t_end - t_create:.1f} s; Mosquitto peak RSS {broker_hwm / 1024:.1f} MiB (VmHWM)")
     print(f"# simulator's last line: {json.dumps(sim_stats)[:1500]}", flush=True)
     counter.stop()
     tail = ctl_log.read_text(errors="replace").splitlines()[-5:]

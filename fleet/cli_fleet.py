@@ -283,6 +283,11 @@ controller stopped by itself (its SQLite file was deleted or replaced); 2 a usag
     create.add_argument("--timeout", type=_positive, default=600.0, metavar="SECONDS",
                         help="per device: time from the install to its final status and "
                         "profile (default 600)")
+    create.add_argument("--max-in-flight", type=_devices, default=0, metavar="N",
+                        help="at most N devices installing at once; the rest of a wave wait "
+                        "their turn and a failing release stops early (default 0: no limit; "
+                        "for large waves of large models: the broker holds about 1 MiB per "
+                        "downloading device)")
     create.add_argument("--previous-version", type=int, default=None, metavar="N",
                         help="the baseline version for the regression gates")
     create.add_argument("--paused", action="store_true",
@@ -467,6 +472,12 @@ def _positive(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{text!r}: give a number > 0")
     return value
+
+
+def _devices(text: str) -> int:
+    if not text.isascii() or not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of devices (0: no limit)")
+    return int(text)
 
 
 def _fraction(text: str) -> float:
@@ -889,7 +900,7 @@ def _rollout_create(fleet: Fleet, args: argparse.Namespace) -> int:
         success_threshold=args.success_threshold, failure_threshold=args.failure_threshold,
         on_failure=args.on_failure, wave_timeout_s=args.timeout, rollout_id=args.rollout_id,
         previous_version=args.previous_version, paused=args.paused,
-        allow_empty=args.allow_empty)
+        allow_empty=args.allow_empty, max_in_flight=args.max_in_flight)
     paused = " (paused: start it with `fleetlite rollout resume " + rollout.rollout_id + "`)"
     _emit(args, rollout.to_dict(), lambda: (
         f"created rollout {rollout.rollout_id}: {rollout.model} v{rollout.version} "
@@ -922,7 +933,8 @@ def _status_text(rollout: Rollout, decisions: int) -> str:
         f"selector  {spec.selector}",
         f"waves     {','.join(str(w) for w in spec.waves)}; success >= "
         f"{spec.success_threshold:.0%}, failures > {spec.failure_threshold:.0%} -> "
-        f"{spec.on_failure}; timeout {spec.wave_timeout_s:g} s per device",
+        f"{spec.on_failure}; timeout {spec.wave_timeout_s:g} s per device"
+        + (f"; at most {spec.max_in_flight} installing at once" if spec.max_in_flight else ""),
         f"gates     {'; '.join(_gates(rollout)) or 'none'}",
     ]
     if rollout.pending_requests:

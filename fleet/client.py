@@ -655,6 +655,7 @@ class Fleet:
         previous_version: Optional[int] = None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         replace_offline: bool = True,
+        max_in_flight: int = 0,
         paused: bool = False,
         allow_empty: bool = False,
     ) -> Rollout:
@@ -701,7 +702,8 @@ class Fleet:
             previous_version=previous_version, selector=chosen, waves=parse_waves(waves),
             success_threshold=success_threshold, failure_threshold=failure_threshold,
             on_failure=on_failure, wave_timeout_s=wave_timeout_s, gates=gates or GateSpec(),
-            chunk_size=chunk_size, replace_offline=replace_offline)
+            chunk_size=chunk_size, replace_offline=replace_offline,
+            max_in_flight=max_in_flight)
         state = RolloutState()
         if paused:
             state = request(state, "pause", "created paused")

@@ -247,6 +247,11 @@ class RolloutSpec:
     how long a device has, after the install is sent, for its final status (and its profile).
     ``replace_offline``: a device offline at the start of its wave is replaced in that wave by the
     next online device of a later wave, so that a canary wave is not passed by absent devices.
+    ``max_in_flight``: at most this many devices have the install and no final status at once
+    (0: no limit); the rest of a wave wait their turn, and the failure threshold is judged on
+    the devices sent so far, so a bad release stops before the whole wave has it. It bounds
+    what a large wave costs the broker (about two 512 KiB blocks per downloading device) and
+    the fleet side (progress statuses).
     """
 
     rollout_id: str
@@ -263,6 +268,7 @@ class RolloutSpec:
     gates: GateSpec = field(default_factory=GateSpec)
     chunk_size: int = DEFAULT_CHUNK_SIZE
     replace_offline: bool = True
+    max_in_flight: int = 0
 
     def __post_init__(self) -> None:
         for name in ("rollout_id", "release_id", "model"):
@@ -294,6 +300,10 @@ class RolloutSpec:
         if (isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int)
                 or not MIN_CHUNK_SIZE <= self.chunk_size <= MAX_CHUNK_SIZE):
             raise RolloutError(f"chunk_size must be {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE} bytes")
+        if (isinstance(self.max_in_flight, bool) or not isinstance(self.max_in_flight, int)
+                or self.max_in_flight < 0):
+            raise RolloutError(f"max_in_flight must be an integer >= 0 (0: no limit), got "
+                               f"{self.max_in_flight!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -313,6 +323,7 @@ class RolloutSpec:
             "gates": self.gates.to_dict(),
             "chunk_size": self.chunk_size,
             "replace_offline": self.replace_offline,
+            "max_in_flight": self.max_in_flight,
         }
 
     @classmethod
@@ -341,6 +352,7 @@ class RolloutSpec:
             gates=GateSpec.from_dict(data.get("gates", {})),
             chunk_size=data.get("chunk_size", DEFAULT_CHUNK_SIZE),
             replace_offline=data.get("replace_offline", True),
+            max_in_flight=data.get("max_in_flight", 0),
         )
 
 
@@ -848,14 +860,34 @@ def _rollback_rule(spec: RolloutSpec, st: RolloutState, inputs: _Inputs) -> list
     return found
 
 
+def _free_slots(spec: RolloutSpec, st: RolloutState) -> float:
+    """How many more installs may be sent now under ``max_in_flight`` (inf: no limit)."""
+    if not spec.max_in_flight:
+        return math.inf
+    if st.override_wave != st.current_wave:
+        # a wave above its failure threshold sends no more: the wave's verdict comes first
+        counted = [d for d in st.devices.values()
+                   if d.wave == st.current_wave and d.device_class not in st.paused_classes
+                   and (d.status in SUCCEEDED_STATUSES | FAILED_STATUSES or d.status == SENT)]
+        failed = sum(d.status in FAILED_STATUSES for d in counted)
+        if counted and failed / len(counted) > spec.failure_threshold:
+            return 0
+    in_flight = sum(d.status == SENT for d in st.devices.values())
+    return max(0, spec.max_in_flight - in_flight)
+
+
 def _returning_rule(spec: RolloutSpec, st: RolloutState, inputs: _Inputs) -> list[Decision]:
     if st.state != RUNNING or st.current_wave == 0:
         return []
     found = []
+    slots = _free_slots(spec, st)
     for dev in _sorted(st.devices.values()):
         view = inputs.views.get(dev.device_id)
         if dev.status != WAITING_OFFLINE or view is None or not view.online:
             continue
+        if slots <= 0:
+            break
+        slots -= 1
         was = (f" (it was offline when wave {dev.wave} started)"
                if dev.wave != st.current_wave else "")
         found.append(_send(spec, dev, st.current_wave,
@@ -877,15 +909,20 @@ def _start_rule(spec: RolloutSpec, st: RolloutState, inputs: _Inputs) -> list[De
                      and _online(inputs, d.device_id)
                      and d.device_class not in st.paused_classes),
                     key=lambda d: (d.wave, key(d)))
+    slots = _free_slots(spec, st)
     found = []
     for dev in pending:
         if _online(inputs, dev.device_id):
-            found.append(_send(spec, dev, wave, f"install sent to {dev.device_id} (wave {wave})"))
+            if slots > 0:  # else it waits for its turn (max_in_flight)
+                slots -= 1
+                found.append(_send(spec, dev, wave,
+                                   f"install sent to {dev.device_id} (wave {wave})"))
             continue
         found.append(_mark(dev, WAITING_OFFLINE, "offline",
                            f"{dev.device_id} is offline at the start of wave {wave}: not sent "
                            "and not counted; it is sent the install when it is back online"))
-        if spec.replace_offline and spares:
+        if spec.replace_offline and spares and slots > 0:
+            slots -= 1
             spare = spares.pop(0)
             found.append(_send(spec, spare, wave,
                                f"install sent to {spare.device_id}, moved up from wave "
@@ -902,8 +939,6 @@ def _advance_rule(spec: RolloutSpec, st: RolloutState, inputs: _Inputs) -> list[
     if wave > 0:
         members = [d for d in st.devices.values()
                    if d.wave == wave and d.device_class not in st.paused_classes]
-        if any(d.status == PENDING for d in members):
-            return []
         counted = [d for d in members if d.status in SUCCEEDED_STATUSES | FAILED_STATUSES
                    or d.status == SENT]
         total = len(counted)
@@ -919,8 +954,8 @@ def _advance_rule(spec: RolloutSpec, st: RolloutState, inputs: _Inputs) -> list[
             return _on_failure(spec, wave, f"wave {wave}: {len(bad)} of {total} device(s) failed "
                                f"({len(bad) / total:.0%}; {listed}), above the failure threshold "
                                f"of {spec.failure_threshold:.0%}", detail)
-        if any(d.status == SENT for d in counted):
-            return []
+        if any(d.status in (SENT, PENDING) for d in members):
+            return []  # still answering, or waiting for a turn (max_in_flight)
         for cls in sorted({d.device_class for d in members if d.status == INSTALLED}):
             installed = sum(d.device_class == cls and d.status == INSTALLED for d in members)
             known = st.gates.get(_gate_key(wave, cls))

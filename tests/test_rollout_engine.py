@@ -267,6 +267,8 @@ def test_selector(selector: Selector, expected: set[str]) -> None:
     ({"on_failure": "explode"}, "on_failure"),
     ({"wave_timeout_s": 0}, "wave_timeout_s"),
     ({"chunk_size": 10}, "chunk_size"),
+    ({"max_in_flight": -1}, "max_in_flight"),
+    ({"max_in_flight": True}, "max_in_flight"),
     ({"version": -1}, "version"),
     ({"rollout_id": ""}, "rollout_id"),
 ])
@@ -291,7 +293,7 @@ def test_invalid_gate_specs(changes: dict[str, object]) -> None:
 
 def test_spec_and_state_round_trip_through_json() -> None:
     spec = make_spec(selector=Selector(("a",), {"site": "x"}, ("gw-1",)),
-                     gates=GateSpec(max_peak_rss_mb=128.0))
+                     gates=GateSpec(max_peak_rss_mb=128.0), max_in_flight=7)
     assert RolloutSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
     sim = FleetSim(make_spec(), fleet(5))
     for _ in range(3):
@@ -322,6 +324,67 @@ def test_percent_waves_run_to_completion() -> None:
     # every wave's installs were sent only after the previous wave's devices all answered
     sends = [d for d in sim.log if d.kind == SEND_INSTALL]
     assert [d.wave for d in sends] == sorted(d.wave or 0 for d in sends)
+
+
+def test_max_in_flight_sends_a_wave_in_turns() -> None:
+    devs = fleet(40)
+    for i, dev in enumerate(devs):
+        dev.delay = 5.0 + (i % 7) * 5.0  # answers come back at different times
+    sim = FleetSim(make_spec(waves=parse_waves("10%,100%"), max_in_flight=5), devs)
+    peak = 0
+
+    def watch(state: RolloutState, decision: Decision) -> None:
+        nonlocal peak
+        after = apply(state, [decision], sim.now)
+        peak = max(peak, sum(d.status == "sent" for d in after.devices.values()))
+
+    sim.on_decision = watch
+    state = sim.run()
+    assert state.state == "completed" and state.counts() == {"installed": 40}
+    assert peak == 5, peak  # the cap was reached and never passed
+    assert set(sim.installs.values()) == {1}
+    # wave 2's 36 devices went out in turns, not in one step
+    steps = Counter(d.wave for d in sim.log if d.kind == SEND_INSTALL)
+    assert steps == {1: 4, 2: 36}
+    sends_per_step: Counter[int] = Counter()
+    for i, d in enumerate(sim.log):
+        if d.kind == SEND_INSTALL and d.wave == 2:
+            sends_per_step[i] += 1
+    assert max(sends_per_step.values()) <= 5
+    assert [d.wave for d in sim.kinds(START_WAVE)] == [1, 2]
+
+
+def test_max_in_flight_stops_a_failing_release_before_the_whole_wave_has_it() -> None:
+    devs = fleet(40, outcome="failed", code="smoke_crashed")
+    sim = FleetSim(make_spec(waves=parse_waves("100%"), max_in_flight=4), devs)
+    state = sim.run()
+    assert state.state == "paused" and "above the failure threshold" in state.reason
+    # only the first turn got the release: a wave without the cap sends it to all 40
+    assert sum(sim.installs.values()) == 4
+    assert state.counts() == {"failed": 4, "pending": 36}
+    uncapped = FleetSim(make_spec(waves=parse_waves("100%")), fleet(40, outcome="failed",
+                                                                     code="smoke_crashed"))
+    uncapped.run()
+    assert sum(uncapped.installs.values()) == 40
+
+
+def test_max_in_flight_counts_devices_back_from_offline() -> None:
+    devs = fleet(12, delay=20.0)
+    for dev in devs[:6]:
+        dev.online_from = T0 + 10.0  # offline at the start, back while the others install
+    sim = FleetSim(make_spec(waves=parse_waves("100%"), max_in_flight=3,
+                             replace_offline=False), devs)
+    peak = 0
+
+    def watch(state: RolloutState, decision: Decision) -> None:
+        nonlocal peak
+        after = apply(state, [decision], sim.now)
+        peak = max(peak, sum(d.status == "sent" for d in after.devices.values()))
+
+    sim.on_decision = watch
+    state = sim.run()
+    assert state.state == "completed" and state.counts() == {"installed": 12}
+    assert peak == 3
 
 
 def test_count_waves_and_no_change_devices() -> None:

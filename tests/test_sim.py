@@ -365,6 +365,47 @@ def test_simulated_fleet_registers_and_takes_a_rollout_with_its_failure_rate(
                "every device offline after the simulator stopped")
 
 
+def test_max_in_flight_keeps_that_many_devices_installing_at_once(
+        tmp_path: Path, broker: Mosquitto, store: Store, models_dir: Path) -> None:
+    """A rollout with ``max_in_flight`` through the real controller and simulated devices:
+    from the store, each device's install runs from the controller's send to the receipt of
+    its final status, and no more of those overlap than the cap; the rollout completes."""
+    cap = 8
+    root = write_root(tmp_path / "root.json")
+    log = tmp_path / "sim.log"
+    sim = start_sim(broker, root, log)
+    try:
+        wait_until(lambda: sum(1 for d in store.list_devices() if d.device_class and d.online)
+                   == DEVICES, 60, "every simulated device registered and online")
+        bundle = store_intent_v2(store, models_dir, sorted(CLASSES))
+        spec = RolloutSpec(rollout_id="r-cap", release_id=bundle.release_id, model="intent",
+                           version=2, previous_version=1, waves=parse_waves("100%"),
+                           success_threshold=0.5, failure_threshold=0.5, wave_timeout_s=120,
+                           chunk_size=4096, max_in_flight=cap)
+        store.create_rollout("r-cap", bundle.release_id, spec.to_dict())
+        wait_until(lambda: settled(store, "r-cap"), 180, "the rollout to finish")
+    finally:
+        stop_sim(sim, log)
+    state = rollout_state(store, "r-cap")
+    assert state.state == "completed", state.reason
+    assert Counter(d.status for d in state.devices.values()) == {
+        "installed": DEVICES - FAILING, "failed": FAILING}
+    finals = {}
+    for record in store.ota_records(release_id=bundle.release_id):
+        if record.status.final:
+            device = record.status.device_id
+            finals[device] = min(finals.get(device, record.received_at), record.received_at)
+    events = []
+    for dev in state.devices.values():
+        assert dev.sent_at is not None and dev.device_id in finals, dev
+        events += [(dev.sent_at, 1), (finals[dev.device_id], -1)]
+    running = peak = 0
+    for _, change in sorted(events):  # a receipt at the send's instant frees the slot first
+        running += change
+        peak = max(peak, running)
+    assert peak == cap, f"{peak} devices installing at once with max_in_flight {cap}"
+
+
 def test_churn_fires_the_will_and_the_device_comes_back_as_its_next_connection(
         tmp_path: Path, broker: Mosquitto) -> None:
     """A churn drop is a TCP close without DISCONNECT: the broker publishes the device's Will

@@ -417,7 +417,8 @@ def run(args: argparse.Namespace) -> int:
     model = model_bytes(args.model_kib)
     waves = parse_waves(args.waves)
     print(f"# devices {args.devices}, model {len(model):,} bytes, waves {args.waves}, "
-          f"chunk {args.chunk_size}, store {args.store}, fd limit {fd_limit}, "
+          f"chunk {args.chunk_size}, max in flight {args.max_in_flight or 'no limit'}, "
+          f"store {args.store}, fd limit {fd_limit}, "
           f"load {os.getloadavg()[0]:.2f}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-rollout-") as tmp:
         work = Path(tmp)
@@ -486,7 +487,7 @@ def _measure(args: argparse.Namespace, work: Path, broker: Broker, store: Store,
     spec = RolloutSpec(rollout_id="r-bench", release_id=bundle.release_id, model="intent",
                        version=2, previous_version=1, waves=waves, success_threshold=0.9,
                        failure_threshold=0.1, wave_timeout_s=args.timeout,
-                       chunk_size=args.chunk_size)
+                       chunk_size=args.chunk_size, max_in_flight=args.max_in_flight)
     cpu0 = sampler.cpu()
     t_create = time.time()
     store.create_rollout("r-bench", bundle.release_id, spec.to_dict())
@@ -656,6 +657,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--connect-rate", type=float, default=500)
     parser.add_argument("--report-s", type=float, default=10.0, help="simulated telemetry period")
     parser.add_argument("--chunk-size", type=int, default=4096)
+    parser.add_argument("--max-in-flight", type=int, default=0, metavar="N",
+                        help="the rollout's max_in_flight: at most N devices installing at once "
+                        "(default 0: no limit)")
     parser.add_argument("--step-s", type=float, default=0.05,
                         help="the simulator's delay per install phase (a slower install)")
     parser.add_argument("--timeout", type=float, default=600.0,

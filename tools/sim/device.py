@@ -190,8 +190,8 @@ class SimDevice:
         record = reports.profile(self.state, time.time(),
                                  self.config.latency_ms(self.state.device_class), self.rng,
                                  trigger)
-        self._profiled_version = self.state.version
         await self._publish_counted(client, topics.PROFILE, record.to_json(), "profiles")
+        self._profiled_version = self.state.version
 
     async def _status(self, client: aiomqtt.Client, status: OtaStatus) -> None:
         await self._publish_counted(client, topics.OTA_STATUS, status.to_json(), "ota_statuses")

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -368,8 +369,10 @@ def test_simulated_fleet_registers_and_takes_a_rollout_with_its_failure_rate(
 def test_max_in_flight_keeps_that_many_devices_installing_at_once(
         tmp_path: Path, broker: Mosquitto, store: Store, models_dir: Path) -> None:
     """A rollout with ``max_in_flight`` through the real controller and simulated devices:
-    from the store, each device's install runs from the controller's send to the receipt of
-    its final status, and no more of those overlap than the cap; the rollout completes."""
+    each device's install runs, by its own statuses, from its ``accepted`` to its final
+    status, and no more of those overlap than the cap; the rollout completes. (The device's
+    times, not the controller's: a step decides at the time it started, so a send can be
+    stamped before the receipt of the final status that freed its slot.)"""
     cap = 8
     root = write_root(tmp_path / "root.json")
     log = tmp_path / "sim.log"
@@ -390,20 +393,25 @@ def test_max_in_flight_keeps_that_many_devices_installing_at_once(
     assert state.state == "completed", state.reason
     assert Counter(d.status for d in state.devices.values()) == {
         "installed": DEVICES - FAILING, "failed": FAILING}
-    finals = {}
+    spans: dict[str, list[float]] = {}
     for record in store.ota_records(release_id=bundle.release_id):
-        if record.status.final:
-            device = record.status.device_id
-            finals[device] = min(finals.get(device, record.received_at), record.received_at)
-    events = []
-    for dev in state.devices.values():
-        assert dev.sent_at is not None and dev.device_id in finals, dev
-        events += [(dev.sent_at, 1), (finals[dev.device_id], -1)]
+        status = record.status
+        span = spans.setdefault(status.device_id, [math.inf, -math.inf])
+        if status.phase == "accepted":
+            span[0] = min(span[0], status.ts)
+        if status.final:
+            span[1] = max(span[1], status.ts)
+    assert len(spans) == DEVICES and all(math.isfinite(a) and math.isfinite(b)
+                                         for a, b in spans.values()), spans
+    events = [(at, change) for start, end in spans.values()
+              for at, change in ((start, 1), (end, -1))]
     running = peak = 0
     for _, change in sorted(events):  # a receipt at the send's instant frees the slot first
         running += change
         peak = max(peak, running)
-    assert peak == cap, f"{peak} devices installing at once with max_in_flight {cap}"
+    # never more than the cap; and the cap was used (under load, one of the first turn may
+    # finish before the last of it has said "accepted")
+    assert cap // 2 <= peak <= cap, f"{peak} devices installing at once with max_in_flight {cap}"
 
 
 def test_churn_fires_the_will_and_the_device_comes_back_as_its_next_connection(

@@ -860,17 +860,25 @@ def _rollback_rule(spec: RolloutSpec, st: RolloutState, inputs: _Inputs) -> list
     return found
 
 
+def _wave_tally(st: RolloutState, wave: int) -> tuple[list[DeviceProgress],
+                                                      list[DeviceProgress], list[DeviceProgress]]:
+    """A wave's members (classes not paused), those counted for its thresholds (answered or
+    still answering) and the failed among them."""
+    members = [d for d in st.devices.values()
+               if d.wave == wave and d.device_class not in st.paused_classes]
+    counted = [d for d in members if d.status in SUCCEEDED_STATUSES | FAILED_STATUSES
+               or d.status == SENT]
+    return members, counted, [d for d in counted if d.status in FAILED_STATUSES]
+
+
 def _free_slots(spec: RolloutSpec, st: RolloutState) -> float:
     """How many more installs may be sent now under ``max_in_flight`` (inf: no limit)."""
     if not spec.max_in_flight:
         return math.inf
     if st.override_wave != st.current_wave:
         # a wave above its failure threshold sends no more: the wave's verdict comes first
-        counted = [d for d in st.devices.values()
-                   if d.wave == st.current_wave and d.device_class not in st.paused_classes
-                   and (d.status in SUCCEEDED_STATUSES | FAILED_STATUSES or d.status == SENT)]
-        failed = sum(d.status in FAILED_STATUSES for d in counted)
-        if counted and failed / len(counted) > spec.failure_threshold:
+        _, counted, bad = _wave_tally(st, st.current_wave)
+        if counted and len(bad) / len(counted) > spec.failure_threshold:
             return 0
     in_flight = sum(d.status == SENT for d in st.devices.values())
     return max(0, spec.max_in_flight - in_flight)
@@ -937,13 +945,9 @@ def _advance_rule(spec: RolloutSpec, st: RolloutState, inputs: _Inputs) -> list[
     wave = st.current_wave
     passed = "the rollout starts"
     if wave > 0:
-        members = [d for d in st.devices.values()
-                   if d.wave == wave and d.device_class not in st.paused_classes]
-        counted = [d for d in members if d.status in SUCCEEDED_STATUSES | FAILED_STATUSES
-                   or d.status == SENT]
+        members, counted, bad = _wave_tally(st, wave)
         total = len(counted)
         ok = sum(d.status in SUCCEEDED_STATUSES for d in counted)
-        bad = [d for d in counted if d.status in FAILED_STATUSES]
         overridden = st.override_wave == wave
         codes = dict(sorted(Counter(d.code for d in bad).items()))
         detail = {"wave": wave, "counted": total, "succeeded": ok, "failed": len(bad),

@@ -347,8 +347,9 @@ class ReleasePublisher:
         client.subscribe(self._request_topic, qos=1)
         self._connects += 1
         self._connected.set()
-        self._republish.set()
-        self._wake()
+        if self._connects > 1:  # the first connection comes before any release is served
+            self._republish.set()
+            self._wake()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
                        properties: Any) -> None:
@@ -404,11 +405,12 @@ class ReleasePublisher:
 
     def _republish_manifests(self) -> None:
         """A broker restarted without persistence loses retained messages: publish them again."""
+        # under the lock: a release stopped meanwhile must not have its cleared manifest put
+        # back (stop_serving's clear is queued after this publish, or the release is gone)
         with self._lock:
-            manifests = [(r.manifest_topic, r.bundle.envelope_bytes())
-                         for r in self._releases.values()]
-        for topic, envelope in manifests:
-            self._client.publish(topic, envelope, qos=1, retain=True)
+            for release in self._releases.values():
+                self._client.publish(release.manifest_topic, release.bundle.envelope_bytes(),
+                                     qos=1, retain=True)
 
     def _handle_request(self, topic: str, payload: bytes) -> None:
         with self._lock:

@@ -393,6 +393,15 @@ class ControllerProcess:
                 [sys.executable, "-m", "fleetlite.fleet.controller", *args],
                 stdout=out, stderr=err, env=dict(os.environ, PYTHONUNBUFFERED="1"))
 
+    def wait_subscribed(self, timeout: float = 60) -> None:
+        """Until the controller has logged its subscriptions acknowledged: from then on the
+        broker keeps the devices' reports for it (none is sent to no one)."""
+        def subscribed() -> bool:
+            assert self.proc.poll() is None, self.log.read_text()[-3000:]
+            return " connected to " in self.log.read_text()
+
+        wait_until(subscribed, timeout, "the controller's subscriptions")
+
     def kill9(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
@@ -413,12 +422,15 @@ class ControllerProcess:
 def test_a_controller_killed_mid_rollout_is_restarted_and_finishes_it(
     site: Site, store_url: str, models_dir: Path
 ) -> None:
-    site.start_agents(INTENT_DEVICES, "intent", models_dir / "intent_classifier.tflite")
     args = ["--db", store_url, "--broker", f"{site.broker.host}:{site.broker.port}",
             "--id", "ctl-main", "--tick", "0.2"]
     processes: list[ControllerProcess] = []
     try:
+        # subscribed before the agents start: their version-1 profiles (the gates' baseline)
+        # are not retained, and a controller process still starting would miss them
         processes.append(ControllerProcess(site.tmp_path, "controller-1", args))
+        processes[0].wait_subscribed()
+        site.start_agents(INTENT_DEVICES, "intent", models_dir / "intent_classifier.tflite")
         site.wait_for_fleet("intent", INTENT_DEVICES)
         bundle = site.add_release(intent_v2(site.tmp_path), "intent", INTENT_DEVICES)
         spec = wave_spec("r-kill", bundle, "intent", "1,100%")

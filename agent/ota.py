@@ -71,6 +71,7 @@ from fleetlite.sdk.device_class import DeviceClass
 from fleetlite.sdk.errors import EqualVersion, UpdateRejected
 from fleetlite.sdk.manifest import Manifest, Variant
 from fleetlite.sdk.messages import Event, OtaStatus
+from fleetlite.sdk.ota_progress import ProgressPacer
 from fleetlite.sdk.trust import Root, load_trusted_root, update_root
 from fleetlite.sdk.verify import DEFAULT_LIMITS, Limits, TimeFloor, verify_release
 from fleetlite.sdk.version import BUILD_TIME, __version__
@@ -922,7 +923,9 @@ class OtaManager:
 
         self._take_chunks(True)
         below = follow_blocks()
-        last_report = 0.0
+        pacer = ProgressPacer()
+        total_chunks = store.layout.total_chunks
+        pacer.start(time.monotonic(), store.received_chunks, total_chunks)
         try:
             while True:
                 decision = tracker.poll(store.received_chunks, complete=store.complete(),
@@ -970,8 +973,7 @@ class OtaManager:
                 elif accepted == NEW:
                     below = follow_blocks()
                 store.persist_if_due()
-                if time.monotonic() - last_report >= 2.0:
-                    last_report = time.monotonic()
+                if pacer.due(time.monotonic(), store.received_chunks, total_chunks):
                     self._status(job.release_id, job.model, job.version, "downloading",
                                  progress=store.progress().to_dict())
             files = store.finalize()

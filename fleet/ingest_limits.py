@@ -86,8 +86,9 @@ class IngestLimits:
     Rates are per sending device (the topic's device id). ``rate``/``burst``: status, birth,
     profile, OTA status and command response messages together; ``telemetry_rate``/
     ``telemetry_burst``: telemetry. A healthy agent sends telemetry once per
-    ``intervals.telemetry_s`` (60 s by default), OTA progress every 2 s while downloading, a
-    handful of statuses per install and a profile per model change: far below both.
+    ``intervals.telemetry_s`` (60 s by default), OTA progress at each 10 % of a download or
+    every 10 s, a handful of statuses per install and a profile per model change: far below
+    both.
     """
 
     max_bytes: Mapping[str, int] = field(default_factory=lambda: DEFAULT_MAX_BYTES)

@@ -42,6 +42,7 @@ from fleetlite.sdk.errors import EqualVersion, FileMismatchError, UpdateRejected
 from fleetlite.sdk.manifest import Manifest, release_id
 from fleetlite.sdk.messages import OtaStatus
 from fleetlite.sdk.ota_messages import ChunkRequest
+from fleetlite.sdk.ota_progress import ProgressPacer
 from fleetlite.sdk.topics import chunks_per_block
 from fleetlite.sdk.trust import Root
 from fleetlite.sdk.verify import FileVerifier, verify_release
@@ -114,7 +115,7 @@ class Install:
     first_request_s: float | None = None  # None: idle_s
     max_unanswered: int = 10
     resubscribe_chunks: int = RESUBSCRIBE_CHUNKS
-    progress_every_s: float = 2.0
+    pacer: ProgressPacer = field(default_factory=ProgressPacer)  # as the agent
     manifest: Manifest | None = None
     layout: ChunkLayout | None = None
     bitmap: ChunkBitmap | None = None
@@ -132,8 +133,6 @@ class Install:
     _last_ask: str = ""  # "resubscribe" or "request": what the outstanding _asked belong to
     _last_progress: float = 0.0
     _unanswered: int = 0
-    _last_status: float = 0.0
-    _reported: int = 0
 
     # -- messages ------------------------------------------------------------------------
 
@@ -206,6 +205,7 @@ class Install:
         self._verifiers = [FileVerifier(entry) for entry in manifest.files]
         self._next = [0] * len(manifest.files)
         self._last_progress = now
+        self.pacer.start(now, 0, self.bitmap.total)
         self._check_files()  # a release of empty files is complete at once
         return []
 
@@ -304,13 +304,11 @@ class Install:
         return self.idle_s * min(1 << max(0, self._unanswered - 1), _BACKOFF_CAP)
 
     def progress_due(self, now: float) -> bool:
-        """Whether a ``downloading`` progress status is due: new chunks came since the last
-        one, and ``progress_every_s`` (2 s, as the agent) passed."""
-        received = self.bitmap.received if self.bitmap is not None else 0
-        if now - self._last_status < self.progress_every_s or received == self._reported:
+        """Whether a ``downloading`` progress status is due (:class:`ProgressPacer`, as the
+        agent: every 10 s, or at each 10 % no closer than 2 s, while new chunks come)."""
+        if self.bitmap is None:
             return False
-        self._last_status, self._reported = now, received
-        return True
+        return self.pacer.due(now, self.bitmap.received, self.bitmap.total)
 
     def wanted_blocks(self) -> range:
         """The chunk blocks to be subscribed to now: the first one still missing a chunk and

@@ -32,7 +32,7 @@ from fleetlite.fleet.cli import build_parser
 from fleetlite.fleet.cli_fleet import ProgressBoard
 from fleetlite.fleet.client import WaitTimeoutError
 from fleetlite.fleet.errors import FleetError, RecordNotFoundError, RolloutError
-from fleetlite.sdk.bundle import ReleaseBundle, build_release
+from fleetlite.sdk.bundle import ReleaseBundle, build_release, load_bundle
 from fleetlite.sdk.messages import Birth, Status
 from fleetlite.tools.models import intent_classifier
 from tests.agent_harness import AgentProcess, write_config
@@ -487,8 +487,11 @@ def test_push_refuses_a_second_release_of_a_version_with_other_files(
     # the same files built again (a new manifest: another issue time) are the same model
     same = tmp_path / "intent_v2.tflite"
     same.write_bytes(intent_classifier(seed=11).tflite)
+    # issued a second before the first build (an issue time of its own, whenever the module's
+    # bundle was built: "now - 60" matched it when the bundle was 60 s old)
+    issued = load_bundle(bundle_v2).manifest.issued - 1
     rebuilt = build_release([same], name="intent", version=2, device_classes=[CLASS],
-                            vocab=vocab, keys=[RELEASE_KEY], issued=int(time.time()) - 60)
+                            vocab=vocab, keys=[RELEASE_KEY], issued=issued)
     assert rebuilt.release_id != first
     fleet.push_release(rebuilt)
     assert len(fleet.releases()) == 2

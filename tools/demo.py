@@ -221,7 +221,26 @@ class Demo:
             gate = "smoke test: greedy replies"
         say(f"    rollout {rollout_id}: {model} v{spec.version}, waves 1 device / 50% / 100%, "
             f"{gate}")
-        return self.watch(rollout_id)
+        state = self.watch(rollout_id)
+        self.wait_for_births(state, model, spec.version)
+        return state
+
+    def wait_for_births(self, state: RolloutState, model: str, version: int,
+                        timeout: float = 30.0) -> None:
+        """Until every device the rollout installed on announces ``version`` in its stored
+        birth: a device's final status comes before its new birth, and ``fleetlite devices
+        list`` (suggested next) shows births."""
+        assert self.store is not None
+        installed = {d for d, dev in state.devices.items() if dev.status == "installed"}
+        deadline = time.monotonic() + timeout
+        while installed and time.monotonic() < deadline:
+            announced = {d.device_id for d in self.store.list_devices()
+                         if any(m.name == model and m.version == version for m in d.models)}
+            if installed <= announced:
+                return
+            time.sleep(0.2)
+        if installed:
+            say(f"    (not every device announced {model} v{version} within {timeout:g} s)")
 
     def lm_release(self, version: int, key: SigningKey) -> ReleaseBundle:
         """The project's LM and its SentencePiece tokenizer: v1 float32 with its int8 variant,

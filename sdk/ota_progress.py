@@ -1,12 +1,12 @@
 """When a downloading device sends a ``downloading`` progress status (docs/protocol.md,
 "OTA status").
 
-Pure: the caller passes the time. A progress status goes out when new bytes came since the
-last one and either ``every_s`` passed (a sign of life: the fleet side re-sends an install to a
-device silent for 15 s) or the download crossed another ``step`` of its bytes and ``min_gap_s``
-passed. A status every 2 s per downloading device was the fleet side's main cost at 10,000
-devices (docs/scaling.md); with the defaults a device sends about ten per download, and one
-every 10 s while a slow download goes on.
+Pure: the caller passes the time and counts (the agent and the simulator count chunks). A
+progress status goes out when something new came since the last one and either ``every_s``
+passed (a sign of life: the fleet side re-sends an install to a device silent for 15 s) or the
+download crossed another ``step`` of its total and ``min_gap_s`` passed. With the defaults a
+download of under 100 s sends about ten, a slower one one every 10 s (36 an install in the
+10,000-device 16 MiB run of docs/benchmarks.md, against 105 with a status every 2 s).
 """
 
 from __future__ import annotations
@@ -40,14 +40,14 @@ class ProgressPacer:
                              f"{self.every_s}")
 
     def start(self, now: float, received: int = 0, total: int = 0) -> None:
-        """The download began (or resumed with ``received`` of ``total`` bytes) at ``now``."""
+        """The download began (or resumed with ``received`` of ``total``) at ``now``."""
         self._last_at = now
         self._last_received = received
         self._last_steps = self._steps(received, total)
 
     def due(self, now: float, received: int, total: int) -> bool:
-        """Whether to send a progress status now, with ``received`` of ``total`` bytes; when it
-        says yes it counts the status as sent."""
+        """Whether to send a progress status now, with ``received`` of ``total``; when it says
+        yes it counts the status as sent."""
         if received == self._last_received:
             return False
         elapsed = now - self._last_at
@@ -61,4 +61,4 @@ class ProgressPacer:
         if total <= 0:
             return 0
         # exact in integers: floor((received / total) / step) without float drift at 10 %, 20 %
-        return int(received * 1_000_000 // total) // max(1, round(self.step * 1_000_000))
+        return received * 1_000_000 // total // max(1, round(self.step * 1_000_000))

@@ -222,25 +222,31 @@ class Demo:
         say(f"    rollout {rollout_id}: {model} v{spec.version}, waves 1 device / 50% / 100%, "
             f"{gate}")
         state = self.watch(rollout_id)
-        self.wait_for_births(state, model, spec.version)
+        self.wait_for_births(state, model, spec.version, previous)
         return state
 
     def wait_for_births(self, state: RolloutState, model: str, version: int,
-                        timeout: float = 30.0) -> None:
+                        previous: int | None, timeout: float = 30.0) -> None:
         """Until every device the rollout installed on announces ``version`` in its stored
-        birth: a device's final status comes before its new birth, and ``fleetlite devices
-        list`` (suggested next) shows births."""
+        birth, and every device it rolled back (a class a gate excluded) ``previous``: a
+        device's final status comes before its new birth, and ``fleetlite devices list``
+        (suggested next) shows births."""
+        from fleetlite.fleet.rollout import INSTALLED, ROLLBACK_SENT, ROLLED_BACK
+
         assert self.store is not None
-        installed = {d for d, dev in state.devices.items() if dev.status == "installed"}
+        expected = {d: version for d, dev in state.devices.items() if dev.status == INSTALLED}
+        if previous is not None:
+            expected.update({d: previous for d, dev in state.devices.items()
+                             if dev.status in (ROLLBACK_SENT, ROLLED_BACK)})
         deadline = time.monotonic() + timeout
-        while installed and time.monotonic() < deadline:
-            announced = {d.device_id for d in self.store.list_devices()
-                         if any(m.name == model and m.version == version for m in d.models)}
-            if installed <= announced:
+        while time.monotonic() < deadline:
+            announced = {(d.device_id, m.version) for d in self.store.list_devices()
+                         for m in d.models if m.name == model}
+            if set(expected.items()) <= announced:
                 return
             time.sleep(0.2)
-        if installed:
-            say(f"    (not every device announced {model} v{version} within {timeout:g} s)")
+        say(f"    (not every device announced the {model} version the rollout left it with "
+            f"within {timeout:g} s)")
 
     def lm_release(self, version: int, key: SigningKey) -> ReleaseBundle:
         """The project's LM and its SentencePiece tokenizer: v1 float32 with its int8 variant,

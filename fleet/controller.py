@@ -1042,21 +1042,27 @@ class Controller:
             return
         if not any(dev.status == _SENT for dev in state.devices.values()):
             return
-        heard = self.store.ota_last_heard(spec.release_id)
-        if heard and now < max(heard.values()) + self.resend_after_s:
+        latest = self.store.ota_heard_latest(spec.release_id)
+        if latest is not None and now < latest + self.resend_after_s:
             # devices are still answering this release: one still silent is most likely behind
             # in a queue (the broker's, its own), not missing its command; a re-send now would
             # only add to the load (10,000 devices: thousands of re-sends a minute into a wave)
             return
         online = {d.device_id for d in devices if d.online}
+        # only ``sent`` devices: a final status since the send has made it something else
+        silent = [dev for dev in state.devices.values()
+                  if dev.status == _SENT and dev.sent_at is not None
+                  and now >= dev.sent_at + self.resend_after_s
+                  and (rollout_id, dev.device_id) not in self._resent
+                  and dev.device_id in online]
+        if not silent:
+            return
+        heard = self.store.ota_last_heard(spec.release_id, [d.device_id for d in silent])
         args = {"release_id": spec.release_id, "chunk_size": spec.chunk_size}
         resends: list[tuple[str, str, dict[str, Any]]] = []
-        for dev in state.devices.values():
+        for dev in silent:
+            assert dev.sent_at is not None
             key = (rollout_id, dev.device_id)
-            # only ``sent`` devices: a final status since the send has made it something else
-            if (dev.status != _SENT or dev.sent_at is None or key in self._resent
-                    or dev.device_id not in online):
-                continue
             quiet_since = max(dev.sent_at, heard.get(dev.device_id, 0.0))
             if now < quiet_since + self.resend_after_s:
                 continue

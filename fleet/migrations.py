@@ -256,6 +256,13 @@ MIGRATIONS: tuple[Migration, ...] = (
         # the controller reads a rollout's refused commands every tick (by origin)
         "CREATE INDEX device_commands_origin ON device_commands (origin, answered)",
     )),
+    Migration(10, "OTA statuses as a rollout step reads them", (
+        # every step reads the ids of a release's final statuses, and when it last heard of
+        # the release at all: without these, both read every status of the release (36 per
+        # install: 360,000 rows at 10,000 devices, ~0.3 s a step on SQLite)
+        "CREATE INDEX ota_status_finals ON ota_status (release_id, is_final, id)",
+        "CREATE INDEX ota_status_received ON ota_status (release_id, received)",
+    )),
 )
 
 

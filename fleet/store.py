@@ -1361,11 +1361,30 @@ class Store:
         return {int(row[0]): OtaRecord(OtaStatus.from_json(str(row[1]).encode()), float(row[2]))
                 for row in rows}
 
-    def ota_last_heard(self, release_id: str) -> dict[str, float]:
-        """Per device, when the fleet last received any status of its install of a release."""
+    def ota_heard_latest(self, release_id: str) -> Optional[float]:
+        """When the fleet last received any status of the release (None: never); one index
+        lookup, however many statuses the release has."""
         with self._transaction(write=False) as db:
-            rows = db.execute("SELECT device_id, MAX(received) FROM ota_status WHERE "
-                              "release_id = ? GROUP BY device_id", (release_id,)).rows
+            rows = db.execute("SELECT MAX(received) FROM ota_status WHERE release_id = ?",
+                              (release_id,)).rows
+        return None if not rows or rows[0][0] is None else float(rows[0][0])
+
+    def ota_last_heard(self, release_id: str,
+                       device_ids: Optional[Collection[str]] = None) -> dict[str, float]:
+        """Per device (of ``device_ids``, or every device), when the fleet last received any
+        status of its install of a release."""
+        select = "SELECT device_id, MAX(received) FROM ota_status WHERE release_id = ?"
+        rows: list[Sequence[Any]] = []
+        with self._transaction(write=False) as db:
+            if device_ids is None:
+                rows += db.execute(f"{select} GROUP BY device_id", (release_id,)).rows
+            else:
+                wanted = sorted(set(device_ids))
+                for start in range(0, len(wanted), 500):
+                    part = wanted[start:start + 500]
+                    rows += db.execute(f"{select} AND device_id IN "
+                                       f"({', '.join('?' * len(part))}) GROUP BY device_id",
+                                       (release_id, *part)).rows
         return {str(row[0]): float(row[1]) for row in rows}
 
     # -- reports refused from their sender ----------------------------------------------------

@@ -64,3 +64,8 @@ def test_outcomes_are_the_final_statuses_on_the_controller_clock(store_url: str)
             "installed", "failed", "installed"]
         assert outcomes.parsed == 3
         assert store.ota_last_heard(RELEASE) == {"gw-1": 120.0, "gw-2": 99.0}
+        # what a step reads first (one index lookup), then only of the devices still silent
+        assert store.ota_heard_latest(RELEASE) == 120.0
+        assert store.ota_heard_latest("0" * 64) is None
+        assert store.ota_last_heard(RELEASE, ["gw-2", "gw-3", "gw-9"]) == {"gw-2": 99.0}
+        assert store.ota_last_heard(RELEASE, []) == {}

@@ -11,11 +11,15 @@ and ``--statuses`` OTA statuses per device for the release (accepted, downloadin
   parsed into a :class:`~fleetlite.fleet.gates.ProfileView`;
 - **incremental**, what it reads now (:mod:`fleetlite.fleet.rollout_inputs`): the ids of the
   final statuses and of the profiles, and only the records not parsed yet (the first tick
-  parses them all, later ticks none), and the last time each device was heard
-  (``Store.ota_last_heard``, one aggregate query);
+  parses them all, later ticks none), and the last time any device was heard of the release
+  (``Store.ota_heard_latest``, one index lookup; the per-device times are read only for
+  devices silent for longer than the re-send delay);
 
-the median of ``--repeat`` runs each, and the ratio. The device list and the rollout state,
-which both paths read, are timed apart. No assertion: re-run it on your hardware.
+the median of ``--repeat`` runs each, and the ratio. The pieces of a step are timed apart too:
+the final statuses' ids, the per-device last heard of every device (what a step read before
+migration 10), the device registry and list, and the rollout state, which both paths read.
+Use ``--statuses 36`` for what a real install leaves (its progress statuses, by steps). No
+assertion: re-run it on your hardware.
 """
 
 from __future__ import annotations
@@ -88,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             def incremental() -> None:
                 outcomes.views(store, RELEASE)
-                store.ota_last_heard(RELEASE)
+                store.ota_heard_latest(RELEASE)
                 views.views(store, "kws", classes)
 
             t1 = time.perf_counter()
@@ -98,6 +102,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             base = median_s(baseline, args.repeat)
             inc = median_s(incremental, args.repeat)
             devices_s = median_s(store.list_devices, args.repeat)
+            registry_s = median_s(store.registry, args.repeat)
+            finals_s = median_s(lambda: store.ota_outcome_ids(RELEASE), args.repeat)
+            latest_s = median_s(lambda: store.ota_heard_latest(RELEASE), args.repeat)
+            heard_s = median_s(lambda: store.ota_last_heard(RELEASE), args.repeat)
 
             def state() -> None:
                 record = store.get_rollout("ro-all")
@@ -112,6 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{inc / base:.2f} |")
         print(f"| (first incremental tick: parses {views.parsed} profiles and "
               f"{outcomes.parsed} outcomes) | {first_s * 1000:.0f} ms | {first_s / base:.2f} |")
+        print(f"| part: the final statuses' ids | {finals_s * 1000:.1f} ms | — |")
+        print(f"| part: when the release was last heard of | {latest_s * 1000:.2f} ms | — |")
+        print(f"| (each device's last heard, all devices) | {heard_s * 1000:.0f} ms | — |")
+        print(f"| both: the device registry (a step's read) | {registry_s * 1000:.0f} ms | — |")
         print(f"| both: the device list | {devices_s * 1000:.0f} ms | — |")
         print(f"| both: the rollout state ({args.devices} devices) | {state_s * 1000:.0f} ms | — |")
     return 0

@@ -159,6 +159,12 @@ _ROLLBACK_SENT = "rollback_sent"
 _TIMED_OUT = "timed_out"
 # how long one tick may spend storing the backlog before it lets the rest of the loop run
 _DRAIN_BUDGET_S = 2.0
+# the share of the loop's time that rollout steps may take: a step reads every device of a
+# running rollout (~0.35 s at 10,000 devices on SQLite), so after a step that took d seconds
+# the loop waits at least d * (1 / share - 1) (here 3d) rather than tick_s; at 10,000 devices
+# a step every ~1.4 s instead of ~0.85 s, leaving the CPU to ingest (operator requests are
+# answered by their own thread, and a rollout someone changed still wakes the loop)
+_STEP_SHARE = 0.25
 # how long stop() tries to store a backlog left when the controller is stopped
 _STOP_DRAIN_S = 5.0
 # reports stored in one transaction at most (fleet/ingest_batch.py); the broker's in-flight
@@ -205,6 +211,8 @@ class Controller:
         self.persistent = (controller_id is not None if persistent_session is None
                            else persistent_session)
         self.tick_s = tick_s
+        #: how long the last tick took (seconds): it paces the next (:meth:`next_tick_in`)
+        self.tick_cost_s = 0.0
         self.wake_s = wake_s
         self.lease_ttl_s = lease_ttl_s
         self.resend_after_s = resend_after_s
@@ -700,9 +708,12 @@ class Controller:
 
     def _loop(self) -> None:
         last = time.monotonic()
-        while not self._wait_for_tick():
+        while True:
+            paced = self.next_tick_in() - self.tick_s  # a wait longer by design is no stall
+            if self._wait_for_tick():
+                return
             gap, last = time.monotonic() - last, time.monotonic()
-            self.note_gap(gap, time.time())
+            self.note_gap(gap - paced, time.time())
             if not self._check_store_file():
                 return
             self._probe_store()
@@ -716,6 +727,7 @@ class Controller:
                 continue
             except Exception:
                 log.exception("could not store the refusal counts; retrying next tick")
+            started = time.monotonic()
             try:
                 self.tick(time.time())
             except StoreUnavailableError as exc:
@@ -724,12 +736,13 @@ class Controller:
                 log.exception("rollout tick failed; retrying next tick")
             else:
                 self.last_tick_at = time.time()
+            self.tick_cost_s = time.monotonic() - started
 
     def _wait_for_tick(self) -> bool:
-        """Wait ``tick_s``, or less once a rollout changed under someone else's hand (an
-        operator's request, a new rollout): the request is answered without waiting for the
-        next tick. True when the controller is stopping."""
-        deadline = time.monotonic() + self.tick_s
+        """Wait ``tick_s`` (longer after a long step: ``_STEP_SHARE``), or less once a rollout
+        changed under someone else's hand (an operator's request, a new rollout): the request
+        is answered without waiting for the next tick. True when the controller is stopping."""
+        deadline = time.monotonic() + self.next_tick_in()
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -738,6 +751,11 @@ class Controller:
                 return True
             if self.wake_s > 0 and self._changed_by_others():
                 return False
+
+    def next_tick_in(self) -> float:
+        """Seconds from the end of a step to the next: ``tick_s``, or three times the last
+        step's cost if longer (rollout steps take at most a quarter of the loop's time)."""
+        return max(self.tick_s, self.tick_cost_s * (1 / _STEP_SHARE - 1))
 
     def _changed_by_others(self) -> bool:
         if not self.store_health.ok:
@@ -790,7 +808,7 @@ class Controller:
         now = time.time() if now is None else now
         broker = self.connected.is_set()
         store = self.store_health
-        stale_after = max(10.0, 20 * self.tick_s)
+        stale_after = max(10.0, 20 * self.tick_s, 3 * self.next_tick_in())
         ticking = self.last_tick_at is not None and now - self.last_tick_at <= stale_after
         publisher = self.publisher.stats()
         parts: dict[str, Any] = {

@@ -401,6 +401,9 @@ def run_demo(out: str | None = None, *, keep: bool = False, broker: str = "auto"
     if threading.current_thread() is threading.main_thread():
         # SIGTERM (kill, systemd, a CI runner) cleans up like Ctrl-C: no orphaned agents
         signal.signal(signal.SIGTERM, _interrupt)
+        # and Ctrl-C (SIGINT) even when started from a background job or a tool that ignores
+        # it: Python raises KeyboardInterrupt only if SIGINT was not ignored when it started
+        signal.signal(signal.SIGINT, _interrupt)
     say(f"FleetLite demo — working in {workdir}")
     try:
         step(1, "Starting a broker")

@@ -463,12 +463,15 @@ _WRITE_LOCK_POLL_S = 0.002
 class _SqliteDb(_Db):
     dialect = "sqlite"
 
-    def __init__(self, path: Path, busy_timeout_s: float) -> None:
+    def __init__(self, path: Path, busy_timeout_s: float, *, create: bool = True) -> None:
         self.path = path
         self.busy_timeout_s = busy_timeout_s
+        # ``create`` False (every connection after a store's first): a store file deleted
+        # while in use is not silently created again, empty, by a thread's new connection
+        target = str(path) if create else f"{path.resolve().as_uri()}?mode=rw"
         try:
-            self.raw = sqlite3.connect(str(path), timeout=busy_timeout_s, isolation_level=None,
-                                       check_same_thread=False)
+            self.raw = sqlite3.connect(target, timeout=busy_timeout_s, isolation_level=None,
+                                       check_same_thread=False, uri=not create)
         except sqlite3.Error as exc:
             raise StoreUnavailableError(
                 f"cannot open the SQLite store {path}: {exc}; check that the directory exists "
@@ -657,8 +660,12 @@ def open_store(
         path.parent.mkdir(parents=True, exist_ok=True)
         display = str(path)
 
+        opened: list[bool] = []
+
         def connect() -> _Db:
-            return _SqliteDb(path, busy_timeout_s)
+            db = _SqliteDb(path, busy_timeout_s, create=not opened)
+            opened.append(True)
+            return db
 
         dialect = "sqlite"
     store = Store(connect, dialect, display)

@@ -218,7 +218,7 @@ def smoke_inputs(specs: Sequence[Any], case: int) -> list[Array]:
     Floats: a sine pattern in [-1, 1]; quantized integers: that pattern quantized with the
     tensor's scale and zero point; other integers (token ids): 0..7; bool: alternating.
     """
-    from fleetlite.agent.runtime import quantize
+    from fleetlite.sdk.runtime.interpreter import quantize
 
     arrays = []
     for position, spec in enumerate(specs):
@@ -253,8 +253,8 @@ def _variant_name(path: Path, taken: set[str]) -> str:
 def _describe_and_smoke(
     path: Path, content: bytes, cases: int, tolerance: Tolerance
 ) -> tuple[tuple[TensorInfo, ...], tuple[TensorInfo, ...], SmokeVectors]:
-    from fleetlite.agent.isolated import check_model
-    from fleetlite.agent.runtime import load_model
+    from fleetlite.sdk.runtime.interpreter import load_model
+    from fleetlite.sdk.runtime.isolated import check_model
 
     check_model(path)  # a hostile or truncated file must not crash the operator's process
     model = load_model(content)
@@ -408,8 +408,8 @@ def run_bundle_smoke(bundle: ReleaseBundle) -> list[str]:
     """
     import tempfile
 
-    from fleetlite.agent.isolated import check_model
-    from fleetlite.agent.runtime import load_model
+    from fleetlite.sdk.runtime.interpreter import load_model
+    from fleetlite.sdk.runtime.isolated import check_model
 
     if bundle.manifest.generation is not None:
         return _run_lm_bundle_smoke(bundle)
@@ -433,12 +433,12 @@ def _run_lm_bundle_smoke(bundle: ReleaseBundle) -> list[str]:
     agree, then each variant's greedy tokens and first-step logits are judged."""
     import tempfile
 
-    from fleetlite.agent.generation import LmEngine
-    from fleetlite.agent.isolated import check_language_model
-    from fleetlite.agent.lm_smoke import run_vectors
-    from fleetlite.agent.tokenizer import load_tokenizer
     from fleetlite.sdk.errors import FleetLiteError
     from fleetlite.sdk.lm_smoke import LmSmokeVectors, judge
+    from fleetlite.sdk.runtime.isolated import check_language_model
+    from fleetlite.sdk.runtime.lm_engine import LmEngine
+    from fleetlite.sdk.runtime.lm_smoke_runner import run_vectors
+    from fleetlite.sdk.runtime.tokenizer import load_tokenizer
 
     spec = bundle.manifest.generation
     assert spec is not None

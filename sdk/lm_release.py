@@ -54,7 +54,7 @@ class LmBuild:
 def is_lm_file(path: Path) -> bool:
     """Whether a ``.tflite`` file has the LM signatures, read from its flatbuffer without an
     interpreter (so a model this machine's runtime cannot load is still recognised)."""
-    from fleetlite.agent.lm_profiler import is_language_model
+    from fleetlite.sdk.runtime.lm_detect import is_language_model
 
     return is_language_model(path)
 
@@ -67,7 +67,7 @@ def oldest_runtime(device_classes: Sequence[str]) -> str:
 
 
 def _installed(runtime: str) -> bool:
-    from fleetlite.agent.runtime import select_backend
+    from fleetlite.sdk.runtime.interpreter import select_backend
 
     try:
         select_backend(runtime)
@@ -81,7 +81,7 @@ def _check_in_runtime(paths: Sequence[Path], device_classes: Sequence[str]) -> s
     use; returns the runtime used. When that runtime is not installed here, an older installed
     one may stand in (what loads there loads in the newer one), but a failure there proves
     nothing about the devices' runtime: then the message asks for that runtime."""
-    from fleetlite.agent.isolated import check_language_model
+    from fleetlite.sdk.runtime.isolated import check_language_model
 
     wanted = oldest_runtime(device_classes)
     targets = ", ".join(device_classes)
@@ -133,9 +133,9 @@ def build_lm_parts(
     """Check an LM (``models[0]`` the default variant, the rest its variants) with its tokenizer
     and compute its generation metadata and smoke vectors; :class:`BundleError` says what
     disagrees and how to fix it."""
-    from fleetlite.agent.generation import LmEngine
-    from fleetlite.agent.lm_files import spec_for_files
-    from fleetlite.agent.lm_smoke import make_vectors, run_vectors
+    from fleetlite.sdk.runtime.lm_engine import LmEngine
+    from fleetlite.sdk.runtime.lm_files import spec_for_files
+    from fleetlite.sdk.runtime.lm_smoke_runner import make_vectors, run_vectors
 
     tolerance = tolerance or Tolerance()
     runtime = _check_in_runtime(models, device_classes)

@@ -13,8 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fleetlite.agent.errors import InvalidModelError, ModelCrashedError
-from fleetlite.agent.runtime import load_model
 from fleetlite.sdk.bundle import (
     ENVELOPE_NAME,
     ReleaseBundle,
@@ -28,6 +26,8 @@ from fleetlite.sdk.bundle import (
 from fleetlite.sdk.errors import BundleError, MalformedError, SignatureError, UpdateRejected
 from fleetlite.sdk.keys import SigningKey
 from fleetlite.sdk.manifest import Tolerance
+from fleetlite.sdk.runtime.errors import InvalidModelError, ModelCrashedError
+from fleetlite.sdk.runtime.interpreter import load_model
 from fleetlite.sdk.smoke import SmokeCase, SmokeVectors, Tensor, compare_outputs
 from fleetlite.sdk.trust import Root, new_root
 from fleetlite.tools.models import crashing_model, two_in_two_out

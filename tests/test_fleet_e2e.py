@@ -295,7 +295,7 @@ def test_latency_gate_rolls_back_the_slower_class_and_the_other_class_completes(
     split layer waits for a scheduler tick, so v2's p95 is tens of ms (measured with
     ``fleetlite-agent profile --threads 4``: ~24-30 ms, ~0.003-0.007 ms with 1 thread). The
     engine decides from the profiles the agents publish after each install."""
-    from fleetlite.agent.runtime import select_backend
+    from fleetlite.sdk.runtime.interpreter import select_backend
 
     if select_backend().name != "tflite-runtime":
         # measured with ai-edge-litert 2.3.0 on this machine: v2 p95 0.014 ms with 4 threads

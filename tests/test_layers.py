@@ -19,11 +19,6 @@ FORBIDDEN = {
 }
 #: (importing file, imported package or module): known exceptions, to be removed (issue 14)
 KNOWN = {
-    # the release builder runs the model (smoke vectors, the LM's checks) with the agent's
-    # runtime, tokenizer and generation loop: the builder is to move to the fleet side and
-    # what both sides run to a shared package
-    ("sdk/bundle.py", "fleetlite.agent"),
-    ("sdk/lm_release.py", "fleetlite.agent"),
     # `fleetlite demo` runs the demo in-process; it is to become a product module or a child
     ("fleet/cli.py", "fleetlite.tools.demo"),
     # the conformance kit's tiny model; the model builder is to move out of tools/

@@ -231,7 +231,7 @@ FC12 = LM / "home_lm_int8_fc12.tflite"  # TF 2.21's default int8 export: FULLY_C
 
 
 def runtime_lacks_fc12() -> bool:
-    from fleetlite.agent.runtime import select_backend
+    from fleetlite.sdk.runtime.interpreter import select_backend
 
     return select_backend().name == "tflite-runtime"
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fleetlite.agent.runtime import Model, load_model, select_backend
+from fleetlite.sdk.runtime.interpreter import Model, load_model, select_backend
 from fleetlite.sdk.text import Tokenizer, TokenizerError
 from fleetlite.tools import build_models
 from fleetlite.tools.models import (

@@ -14,12 +14,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fleetlite.agent.runtime import load_model
 from fleetlite.fleet.ota_publisher import ReleasePublisher
 from fleetlite.sdk import topics
 from fleetlite.sdk.bundle import ReleaseBundle, build_release
 from fleetlite.sdk.local_client import LocalClient
 from fleetlite.sdk.messages import Birth, OtaStatus
+from fleetlite.sdk.runtime.interpreter import load_model
 from fleetlite.sdk.text import Tokenizer
 from fleetlite.tools.models import intent_classifier
 from tests.agent_harness import AgentProcess, write_config

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fleetlite.agent.errors import RuntimeMissingError
 from fleetlite.agent.smoke_test import (
     INVALID_MODEL,
     OVER_LATENCY_BUDGET,
@@ -27,6 +26,7 @@ from fleetlite.agent.smoke_test import (
 from fleetlite.sdk.bundle import build_release
 from fleetlite.sdk.device_class import Budgets, find_device_class, load_device_classes
 from fleetlite.sdk.manifest import Tolerance
+from fleetlite.sdk.runtime.errors import RuntimeMissingError
 from fleetlite.sdk.smoke import SmokeCase, SmokeVectors, Tensor
 from fleetlite.tools.models import crashing_model, intent_classifier
 from tests.conftest import crash_fixture_crashes

@@ -259,7 +259,7 @@ def check_reference(path: Path) -> tuple[list[str], list[str]]:
     """Check one ``<model>.reference.json`` and its artifacts: (problems, notes)."""
     import sentencepiece
 
-    from fleetlite.agent.runtime import select_backend
+    from fleetlite.sdk.runtime.interpreter import select_backend
 
     directory = path.parent
     reference = json.loads(path.read_text())

@@ -13,16 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fleetlite.sdk.bundle import (
-    ENVELOPE_NAME,
-    ReleaseBundle,
-    build_release,
-    load_bundle,
-    parse_duration,
-    run_bundle_smoke,
-    sign_bundle,
-    smoke_inputs,
-)
+from fleetlite.fleet.release_builder import build_release, smoke_inputs
+from fleetlite.fleet.release_smoke import run_bundle_smoke
+from fleetlite.sdk.bundle import ENVELOPE_NAME, ReleaseBundle, load_bundle, sign_bundle
+from fleetlite.sdk.durations import parse_duration
 from fleetlite.sdk.errors import BundleError, MalformedError, SignatureError, UpdateRejected
 from fleetlite.sdk.keys import SigningKey
 from fleetlite.sdk.manifest import Tolerance

@@ -30,10 +30,11 @@ import pytest
 
 from fleetlite.fleet.controller import Controller
 from fleetlite.fleet.gates import GateSpec
+from fleetlite.fleet.release_builder import build_release
 from fleetlite.fleet.rollout import RolloutSpec, RolloutState, Selector, parse_waves
 from fleetlite.fleet.store import Store, open_store
 from fleetlite.sdk import topics
-from fleetlite.sdk.bundle import ReleaseBundle, build_release
+from fleetlite.sdk.bundle import ReleaseBundle
 from fleetlite.sdk.messages import CommandResponse, OtaStatus
 from fleetlite.sdk.profile import ProfileRecord
 from fleetlite.tools.models import heavy_mlp, intent_classifier

@@ -19,7 +19,9 @@ from fleetlite.agent.language_models import LanguageModels
 from fleetlite.agent.model_service import ModelService
 from fleetlite.agent.ota import OtaManager, OtaSettings
 from fleetlite.agent.ota_state import OtaStateStore
-from fleetlite.sdk.bundle import ReleaseBundle, build_release, run_bundle_smoke
+from fleetlite.fleet.release_builder import build_release
+from fleetlite.fleet.release_smoke import run_bundle_smoke
+from fleetlite.sdk.bundle import ReleaseBundle
 from fleetlite.sdk.device_class import find_device_class
 from fleetlite.sdk.envelope import Envelope
 from fleetlite.sdk.errors import BundleError

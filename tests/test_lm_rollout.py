@@ -15,8 +15,9 @@ import pytest
 
 from fleetlite.fleet import Fleet
 from fleetlite.fleet.gates import GateSpec
+from fleetlite.fleet.release_builder import build_release
 from fleetlite.fleet.rollout import RolloutSpec, Selector, parse_waves
-from fleetlite.sdk.bundle import ReleaseBundle, build_release
+from fleetlite.sdk.bundle import ReleaseBundle
 from fleetlite.sdk.local_client import LocalClient
 from tests.test_fleet_e2e import (  # noqa: F401 (site: the imported fixture)
     DETECTOR_DEVICES,

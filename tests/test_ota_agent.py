@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from fleetlite.fleet.ota_publisher import ReleasePublisher
+from fleetlite.fleet.release_builder import build_release
 from fleetlite.sdk import topics
-from fleetlite.sdk.bundle import ReleaseBundle, build_release
+from fleetlite.sdk.bundle import ReleaseBundle
 from fleetlite.sdk.local_client import LocalClient
 from fleetlite.sdk.messages import Birth, OtaStatus
 from fleetlite.sdk.runtime.interpreter import load_model

@@ -18,7 +18,8 @@ import pytest
 from fleetlite.agent.model_service import ModelService
 from fleetlite.agent.ota import OtaManager, OtaSettings
 from fleetlite.agent.ota_state import OtaStateStore
-from fleetlite.sdk.bundle import ReleaseBundle, build_release
+from fleetlite.fleet.release_builder import build_release
+from fleetlite.sdk.bundle import ReleaseBundle
 from fleetlite.sdk.device_class import DeviceClass, find_device_class
 from fleetlite.sdk.envelope import Envelope
 from fleetlite.sdk.keys import SigningKey

@@ -22,8 +22,9 @@ import jsonschema
 import pytest
 import regress
 
+from fleetlite.fleet.release_builder import build_release
 from fleetlite.sdk import json_schemas, messages, topics
-from fleetlite.sdk.bundle import ReleaseBundle, build_release
+from fleetlite.sdk.bundle import ReleaseBundle
 from fleetlite.sdk.envelope import ROOT_PAYLOAD_TYPE, Envelope
 from fleetlite.sdk.errors import FleetLiteError
 from fleetlite.sdk.lm_smoke import LmSmokeVectors

@@ -23,7 +23,7 @@ from fleetlite.agent.smoke_test import (
     check_budgets,
     run_smoke_test,
 )
-from fleetlite.sdk.bundle import build_release
+from fleetlite.fleet.release_builder import build_release
 from fleetlite.sdk.device_class import Budgets, find_device_class, load_device_classes
 from fleetlite.sdk.manifest import Tolerance
 from fleetlite.sdk.runtime.errors import RuntimeMissingError

@@ -30,9 +30,10 @@ import yaml
 from fleetlite.fleet.broker import LocalBroker, mosquitto_path, start_local_broker
 from fleetlite.fleet.controller import Controller
 from fleetlite.fleet.errors import FleetError
+from fleetlite.fleet.release_builder import build_release
 from fleetlite.fleet.rollout import RolloutState
 from fleetlite.fleet.store import Store, open_store
-from fleetlite.sdk.bundle import ReleaseBundle, build_release
+from fleetlite.sdk.bundle import ReleaseBundle
 from fleetlite.sdk.child_lifetime import start_tied
 from fleetlite.sdk.keys import SigningKey
 from fleetlite.sdk.local_client import LocalClient

@@ -85,10 +85,10 @@ from typing import Any, Optional
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from fleetlite.fleet.release_builder import build_release
 from fleetlite.fleet.rollout import RolloutSpec, RolloutState, parse_waves
 from fleetlite.fleet.store import OtaRecord, Store
 from fleetlite.sdk import topics
-from fleetlite.sdk.bundle import build_release
 from fleetlite.sdk.keys import SigningKey
 from fleetlite.sdk.trust import new_root, root_envelope
 from fleetlite.sdk.version import BUILD_TIME

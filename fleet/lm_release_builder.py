@@ -1,5 +1,6 @@
-"""Building a release of a generative language model (used by :func:`fleetlite.sdk.bundle.
-build_release` when a model's signatures are ``prefill_<N>`` and ``decode``).
+"""Building a release of a generative language model (used by
+:func:`fleetlite.fleet.release_builder.build_release` when a model's signatures are
+``prefill_<N>`` and ``decode``).
 
 Before anything is signed, the model, its tokenizer and the generation metadata must agree
 (vocabulary, token ids, cache shapes: :func:`fleetlite.sdk.generation.check_generation`), and the
@@ -8,7 +9,7 @@ process, so an op that runtime lacks is refused here with its name rather than o
 The smoke vectors are each prompt's greedy tokens on the default variant; every variant must
 reproduce them on this machine (the default exactly, others at ``min_token_agreement``).
 
-Fleet-side tooling: it imports the agent's runtime layer lazily, like the rest of the builder.
+It imports the model runtime (:mod:`fleetlite.sdk.runtime`) lazily, like the rest of the builder.
 """
 
 from __future__ import annotations

@@ -81,7 +81,7 @@ class ReleaseFactory:
     """Builds the kit's releases of ``fleetlite-conformance`` for one device class."""
 
     def __init__(self, keys: Sequence[SigningKey], device_class: str, workdir: Path) -> None:
-        from fleetlite.tools.models import intent_classifier  # fleet-side tooling, lazily
+        from fleetlite.fleet.intent_model import intent_classifier
 
         self.keys = list(keys)
         self.device_class = device_class

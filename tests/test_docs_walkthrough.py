@@ -29,7 +29,7 @@ import pytest
 import yaml
 
 from fleetlite.fleet import Fleet
-from fleetlite.tools.models import intent_classifier
+from fleetlite.fleet.intent_model import intent_classifier
 from tests.conftest import PG_URL, fresh_pg_database
 from tests.doc_commands import DOCS, REPO, Walkthrough, shell_commands
 from tests.mqtt_harness import Mosquitto

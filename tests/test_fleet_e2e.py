@@ -30,6 +30,7 @@ import pytest
 
 from fleetlite.fleet.controller import Controller
 from fleetlite.fleet.gates import GateSpec
+from fleetlite.fleet.intent_model import intent_classifier
 from fleetlite.fleet.release_builder import build_release
 from fleetlite.fleet.rollout import RolloutSpec, RolloutState, Selector, parse_waves
 from fleetlite.fleet.store import Store, open_store
@@ -37,7 +38,7 @@ from fleetlite.sdk import topics
 from fleetlite.sdk.bundle import ReleaseBundle
 from fleetlite.sdk.messages import CommandResponse, OtaStatus
 from fleetlite.sdk.profile import ProfileRecord
-from fleetlite.tools.models import heavy_mlp, intent_classifier
+from fleetlite.tools.models import heavy_mlp
 from tests.agent_harness import AgentProcess, write_config
 from tests.mqtt_harness import Collector, Mosquitto, Received
 from tests.test_ota_install import ISSUED, RELEASE_KEY, write_root

@@ -21,8 +21,6 @@ FORBIDDEN = {
 KNOWN = {
     # `fleetlite demo` runs the demo in-process; it is to become a product module or a child
     ("fleet/cli.py", "fleetlite.tools.demo"),
-    # the conformance kit's tiny model; the model builder is to move out of tools/
-    ("fleet/conformance_ota.py", "fleetlite.tools.models"),
 }
 
 

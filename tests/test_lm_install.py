@@ -19,6 +19,7 @@ from fleetlite.agent.language_models import LanguageModels
 from fleetlite.agent.model_service import ModelService
 from fleetlite.agent.ota import OtaManager, OtaSettings
 from fleetlite.agent.ota_state import OtaStateStore
+from fleetlite.fleet.intent_model import intent_classifier
 from fleetlite.fleet.release_builder import build_release
 from fleetlite.fleet.release_smoke import run_bundle_smoke
 from fleetlite.sdk.bundle import ReleaseBundle
@@ -27,7 +28,6 @@ from fleetlite.sdk.envelope import Envelope
 from fleetlite.sdk.errors import BundleError
 from fleetlite.sdk.manifest import release_id
 from fleetlite.tools.lm_corpus import dialogues
-from fleetlite.tools.models import intent_classifier
 from tests.ota_simulator import FleetSimulator, Served
 from tests.test_generation import LM, reference
 from tests.test_ota_install import CLASS, ISSUED, RELEASE_KEY, write_root

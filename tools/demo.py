@@ -30,6 +30,7 @@ import yaml
 from fleetlite.fleet.broker import LocalBroker, mosquitto_path, start_local_broker
 from fleetlite.fleet.controller import Controller
 from fleetlite.fleet.errors import FleetError
+from fleetlite.fleet.intent_model import intent_classifier
 from fleetlite.fleet.release_builder import build_release
 from fleetlite.fleet.rollout import RolloutState
 from fleetlite.fleet.store import Store, open_store
@@ -42,7 +43,6 @@ from fleetlite.sdk.out_dirs import missing_dirs, say_created
 from fleetlite.sdk.smoke import SmokeVectors
 from fleetlite.sdk.text import Tokenizer
 from fleetlite.sdk.trust import new_root, root_envelope
-from fleetlite.tools.models import intent_classifier
 
 LM_DIR = Path(__file__).resolve().parent / "lm"  # the project's LM (tools/train_lm.py made it)
 LM_TEMPLATE = "<user> {prompt} <bot>"

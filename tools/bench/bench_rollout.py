@@ -16,7 +16,7 @@ starts, on this machine:
   ``rpi4``, 30 % ``jetson``), pinned to a root of trust made for the run;
 - a signed release of a model of about ``--model-kib`` KiB: ``heavy_mlp`` of
   ``fleetlite.tools.models`` with one dense layer of ``sqrt(KiB * 256)`` units (float32
-  weights, built with ``tools/tflite_builder.py``; no download), stored and rolled out with
+  weights, built with ``fleet/tflite_builder.py``; no download), stored and rolled out with
   ``--waves`` (chunk size ``--chunk-size``, thresholds 0.9 / 0.1, as the first measured
   rollout of docs/scaling.md).
 

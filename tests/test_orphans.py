@@ -25,7 +25,7 @@ from fleetlite.sdk.child_lifetime import _die_with, start_tied
 
 BIN = Path(sys.executable).parent
 MODELS = Path(__file__).resolve().parent / "fixtures" / "models"
-DEVICES = ("gw-pi4-01", "gw-pi4-02", "gw-jetson-01", "gw-x86-01")  # tools/demo.py's four
+DEVICES = ("gw-pi4-01", "gw-pi4-02", "gw-jetson-01", "gw-x86-01")  # fleet/demo.py's four
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="children are tied to their parent on Linux only")

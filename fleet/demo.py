@@ -44,7 +44,8 @@ from fleetlite.sdk.smoke import SmokeVectors
 from fleetlite.sdk.text import Tokenizer
 from fleetlite.sdk.trust import new_root, root_envelope
 
-LM_DIR = Path(__file__).resolve().parent.parent / "fleet" / "lm"  # the project's LM (train_lm.py)
+# the project's LM (tools/train_lm.py made it), package data beside this module
+LM_DIR = Path(__file__).resolve().parent / "lm"
 LM_TEMPLATE = "<user> {prompt} <bot>"
 LM_QUESTION = "turn off the kitchen lights"
 

@@ -1,5 +1,5 @@
 """One generation at a time on a language model, callers queued: how the agent serves an
-:class:`~fleetlite.sdk.runtime.lm_engine.LmEngine` to its local API, health checks and profiles.
+:class:`~fleetlite.sdk.runtime.lm_engine.LmEngine` to its local API and OTA health checks.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from fleetlite.agent import generate_cli, profile_cli
 from fleetlite.agent.cli_output import add_output, emit, structured
 from fleetlite.agent.errors import AgentError
 from fleetlite.sdk.cli_exit import closed_pipe, os_error_text
+from fleetlite.sdk.runtime.errors import ModelRuntimeError
 from fleetlite.sdk.version import __version__
 
 EXAMPLES = """\
@@ -125,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in ("generate", "chat"):
             return generate_cli.run(args)
         if args.command == "check":
-            from fleetlite.agent.isolated import check_model
+            from fleetlite.sdk.runtime.isolated import check_model
 
             result = check_model(args.model, timeout=args.timeout, num_threads=args.threads)
             if structured(args):
@@ -140,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         print(f"  {kind[:-1]:<6} {spec['name']:<24} {spec['dtype']:<8} "
                               f"{spec['shape']}")
             return 0
-    except AgentError as exc:
+    except (AgentError, ModelRuntimeError) as exc:
         print(f"fleetlite-agent: error: {exc}", file=sys.stderr)
         return 1
     except BrokenPipeError:

@@ -24,7 +24,6 @@ from fleetlite.agent.commands import CommandDispatcher, arg, command_name
 from fleetlite.agent.config import AgentConfig, ModelEntry, load_config
 from fleetlite.agent.errors import AgentConfigError, AgentError
 from fleetlite.agent.fleet_tags import FleetTags
-from fleetlite.agent.isolated import check_language_model, check_model
 from fleetlite.agent.language_models import LanguageModels
 from fleetlite.agent.link import MqttLink
 from fleetlite.agent.lm_serving import load_served_lm, release_generation
@@ -37,6 +36,8 @@ from fleetlite.sdk.atomic import read_json, write_json_atomic
 from fleetlite.sdk.device_class import DeviceClass, find_device_class
 from fleetlite.sdk.errors import DeviceClassError, FleetLiteError
 from fleetlite.sdk.messages import Birth, CommandResponse, Event, Telemetry
+from fleetlite.sdk.runtime.errors import ModelRuntimeError
+from fleetlite.sdk.runtime.isolated import check_language_model, check_model
 from fleetlite.sdk.version import __version__
 
 log = logging.getLogger("fleetlite.agent")
@@ -216,9 +217,10 @@ class Agent:
 
     def _serve_language_model(self, entry: ModelEntry) -> None:
         """Load a language model declared in agent.yaml and serve it to the local API."""
-        from fleetlite.agent.generation import LmEngine, LmService
         from fleetlite.agent.language_models import ServedLm
-        from fleetlite.agent.lm_files import spec_for_files
+        from fleetlite.agent.lm_service import LmService
+        from fleetlite.sdk.runtime.lm_engine import LmEngine
+        from fleetlite.sdk.runtime.lm_files import spec_for_files
 
         assert entry.tokenizer is not None
         try:
@@ -318,7 +320,7 @@ class Agent:
             try:
                 if kind == "profile":
                     self._profile(args)
-            except AgentError as exc:
+            except (AgentError, ModelRuntimeError) as exc:
                 log.error("%s job failed: %s", kind, exc)
                 self.event(f"{kind}_failed", str(exc))
 

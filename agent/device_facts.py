@@ -64,8 +64,8 @@ def temperature_c() -> float | None:
 
 
 def runtime_facts() -> dict[str, Any]:
-    from fleetlite.agent.errors import RuntimeMissingError
-    from fleetlite.agent.runtime import select_backend
+    from fleetlite.sdk.runtime.errors import RuntimeMissingError
+    from fleetlite.sdk.runtime.interpreter import select_backend
 
     try:
         backend = select_backend()

@@ -4,19 +4,6 @@
 
     FleetLiteError (fleetlite.sdk.errors)
     └── AgentError
-        ├── RuntimeMissingError      no TFLite interpreter package is installed
-        ├── InvalidModelError        the bytes are not a loadable .tflite model
-        │   ├── UnsupportedOpError   the model uses an op this runtime does not have
-        │   └── ModelCrashedError    an isolated check saw the interpreter process die
-        ├── InputMismatchError       inputs of the wrong name, count, shape or dtype
-        │   └── GenerationInputError a prompt or generation parameter the LM cannot take
-        │                            (agent/generation.py)
-        ├── InferenceError           the interpreter failed while invoking
-        ├── BusyError                a language model's wait queue is full (agent/generation.py)
-        ├── MemoryBudgetError        an LM and its caches exceed the device class's memory
-        │                            budget (agent/generation.py)
-        ├── TokenizerError           a tokenizer file is unusable or its library is missing
-        │                            (agent/tokenizer.py)
         ├── ModelNotFoundError       no model of that name is active in the model service
         ├── LocalApiSetupError       the local API socket cannot be created
         ├── SmokeTestError           the OTA smoke test could not run at all (no verdict)
@@ -30,8 +17,9 @@
             ├── DownloadIncompleteError download_incomplete: finalize before every chunk came
             └── StagingIOError       staging_io_error: another I/O error in the staging dir
 
-Third-party exceptions (tflite-runtime's ``ValueError``/``RuntimeError``) are translated into
-these where they enter, so callers only catch FleetLite errors.
+The model runtime the agent runs (interpreter, isolated check, language-model engine, tokenizer)
+raises its own :class:`~fleetlite.sdk.runtime.errors.ModelRuntimeError` subtree, shared with the
+fleet's release builder; the agent catches both where it reports a failure.
 """
 
 from __future__ import annotations
@@ -43,36 +31,12 @@ class AgentError(FleetLiteError):
     """Base of every error raised by the device agent."""
 
 
-class RuntimeMissingError(AgentError):
-    """No usable TFLite interpreter package is installed."""
-
-
-class InvalidModelError(AgentError):
-    """The model bytes cannot be loaded by the interpreter."""
-
-
-class UnsupportedOpError(InvalidModelError):
-    """The model uses an operator the installed runtime does not provide."""
-
-
-class InputMismatchError(AgentError):
-    """Inputs given to a model do not match its input tensors."""
-
-
-class InferenceError(AgentError):
-    """The interpreter raised while running a model."""
-
-
 class ModelNotFoundError(AgentError):
     """No model of the requested name is active in the model service."""
 
 
 class LocalApiSetupError(AgentError):
     """The local API's Unix socket cannot be created (missing directory, permissions, in use)."""
-
-
-class ModelCrashedError(InvalidModelError):
-    """Loading or running the model killed the (isolated) interpreter process."""
 
 
 class SmokeTestError(AgentError):

@@ -134,8 +134,8 @@ class AgentBackend(Backend):
 
 class LocalBackend(Backend):
     def __init__(self, model: Path, args: argparse.Namespace) -> None:
-        from fleetlite.agent.generation import LmEngine
-        from fleetlite.agent.lm_files import spec_for_files
+        from fleetlite.sdk.runtime.lm_engine import LmEngine
+        from fleetlite.sdk.runtime.lm_files import spec_for_files
 
         if args.tokenizer is None:
             raise FleetLiteError(f"{model} is a file: also give its tokenizer with --tokenizer "
@@ -147,7 +147,7 @@ class LocalBackend(Backend):
         self.prompt_template = spec.prompt_template
 
     def stream(self, prompt: str, params: dict[str, Any], reply: Reply) -> Iterator[str]:
-        from fleetlite.agent.generation import GenerateParams
+        from fleetlite.sdk.runtime.lm_engine import GenerateParams
 
         defaults = vars(self.engine.default_params())
         chosen = {k: (tuple(v) if k == "stop_strings" else v) for k, v in params.items()}

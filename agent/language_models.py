@@ -1,7 +1,7 @@
 """The generative language models an agent serves, by name (beside the model service's other
 models), and the counts that may leave the device.
 
-Each model is an :class:`~fleetlite.agent.generation.LmService`: one generation at a time with a
+Each model is an :class:`~fleetlite.agent.lm_service.LmService`: one generation at a time with a
 bounded wait queue. Prompts and replies never leave the device: :meth:`LanguageModels.stats`
 holds only counts and timings (generations, tokens, time to first token, decode rate).
 """
@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from fleetlite.agent.errors import ModelNotFoundError
-from fleetlite.agent.generation import GenerationStats, LmService
+from fleetlite.agent.lm_service import LmService
+from fleetlite.sdk.runtime.lm_engine import GenerationStats
 
 __all__ = ["LanguageModels", "ServedLm"]
 

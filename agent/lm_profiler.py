@@ -1,6 +1,6 @@
 """Profiles of generative language models, in the manner of llama-bench's pp and tg tests.
 
-:func:`measure_lm` measures a loaded :class:`~fleetlite.agent.generation.LmEngine` through its
+:func:`measure_lm` measures a loaded :class:`~fleetlite.sdk.runtime.lm_engine.LmEngine` through its
 ``generate`` API, with token-id prompts (no tokenizer needed) and no stop ids (an engine without
 a release spec has none), so every run decodes exactly the tokens asked for:
 
@@ -26,7 +26,6 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-import mmap
 import os
 import sys
 import tempfile
@@ -34,21 +33,11 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, TypedDict, cast
+from typing import TYPE_CHECKING, Any, Optional, TypedDict
 
 import numpy as np
 
-from fleetlite.agent.child_process import ChildFailures, run_json_child
-from fleetlite.agent.errors import (
-    AgentError,
-    InferenceError,
-    InputMismatchError,
-    InvalidModelError,
-    RuntimeMissingError,
-    UnsupportedOpError,
-)
-from fleetlite.agent.generation import GenerateParams, GenerationStats, LmEngine
-from fleetlite.agent.model_bounds import BoundsError, _Reader
+from fleetlite.agent.errors import AgentError
 from fleetlite.agent.profiler import (
     INFERENCE_SAMPLE_INTERVAL_S,
     MB,
@@ -66,10 +55,9 @@ from fleetlite.agent.profiler import (
     quantization_of,
     read_rss,
 )
-from fleetlite.agent.runtime import ModelSource
 from fleetlite.sdk.errors import FleetLiteError
 from fleetlite.sdk.generation import MAX_CONTEXT_LENGTH, MAX_MAX_TOKENS
-from fleetlite.sdk.lm_signature import DECODE, LmLayout, is_lm
+from fleetlite.sdk.lm_signature import DECODE, LmLayout
 from fleetlite.sdk.profile import (
     MAX_LM_FIGURES,
     DecodeFigure,
@@ -84,6 +72,17 @@ from fleetlite.sdk.profile import (
     summarize_latencies,
     summarize_runs,
 )
+from fleetlite.sdk.runtime.child_process import ChildFailures, run_json_child
+from fleetlite.sdk.runtime.errors import (
+    InferenceError,
+    InputMismatchError,
+    InvalidModelError,
+    ModelRuntimeError,
+    RuntimeMissingError,
+    UnsupportedOpError,
+)
+from fleetlite.sdk.runtime.interpreter import ModelSource
+from fleetlite.sdk.runtime.lm_engine import GenerateParams, GenerationStats, LmEngine
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -98,12 +97,10 @@ __all__ = [
     "LmPlan",
     "LmProfileOptions",
     "LmWorkload",
-    "is_language_model",
     "measure_lm",
     "plan_workload",
     "profile_lm",
     "profile_lm_isolated",
-    "signature_keys",
     "workload_ids",
 ]
 
@@ -114,8 +111,6 @@ DEFAULT_DECODE_TOKENS = 32
 DEFAULT_DEPTH = 16
 DEFAULT_LM_MAX_SECONDS = 300.0
 _ISOLATED_SLACK_S = 120.0
-# Model.signature_defs and SignatureDef.signature_key in tensorflow/lite/schema/schema.fbs
-_MODEL_SIGNATURE_DEFS, _SIGNATURE_KEY = 7, 2
 
 
 # -- what to run -----------------------------------------------------------------------------
@@ -173,7 +168,7 @@ def plan_workload(layout: LmLayout, workload: LmWorkload) -> LmPlan:
     """Fit ``workload`` to a model of ``layout`` (pure). A pp of N needs N + 1 tokens of context
     and a tg of n at depth d needs d + n; default lengths and depths that do not fit are left
     out, default tg lengths shortened; explicit ones that do not fit raise
-    :class:`~fleetlite.agent.errors.InputMismatchError`."""
+    :class:`~fleetlite.sdk.runtime.errors.InputMismatchError`."""
     context = layout.context_length
     prompt = min(workload.prompt_tokens, context)
     if workload.prefill_tokens:
@@ -283,38 +278,6 @@ def measure_lm(engine: LmEngine, plan: LmPlan, workload: LmWorkload) -> LmMeasur
 def _ttft(stats: GenerationStats) -> float:
     assert stats.time_to_first_token_ms is not None  # _generate checked a token came
     return stats.time_to_first_token_ms
-
-
-# -- detection -------------------------------------------------------------------------------
-
-
-def signature_keys(content: bytes) -> tuple[str, ...]:
-    """The signature names of a ``.tflite`` flatbuffer, read without an interpreter (every
-    offset bounds-checked: :class:`~fleetlite.agent.model_bounds.BoundsError` otherwise)."""
-    reader = _Reader(content)
-    model = reader.table(reader.u32(0, "root offset"), "model")
-    keys = []
-    for i, signature in enumerate(model.tables(_MODEL_SIGNATURE_DEFS, "signature_defs")):
-        pos = signature.field(_SIGNATURE_KEY)
-        if pos is None:
-            continue
-        start, length = reader.vector(pos, 1, f"signature_defs[{i}].signature_key")
-        keys.append(bytes(content[start:start + length]).decode("utf-8", errors="replace"))
-    return tuple(keys)
-
-
-def is_language_model(source: ModelSource) -> bool:
-    """Whether a model claims the LM signatures (``decode``, ``prefill_<N>``), read from its
-    flatbuffer without an interpreter (a file is mapped, not read). False for anything that is
-    not a readable flatbuffer: loading it then says what is wrong."""
-    try:
-        if isinstance(source, (bytes, bytearray, memoryview)):
-            return is_lm(signature_keys(bytes(source)))
-        with open(source, "rb") as file, mmap.mmap(file.fileno(), 0,
-                                                   access=mmap.ACCESS_READ) as mapped:
-            return is_lm(signature_keys(cast(bytes, mapped)))
-    except (OSError, ValueError, BoundsError):
-        return False
 
 
 # -- the record ------------------------------------------------------------------------------
@@ -558,10 +521,11 @@ def profile_lm_isolated(
     """:func:`profile_lm` in a fresh subprocess; the record has ``run.isolated`` true.
 
     ``timeout`` defaults to twice ``max_seconds`` plus 120 s (a test that started before the
-    time was up finishes its run). Raises :class:`~fleetlite.agent.errors.ModelCrashedError` if
-    the child dies from a signal or times out; a model outside the LM convention or refused by
-    the runtime raises :class:`InvalidModelError` with the child's message; otherwise the errors
-    of :func:`profile_lm`.
+    time was up finishes its run). Raises
+    :class:`~fleetlite.sdk.runtime.errors.ModelCrashedError` if the child dies from a signal or
+    times out; a model outside the LM convention or refused by the runtime raises
+    :class:`InvalidModelError` with the child's message; otherwise the errors of
+    :func:`profile_lm`.
     """
     run = _resolve(source, **options)
     if timeout is None:
@@ -590,7 +554,8 @@ def _child_main() -> int:
         try:
             record = _profile_lm(request["model"], _LmRun.from_request(request), isolated=True)
         except FleetLiteError as exc:
-            kind = type(exc).__name__ if isinstance(exc, AgentError) else "InvalidModelError"
+            own = isinstance(exc, (AgentError, ModelRuntimeError))
+            kind = type(exc).__name__ if own else "InvalidModelError"
             json.dump({"ok": False, "kind": kind, "error": str(exc)}, out)
             return 1
         json.dump({"ok": True, "record": record.to_dict()}, out)

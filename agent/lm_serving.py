@@ -11,14 +11,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from fleetlite.agent.generation import LmEngine, LmService
-from fleetlite.agent.isolated import check_language_model
 from fleetlite.agent.language_models import ServedLm
-from fleetlite.agent.tokenizer import load_tokenizer
+from fleetlite.agent.lm_service import LmService
 from fleetlite.sdk.envelope import Envelope
 from fleetlite.sdk.errors import FleetLiteError
 from fleetlite.sdk.generation import GenerationSpec
 from fleetlite.sdk.manifest import parse_manifest
+from fleetlite.sdk.runtime.isolated import check_language_model
+from fleetlite.sdk.runtime.lm_engine import LmEngine
+from fleetlite.sdk.runtime.tokenizer import load_tokenizer
 from fleetlite.sdk.verify import DEFAULT_LIMITS
 
 __all__ = ["ENVELOPE_NAME", "load_served_lm", "release_generation"]

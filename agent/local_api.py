@@ -33,17 +33,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Union
 
-from fleetlite.agent.errors import (
-    AgentError,
-    InferenceError,
-    InputMismatchError,
-    LocalApiSetupError,
-    ModelNotFoundError,
-)
-from fleetlite.agent.generation import BusyError, GenerateParams, GenerationInputError
+from fleetlite.agent.errors import AgentError, LocalApiSetupError, ModelNotFoundError
 from fleetlite.agent.language_models import LanguageModels, ServedLm
 from fleetlite.agent.model_service import ModelService
 from fleetlite.sdk import local_client as wire
+from fleetlite.sdk.runtime.errors import InferenceError, InputMismatchError, ModelRuntimeError
+from fleetlite.sdk.runtime.lm_engine import BusyError, GenerateParams, GenerationInputError
 from fleetlite.sdk.version import __version__
 
 log = logging.getLogger("fleetlite.agent.local_api")
@@ -500,7 +495,7 @@ class LocalApiServer:
             code, message = wire.INPUT_MISMATCH, str(exc)
         except InferenceError as exc:
             code, message = wire.INFERENCE_FAILED, str(exc)
-        except AgentError as exc:
+        except (AgentError, ModelRuntimeError) as exc:
             code, message = wire.INTERNAL, str(exc)
         except Exception as exc:  # a bug must cost one request, not the connection
             log.exception("local API request failed")
@@ -649,7 +644,7 @@ class LocalApiServer:
             return wire.INPUT_MISMATCH, str(exc)
         if isinstance(exc, InferenceError):
             return wire.INFERENCE_FAILED, str(exc)
-        if isinstance(exc, AgentError):
+        if isinstance(exc, (AgentError, ModelRuntimeError)):
             return wire.INTERNAL, str(exc)
         log.exception("local API generation failed")
         return wire.INTERNAL, f"internal error ({type(exc).__name__}); see agent log"

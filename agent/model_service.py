@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
-from fleetlite.agent.errors import AgentError, InputMismatchError, ModelNotFoundError
-from fleetlite.agent.runtime import Array, InputsLike, Model, read_model_source
+from fleetlite.agent.errors import AgentError, ModelNotFoundError
+from fleetlite.sdk.runtime.errors import InputMismatchError, ModelRuntimeError
+from fleetlite.sdk.runtime.interpreter import Array, InputsLike, Model, read_model_source
 
 MAX_NAME_LENGTH = 128
 
@@ -277,9 +278,10 @@ class ModelService:
         """Load ``path`` and serve it as ``name``, replacing any model active under that name.
 
         The caller is responsible for having checked the file in isolation first
-        (:func:`fleetlite.agent.isolated.check_model`): a corrupt model can crash the interpreter,
-        and this loads it in the agent's own process. Raises :class:`InvalidModelError` when the
-        runtime refuses the file; the model active before stays active in that case.
+        (:func:`fleetlite.sdk.runtime.isolated.check_model`): a corrupt model can crash the
+        interpreter, and this loads it in the agent's own process. Raises
+        :class:`InvalidModelError` when the runtime refuses the file; the model active before stays
+        active in that case.
         """
         _check_name(name)
         path = Path(path)
@@ -385,7 +387,7 @@ class ModelService:
         start = self._clock()
         try:
             outputs = active.run(inputs)
-        except AgentError as exc:
+        except (AgentError, ModelRuntimeError) as exc:
             active.stats.record_error(rejected=isinstance(exc, InputMismatchError))
             raise
         latency_ms = (self._clock() - start) * 1000.0

@@ -72,6 +72,7 @@ from fleetlite.sdk.errors import EqualVersion, UpdateRejected
 from fleetlite.sdk.manifest import Manifest, Variant
 from fleetlite.sdk.messages import Event, OtaStatus
 from fleetlite.sdk.ota_progress import ProgressPacer
+from fleetlite.sdk.runtime.errors import ModelRuntimeError
 from fleetlite.sdk.trust import Root, load_trusted_root, update_root
 from fleetlite.sdk.verify import DEFAULT_LIMITS, Limits, TimeFloor, verify_release
 from fleetlite.sdk.version import BUILD_TIME, __version__
@@ -1022,7 +1023,7 @@ class OtaManager:
                 generation=generation.to_dict() if generation is not None else None,
                 tokenizer_path=files[generation.tokenizer] if generation is not None else None,
             )
-        except AgentError as exc:
+        except (AgentError, ModelRuntimeError) as exc:
             # the device could not run the test at all: not the release's fault
             raise InstallEndedError("failed", SMOKE_UNAVAILABLE, str(exc)) from exc
         if not result.passed:
@@ -1113,7 +1114,7 @@ class OtaManager:
                 # no live traffic: exercise the model ourselves with the release's vectors
                 try:
                     self.models.infer(name, own_inputs[i % len(own_inputs)])
-                except AgentError as exc:
+                except (AgentError, ModelRuntimeError) as exc:
                     self._roll_back_failed(job, manifest, ms, str(exc))
                 i += 1
             else:
@@ -1124,8 +1125,8 @@ class OtaManager:
                           files: Mapping[str, Path], ms: ModelState) -> None:
         """Like the health window of other models, counting generations: live requests, or
         (without traffic) short generations from the release's smoke prompts."""
-        from fleetlite.agent.generation import GenerateParams
         from fleetlite.sdk.lm_smoke import LmSmokeVectors
+        from fleetlite.sdk.runtime.lm_engine import GenerateParams
 
         name, wanted = manifest.name, self.settings.health_inferences
         deadline = time.monotonic() + self.settings.health_timeout_s
@@ -1146,7 +1147,7 @@ class OtaManager:
                                                  GenerateParams(max_tokens=4)) as generation:
                         list(generation)
                     served.record(generation.stats)
-                except AgentError as exc:
+                except (AgentError, ModelRuntimeError) as exc:
                     self._roll_back_failed(None, manifest, ms, str(exc))
                 i += 1
             else:

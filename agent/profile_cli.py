@@ -184,12 +184,9 @@ def _lm_options(args: argparse.Namespace, device_class: DeviceClass | None) -> d
 
 def run(args: argparse.Namespace) -> int:
     """Profile as ``args`` say; print the summary (or JSON); return the exit code."""
-    from fleetlite.agent.lm_profiler import (
-        is_language_model,
-        profile_lm,
-        profile_lm_isolated,
-    )
+    from fleetlite.agent.lm_profiler import profile_lm, profile_lm_isolated
     from fleetlite.agent.profiler import profile_model, profile_model_isolated
+    from fleetlite.sdk.runtime.lm_detect import is_language_model
 
     device_class: DeviceClass | None = None
     try:

@@ -16,7 +16,7 @@ inside a timed ``invoke()``; at 1 ms it raised the p99 of a 3 us model about fiv
 :func:`profile_model_isolated` runs the same in a fresh ``python -m fleetlite.agent.profiler``
 subprocess (JSON request on stdin, JSON reply on stdout): the load peak is then not blurred by
 whatever the caller's process holds, and a model that crashes the interpreter raises
-:class:`~fleetlite.agent.errors.ModelCrashedError` instead of killing the caller.
+:class:`~fleetlite.sdk.runtime.errors.ModelCrashedError` instead of killing the caller.
 """
 
 from __future__ import annotations
@@ -38,16 +38,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, TypedDict, Union, cas
 import numpy as np
 import numpy.typing as npt
 
-from fleetlite.agent.child_process import ChildFailures, run_json_child
-from fleetlite.agent.errors import (
-    AgentError,
-    InferenceError,
-    InputMismatchError,
-    InvalidModelError,
-    RuntimeMissingError,
-    UnsupportedOpError,
-)
-from fleetlite.agent.runtime import InputsLike, Model, ModelSource, load_model
+from fleetlite.agent.errors import AgentError
 from fleetlite.sdk.profile import (
     LatencyStats,
     MemoryStats,
@@ -60,6 +51,16 @@ from fleetlite.sdk.profile import (
     should_continue,
     summarize_latencies,
 )
+from fleetlite.sdk.runtime.child_process import ChildFailures, run_json_child
+from fleetlite.sdk.runtime.errors import (
+    InferenceError,
+    InputMismatchError,
+    InvalidModelError,
+    ModelRuntimeError,
+    RuntimeMissingError,
+    UnsupportedOpError,
+)
+from fleetlite.sdk.runtime.interpreter import InputsLike, Model, ModelSource, load_model
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -485,7 +486,7 @@ def _language_model_options(
     source: ModelSource, options: ProfileOptions
 ) -> Optional[LmProfileOptions]:
     """The options of an LM profile when ``source`` is a generative LM, else None."""
-    from fleetlite.agent.lm_profiler import is_language_model
+    from fleetlite.sdk.runtime.lm_detect import is_language_model
 
     if not is_language_model(source):
         return None
@@ -651,9 +652,9 @@ def profile_model_isolated(
     """:func:`profile_model` in a fresh subprocess; the record has ``run.isolated`` true.
 
     ``timeout`` defaults to twice ``max_seconds`` (warm-up and steady state) plus 60 s. Raises
-    :class:`~fleetlite.agent.errors.ModelCrashedError` if the child dies from a signal or times
-    out, otherwise the same errors as :func:`profile_model`. A generative language model gets a
-    language-model profile, as from :func:`profile_model`
+    :class:`~fleetlite.sdk.runtime.errors.ModelCrashedError` if the child dies from a signal or
+    times out, otherwise the same errors as :func:`profile_model`. A generative language model
+    gets a language-model profile, as from :func:`profile_model`
     (:func:`fleetlite.agent.lm_profiler.profile_lm_isolated`).
     """
     lm = _language_model_options(source, options)
@@ -714,7 +715,7 @@ def _child_main() -> int:
         try:
             inputs = _load_inputs(request["inputs"]) if request.get("inputs") else None
             record = _profile(request["model"], _Run.from_request(request), inputs, isolated=True)
-        except AgentError as exc:
+        except (AgentError, ModelRuntimeError) as exc:
             json.dump({"ok": False, "kind": type(exc).__name__, "error": str(exc)}, out)
             return 1
         json.dump({"ok": True, "record": record.to_dict()}, out)

@@ -52,13 +52,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
 
-from fleetlite.agent.errors import AgentError, RuntimeMissingError, SmokeTestError
+from fleetlite.agent.errors import AgentError, SmokeTestError
 from fleetlite.sdk.child_lifetime import run_tied
 from fleetlite.sdk.device_class import Budgets
 from fleetlite.sdk.manifest import Tolerance
+from fleetlite.sdk.runtime.errors import ModelRuntimeError, RuntimeMissingError
 
 if TYPE_CHECKING:
-    from fleetlite.agent.runtime import Array, Model
+    from fleetlite.sdk.runtime.interpreter import Array, Model
     from fleetlite.sdk.smoke import SmokeVectors, Tensor
 
 __all__ = [
@@ -346,7 +347,6 @@ def _smoke(request: Mapping[str, Any], measures: dict[str, Any]) -> int:
     """Runs the test, filling ``measures``; returns the cases run or raises _FailedError."""
     import numpy as np
 
-    from fleetlite.agent.errors import InferenceError, InputMismatchError, InvalidModelError
     from fleetlite.agent.profiler import (
         INFERENCE_SAMPLE_INTERVAL_S,
         SAMPLE_INTERVAL_S,
@@ -356,8 +356,9 @@ def _smoke(request: Mapping[str, Any], measures: dict[str, Any]) -> int:
         _Runner,
         read_rss,
     )
-    from fleetlite.agent.runtime import load_model, select_backend
     from fleetlite.sdk.profile import summarize_latencies
+    from fleetlite.sdk.runtime.errors import InferenceError, InputMismatchError, InvalidModelError
+    from fleetlite.sdk.runtime.interpreter import load_model, select_backend
     from fleetlite.sdk.smoke import compare_outputs
 
     backend = request.get("backend")
@@ -471,14 +472,14 @@ def _smoke_language_model(request: Mapping[str, Any], measures: dict[str, Any]) 
     case's tokens greedily and judge them (:func:`fleetlite.sdk.lm_smoke.judge`). The first
     token's time is the first inference; the decode steps' p95 is checked against the latency
     budget."""
-    from fleetlite.agent.errors import InferenceError, InvalidModelError
-    from fleetlite.agent.generation import LmEngine
     from fleetlite.agent.profiler import SAMPLE_INTERVAL_S, RssSampler, read_rss
-    from fleetlite.agent.tokenizer import load_tokenizer
     from fleetlite.sdk.errors import FleetLiteError, LmFormatError
     from fleetlite.sdk.generation import GenerationSpec
     from fleetlite.sdk.lm_smoke import LmSmokeResult, LmSmokeVectors, judge
     from fleetlite.sdk.profile import summarize_latencies
+    from fleetlite.sdk.runtime.errors import InferenceError, InvalidModelError
+    from fleetlite.sdk.runtime.lm_engine import LmEngine
+    from fleetlite.sdk.runtime.tokenizer import load_tokenizer
 
     tolerance = Tolerance(**request["tolerance"])
     try:
@@ -551,7 +552,8 @@ def _child_main() -> int:
         except _FailedError as verdict:
             reply = {"ok": True, "reason": verdict.reason, "message": verdict.message,
                      "cases": verdict.cases, "mismatches": verdict.mismatches}
-        except AgentError as exc:  # RuntimeMissingError: the device cannot test, not a verdict
+        # RuntimeMissingError: the device cannot test, not a verdict
+        except (AgentError, ModelRuntimeError) as exc:
             reply = {"ok": False, "kind": type(exc).__name__, "error": str(exc)}
         reply["measures"] = {k: v for k, v in measures.items() if math.isfinite(v)}
         json.dump(reply, out)

@@ -118,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if cli_fleet.is_fleet_verb(args):
             return cli_fleet.run(args)
         if args.command == "demo":
-            from fleetlite.tools.demo import run_demo
+            from fleetlite.fleet.demo import run_demo
 
             return run_demo(out=args.out, keep=args.keep, broker=args.local_broker)
         if args.command == "keys":

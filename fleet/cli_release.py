@@ -10,15 +10,15 @@ from pathlib import Path
 from typing import Any
 
 from fleetlite.fleet.cli_keys import add_output, duration_arg, emit, help_text
-from fleetlite.sdk.durations import DEFAULT_EXPIRES_IN
-from fleetlite.sdk.errors import BundleError, UpdateRejected
-from fleetlite.sdk.generation import Sampling
-from fleetlite.sdk.keys import SigningKey, require_role
-from fleetlite.sdk.lm_release import (
+from fleetlite.fleet.lm_release_builder import (
     DEFAULT_SMOKE_PROMPTS,
     DEFAULT_SMOKE_TOKENS,
     DEFAULT_VARIANT_AGREEMENT,
 )
+from fleetlite.sdk.durations import DEFAULT_EXPIRES_IN
+from fleetlite.sdk.errors import BundleError, UpdateRejected
+from fleetlite.sdk.generation import Sampling
+from fleetlite.sdk.keys import SigningKey, require_role
 from fleetlite.sdk.manifest import Tolerance
 from fleetlite.sdk.out_dirs import missing_dirs, say_created
 from fleetlite.sdk.version import __version__
@@ -236,7 +236,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from fleetlite.sdk.bundle import BUNDLE_SUFFIX, build_release
+    from fleetlite.fleet.release_builder import build_release
+    from fleetlite.sdk.bundle import BUNDLE_SUFFIX
 
     out = Path(args.out)
     if out.exists() and (out.suffix == BUNDLE_SUFFIX or not out.is_dir() or any(out.iterdir())):
@@ -328,7 +329,8 @@ def _sign(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from fleetlite.fleet.errors import FleetError
     from fleetlite.fleet.fleet_root import resolve_fleet_root
-    from fleetlite.sdk.bundle import load_bundle, run_bundle_smoke
+    from fleetlite.fleet.release_smoke import run_bundle_smoke
+    from fleetlite.sdk.bundle import load_bundle
 
     chosen = resolve_fleet_root(args.root)
     if chosen is None:

@@ -575,9 +575,9 @@ class Fleet:
                       keys: Sequence[Union[SigningKey, PathArg]] = (),
                       vocab: Optional[PathArg] = None, **options: Any) -> ReleaseBundle:
         """Build (and sign with ``keys``: key objects or ``.key`` files) a release bundle;
-        ``options`` go to :func:`fleetlite.sdk.bundle.build_release` (``expires_in``,
+        ``options`` go to :func:`fleetlite.fleet.release_builder.build_release` (``expires_in``,
         ``tolerance``, ...). Nothing is stored: :meth:`push_release` does that."""
-        from fleetlite.sdk.bundle import build_release
+        from fleetlite.fleet.release_builder import build_release
         from fleetlite.sdk.keys import SigningKey
 
         loaded = [k if isinstance(k, SigningKey) else SigningKey.load(k) for k in keys]

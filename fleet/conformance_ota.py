@@ -35,8 +35,9 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from fleetlite.fleet.broker_address import BrokerAddress, ssl_context
 from fleetlite.fleet.errors import PublishError
+from fleetlite.fleet.release_builder import build_release
 from fleetlite.sdk import topics
-from fleetlite.sdk.bundle import ReleaseBundle, build_release, bundle_from_bytes
+from fleetlite.sdk.bundle import ReleaseBundle, bundle_from_bytes
 from fleetlite.sdk.envelope import Envelope
 from fleetlite.sdk.keys import SigningKey
 from fleetlite.sdk.manifest import release_id as compute_release_id
@@ -80,7 +81,7 @@ class ReleaseFactory:
     """Builds the kit's releases of ``fleetlite-conformance`` for one device class."""
 
     def __init__(self, keys: Sequence[SigningKey], device_class: str, workdir: Path) -> None:
-        from fleetlite.tools.models import intent_classifier  # fleet-side tooling, lazily
+        from fleetlite.fleet.intent_model import intent_classifier
 
         self.keys = list(keys)
         self.device_class = device_class

@@ -1,13 +1,12 @@
-"""Release bundles: build a signed release from .tflite files, sign it again, read it, show it.
+"""Release bundles: read a signed release, sign it again, write it, show it.
 
 A bundle is either a directory or a single ``.flb`` file (an uncompressed POSIX tar) holding
 ``manifest.json`` (the signed DSSE envelope of the manifest) and exactly the files the manifest
 lists. Reading a ``.flb`` refuses links, directories, devices, unlisted, duplicate, absolute and
 traversing member names before anything is read into memory.
 
-Building reads each model with the real runtime layer (after a crash-isolated check) to describe
-its tensors and to compute the smoke vectors; this module is fleet-side tooling and imports the
-runtime lazily, so the agent never pulls it in.
+Building a release from ``.tflite`` files runs the models, so it is fleet-side:
+:mod:`fleetlite.fleet.release_builder`.
 """
 
 from __future__ import annotations
@@ -15,77 +14,35 @@ from __future__ import annotations
 import datetime as _dt
 import io
 import os
-import re
 import stat
 import tarfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Union
 
-import numpy as np
-import numpy.typing as npt
-
-from fleetlite.sdk.durations import DEFAULT_EXPIRES_IN, parse_duration
-from fleetlite.sdk.envelope import MANIFEST_PAYLOAD_TYPE, Envelope
+from fleetlite.sdk.envelope import Envelope
 from fleetlite.sdk.errors import BundleError, UnsafeNameError, UpdateRejected
-from fleetlite.sdk.generation import Sampling
 from fleetlite.sdk.keys import SigningKey, require_role
-from fleetlite.sdk.lm_release import (
-    DEFAULT_SMOKE_PROMPTS,
-    DEFAULT_SMOKE_TOKENS,
-    DEFAULT_VARIANT_AGREEMENT,
-    build_lm_parts,
-    is_lm_file,
-)
-from fleetlite.sdk.manifest import (
-    MODEL_NAME_RE,
-    FileEntry,
-    Manifest,
-    ModelInfo,
-    SmokeSpec,
-    TensorInfo,
-    Tolerance,
-    Variant,
-    check_file_name,
-    file_entry,
-    parse_manifest,
-)
-from fleetlite.sdk.smoke import (
-    SmokeCase,
-    SmokeVectors,
-    Tensor,
-    check_vectors_match_model,
-    compare_outputs,
-    run_smoke,
-)
+from fleetlite.sdk.manifest import FileEntry, Manifest, check_file_name, parse_manifest
 from fleetlite.sdk.trust import Root
 from fleetlite.sdk.verify import DEFAULT_LIMITS, Limits, verify_bytes, verify_release
 from fleetlite.sdk.version import __version__
 
 __all__ = [
     "BUNDLE_SUFFIX",
-    "DEFAULT_EXPIRES_IN",
     "ENVELOPE_NAME",
     "ReleaseBundle",
-    "build_release",
     "bundle_from_bytes",
     "load_bundle",
-    "parse_duration",
-    "run_bundle_smoke",
     "sign_bundle",
-    "smoke_inputs",
 ]
 
 PathArg = Union[str, "os.PathLike[str]"]
-Array = npt.NDArray[Any]
 
 ENVELOPE_NAME = "manifest.json"
 BUNDLE_SUFFIX = ".flb"
-DEFAULT_SMOKE_CASES = 3
-# Token ids for int32/int64 inputs stay in 0..7: valid for any vocabulary with 8+ entries.
-TOKEN_RANGE = 8
 
 
 @dataclass(frozen=True, eq=False)
@@ -207,259 +164,6 @@ class ReleaseBundle:
 
 def _iso(ts: int) -> str:
     return _dt.datetime.fromtimestamp(ts, tz=_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-# --- building ---------------------------------------------------------------------------------
-
-
-def smoke_inputs(specs: Sequence[Any], case: int) -> list[Array]:
-    """Deterministic inputs valid for each runtime ``TensorSpec``'s dtype (no RNG involved).
-
-    Floats: a sine pattern in [-1, 1]; quantized integers: that pattern quantized with the
-    tensor's scale and zero point; other integers (token ids): 0..7; bool: alternating.
-    """
-    from fleetlite.agent.runtime import quantize
-
-    arrays = []
-    for position, spec in enumerate(specs):
-        shape = tuple(spec.shape)
-        count = int(np.prod(shape)) if shape else 1
-        index = np.arange(count, dtype=np.float64)
-        phase = 0.7 * case + 0.3 * position
-        real = np.sin(index * (0.37 + 0.11 * case) + phase).reshape(shape)
-        dtype = np.dtype(spec.dtype)
-        if dtype == np.bool_:
-            array: Array = ((np.arange(count) + case) % 2 == 0).reshape(shape)
-        elif np.issubdtype(dtype, np.floating):
-            array = real.astype(dtype)
-        elif spec.quantized:
-            array = quantize(real, spec)
-        else:
-            ids = (np.arange(count) * (3 + 2 * case) + case + position) % TOKEN_RANGE
-            array = ids.astype(dtype).reshape(shape)
-        arrays.append(array)
-    return arrays
-
-
-def _variant_name(path: Path, taken: set[str]) -> str:
-    base = re.sub(r"[^a-z0-9_-]+", "-", path.stem.lower()).strip("-_")[:32] or "variant"
-    name, n = base, 2
-    while name in taken or name == "default" or not re.match(r"[a-z0-9]", name):
-        name = f"v{n}-{base}"[:32]
-        n += 1
-    return name
-
-
-def _describe_and_smoke(
-    path: Path, content: bytes, cases: int, tolerance: Tolerance
-) -> tuple[tuple[TensorInfo, ...], tuple[TensorInfo, ...], SmokeVectors]:
-    from fleetlite.agent.isolated import check_model
-    from fleetlite.agent.runtime import load_model
-
-    check_model(path)  # a hostile or truncated file must not crash the operator's process
-    model = load_model(content)
-    inputs = tuple(TensorInfo.from_dict(s.to_dict()) for s in model.inputs)
-    outputs = tuple(TensorInfo.from_dict(s.to_dict()) for s in model.outputs)
-    smoke_cases = []
-    for case in range(cases):
-        arrays = smoke_inputs(model.inputs, case)
-        result = model.run(arrays)
-        expected = tuple(Tensor(name, np.array(value)) for name, value in result.items())
-        again = compare_outputs(expected, model.run(arrays), tolerance)
-        if again:
-            raise BundleError(f"{path}: the model gives different outputs for the same input "
-                              f"({again[0]}); smoke vectors would not be reproducible")
-        smoke_cases.append(SmokeCase(
-            tuple(Tensor(s.name, a) for s, a in zip(model.inputs, arrays)), expected))
-    return inputs, outputs, SmokeVectors(tuple(smoke_cases))
-
-
-def build_release(
-    models: Sequence[PathArg],
-    *,
-    name: str,
-    version: int,
-    device_classes: Sequence[str],
-    vocab: PathArg | None = None,
-    expires_in: int = DEFAULT_EXPIRES_IN,
-    issued: int | None = None,
-    min_agent_version: str = __version__,
-    tolerance: Tolerance | None = None,
-    smoke_cases: int = DEFAULT_SMOKE_CASES,
-    keys: Sequence[SigningKey] = (),
-    limits: Limits = DEFAULT_LIMITS,
-    tokenizer: PathArg | None = None,
-    prompt_template: str = "{prompt}",
-    stop_ids: Sequence[int] = (),
-    stop_strings: Sequence[str] = (),
-    sampling: Sampling | None = None,
-    smoke_prompts: Sequence[str] = DEFAULT_SMOKE_PROMPTS,
-    smoke_tokens: int = DEFAULT_SMOKE_TOKENS,
-    min_token_agreement: float = DEFAULT_VARIANT_AGREEMENT,
-) -> ReleaseBundle:
-    """Build a release of one or more ``.tflite`` files (the first is the default variant, the
-    others variants named after their files), plus an optional vocabulary file, signed by
-    ``keys`` (none: an unsigned bundle to sign later with :func:`sign_bundle`).
-
-    A generative language model (signatures ``prefill_<N>`` and ``decode``) needs its
-    ``tokenizer``; ``prompt_template``, ``stop_ids`` (default: the tokenizer's end-of-sequence
-    id), ``stop_strings`` and the default ``sampling`` complete its generation metadata, and its
-    smoke vectors are ``smoke_prompts``' greedy tokens (see :mod:`fleetlite.sdk.lm_release`).
-    """
-    if not models:
-        raise BundleError("give at least one .tflite model file")
-    if not MODEL_NAME_RE.match(name):
-        raise BundleError(f"release name {name!r} must be 1-64 characters of [a-z0-9_-]")
-    tolerance = tolerance or Tolerance()
-    issued = int(time.time()) if issued is None else issued
-    files: dict[str, bytes] = {}
-    entries: list[FileEntry] = []
-
-    def add(file_name: str, content: bytes, role: str) -> None:
-        try:
-            check_file_name(file_name)
-        except UnsafeNameError as exc:
-            raise BundleError(f"{exc}") from None
-        if file_name in files:
-            raise BundleError(f"two release files would be named {file_name!r}; rename one")
-        if len(content) > limits.max_file_bytes:
-            raise BundleError(f"{file_name} is {len(content)} bytes; devices accept at most "
-                              f"{limits.max_file_bytes}")
-        files[file_name] = content
-        entries.append(file_entry(file_name, content, role))
-
-    variants: list[Variant] = []
-    smoke_files: list[tuple[str, bytes]] = []
-    paths = [Path(source) for source in models]
-    generation = None
-    if is_lm_file(paths[0]):
-        if tokenizer is None:
-            raise BundleError(f"{paths[0]} is a generative language model (signatures "
-                              "prefill_<N> and decode): give its tokenizer (--tokenizer)")
-        lm = build_lm_parts(paths, Path(tokenizer), device_classes,
-                            prompt_template=prompt_template, stop_ids=stop_ids,
-                            stop_strings=stop_strings, sampling=sampling,
-                            smoke_prompts=smoke_prompts, smoke_tokens=smoke_tokens,
-                            min_token_agreement=min_token_agreement, tolerance=tolerance)
-        generation = lm.spec
-        for path, (inputs, outputs, lm_vectors) in zip(paths, lm.variants):
-            smoke_name = f"{path.stem}.smoke.json"
-            add(path.name, path.read_bytes(), "model")
-            smoke_files.append((smoke_name, lm_vectors.to_json()))
-            vname = "default" if not variants else _variant_name(path, {v.name for v in variants})
-            variants.append(Variant(vname, ModelInfo(path.name, inputs, outputs),
-                                    SmokeSpec(smoke_name, tolerance)))
-        add(generation.tokenizer, lm.tokenizer_bytes, "tokenizer")
-        models = ()
-    elif tokenizer is not None:
-        raise BundleError(f"{paths[0]} is not a generative language model (no prefill_<N> and "
-                          "decode signatures): drop --tokenizer, or give the LM's .tflite")
-    for source in models:
-        path = Path(source)
-        try:
-            content = path.read_bytes()
-        except OSError as exc:
-            raise BundleError(f"{path}: cannot read the model ({exc.strerror})") from None
-        inputs, outputs, vectors = _describe_and_smoke(path, content, smoke_cases, tolerance)
-        smoke_name = f"{path.stem}.smoke.json"
-        add(path.name, content, "model")
-        smoke_files.append((smoke_name, vectors.to_json()))
-        vname = "default" if not variants else _variant_name(path, {v.name for v in variants})
-        variants.append(Variant(vname, ModelInfo(path.name, inputs, outputs),
-                                SmokeSpec(smoke_name, tolerance)))
-    for smoke_name, content in smoke_files:
-        add(smoke_name, content, "smoke")
-    if vocab is not None:
-        vocab_path = Path(vocab)
-        try:
-            add(vocab_path.name, vocab_path.read_bytes(), "vocab")
-        except OSError as exc:
-            raise BundleError(f"{vocab_path}: cannot read the vocabulary ({exc.strerror})") \
-                from None
-    manifest = Manifest(
-        name=name,
-        version=version,
-        files=tuple(entries),
-        model=variants[0].model,
-        smoke=variants[0].smoke,
-        device_classes=tuple(dict.fromkeys(device_classes)),
-        min_agent_version=min_agent_version,
-        issued=issued,
-        expires=issued + expires_in,
-        variants=tuple(variants[1:]),
-        generation=generation,
-    )
-    payload = manifest.to_json()
-    try:
-        parsed = parse_manifest(payload, max_bytes=limits.max_manifest_bytes,
-                                max_files=limits.max_files, max_file_bytes=limits.max_file_bytes)
-    except UpdateRejected as exc:
-        raise BundleError(f"the release would not pass a device's checks: {exc}") from None
-    bundle = ReleaseBundle(Envelope(MANIFEST_PAYLOAD_TYPE, payload), parsed, files)
-    for key in keys:
-        bundle = bundle.sign(key)
-    return bundle
-
-
-def run_bundle_smoke(bundle: ReleaseBundle) -> list[str]:
-    """Run every variant's smoke vectors on this machine's runtime; problems, empty if none.
-
-    Verify the bundle first: this loads its models (after a crash-isolated check).
-    """
-    import tempfile
-
-    from fleetlite.agent.isolated import check_model
-    from fleetlite.agent.runtime import load_model
-
-    if bundle.manifest.generation is not None:
-        return _run_lm_bundle_smoke(bundle)
-    problems: list[str] = []
-    for variant in bundle.manifest.all_variants():
-        vectors = SmokeVectors.from_json(bundle.files[variant.smoke.file])
-        found = check_vectors_match_model(vectors, variant.model)
-        if not found:
-            with tempfile.TemporaryDirectory() as tmp:
-                model_path = Path(tmp) / variant.model.file
-                model_path.write_bytes(bundle.files[variant.model.file])
-                check_model(model_path)
-            model = load_model(bundle.files[variant.model.file])
-            found = run_smoke(vectors, model.run, variant.smoke.tolerance)
-        problems.extend(f"variant {variant.name}: {p}" for p in found)
-    return problems
-
-
-def _run_lm_bundle_smoke(bundle: ReleaseBundle) -> list[str]:
-    """A language model's smoke test here, as a device runs it: model, tokenizer and metadata
-    agree, then each variant's greedy tokens and first-step logits are judged."""
-    import tempfile
-
-    from fleetlite.agent.generation import LmEngine
-    from fleetlite.agent.isolated import check_language_model
-    from fleetlite.agent.lm_smoke import run_vectors
-    from fleetlite.agent.tokenizer import load_tokenizer
-    from fleetlite.sdk.errors import FleetLiteError
-    from fleetlite.sdk.lm_smoke import LmSmokeVectors, judge
-
-    spec = bundle.manifest.generation
-    assert spec is not None
-    problems: list[str] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, content in bundle.files.items():
-            (Path(tmp) / name).write_bytes(content)
-        for variant in bundle.manifest.all_variants():
-            model = Path(tmp) / variant.model.file
-            try:
-                check_language_model(model)
-                engine = LmEngine(model, spec=spec,
-                                  tokenizer=load_tokenizer(Path(tmp) / spec.tokenizer,
-                                                           spec.tokenizer_kind))
-                vectors = LmSmokeVectors.from_json(bundle.files[variant.smoke.file])
-                found = judge(vectors, run_vectors(engine, vectors), variant.smoke.tolerance)
-            except FleetLiteError as exc:
-                reason = getattr(exc, "reason", "")
-                found = [f"{exc}" + (f" [{reason}]" if reason else "")]
-            problems.extend(f"variant {variant.name}: {p}" for p in found)
-    return problems
 
 
 # --- reading ----------------------------------------------------------------------------------

@@ -26,7 +26,9 @@ Every FleetLite error derives from :class:`FleetLiteError`; each package adds it
     │   └── FileMismatchError
     │       ├── LengthMismatchError   length_mismatch
     │       └── HashMismatchError     hash_mismatch
-    ├── agent.errors.AgentError   the device agent (runtime, model service, link, OTA)
+    ├── runtime.errors.ModelRuntimeError  the model runtime both sides run (interpreter, isolated
+    │                             check, language-model engine, tokenizer)
+    ├── agent.errors.AgentError   the device agent (model service, link, OTA, spool)
     └── fleet.errors.FleetError   the fleet side (store, controller, rollouts, CLI)
 
 Messages say what went wrong and what to do next.

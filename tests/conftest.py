@@ -48,7 +48,7 @@ def crash_fixture_crashes() -> bool:
     tflite-runtime 2.14 segfaults on it; ai-edge-litert checks the missing tensor and refuses the
     model instead. Either way the caller must survive with a clear error; the tests say which.
     """
-    from fleetlite.agent.runtime import select_backend
+    from fleetlite.sdk.runtime.interpreter import select_backend
 
     return select_backend().name == "tflite-runtime"
 

@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fleetlite.agent.runtime import load_model
 from fleetlite.sdk import topics
 from fleetlite.sdk.local_client import LocalClient
 from fleetlite.sdk.messages import Birth, CommandResponse, Status, Telemetry
+from fleetlite.sdk.runtime.interpreter import load_model
 from fleetlite.sdk.text import Tokenizer
 from tests.agent_harness import AgentProcess, write_config
 from tests.mqtt_harness import Collector, Mosquitto

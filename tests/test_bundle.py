@@ -13,21 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fleetlite.agent.errors import InvalidModelError, ModelCrashedError
-from fleetlite.agent.runtime import load_model
-from fleetlite.sdk.bundle import (
-    ENVELOPE_NAME,
-    ReleaseBundle,
-    build_release,
-    load_bundle,
-    parse_duration,
-    run_bundle_smoke,
-    sign_bundle,
-    smoke_inputs,
-)
+from fleetlite.fleet.release_builder import build_release, smoke_inputs
+from fleetlite.fleet.release_smoke import run_bundle_smoke
+from fleetlite.sdk.bundle import ENVELOPE_NAME, ReleaseBundle, load_bundle, sign_bundle
+from fleetlite.sdk.durations import parse_duration
 from fleetlite.sdk.errors import BundleError, MalformedError, SignatureError, UpdateRejected
 from fleetlite.sdk.keys import SigningKey
 from fleetlite.sdk.manifest import Tolerance
+from fleetlite.sdk.runtime.errors import InvalidModelError, ModelCrashedError
+from fleetlite.sdk.runtime.interpreter import load_model
 from fleetlite.sdk.smoke import SmokeCase, SmokeVectors, Tensor, compare_outputs
 from fleetlite.sdk.trust import Root, new_root
 from fleetlite.tools.models import crashing_model, two_in_two_out

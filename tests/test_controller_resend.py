@@ -16,10 +16,10 @@ import pytest
 
 from fleetlite.fleet.controller import Controller
 from fleetlite.fleet.ingest_backlog import BacklogItem
+from fleetlite.fleet.release_builder import build_release
 from fleetlite.fleet.rollout import SENT, RolloutSpec, RolloutState, Selector, parse_waves
 from fleetlite.fleet.store import Store, open_store
 from fleetlite.sdk import topics
-from fleetlite.sdk.bundle import build_release
 from fleetlite.sdk.messages import Status
 from tests.mqtt_harness import Collector, Mosquitto
 from tests.test_ota_install import ISSUED, RELEASE_KEY

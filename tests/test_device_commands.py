@@ -28,8 +28,8 @@ from fleetlite.fleet.device_commands import (
     send_and_wait,
 )
 from fleetlite.fleet.errors import FleetError
+from fleetlite.fleet.release_builder import build_release
 from fleetlite.fleet.store import CommandRecord, Store, open_store
-from fleetlite.sdk.bundle import build_release
 from fleetlite.sdk.messages import CommandResponse, Event
 from fleetlite.sdk.trust import new_root, root_envelope
 from tests.test_fleet_cli import FLEETLITE, cli

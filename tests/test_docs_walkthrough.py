@@ -29,7 +29,7 @@ import pytest
 import yaml
 
 from fleetlite.fleet import Fleet
-from fleetlite.tools.models import intent_classifier
+from fleetlite.fleet.intent_model import intent_classifier
 from tests.conftest import PG_URL, fresh_pg_database
 from tests.doc_commands import DOCS, REPO, Walkthrough, shell_commands
 from tests.mqtt_harness import Mosquitto
@@ -44,7 +44,7 @@ HOST = "changes the host (root, /etc, systemd): shown for a real gateway, not ru
 
 def names_the_runtime(info: str) -> bool:
     """Whether ``fleetlite-agent info`` names the TFLite runtime this Python has selected."""
-    from fleetlite.agent.runtime import select_backend
+    from fleetlite.sdk.runtime.interpreter import select_backend
 
     return re.search(rf"^backend\s+{re.escape(select_backend().name)}$", info, re.M) is not None
 

@@ -32,9 +32,10 @@ from fleetlite.fleet.cli import build_parser
 from fleetlite.fleet.cli_fleet import ProgressBoard
 from fleetlite.fleet.client import WaitTimeoutError
 from fleetlite.fleet.errors import FleetError, RecordNotFoundError, RolloutError
-from fleetlite.sdk.bundle import ReleaseBundle, build_release, load_bundle
+from fleetlite.fleet.intent_model import intent_classifier
+from fleetlite.fleet.release_builder import build_release
+from fleetlite.sdk.bundle import ReleaseBundle, load_bundle
 from fleetlite.sdk.messages import Birth, Status
-from fleetlite.tools.models import intent_classifier
 from tests.agent_harness import AgentProcess, write_config
 from tests.mqtt_harness import Collector, Mosquitto
 from tests.test_ota_install import RELEASE_KEY, write_root

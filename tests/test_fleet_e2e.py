@@ -30,13 +30,15 @@ import pytest
 
 from fleetlite.fleet.controller import Controller
 from fleetlite.fleet.gates import GateSpec
+from fleetlite.fleet.intent_model import intent_classifier
+from fleetlite.fleet.release_builder import build_release
 from fleetlite.fleet.rollout import RolloutSpec, RolloutState, Selector, parse_waves
 from fleetlite.fleet.store import Store, open_store
 from fleetlite.sdk import topics
-from fleetlite.sdk.bundle import ReleaseBundle, build_release
+from fleetlite.sdk.bundle import ReleaseBundle
 from fleetlite.sdk.messages import CommandResponse, OtaStatus
 from fleetlite.sdk.profile import ProfileRecord
-from fleetlite.tools.models import heavy_mlp, intent_classifier
+from fleetlite.tools.models import heavy_mlp
 from tests.agent_harness import AgentProcess, write_config
 from tests.mqtt_harness import Collector, Mosquitto, Received
 from tests.test_ota_install import ISSUED, RELEASE_KEY, write_root
@@ -295,7 +297,7 @@ def test_latency_gate_rolls_back_the_slower_class_and_the_other_class_completes(
     split layer waits for a scheduler tick, so v2's p95 is tens of ms (measured with
     ``fleetlite-agent profile --threads 4``: ~24-30 ms, ~0.003-0.007 ms with 1 thread). The
     engine decides from the profiles the agents publish after each install."""
-    from fleetlite.agent.runtime import select_backend
+    from fleetlite.sdk.runtime.interpreter import select_backend
 
     if select_backend().name != "tflite-runtime":
         # measured with ai-edge-litert 2.3.0 on this machine: v2 p95 0.014 ms with 4 threads

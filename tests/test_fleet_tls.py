@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from fleetlite.fleet import Fleet
-from fleetlite.sdk.bundle import build_release
-from fleetlite.tools.models import intent_classifier
+from fleetlite.fleet.intent_model import intent_classifier
+from fleetlite.fleet.release_builder import build_release
 from tests.agent_harness import AgentProcess, write_config
 from tests.mqtt_harness import Mosquitto, TlsFiles
 from tests.pki import Issued, TestPki

@@ -20,7 +20,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fleetlite.sdk.bundle import ENVELOPE_NAME, ReleaseBundle, build_release, load_bundle
+from fleetlite.fleet.release_builder import build_release
+from fleetlite.sdk.bundle import ENVELOPE_NAME, ReleaseBundle, load_bundle
 from fleetlite.sdk.errors import BundleError
 from fleetlite.sdk.keys import SigningKey
 from tests.conftest import MODELS

@@ -13,25 +13,25 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fleetlite.agent.errors import AgentError
-from fleetlite.agent.generation import (
+from fleetlite.agent.lm_service import LmService
+from fleetlite.sdk.errors import LmFormatError
+from fleetlite.sdk.generation import GenerationSpec, Sampling
+from fleetlite.sdk.lm_signature import LmLayout
+from fleetlite.sdk.runtime.errors import ModelRuntimeError
+from fleetlite.sdk.runtime.interpreter import select_backend
+from fleetlite.sdk.runtime.lm_engine import (
     MASKED,
     BusyError,
     GenerateParams,
     GenerationInputError,
     LmEngine,
-    LmService,
     MemoryBudgetError,
     PrefillStep,
     causal_mask,
     estimate_memory_bytes,
     plan_prefill,
 )
-from fleetlite.agent.runtime import select_backend
-from fleetlite.agent.tokenizer import SentencePieceTokenizer
-from fleetlite.sdk.errors import LmFormatError
-from fleetlite.sdk.generation import GenerationSpec, Sampling
-from fleetlite.sdk.lm_signature import LmLayout
+from fleetlite.sdk.runtime.tokenizer import SentencePieceTokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 LM = REPO / "tests" / "fixtures" / "lm"
@@ -330,8 +330,8 @@ def test_an_engine_may_use_fewer_prefill_signatures(name: str, lengths: tuple[in
 
 
 def test_a_prefill_length_the_model_lacks_is_refused() -> None:
-    with pytest.raises(AgentError, match=r"no prefill signature of length 16; choose prefill "
-                       r"lengths among \[8, 32\]"):
+    with pytest.raises(ModelRuntimeError, match=r"no prefill signature of length 16; choose "
+                       r"prefill lengths among \[8, 32\]"):
         load("home_lm", prefill_lengths=(8, 16))
 
 
@@ -507,5 +507,5 @@ def test_token_level_engine_has_no_text_stream() -> None:
     case = first_case()
     ids: Iterator[int] = engine.generate(case["prompt_ids"], GenerateParams(max_tokens=4))
     assert list(ids) == case["reference_ids"][:4]
-    with pytest.raises(AgentError, match="needs the release's generation metadata"):
+    with pytest.raises(ModelRuntimeError, match="needs the release's generation metadata"):
         engine.stream("turn off the kitchen lights")

@@ -38,7 +38,7 @@ MAX_BYTES = 2_300_000
 
 def operator_versions(path: Path) -> dict[str, int]:
     """Builtin op name -> the highest version of it the .tflite needs."""
-    from fleetlite.tools.tflite_builder import schema_module
+    from fleetlite.fleet.tflite_builder import schema_module
 
     names = {code: name for name, code in vars(schema_module("BuiltinOperator").BuiltinOperator)
              .items() if not name.startswith("_")}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from fleetlite.agent.runtime import select_backend
+from fleetlite.sdk.runtime.interpreter import select_backend
 from fleetlite.tools.check_lm_fixtures import (
     FIXTURES,
     check_directory,

@@ -19,13 +19,15 @@ from fleetlite.agent.language_models import LanguageModels
 from fleetlite.agent.model_service import ModelService
 from fleetlite.agent.ota import OtaManager, OtaSettings
 from fleetlite.agent.ota_state import OtaStateStore
-from fleetlite.sdk.bundle import ReleaseBundle, build_release, run_bundle_smoke
+from fleetlite.fleet.intent_model import intent_classifier
+from fleetlite.fleet.release_builder import build_release
+from fleetlite.fleet.release_smoke import run_bundle_smoke
+from fleetlite.sdk.bundle import ReleaseBundle
 from fleetlite.sdk.device_class import find_device_class
 from fleetlite.sdk.envelope import Envelope
 from fleetlite.sdk.errors import BundleError
 from fleetlite.sdk.manifest import release_id
 from fleetlite.tools.lm_corpus import dialogues
-from fleetlite.tools.models import intent_classifier
 from tests.ota_simulator import FleetSimulator, Served
 from tests.test_generation import LM, reference
 from tests.test_ota_install import CLASS, ISSUED, RELEASE_KEY, write_root
@@ -231,7 +233,7 @@ FC12 = LM / "home_lm_int8_fc12.tflite"  # TF 2.21's default int8 export: FULLY_C
 
 
 def runtime_lacks_fc12() -> bool:
-    from fleetlite.agent.runtime import select_backend
+    from fleetlite.sdk.runtime.interpreter import select_backend
 
     return select_backend().name == "tflite-runtime"
 

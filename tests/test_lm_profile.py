@@ -16,16 +16,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fleetlite.agent import profile_cli
-from fleetlite.agent.errors import InferenceError, InputMismatchError
 from fleetlite.agent.lm_profiler import (
     LmPlan,
     LmWorkload,
     _generate,
-    is_language_model,
     plan_workload,
     profile_lm,
     profile_lm_isolated,
-    signature_keys,
     workload_ids,
 )
 from fleetlite.agent.profiler import profile_model, profile_model_isolated
@@ -61,6 +58,8 @@ from fleetlite.sdk.profile import (
     summarize_latencies,
     summarize_runs,
 )
+from fleetlite.sdk.runtime.errors import InferenceError, InputMismatchError
+from fleetlite.sdk.runtime.lm_detect import is_language_model, signature_keys
 from tests.fuzz_settings import encode as hostile_encode
 from tests.fuzz_settings import fuzz, hostile_bytes, parse_or_refuse, sweep
 from tests.test_generation import LM, load, reference

@@ -15,8 +15,9 @@ import pytest
 
 from fleetlite.fleet import Fleet
 from fleetlite.fleet.gates import GateSpec
+from fleetlite.fleet.release_builder import build_release
 from fleetlite.fleet.rollout import RolloutSpec, Selector, parse_waves
-from fleetlite.sdk.bundle import ReleaseBundle, build_release
+from fleetlite.sdk.bundle import ReleaseBundle
 from fleetlite.sdk.local_client import LocalClient
 from tests.test_fleet_e2e import (  # noqa: F401 (site: the imported fixture)
     DETECTOR_DEVICES,
@@ -151,7 +152,7 @@ def test_a_v2_whose_decode_rate_regresses_on_one_class_is_rolled_back_on_that_cl
     agents publish after each install: the ARM canary is rolled back to v1 and its class
     excluded; the industrial class completes on v2. (The classifier's p95 gate is tested the
     same way, on PostgreSQL too, in test_fleet_e2e.py; this one runs on SQLite only.)"""
-    from fleetlite.agent.runtime import select_backend
+    from fleetlite.sdk.runtime.interpreter import select_backend
 
     if select_backend().name != "tflite-runtime":
         pytest.skip("the slow class comes from oversubscribing tflite-runtime 2.14's XNNPACK "

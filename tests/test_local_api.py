@@ -23,10 +23,10 @@ import pytest
 from fleetlite.agent.errors import LocalApiSetupError
 from fleetlite.agent.local_api import LocalApiServer
 from fleetlite.agent.model_service import ModelService
-from fleetlite.agent.runtime import load_model
 from fleetlite.sdk import local_client as wire
 from fleetlite.sdk.errors import FleetLiteError, LocalApiError
 from fleetlite.sdk.local_client import LocalClient
+from fleetlite.sdk.runtime.interpreter import load_model
 from fleetlite.tools.models import two_in_two_out
 from tests.test_model_service import MODEL_FILES, Scorer, hammer_through_swaps, sample_inputs
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from fleetlite.agent.generation import LmService
 from fleetlite.agent.language_models import LanguageModels, ServedLm
+from fleetlite.agent.lm_service import LmService
 from fleetlite.agent.local_api import LocalApiServer
 from fleetlite.agent.model_service import ModelService
 from fleetlite.sdk import local_client as wire

@@ -17,9 +17,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fleetlite.agent.errors import InputMismatchError, InvalidModelError, ModelNotFoundError
+from fleetlite.agent.errors import ModelNotFoundError
 from fleetlite.agent.model_service import BUCKET_BOUNDS_MS, LatencyHistogram, ModelService
-from fleetlite.agent.runtime import Model, load_model
+from fleetlite.sdk.runtime.errors import InputMismatchError, InvalidModelError
+from fleetlite.sdk.runtime.interpreter import Model, load_model
 from fleetlite.tools.models import two_in_two_out
 
 MODEL_FILES = (

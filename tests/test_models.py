@@ -21,23 +21,19 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fleetlite.agent.runtime import Model, load_model, select_backend
-from fleetlite.sdk.text import Tokenizer, TokenizerError
-from fleetlite.tools import build_models
-from fleetlite.tools.models import (
-    AUTOENCODER_RELU,
+from fleetlite.fleet.intent_model import (
     DEFAULT_SEED,
-    FIXTURES,
     INTENT_LABELS,
     BuiltModel,
-    build_all,
-    heavy_mlp,
     intent_classifier,
     intent_dataset,
     intent_tokenizer,
-    sensor_samples,
 )
-from fleetlite.tools.tflite_builder import schema_module
+from fleetlite.fleet.tflite_builder import schema_module
+from fleetlite.sdk.runtime.interpreter import Model, load_model, select_backend
+from fleetlite.sdk.text import Tokenizer, TokenizerError
+from fleetlite.tools import build_models
+from fleetlite.tools.models import AUTOENCODER_RELU, FIXTURES, build_all, heavy_mlp, sensor_samples
 from tests import reference_numpy as ref
 
 FLOAT_ATOL = 1e-5

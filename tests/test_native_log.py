@@ -1,6 +1,6 @@
 """The runtime's "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." line stays off the
 user's terminal (issue 12), while anything else written to stderr during a model load, warnings
-and errors included, still reaches it (agent/native_log.py)."""
+and errors included, still reaches it (sdk/runtime/native_log.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from fleetlite.agent.native_log import runtime_log_filtered
-from fleetlite.agent.runtime import load_model, select_backend
+from fleetlite.sdk.runtime.interpreter import load_model, select_backend
+from fleetlite.sdk.runtime.native_log import runtime_log_filtered
 
 INFO = "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
 

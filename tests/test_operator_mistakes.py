@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from fleetlite.fleet.release_builder import build_release
 from fleetlite.fleet.store import open_store
-from fleetlite.sdk.bundle import build_release
 from fleetlite.sdk.keys import SigningKey
 from tests.conftest import MODELS, REPO
 from tests.test_store import birth, status

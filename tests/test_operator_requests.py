@@ -18,6 +18,7 @@ import pytest
 
 from fleetlite.fleet.client import Fleet
 from fleetlite.fleet.errors import RolloutError
+from fleetlite.fleet.release_builder import build_release
 from fleetlite.fleet.rollout import (
     SEND_ROLLBACK,
     DeviceProgress,
@@ -30,7 +31,6 @@ from fleetlite.fleet.rollout import (
     parse_waves,
 )
 from fleetlite.fleet.store import Store, open_store
-from fleetlite.sdk.bundle import build_release
 from tests.mqtt_harness import Mosquitto
 from tests.test_fleet_e2e import wait_until
 from tests.test_ota_install import ISSUED, RELEASE_KEY

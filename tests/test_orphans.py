@@ -25,7 +25,7 @@ from fleetlite.sdk.child_lifetime import _die_with, start_tied
 
 BIN = Path(sys.executable).parent
 MODELS = Path(__file__).resolve().parent / "fixtures" / "models"
-DEVICES = ("gw-pi4-01", "gw-pi4-02", "gw-jetson-01", "gw-x86-01")  # tools/demo.py's four
+DEVICES = ("gw-pi4-01", "gw-pi4-02", "gw-jetson-01", "gw-x86-01")  # fleet/demo.py's four
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="children are tied to their parent on Linux only")
@@ -106,7 +106,7 @@ def test_demo_killed_with_sigkill_leaves_no_broker_or_agent(tmp_path: Path, brok
 
 _PARENT = """
 import sys, threading
-from fleetlite.agent.isolated import check_model
+from fleetlite.sdk.runtime.isolated import check_model
 from fleetlite.agent.profiler import profile_model_isolated
 from fleetlite.agent.smoke_test import run_smoke_test
 from fleetlite.sdk.device_class import find_device_class
@@ -126,6 +126,10 @@ threading.Event().wait()
 """
 
 
+CHILD_MODULES = {"isolated": "fleetlite.sdk.runtime.isolated",
+                 "smoke_test": "fleetlite.agent.smoke_test", "profiler": "fleetlite.agent.profiler"}
+
+
 @pytest.mark.parametrize("kind", ["isolated", "smoke_test", "profiler"])
 def test_agent_model_child_ends_when_the_agent_is_killed(tmp_path: Path, kind: str) -> None:
     if kind == "profiler":  # a real model, profiled for ten minutes
@@ -140,7 +144,7 @@ def test_agent_model_child_ends_when_the_agent_is_killed(tmp_path: Path, kind: s
         def child_started() -> bool:
             assert parent.poll() is None, f"the parent exited with {parent.returncode}"
             found[:] = [p for p in psutil.Process(parent.pid).children()
-                        if f"fleetlite.agent.{kind}" in p.cmdline()]
+                        if CHILD_MODULES[kind] in p.cmdline()]
             return bool(found)
 
         _wait_for(f"the {kind} child", child_started, 60)

@@ -14,14 +14,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fleetlite.agent.runtime import load_model
+from fleetlite.fleet.intent_model import intent_classifier
 from fleetlite.fleet.ota_publisher import ReleasePublisher
+from fleetlite.fleet.release_builder import build_release
 from fleetlite.sdk import topics
-from fleetlite.sdk.bundle import ReleaseBundle, build_release
+from fleetlite.sdk.bundle import ReleaseBundle
 from fleetlite.sdk.local_client import LocalClient
 from fleetlite.sdk.messages import Birth, OtaStatus
+from fleetlite.sdk.runtime.interpreter import load_model
 from fleetlite.sdk.text import Tokenizer
-from fleetlite.tools.models import intent_classifier
 from tests.agent_harness import AgentProcess, write_config
 from tests.mqtt_harness import Collector, Mosquitto
 from tests.ota_harness import ManualRelease

@@ -27,8 +27,9 @@ from fleetlite.agent.ota_download import (
     DownloadTracker,
 )
 from fleetlite.fleet.ota_publisher import PublishError, ReleasePublisher
+from fleetlite.fleet.release_builder import build_release
 from fleetlite.sdk import topics
-from fleetlite.sdk.bundle import ReleaseBundle, build_release
+from fleetlite.sdk.bundle import ReleaseBundle
 from fleetlite.sdk.chunks import ChunkError, ChunkLayout, expand_ranges
 from fleetlite.sdk.keys import SigningKey
 from fleetlite.sdk.ota_messages import ChunkRequest

@@ -18,14 +18,16 @@ import pytest
 from fleetlite.agent.model_service import ModelService
 from fleetlite.agent.ota import OtaManager, OtaSettings
 from fleetlite.agent.ota_state import OtaStateStore
-from fleetlite.sdk.bundle import ReleaseBundle, build_release
+from fleetlite.fleet.intent_model import intent_classifier
+from fleetlite.fleet.release_builder import build_release
+from fleetlite.sdk.bundle import ReleaseBundle
 from fleetlite.sdk.device_class import DeviceClass, find_device_class
 from fleetlite.sdk.envelope import Envelope
 from fleetlite.sdk.keys import SigningKey
 from fleetlite.sdk.manifest import release_id
 from fleetlite.sdk.trust import new_root, root_envelope
 from fleetlite.sdk.version import BUILD_TIME
-from fleetlite.tools.models import crashing_model, intent_classifier
+from fleetlite.tools.models import crashing_model
 from tests.conftest import crash_fixture_crashes
 from tests.ota_simulator import FleetSimulator, Served
 

@@ -17,13 +17,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fleetlite.agent import profile_cli, profiler
-from fleetlite.agent.errors import InputMismatchError, InvalidModelError, ModelCrashedError
 from fleetlite.agent.profiler import (
     profile_model,
     profile_model_isolated,
     synthetic_inputs,
 )
-from fleetlite.agent.runtime import load_model
 from fleetlite.sdk.device_class import find_device_class
 from fleetlite.sdk.messages import (
     BAD_TYPE,
@@ -49,6 +47,8 @@ from fleetlite.sdk.profile import (
     should_continue,
     summarize_latencies,
 )
+from fleetlite.sdk.runtime.errors import InputMismatchError, InvalidModelError, ModelCrashedError
+from fleetlite.sdk.runtime.interpreter import load_model
 
 PROJECT_MODELS = (
     "intent_classifier",

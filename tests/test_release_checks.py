@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from fleetlite.fleet.cli import main
+from fleetlite.fleet.release_builder import build_release
 from fleetlite.fleet.store import open_store
-from fleetlite.sdk.bundle import build_release
 from fleetlite.sdk.keys import SigningKey
 
 CLASS = "raspberry-pi-4"

@@ -8,15 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fleetlite.agent.errors import (
+from fleetlite.sdk.runtime.errors import (
     InputMismatchError,
     InvalidModelError,
     ModelCrashedError,
     RuntimeMissingError,
     UnsupportedOpError,
 )
-from fleetlite.agent.isolated import check_model
-from fleetlite.agent.runtime import dequantize, load_model, quantize, select_backend
+from fleetlite.sdk.runtime.interpreter import dequantize, load_model, quantize, select_backend
+from fleetlite.sdk.runtime.isolated import check_model
 from tests.conftest import crash_fixture_crashes
 
 

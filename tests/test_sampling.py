@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from fleetlite.agent.errors import InferenceError
-from fleetlite.agent.sampling import StopMatcher, choose_token
+from fleetlite.sdk.runtime.errors import InferenceError
+from fleetlite.sdk.runtime.sampling import StopMatcher, choose_token
 
 DRAWS = 4000
 

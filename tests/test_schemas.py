@@ -22,8 +22,10 @@ import jsonschema
 import pytest
 import regress
 
+from fleetlite.fleet.intent_model import intent_classifier
+from fleetlite.fleet.release_builder import build_release
 from fleetlite.sdk import json_schemas, messages, topics
-from fleetlite.sdk.bundle import ReleaseBundle, build_release
+from fleetlite.sdk.bundle import ReleaseBundle
 from fleetlite.sdk.envelope import ROOT_PAYLOAD_TYPE, Envelope
 from fleetlite.sdk.errors import FleetLiteError
 from fleetlite.sdk.lm_smoke import LmSmokeVectors
@@ -33,7 +35,6 @@ from fleetlite.sdk.profile import ProfileRecord
 from fleetlite.sdk.smoke import SmokeVectors
 from fleetlite.sdk.trust import canonical_json, parse_root_envelope
 from fleetlite.tools import gen_schemas
-from fleetlite.tools.models import intent_classifier
 from tests.agent_harness import AgentProcess, write_config
 from tests.mqtt_harness import Collector, Mosquitto
 from tests.ota_harness import ManualRelease

@@ -31,6 +31,7 @@ import pytest
 from fleetlite.fleet.broker_address import BrokerAddress
 from fleetlite.fleet.controller import Controller
 from fleetlite.fleet.gates import GateSpec
+from fleetlite.fleet.release_builder import build_release
 from fleetlite.fleet.rollout import (
     INSTALLED,
     SENT,
@@ -53,7 +54,6 @@ from fleetlite.fleet.sender_check import (
 )
 from fleetlite.fleet.store import Store, open_store
 from fleetlite.sdk import topics
-from fleetlite.sdk.bundle import build_release
 from fleetlite.sdk.messages import Birth, Message, OtaStatus, Status
 from fleetlite.sdk.profile import ProfileRecord, summarize_latencies
 from tests.mqtt_harness import Collector, Mosquitto

@@ -30,10 +30,11 @@ from typing import Any, Callable
 import pytest
 
 from fleetlite.fleet.controller import Controller
+from fleetlite.fleet.release_builder import build_release
 from fleetlite.fleet.rollout import RolloutSpec, RolloutState, parse_waves
 from fleetlite.fleet.store import Store, open_store
 from fleetlite.sdk import topics
-from fleetlite.sdk.bundle import ReleaseBundle, build_release
+from fleetlite.sdk.bundle import ReleaseBundle
 from fleetlite.sdk.chunks import ChunkLayout, expand_ranges
 from fleetlite.sdk.messages import Status
 from fleetlite.sdk.ota_messages import ChunkRequest

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fleetlite.agent.errors import RuntimeMissingError
 from fleetlite.agent.smoke_test import (
     INVALID_MODEL,
     OVER_LATENCY_BUDGET,
@@ -24,11 +23,13 @@ from fleetlite.agent.smoke_test import (
     check_budgets,
     run_smoke_test,
 )
-from fleetlite.sdk.bundle import build_release
+from fleetlite.fleet.intent_model import intent_classifier
+from fleetlite.fleet.release_builder import build_release
 from fleetlite.sdk.device_class import Budgets, find_device_class, load_device_classes
 from fleetlite.sdk.manifest import Tolerance
+from fleetlite.sdk.runtime.errors import RuntimeMissingError
 from fleetlite.sdk.smoke import SmokeCase, SmokeVectors, Tensor
-from fleetlite.tools.models import crashing_model, intent_classifier
+from fleetlite.tools.models import crashing_model
 from tests.conftest import crash_fixture_crashes
 
 NOW = 1_764_201_600

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fleetlite.agent.tokenizer import (
+from fleetlite.sdk.runtime.tokenizer import (
     MAX_TOKENIZER_BYTES,
     HfTokenizer,
     IncrementalDecoder,

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
-from fleetlite.tools.models import DEFAULT_SEED, build_all
+from fleetlite.fleet.intent_model import DEFAULT_SEED
+from fleetlite.tools.models import build_all
 
 
 def expected_files(seed: int = DEFAULT_SEED) -> dict[str, bytes]:

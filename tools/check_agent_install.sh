@@ -16,7 +16,7 @@ for forbidden in flatbuffers tflite= psycopg pytest mypy ruff; do
   fi
 done
 cd "$tmp"
-"$tmp/venv/bin/python" -c "import fleetlite.agent, fleetlite.agent.runtime as r; print('agent imports; backend', r.select_backend().name, r.select_backend().version)"
+"$tmp/venv/bin/python" -c "import fleetlite.agent, fleetlite.sdk.runtime.interpreter as r; print('agent imports; backend', r.select_backend().name, r.select_backend().version)"
 "$tmp/venv/bin/fleetlite-agent" --version
 # the systemd unit ships with the package (docs/operator-guide.md copies it from there)
 unit="$("$tmp/venv/bin/python" -c "import fleetlite.agent, pathlib; print(pathlib.Path(fleetlite.agent.__file__).parent / 'systemd/fleetlite-agent.service')")"

@@ -31,8 +31,10 @@ from typing import Any, Callable, Optional
 import numpy as np
 import numpy.typing as npt
 
-# tools/lm/ (tests/fixtures/lm links to it): shipped with the package, so `fleetlite demo` has it
-FIXTURES = Path(__file__).resolve().parent / "lm"
+import fleetlite.fleet
+
+# fleet/lm/ (tests/fixtures/lm links to it): shipped with the package, so `fleetlite demo` has it
+FIXTURES = Path(fleetlite.fleet.__file__).resolve().parent / "lm"
 REFERENCE_SUFFIX = ".reference.json"
 LAYOUTS = ("default", "transposed")
 # The additive mask value for a position a query must not see (0.0 where it may).
@@ -259,7 +261,7 @@ def check_reference(path: Path) -> tuple[list[str], list[str]]:
     """Check one ``<model>.reference.json`` and its artifacts: (problems, notes)."""
     import sentencepiece
 
-    from fleetlite.agent.runtime import select_backend
+    from fleetlite.sdk.runtime.interpreter import select_backend
 
     directory = path.parent
     reference = json.loads(path.read_text())
@@ -343,7 +345,7 @@ def check_directory(directory: Path) -> tuple[list[str], list[str]]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="Check the generative-LM fixtures.")
     parser.add_argument("directory", nargs="?", type=Path, default=FIXTURES,
-                        help="the fixture directory (default: tools/lm, also tests/fixtures/lm)")
+                        help="the fixture directory (default: fleet/lm, also tests/fixtures/lm)")
     args = parser.parse_args(argv)
     problems, notes = check_directory(args.directory)
     for note in notes:

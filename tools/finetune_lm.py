@@ -1,7 +1,7 @@
 """Fine-tune home_lm into ``home_lm_v2``: the same model, answering in a new house style.
 
 python -m fleetlite.tools.finetune_lm OUTDIR  (needs TensorFlow: the throw-away venv of
-                                               tools/lm/README.md, never CI)
+                                               fleet/lm/README.md, never CI)
 
 The demo's "roll out a fine-tuned v2" step needs a second version of the project's LM that
 answers differently, in a way one can see: home_lm confirms with "ok, the kitchen lights are
@@ -335,10 +335,10 @@ def finetune(base_dir: Path, outdir: Path, seed: int) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="Fine-tune home_lm into home_lm_v2.")
-    parser.add_argument("outdir", type=Path, help="where to write it (tools/lm)")
+    parser.add_argument("outdir", type=Path, help="where to write it (fleet/lm)")
     parser.add_argument("--base", type=Path, default=FIXTURES,
                         help=f"the directory of {BASE}.tflite, its reference JSON and "
-                             f"{TOKENIZER_FILE} (default: tools/lm)")
+                             f"{TOKENIZER_FILE} (default: fleet/lm)")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     args = parser.parse_args(argv)
     finetune(args.base, args.outdir, args.seed)

@@ -2,8 +2,8 @@
 
 ``python -m fleetlite.tools.bench.bench_generate [--model PATH ...] [--runs N]`` measures, per model
 in one run (default: tests/fixtures/lm/home_lm.tflite and its int8 variant): decode ms/token p50 of
-:class:`~fleetlite.agent.generation.LmEngine` (the interval between tokens as its caller sees it)
-against a bare signature-runner loop over the same model and the same tokens, and their ratio;
+:class:`~fleetlite.sdk.runtime.lm_engine.LmEngine` (the interval between tokens as its caller sees
+it) against a bare signature-runner loop over the same model and the same tokens, and their ratio;
 load time; time to first token cold (a freshly loaded engine) and warm; prefill and decode
 tokens/s; and, in a fresh subprocess, peak RSS (VmHWM) with the model against the same process
 without it, beside the model file size and the engine's memory estimate. Prints markdown tables;
@@ -24,8 +24,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from fleetlite.agent.generation import GenerateParams, LmEngine, causal_mask, plan_prefill
-from fleetlite.agent.runtime import Array
+from fleetlite.sdk.runtime.interpreter import Array
+from fleetlite.sdk.runtime.lm_engine import GenerateParams, LmEngine, causal_mask, plan_prefill
 
 REPO = Path(__file__).resolve().parents[2]
 LM = REPO / "tests" / "fixtures" / "lm"
@@ -33,8 +33,8 @@ DEFAULT_MODELS = (LM / "home_lm.tflite", LM / "home_lm_int8.tflite")
 
 _RSS_SCRIPT = """
 import sys
-from fleetlite.agent.generation import GenerateParams, LmEngine
-from fleetlite.agent.runtime import select_backend
+from fleetlite.sdk.runtime.lm_engine import GenerateParams, LmEngine
+from fleetlite.sdk.runtime.interpreter import select_backend
 
 select_backend()
 model, prompt_tokens, new_tokens, threads = sys.argv[1], *map(int, sys.argv[2:5])

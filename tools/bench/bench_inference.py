@@ -26,7 +26,7 @@ import numpy.typing as npt
 
 from fleetlite.agent.local_api import LocalApiServer
 from fleetlite.agent.model_service import ModelService
-from fleetlite.agent.runtime import Model, load_model
+from fleetlite.sdk.runtime.interpreter import Model, load_model
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = REPO / "tests" / "fixtures" / "models" / "intent_classifier.tflite"
@@ -60,7 +60,7 @@ stage = sys.argv[1]
 if stage != "python":
     import fleetlite.agent.daemon  # everything the agent imports when it starts
     import fleetlite.agent.local_api
-    from fleetlite.agent.runtime import select_backend
+    from fleetlite.sdk.runtime.interpreter import select_backend
     select_backend()
 if stage == "model":
     import numpy as np
@@ -74,7 +74,8 @@ print(psutil.Process().memory_info().rss)
 # Each step adds what it imports on top of the steps before it, in the order the agent needs them.
 _BREAKDOWN_STEPS = (
     ("numpy", "import numpy"),
-    ("the TFLite runtime", "from fleetlite.agent.runtime import select_backend; select_backend()"),
+    ("the TFLite runtime",
+     "from fleetlite.sdk.runtime.interpreter import select_backend; select_backend()"),
     ("paho-mqtt (with ssl)", "import paho.mqtt.client"),
     ("PyYAML", "import yaml"),
     ("cryptography (Ed25519 signature checks)",

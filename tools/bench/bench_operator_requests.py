@@ -78,10 +78,10 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from fleetlite.fleet.client import Fleet
+from fleetlite.fleet.release_builder import build_release
 from fleetlite.fleet.rollout import RolloutSpec, RolloutState, Selector, parse_waves
 from fleetlite.fleet.store import Store, open_store
 from fleetlite.sdk import topics
-from fleetlite.sdk.bundle import build_release
 from fleetlite.sdk.messages import OtaStatus
 from fleetlite.sdk.version import BUILD_TIME
 from fleetlite.tools.bench.bench_ingest import Broker

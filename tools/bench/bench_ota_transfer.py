@@ -63,8 +63,9 @@ import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
 from fleetlite.fleet.ota_publisher import ReleasePublisher
+from fleetlite.fleet.release_builder import build_release
 from fleetlite.sdk import topics
-from fleetlite.sdk.bundle import ReleaseBundle, build_release
+from fleetlite.sdk.bundle import ReleaseBundle
 from fleetlite.sdk.chunks import ChunkLayout
 from fleetlite.sdk.keys import SigningKey
 from fleetlite.sdk.messages import OtaStatus

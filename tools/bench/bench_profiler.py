@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from fleetlite.agent.profiler import profile_model, profile_model_isolated
-from fleetlite.agent.runtime import load_model
+from fleetlite.sdk.runtime.interpreter import load_model
 
 MODELS_DIR = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "models"
 WARMUP_RUNS = 100

@@ -16,7 +16,7 @@ starts, on this machine:
   ``rpi4``, 30 % ``jetson``), pinned to a root of trust made for the run;
 - a signed release of a model of about ``--model-kib`` KiB: ``heavy_mlp`` of
   ``fleetlite.tools.models`` with one dense layer of ``sqrt(KiB * 256)`` units (float32
-  weights, built with ``tools/tflite_builder.py``; no download), stored and rolled out with
+  weights, built with ``fleet/tflite_builder.py``; no download), stored and rolled out with
   ``--waves`` (chunk size ``--chunk-size``, thresholds 0.9 / 0.1, as the first measured
   rollout of docs/scaling.md).
 
@@ -85,10 +85,10 @@ from typing import Any, Optional
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from fleetlite.fleet.release_builder import build_release
 from fleetlite.fleet.rollout import RolloutSpec, RolloutState, parse_waves
 from fleetlite.fleet.store import OtaRecord, Store
 from fleetlite.sdk import topics
-from fleetlite.sdk.bundle import build_release
 from fleetlite.sdk.keys import SigningKey
 from fleetlite.sdk.trust import new_root, root_envelope
 from fleetlite.sdk.version import BUILD_TIME

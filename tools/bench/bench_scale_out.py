@@ -51,9 +51,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
 
+from fleetlite.fleet.release_builder import build_release
 from fleetlite.fleet.rollout import RolloutSpec, RolloutState, parse_waves
 from fleetlite.fleet.store import open_store
-from fleetlite.sdk.bundle import build_release
 from fleetlite.sdk.keys import SigningKey
 from fleetlite.sdk.trust import new_root, root_envelope
 from fleetlite.sdk.version import BUILD_TIME

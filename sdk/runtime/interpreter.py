@@ -5,8 +5,9 @@ interpreter creation), ``ai-edge-litert`` (its maintained successor) and ``tenso
 ``FLEETLITE_RUNTIME`` or the ``backend=`` argument picks one explicitly.
 
 Loading untrusted bytes in this process is unsafe: a truncated model can crash the interpreter
-with a segmentation fault. Files that have not passed :func:`fleetlite.agent.isolated.check_model`
-(which loads them in a subprocess) must not be given to :func:`load_model` in a long-lived process.
+with a segmentation fault. Files that have not passed
+:func:`fleetlite.sdk.runtime.isolated.check_model` (which loads them in a subprocess) must not be
+given to :func:`load_model` in a long-lived process.
 """
 
 from __future__ import annotations
@@ -23,15 +24,15 @@ from typing import Any, Union
 import numpy as np
 import numpy.typing as npt
 
-from fleetlite.agent.errors import (
+from fleetlite.sdk.runtime.errors import (
     InferenceError,
     InputMismatchError,
     InvalidModelError,
     RuntimeMissingError,
     UnsupportedOpError,
 )
-from fleetlite.agent.model_bounds import BoundsError, check_model_bounds
-from fleetlite.agent.native_log import runtime_log_filtered
+from fleetlite.sdk.runtime.model_bounds import BoundsError, check_model_bounds
+from fleetlite.sdk.runtime.native_log import runtime_log_filtered
 
 BACKENDS = ("tflite-runtime", "ai-edge-litert", "tensorflow")
 RUNTIME_ENV = "FLEETLITE_RUNTIME"
@@ -357,7 +358,8 @@ class Model:
             array = np.asarray(value)
             if array.dtype != dtype:
                 hint = (
-                    "; quantize real values with fleetlite.agent.runtime.quantize(x, spec)"
+                    "; quantize real values with "
+                    "fleetlite.sdk.runtime.interpreter.quantize(x, spec)"
                     if spec.quantized
                     else f"; convert with np.asarray(x, dtype=np.{spec.dtype})"
                 )

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional, Protocol, Union
 
-from fleetlite.agent.errors import AgentError
 from fleetlite.sdk.generation import TOKENIZER_KINDS
+from fleetlite.sdk.runtime.errors import ModelRuntimeError
 
 MAX_TOKENIZER_BYTES = 16 * 2**20
 _INCOMPLETE = "\ufffd"  # what a partial UTF-8 byte sequence decodes to (byte-fallback pieces)
@@ -20,7 +20,7 @@ _INCOMPLETE = "\ufffd"  # what a partial UTF-8 byte sequence decodes to (byte-fa
 PathLike = Union[str, Path]
 
 
-class TokenizerError(AgentError):
+class TokenizerError(ModelRuntimeError):
     """A tokenizer file cannot be used, its library is missing, or ids do not belong to it."""
 
 

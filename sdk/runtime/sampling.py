@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from fleetlite.agent.errors import InferenceError
+from fleetlite.sdk.runtime.errors import InferenceError
 
 
 def choose_token(

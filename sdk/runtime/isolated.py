@@ -1,9 +1,10 @@
-"""Load and run a model in a child process, so a crashing interpreter cannot take the agent down.
+"""Load and run a model in a child process, so a crashing interpreter cannot take the agent (or
+the operator's release build) down.
 
 tflite-runtime can die with a segmentation fault on a truncated or hostile model; Python cannot
 catch that. Every model that has not yet been checked is therefore first loaded here, in
-``python -m fleetlite.agent.isolated``, and only a model that loads and runs there is loaded in
-the agent's own process. The child reads one JSON request on stdin and writes one JSON reply.
+``python -m fleetlite.sdk.runtime.isolated``, and only a model that loads and runs there is loaded
+in the agent's own process. The child reads one JSON request on stdin and writes one JSON reply.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from fleetlite.agent.child_process import ChildFailures, run_json_child
-from fleetlite.agent.errors import AgentError, InvalidModelError
+from fleetlite.sdk.runtime.child_process import ChildFailures, run_json_child
+from fleetlite.sdk.runtime.errors import InvalidModelError, ModelRuntimeError
 
 DEFAULT_TIMEOUT_S = 60.0
 _FAILURES = ChildFailures(
@@ -49,9 +50,9 @@ def check_model(
 ) -> ModelCheck:
     """Load ``path`` and run it once on zero inputs in a subprocess.
 
-    Raises :class:`~fleetlite.agent.errors.ModelCrashedError` if the child dies (signal) or hangs
-    past ``timeout``, and :class:`InvalidModelError` (or a subclass) if the runtime refuses the
-    model.
+    Raises :class:`~fleetlite.sdk.runtime.errors.ModelCrashedError` if the child dies (signal) or
+    hangs past ``timeout``, and :class:`InvalidModelError` (or a subclass) if the runtime refuses
+    the model.
     """
     return _check({"model": str(path), "num_threads": num_threads, "backend": backend},
                   timeout)
@@ -73,7 +74,7 @@ def check_language_model(
 
 def _check(request: dict[str, Any], timeout: float) -> ModelCheck:
     reply = run_json_child(
-        [sys.executable, "-m", "fleetlite.agent.isolated"],
+        [sys.executable, "-m", "fleetlite.sdk.runtime.isolated"],
         request,
         timeout=timeout,
         origin=str(request["model"]),
@@ -91,7 +92,7 @@ def _zero_inputs(model: Any) -> dict[str, Any]:
 
 
 def _child_main() -> int:
-    from fleetlite.agent.runtime import load_model
+    from fleetlite.sdk.runtime.interpreter import load_model
 
     request = json.loads(sys.stdin.read())
     if request.get("lm"):
@@ -104,7 +105,7 @@ def _child_main() -> int:
         loaded = time.perf_counter()
         model.run(_zero_inputs(model))
         ran = time.perf_counter()
-    except AgentError as exc:
+    except ModelRuntimeError as exc:
         json.dump({"ok": False, "error": str(exc)}, sys.stdout)
         return 1
     json.dump(
@@ -120,8 +121,8 @@ def _child_main() -> int:
 
 
 def _child_language_model(request: dict[str, Any]) -> int:
-    from fleetlite.agent.generation import GenerateParams, LmEngine
     from fleetlite.sdk.errors import FleetLiteError
+    from fleetlite.sdk.runtime.lm_engine import GenerateParams, LmEngine
 
     try:
         started = time.perf_counter()

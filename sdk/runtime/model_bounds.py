@@ -4,8 +4,8 @@ tflite-runtime does not verify the flatbuffer: a truncated file either crashes t
 when only weight bytes are cut off, loads and runs on whatever memory follows the buffer. This walks
 the parts of the TFLite schema the interpreter dereferences (operator codes, subgraphs, tensors,
 operators, buffers) and checks that every offset, vector and index lies inside the file. It is a
-cheap first line; the isolated check (:mod:`fleetlite.agent.isolated`) remains the crash barrier
-and the manifest's sha256 the integrity check.
+cheap first line; the isolated check (:mod:`fleetlite.sdk.runtime.isolated`) remains the crash
+barrier and the manifest's sha256 the integrity check.
 """
 
 from __future__ import annotations

@@ -30,9 +30,11 @@ import yaml
 from fleetlite.fleet.broker import LocalBroker, mosquitto_path, start_local_broker
 from fleetlite.fleet.controller import Controller
 from fleetlite.fleet.errors import FleetError
+from fleetlite.fleet.intent_model import intent_classifier
+from fleetlite.fleet.release_builder import build_release
 from fleetlite.fleet.rollout import RolloutState
 from fleetlite.fleet.store import Store, open_store
-from fleetlite.sdk.bundle import ReleaseBundle, build_release
+from fleetlite.sdk.bundle import ReleaseBundle
 from fleetlite.sdk.child_lifetime import start_tied
 from fleetlite.sdk.keys import SigningKey
 from fleetlite.sdk.local_client import LocalClient
@@ -41,9 +43,9 @@ from fleetlite.sdk.out_dirs import missing_dirs, say_created
 from fleetlite.sdk.smoke import SmokeVectors
 from fleetlite.sdk.text import Tokenizer
 from fleetlite.sdk.trust import new_root, root_envelope
-from fleetlite.tools.models import intent_classifier
 
-LM_DIR = Path(__file__).resolve().parent / "lm"  # the project's LM (tools/train_lm.py made it)
+# the project's LM (tools/train_lm.py made it), package data beside this module
+LM_DIR = Path(__file__).resolve().parent / "lm"
 LM_TEMPLATE = "<user> {prompt} <bot>"
 LM_QUESTION = "turn off the kitchen lights"
 

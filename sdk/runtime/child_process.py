@@ -1,6 +1,6 @@
 """Run a Python child that reads one JSON request and writes one JSON reply, and judge its exit.
 
-The model check (:mod:`fleetlite.agent.isolated`) and the isolated profile
+The model check (:mod:`fleetlite.sdk.runtime.isolated`) and the isolated profile
 (:func:`fleetlite.agent.profiler.profile_model_isolated`) both load untrusted models in such a
 child. A signal or a timeout becomes :class:`ModelCrashedError`, a non-zero exit or a reply
 without ``"ok": true`` the error class the reply names; each caller words the messages. The
@@ -16,8 +16,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from fleetlite.agent.errors import AgentError, ModelCrashedError
 from fleetlite.sdk.child_lifetime import run_tied
+from fleetlite.sdk.errors import FleetLiteError
+from fleetlite.sdk.runtime.errors import ModelCrashedError
 
 
 @dataclass(frozen=True)
@@ -32,9 +33,9 @@ class ChildFailures:
     timed_out: str
     crashed: str
     failed: str
-    error: type[AgentError]
+    error: type[FleetLiteError]
     # Error class names a reply may give as "kind"; others (or none) raise ``error``.
-    kinds: Mapping[str, type[AgentError]] = field(default_factory=dict)
+    kinds: Mapping[str, type[FleetLiteError]] = field(default_factory=dict)
     # A key whose value a successful reply must carry as a JSON object.
     required: Optional[str] = None
 
@@ -47,7 +48,8 @@ def run_json_child(
     origin: str,
     failures: ChildFailures,
 ) -> dict[str, Any]:
-    """Run ``command`` with ``request`` on stdin; return its JSON reply or raise an AgentError."""
+    """Run ``command`` with ``request`` on stdin; return its JSON reply or raise the error
+    ``failures`` names."""
     try:
         proc = run_tied(command, input=json.dumps(request).encode(), timeout=timeout)
     except subprocess.TimeoutExpired as exc:

@@ -5,8 +5,9 @@
 decodes from the last prompt token, choosing each next token from the logits and feeding it back,
 until a stop id, a stop string, the token limit, the context length or cancellation. The key/value
 caches one signature call returns are the next call's inputs as they are: the runtime copies them
-in and out, the engine adds no copy. :class:`LmService` runs one generation at a time on an engine
-with a bounded wait queue.
+in and out, the engine adds no copy. The agent's
+:class:`~fleetlite.agent.lm_service.LmService` runs one generation at a time on an engine with a
+bounded wait queue.
 """
 
 from __future__ import annotations
@@ -20,11 +21,6 @@ from typing import Any, Callable, NamedTuple, Optional
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from fleetlite.agent.errors import AgentError, InferenceError, InputMismatchError
-from fleetlite.agent.native_log import runtime_log_filtered
-from fleetlite.agent.runtime import Array, ModelSource, create_interpreter, read_model_source
-from fleetlite.agent.sampling import StopMatcher, choose_token
-from fleetlite.agent.tokenizer import IncrementalDecoder, Tokenizer
 from fleetlite.sdk.generation import (
     MAX_MAX_TOKENS,
     MAX_STOP_STRING,
@@ -41,6 +37,16 @@ from fleetlite.sdk.lm_signature import (
     inspect_lm,
     prefill_name,
 )
+from fleetlite.sdk.runtime.errors import InferenceError, InputMismatchError, ModelRuntimeError
+from fleetlite.sdk.runtime.interpreter import (
+    Array,
+    ModelSource,
+    create_interpreter,
+    read_model_source,
+)
+from fleetlite.sdk.runtime.native_log import runtime_log_filtered
+from fleetlite.sdk.runtime.sampling import StopMatcher, choose_token
+from fleetlite.sdk.runtime.tokenizer import IncrementalDecoder, Tokenizer
 
 STOP_TOKEN = "stop_token"
 STOP_STRING = "stop_string"
@@ -48,13 +54,11 @@ MAX_TOKENS = "max_tokens"
 CONTEXT_FULL = "context_full"
 CANCELLED = "cancelled"
 
-DEFAULT_MAX_QUEUE = 4
 MASKED = float(np.finfo(np.float32).min)  # additive mask value of a hidden position
-_CANCEL_POLL_S = 0.05  # how often a caller waiting for the engine looks at its cancel event
 _SAMPLING = Sampling()
 
 
-class BusyError(AgentError):
+class BusyError(ModelRuntimeError):
     """The language model is generating for others and its wait queue is full: retry later."""
 
 
@@ -62,7 +66,7 @@ class GenerationInputError(InputMismatchError):
     """A prompt or generation parameter the model cannot take (too long, out of range)."""
 
 
-class MemoryBudgetError(AgentError):
+class MemoryBudgetError(ModelRuntimeError):
     """The model and its caches would need more memory than the device class allows."""
 
 
@@ -413,7 +417,7 @@ class LmEngine:
         The prompt is checked now (:class:`GenerationInputError` when empty, out of the
         vocabulary or longer than the context); the model runs as the result is iterated. A stop
         id ends the generation without being yielded. Raises :class:`BusyError` when another
-        generation is running on this engine (:class:`LmService` queues instead).
+        generation is running on this engine (the agent's ``LmService`` queues instead).
         """
         params = params or self.default_params()
         prompt = [int(token) for token in prompt_ids]
@@ -564,7 +568,7 @@ class LmEngine:
             return self.layout.prefill_lengths
         unknown = sorted(set(wanted) - set(self.layout.prefill_lengths))
         if unknown:
-            raise AgentError(
+            raise ModelRuntimeError(
                 f"{self.origin}: the model has no prefill signature of length {unknown[0]}; "
                 f"choose prefill lengths among {list(self.layout.prefill_lengths)}"
             )
@@ -590,93 +594,9 @@ class LmEngine:
 
     def _text_parts(self) -> tuple[GenerationSpec, Tokenizer]:
         if self.spec is None or self.tokenizer is None:
-            raise AgentError(
+            raise ModelRuntimeError(
                 f"{self.origin}: text generation needs the release's generation metadata and "
                 "tokenizer; load the engine with spec= and tokenizer=, or call generate() with "
                 "token ids"
             )
         return self.spec, self.tokenizer
-
-
-class LmService:
-    """One generation at a time on ``engine``; up to ``max_queue`` callers wait their turn.
-
-    A caller beyond the queue gets :class:`BusyError` at once instead of waiting. A caller
-    whose ``cancel`` event is set while it waits leaves the queue with an empty generation
-    (stop reason ``cancelled``). The engine is released when the generation ends or is closed.
-    """
-
-    def __init__(self, engine: LmEngine, *, max_queue: int = DEFAULT_MAX_QUEUE) -> None:
-        if max_queue < 0:
-            raise ValueError(f"max_queue must be >= 0, got {max_queue}")
-        self.engine = engine
-        self.max_queue = max_queue
-        self._turn = threading.Condition()
-        self._running = False
-        self._waiting = 0
-
-    @property
-    def waiting(self) -> int:
-        """How many callers are waiting for the engine now."""
-        with self._turn:
-            return self._waiting
-
-    def generate(
-        self,
-        prompt_ids: Sequence[int],
-        params: Optional[GenerateParams] = None,
-        *,
-        cancel: Optional[threading.Event] = None,
-    ) -> Generation:
-        """:meth:`LmEngine.generate` once the engine is free (see the class for waiting).
-
-        The prompt is checked before queueing; the time to first token includes the wait.
-        """
-        generation = self.engine.generate(prompt_ids, params, cancel=cancel)  # runs when iterated
-        queued = time.perf_counter()
-        try:
-            entered = self._enter(cancel)
-        except BusyError:
-            generation.close()
-            raise
-        generation.stats.queued_ms = (time.perf_counter() - queued) * 1000.0
-        if not entered:
-            generation.close()  # never started: it yields nothing
-            generation.stats.stop_reason = CANCELLED
-            return generation
-        generation.on_close(self._leave)
-        return generation
-
-    def stream(
-        self,
-        prompt: str,
-        params: Optional[GenerateParams] = None,
-        *,
-        cancel: Optional[threading.Event] = None,
-    ) -> TextStream:
-        """:meth:`LmEngine.stream` once the engine is free."""
-        prompt_ids = self.engine.encode_prompt(prompt)
-        return self.engine.text_stream(self.generate(prompt_ids, params, cancel=cancel), params)
-
-    def _enter(self, cancel: Optional[threading.Event]) -> bool:
-        with self._turn:
-            if self._running and self._waiting >= self.max_queue:
-                raise BusyError(
-                    f"the language model is busy: one generation running and {self._waiting} "
-                    f"waiting, the most allowed (max_queue={self.max_queue}); retry in a moment"
-                )
-            self._waiting += 1
-            try:
-                while self._running:
-                    if cancel is not None and cancel.is_set():
-                        return False
-                    self._turn.wait(_CANCEL_POLL_S if cancel is not None else None)
-                self._running = True
-                return True
-            finally:
-                self._waiting -= 1
-
-    def _leave(self) -> None:
-        with self._turn:
-            self._running = False
-            self._turn.notify_all()  # a waiter may have left on cancel: wake them all

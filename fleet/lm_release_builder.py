@@ -1,5 +1,6 @@
-"""Building a release of a generative language model (used by :func:`fleetlite.sdk.bundle.
-build_release` when a model's signatures are ``prefill_<N>`` and ``decode``).
+"""Building a release of a generative language model (used by
+:func:`fleetlite.fleet.release_builder.build_release` when a model's signatures are
+``prefill_<N>`` and ``decode``).
 
 Before anything is signed, the model, its tokenizer and the generation metadata must agree
 (vocabulary, token ids, cache shapes: :func:`fleetlite.sdk.generation.check_generation`), and the
@@ -8,7 +9,7 @@ process, so an op that runtime lacks is refused here with its name rather than o
 The smoke vectors are each prompt's greedy tokens on the default variant; every variant must
 reproduce them on this machine (the default exactly, others at ``min_token_agreement``).
 
-Fleet-side tooling: it imports the agent's runtime layer lazily, like the rest of the builder.
+It imports the model runtime (:mod:`fleetlite.sdk.runtime`) lazily, like the rest of the builder.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class LmBuild:
 def is_lm_file(path: Path) -> bool:
     """Whether a ``.tflite`` file has the LM signatures, read from its flatbuffer without an
     interpreter (so a model this machine's runtime cannot load is still recognised)."""
-    from fleetlite.agent.lm_profiler import is_language_model
+    from fleetlite.sdk.runtime.lm_detect import is_language_model
 
     return is_language_model(path)
 
@@ -67,7 +68,7 @@ def oldest_runtime(device_classes: Sequence[str]) -> str:
 
 
 def _installed(runtime: str) -> bool:
-    from fleetlite.agent.runtime import select_backend
+    from fleetlite.sdk.runtime.interpreter import select_backend
 
     try:
         select_backend(runtime)
@@ -81,7 +82,7 @@ def _check_in_runtime(paths: Sequence[Path], device_classes: Sequence[str]) -> s
     use; returns the runtime used. When that runtime is not installed here, an older installed
     one may stand in (what loads there loads in the newer one), but a failure there proves
     nothing about the devices' runtime: then the message asks for that runtime."""
-    from fleetlite.agent.isolated import check_language_model
+    from fleetlite.sdk.runtime.isolated import check_language_model
 
     wanted = oldest_runtime(device_classes)
     targets = ", ".join(device_classes)
@@ -133,9 +134,9 @@ def build_lm_parts(
     """Check an LM (``models[0]`` the default variant, the rest its variants) with its tokenizer
     and compute its generation metadata and smoke vectors; :class:`BundleError` says what
     disagrees and how to fix it."""
-    from fleetlite.agent.generation import LmEngine
-    from fleetlite.agent.lm_files import spec_for_files
-    from fleetlite.agent.lm_smoke import make_vectors, run_vectors
+    from fleetlite.sdk.runtime.lm_engine import LmEngine
+    from fleetlite.sdk.runtime.lm_files import spec_for_files
+    from fleetlite.sdk.runtime.lm_smoke_runner import make_vectors, run_vectors
 
     tolerance = tolerance or Tolerance()
     runtime = _check_in_runtime(models, device_classes)

@@ -12,9 +12,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fleetlite.agent.generation import LmEngine
-from fleetlite.agent.runtime import Array
 from fleetlite.sdk.lm_smoke import TOP, LmSmokeCase, LmSmokeResult, LmSmokeVectors
+from fleetlite.sdk.runtime.interpreter import Array
+from fleetlite.sdk.runtime.lm_engine import LmEngine
 
 __all__ = ["greedy_case", "make_vectors", "run_vectors"]
 

@@ -13,12 +13,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
-from fleetlite.agent.generation import read_signatures
-from fleetlite.agent.runtime import create_interpreter, read_model_source
-from fleetlite.agent.tokenizer import SentencePieceTokenizer, Tokenizer, load_tokenizer
 from fleetlite.sdk.errors import LmFormatError
 from fleetlite.sdk.generation import GenerationSpec, Sampling
 from fleetlite.sdk.lm_signature import IDS_OUT_OF_RANGE, LmLayout, inspect_lm
+from fleetlite.sdk.runtime.interpreter import create_interpreter, read_model_source
+from fleetlite.sdk.runtime.lm_engine import read_signatures
+from fleetlite.sdk.runtime.tokenizer import SentencePieceTokenizer, Tokenizer, load_tokenizer
 
 __all__ = ["read_layout", "spec_for_files", "special_ids", "tokenizer_kind"]
 

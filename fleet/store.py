@@ -1178,13 +1178,19 @@ class Store:
 
     def _rows_by_id(self, select: str, ids: Collection[int]) -> list[Sequence[Any]]:
         """``select`` (whose table has an ``id`` column) for these ids, 500 to a query."""
-        wanted = sorted(set(ids))
+        return self._rows_in(f"{select} WHERE", "id", ids)
+
+    def _rows_in(self, select: str, column: str, values: Collection[Any], *,
+                 params: Sequence[Any] = (), tail: str = "") -> list[Sequence[Any]]:
+        """``{select} {column} IN (...) {tail}`` for these values, 500 to a query; ``select``
+        ends where the condition goes (``... WHERE`` or ``... AND``), ``params`` are its own."""
+        wanted = sorted(set(values))
         rows: list[Sequence[Any]] = []
         for start in range(0, len(wanted), 500):
             part = wanted[start:start + 500]
             with self._transaction(write=False) as db:
-                rows += db.execute(f"{select} WHERE id IN ({', '.join('?' * len(part))})",
-                                   part).rows
+                rows += db.execute(f"{select} {column} IN ({', '.join('?' * len(part))}) {tail}",
+                                   (*params, *part)).rows
         return rows
 
     def profiles(
@@ -1381,17 +1387,13 @@ class Store:
         """Per device (of ``device_ids``, or every device), when the fleet last received any
         status of its install of a release."""
         select = "SELECT device_id, MAX(received) FROM ota_status WHERE release_id = ?"
-        rows: list[Sequence[Any]] = []
-        with self._transaction(write=False) as db:
-            if device_ids is None:
-                rows += db.execute(f"{select} GROUP BY device_id", (release_id,)).rows
-            else:
-                wanted = sorted(set(device_ids))
-                for start in range(0, len(wanted), 500):
-                    part = wanted[start:start + 500]
-                    rows += db.execute(f"{select} AND device_id IN "
-                                       f"({', '.join('?' * len(part))}) GROUP BY device_id",
-                                       (release_id, *part)).rows
+        rows: Sequence[Sequence[Any]]
+        if device_ids is None:
+            with self._transaction(write=False) as db:
+                rows = db.execute(f"{select} GROUP BY device_id", (release_id,)).rows
+        else:
+            rows = self._rows_in(f"{select} AND", "device_id", device_ids,
+                                 params=(release_id,), tail="GROUP BY device_id")
         return {str(row[0]): float(row[1]) for row in rows}
 
     # -- reports refused from their sender ----------------------------------------------------

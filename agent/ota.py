@@ -31,25 +31,37 @@ installed again unless an operator retries it explicitly.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import queue
+import re
 import shutil
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy.typing as npt
 
+from fleetlite.agent import ota_machine as machine
 from fleetlite.agent.commands import CommandArgumentError, arg
 from fleetlite.agent.errors import AgentError
 from fleetlite.agent.language_models import LanguageModels
 from fleetlite.agent.lm_serving import load_served_lm, release_generation
 from fleetlite.agent.model_service import ModelService
+from fleetlite.agent.ota_download import ChunkStore
+from fleetlite.agent.ota_machine import (
+    DISK_FULL,
+    HEALTH_FAILED,
+    MANIFEST_TIMEOUT,
+    REQUEST_WINDOW_BYTES,
+    SMOKE_UNAVAILABLE,
+    UNKNOWN_VARIANT,
+    request_window,
+)
 from fleetlite.agent.ota_space import (
     allocated,
     describe_bytes,
@@ -68,26 +80,25 @@ from fleetlite.sdk.chunks import (
     MIN_CHUNK_SIZE,
 )
 from fleetlite.sdk.device_class import DeviceClass
-from fleetlite.sdk.errors import EqualVersion, UpdateRejected
+from fleetlite.sdk.errors import UpdateRejected
 from fleetlite.sdk.manifest import Manifest, Variant
 from fleetlite.sdk.messages import Event, OtaStatus
-from fleetlite.sdk.ota_progress import ProgressPacer
 from fleetlite.sdk.runtime.errors import ModelRuntimeError
 from fleetlite.sdk.trust import Root, load_trusted_root, update_root
-from fleetlite.sdk.verify import DEFAULT_LIMITS, Limits, TimeFloor, verify_release
+from fleetlite.sdk.verify import DEFAULT_LIMITS, Limits, TimeFloor
 from fleetlite.sdk.version import BUILD_TIME, __version__
 
 log = logging.getLogger("fleetlite.agent.ota")
 
-# Reason codes the device adds to those of fleetlite.sdk.verify and the smoke test.
-MANIFEST_TIMEOUT = "manifest_timeout"
+# Reason codes the device adds to those of fleetlite.sdk.verify, the smoke test and the machine
+# (agent/ota_machine.py: manifest_timeout, disk_full, health_check_failed, unknown_variant,
+# smoke_test_unavailable).
+__all__ = ["DISK_FULL", "HEALTH_FAILED", "MANIFEST_TIMEOUT", "SMOKE_UNAVAILABLE",
+           "UNKNOWN_VARIANT", "OtaManager", "OtaSettings", "request_window"]
 DOWNLOAD_STALLED = "download_stalled"
-DISK_FULL = "disk_full"
-HEALTH_FAILED = "health_check_failed"
 CRASHED_IN_HEALTH_WINDOW = "crashed_during_health_window"
 OPERATOR_ROLLBACK = "operator_rollback"
 MODEL_REMOVED = "model_removed"  # an operator rollback of a first version: the model is gone
-SMOKE_UNAVAILABLE = "smoke_test_unavailable"
 INTERNAL = "internal"
 
 # For messages: where in the install a phase is.
@@ -108,18 +119,16 @@ _PHASE_WHERE = {
 #: must be asked for again, which costs at least a chunk-idle wait (5 s by default).
 CHUNK_BUFFER_BYTES = 8 * 1024 * 1024
 CHUNK_ROOM_WAIT_S = 5.0
-#: A chunk request asks for at most this many bytes (and at most MAX_REQUEST_CHUNKS chunks), so
-#: the answer to this device's own request always fits the buffer, whatever the disk's pauses (a
-#: persist fsyncs) while the broker delivers it; the rest is room for chunks others asked for.
-REQUEST_WINDOW_BYTES = CHUNK_BUFFER_BYTES // 2
+# A chunk request asks for at most REQUEST_WINDOW_BYTES (half the buffer: the machine's
+# request_window), so the answer to this device's own request always fits the buffer, whatever
+# the disk's pauses (a persist fsyncs) while the broker delivers it; the rest is room for chunks
+# others asked for.
+assert REQUEST_WINDOW_BYTES == CHUNK_BUFFER_BYTES // 2
 _FRAME_OVERHEAD = 64
 _INBOX_ENTRIES = 4 * MAX_REQUEST_CHUNKS
 
 
-def request_window(chunk_size: int) -> int:
-    """How many chunks one request asks for at most with chunks of ``chunk_size`` bytes."""
-    return max(1, min(MAX_REQUEST_CHUNKS, REQUEST_WINDOW_BYTES // (chunk_size + _FRAME_OVERHEAD)))
-
+_VARIANT_NAME = re.compile(r"[a-z0-9_-]{1,32}")
 
 # Reasons that are not the release's fault: a rollback for one of them does not reject the version.
 _NOT_THE_RELEASE = (DISK_FULL, INTERNAL, "staging_io_error")
@@ -139,15 +148,6 @@ class OtaSettings:
     limits: Limits = DEFAULT_LIMITS
     # a failed install re-sent within this time is answered with its final status, not re-run
     ended_memory_s: float = 600.0
-
-
-class InstallEndedError(Exception):
-    """Ends an install with a final status (internal control flow of the worker)."""
-
-    def __init__(self, outcome: str, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.outcome = outcome
-        self.reason = reason
 
 
 class OtaManager:
@@ -196,6 +196,7 @@ class OtaManager:
         self._stopping = False
         self._worker_death: BaseException | None = None
         self._need: tuple[Path, int, int] | None = None  # (where, needed, free) of the job
+        self._download: ChunkStore | None = None  # the running job's chunk store
         self._rolled_back = False
         self.counters = {"installs": 0, "installed": 0, "rejected": 0, "rolled_back": 0,
                          "failed": 0, "chunks_dropped": 0, "chunk_resubscribes": 0,
@@ -309,6 +310,10 @@ class OtaManager:
             raise CommandArgumentError(
                 f"chunk_size must be {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE} bytes")
         retry = arg(args, "retry", bool, False)
+        variant = arg(args, "variant", str, "")
+        if variant and not _VARIANT_NAME.fullmatch(variant):
+            raise CommandArgumentError("variant must be 1-32 characters of [a-z0-9_-] (a "
+                                       "variant name of the release's manifest)")
         if self.root is None:
             raise AgentError("this device has no trusted root; set trust_root in agent.yaml "
                              "to the fleet's root.json and restart the agent")
@@ -328,7 +333,7 @@ class OtaManager:
             return {"accepted": False, "ended": True, "outcome": ended.outcome,
                     "reason": ended.reason, "message": ended.message}
         job = Job(release_id=release_id, model="", chunk_size=chunk_size, phase="accepted",
-                  retry=retry, started=time.time())
+                  retry=retry, variant=variant, started=time.time())
         self.state.job = job
         self.store.save(self.state)
         self._jobs.put(job)
@@ -577,12 +582,13 @@ class OtaManager:
         self._need = None
         self._rolled_back = False
         try:
-            outcome, reason, message = self._run(job)
-        except InstallEndedError as ended:
-            outcome, reason, message = ended.outcome, ended.reason, str(ended)
+            self._drive(job)  # ends the job itself, with its final status
         except Exception as exc:  # a bug or an I/O error must still end in a final status
             outcome, reason, message = self._classify(job, exc)
-        self._end_job(job, outcome, reason, message)
+            with contextlib.suppress(Exception):
+                self._close_download(discard=True)
+            self._take_chunks(False)
+            self._end_job(job, outcome, reason, message)
 
     def _classify(self, job: Job, exc: Exception) -> tuple[str, str, str]:
         from fleetlite.agent.errors import DownloadError
@@ -594,6 +600,10 @@ class OtaManager:
             return "failed", DISK_FULL, f"the disk filled up {where}: {text}"
         if isinstance(exc, DownloadError):
             return "failed", exc.reason, str(exc)
+        if isinstance(exc, UpdateRejected):
+            # the signed release is fine, the bytes served were not (a bad mirror, mixed
+            # files): not remembered as rejected, so a correct delivery can still install it
+            return "rejected", exc.reason, str(exc)
         log.exception("install of %s crashed %s", job.release_id, where)
         return "failed", INTERNAL, _internal_message(exc, where)
 
@@ -723,39 +733,195 @@ class OtaManager:
         self._status(job.release_id, job.model, self._job_version(job), phase,
                      progress=progress)
 
-    def _run(self, job: Job) -> tuple[str, str, str]:
+    # -- the driver: carries out what the machine (agent/ota_machine.py) decides ----------
+
+    def _machine_settings(self) -> machine.Settings:
+        s = self.settings
+        return machine.Settings(
+            manifest_timeout_s=s.manifest_timeout_s, chunk_idle_s=s.chunk_idle_s,
+            max_requests_without_progress=int(s.max_requests_without_progress),
+            download_deadline_s=s.download_deadline_s, health_inferences=s.health_inferences,
+            health_timeout_s=s.health_timeout_s, limits=s.limits)
+
+    def _trust(self) -> machine.Trust:
+        """What manifest verification needs to know of this device, now."""
+        installed: dict[str, int] = {}
+        for name, (_path, version) in self.seeds.items():
+            if version is not None:
+                installed[name] = version
+        for name, ms in self.state.models.items():
+            if ms.installed_version is not None:
+                installed[name] = ms.installed_version
+        return machine.Trust(
+            root=self.root, device_class=self.device_class.name, agent_version=__version__,
+            time_floor=self.floor.now(time.monotonic()), installed=installed,
+            rejected={name: tuple(ms.rejected) for name, ms in self.state.models.items()})
+
+    def _drive(self, job: Job) -> None:
+        """Run one install: feed the machine events, carry out its actions, until it ends."""
         staging = self.store.staging_dir(job.release_id)
         staging.mkdir(parents=True, exist_ok=True)
-        envelope = self._fetch_manifest(job, staging)
-        manifest = self._verify_manifest(job, envelope)
-        self._check_space(job, manifest, staging, len(envelope))
-        if job.phase in ("accepted", "downloading"):
-            self._set_phase(job, "downloading")
-            files = self._download(job, manifest, staging)
-        else:
-            files = {entry.name: staging / entry.name for entry in manifest.files}
-        if job.phase in ("downloading", "verifying"):
-            self._set_phase(job, "verifying")
-            self._verify_files(manifest, files)
-        variant = manifest.default_variant
-        if job.phase in ("verifying", "smoke_testing"):
-            self._set_phase(job, "smoke_testing")
-            self._smoke(job, manifest, variant, files)
-        self._set_phase(job, "switching")
-        ms = self.state.model(manifest.name)
-        if ms.installed_version is None and manifest.name in self.seeds:
-            ms.installed_version = self.seeds[manifest.name][1]
-        slot = self._switch(job, manifest, variant, files, ms)
-        self._set_phase(job, "health_check")
-        self._health_window(job, manifest, variant, files, ms)
-        return "installed", "", f"{manifest.name} v{manifest.version} serving from slot {slot}"
+        saved = staging / "manifest.json"
+        start = machine.Start(
+            machine.JobSpec(job.release_id, job.chunk_size, job.retry, job.variant, job.phase),
+            self._trust(), time.monotonic(), saved.read_bytes() if saved.is_file() else None)
+        state, actions = machine.handle(machine.Receiver(self.device_id,
+                                                         self._machine_settings()), start)
+        todo = deque(actions)
+        while True:
+            while todo:
+                action = todo.popleft()
+                try:
+                    event = self._do(job, action)
+                except Exception as exc:
+                    if isinstance(action, machine.End):
+                        raise
+                    todo.clear()  # decided before the failure: the machine decides anew
+                    event = machine.Failed(*self._classify(job, exc))
+                if event is not None:
+                    state, more = machine.handle(state, event)
+                    todo.extend(more)
+            if state.phase == machine.IDLE:
+                return
+            state, more = machine.handle(state, self._next_event(state))
+            todo.extend(more)
 
-    def _check_space(self, job: Job, manifest: Manifest, staging: Path,
-                     manifest_bytes: int) -> None:
-        """End the job with ``disk_full`` now if the staging and slot copies cannot fit."""
+    def _next_event(self, state: machine.Receiver) -> machine.Event:
+        """Wait for what the machine waits for: a message, or its next tick."""
+        if state.phase == machine.HEALTH_CHECK:
+            time.sleep(state.wait_s(time.monotonic()))
+            assert state.manifest is not None
+            served, errors = self._health_counts(state.manifest)
+            return machine.HealthStats(served, errors, time.monotonic())
+        try:
+            kind, payload = self._next_message(state.wait_s(time.monotonic()))
+        except queue.Empty:
+            return machine.Tick(time.monotonic())
+        if kind == "chunk":
+            return machine.ChunkFrame(payload, time.monotonic())
+        return machine.ManifestMessage(payload)
+
+    def _do(self, job: Job, action: machine.Action) -> machine.Event | None:
+        """Carry out one action; the event it answers with, if any. Raises on failure."""
+        m = machine
+        if isinstance(action, m.Subscribe):
+            self._subscribe(action)
+        elif isinstance(action, m.Unsubscribe):
+            if action.kind == "round":
+                self.link.unsubscribe_many(list(action.topics))
+            else:
+                for topic in action.topics:
+                    self.link.unsubscribe(topic)
+        elif isinstance(action, m.RequestChunks):
+            request = replace(action.request, ts=time.time())
+            self.link.publish_live(topics.device_topic(self.device_id, topics.OTA_REQUEST),
+                                   request.to_json())
+            if not request.done:
+                self.counters["chunk_requests"] += 1
+        elif isinstance(action, m.EnterPhase):
+            job.model, job.version = action.model or job.model, action.version or job.version
+            self._set_phase(job, action.phase)
+        elif isinstance(action, m.ReportProgress):
+            if self._download is not None:
+                self._status(job.release_id, job.model, job.version, "downloading",
+                             progress=self._download.progress().to_dict())
+        elif isinstance(action, m.StageManifest):
+            write_atomic(self.store.staging_dir(job.release_id) / "manifest.json",
+                         action.payload)
+        elif isinstance(action, m.RecordManifest):
+            self._record_manifest(job, action.manifest, action.retry)
+        elif isinstance(action, m.CheckSpace):
+            return m.SpaceChecked(self._space_problem(job, action.manifest,
+                                                      action.envelope_bytes))
+        elif isinstance(action, m.OpenDownload):
+            return self._open_download(job, action.manifest, action.chunk_size)
+        elif isinstance(action, m.ChunkFlow):
+            self._take_chunks(action.taking)
+        elif isinstance(action, m.WriteChunk):
+            assert self._download is not None
+            self._download.write(action.chunk)
+        elif isinstance(action, m.PersistProgress):
+            if self._download is not None:
+                self._download.persist_if_due()
+        elif isinstance(action, m.CloseDownload):
+            self._close_download(discard=action.discard)
+        elif isinstance(action, m.Finalize):
+            assert self._download is not None
+            try:
+                self._download.finalize()
+            except UpdateRejected:
+                self._close_download(discard=True)
+                raise
+            self._download = None
+            return m.Done()
+        elif isinstance(action, m.VerifyFiles):
+            self._verify_files(action.manifest, self._staged_files(job, action.manifest))
+            return m.Done()
+        elif isinstance(action, m.RunSmoke):
+            return self._smoke(job, action.manifest, action.variant,
+                               self._staged_files(job, action.manifest))
+        elif isinstance(action, m.Reject):
+            self.state.model(action.model).reject(action.version)
+            self.store.save(self.state)
+        elif isinstance(action, m.Switch):
+            ms = self.state.model(action.manifest.name)
+            if ms.installed_version is None and action.manifest.name in self.seeds:
+                ms.installed_version = self.seeds[action.manifest.name][1]
+            return m.Done(self._switch(job, action.manifest, action.variant,
+                                       self._staged_files(job, action.manifest), ms))
+        elif isinstance(action, m.Exercise):
+            return self._exercise(action)
+        elif isinstance(action, m.RollBack):
+            ms = self.state.model(action.model)
+            ms.revert()
+            self._rolled_back = True
+            self._serve_active(action.model, ms)
+            self.store.save(self.state)
+        elif isinstance(action, m.Commit):
+            self._commit(self.state.model(action.model))
+            return m.Done()
+        elif isinstance(action, m.End):
+            self._close_download(discard=True)
+            self._end_job(job, action.outcome, action.reason, action.message)
+        else:  # pragma: no cover - every action is carried out above
+            raise TypeError(f"unknown OTA action {action!r}")
+        return None
+
+    def _subscribe(self, action: machine.Subscribe) -> None:
+        kind = "manifest" if action.kind == "manifest" else "chunk"
+
+        def handler(payload: bytes) -> None:
+            self.on_message(kind, payload)
+
+        if action.kind == "round":
+            # one SUBSCRIBE, sent even for a topic still subscribed: the broker sends each
+            # topic's retained copy again, to this device alone
+            self.link.subscribe_many(list(action.topics), handler)
+            self.counters["chunk_resubscribes"] += 1
+        else:
+            for topic in action.topics:
+                self.link.subscribe(topic, handler)
+
+    def _staged_files(self, job: Job, manifest: Manifest) -> dict[str, Path]:
+        staging = self.store.staging_dir(job.release_id)
+        return {entry.name: staging / entry.name for entry in manifest.files}
+
+    def _record_manifest(self, job: Job, manifest: Manifest, retry: bool) -> None:
+        job.model = manifest.name
+        job.version = manifest.version
+        if retry:
+            ms = self.state.model(manifest.name)
+            ms.rejected = [v for v in ms.rejected if v != manifest.version]
+        self.floor = self.floor.observe(manifest.issued, time.monotonic())
+        self.state.time_floor = self.floor.now(time.monotonic())
+        self.store.save(self.state)
+
+    def _space_problem(self, job: Job, manifest: Manifest, manifest_bytes: int) -> str:
+        """Why the staging and slot copies cannot fit (the ``disk_full`` message), or ""."""
         from fleetlite.agent.ota_download import part_name
         from fleetlite.agent.ota_space import HEADROOM
 
+        staging = self.store.staging_dir(job.release_id)
         lengths = {entry.name: entry.length for entry in manifest.files}
         staged = sum(min(length, max(allocated(staging / name),
                                      allocated(staging / part_name(name))))
@@ -775,243 +941,49 @@ class OtaManager:
             where, needed = staging, needs[staging]
         self._need = (where, needed, free_bytes(where))
         if short is None:
-            return
+            return ""
         at, space = short
-        raise InstallEndedError(
-            "failed", DISK_FULL,
-            f"not enough free space for {manifest.name} v{manifest.version}: its download, "
-            f"the staging copy and the A/B slot copy need {describe_bytes(space.needed)} "
-            f"under {at} (the old model in the free slot already counted as freed), "
-            f"{describe_bytes(space.free)} are free, {describe_bytes(space.missing)} short. "
-            "Nothing was downloaded")
+        return (f"not enough free space for {manifest.name} v{manifest.version}: its download, "
+                f"the staging copy and the A/B slot copy need {describe_bytes(space.needed)} "
+                f"under {at} (the old model in the free slot already counted as freed), "
+                f"{describe_bytes(space.free)} are free, {describe_bytes(space.missing)} "
+                "short. Nothing was downloaded")
 
-    # 1. manifest --------------------------------------------------------------------------
+    def _open_download(self, job: Job, manifest: Manifest,
+                       chunk_size: int) -> machine.DownloadOpened:
+        from fleetlite.agent.ota_download import ChunkStore
 
-    def _fetch_manifest(self, job: Job, staging: Path) -> bytes:
-        saved = staging / "manifest.json"
-        if saved.is_file():
-            return saved.read_bytes()
-        topic = topics.release_topic(job.release_id, topics.RELEASE_MANIFEST)
-        self.link.subscribe(topic, lambda payload: self.on_message("manifest", payload))
-        deadline = time.monotonic() + self.settings.manifest_timeout_s
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise InstallEndedError("failed", MANIFEST_TIMEOUT,
-                                    f"no manifest arrived on {topic} within "
-                                    f"{self.settings.manifest_timeout_s:g} s; is the release "
-                                    "published (fleetlite release push)?")
-            try:
-                kind, payload = self._next_message(min(remaining, 0.5))
-            except queue.Empty:
-                continue
-            if kind != "manifest" or not payload:
-                continue
-            self.link.unsubscribe(topic)
-            from fleetlite.sdk.manifest import release_id as compute_release_id
+        staging = self.store.staging_dir(job.release_id)
+        if all((staging / entry.name).is_file() for entry in manifest.files):
+            return machine.DownloadOpened(None, time.monotonic())  # finalized before a restart
+        self._download = ChunkStore(staging, manifest, chunk_size, auto_persist=False)
+        return machine.DownloadOpened(self._download.bitmap(), time.monotonic())
 
-            try:
-                from fleetlite.sdk.envelope import Envelope
-
-                envelope = Envelope.from_json(
-                    payload, max_bytes=self.settings.limits.max_envelope_bytes,
-                    max_payload_bytes=self.settings.limits.max_manifest_bytes,
-                    max_signatures=self.settings.limits.max_signatures,
-                )
-            except UpdateRejected as exc:
-                raise InstallEndedError("rejected", exc.reason, str(exc)) from exc
-            if compute_release_id(envelope.payload) != job.release_id:
-                raise InstallEndedError("rejected", "release_id_mismatch",
-                                    "the manifest on the release topic does not hash to the "
-                                    "requested release id")
-            write_atomic(saved, payload)
-            return payload
-
-    def _verify_manifest(self, job: Job, envelope: bytes) -> Manifest:
-        if self.root is None:
-            raise InstallEndedError("rejected", "no_trusted_root", "no trusted root provisioned")
-        from fleetlite.sdk.envelope import Envelope
-        from fleetlite.sdk.manifest import parse_manifest
-
-        try:
-            limits = self.settings.limits
-            unverified = parse_manifest(Envelope.from_json(
-                envelope, max_bytes=limits.max_envelope_bytes,
-                max_payload_bytes=limits.max_manifest_bytes).payload)
-            name_hint: str | None = unverified.name
-        except (UpdateRejected, ValueError):
-            name_hint = None
-        ms: ModelState = self.state.models.get(name_hint or "") or ModelState()
-        installed = ms.installed_version
-        if installed is None and name_hint in self.seeds:
-            installed = self.seeds[name_hint][1]
-        try:
-            manifest = verify_release(
-                envelope, root=self.root, installed_version=installed,
-                device_class=self.device_class.name, time_floor=self.floor.now(time.monotonic()),
-                rejected_versions=ms.rejected, agent_version=__version__,
-                limits=self.settings.limits, retry_rejected=job.retry,
-            )
-        except EqualVersion as exc:
-            raise InstallEndedError("no_change", exc.reason, str(exc)) from exc
-        except UpdateRejected as exc:
-            raise InstallEndedError("rejected", exc.reason, str(exc)) from exc
-        job.model = manifest.name
-        job.version = manifest.version
-        if job.retry:
-            self.state.model(manifest.name).rejected = [
-                v for v in ms.rejected if v != manifest.version
-            ]
-        self.floor = self.floor.observe(manifest.issued, time.monotonic())
-        self.state.time_floor = self.floor.now(time.monotonic())
-        self.store.save(self.state)
-        return manifest
-
-    # 2-3. download and verify -------------------------------------------------------------
-
-    def _download(self, job: Job, manifest: Manifest, staging: Path) -> dict[str, Path]:
-        """Receive the release's chunks into ``staging`` (resuming what is already there)."""
+    def _close_download(self, *, discard: bool) -> None:
         from fleetlite.agent.errors import DownloadError
-        from fleetlite.agent.ota_download import (
-            NEW,
-            REFUSED,
-            RESUBSCRIBE,
-            RESUBSCRIBE_CHUNKS,
-            STALLED,
-            TIMED_OUT,
-            ChunkStore,
-            DownloadTracker,
-        )
 
-        finished = {entry.name: staging / entry.name for entry in manifest.files}
-        if all(path.is_file() for path in finished.values()):
-            return finished  # finalized before a restart; the verify step re-checks them
-        request_topic = topics.device_topic(self.device_id, topics.OTA_REQUEST)
-        settings = self.settings
-        try:
-            store = ChunkStore(staging, manifest, job.chunk_size, auto_persist=False)
-        except DownloadError as exc:
-            raise InstallEndedError("failed", exc.reason, str(exc)) from exc
-        window = request_window(job.chunk_size)
-        tracker = DownloadTracker(idle_s=settings.chunk_idle_s,
-                                  max_requests_without_progress=int(
-                                      settings.max_requests_without_progress),
-                                  deadline_s=settings.download_deadline_s,
-                                  resubscribe_chunks=min(RESUBSCRIBE_CHUNKS, window))
-
-        def handler(payload: bytes) -> None:
-            self.on_message("chunk", payload)
-
-        round_topics: list[str] = []  # the exact chunk topics of the last re-subscription
-        per_block = topics.chunks_per_block(job.chunk_size)
-        blocks: dict[int, str] = {}  # the block filters subscribed to, by block
-
-        def end_round() -> None:
-            self.link.unsubscribe_many(round_topics)
-            round_topics.clear()
-
-        def follow_blocks() -> int:
-            """Subscribe to the first block still missing a chunk and the next, no other; the
-            index below which chunks can arrive (what asks may name)."""
-            wanted = store.wanted_blocks(per_block)
-            for block in [b for b in blocks if b not in wanted]:
-                self.link.unsubscribe(blocks.pop(block))
-            for block in wanted:
-                if block not in blocks:
-                    blocks[block] = topics.block_filter(job.release_id, job.chunk_size, block)
-                    self.link.subscribe(blocks[block], handler)
-            return wanted.stop * per_block
-
-        self._take_chunks(True)
-        below = follow_blocks()
-        pacer = ProgressPacer()
-        total_chunks = store.layout.total_chunks
-        pacer.start(time.monotonic(), store.received_chunks, total_chunks)
-        try:
-            while True:
-                decision = tracker.poll(store.received_chunks, complete=store.complete(),
-                                        batch_done=store.request_satisfied,
-                                        missing=functools.partial(store.missing_chunks,
-                                                                  below=below))
-                if decision.action == "done":
-                    break
-                if decision.action in (STALLED, TIMED_OUT):
-                    progress = store.progress().to_dict()
-                    raise InstallEndedError(
-                        "failed", decision.reason,
-                        f"download stopped at {progress['received_bytes']} of "
-                        f"{progress['total_bytes']} bytes: no new chunks after "
-                        f"{tracker.requests} requests; is the release still being served?")
-                if decision.action == RESUBSCRIBE:
-                    # the broker sends the retained copy of each newly subscribed topic to
-                    # this device alone; a topic still subscribed from the last round would
-                    # not be subscribed again by the link, so that round ends first
-                    end_round()
-                    store.expect(decision.chunks)
-                    round_topics.extend(topics.chunk_topic(job.release_id, job.chunk_size, f, i)
-                                        for f, i in decision.chunks)
-                    # one SUBSCRIBE, sent even for a topic of the last round: the broker
-                    # sends each topic's retained copy again
-                    self.link.subscribe_many(round_topics, handler)
-                    self.counters["chunk_resubscribes"] += 1
-                elif decision.action == "request":
-                    end_round()
-                    request = store.missing_request(self.device_id, limit_chunks=window,
-                                                    below=below)
-                    if request is not None:
-                        self.link.publish_live(request_topic, request.to_json())
-                        self.counters["chunk_requests"] += 1
-                try:
-                    kind, payload = self._next_message(min(max(decision.wait_s, 0.05), 0.5))
-                except queue.Empty:
-                    store.persist_if_due()
-                    continue
-                if kind != "chunk":
-                    continue
-                accepted = store.accept(payload)
-                if accepted == REFUSED and store.last_refusal is not None:
-                    log.warning("refused a chunk: %s", store.last_refusal)
-                elif accepted == NEW:
-                    below = follow_blocks()
-                store.persist_if_due()
-                if pacer.due(time.monotonic(), store.received_chunks, total_chunks):
-                    self._status(job.release_id, job.model, job.version, "downloading",
-                                 progress=store.progress().to_dict())
-            files = store.finalize()
-            self.link.publish_live(request_topic, store.done_request(self.device_id).to_json())
-            return files
-        except DownloadError as exc:
+        store, self._download = self._download, None
+        if store is None:
+            return
+        if discard:
             store.discard()
-            raise InstallEndedError("failed", exc.reason, str(exc)) from exc
-        except UpdateRejected as exc:
-            # the signed release is fine, the bytes served were not (a bad mirror, mixed
-            # files): not remembered as rejected, so a correct delivery can still install it
-            store.discard()
-            raise InstallEndedError("rejected", exc.reason, str(exc)) from exc
-        finally:
-            self._take_chunks(False)
-            end_round()
-            for block_topic in blocks.values():
-                self.link.unsubscribe(block_topic)
-            try:
-                store.close()
-            except DownloadError as exc:
-                # the job ends now (its staging is removed); the first error tells why
-                log.warning("could not save the download's progress: %s", exc)
+            return
+        try:
+            store.close()
+        except DownloadError as exc:
+            # the job ends now (its staging is removed); the first error tells why
+            log.warning("could not save the download's progress: %s", exc)
 
     def _verify_files(self, manifest: Manifest, files: Mapping[str, Path]) -> None:
         from fleetlite.sdk.verify import verify_file
 
         for entry in manifest.files:
-            try:
-                verify_file(files[entry.name], entry)
-            except UpdateRejected as exc:
-                raise InstallEndedError("rejected", exc.reason, str(exc)) from exc
+            verify_file(files[entry.name], entry)
 
     # 4. smoke test ------------------------------------------------------------------------
 
     def _smoke(self, job: Job, manifest: Manifest, variant: Variant,
-               files: Mapping[str, Path]) -> None:
+               files: Mapping[str, Path]) -> machine.SmokeDone:
         from fleetlite.agent.smoke_test import run_smoke_test
 
         try:
@@ -1024,12 +996,8 @@ class OtaManager:
                 tokenizer_path=files[generation.tokenizer] if generation is not None else None,
             )
         except (AgentError, ModelRuntimeError) as exc:
-            # the device could not run the test at all: not the release's fault
-            raise InstallEndedError("failed", SMOKE_UNAVAILABLE, str(exc)) from exc
-        if not result.passed:
-            self.state.model(manifest.name).reject(manifest.version)
-            self.store.save(self.state)
-            raise InstallEndedError("rejected", result.reason, result.message)
+            return machine.SmokeDone(False, SMOKE_UNAVAILABLE, str(exc), available=False)
+        return machine.SmokeDone(result.passed, result.reason, result.message)
 
     # 5. switch ----------------------------------------------------------------------------
 
@@ -1094,65 +1062,43 @@ class OtaManager:
 
     # 6. health window and commit ---------------------------------------------------------
 
-    def _health_window(self, job: Job, manifest: Manifest, variant: Variant,
-                       files: Mapping[str, Path], ms: ModelState) -> None:
+    def _health_counts(self, manifest: Manifest) -> tuple[int, int]:
+        """(served, errors) of the new model since the switch: inferences, or generations."""
         if manifest.generation is not None:
-            self._lm_health_window(manifest, variant, files, ms)
-            return
-        name, wanted = manifest.name, self.settings.health_inferences
-        deadline = time.monotonic() + self.settings.health_timeout_s
-        own_inputs = self._smoke_inputs(files[variant.smoke.file])
-        i = 0
-        while True:
-            stats = self.models.stats().get(name, {})
-            if stats.get("errors", 0):
-                self._roll_back_failed(job, manifest, ms,
-                                       f"{stats['errors']} inference error(s) on the new model")
-            if stats.get("inferences", 0) >= wanted:
-                break
-            if time.monotonic() >= deadline:
-                # no live traffic: exercise the model ourselves with the release's vectors
-                try:
-                    self.models.infer(name, own_inputs[i % len(own_inputs)])
-                except (AgentError, ModelRuntimeError) as exc:
-                    self._roll_back_failed(job, manifest, ms, str(exc))
-                i += 1
-            else:
-                time.sleep(0.05)
-        self._commit(ms)
+            stats = self.language_models.get(manifest.name).stats()
+            return int(stats["generations"]), int(stats["errors"])
+        counts = self.models.stats().get(manifest.name, {})
+        return int(counts.get("inferences", 0)), int(counts.get("errors", 0))
 
-    def _lm_health_window(self, manifest: Manifest, variant: Variant,
-                          files: Mapping[str, Path], ms: ModelState) -> None:
-        """Like the health window of other models, counting generations: live requests, or
-        (without traffic) short generations from the release's smoke prompts."""
+    def _exercise(self, action: machine.Exercise) -> machine.HealthStats | None:
+        """Run the new model once on the release's vectors (no live traffic came); a failure
+        comes back as health statistics with its error."""
         from fleetlite.sdk.lm_smoke import LmSmokeVectors
         from fleetlite.sdk.runtime.lm_engine import GenerateParams
 
-        name, wanted = manifest.name, self.settings.health_inferences
-        deadline = time.monotonic() + self.settings.health_timeout_s
-        prompts = [case.prompt_ids for case in LmSmokeVectors.from_json(
-            files[variant.smoke.file].read_bytes()).cases]
-        served = self.language_models.get(name)
-        i = 0
-        while True:
-            stats = served.stats()
-            if stats["errors"]:
-                self._roll_back_failed(None, manifest, ms,
-                                       f"{stats['errors']} failed generation(s) on the new model")
-            if stats["generations"] >= wanted:
-                break
-            if time.monotonic() >= deadline:
-                try:
-                    with served.service.generate(prompts[i % len(prompts)],
-                                                 GenerateParams(max_tokens=4)) as generation:
-                        list(generation)
-                    served.record(generation.stats)
-                except (AgentError, ModelRuntimeError) as exc:
-                    self._roll_back_failed(None, manifest, ms, str(exc))
-                i += 1
+        manifest, variant = action.manifest, action.variant
+        smoke_file = self._staged_files_of(manifest, variant)
+        try:
+            if manifest.generation is not None:
+                prompts = [case.prompt_ids for case in LmSmokeVectors.from_json(
+                    smoke_file.read_bytes()).cases]
+                served = self.language_models.get(manifest.name)
+                with served.service.generate(prompts[action.n % len(prompts)],
+                                             GenerateParams(max_tokens=4)) as generation:
+                    list(generation)
+                served.record(generation.stats)
             else:
-                time.sleep(0.05)
-        self._commit(ms)
+                inputs = self._smoke_inputs(smoke_file)
+                self.models.infer(manifest.name, inputs[action.n % len(inputs)])
+        except (AgentError, ModelRuntimeError) as exc:
+            return machine.HealthStats(0, 0, time.monotonic(), error=str(exc))
+        return None
+
+    def _staged_files_of(self, manifest: Manifest, variant: Variant) -> Path:
+        """The release's smoke vectors in the slot now serving it."""
+        ms = self.state.model(manifest.name)
+        assert ms.active is not None
+        return self.store.slot_dir(manifest.name, ms.active) / variant.smoke.file
 
     def _commit(self, ms: ModelState) -> None:
         """Commit the health window; if the state cannot be saved, the commit is undone in
@@ -1171,15 +1117,6 @@ class OtaManager:
 
         vectors = SmokeVectors.from_json(smoke_file.read_bytes())
         return [case.input_arrays() for case in vectors.cases] or [[]]
-
-    def _roll_back_failed(self, job: Job | None, manifest: Manifest, ms: ModelState,
-                          why: str) -> None:
-        ms.revert()
-        self._rolled_back = True
-        self._serve_active(manifest.name, ms)
-        self.store.save(self.state)
-        raise InstallEndedError("rolled_back", HEALTH_FAILED,
-                            f"health window failed ({why}); rolled back to the previous model")
 
 
 def _os_error_text(exc: BaseException) -> str:

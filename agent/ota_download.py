@@ -46,6 +46,7 @@ from fleetlite.sdk.atomic import fsync_dir, write_atomic
 from fleetlite.sdk.chunks import (
     MAX_REQUEST_CHUNKS,
     MAX_REQUEST_RANGES,
+    Chunk,
     ChunkBitmap,
     ChunkError,
     ChunkLayout,
@@ -301,6 +302,11 @@ class ChunkStore:
                 self.refused[exc.code] += 1
                 self.last_refusal = exc
             return REFUSED
+        return self.write(chunk)
+
+    def write(self, chunk: Chunk) -> str:
+        """Write a chunk decoded (and so checked) against this store's layout: NEW or
+        DUPLICATE. Raises as :meth:`accept` does when it cannot be written."""
         key = (chunk.file_index, chunk.index)
         with self._lock:
             if self._bitmap.have(*key):
@@ -426,6 +432,11 @@ class ChunkStore:
     def complete(self) -> bool:
         with self._lock:
             return self._bitmap.complete()
+
+    def bitmap(self) -> ChunkBitmap:
+        """A copy of the received-chunk bitmap (what a resumed download already holds)."""
+        with self._lock:
+            return self._bitmap.copy()
 
     def have(self, file_index: int, index: int) -> bool:
         with self._lock:

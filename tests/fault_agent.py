@@ -18,15 +18,15 @@ from typing import Any
 
 
 def _accept_expired() -> None:
-    from fleetlite.agent import ota
+    from fleetlite.agent import ota_machine
 
-    real = ota.verify_release
+    real = ota_machine.verify_release
 
     def verify_release(envelope_bytes: bytes, **kwargs: Any) -> Any:
         kwargs["time_floor"] = 0.0  # nothing expires at or below 0: the expiry check passes
         return real(envelope_bytes, **kwargs)
 
-    ota.verify_release = verify_release  # type: ignore[assignment]
+    ota_machine.verify_release = verify_release  # type: ignore[assignment]
 
 
 FAULTS: dict[str, Callable[[], None]] = {"accept_expired": _accept_expired}

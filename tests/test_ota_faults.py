@@ -176,7 +176,7 @@ def _fail_save_in(phase: str) -> Callable[[OtaStateStore, OtaState], None]:
 
 INJECTIONS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
     "staging the manifest": lambda mp: mp.setattr(ota_module, "write_atomic", enospc),
-    "downloading": lambda mp: mp.setattr(ChunkStore, "accept", enospc),
+    "downloading": lambda mp: mp.setattr(ChunkStore, "write", enospc),
     "preallocating the staging files": lambda mp: mp.setattr(ChunkStore, "_open_files",
                                                              enospc),
     "saving the state (verifying)": lambda mp: mp.setattr(OtaStateStore, "save",

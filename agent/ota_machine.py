@@ -65,7 +65,7 @@ from fleetlite.sdk.chunks import (
 )
 from fleetlite.sdk.envelope import Envelope
 from fleetlite.sdk.errors import EqualVersion, UpdateRejected
-from fleetlite.sdk.manifest import Manifest, Variant, parse_manifest
+from fleetlite.sdk.manifest import Manifest, Variant
 from fleetlite.sdk.manifest import release_id as compute_release_id
 from fleetlite.sdk.ota_messages import ChunkRequest
 from fleetlite.sdk.ota_progress import ProgressPacer
@@ -521,6 +521,7 @@ def _manifest_message(state: Receiver, event: ManifestMessage) -> tuple[Receiver
 
 def _manifest_received(state: Receiver, payload: bytes,
                        staged: bool) -> tuple[Receiver, list[Action]]:
+    """Check and verify the manifest envelope (parsed once, here); pick the variant."""
     job, trust = state.job, state.trust
     assert job is not None and trust is not None
     limits = state.settings.limits
@@ -528,12 +529,13 @@ def _manifest_received(state: Receiver, payload: bytes,
     if not staged:
         actions.append(Unsubscribe((topics.release_topic(job.release_id,
                                                          topics.RELEASE_MANIFEST),), "manifest"))
-        try:
-            envelope = Envelope.from_json(payload, max_bytes=limits.max_envelope_bytes,
-                                          max_payload_bytes=limits.max_manifest_bytes,
-                                          max_signatures=limits.max_signatures)
-        except UpdateRejected as exc:
-            return _end(state, "rejected", exc.reason, str(exc), actions)
+    try:
+        envelope = Envelope.from_json(payload, max_bytes=limits.max_envelope_bytes,
+                                      max_payload_bytes=limits.max_manifest_bytes,
+                                      max_signatures=limits.max_signatures)
+    except UpdateRejected as exc:
+        return _end(state, "rejected", exc.reason, str(exc), actions)
+    if not staged:
         if compute_release_id(envelope.payload) != job.release_id:
             return _end(state, "rejected", "release_id_mismatch",
                         "the manifest on the release topic does not hash to the requested "
@@ -542,14 +544,15 @@ def _manifest_received(state: Receiver, payload: bytes,
     state = replace(state, envelope=payload)
     if trust.root is None:
         return _end(state, "rejected", "no_trusted_root", "no trusted root provisioned", actions)
-    name = _name_hint(payload, limits)
+
+    def counters(name: str) -> tuple[Optional[int], Collection[int]]:
+        return trust.installed.get(name), trust.rejected.get(name, ())
+
     try:
         manifest = verify_release(
-            payload, root=trust.root, installed_version=trust.installed.get(name or ""),
+            envelope, root=trust.root, installed_version=None, counters=counters,
             device_class=trust.device_class, time_floor=trust.time_floor,
-            rejected_versions=trust.rejected.get(name or "", ()),
-            agent_version=trust.agent_version, limits=limits,
-            retry_rejected=job.retry)
+            agent_version=trust.agent_version, limits=limits, retry_rejected=job.retry)
     except EqualVersion as exc:
         return _end(state, "no_change", exc.reason, str(exc), actions)
     except UpdateRejected as exc:
@@ -567,17 +570,6 @@ def _manifest_received(state: Receiver, payload: bytes,
     state = replace(state, variant=variant, phase=SPACE)
     actions.append(CheckSpace(manifest, len(payload)))
     return state, actions
-
-
-def _name_hint(payload: bytes, limits: Limits) -> str | None:
-    """The model name the (not yet verified) manifest claims: whose counters to check it with."""
-    try:
-        name: str = parse_manifest(Envelope.from_json(
-            payload, max_bytes=limits.max_envelope_bytes,
-            max_payload_bytes=limits.max_manifest_bytes).payload).name
-        return name
-    except (UpdateRejected, ValueError):
-        return None
 
 
 def _space_checked(state: Receiver, event: SpaceChecked) -> tuple[Receiver, list[Action]]:

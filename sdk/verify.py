@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Union
@@ -129,7 +129,7 @@ DEFAULT_LIMITS = Limits()
 
 
 def verify_release(
-    envelope_bytes: bytes,
+    envelope_bytes: bytes | Envelope,
     *,
     root: Root,
     installed_version: int | None,
@@ -140,6 +140,7 @@ def verify_release(
     limits: Limits = DEFAULT_LIMITS,
     model_name: str | None = None,
     retry_rejected: bool = False,
+    counters: Callable[[str], tuple[int | None, Collection[int]]] | None = None,
 ) -> Manifest:
     """Verify a release envelope against the trusted ``root`` and the device's state.
 
@@ -165,17 +166,29 @@ def verify_release(
     8. ``min_agent_version`` above ``agent_version`` -> ``agent_too_old``.
 
     The files are checked afterwards, one by one, with :func:`verify_file`.
+
+    ``envelope_bytes`` may also be an :class:`Envelope` already parsed with these limits (a
+    device that checked the release id first parses it once). A device that keeps counters per
+    model passes ``counters``: called with the manifest's name once it is parsed (step 5), it
+    returns that model's installed version and rejected versions, which then replace
+    ``installed_version`` and ``rejected_versions``.
     """
     # 1. Size caps before anything is decoded.
-    if len(envelope_bytes) > limits.max_envelope_bytes:
-        raise OversizeError(f"manifest envelope of {len(envelope_bytes)} bytes exceeds the "
-                            f"{limits.max_envelope_bytes}-byte cap")
-    envelope = Envelope.from_json(
-        envelope_bytes,
-        max_bytes=limits.max_envelope_bytes,
-        max_payload_bytes=limits.max_manifest_bytes,
-        max_signatures=limits.max_signatures,
-    )
+    if isinstance(envelope_bytes, Envelope):
+        envelope = envelope_bytes
+        if (len(envelope.payload) > limits.max_manifest_bytes
+                or len(envelope.signatures) > limits.max_signatures):
+            raise OversizeError("the manifest envelope exceeds this device's caps")
+    else:
+        if len(envelope_bytes) > limits.max_envelope_bytes:
+            raise OversizeError(f"manifest envelope of {len(envelope_bytes)} bytes exceeds "
+                                f"the {limits.max_envelope_bytes}-byte cap")
+        envelope = Envelope.from_json(
+            envelope_bytes,
+            max_bytes=limits.max_envelope_bytes,
+            max_payload_bytes=limits.max_manifest_bytes,
+            max_signatures=limits.max_signatures,
+        )
     # 2. Signatures over the exact payload bytes; the payload is still unparsed.
     release = root.roles["release"]
     verify_threshold(envelope, root.authorised_keys("release"), release.threshold,
@@ -195,6 +208,8 @@ def verify_release(
         raise WrongModelError(f"release {label} is for model {manifest.name!r}, not "
                               f"{model_name!r}")
     # 5. Anti-rollback (TUF 5.4.3.1 / Uptane release counters; FreeRTOS refuses equal too).
+    if counters is not None:
+        installed_version, rejected_versions = counters(manifest.name)
     if installed_version is not None:
         if manifest.version < installed_version:
             raise RollbackError(f"release {label} is older than the installed version "

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,8 +24,8 @@ from fleetlite.sdk.delta import KIND_BINARY, KIND_TENSORS, KINDS, apply_delta_by
 from fleetlite.sdk.errors import BundleError
 from fleetlite.sdk.manifest import DeltaRef, check_file_name, sha256_hex
 
-__all__ = ["DEFAULT_MAX_RATIO", "BaseRelease", "BuiltDelta", "Skipped", "delta_files",
-           "load_base", "make_delta", "plan_deltas"]
+__all__ = ["DEFAULT_MAX_RATIO", "BaseRelease", "BuiltDelta", "Skipped", "load_base",
+           "make_delta", "plan_deltas"]
 
 DEFAULT_MAX_RATIO = 0.5
 
@@ -152,7 +152,3 @@ def plan_deltas(base: BaseRelease, new_models: Sequence[tuple[str, bytes]], *,
         built.append(item)
     return built, skipped
 
-
-def delta_files(built: Sequence[BuiltDelta]) -> Mapping[str, bytes]:
-    """Delta file name -> content, as the release lists them."""
-    return {d.delta_name: d.content for d in built}

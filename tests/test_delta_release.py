@@ -14,11 +14,13 @@ from fleetlite.fleet.delta_builder import load_base, plan_deltas
 from fleetlite.fleet.release_builder import build_release
 from fleetlite.sdk.bundle import load_bundle
 from fleetlite.sdk.keys import SigningKey
+from fleetlite.sdk.trust import new_root
 from fleetlite.tools.models import heavy_mlp
 from tests.delta_fixtures import int8_pair
 
 BIN = Path(sys.executable).parent
 KEY = SigningKey.from_seed(b"\x14" * 32)
+ROOT_KEY = SigningKey.from_seed(b"\x15" * 32)
 
 
 def _models(tmp_path: Path) -> tuple[Path, Path]:
@@ -44,6 +46,9 @@ def test_a_release_ships_a_delta_that_rebuilds_its_signed_model(tmp_path: Path) 
                            device_classes=["raspberry-pi-4"], keys=[KEY], deltas=built)
     bundle.write_flb(tmp_path / "v2.flb")
     loaded = load_bundle(tmp_path / "v2.flb")
+    root = new_root([ROOT_KEY.public_key], [KEY.public_key], expires=2_000_000_000)
+    # verified as a device verifies it: signature, then every file (the delta too) by its hash
+    assert loaded.verify(root, device_class="raspberry-pi-4").deltas == loaded.manifest.deltas
     (ref,) = loaded.manifest.deltas
     assert (ref.file, ref.delta) == ("classifier.tflite", "classifier.tflite.from-v1.delta")
     assert loaded.manifest.file(ref.delta).role == "delta"

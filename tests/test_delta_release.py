@@ -82,3 +82,26 @@ def test_the_cli_reports_the_delta_size_against_the_full_size(tmp_path: Path) ->
     assert line.strip().startswith("classifier.tflite: delta ")
     assert "% of 146.4 KiB" in line
     assert load_bundle(tmp_path / "v2.flb").manifest.deltas
+
+
+def test_an_agent_that_ignores_deltas_installs_the_full_file(tmp_path: Path,
+                                                             models_dir: Path) -> None:
+    """Until the OTA receiver fetches deltas, a device downloads every listed file: a release
+    that carries a delta installs exactly as one without (today's fallback path)."""
+    from fleetlite.tools.finetune_weights import finetune_weights
+    from tests.test_ota_install import RELEASE_KEY, Device, release
+
+    seed = models_dir / "intent_classifier.tflite"
+    tuned = tmp_path / "intent_classifier.tflite"
+    tuned.write_bytes(finetune_weights(seed.read_bytes(), seed=14))
+    built, _ = plan_deltas(load_base(seed), [(tuned.name, tuned.read_bytes())])
+    assert len(built) == 1
+    bundle = release(models_dir, tmp_path, 2, model=tuned, keys=(RELEASE_KEY,), deltas=built)
+    assert bundle.manifest.deltas
+    device = Device(tmp_path, models_dir)
+    try:
+        final = device.install(bundle)
+        assert (final.outcome, final.reason) == ("installed", "")
+        assert device.serving_version() == 2
+    finally:
+        device.close()

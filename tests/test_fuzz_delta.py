@@ -51,3 +51,30 @@ def test_damaged_deltas_rebuild_the_target_or_are_refused(data: st.DataObject,
     damaged = data.draw(corrupted(delta, landmarks=(0, 8, 10, 12, 44, 52, 84, 92, 96, 100, 108)))
     rebuilt = parse_or_refuse(lambda: _apply(base, damaged), DeltaError, _check)
     assert rebuilt is None or rebuilt == target
+
+
+U64 = st.integers(0, 2**64 - 1)
+SMALL = st.integers(0, 300)
+
+
+@fuzz(300)
+@given(ops=st.lists(st.tuples(st.integers(0, 255), st.one_of(SMALL, U64), st.one_of(SMALL, U64)),
+                    max_size=8),
+       literals=st.binary(max_size=300), target_length=st.one_of(SMALL, U64),
+       literal_count=st.one_of(SMALL, U64), extra=st.binary(max_size=4))
+def test_well_compressed_hostile_op_tables_are_refused(
+        ops: list[tuple[int, int, int]], literals: bytes, target_length: int, literal_count: int,
+        extra: bytes) -> None:
+    """Past the xz checks: op tables and literals that decompress fine but lie."""
+    import hashlib
+    import lzma
+    import struct
+
+    base, *_ = deltas()
+    table = b"".join(struct.pack("<BQQ", *op) for op in ops) + extra
+    packed = lzma.compress(table, format=lzma.FORMAT_XZ)
+    header = struct.pack("<8sHH32sQ32sQIIQ", MAGIC, 1, 2, hashlib.sha256(base).digest(),
+                         len(base), b"\x00" * 32, target_length % 2**64, len(ops), len(packed),
+                         literal_count)
+    blob = header + packed + lzma.compress(literals, format=lzma.FORMAT_XZ)
+    assert parse_or_refuse(lambda: _apply(base, blob), DeltaError, _check) is None

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import hashlib
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from fleetlite.sdk.atomic import fsync_dir
@@ -26,13 +27,23 @@ from fleetlite.sdk.errors import (
     DELTA_TARGET_MISMATCH,
     DeltaError,
 )
-from fleetlite.sdk.manifest import FileEntry
+from fleetlite.sdk.manifest import DeltaRef, FileEntry, Manifest
 
-__all__ = ["TEMP_MARKER", "rebuild", "remove_leftovers"]
+__all__ = ["TEMP_MARKER", "rebuild", "remove_leftovers", "usable_deltas"]
 
 #: temporary files are named ``.<out name><TEMP_MARKER><pid>`` next to the output
 TEMP_MARKER = ".rebuild-"
 _CHUNK = 1024 * 1024
+
+
+def usable_deltas(manifest: Manifest, file_name: str,
+                  have: Mapping[str, Path]) -> list[tuple[DeltaRef, Path]]:
+    """The (verified) manifest's deltas for ``file_name`` whose base this device holds, smallest
+    delta first, each with the base's path. ``have`` maps the sha256 of files the device keeps
+    (its active and previous models) to their paths. Empty: fetch the full file."""
+    found = [(ref, Path(have[ref.base_sha256])) for ref in manifest.deltas_for(file_name)
+             if ref.base_sha256 in have]
+    return sorted(found, key=lambda item: manifest.file(item[0].delta).length)
 
 
 def remove_leftovers(out_path: Path) -> list[Path]:

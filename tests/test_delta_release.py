@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fleetlite.agent.delta_rebuild import rebuild
+from fleetlite.agent.delta_rebuild import rebuild, usable_deltas
 from fleetlite.fleet.delta_builder import load_base, plan_deltas
 from fleetlite.fleet.release_builder import build_release
 from fleetlite.sdk.bundle import load_bundle
@@ -52,6 +52,9 @@ def test_a_release_ships_a_delta_that_rebuilds_its_signed_model(tmp_path: Path) 
     (ref,) = loaded.manifest.deltas
     assert (ref.file, ref.delta) == ("classifier.tflite", "classifier.tflite.from-v1.delta")
     assert loaded.manifest.file(ref.delta).role == "delta"
+    assert usable_deltas(loaded.manifest, "classifier.tflite", {}) == []
+    assert usable_deltas(loaded.manifest, "classifier.tflite",
+                         {ref.base_sha256: old}) == [(ref, old)]
     (tmp_path / "staged.delta").write_bytes(loaded.files[ref.delta])
     out = tmp_path / "device" / "classifier.tflite"
     out.parent.mkdir()

@@ -116,6 +116,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                        f"(default {Tolerance.max_lsb})")
     build.add_argument("--key", action="append", default=[], metavar="KEY.key",
                        help="release key to sign with (repeat; none: sign later)")
+    build.add_argument("--delta-from", action="append", default=[], metavar="OLD.flb|OLD.tflite",
+                       help="also ship deltas against this installed release (bundle, or its "
+                            ".tflite); a delta is kept when under --max-delta-ratio of the full "
+                            "file; repeat for several bases")
+    build.add_argument("--max-delta-ratio", type=float, default=0.5, metavar="R",
+                       help="largest delta kept, as a fraction of the full file (%(default)s)")
     build.add_argument("--out", required=True, metavar="DIR|FILE.flb",
                        help="bundle directory to create, or a .flb file")
 
@@ -244,6 +250,7 @@ def _build(args: argparse.Namespace) -> int:
         raise BundleError(f"{out}: already exists; choose a new --out")
     _check_device_classes(args.device_classes)
     keys = [_release_key(path) for path in args.key]
+    deltas, skipped = _plan_deltas(args)
     bundle = build_release(
         args.models,
         name=args.name,
@@ -263,6 +270,7 @@ def _build(args: argparse.Namespace) -> int:
         smoke_prompts=args.smoke_prompt or DEFAULT_SMOKE_PROMPTS,
         smoke_tokens=args.smoke_tokens,
         min_token_agreement=args.min_token_agreement,
+        deltas=deltas,
     )
     if out.suffix == BUNDLE_SUFFIX:
         if not out.parent.is_dir():
@@ -282,11 +290,36 @@ def _build(args: argparse.Namespace) -> int:
         g = m.generation
         print(f"  language model: {g.num_layers} layers, context {g.context_length}, vocab "
               f"{g.vocab_size}, {g.cache_layout} cache layout, stop ids {list(g.stop_ids)}")
+    for line in [d.report() for d in deltas] + [s.report() for s in skipped]:
+        print(f"  {line}")
     if keys:
         print(f"  signed by {', '.join(k.keyid[:12] for k in keys)}")
     else:
         print(f"  unsigned: sign it with `fleetlite release sign {out} --key KEY.key`")
     return 0
+
+
+def _plan_deltas(args: argparse.Namespace) -> tuple[list[Any], list[Any]]:
+    """The deltas ``--delta-from`` asks for (none without it), and the files that get none."""
+    if not args.delta_from:
+        return [], []
+    from fleetlite.fleet.delta_builder import load_base, plan_deltas
+
+    if not 0 < args.max_delta_ratio <= 1:
+        raise BundleError("--max-delta-ratio must be in (0, 1], e.g. 0.5")
+    models = []
+    for source in args.models:
+        path = Path(source)
+        try:
+            models.append((path.name, path.read_bytes()))
+        except OSError as exc:
+            raise BundleError(f"{path}: cannot read the model ({exc.strerror})") from None
+    deltas, skipped = [], []
+    for base in args.delta_from:
+        built, passed = plan_deltas(load_base(base), models, max_ratio=args.max_delta_ratio)
+        deltas += built
+        skipped += passed
+    return deltas, skipped
 
 
 def _check_device_classes(names: list[str]) -> None:

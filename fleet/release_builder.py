@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from fleetlite.fleet.delta_builder import BuiltDelta
 from fleetlite.fleet.lm_release_builder import (
     DEFAULT_SMOKE_PROMPTS,
     DEFAULT_SMOKE_TOKENS,
@@ -43,6 +44,7 @@ from fleetlite.sdk.manifest import (
     check_file_name,
     file_entry,
     parse_manifest,
+    sha256_hex,
 )
 from fleetlite.sdk.smoke import SmokeCase, SmokeVectors, Tensor, compare_outputs
 from fleetlite.sdk.verify import DEFAULT_LIMITS, Limits
@@ -119,6 +121,18 @@ def _describe_and_smoke(
     return inputs, outputs, SmokeVectors(tuple(smoke_cases))
 
 
+def _check_delta_target(delta: BuiltDelta, files: dict[str, bytes]) -> None:
+    import io
+
+    from fleetlite.sdk.delta import read_header
+
+    content = files.get(delta.file)
+    header = read_header(io.BytesIO(delta.content))
+    if content is None or header.target_sha256 != sha256_hex(content):
+        raise BundleError(f"the delta {delta.delta_name} does not rebuild this release's "
+                          f"{delta.file}; make the deltas from the same model files")
+
+
 def build_release(
     models: Sequence[PathArg],
     *,
@@ -141,6 +155,7 @@ def build_release(
     smoke_prompts: Sequence[str] = DEFAULT_SMOKE_PROMPTS,
     smoke_tokens: int = DEFAULT_SMOKE_TOKENS,
     min_token_agreement: float = DEFAULT_VARIANT_AGREEMENT,
+    deltas: Sequence[BuiltDelta] = (),
 ) -> ReleaseBundle:
     """Build a release of one or more ``.tflite`` files (the first is the default variant, the
     others variants named after their files), plus an optional vocabulary file, signed by
@@ -152,6 +167,10 @@ def build_release(
     id), ``stop_strings`` and the default ``sampling`` complete its generation metadata, and its
     smoke vectors are ``smoke_prompts``' greedy tokens (see
     :mod:`fleetlite.fleet.lm_release_builder`).
+
+    ``deltas`` (from :func:`fleetlite.fleet.delta_builder.plan_deltas`) are added as files of
+    role ``delta`` with their manifest ``deltas`` entries; each must rebuild one of the release's
+    files.
     """
     if not models:
         raise BundleError("give at least one .tflite model file")
@@ -223,6 +242,9 @@ def build_release(
         except OSError as exc:
             raise BundleError(f"{vocab_path}: cannot read the vocabulary ({exc.strerror})") \
                 from None
+    for delta in deltas:
+        _check_delta_target(delta, files)
+        add(delta.delta_name, delta.content, "delta")
     manifest = Manifest(
         name=name,
         version=version,
@@ -235,6 +257,7 @@ def build_release(
         expires=issued + expires_in,
         variants=tuple(variants[1:]),
         generation=generation,
+        deltas=tuple(d.ref for d in deltas),
     )
     payload = manifest.to_json()
     try:

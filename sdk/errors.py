@@ -23,9 +23,11 @@ Every FleetLite error derives from :class:`FleetLiteError`; each package adds it
     │   ├── LmFormatError             missing_decode, missing_prefill, bad_lm_signature,
     │   │                             cache_shape_mismatch, ambiguous_layout, vocab_mismatch,
     │   │                             ids_out_of_range (a generative LM breaks its contract)
-    │   └── FileMismatchError
-    │       ├── LengthMismatchError   length_mismatch
-    │       └── HashMismatchError     hash_mismatch
+    │   ├── FileMismatchError
+    │   │   ├── LengthMismatchError   length_mismatch
+    │   │   └── HashMismatchError     hash_mismatch
+    │   └── DeltaError            delta_base_mismatch, delta_corrupt, delta_target_mismatch,
+    │                             delta_too_large (a delta update cannot rebuild the signed file)
     ├── runtime.errors.ModelRuntimeError  the model runtime both sides run (interpreter, isolated
     │                             check, language-model engine, tokenizer)
     ├── agent.errors.AgentError   the device agent (model service, link, OTA, spool)
@@ -107,6 +109,14 @@ EXPIRED = "expired"
 AGENT_TOO_OLD = "agent_too_old"
 LENGTH_MISMATCH = "length_mismatch"
 HASH_MISMATCH = "hash_mismatch"
+
+# Reason codes of DeltaError (docs/protocol.md, "Delta updates"): the device falls back to the
+# full file on any of them.
+DELTA_BASE_MISMATCH = "delta_base_mismatch"
+DELTA_CORRUPT = "delta_corrupt"
+DELTA_TARGET_MISMATCH = "delta_target_mismatch"
+DELTA_TOO_LARGE = "delta_too_large"
+DELTA_REASONS = (DELTA_BASE_MISMATCH, DELTA_CORRUPT, DELTA_TARGET_MISMATCH, DELTA_TOO_LARGE)
 
 REASONS = (
     OVERSIZE, MALFORMED, WRONG_TYPE, UNSAFE_NAME, UNSIGNED, UNTRUSTED_SIGNER, BELOW_THRESHOLD,
@@ -232,3 +242,12 @@ class HashMismatchError(FileMismatchError):
     """The bytes' sha256 is not the signed one (tampering or mix-and-match)."""
 
     default_reason = HASH_MISMATCH
+
+
+class DeltaError(UpdateRejected):
+    """A delta cannot rebuild the signed file: made from another base, corrupt, over a cap, or
+    rebuilding other bytes than the signed ones. ``reason`` is one of :data:`DELTA_REASONS`;
+    the remedy is always the same: fetch the full file.
+    """
+
+    default_reason = DELTA_CORRUPT

@@ -401,6 +401,11 @@ def _manifest() -> Schema:
         "variants": _array(_obj({"name": variant_name, "model": _ref("model"),
                                  "smoke": _ref("smoke")}, strict=True), manifest._MAX_VARIANTS),
         "generation": _ref("generation"),
+        "deltas": _array(_obj({"file": _ref("file_name"), "base_sha256": _string(pattern=_HEX64),
+                               "delta": _ref("file_name")}, strict=True), manifest.MAX_DELTAS,
+                         description="delta updates: each delta (a listed file of role delta, "
+                         "named by exactly one entry) rebuilds the listed file 'file' from a "
+                         "base with sha256 base_sha256"),
     }, strict=True)
     description = ("fleetlite.manifest spec_version 1: the payload of a release's signed "
                    "envelope, compact key-sorted JSON of at most "

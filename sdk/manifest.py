@@ -26,11 +26,13 @@ __all__ = [
     "DEFAULT_MAX_FILE_BYTES",
     "DTYPES",
     "FILE_ROLES",
+    "MAX_DELTAS",
     "MANIFEST_TYPE",
     "MAX_FILE_NAME_LENGTH",
     "MODEL_NAME_RE",
     "RESERVED_NAMES",
     "SPEC_VERSION",
+    "DeltaRef",
     "FileEntry",
     "Manifest",
     "ModelInfo",
@@ -49,7 +51,7 @@ __all__ = [
 
 MANIFEST_TYPE = "fleetlite.manifest"
 SPEC_VERSION = 1
-FILE_ROLES = ("model", "smoke", "vocab", "data", "tokenizer")
+FILE_ROLES = ("model", "smoke", "vocab", "data", "tokenizer", "delta")
 DTYPES = ("float32", "float16", "float64", "int8", "uint8", "int16", "int32", "int64", "bool")
 MODEL_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}\Z")
 VARIANT_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}\Z")
@@ -66,6 +68,8 @@ _MAX_RANK = 8
 _MAX_QUANT_PARAMS = 4096
 _MAX_TEXT = 256
 _MAX_VARIANTS = 8
+MAX_DELTAS = 8
+_HEX64_RE = re.compile(r"[0-9a-f]{64}\Z")
 _MAX_DEVICE_CLASSES = 64
 _MAX_NUMBER = 1.7976931348623157e308  # the largest finite double
 
@@ -215,11 +219,27 @@ class Variant:
 
 
 @dataclass(frozen=True)
+class DeltaRef:
+    """A delta update offered for one release file: the listed file ``delta`` (role ``delta``,
+    signed and hash-checked like any file) rebuilds the listed file ``file`` from a file the
+    device already has whose sha256 is ``base_sha256`` (:mod:`fleetlite.sdk.delta`)."""
+
+    file: str
+    base_sha256: str
+    delta: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"file": self.file, "base_sha256": self.base_sha256, "delta": self.delta}
+
+
+@dataclass(frozen=True)
 class Manifest:
     """A release manifest. ``release_id`` is set by :func:`parse_manifest` from the exact bytes.
 
     ``generation`` is set for a generative language model (every variant is then such a model,
-    checked against it on the device); it is serialized only when set.
+    checked against it on the device); it is serialized only when set. ``deltas`` lists the delta
+    updates the release offers (serialized only when there are some): a device that has a base
+    may fetch a delta instead of the full file, and falls back to the full file.
     """
 
     name: str
@@ -233,6 +253,7 @@ class Manifest:
     expires: int
     variants: tuple[Variant, ...] = ()
     generation: Optional[GenerationSpec] = None
+    deltas: tuple[DeltaRef, ...] = ()
     spec_version: int = SPEC_VERSION
     release_id: str = field(default="", compare=False)
 
@@ -254,6 +275,8 @@ class Manifest:
             out["variants"] = [v.to_dict() for v in self.variants]
         if self.generation is not None:
             out["generation"] = self.generation.to_dict()
+        if self.deltas:
+            out["deltas"] = [d.to_dict() for d in self.deltas]
         return out
 
     def to_json(self) -> bytes:
@@ -278,6 +301,10 @@ class Manifest:
             if variant.name == name:
                 return variant
         raise KeyError(name)
+
+    def deltas_for(self, name: str) -> tuple[DeltaRef, ...]:
+        """The deltas that rebuild the listed file ``name`` (from different bases)."""
+        return tuple(d for d in self.deltas if d.file == name)
 
     @property
     def total_length(self) -> int:
@@ -450,7 +477,7 @@ def parse_manifest(
     data = _obj(raw, "manifest",
                 {"_type", "spec_version", "name", "version", "issued", "expires",
                  "min_agent_version", "targets", "files", "model", "smoke"},
-                {"variants", "generation"})
+                {"variants", "generation", "deltas"})
     if data["_type"] != MANIFEST_TYPE:
         raise _bad(f"_type must be {MANIFEST_TYPE!r}")
     if _int(data["spec_version"], "spec_version", 1) != SPEC_VERSION:
@@ -498,10 +525,47 @@ def parse_manifest(
         variants=tuple(variants),
         generation=(GenerationSpec.from_dict(data["generation"]) if "generation" in data
                     else None),
+        deltas=_parse_deltas(data.get("deltas", [])),
         release_id=release_id(payload),
     )
     _check_references(manifest)
     return manifest
+
+
+def _parse_deltas(value: Any) -> tuple[DeltaRef, ...]:
+    refs = []
+    for i, item in enumerate(_list(value, "deltas", MAX_DELTAS)):
+        entry = _obj(item, f"deltas[{i}]", {"file", "base_sha256", "delta"})
+        base = entry["base_sha256"]
+        if not isinstance(base, str) or not _HEX64_RE.match(base):
+            raise _bad(f"deltas[{i}].base_sha256 must be 64 lowercase hex digits")
+        refs.append(DeltaRef(check_file_name(entry["file"]), base,
+                             check_file_name(entry["delta"])))
+    return tuple(refs)
+
+
+def _check_deltas(manifest: Manifest) -> None:
+    files = {f.name: f for f in manifest.files}
+    used: set[str] = set()
+    pairs: set[tuple[str, str]] = set()
+    for i, ref in enumerate(manifest.deltas):
+        target, delta = files.get(ref.file), files.get(ref.delta)
+        if target is None or target.role == "delta":
+            raise _bad(f"deltas[{i}].file {ref.file!r} is not a listed file (other than a delta)")
+        if delta is None or delta.role != "delta":
+            raise _bad(f"deltas[{i}].delta {ref.delta!r} is not a listed file of role 'delta'")
+        if ref.delta in used:
+            raise _bad(f"delta file {ref.delta!r} is used by two deltas entries")
+        if (ref.file, ref.base_sha256) in pairs:
+            raise _bad(f"two deltas rebuild {ref.file!r} from the same base")
+        if ref.base_sha256 == target.sha256:
+            raise _bad(f"deltas[{i}] rebuilds {ref.file!r} from itself")
+        used.add(ref.delta)
+        pairs.add((ref.file, ref.base_sha256))
+    orphans = [n for n, f in files.items() if f.role == "delta" and n not in used]
+    if orphans:
+        raise _bad(f"delta file {orphans[0]!r} is not named by any deltas entry; drop it or add "
+                   "its entry")
 
 
 def _check_references(manifest: Manifest) -> None:
@@ -528,6 +592,7 @@ def _check_references(manifest: Manifest) -> None:
     if unreferenced:
         raise _bad(f"tokenizer file {unreferenced[0]!r} is not referenced by generation."
                    "tokenizer; drop the file or add the generation metadata that uses it")
+    _check_deltas(manifest)
 
 
 def sha256_hex(data: bytes) -> str:

@@ -252,6 +252,44 @@ def heavy_mlp(size: int = 64, layers: int = 4, seed: int = DEFAULT_SEED) -> Buil
     return BuiltModel("heavy_mlp", content, _layer_weights(dense))
 
 
+def int8_classifier(features: int = 256, hidden: Sequence[int] = (256, 256), classes: int = 10,
+                    seed: int = DEFAULT_SEED) -> BuiltModel:
+    """Full-integer int8 MLP classifier ``features`` [1, F] -> ReLU dense ``hidden`` -> ``logits``
+    [1, classes], as :func:`sensor_autoencoder_int8` quantizes: int8 weights per output channel,
+    int32 biases, activation ranges calibrated on 512 random inputs. Its weights are drawn, not
+    trained: it exists to measure what travels when int8 weights change (delta updates), and its
+    file is almost all weight bytes (about ``sum(in * out)`` bytes), as a real classifier's is.
+    """
+    rng = np.random.default_rng(seed)
+    sizes = [features, *hidden, classes]
+    layers = [(_on_grid(w), _on_grid(b)) for w, b in _init_layers(sizes, rng)]
+    relu = [True] * len(hidden) + [False]
+    calibration = rng.normal(0.0, 1.0, size=(512, features))
+    acts = mlp_forward(calibration, layers, relu)
+    mb = ModelBuilder(f"fleetlite int8_classifier: {sizes} (seed {seed})")
+    in_q = _affine_int8(float(calibration.min()), float(calibration.max()))
+    h = mb.add_input("features", [1, features], np.int8, in_q)
+    for i, ((w, b), act) in enumerate(zip(layers, acts)):
+        w_scale = (np.maximum(np.abs(w).max(axis=1), 1e-6) / 127.0).astype(np.float32)
+        w_q = np.clip(np.round(w / w_scale[:, None]), -127, 127).astype(np.int8)
+        b_scale = (np.float64(in_q.scale[0]) * w_scale.astype(np.float64)).astype(np.float32)
+        out_q = _affine_int8(float(act.min()), float(act.max()))
+        last = i == len(layers) - 1
+        h = mb.fully_connected(
+            h,
+            mb.add_constant(f"classifier/fc{i}/weight", w_q,
+                            Quantization.per_channel(w_scale.tolist())),
+            mb.add_constant(f"classifier/fc{i}/bias", np.round(b / b_scale).astype(np.int32),
+                            Quantization.per_channel(b_scale.tolist())),
+            name="logits" if last else f"classifier/fc{i}",
+            activation="NONE" if last else "RELU",
+            quantization=out_q,
+        )
+        in_q = out_q
+    mb.mark_output(h)
+    return BuiltModel("int8_classifier", mb.build(), {})
+
+
 def unsupported_op_model() -> bytes:
     """A well-formed model whose only operator is the custom op ``FleetLiteNoSuchOp``."""
     mb = ModelBuilder("fleetlite fixture: a custom operator no runtime provides")

@@ -142,3 +142,25 @@ def check_model_bounds(content: bytes) -> None:
         bad = [i for i in indices if i < -1 or i >= len(tensors)]
         if bad:
             raise BoundsError(f"subgraphs[{g}] refers to tensor {bad[0]}, which does not exist")
+
+
+def buffer_spans(content: bytes) -> list[tuple[int, int, int]]:
+    """``(buffer index, start, length)`` in the file of every non-empty buffer's bytes.
+
+    A buffer's bytes are either its ``data`` vector or, for a model over 2 GiB, an absolute
+    ``offset``/``size`` pair. Raises :class:`BoundsError` if a span lies outside the file. Delta
+    updates (:mod:`fleetlite.sdk.delta`) use the spans as anchors: a fine-tune changes the bytes
+    inside them and leaves their boundaries where they were.
+    """
+    r = _Reader(content)
+    model = r.table(r.u32(0, "root offset"), "model")
+    spans = []
+    for i, buf in enumerate(model.tables(MODEL_BUFFERS, "buffers")):
+        start, length = buf.vector(BUFFER_DATA, 1, f"buffers[{i}].data")
+        offset, size = buf.u64_field(BUFFER_OFFSET), buf.u64_field(BUFFER_SIZE)
+        if offset > 1:
+            r.need(offset, size, f"buffers[{i}] external data")
+            start, length = offset, size
+        if length:
+            spans.append((i, start, length))
+    return spans

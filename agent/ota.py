@@ -197,6 +197,8 @@ class OtaManager:
         self._worker_death: BaseException | None = None
         self._need: tuple[Path, int, int] | None = None  # (where, needed, free) of the job
         self._download: ChunkStore | None = None  # the running job's chunk store
+        self._have: dict[str, Path] = {}  # sha256 -> kept model file (bases of deltas)
+        self._seed_digests: dict[tuple[str, int, int], str] = {}
         self._rolled_back = False
         self.counters = {"installs": 0, "installed": 0, "rejected": 0, "rolled_back": 0,
                          "failed": 0, "chunks_dropped": 0, "chunk_resubscribes": 0,
@@ -752,10 +754,41 @@ class OtaManager:
         for name, ms in self.state.models.items():
             if ms.installed_version is not None:
                 installed[name] = ms.installed_version
+        self._have = {}
+        for name, (path, _version) in self.seeds.items():  # agent.yaml's copy, while served
+            seeded = self.state.models.get(name)
+            if seeded is None or (seeded.active is None and not seeded.removed):
+                sha = self._seed_sha256(path)
+                if sha:
+                    self._have[sha] = path
+        for name, ms in self.state.models.items():
+            for slot in (ms.previous, ms.active):  # the active one wins a tie
+                info = ms.slots.get(slot) if slot is not None else None
+                if slot is not None and info is not None and info.sha256:
+                    self._have[info.sha256] = self.store.slot_dir(name, slot) / info.model_file
         return machine.Trust(
             root=self.root, device_class=self.device_class.name, agent_version=__version__,
             time_floor=self.floor.now(time.monotonic()), installed=installed,
-            rejected={name: tuple(ms.rejected) for name, ms in self.state.models.items()})
+            rejected={name: tuple(ms.rejected) for name, ms in self.state.models.items()},
+            have=frozenset(self._have))
+
+    def _seed_sha256(self, path: Path) -> str:
+        """The sha256 of a model file agent.yaml serves (cached while it is unchanged); "" if
+        it cannot be read."""
+        import hashlib
+
+        try:
+            st = path.stat()
+            key = (str(path), st.st_size, st.st_mtime_ns)
+            if key not in self._seed_digests:
+                digest = hashlib.sha256()
+                with path.open("rb") as handle:
+                    while block := handle.read(1 << 20):
+                        digest.update(block)
+                self._seed_digests[key] = digest.hexdigest()
+            return self._seed_digests[key]
+        except OSError:
+            return ""
 
     def _drive(self, job: Job) -> None:
         """Run one install: feed the machine events, carry out its actions, until it ends."""
@@ -831,10 +864,9 @@ class OtaManager:
         elif isinstance(action, m.RecordManifest):
             self._record_manifest(job, action.manifest, action.retry)
         elif isinstance(action, m.CheckSpace):
-            return m.SpaceChecked(self._space_problem(job, action.manifest,
-                                                      action.envelope_bytes))
+            return m.SpaceChecked(self._space_problem(job, action))
         elif isinstance(action, m.OpenDownload):
-            return self._open_download(job, action.manifest, action.chunk_size)
+            return self._open_download(job, action)
         elif isinstance(action, m.ChunkFlow):
             self._take_chunks(action.taking)
         elif isinstance(action, m.WriteChunk):
@@ -850,16 +882,23 @@ class OtaManager:
             try:
                 self._download.finalize()
             except UpdateRejected:
-                self._close_download(discard=True)
+                # bad bytes served: the job ends (its staging is removed then) or, for a
+                # delta, the full files are fetched into the same staging directory
+                self._close_download(discard=False)
                 raise
             self._download = None
             return m.Done()
+        elif isinstance(action, m.Rebuild):
+            return self._rebuild(job, action)
+        elif isinstance(action, m.Notice):
+            self._event(action.kind, action.message, release_id=job.release_id,
+                        reason=action.reason)
         elif isinstance(action, m.VerifyFiles):
-            self._verify_files(action.manifest, self._staged_files(job, action.manifest))
+            self._verify_files(action.manifest, self._staged_files(job, action.files))
             return m.Done()
         elif isinstance(action, m.RunSmoke):
             return self._smoke(job, action.manifest, action.variant,
-                               self._staged_files(job, action.manifest))
+                               self._staged_files(job, action.files))
         elif isinstance(action, m.Reject):
             self.state.model(action.model).reject(action.version)
             self.store.save(self.state)
@@ -868,7 +907,7 @@ class OtaManager:
             if ms.installed_version is None and action.manifest.name in self.seeds:
                 ms.installed_version = self.seeds[action.manifest.name][1]
             return m.Done(self._switch(job, action.manifest, action.variant,
-                                       self._staged_files(job, action.manifest), ms))
+                                       self._staged_files(job, action.files), ms))
         elif isinstance(action, m.Exercise):
             return self._exercise(action)
         elif isinstance(action, m.RollBack):
@@ -902,9 +941,32 @@ class OtaManager:
             for topic in action.topics:
                 self.link.subscribe(topic, handler)
 
-    def _staged_files(self, job: Job, manifest: Manifest) -> dict[str, Path]:
+    def _staged_files(self, job: Job, names: tuple[str, ...]) -> dict[str, Path]:
         staging = self.store.staging_dir(job.release_id)
-        return {entry.name: staging / entry.name for entry in manifest.files}
+        return {name: staging / name for name in names}
+
+    def _rebuild(self, job: Job, action: machine.Rebuild) -> machine.Event:
+        """Rebuild a file from its kept base and the downloaded delta (checked against the
+        signed hash before anything else sees it)."""
+        from fleetlite.agent.delta_rebuild import rebuild
+        from fleetlite.sdk.errors import DeltaError
+
+        ref = action.delta
+        staging = self.store.staging_dir(job.release_id)
+        base = self._have.get(ref.base_sha256)
+        try:
+            if base is None:
+                raise DeltaError(f"this device no longer keeps the base of {ref.delta}; fetch "
+                                 "the full file instead", reason="delta_base_mismatch")
+            header = rebuild(base, staging / ref.delta, action.manifest.file(ref.file),
+                             staging / ref.file)
+        except DeltaError as exc:
+            log.warning("install of %s: delta %s refused (%s): %s", job.release_id, ref.delta,
+                        exc.reason, exc)
+            return machine.RebuildFailed(exc.reason, str(exc))
+        log.info("rebuilt %s from a %s delta of %d bytes", ref.file, header.kind_name,
+                 action.manifest.file(ref.delta).length)
+        return machine.Done()
 
     def _record_manifest(self, job: Job, manifest: Manifest, retry: bool) -> None:
         job.model = manifest.name
@@ -916,13 +978,16 @@ class OtaManager:
         self.state.time_floor = self.floor.now(time.monotonic())
         self.store.save(self.state)
 
-    def _space_problem(self, job: Job, manifest: Manifest, manifest_bytes: int) -> str:
+    def _space_problem(self, job: Job, action: machine.CheckSpace) -> str:
         """Why the staging and slot copies cannot fit (the ``disk_full`` message), or ""."""
         from fleetlite.agent.ota_download import part_name
         from fleetlite.agent.ota_space import HEADROOM
 
+        manifest, manifest_bytes = action.manifest, action.envelope_bytes
         staging = self.store.staging_dir(job.release_id)
-        lengths = {entry.name: entry.length for entry in manifest.files}
+        staging.mkdir(parents=True, exist_ok=True)
+        lengths = {name: manifest.file(name).length for name in action.files}
+        kept = sum(manifest.file(name).length for name in action.keep)
         staged = sum(min(length, max(allocated(staging / name),
                                      allocated(staging / part_name(name))))
                      for name, length in lengths.items())
@@ -933,7 +998,7 @@ class OtaManager:
         slots_root.mkdir(parents=True, exist_ok=True)
         total = sum(lengths.values())
         needs = {staging: max(0, total - staged) + HEADROOM,
-                 slots_root: total + manifest_bytes - reclaimable}
+                 slots_root: kept + manifest_bytes - reclaimable}
         short = shortfall(needs)
         if os.stat(staging).st_dev == os.stat(slots_root).st_dev:
             where, needed = self.store.dir.parent, max(0, sum(needs.values()))
@@ -949,14 +1014,12 @@ class OtaManager:
                 f"{describe_bytes(space.free)} are free, {describe_bytes(space.missing)} "
                 "short. Nothing was downloaded")
 
-    def _open_download(self, job: Job, manifest: Manifest,
-                       chunk_size: int) -> machine.DownloadOpened:
-        from fleetlite.agent.ota_download import ChunkStore
-
+    def _open_download(self, job: Job, action: machine.OpenDownload) -> machine.DownloadOpened:
         staging = self.store.staging_dir(job.release_id)
-        if all((staging / entry.name).is_file() for entry in manifest.files):
+        if all((staging / name).is_file() for name in action.fetch):
             return machine.DownloadOpened(None, time.monotonic())  # finalized before a restart
-        self._download = ChunkStore(staging, manifest, chunk_size, auto_persist=False)
+        self._download = ChunkStore(staging, action.manifest, action.chunk_size,
+                                    auto_persist=False, fetch=action.fetch)
         return machine.DownloadOpened(self._download.bitmap(), time.monotonic())
 
     def _close_download(self, *, discard: bool) -> None:
@@ -977,8 +1040,8 @@ class OtaManager:
     def _verify_files(self, manifest: Manifest, files: Mapping[str, Path]) -> None:
         from fleetlite.sdk.verify import verify_file
 
-        for entry in manifest.files:
-            verify_file(files[entry.name], entry)
+        for name, path in files.items():
+            verify_file(path, manifest.file(name))
 
     # 4. smoke test ------------------------------------------------------------------------
 

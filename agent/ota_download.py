@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import logging
 import os
 import shutil
@@ -31,7 +32,7 @@ import threading
 import time
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,14 +132,19 @@ def _disk_error(exc: OSError, what: str) -> DownloadError:
     return StagingIOError(f"{what}: {exc.strerror or exc}; check the agent's state directory")
 
 
-def _state_header(manifest: Manifest, chunk_size: int) -> bytes:
+def _state_header(manifest: Manifest, chunk_size: int,
+                  fetch: Collection[str] | None = None) -> bytes:
     rid = bytes.fromhex(manifest.release_id) if manifest.release_id else b""
+    if fetch is not None:  # a download of some files: its bitmap fits no other choice of them
+        rid = hashlib.sha256(rid + b"\0".join(sorted(n.encode() for n in fetch))).digest()
     return _STATE.pack(_STATE_MAGIC, _STATE_VERSION, chunk_size, rid.ljust(32, b"\0"))
 
 
-def _parse_state(data: bytes, manifest: Manifest, layout: ChunkLayout) -> ChunkBitmap | None:
-    """The persisted bitmap if it is intact and was written for this release and chunk size."""
-    header = _state_header(manifest, layout.chunk_size)
+def _parse_state(data: bytes, manifest: Manifest, layout: ChunkLayout,
+                 fetch: Collection[str] | None = None) -> ChunkBitmap | None:
+    """The persisted bitmap if it is intact and was written for this release, chunk size and
+    choice of files."""
+    header = _state_header(manifest, layout.chunk_size, fetch)
     body, crc = data[:-_CRC.size], data[-_CRC.size:]
     if (len(data) < len(header) + _CRC.size or _CRC.unpack(crc)[0] != zlib.crc32(body)
             or not body.startswith(header)):
@@ -160,6 +166,10 @@ class ChunkStore:
     seconds (when ``auto_persist``), on :meth:`persist` and on :meth:`close`; with
     ``auto_persist=False`` the owner calls :meth:`persist_if_due` from its own thread, which
     keeps fsync off the network thread.
+
+    With ``fetch``, only the files named there are downloaded (a device that installs one
+    variant, or fetches a delta instead of a full file); the others count as empty and are
+    neither created nor touched.
     """
 
     def __init__(
@@ -173,10 +183,12 @@ class ChunkStore:
         auto_persist: bool = True,
         preallocate: bool = True,
         clock: Callable[[], float] = time.monotonic,
+        fetch: Collection[str] | None = None,
     ) -> None:
         self.dir = Path(staging_dir)
         self.manifest = manifest
-        self.layout = ChunkLayout.from_manifest(manifest, chunk_size)
+        self.fetch = None if fetch is None else frozenset(fetch)
+        self.layout = ChunkLayout.from_manifest(manifest, chunk_size, self.fetch)
         self.chunk_size = chunk_size
         self.persist_every = max(1, persist_every)
         self.persist_interval_s = persist_interval_s
@@ -216,7 +228,7 @@ class ChunkStore:
             return ChunkBitmap(self.layout.counts)
         except OSError as exc:
             raise _disk_error(exc, f"cannot read {self.bitmap_path}") from exc
-        bitmap = _parse_state(data, self.manifest, self.layout)
+        bitmap = _parse_state(data, self.manifest, self.layout, self.fetch)
         if bitmap is None:
             log.warning("%s belongs to another release or chunk size, or is damaged; "
                         "starting the download over", self.bitmap_path)
@@ -225,20 +237,23 @@ class ChunkStore:
         return bitmap
 
     @staticmethod
-    def read_persisted(staging_dir: Path, manifest: Manifest,
-                       chunk_size: int) -> ChunkBitmap | None:
+    def read_persisted(staging_dir: Path, manifest: Manifest, chunk_size: int,
+                       fetch: Collection[str] | None = None) -> ChunkBitmap | None:
         """The bitmap a store would resume from (None if there is none or it does not fit),
         read without opening or changing anything."""
         try:
             data = (Path(staging_dir) / BITMAP_NAME).read_bytes()
         except OSError:
             return None
-        return _parse_state(data, manifest, ChunkLayout.from_manifest(manifest, chunk_size))
+        return _parse_state(data, manifest, ChunkLayout.from_manifest(manifest, chunk_size, fetch),
+                            fetch)
 
     def _open_files(self, preallocate: bool) -> None:
         """Open (or create) each part file and drop bitmap bits its content cannot back."""
         plan: list[tuple[int, Path]] = []
         for index, entry in enumerate(self.manifest.files):
+            if not self._fetched(entry.name):
+                continue
             part = self.dir / part_name(entry.name)
             final = self.dir / entry.name
             if part.exists():
@@ -257,7 +272,7 @@ class ChunkStore:
             self._write_bitmap(self._bitmap)
             self._persisted = self._bitmap.copy()
         for index, part in plan:
-            length = self.manifest.files[index].length
+            length = self.layout.lengths[index]
             try:
                 fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as exc:
@@ -274,6 +289,9 @@ class ChunkStore:
             fsync_dir(self.dir)
         except OSError as exc:
             raise _disk_error(exc, f"cannot sync {self.dir}") from exc
+
+    def _fetched(self, name: str) -> bool:
+        return self.fetch is None or name in self.fetch
 
     @staticmethod
     def _preallocate(fd: int, length: int) -> None:
@@ -371,7 +389,7 @@ class ChunkStore:
         self._last_persist = self._clock()
 
     def _write_bitmap(self, bitmap: ChunkBitmap) -> None:
-        body = _state_header(self.manifest, self.chunk_size) + bitmap.to_bytes()
+        body = _state_header(self.manifest, self.chunk_size, self.fetch) + bitmap.to_bytes()
         try:
             write_atomic(self.bitmap_path, body + _CRC.pack(zlib.crc32(body)))
         except OSError as exc:
@@ -499,12 +517,13 @@ class ChunkStore:
                 raise DownloadIncompleteError(
                     f"{self._bitmap.missing} of {self._bitmap.total} chunks are still missing")
             self._persist_locked()
-            for index, entry in enumerate(self.manifest.files):
+            fetched = [(i, e) for i, e in enumerate(self.manifest.files) if self._fetched(e.name)]
+            for index, entry in fetched:
                 self._verify(index, entry.name)
             self._close_fds()
             paths: dict[str, Path] = {}
             try:
-                for entry in self.manifest.files:
+                for _, entry in fetched:
                     part = self.dir / part_name(entry.name)
                     final = self.dir / entry.name
                     if part.exists():

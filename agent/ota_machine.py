@@ -65,7 +65,7 @@ from fleetlite.sdk.chunks import (
 )
 from fleetlite.sdk.envelope import Envelope
 from fleetlite.sdk.errors import EqualVersion, UpdateRejected
-from fleetlite.sdk.manifest import Manifest, Variant
+from fleetlite.sdk.manifest import DeltaRef, Manifest, Variant
 from fleetlite.sdk.manifest import release_id as compute_release_id
 from fleetlite.sdk.ota_messages import ChunkRequest
 from fleetlite.sdk.ota_progress import ProgressPacer
@@ -79,6 +79,7 @@ SPACE = "space"
 OPENING = "opening"
 DOWNLOADING = "downloading"
 FINALIZING = "finalizing"
+REBUILDING = "rebuilding"
 VERIFYING = "verifying"
 SMOKE_TESTING = "smoke_testing"
 SWITCHING = "switching"
@@ -89,6 +90,7 @@ ENDING = "ending"
 #: The phase an install's statuses report while the machine is in each of its phases.
 REPORTED_PHASE = {MANIFEST: "accepted", SPACE: "accepted", OPENING: "downloading",
                   DOWNLOADING: "downloading", FINALIZING: "downloading",
+                  REBUILDING: "downloading",
                   VERIFYING: "verifying", SMOKE_TESTING: "smoke_testing",
                   SWITCHING: "switching", HEALTH_CHECK: "health_check",
                   COMMITTING: "health_check"}
@@ -149,6 +151,7 @@ class Trust:
     time_floor: float
     installed: Mapping[str, int] = field(default_factory=dict)
     rejected: Mapping[str, Collection[int]] = field(default_factory=dict)
+    have: frozenset[str] = frozenset()  # sha256 of the model files the device keeps (bases)
 
 
 # --- events ---------------------------------------------------------------------------------
@@ -212,6 +215,14 @@ class Done:
 
 
 @dataclass(frozen=True)
+class RebuildFailed:
+    """A delta could not rebuild its file (``reason`` a ``delta_*`` code)."""
+
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
 class SmokeDone:
     """The smoke test's verdict (``available`` False: the device could not run it at all)."""
 
@@ -241,7 +252,7 @@ class Failed:
 
 
 Event = Union[Start, ManifestMessage, ChunkFrame, Tick, SpaceChecked, DownloadOpened, Done,
-              SmokeDone, HealthStats, Failed]
+              RebuildFailed, SmokeDone, HealthStats, Failed]
 
 
 # --- actions --------------------------------------------------------------------------------
@@ -301,14 +312,21 @@ class RecordManifest:
 
 @dataclass(frozen=True)
 class CheckSpace:
+    """Check that ``files`` (fetched and kept) and the slot copy of ``keep`` fit."""
+
     manifest: Manifest
     envelope_bytes: int
+    files: tuple[str, ...]
+    keep: tuple[str, ...]
 
 
 @dataclass(frozen=True)
 class OpenDownload:
+    """Open (or resume) the chunk store for the files in ``fetch``."""
+
     manifest: Manifest
     chunk_size: int
+    fetch: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -341,14 +359,35 @@ class Finalize:
 
 
 @dataclass(frozen=True)
+class Rebuild:
+    """Rebuild ``delta.file`` in the staging directory from the kept file whose sha256 is
+    ``delta.base_sha256`` and the downloaded ``delta.delta``; answered by Done or
+    RebuildFailed."""
+
+    manifest: Manifest
+    delta: DeltaRef
+
+
+@dataclass(frozen=True)
+class Notice:
+    """Tell the fleet something that did not end the install (an ``event`` report)."""
+
+    kind: str
+    message: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class VerifyFiles:
     manifest: Manifest
+    files: tuple[str, ...]
 
 
 @dataclass(frozen=True)
 class RunSmoke:
     manifest: Manifest
     variant: Variant
+    files: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -361,8 +400,11 @@ class Reject:
 
 @dataclass(frozen=True)
 class Switch:
+    """Copy ``files`` into the free A/B slot and switch to ``variant``."""
+
     manifest: Manifest
     variant: Variant
+    files: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -399,8 +441,42 @@ class End:
 
 Action = Union[Subscribe, Unsubscribe, RequestChunks, EnterPhase, ReportProgress, StageManifest,
                RecordManifest, CheckSpace, OpenDownload, ChunkFlow, WriteChunk, PersistProgress,
-               CloseDownload, Finalize, VerifyFiles, RunSmoke, Reject, Switch, Exercise,
-               RollBack, Commit, End]
+               CloseDownload, Finalize, Rebuild, Notice, VerifyFiles, RunSmoke, Reject, Switch,
+               Exercise, RollBack, Commit, End]
+
+
+# --- which files to fetch -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which of the release's files the device ends with (``final``: its variant's model and
+    smoke vectors and the files no variant owns, e.g. a tokenizer), which it downloads
+    (``fetch``), and which of the final ones it rebuilds from a delta (``rebuilds``)."""
+
+    final: tuple[str, ...]
+    fetch: tuple[str, ...]
+    rebuilds: tuple[DeltaRef, ...] = ()
+
+
+def plan_files(manifest: Manifest, variant: Variant, have: Collection[str],
+               use_deltas: bool = True) -> Plan:
+    """The files to fetch for ``variant``: a final file with a delta from a base in ``have``
+    (sha256 of files the device keeps) travels as its smallest such delta."""
+    owned = {name for v in manifest.all_variants() for name in (v.model.file, v.smoke.file)}
+    final = tuple(f.name for f in manifest.files if f.role != "delta" and (
+        f.name in (variant.model.file, variant.smoke.file) or f.name not in owned))
+    fetch: list[str] = []
+    rebuilds: list[DeltaRef] = []
+    for name in final:
+        usable = [ref for ref in manifest.deltas_for(name) if ref.base_sha256 in have]
+        if use_deltas and usable:
+            ref = min(usable, key=lambda r: manifest.file(r.delta).length)
+            rebuilds.append(ref)
+            fetch.append(ref.delta)
+        else:
+            fetch.append(name)
+    return Plan(final, tuple(fetch), tuple(rebuilds))
 
 
 # --- the download's own state ---------------------------------------------------------------
@@ -416,7 +492,7 @@ class Download:
     pacer: ProgressPacer
     outstanding: frozenset[tuple[int, int]] = frozenset()
     round_topics: tuple[str, ...] = ()
-    blocks: Mapping[int, str] = field(default_factory=dict)
+    blocks: Mapping[int, tuple[str, ...]] = field(default_factory=dict)  # filters by block
     below: int = 0
     duplicates: int = 0
     refused: Mapping[str, int] = field(default_factory=dict)
@@ -452,6 +528,8 @@ class Receiver:
     download: Optional[Download] = None
     exercised: int = 0
     slot: str = ""
+    plan: Optional[Plan] = None
+    rebuilt: int = 0  # how many of the plan's rebuilds are done
 
     @property
     def model(self) -> str:
@@ -481,6 +559,9 @@ def handle(state: Receiver, event: Event) -> tuple[Receiver, list[Action]]:
     if state.phase == IDLE:
         return state, []  # late messages of an install that ended
     if isinstance(event, Failed):
+        if (state.phase == FINALIZING and state.plan is not None and state.plan.rebuilds
+                and event.reason in _DELIVERY_MISMATCH):
+            return _fall_back(state, event.reason, event.message)
         return _end(state, event.outcome, event.reason, event.message)
     handler = _HANDLERS.get((state.phase, type(event)))
     if handler is None:
@@ -567,19 +648,30 @@ def _manifest_received(state: Receiver, payload: bytes,
         return _end(state, "rejected", UNKNOWN_VARIANT,
                     f"the release has no variant {wanted!r} (it has: {names}); send the "
                     "install with one of those", actions)
-    state = replace(state, variant=variant, phase=SPACE)
-    actions.append(CheckSpace(manifest, len(payload)))
-    return state, actions
+    plan = plan_files(manifest, variant, trust.have)
+    state = replace(state, variant=variant, plan=plan, rebuilt=0)
+    return _check_space(state, actions)
+
+
+def _check_space(state: Receiver,
+                 before: Optional[list[Action]] = None) -> tuple[Receiver, list[Action]]:
+    assert state.manifest is not None and state.plan is not None
+    plan = state.plan
+    files = tuple(dict.fromkeys((*plan.fetch, *plan.final)))
+    return (replace(state, phase=SPACE),
+            [*(before or []), CheckSpace(state.manifest, len(state.envelope), files,
+                                         plan.final)])
 
 
 def _space_checked(state: Receiver, event: SpaceChecked) -> tuple[Receiver, list[Action]]:
     if event.problem:
         return _end(state, "failed", DISK_FULL, event.problem)
-    assert state.job is not None and state.manifest is not None
+    assert state.job is not None and state.manifest is not None and state.plan is not None
     resume_at = _RESUME_ORDER.index(state.job.phase) if state.job.phase in _RESUME_ORDER else 0
     if resume_at <= _RESUME_ORDER.index("downloading"):
         return (replace(state, phase=OPENING),
-                [_enter(state, "downloading"), OpenDownload(state.manifest, state.job.chunk_size)])
+                [_enter(state, "downloading"),
+                 OpenDownload(state.manifest, state.job.chunk_size, state.plan.fetch)])
     if resume_at == _RESUME_ORDER.index("verifying"):
         return _to_verifying(state)
     if resume_at == _RESUME_ORDER.index("smoke_testing"):
@@ -595,10 +687,10 @@ def _enter(state: Receiver, phase: str) -> EnterPhase:
 
 
 def _download_opened(state: Receiver, event: DownloadOpened) -> tuple[Receiver, list[Action]]:
-    assert state.job is not None and state.manifest is not None
-    if event.have is None:
-        return _to_verifying(replace(state, phase=FINALIZING))
-    layout = ChunkLayout.from_manifest(state.manifest, state.job.chunk_size)
+    assert state.job is not None and state.manifest is not None and state.plan is not None
+    if event.have is None:  # every file to fetch is complete and named (before a restart)
+        return _after_download(state)
+    layout = ChunkLayout.from_manifest(state.manifest, state.job.chunk_size, state.plan.fetch)
     s = state.settings
     tracker = DownloadTracker(idle_s=s.chunk_idle_s,
                               max_requests_without_progress=int(s.max_requests_without_progress),
@@ -617,18 +709,29 @@ def _download_opened(state: Receiver, event: DownloadOpened) -> tuple[Receiver, 
 def _follow_blocks(state: Receiver, d: Download) -> tuple[Download, list[Action]]:
     """Subscribe to the first block still missing a chunk and the next, no other."""
     assert state.job is not None
-    per_block = topics.chunks_per_block(state.job.chunk_size)
+    job = state.job
+    per_block = topics.chunks_per_block(job.chunk_size)
     wanted = d.bitmap.wanted_blocks(per_block)
-    blocks = dict(d.blocks)
+    every_file = all(count or not length for count, length in
+                     zip(d.layout.counts, (f.length for f in state.manifest.files))) \
+        if state.manifest is not None else True
+    blocks: dict[int, tuple[str, ...]] = dict(d.blocks)
     actions: list[Action] = []
     gone = [b for b in blocks if b not in wanted]
     if gone:
-        actions.append(Unsubscribe(tuple(blocks.pop(b) for b in gone), "block"))
-    new = []
+        actions.append(Unsubscribe(tuple(t for b in gone for t in blocks.pop(b)), "block"))
+    new: list[str] = []
     for block in wanted:
         if block not in blocks:
-            blocks[block] = topics.block_filter(state.job.release_id, state.job.chunk_size, block)
-            new.append(blocks[block])
+            if every_file:
+                filters: tuple[str, ...] = (topics.block_filter(job.release_id, job.chunk_size,
+                                                                block),)
+            else:  # only the files fetched: the broker does not send the others
+                filters = tuple(topics.block_filter(job.release_id, job.chunk_size, block, f)
+                                for f, count in enumerate(d.layout.counts)
+                                if count > block * per_block)
+            blocks[block] = filters
+            new.extend(filters)
     if new:
         actions.append(Subscribe(tuple(new), "block"))
     return replace(d, blocks=blocks, below=wanted.stop * per_block), actions
@@ -686,7 +789,7 @@ def _stop_download(d: Download) -> list[Action]:
     if d.round_topics:
         actions.append(Unsubscribe(d.round_topics, "round"))
     if d.blocks:
-        actions.append(Unsubscribe(tuple(d.blocks.values()), "block"))
+        actions.append(Unsubscribe(tuple(t for ts in d.blocks.values() for t in ts), "block"))
     return actions
 
 
@@ -733,14 +836,44 @@ def _finalized(state: Receiver, event: Done) -> tuple[Receiver, list[Action]]:
     assert state.job is not None
     done = ChunkRequest(device_id=state.device_id, release_id=state.job.release_id,
                         chunk_size=state.job.chunk_size, ts=0.0, done=True)
-    state, actions = _to_verifying(state)
+    state, actions = _after_download(state)
     return state, [RequestChunks(done), *actions]
 
 
+def _after_download(state: Receiver) -> tuple[Receiver, list[Action]]:
+    """Rebuild what travelled as deltas, then verify."""
+    assert state.manifest is not None and state.plan is not None
+    if state.rebuilt < len(state.plan.rebuilds):
+        return (replace(state, phase=REBUILDING, download=None),
+                [Rebuild(state.manifest, state.plan.rebuilds[state.rebuilt])])
+    return _to_verifying(state)
+
+
+def _rebuilt(state: Receiver, event: Done) -> tuple[Receiver, list[Action]]:
+    return _after_download(replace(state, rebuilt=state.rebuilt + 1))
+
+
+def _rebuild_failed(state: Receiver, event: RebuildFailed) -> tuple[Receiver, list[Action]]:
+    return _fall_back(state, event.reason, event.message)
+
+
+_DELIVERY_MISMATCH = ("hash_mismatch", "length_mismatch")
+
+
+def _fall_back(state: Receiver, reason: str, message: str) -> tuple[Receiver, list[Action]]:
+    """A delta was refused: fetch the full files instead, without the operator."""
+    assert state.manifest is not None and state.variant is not None and state.trust is not None
+    plan = plan_files(state.manifest, state.variant, state.trust.have, use_deltas=False)
+    notice = Notice("ota_delta_refused",
+                    f"the delta update of {state.manifest.name} v{state.manifest.version} was "
+                    f"refused ({message}); fetching the full files instead", reason)
+    return _check_space(replace(state, plan=plan, rebuilt=0, download=None), [notice])
+
+
 def _to_verifying(state: Receiver) -> tuple[Receiver, list[Action]]:
-    assert state.manifest is not None
+    assert state.manifest is not None and state.plan is not None
     return (replace(state, phase=VERIFYING, download=None),
-            [_enter(state, "verifying"), VerifyFiles(state.manifest)])
+            [_enter(state, "verifying"), VerifyFiles(state.manifest, state.plan.final)])
 
 
 def _verified(state: Receiver, event: Done) -> tuple[Receiver, list[Action]]:
@@ -748,9 +881,10 @@ def _verified(state: Receiver, event: Done) -> tuple[Receiver, list[Action]]:
 
 
 def _to_smoke(state: Receiver) -> tuple[Receiver, list[Action]]:
-    assert state.manifest is not None and state.variant is not None
+    assert state.manifest is not None and state.variant is not None and state.plan is not None
     return (replace(state, phase=SMOKE_TESTING, download=None),
-            [_enter(state, "smoke_testing"), RunSmoke(state.manifest, state.variant)])
+            [_enter(state, "smoke_testing"),
+             RunSmoke(state.manifest, state.variant, state.plan.final)])
 
 
 def _smoke_done(state: Receiver, event: SmokeDone) -> tuple[Receiver, list[Action]]:
@@ -764,9 +898,10 @@ def _smoke_done(state: Receiver, event: SmokeDone) -> tuple[Receiver, list[Actio
 
 
 def _to_switching(state: Receiver) -> tuple[Receiver, list[Action]]:
-    assert state.manifest is not None and state.variant is not None
+    assert state.manifest is not None and state.variant is not None and state.plan is not None
     return (replace(state, phase=SWITCHING, download=None),
-            [_enter(state, "switching"), Switch(state.manifest, state.variant)])
+            [_enter(state, "switching"),
+             Switch(state.manifest, state.variant, state.plan.final)])
 
 
 def _switched(state: Receiver, event: Done) -> tuple[Receiver, list[Action]]:
@@ -814,7 +949,7 @@ def _end(state: Receiver, outcome: str, reason: str, message: str,
         actions += [CloseDownload(discard=True), ChunkFlow(False)]
     actions.append(End(outcome, reason, message))
     return replace(state, phase=IDLE, job=None, download=None, manifest=None, variant=None,
-                   envelope=b"", trust=None), actions
+                   envelope=b"", trust=None, plan=None), actions
 
 
 _Handler = Callable[[Receiver, Any], tuple[Receiver, list[Action]]]
@@ -826,6 +961,8 @@ _HANDLERS: dict[tuple[str, type], _Handler] = {
     (DOWNLOADING, ChunkFrame): _chunk_frame,
     (DOWNLOADING, Tick): _download_tick,
     (FINALIZING, Done): _finalized,
+    (REBUILDING, Done): _rebuilt,
+    (REBUILDING, RebuildFailed): _rebuild_failed,
     (VERIFYING, Done): _verified,
     (SMOKE_TESTING, SmokeDone): _smoke_done,
     (SWITCHING, Done): _switched,

@@ -12,9 +12,9 @@ followed by exactly ``length`` bytes. ``offset`` is a multiple of the release's 
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 from fleetlite.sdk.errors import FleetLiteError
 
@@ -136,9 +136,13 @@ class ChunkLayout:
                            tuple(chunk_count(n, self.chunk_size) for n in self.lengths))
 
     @classmethod
-    def from_manifest(cls, manifest: Manifest, chunk_size: int) -> ChunkLayout:
-        """The layout of a (verified) manifest's files, in the manifest's order."""
-        return cls(tuple(f.length for f in manifest.files), chunk_size)
+    def from_manifest(cls, manifest: Manifest, chunk_size: int,
+                      only: Optional[Collection[str]] = None) -> ChunkLayout:
+        """The layout of a (verified) manifest's files, in the manifest's order; with ``only``,
+        the files not named there count as empty (a device that fetches one variant, or a
+        delta instead of a full file: a frame of another file is refused as out of range)."""
+        return cls(tuple(f.length if only is None or f.name in only else 0
+                         for f in manifest.files), chunk_size)
 
     @property
     def total_chunks(self) -> int:

@@ -33,6 +33,7 @@ and the next, never to the whole release, so the broker queues at most two block
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from fleetlite.sdk.errors import FleetLiteError
 
@@ -166,12 +167,18 @@ def chunk_topic(release_id: str, chunk_size: int, file_index: int, index: int) -
             f"{chunk_block(chunk_size, index)}/{file_index}/{index}")
 
 
-def block_filter(release_id: str, chunk_size: int, block: int) -> str:
+def block_filter(release_id: str, chunk_size: int, block: int,
+                 file_index: Optional[int] = None) -> str:
     """The subscription that receives block ``block`` of every file of a release served with
-    ``chunk_size`` (retained and re-published): ``.../chunks/{chunk_size}/{block}/+/+``."""
-    if chunk_size < 1 or block < 0:
-        raise TopicError(f"no block filter for chunk size {chunk_size}, block {block}")
-    return f"{release_topic(release_id, RELEASE_CHUNKS)}/{chunk_size}/{block}/+/+"
+    ``chunk_size`` (retained and re-published): ``.../chunks/{chunk_size}/{block}/+/+``; with
+    ``file_index``, of that file only: ``.../{block}/{file_index}/+`` (a device that fetches
+    some of the release's files)."""
+    if chunk_size < 1 or block < 0 or (file_index is not None
+                                       and not 0 <= file_index <= 0xFFFF):
+        raise TopicError(f"no block filter for chunk size {chunk_size}, block {block}, "
+                         f"file {file_index}")
+    files = "+" if file_index is None else str(file_index)
+    return f"{release_topic(release_id, RELEASE_CHUNKS)}/{chunk_size}/{block}/{files}/+"
 
 
 def chunks_filter(release_id: str, chunk_size: int) -> str:

@@ -16,7 +16,7 @@ from paho.mqtt.client import topic_matches_sub
 
 from fleetlite.sdk import topics
 from fleetlite.sdk.chunks import chunk_count, encode_frame
-from fleetlite.sdk.messages import OtaStatus
+from fleetlite.sdk.messages import Event, OtaStatus
 from fleetlite.sdk.ota_messages import ChunkRequest
 
 
@@ -41,6 +41,8 @@ class FleetSimulator:
         self.statuses: list[OtaStatus] = []
         self.requests: list[ChunkRequest] = []
         self.frames_sent = 0
+        self.bytes_sent = 0
+        self.events: list[Event] = []
         self._cond = threading.Condition()
 
     def serve(self, release_id: str, served: Served) -> None:
@@ -83,6 +85,7 @@ class FleetSimulator:
         data = served.files[file_index][offset:offset + served.chunk_size]
         if data:
             self.frames_sent += 1
+            self.bytes_sent += len(data)
             handler(encode_frame(file_index, offset, data))
 
     def unsubscribe(self, topic: str) -> None:
@@ -106,6 +109,9 @@ class FleetSimulator:
                         self._send(handler, served, file_index, index)
 
     def report(self, kind: str, payload: bytes, *, priority: str = "telemetry") -> int:
+        if kind == topics.EVENTS:
+            self.events.append(Event.from_json(payload))
+            return len(self.events)
         assert kind == topics.OTA_STATUS
         with self._cond:
             self.statuses.append(OtaStatus.from_json(payload))

@@ -28,7 +28,7 @@ from fleetlite.agent.ota_state import OtaState, OtaStateStore
 from fleetlite.sdk import topics
 from fleetlite.sdk.bundle import ReleaseBundle
 from fleetlite.sdk.local_client import LocalClient
-from fleetlite.sdk.messages import Event, OtaStatus
+from fleetlite.sdk.messages import OtaStatus
 from fleetlite.sdk.text import Tokenizer
 from tests.agent_harness import AgentProcess
 from tests.mqtt_harness import Collector, Mosquitto
@@ -49,15 +49,12 @@ class Fleet(FleetSimulator):
 
     def __init__(self) -> None:
         super().__init__()
-        self.events: list[Event] = []
         self.on_phase: Callable[[OtaStatus], None] = lambda status: None
 
     def report(self, kind: str, payload: bytes, *, priority: str = "telemetry") -> int:
-        if kind == topics.EVENTS:
-            self.events.append(Event.from_json(payload))
-            return len(self.events)
         count = super().report(kind, payload, priority=priority)
-        self.on_phase(self.statuses[-1])
+        if kind != topics.EVENTS:
+            self.on_phase(self.statuses[-1])
         return count
 
 

@@ -14,13 +14,16 @@ from typing import Any, Optional
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from paho.mqtt.client import topic_matches_sub
 
 from fleetlite.agent import ota_machine as m
 from fleetlite.agent.ota_download import DownloadTracker
 from fleetlite.sdk import topics
 from fleetlite.sdk.bundle import ReleaseBundle
 from fleetlite.sdk.chunks import ChunkBitmap, ChunkLayout, encode_frame, expand_ranges
+from fleetlite.sdk.delta import apply_delta_bytes
 from fleetlite.sdk.envelope import Envelope
+from fleetlite.sdk.errors import DeltaError
 from fleetlite.sdk.manifest import Manifest, release_id
 from fleetlite.sdk.ota_progress import ProgressPacer
 from fleetlite.sdk.trust import load_trusted_root
@@ -46,6 +49,7 @@ class Disk:
     switched: bool = False
     committed: bool = False
     rejected: list[int] = field(default_factory=list)
+    staged: dict[str, bytes] = field(default_factory=dict)  # finalized and rebuilt files
 
 
 class KilledError(Exception):
@@ -67,7 +71,8 @@ class World:
                  installed: int = 1, disk: Optional[Disk] = None,
                  lose: frozenset[tuple[int, int]] = frozenset(),
                  smoke: m.SmokeDone = PASSED, serving_errors: int = 0,
-                 kill_after: Optional[int] = None, variant: str = "") -> None:
+                 kill_after: Optional[int] = None, variant: str = "",
+                 bases: Optional[dict[str, bytes]] = None) -> None:
         self.envelope = envelope if envelope is not None else bundle.envelope.to_json()
         self.rid = release_id(Envelope.from_json(self.envelope or bundle.envelope.to_json(),
                                                  max_bytes=2**30,
@@ -82,6 +87,9 @@ class World:
         self.serving_errors = serving_errors
         self.kill_after = kill_after
         self.variant = variant
+        self.bases = bases or {}  # sha256 -> content of the files the device keeps
+        self.fetch: tuple[str, ...] = ()
+        self.delivered_bytes = 0
         self.now = 1000.0
         self.done = 0
         self.inbox: list[m.Event] = []
@@ -91,13 +99,16 @@ class World:
         self.served = 0
         self.manifest: Optional[Manifest] = None
         self.actions: list[m.Action] = []
+        self.notices: list[m.Notice] = []
+        self.staged = self.disk.staged
 
     # -- running ---------------------------------------------------------------------------
 
     def trust(self) -> m.Trust:
         return m.Trust(root=self.root, device_class=CLASS, agent_version=__version__,
                        time_floor=BUILD_TIME, installed={"intent": self.installed},
-                       rejected={"intent": tuple(self.disk.rejected)})
+                       rejected={"intent": tuple(self.disk.rejected)},
+                       have=frozenset(self.bases))
 
     def run(self, limit: int = 20000) -> m.End:
         """Install (or resume) until the machine ends; its End."""
@@ -149,18 +160,24 @@ class World:
         elif isinstance(action, m.CheckSpace):
             return m.SpaceChecked("")
         elif isinstance(action, m.OpenDownload):
-            if disk.finalized:
+            self.fetch = action.fetch
+            if disk.finalized and all(n in self.staged for n in action.fetch):
                 return m.DownloadOpened(None, self.now)
-            layout = ChunkLayout.from_manifest(action.manifest, action.chunk_size)
+            layout = ChunkLayout.from_manifest(action.manifest, action.chunk_size, action.fetch)
             have = ChunkBitmap(layout.counts)
-            for key in disk.chunks:
-                have.set(*key)
+            for f, i in disk.chunks:
+                if i < layout.counts[f]:
+                    have.set(f, i)
             return m.DownloadOpened(have, self.now)
         elif isinstance(action, m.WriteChunk):
             chunk = action.chunk
             disk.chunks[(chunk.file_index, chunk.index)] = bytes(chunk.data)
         elif isinstance(action, m.Finalize):
             return self.finalize()
+        elif isinstance(action, m.Rebuild):
+            return self.rebuild(action)
+        elif isinstance(action, m.Notice):
+            self.notices.append(action)
         elif isinstance(action, m.RunSmoke):
             return self.smoke
         elif isinstance(action, m.Reject):
@@ -182,14 +199,11 @@ class World:
         return None
 
     def _chunks_of(self, action: m.Subscribe) -> list[tuple[int, int]]:
-        per_block = topics.chunks_per_block(CHUNK)
         out = []
         for f, content in enumerate(self.contents):
-            count = -(-len(content) // CHUNK)
-            for i in range(count):
+            for i in range(-(-len(content) // CHUNK)):
                 topic = topics.chunk_topic(self.rid, CHUNK, f, i)
-                block = topics.block_filter(self.rid, CHUNK, i // per_block)
-                if topic in action.topics or block in action.topics:
+                if any(topic_matches_sub(sub, topic) for sub in action.topics):
                     out.append((f, i))
         return out
 
@@ -200,17 +214,35 @@ class World:
             if f >= len(self.contents):
                 continue
             data = self.contents[f][i * CHUNK:(i + 1) * CHUNK]
+            self.delivered_bytes += len(data)
             if data:
                 self.inbox.append(m.ChunkFrame(encode_frame(f, i * CHUNK, data), self.now))
 
     def finalize(self) -> m.Event:
         assert self.manifest is not None
         for f, entry in enumerate(self.manifest.files):
+            if entry.name not in self.fetch:
+                continue
             count = -(-entry.length // CHUNK)
             data = b"".join(self.disk.chunks[(f, i)] for i in range(count))
             if hashlib.sha256(data).hexdigest() != entry.sha256:
+                for i in range(count):  # a bad file is fetched again, as the chunk store does
+                    self.disk.chunks.pop((f, i), None)
                 return m.Failed("rejected", "hash_mismatch", f"{entry.name} does not match")
+            self.staged[entry.name] = data
         self.disk.finalized = True
+        return m.Done()
+
+    def rebuild(self, action: m.Rebuild) -> m.Event:
+        ref = action.delta
+        try:
+            data = apply_delta_bytes(self.bases[ref.base_sha256], self.staged[ref.delta])
+        except DeltaError as exc:
+            return m.RebuildFailed(exc.reason, str(exc))
+        entry = action.manifest.file(ref.file)
+        if hashlib.sha256(data).hexdigest() != entry.sha256:
+            return m.RebuildFailed("delta_target_mismatch", "not the signed file")
+        self.staged[ref.file] = data
         return m.Done()
 
 
@@ -425,3 +457,119 @@ def test_any_bytes_on_a_chunk_topic_are_refused_or_stored(frame: bytes) -> None:
     assert len(writes) + refused == 1
     for write in writes:
         assert write.chunk.offset + len(write.chunk.data) <= layout.lengths[write.chunk.file_index]
+
+
+# -- deltas ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeltaRelease:
+    bundle: ReleaseBundle
+    base: bytes
+    model: str  # the model file's name
+    delta: str  # the delta file's name
+
+    @property
+    def bases(self) -> dict[str, bytes]:
+        return {hashlib.sha256(self.base).hexdigest(): self.base}
+
+    def index(self, name: str) -> int:
+        return [f.name for f in self.bundle.manifest.files].index(name)
+
+
+def delta_release(models_dir: Path, tmp_path: Path, *, delta_base: Optional[bytes] = None,
+                  claimed_base: Optional[bytes] = None) -> DeltaRelease:
+    """Release v2 of the seed model, a 10% fine-tune of it, with a delta from the seed (made
+    from ``delta_base`` and naming ``claimed_base`` as its base, when given)."""
+    from fleetlite.fleet.delta_builder import BaseRelease, plan_deltas
+    from fleetlite.tools.finetune_weights import finetune_weights
+
+    seed = (models_dir / "intent_classifier.tflite").read_bytes()
+    tuned = tmp_path / "intent_classifier.tflite"
+    tuned.write_bytes(finetune_weights(seed, seed=14))
+    made_from = delta_base if delta_base is not None else seed
+    (built,), skipped = plan_deltas(BaseRelease("v1", {tuned.name: made_from}),
+                                    [(tuned.name, tuned.read_bytes())], max_ratio=10.0)
+    assert skipped == []
+    if claimed_base is not None:
+        built = replace(built, base_sha256=hashlib.sha256(claimed_base).hexdigest())
+    bundle = release(models_dir, tmp_path, 2, model=tuned, deltas=[built])
+    return DeltaRelease(bundle, seed, tuned.name, built.delta_name)
+
+
+def _delivered_files(world: World, rel: DeltaRelease) -> set[str]:
+    names = [f.name for f in rel.bundle.manifest.files]
+    return {names[a.chunk.file_index] for a in world.actions if isinstance(a, m.WriteChunk)}
+
+
+def test_a_delta_travels_instead_of_the_full_model(models_dir: Path, tmp_path: Path,
+                                                   root_path: Path) -> None:
+    rel = delta_release(models_dir, tmp_path)
+    full = World(rel.bundle, root_path=root_path)  # a device without the base
+    assert full.run().outcome == "installed"
+    assert rel.delta not in _delivered_files(full, rel)
+    assert not any(isinstance(a, m.Rebuild) for a in full.actions)
+    world = World(rel.bundle, root_path=root_path, bases=rel.bases)
+    end = world.run()
+    assert (end.outcome, end.reason) == ("installed", ""), end.message
+    delivered = _delivered_files(world, rel)
+    assert rel.delta in delivered and rel.model not in delivered
+    (rebuild,) = [a for a in world.actions if isinstance(a, m.Rebuild)]
+    assert rebuild.delta.file == rel.model
+    # the chunk subscriptions name only the fetched files, so the broker never sends the
+    # full model: the bytes delivered are what the delta saves
+    model_len = rel.bundle.manifest.file(rel.model).length
+    delta_len = rel.bundle.manifest.file(rel.delta).length
+    assert full.delivered_bytes - world.delivered_bytes == model_len - delta_len
+    assert delta_len <= 0.15 * model_len
+    # the slot gets the rebuilt model, never the delta
+    switch = next(a for a in world.actions if isinstance(a, m.Switch))
+    assert rel.model in switch.files and rel.delta not in switch.files
+    assert world.staged[rel.model] == rel.bundle.files[rel.model]
+    assert world.notices == []
+
+
+@pytest.mark.parametrize("how", ["corrupted in transit", "made from another base"])
+def test_a_bad_delta_is_refused_and_the_full_model_fetched(
+        models_dir: Path, tmp_path: Path, root_path: Path, how: str) -> None:
+    if how == "corrupted in transit":
+        rel = delta_release(models_dir, tmp_path)
+        files = [bytes(b ^ 0x55 for b in rel.bundle.files[f.name][:64])
+                 + rel.bundle.files[f.name][64:] if f.name == rel.delta
+                 else rel.bundle.files[f.name] for f in rel.bundle.manifest.files]
+        reason = "hash_mismatch"
+    else:  # signed as a delta from the seed, but computed from other bytes
+        other = (models_dir / "sensor_autoencoder.tflite").read_bytes()
+        seed = (models_dir / "intent_classifier.tflite").read_bytes()
+        rel = delta_release(models_dir, tmp_path, delta_base=other, claimed_base=seed)
+        files = None
+        reason = "delta_base_mismatch"
+    world = World(rel.bundle, root_path=root_path, bases=rel.bases, files=files)
+    end = world.run()
+    assert (end.outcome, end.reason) == ("installed", ""), end.message
+    (notice,) = world.notices
+    assert (notice.kind, notice.reason) == ("ota_delta_refused", reason)
+    assert "fetching the full files" in notice.message
+    assert rel.model in _delivered_files(world, rel)
+    assert world.staged[rel.model] == rel.bundle.files[rel.model]
+
+
+def test_a_kill_at_every_action_of_a_delta_install_resumes_to_one_install(
+        models_dir: Path, tmp_path: Path, root_path: Path) -> None:
+    rel = delta_release(models_dir, tmp_path)
+    counting = World(rel.bundle, root_path=root_path, bases=rel.bases)
+    counting.run()
+    for kill_after in range(counting.done):
+        disk = Disk()
+        with pytest.raises(KilledError):
+            World(rel.bundle, root_path=root_path, bases=rel.bases, disk=disk,
+                  kill_after=kill_after).run()
+        if disk.committed:
+            continue
+        if disk.switched:
+            disk = Disk()
+        again = World(rel.bundle, root_path=root_path, bases=rel.bases, disk=disk)
+        end = again.run()
+        assert (end.outcome, end.reason) == ("installed", ""), (kill_after, end)
+        assert again.staged[rel.model] == rel.bundle.files[rel.model]
+        assert rel.model not in _delivered_files(again, rel), kill_after

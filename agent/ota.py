@@ -201,6 +201,7 @@ class OtaManager:
         self._seed_digests: dict[tuple[str, int, int], str] = {}
         self._rolled_back = False
         self.counters = {"installs": 0, "installed": 0, "rejected": 0, "rolled_back": 0,
+                         "probed": 0,
                          "failed": 0, "chunks_dropped": 0, "chunk_resubscribes": 0,
                          "chunk_requests": 0}
 
@@ -312,6 +313,7 @@ class OtaManager:
             raise CommandArgumentError(
                 f"chunk_size must be {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE} bytes")
         retry = arg(args, "retry", bool, False)
+        probe = arg(args, "probe", bool, False)
         variant = arg(args, "variant", str, "")
         if variant and not _VARIANT_NAME.fullmatch(variant):
             raise CommandArgumentError("variant must be 1-32 characters of [a-z0-9_-] (a "
@@ -335,7 +337,7 @@ class OtaManager:
             return {"accepted": False, "ended": True, "outcome": ended.outcome,
                     "reason": ended.reason, "message": ended.message}
         job = Job(release_id=release_id, model="", chunk_size=chunk_size, phase="accepted",
-                  retry=retry, variant=variant, started=time.time())
+                  retry=retry, variant=variant, probe=probe, started=time.time())
         self.state.job = job
         self.store.save(self.state)
         self._jobs.put(job)
@@ -492,10 +494,10 @@ class OtaManager:
                 log.exception("the final OTA status of %s could not be sent", release_id)
 
     def _final(self, release_id: str, model: str, version: int, outcome: str, reason: str,
-               message: str) -> None:
+               message: str, progress: Mapping[str, Any] | None = None) -> None:
         log.info("install of %s v%s: %s (%s) %s", model, version, outcome, reason, message)
         self._status(release_id, model, version, "done", final=True, outcome=outcome,
-                     reason=reason, message=message)
+                     reason=reason, message=message, progress=progress)
 
     def _event(self, kind: str, message: str, **detail: Any) -> None:
         payload = Event(device_id=self.device_id, ts=time.time(), kind=kind, message=message,
@@ -612,7 +614,8 @@ class OtaManager:
     def _job_version(self, job: Job) -> int:
         return job.version
 
-    def _end_job(self, job: Job, outcome: str, reason: str, message: str) -> None:
+    def _end_job(self, job: Job, outcome: str, reason: str, message: str,
+                 progress: Mapping[str, Any] | None = None) -> None:
         """Undo a half-done switch, free what the job wrote, forget the job, send ONE final
         status. Never raises: each step's failure is logged and the next step still runs."""
         try:
@@ -638,7 +641,8 @@ class OtaManager:
             self.state.forget_ended(job.release_id)
         self._save_quietly()
         self.counters[outcome if outcome in self.counters else "failed"] += 1
-        self._final(job.release_id, job.model, self._job_version(job), outcome, reason, message)
+        self._final(job.release_id, job.model, self._job_version(job), outcome, reason, message,
+                    progress)
         if outcome in ("installed", "rolled_back") and job.model:
             try:
                 self.on_model_change(job.model)
@@ -796,7 +800,8 @@ class OtaManager:
         staging.mkdir(parents=True, exist_ok=True)
         saved = staging / "manifest.json"
         start = machine.Start(
-            machine.JobSpec(job.release_id, job.chunk_size, job.retry, job.variant, job.phase),
+            machine.JobSpec(job.release_id, job.chunk_size, job.retry, job.variant, job.phase,
+                            job.probe),
             self._trust(), time.monotonic(), saved.read_bytes() if saved.is_file() else None)
         state, actions = machine.handle(machine.Receiver(self.device_id,
                                                          self._machine_settings()), start)
@@ -921,7 +926,7 @@ class OtaManager:
             return m.Done()
         elif isinstance(action, m.End):
             self._close_download(discard=True)
-            self._end_job(job, action.outcome, action.reason, action.message)
+            self._end_job(job, action.outcome, action.reason, action.message, action.progress)
         else:  # pragma: no cover - every action is carried out above
             raise TypeError(f"unknown OTA action {action!r}")
         return None
@@ -1060,7 +1065,12 @@ class OtaManager:
             )
         except (AgentError, ModelRuntimeError) as exc:
             return machine.SmokeDone(False, SMOKE_UNAVAILABLE, str(exc), available=False)
-        return machine.SmokeDone(result.passed, result.reason, result.message)
+        figures: dict[str, Any] = {"p95_ms": result.p95_ms, "peak_rss_mb": result.peak_rss_mb,
+                                   "load_ms": result.load_ms, "fidelity": result.fidelity}
+        if generation is not None:
+            figures["ttft_ms"] = result.first_inference_ms
+            figures["decode_tok_s"] = (1000.0 / result.p50_ms if result.p50_ms else None)
+        return machine.SmokeDone(result.passed, result.reason, result.message, figures=figures)
 
     # 5. switch ----------------------------------------------------------------------------
 

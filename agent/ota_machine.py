@@ -82,6 +82,7 @@ FINALIZING = "finalizing"
 REBUILDING = "rebuilding"
 VERIFYING = "verifying"
 SMOKE_TESTING = "smoke_testing"
+PROBING = "probing"
 SWITCHING = "switching"
 HEALTH_CHECK = "health_check"
 COMMITTING = "committing"
@@ -92,6 +93,7 @@ REPORTED_PHASE = {MANIFEST: "accepted", SPACE: "accepted", OPENING: "downloading
                   DOWNLOADING: "downloading", FINALIZING: "downloading",
                   REBUILDING: "downloading",
                   VERIFYING: "verifying", SMOKE_TESTING: "smoke_testing",
+                  PROBING: "smoke_testing",
                   SWITCHING: "switching", HEALTH_CHECK: "health_check",
                   COMMITTING: "health_check"}
 
@@ -136,6 +138,7 @@ class JobSpec:
     retry: bool = False
     variant: str = ""
     phase: str = "accepted"  # the persisted (reported) phase a resumed job had reached
+    probe: bool = False  # smoke-test every variant, report their figures, install nothing
 
 
 @dataclass(frozen=True)
@@ -230,6 +233,7 @@ class SmokeDone:
     reason: str = ""
     message: str = ""
     available: bool = True
+    figures: Mapping[str, Any] = field(default_factory=dict)  # what a probe reports
 
 
 @dataclass(frozen=True)
@@ -432,11 +436,12 @@ class Commit:
 
 @dataclass(frozen=True)
 class End:
-    """End the job with one final status."""
+    """End the job with one final status (``progress``: its figures, e.g. a probe's)."""
 
     outcome: str
     reason: str
     message: str
+    progress: Mapping[str, Any] = field(default_factory=dict)
 
 
 Action = Union[Subscribe, Unsubscribe, RequestChunks, EnterPhase, ReportProgress, StageManifest,
@@ -530,6 +535,7 @@ class Receiver:
     slot: str = ""
     plan: Optional[Plan] = None
     rebuilt: int = 0  # how many of the plan's rebuilds are done
+    probes: tuple[tuple[str, Mapping[str, Any]], ...] = ()  # (variant, figures) measured
 
     @property
     def model(self) -> str:
@@ -641,6 +647,12 @@ def _manifest_received(state: Receiver, payload: bytes,
     state = replace(state, manifest=manifest)
     actions.append(RecordManifest(manifest, job.retry))
     wanted = job.variant or manifest.default_variant.name
+    if job.probe:
+        # every variant's files (no deltas: the bases are the installed variant's)
+        final = tuple(f.name for f in manifest.files if f.role != "delta")
+        state = replace(state, variant=manifest.default_variant, plan=Plan(final, final),
+                        rebuilt=0, probes=())
+        return _check_space(state, actions)
     try:
         variant = manifest.variant(wanted)
     except KeyError:
@@ -882,6 +894,12 @@ def _verified(state: Receiver, event: Done) -> tuple[Receiver, list[Action]]:
 
 def _to_smoke(state: Receiver) -> tuple[Receiver, list[Action]]:
     assert state.manifest is not None and state.variant is not None and state.plan is not None
+    assert state.job is not None
+    if state.job.probe:
+        first = state.manifest.all_variants()[0]
+        return (replace(state, phase=PROBING, download=None, probes=()),
+                [_enter(state, "smoke_testing"),
+                 RunSmoke(state.manifest, first, state.plan.final)])
     return (replace(state, phase=SMOKE_TESTING, download=None),
             [_enter(state, "smoke_testing"),
              RunSmoke(state.manifest, state.variant, state.plan.final)])
@@ -895,6 +913,26 @@ def _smoke_done(state: Receiver, event: SmokeDone) -> tuple[Receiver, list[Actio
         return _end(state, "rejected", event.reason, event.message,
                     [Reject(state.model, state.version)])
     return _to_switching(state)
+
+
+def _probed(state: Receiver, event: SmokeDone) -> tuple[Receiver, list[Action]]:
+    """One variant's smoke test of a probe: the next one, or the final report."""
+    manifest, plan = state.manifest, state.plan
+    assert manifest is not None and plan is not None
+    variants = manifest.all_variants()
+    figures = dict(event.figures)
+    figures.update(passed=event.passed, reason=event.reason)
+    if not event.available:
+        figures.update(passed=False, reason=SMOKE_UNAVAILABLE)
+    probes = (*state.probes, (variants[len(state.probes)].name, figures))
+    state = replace(state, probes=probes)
+    if len(probes) < len(variants):
+        return state, [RunSmoke(manifest, variants[len(probes)], plan.final)]
+    passed = [name for name, f in probes if f["passed"]]
+    return _end(state, "probed", "",
+                f"probed {len(probes)} variant(s) of {manifest.name} v{manifest.version}: "
+                f"{', '.join(passed) or 'none'} passed; nothing was installed",
+                progress={"variants": dict(probes)})
 
 
 def _to_switching(state: Receiver) -> tuple[Receiver, list[Action]]:
@@ -942,14 +980,15 @@ def _committed(state: Receiver, event: Done) -> tuple[Receiver, list[Action]]:
 
 
 def _end(state: Receiver, outcome: str, reason: str, message: str,
-         before: Optional[list[Action]] = None) -> tuple[Receiver, list[Action]]:
+         before: Optional[list[Action]] = None, *,
+         progress: Optional[Mapping[str, Any]] = None) -> tuple[Receiver, list[Action]]:
     actions = list(before or [])
     if state.download is not None:
         actions += _stop_download(state.download)
         actions += [CloseDownload(discard=True), ChunkFlow(False)]
-    actions.append(End(outcome, reason, message))
+    actions.append(End(outcome, reason, message, dict(progress or {})))
     return replace(state, phase=IDLE, job=None, download=None, manifest=None, variant=None,
-                   envelope=b"", trust=None, plan=None), actions
+                   envelope=b"", trust=None, plan=None, probes=()), actions
 
 
 _Handler = Callable[[Receiver, Any], tuple[Receiver, list[Action]]]
@@ -965,6 +1004,7 @@ _HANDLERS: dict[tuple[str, type], _Handler] = {
     (REBUILDING, RebuildFailed): _rebuild_failed,
     (VERIFYING, Done): _verified,
     (SMOKE_TESTING, SmokeDone): _smoke_done,
+    (PROBING, SmokeDone): _probed,
     (SWITCHING, Done): _switched,
     (HEALTH_CHECK, HealthStats): _health,
     (COMMITTING, Done): _committed,

@@ -109,6 +109,7 @@ class Job:
     variant: str = ""
     started: float = 0.0
     version: int = 0  # known once the manifest verified
+    probe: bool = False  # smoke-test every variant and report, install nothing
 
 
 @dataclass

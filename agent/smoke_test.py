@@ -129,6 +129,10 @@ class SmokeResult:
     cases: int = 0
     mismatches: list[str] = field(default_factory=list)
     duration_s: float = 0.0
+    #: share of the smoke outputs that agree with the release's expected ones: top-1 for an
+    #: output with scores along its last axis, within tolerance for others, greedy tokens for
+    #: a language model (what a variant's fidelity is judged by); None when not measured
+    fidelity: Optional[float] = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (for OTA status reports)."""
@@ -255,7 +259,7 @@ def run_smoke_test(
     measured: dict[str, Any] = {
         key: float(raw[key]) if raw.get(key) is not None else None
         for key in ("load_ms", "first_inference_ms", "p50_ms", "p95_ms", "peak_rss_mb",
-                    "model_size_mb")
+                    "model_size_mb", "fidelity")
     }
     measured["cases"] = int(reply.get("cases", 0))
     measured["mismatches"] = [str(m) for m in reply.get("mismatches", [])]
@@ -407,6 +411,7 @@ def _smoke(request: Mapping[str, Any], measures: dict[str, Any]) -> int:
     mismatches: list[str] = []
     failing: list[tuple[int, Tensor, Array]] = []
     failed_cases = 0
+    agreeing = compared = 0
     try:
         with RssSampler(interval, baseline=read_rss()) as sampler:
             for i, case in enumerate(vectors.cases):
@@ -415,6 +420,11 @@ def _smoke(request: Mapping[str, Any], measures: dict[str, Any]) -> int:
                 if i == 0:
                     measures["first_inference_ms"] = (time.perf_counter_ns() - start) / 1e6
                 found = compare_outputs(case.outputs, outputs, tolerance)
+                for want in case.outputs:
+                    if want.name in outputs:
+                        compared += 1
+                        agreeing += _agrees(want, np.asarray(outputs[want.name]),
+                                            not compare_outputs([want], outputs, tolerance))
                 if found:
                     failed_cases += 1
                     mismatches.extend(f"case {i}: {p}" for p in found)
@@ -440,6 +450,8 @@ def _smoke(request: Mapping[str, Any], measures: dict[str, Any]) -> int:
         raise _FailedError(OVER_MEMORY_BUDGET, "out of memory while running the model") from None
     peak = max(load_sampler.peak, sampler.peak, _kernel_peak() if kernel else 0)
     measures["peak_rss_mb"] = peak / MB
+    if compared:
+        measures["fidelity"] = agreeing / compared
 
     if mismatches:
         worst = _worst_difference(failing) or mismatches[0]
@@ -455,6 +467,18 @@ def _smoke(request: Mapping[str, Any], measures: dict[str, Any]) -> int:
     measures["p50_ms"] = stats.p50_ms
     measures["p95_ms"] = stats.p95_ms
     return len(vectors.cases)
+
+
+def _agrees(want: Tensor, got: Array, within_tolerance: bool) -> bool:
+    """Whether one output agrees with its expected value: the same top-1 along the last axis
+    for scores (a float output with more than one value there), else within tolerance."""
+    import numpy as np
+
+    expected = np.asarray(want.array)
+    if (expected.dtype.kind == "f" and expected.ndim and expected.shape[-1] > 1
+            and got.shape == expected.shape):
+        return bool(np.array_equal(expected.argmax(-1), got.argmax(-1)))
+    return within_tolerance
 
 
 def _is_lm_smoke(path: Path) -> bool:
@@ -527,6 +551,11 @@ def _smoke_language_model(request: Mapping[str, Any], measures: dict[str, Any]) 
     except MemoryError:
         raise _FailedError(OVER_MEMORY_BUDGET, "out of memory while running the model") from None
     measures["peak_rss_mb"] = sampler.peak / MB
+    expected = [t for case in vectors.cases for t in case.expected_ids]
+    if expected:
+        same = sum(a == b for case, result in zip(vectors.cases, results)
+                   for a, b in zip(case.expected_ids, result.ids))
+        measures["fidelity"] = same / len(expected)
     problems = judge(vectors, results, tolerance)
     if problems:
         raise _FailedError(SMOKE_OUTPUT_MISMATCH,

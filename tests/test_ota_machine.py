@@ -72,7 +72,7 @@ class World:
                  lose: frozenset[tuple[int, int]] = frozenset(),
                  smoke: m.SmokeDone = PASSED, serving_errors: int = 0,
                  kill_after: Optional[int] = None, variant: str = "",
-                 bases: Optional[dict[str, bytes]] = None) -> None:
+                 bases: Optional[dict[str, bytes]] = None, probe: bool = False) -> None:
         self.envelope = envelope if envelope is not None else bundle.envelope.to_json()
         self.rid = release_id(Envelope.from_json(self.envelope or bundle.envelope.to_json(),
                                                  max_bytes=2**30,
@@ -87,6 +87,7 @@ class World:
         self.serving_errors = serving_errors
         self.kill_after = kill_after
         self.variant = variant
+        self.probe = probe
         self.bases = bases or {}  # sha256 -> content of the files the device keeps
         self.fetch: tuple[str, ...] = ()
         self.delivered_bytes = 0
@@ -112,7 +113,8 @@ class World:
 
     def run(self, limit: int = 20000) -> m.End:
         """Install (or resume) until the machine ends; its End."""
-        job = m.JobSpec(self.rid, CHUNK, variant=self.variant, phase=self.disk.phase)
+        job = m.JobSpec(self.rid, CHUNK, variant=self.variant, phase=self.disk.phase,
+                        probe=self.probe)
         state, todo = m.handle(m.Receiver("gw-1", SETTINGS),
                                m.Start(job, self.trust(), self.now, self.disk.envelope))
         for _ in range(limit):
@@ -573,3 +575,16 @@ def test_a_kill_at_every_action_of_a_delta_install_resumes_to_one_install(
         assert (end.outcome, end.reason) == ("installed", ""), (kill_after, end)
         assert again.staged[rel.model] == rel.bundle.files[rel.model]
         assert rel.model not in _delivered_files(again, rel), kill_after
+
+
+def test_a_probe_reports_each_variant_and_never_switches_or_rejects(
+        bundle: ReleaseBundle, root_path: Path) -> None:
+    failing = m.SmokeDone(False, "over_latency_budget", "too slow",
+                          figures={"p95_ms": 900.0, "fidelity": 1.0})
+    world = World(bundle, root_path=root_path, smoke=failing, probe=True)
+    world.run()
+    (end,) = world.ends
+    assert (end.outcome, end.reason) == ("probed", "")
+    assert end.progress == {"variants": {"default": {
+        "p95_ms": 900.0, "fidelity": 1.0, "passed": False, "reason": "over_latency_budget"}}}
+    assert not any(isinstance(a, (m.Switch, m.Reject, m.Commit)) for a in world.actions)

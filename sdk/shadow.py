@@ -278,10 +278,10 @@ class ShadowReport(Message):
         if kind not in KINDS:
             raise MessageError(BAD_VALUE, f"field 'kind' must be one of {list(KINDS)}, got "
                                           f"{kind!r}")
-        counts = {key: get_int(data, key, minimum=0)
+        counts: dict[str, Any] = {key: get_int(data, key, minimum=0)
                   for key in ("version", "active_version", "requests", "samples", "compared",
                               "agreed")}
-        optional_counts = {key: get_int(data, key, optional=True, minimum=0)
+        optional_counts: dict[str, Any] = {key: get_int(data, key, optional=True, minimum=0)
                            for key in ("skipped_budget", "dropped_queue_full", "skipped_other",
                                        "candidate_errors", "backoffs", "active_alone_count",
                                        "active_shadowed_count", "candidate_count")}
@@ -296,7 +296,7 @@ class ShadowReport(Message):
         if not 1.0 <= ratio <= 1000.0:
             raise MessageError(BAD_VALUE, "field 'p95_budget_ratio' must be within 1..1000, got "
                                           f"{ratio!r}")
-        latencies: dict[str, Optional[float]] = {}
+        latencies: dict[str, Any] = {}
         for prefix in _LATENCY_FIELDS:
             p50 = _get_opt_float(data, f"{prefix}_p50_ms")
             p95 = _get_opt_float(data, f"{prefix}_p95_ms")

@@ -34,7 +34,9 @@ from tests.test_generation import load
 
 IDENTITY = ShadowIdentity(device_id="gw-1", release_id="ab" * 32, model="m", version=2,
                           active_version=1)
-ALL = ShadowConfig(sample_rate=1.0, cpu_budget=1.0, burst_s=60.0, queue_size=1024)
+#: every request, no budget and no back-off: for the tests of agreement
+ALL = ShadowConfig(sample_rate=1.0, cpu_budget=1.0, burst_s=60.0, queue_size=1024,
+                   p95_budget_ratio=1000.0)
 PROMPTS = ("turn off the kitchen lights", "set the bedroom heating to 20 degrees",
            "is the front door locked")
 #: the only fields a shadow report may carry as text
@@ -202,7 +204,8 @@ def test_the_observer_sees_what_the_caller_got_and_nothing_without_it(tmp_path: 
 def test_a_slow_candidate_loses_samples_instead_of_queueing_them(tmp_path: Path) -> None:
     service = serve(tmp_path, heavy_mlp(size=128, layers=1).tflite)
     slow = Model(heavy_mlp(size=128, layers=48, seed=3).tflite)
-    config = ShadowConfig(sample_rate=1.0, cpu_budget=1.0, burst_s=60.0, queue_size=2)
+    config = ShadowConfig(sample_rate=1.0, cpu_budget=1.0, burst_s=60.0, queue_size=2,
+                          p95_budget_ratio=1000.0)
     runner = ModelShadow(service, "m", slow, kind="regressor", identity=IDENTITY, config=config,
                          error_bound=0.1)
     x = np.ones((1, 128), dtype=np.float32)
@@ -222,7 +225,8 @@ def test_the_active_latency_is_measured_alone_and_shadowed(tmp_path: Path) -> No
     service = serve(tmp_path, heavy_mlp(size=128, layers=1).tflite)
     slow = Model(heavy_mlp(size=128, layers=48, seed=3).tflite)
     runner = ModelShadow(service, "m", slow, kind="regressor", identity=IDENTITY,
-                         config=ShadowConfig(sample_rate=0.5, cpu_budget=1.0, burst_s=60.0),
+                         config=ShadowConfig(sample_rate=0.5, cpu_budget=1.0, burst_s=60.0,
+                                             p95_budget_ratio=1000.0),
                          error_bound=0.1)
     x = np.ones((1, 128), dtype=np.float32)
     with runner:
@@ -240,7 +244,8 @@ def test_the_active_latency_is_measured_alone_and_shadowed(tmp_path: Path) -> No
 def test_the_cpu_budget_caps_candidate_time(tmp_path: Path) -> None:
     service = serve(tmp_path, heavy_mlp(size=128, layers=1).tflite)
     slow = Model(heavy_mlp(size=128, layers=24, seed=3).tflite)
-    config = ShadowConfig(sample_rate=1.0, cpu_budget=0.05, burst_s=0.01, queue_size=64)
+    config = ShadowConfig(sample_rate=1.0, cpu_budget=0.05, burst_s=0.01, queue_size=64,
+                          p95_budget_ratio=1000.0)
     runner = ModelShadow(service, "m", slow, kind="regressor", identity=IDENTITY, config=config,
                          error_bound=0.1)
     x = np.ones((1, 128), dtype=np.float32)

@@ -274,6 +274,7 @@ def test_shadowing_backs_off_when_the_active_p95_passes_its_budget(tmp_path: Pat
     with runner:
         for _ in range(400):
             service.infer("m", x)
+            time.sleep(0.0001)  # lets the worker in: live requests come at intervals
         assert runner.wait_idle()
     report = runner.report()
     assert report.backoffs >= 1

@@ -231,8 +231,6 @@ def sdk_messages() -> list[tuple[str, messages.Message]]:
                                                       error_code="bad_args", error="no")),
         ("ota_status", messages.OtaStatus(DEVICE, 6.0, "ab" * 32, "intent", 2, "downloading",
                                           progress={"received_bytes": 10})),
-        ("chunk_request", request),
-        ("chunk_request", ChunkRequest(DEVICE, "ab" * 32, 1024, 2.0, (), done=True)),
         ("shadow_report", ShadowReport(
             device_id=DEVICE, ts=8.0, since=2.0, release_id="ab" * 32, model="sensor",
             version=2, active_version=1, kind="regressor", requests=40, samples=8,
@@ -242,6 +240,8 @@ def sdk_messages() -> list[tuple[str, messages.Message]]:
             active_shadowed_count=10, active_shadowed_p50_ms=0.11,
             active_shadowed_p95_ms=0.21, candidate_count=8, candidate_p50_ms=0.12,
             candidate_p95_ms=0.3)),
+        ("chunk_request", request),
+        ("chunk_request", ChunkRequest(DEVICE, "ab" * 32, 1024, 2.0, (), done=True)),
     ]
 
 

@@ -169,9 +169,12 @@ class _ShadowRunner:
             return
         while True:  # make room for the stop signal: queued samples are dropped, not run
             try:
-                self._queue.get_nowait()
+                job = self._queue.get_nowait()
             except queue.Empty:
                 break
+            if job is not None:
+                with self._lock:
+                    self._pending -= 1
         self._queue.put(None)
         thread.join(timeout)
 

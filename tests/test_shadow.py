@@ -7,9 +7,9 @@ queueing them; the CPU budget and the latency back-off hold; the report parses s
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +187,23 @@ def test_the_report_carries_no_input_or_output_value(tmp_path: Path) -> None:
     assert_figures_only(report.to_json(), secrets)
 
 
+def test_requests_answered_by_another_version_are_not_compared(tmp_path: Path) -> None:
+    content = intent_classifier().tflite
+    service = serve(tmp_path, content)
+    runner = ModelShadow(service, "m", Model(content), kind="classifier", identity=IDENTITY,
+                         config=ALL)
+    inputs = token_inputs(20)
+    with runner:
+        for x in inputs[:10]:
+            service.infer("m", x)
+        service.swap("m", write(tmp_path, "promoted", content), version=2)
+        for x in inputs[10:]:
+            service.infer("m", x)
+        assert runner.wait_idle()
+    report = runner.report()
+    assert (report.requests, report.samples, report.skipped_other) == (20, 10, 10)
+
+
 def test_the_observer_sees_what_the_caller_got_and_nothing_without_it(tmp_path: Path) -> None:
     service = serve(tmp_path, intent_classifier().tflite)
     seen: list[Any] = []
@@ -351,7 +368,7 @@ def test_the_lm_observer_sees_the_tokens_the_caller_got(home: LmService) -> None
     finally:
         home.observe(None)
     assert seen == [(ids, got)]
-    threading.Thread(target=generate_all, args=(home,)).run()
+    generate_all(home)  # no observer any more
     assert len(seen) == 1
 
 
@@ -387,10 +404,13 @@ def test_bad_reports_are_refused_with_a_code(edit: dict[str, Any], code: str) ->
     assert caught.value.code == code
 
 
-def test_a_report_round_trips() -> None:
+def test_a_report_round_trips_and_gives_back_its_counts() -> None:
     report = valid_report()
     assert ShadowReport.from_json(report.to_json()) == report
     assert report.agreement == 0.9
+    pooled = report.stats().merge(replace(report, device_id="gw-2", agreed=10).stats())
+    assert (pooled.samples, pooled.compared, pooled.agreed) == (20, 20, 19)
+    assert report.shadow_cost_ratio is None  # nothing shadowed yet
 
 
 @fuzz(300)

@@ -28,10 +28,9 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from fleetlite.agent.errors import AgentConfigError
+from fleetlite.agent.errors import AgentConfigError, AgentError
 from fleetlite.agent.lm_service import LmService
 from fleetlite.agent.model_service import Inference, LatencyHistogram, ModelService
-from fleetlite.sdk.runtime.errors import ModelRuntimeError
 from fleetlite.sdk.runtime.interpreter import Array, InputsLike, Model
 from fleetlite.sdk.runtime.lm_engine import STOP_TOKEN, GenerateParams, GenerationStats, LmEngine
 from fleetlite.sdk.shadow import CLASSIFIER, LM, REGRESSOR, STOP, ShadowReport, ShadowStats
@@ -156,7 +155,8 @@ class _ShadowRunner:
     def start(self) -> None:
         """Start the worker and begin observing live requests."""
         if self._thread is not None:
-            raise RuntimeError("this shadow runner was already started; make a new one")
+            raise AgentError("this shadow runner was already started; make a new one for "
+                             "another shadowing period")
         self._thread = threading.Thread(target=self._work, name="fleetlite-shadow", daemon=True)
         self._thread.start()
         self._attach()
@@ -252,7 +252,7 @@ class _ShadowRunner:
                 self._running = True
             try:
                 job()
-            except (ModelRuntimeError, ValueError):
+            except Exception:  # the candidate's failure, whatever it is, must not end the worker
                 with self._lock:
                     self.candidate_errors += 1
             finally:

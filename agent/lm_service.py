@@ -4,19 +4,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Sequence
-from typing import Optional
+from collections.abc import Generator, Sequence
+from typing import Callable, Optional
 
 from fleetlite.sdk.runtime.lm_engine import (
     CANCELLED,
     BusyError,
     GenerateParams,
     Generation,
+    GenerationStats,
     LmEngine,
     TextStream,
 )
+
+GenerationObserver = Callable[[Sequence[int], GenerateParams, Sequence[int], GenerationStats],
+                              None]
+"""Called with a generation's prompt ids, parameters, generated ids and statistics when it ends
+(see :meth:`LmService.observe`)."""
 
 DEFAULT_MAX_QUEUE = 4
 _CANCEL_POLL_S = 0.05  # how often a caller waiting for the engine looks at its cancel event
@@ -38,6 +45,7 @@ class LmService:
         self._turn = threading.Condition()
         self._running = False
         self._waiting = 0
+        self._observer: Optional[GenerationObserver] = None
 
     @property
     def waiting(self) -> int:
@@ -68,8 +76,22 @@ class LmService:
             generation.close()  # never started: it yields nothing
             generation.stats.stop_reason = CANCELLED
             return generation
+        observer = self._observer
+        if observer is not None:
+            generation = _observed(generation, list(prompt_ids), params or
+                                   self.engine.default_params(), observer)
         generation.on_close(self._leave)
         return generation
+
+    def observe(self, observer: Optional[GenerationObserver]) -> None:
+        """Call ``observer(prompt_ids, params, generated_ids, stats)`` once per generation that
+        started, when it ends or is closed (after the engine is released), or stop with ``None``.
+
+        For shadow evaluation (:mod:`fleetlite.agent.shadow_runner`); it runs in the caller's
+        thread, so it must return quickly and not raise (an exception is ignored). Token ids are
+        collected only while an observer is set.
+        """
+        self._observer = observer
 
     def stream(
         self,
@@ -104,3 +126,23 @@ class LmService:
         with self._turn:
             self._running = False
             self._turn.notify_all()  # a waiter may have left on cancel: wake them all
+
+
+def _observed(generation: Generation, prompt_ids: list[int], params: GenerateParams,
+              observer: GenerationObserver) -> Generation:
+    """``generation`` re-yielded through a recorder that tells ``observer`` when it ends."""
+    seen: list[int] = []
+
+    def tokens() -> Generator[int, None, None]:
+        for token in generation:
+            seen.append(token)
+            yield token
+
+    def tell() -> None:
+        with contextlib.suppress(Exception):  # a watcher never fails a live generation
+            observer(prompt_ids, params, seen, generation.stats)
+
+    outer = Generation(tokens(), generation.stats)
+    outer.on_close(generation.close)
+    outer.on_close(tell)
+    return outer

@@ -10,6 +10,7 @@ model; model inputs and outputs are never recorded.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import math
 import queue
 import threading
@@ -236,6 +237,11 @@ class Inference(NamedTuple):
     latency_ms: float
 
 
+InferenceObserver = Callable[[InputsLike, Inference], None]
+"""Called with a request's inputs and its :class:`Inference` after each successful inference of
+the model it watches (see :meth:`ModelService.observe`)."""
+
+
 class ModelService:
     """Active models by name: activate, infer, hot swap, roll back, describe, statistics.
 
@@ -262,6 +268,7 @@ class ModelService:
         self._load_lock = threading.Lock()  # serialises activations so 'previous' stays exact
         self._active: dict[str, ActiveModel] = {}
         self._previous: dict[str, ActiveModel] = {}
+        self._observers: dict[str, InferenceObserver] = {}
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -392,7 +399,27 @@ class ModelService:
             raise
         latency_ms = (self._clock() - start) * 1000.0
         active.stats.record_success(latency_ms)
-        return Inference(outputs, active, latency_ms)
+        inference = Inference(outputs, active, latency_ms)
+        observer = self._observers.get(name)
+        if observer is not None:
+            with contextlib.suppress(Exception):  # a watcher never fails a live request
+                observer(inputs, inference)
+        return inference
+
+    def observe(self, name: str, observer: InferenceObserver | None) -> None:
+        """Call ``observer(inputs, inference)`` in the caller's thread after each successful
+        inference of ``name`` (across swaps), or stop with ``None``; one observer per name.
+
+        For shadow evaluation (:mod:`fleetlite.agent.shadow_runner`). The observer gets the
+        caller's own input objects and outputs, uncopied: it must return quickly, copy what it
+        keeps, and not raise (an exception is ignored). Nothing is copied without an observer.
+        """
+        _check_name(name)
+        with self._lock:
+            if observer is None:
+                self._observers.pop(name, None)
+            else:
+                self._observers[name] = observer
 
     def infer(self, name: str, inputs: InputsLike) -> dict[str, Array]:
         """Run model ``name``: dict by input name, list in input order, or one array.

@@ -27,6 +27,7 @@ from fleetlite.sdk import (
     manifest,
     messages,
     profile,
+    shadow,
     smoke,
     trust,
 )
@@ -217,6 +218,28 @@ def _chunk_request() -> Schema:
         "done": {"type": "boolean"},
     }, keywords={"if": {"properties": {"done": {"const": True}}, "required": ["done"]},
                  "then": {"properties": {"missing": {"maxItems": 0}}}})
+
+
+def _shadow_report() -> Schema:
+    count = _int(0)
+    nullable_ms = {"type": ["number", "null"], "minimum": 0, "maximum": _MAX_DOUBLE}
+    fraction = _number(0, 1, exclusiveMinimum=0)
+    return _message("shadow_report", shadow.ShadowReport, "ShadowReport", {
+        "device_id": _DEVICE_ID, "ts": _TS, "since": _TS, "release_id": _ID, "model": _ID,
+        "version": count, "active_version": count, "kind": {"enum": list(shadow.KINDS)},
+        "requests": count, "samples": _int(0, description="<= requests"),
+        "compared": count, "agreed": _int(0, description="<= compared"),
+        "sample_rate": fraction, "cpu_budget": fraction, "p95_budget_ratio": _number(1, 1000),
+    }, {
+        **{key: count for key in ("skipped_budget", "dropped_queue_full", "skipped_other",
+                                  "candidate_errors", "backoffs", "active_alone_count",
+                                  "active_shadowed_count", "candidate_count")},
+        "error_bound": {**nullable_ms, "description": "a regressor's absolute error bound; "
+                        "required for kind regressor, null or absent otherwise"},
+        "max_abs_error": nullable_ms, "mean_abs_error": nullable_ms,
+        **{f"{prefix}_{q}_ms": nullable_ms for prefix in ("active_alone", "active_shadowed",
+                                                          "candidate") for q in ("p50", "p95")},
+    })
 
 
 # -- the profile record --------------------------------------------------------------------------
@@ -506,6 +529,7 @@ _BUILDERS = {
     "command_response": _command_response,
     "ota_status": _ota_status,
     "chunk_request": _chunk_request,
+    "shadow_report": _shadow_report,
     "profile": _profile,
     "manifest": _manifest,
     "root": _root,

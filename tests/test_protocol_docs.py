@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fleetlite.sdk import messages, ota_messages, profile, topics
+from fleetlite.sdk import messages, ota_messages, profile, shadow, topics
 from fleetlite.sdk.envelope import ROOT_PAYLOAD_TYPE, Envelope
 from fleetlite.sdk.errors import UpdateRejected
 from fleetlite.sdk.manifest import parse_manifest
@@ -41,7 +41,7 @@ def table(marker: str) -> list[list[str]]:
 
 
 def message_class(name: str) -> type[messages.Message]:
-    for module in (messages, ota_messages, profile):
+    for module in (messages, ota_messages, profile, shadow):
         if hasattr(module, name):
             cls: type[messages.Message] = getattr(module, name)
             return cls

@@ -32,6 +32,7 @@ from fleetlite.sdk.lm_smoke import LmSmokeVectors
 from fleetlite.sdk.manifest import parse_manifest
 from fleetlite.sdk.ota_messages import ChunkRequest
 from fleetlite.sdk.profile import ProfileRecord
+from fleetlite.sdk.shadow import ShadowReport
 from fleetlite.sdk.smoke import SmokeVectors
 from fleetlite.sdk.trust import canonical_json, parse_root_envelope
 from fleetlite.tools import gen_schemas
@@ -56,7 +57,7 @@ MESSAGE_CLASSES: dict[str, type[messages.Message]] = {
     "status": messages.Status, "birth": messages.Birth, "telemetry": messages.Telemetry,
     "event": messages.Event, "command": messages.Command,
     "command_response": messages.CommandResponse, "ota_status": messages.OtaStatus,
-    "chunk_request": ChunkRequest, "profile": ProfileRecord,
+    "chunk_request": ChunkRequest, "profile": ProfileRecord, "shadow_report": ShadowReport,
 }
 
 
@@ -230,6 +231,15 @@ def sdk_messages() -> list[tuple[str, messages.Message]]:
                                                       error_code="bad_args", error="no")),
         ("ota_status", messages.OtaStatus(DEVICE, 6.0, "ab" * 32, "intent", 2, "downloading",
                                           progress={"received_bytes": 10})),
+        ("shadow_report", ShadowReport(
+            device_id=DEVICE, ts=8.0, since=2.0, release_id="ab" * 32, model="sensor",
+            version=2, active_version=1, kind="regressor", requests=40, samples=8,
+            compared=8, agreed=7, sample_rate=0.2, cpu_budget=0.25, p95_budget_ratio=1.2,
+            skipped_budget=1, error_bound=0.05, max_abs_error=0.07, mean_abs_error=0.01,
+            active_alone_count=30, active_alone_p50_ms=0.1, active_alone_p95_ms=0.2,
+            active_shadowed_count=10, active_shadowed_p50_ms=0.11,
+            active_shadowed_p95_ms=0.21, candidate_count=8, candidate_p50_ms=0.12,
+            candidate_p95_ms=0.3)),
         ("chunk_request", request),
         ("chunk_request", ChunkRequest(DEVICE, "ab" * 32, 1024, 2.0, (), done=True)),
     ]
@@ -396,6 +406,14 @@ INVALID: list[tuple[str, str, Edit]] = [
     ("chunk_request", "65 ranges", put("missing", [[0, i, i + 1] for i in range(65)])),
     ("chunk_request", "device id '..'", put("device_id", "..")),
     ("chunk_request", "a release id with a final newline", put("release_id", "ab" * 32 + "\n")),
+    ("shadow_report", "unknown kind", put("kind", "detector")),
+    ("shadow_report", "negative samples", put("samples", -1)),
+    ("shadow_report", "sample rate 0", put("sample_rate", 0)),
+    ("shadow_report", "cpu budget above 1", put("cpu_budget", 1.5)),
+    ("shadow_report", "budget ratio below 1", put("p95_budget_ratio", 0.5)),
+    ("shadow_report", "a negative latency", put("candidate_p95_ms", -1.0)),
+    ("shadow_report", "a text latency", put("active_alone_p50_ms", "fast")),
+    ("shadow_report", "missing agreed", drop("agreed")),
     ("profile", "empty trigger", put("trigger", "")),
     ("profile", "unknown quantization", put("model.quantization", "int4")),
     ("profile", "unknown timing", put("run.timing", "wall")),
@@ -564,6 +582,9 @@ CROSS_FIELD = {
     "lm_manifest": r"'generation'",  # a tokenizer file needs generation
     "root": r"'(threshold|keyids|[0-9a-f]{64})'",  # threshold <= key ids, all listed in keys
     "smoke": r"'data'|'shape'|[01]",  # data holds the shape's elements (at most 2**22)
+    # agreed <= compared, samples <= requests, since <= ts, p50 <= p95, error bound by kind
+    "shadow_report": r"'(agreed|compared|samples|requests|since|ts|kind|error_bound|"
+                     r"\w+_p(50|95)_ms)'",
 }
 
 

@@ -400,6 +400,17 @@ def test_tool_commands(doc: str, tmp_path: Path) -> None:
         for model in ("home_lm.tflite", "home_lm_int8.tflite"):
             assert re.search(rf"^\| {re.escape(model)} \| 32 \+ 64 \| [\d.]+ \| [\d.]+ \| "
                              r"[\d.]+x \|", generate, re.M), generate
+        delta = wt.run("python -m fleetlite.tools.bench.bench_delta").stdout
+        # a 10% fine-tune travels in at most 15% of the full file, LM and int8 classifier alike
+        for model in ("home_lm (float32 LM)", "int8_classifier"):
+            rows = re.findall(rf"^\| {re.escape(model)} \| 10% \w+ \|.*$", delta, re.M)
+            assert len(rows) == 2, delta
+            for row in rows:  # percentages of the full file: xz, tensor delta, binary delta
+                _xz, tensors, binary = (float(p) for p in re.findall(r"\(([\d.]+)%\)", row))
+                assert min(tensors, binary) <= 15, row
+        shadow = wt.run("python -m fleetlite.tools.bench.bench_shadow").stdout
+        assert re.search(r"^\| alone \(baseline\) \| \d+ \|", shadow, re.M), shadow
+        assert "100.0%" in shadow  # an identical candidate agrees on every sample
     else:
         before = {p.name: p.read_bytes() for p in fixtures.iterdir()}
         wt.run("python -m fleetlite.tools.build_models tests/fixtures/models")

@@ -96,7 +96,7 @@ _TOP_KEYS = {
 _OTA_KEYS = {
     "manifest_timeout_s", "chunk_idle_s", "max_requests_without_progress",
     "download_deadline_s", "smoke_timeout_s", "health_inferences", "health_timeout_s",
-    "ended_memory_s",
+    "ended_memory_s", "shadow_report_s",
 }
 _BROKER_KEYS = {"host", "port", "keepalive_s", "tls", "username", "password"}
 _TLS_KEYS = {"ca", "cert", "key", "insecure_skip_hostname"}

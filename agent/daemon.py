@@ -129,6 +129,7 @@ class Agent:
             "ota_install": self.ota.cmd_install,
             "ota_rollback": self.ota.cmd_rollback,
             "ota_slots": self.ota.cmd_slots,
+            "shadow_stop": self.ota.cmd_shadow_stop,
             "update_root": self.ota.cmd_update_root,
             "remove_model": self.ota.cmd_remove,
         })

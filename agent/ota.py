@@ -62,6 +62,8 @@ from fleetlite.agent.ota_machine import (
     UNKNOWN_VARIANT,
     request_window,
 )
+from fleetlite.agent.ota_shadow import KINDS as SHADOW_KINDS
+from fleetlite.agent.ota_shadow import ShadowSessions
 from fleetlite.agent.ota_space import (
     allocated,
     describe_bytes,
@@ -99,6 +101,7 @@ DOWNLOAD_STALLED = "download_stalled"
 CRASHED_IN_HEALTH_WINDOW = "crashed_during_health_window"
 OPERATOR_ROLLBACK = "operator_rollback"
 MODEL_REMOVED = "model_removed"  # an operator rollback of a first version: the model is gone
+SHADOW_UNAVAILABLE = "shadow_unavailable"  # the device cannot shadow (no such model, bad kind)
 INTERNAL = "internal"
 
 # For messages: where in the install a phase is.
@@ -148,6 +151,7 @@ class OtaSettings:
     limits: Limits = DEFAULT_LIMITS
     # a failed install re-sent within this time is answered with its final status, not re-run
     ended_memory_s: float = 600.0
+    shadow_report_s: float = 30.0  # how often a shadow candidate's statistics are reported
 
 
 class OtaManager:
@@ -198,10 +202,14 @@ class OtaManager:
         self._need: tuple[Path, int, int] | None = None  # (where, needed, free) of the job
         self._download: ChunkStore | None = None  # the running job's chunk store
         self._have: dict[str, Path] = {}  # sha256 -> kept model file (bases of deltas)
+        self.shadows = ShadowSessions(
+            device_id=device_id, root=self.store.dir / "shadow", models=models,
+            language_models=self.language_models, link=link, threads=threads,
+            report_every_s=self.settings.shadow_report_s)
         self._seed_digests: dict[tuple[str, int, int], str] = {}
         self._rolled_back = False
         self.counters = {"installs": 0, "installed": 0, "rejected": 0, "rolled_back": 0,
-                         "probed": 0,
+                         "probed": 0, "shadowing": 0,
                          "failed": 0, "chunks_dropped": 0, "chunk_resubscribes": 0,
                          "chunk_requests": 0}
 
@@ -262,6 +270,7 @@ class OtaManager:
         self._jobs.put(None)
         if self._thread is not None:
             self._thread.join(10)
+        self.shadows.stop_all("the agent stops")
 
     def _start_thread(self) -> None:
         self._worker_death = None
@@ -275,6 +284,10 @@ class OtaManager:
         The job it was running ends with a final ``internal`` status, so the fleet is not left
         waiting for an install that nothing runs. Called from the agent's tick and the commands.
         """
+        try:
+            self.shadows.tick()
+        except Exception:
+            log.exception("the shadow reports failed")
         with self._revive:
             thread = self._thread
             if thread is None or thread.is_alive() or self._stopping:
@@ -314,6 +327,7 @@ class OtaManager:
                 f"chunk_size must be {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE} bytes")
         retry = arg(args, "retry", bool, False)
         probe = arg(args, "probe", bool, False)
+        shadow = self._shadow_options(args)
         variant = arg(args, "variant", str, "")
         if variant and not _VARIANT_NAME.fullmatch(variant):
             raise CommandArgumentError("variant must be 1-32 characters of [a-z0-9_-] (a "
@@ -337,11 +351,46 @@ class OtaManager:
             return {"accepted": False, "ended": True, "outcome": ended.outcome,
                     "reason": ended.reason, "message": ended.message}
         job = Job(release_id=release_id, model="", chunk_size=chunk_size, phase="accepted",
-                  retry=retry, variant=variant, probe=probe, started=time.time())
+                  retry=retry, variant=variant, probe=probe, shadow=shadow,
+                  started=time.time())
         self.state.job = job
         self.store.save(self.state)
         self._jobs.put(job)
         return {"accepted": True}
+
+    @staticmethod
+    def _shadow_options(args: Mapping[str, Any]) -> dict[str, Any]:
+        """The ``shadow`` options of an ``ota_install`` (empty: a normal install)."""
+        if not arg(args, "shadow", bool, False):
+            return {}
+        kind = arg(args, "shadow_kind", str, "classifier")
+        if kind not in SHADOW_KINDS:
+            raise CommandArgumentError(f"shadow_kind must be one of {', '.join(SHADOW_KINDS)} "
+                                       "(a language model needs none)")
+        options: dict[str, Any] = {"kind": kind}
+        for name, key, low, high in (("shadow_sample_rate", "sample_rate", 0.0, 1.0),
+                                     ("shadow_cpu_budget", "cpu_budget", 0.0, 1.0),
+                                     ("shadow_p95_ratio", "p95_ratio", 1.0, 100.0),
+                                     ("shadow_error_bound", "error_bound", 0.0, 1e9)):
+            value = arg(args, name, (int, float))
+            if value is None:
+                continue
+            value = float(value)
+            if not low < value <= high:
+                raise CommandArgumentError(f"{name} must be above {low:g} and at most {high:g}")
+            options[key] = value
+        if kind == "regressor" and "error_bound" not in options:
+            raise CommandArgumentError("shadow_kind regressor needs shadow_error_bound: the "
+                                       "largest absolute output difference that still agrees")
+        return options
+
+    def cmd_shadow_stop(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        """Stop shadowing a model (``shadow_stop``): its last report goes out, its kept files
+        are removed."""
+        name = arg(args, "model", str, required=True)
+        if not self.shadows.stop(name, "stopped by the fleet"):
+            raise AgentError(f"this device shadows no release of {name!r}")
+        return {"stopped": name}
 
     def cmd_rollback(self, args: Mapping[str, Any]) -> dict[str, Any]:
         """Go back to the previous version of a model (the ``ota_rollback`` command); with
@@ -406,6 +455,7 @@ class OtaManager:
                 raise AgentError(f"this device serves no model {name!r}; it serves: "
                                  f"{', '.join(sorted(served)) or 'none'}")
             version, freed = self._remove_locked(name)
+        self.shadows.stop(name, "the model was removed")
         log.info("removed model %s (version %s) on the fleet's command", name, version)
         self.on_model_change(name)
         return {"removed": name, "version": version, "freed_bytes": freed}
@@ -801,7 +851,7 @@ class OtaManager:
         saved = staging / "manifest.json"
         start = machine.Start(
             machine.JobSpec(job.release_id, job.chunk_size, job.retry, job.variant, job.phase,
-                            job.probe),
+                            job.probe, bool(job.shadow)),
             self._trust(), time.monotonic(), saved.read_bytes() if saved.is_file() else None)
         state, actions = machine.handle(machine.Receiver(self.device_id,
                                                          self._machine_settings()), start)
@@ -907,7 +957,17 @@ class OtaManager:
         elif isinstance(action, m.Reject):
             self.state.model(action.model).reject(action.version)
             self.store.save(self.state)
+        elif isinstance(action, m.StartShadow):
+            try:
+                self.shadows.start(release_id=job.release_id, manifest=action.manifest,
+                                   variant=action.variant,
+                                   files=self._staged_files(job, action.files),
+                                   options=job.shadow)
+            except (AgentError, ModelRuntimeError) as exc:
+                return m.Failed("failed", SHADOW_UNAVAILABLE, str(exc))
+            return m.Done()
         elif isinstance(action, m.Switch):
+            self.shadows.stop(action.manifest.name, "the model is being switched")
             ms = self.state.model(action.manifest.name)
             if ms.installed_version is None and action.manifest.name in self.seeds:
                 ms.installed_version = self.seeds[action.manifest.name][1]
@@ -1021,6 +1081,14 @@ class OtaManager:
 
     def _open_download(self, job: Job, action: machine.OpenDownload) -> machine.DownloadOpened:
         staging = self.store.staging_dir(job.release_id)
+        kept = self.shadows.kept_files(job.release_id)
+        if kept is not None:  # promoted from shadowing: its verified files, not a download
+            self.shadows.stop_release(job.release_id, "the release is being installed",
+                                      keep_files=True)
+            for path in kept.iterdir():
+                if not (staging / path.name).exists():
+                    shutil.copyfile(path, staging / path.name)
+            remove_tree(kept)
         if all((staging / name).is_file() for name in action.fetch):
             return machine.DownloadOpened(None, time.monotonic())  # finalized before a restart
         self._download = ChunkStore(staging, action.manifest, action.chunk_size,

@@ -83,6 +83,7 @@ REBUILDING = "rebuilding"
 VERIFYING = "verifying"
 SMOKE_TESTING = "smoke_testing"
 PROBING = "probing"
+SHADOW_STARTING = "shadow_starting"
 SWITCHING = "switching"
 HEALTH_CHECK = "health_check"
 COMMITTING = "committing"
@@ -93,7 +94,7 @@ REPORTED_PHASE = {MANIFEST: "accepted", SPACE: "accepted", OPENING: "downloading
                   DOWNLOADING: "downloading", FINALIZING: "downloading",
                   REBUILDING: "downloading",
                   VERIFYING: "verifying", SMOKE_TESTING: "smoke_testing",
-                  PROBING: "smoke_testing",
+                  PROBING: "smoke_testing", SHADOW_STARTING: "smoke_testing",
                   SWITCHING: "switching", HEALTH_CHECK: "health_check",
                   COMMITTING: "health_check"}
 
@@ -139,6 +140,7 @@ class JobSpec:
     variant: str = ""
     phase: str = "accepted"  # the persisted (reported) phase a resumed job had reached
     probe: bool = False  # smoke-test every variant, report their figures, install nothing
+    shadow: bool = False  # once smoke-tested, run beside the active model instead of switching
 
 
 @dataclass(frozen=True)
@@ -403,6 +405,16 @@ class Reject:
 
 
 @dataclass(frozen=True)
+class StartShadow:
+    """Keep ``files`` and run the variant beside the active model on a sample of its live
+    requests (agent/ota_shadow.py); answered by Done, or Failed."""
+
+    manifest: Manifest
+    variant: Variant
+    files: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Switch:
     """Copy ``files`` into the free A/B slot and switch to ``variant``."""
 
@@ -446,8 +458,8 @@ class End:
 
 Action = Union[Subscribe, Unsubscribe, RequestChunks, EnterPhase, ReportProgress, StageManifest,
                RecordManifest, CheckSpace, OpenDownload, ChunkFlow, WriteChunk, PersistProgress,
-               CloseDownload, Finalize, Rebuild, Notice, VerifyFiles, RunSmoke, Reject, Switch,
-               Exercise, RollBack, Commit, End]
+               CloseDownload, Finalize, Rebuild, Notice, VerifyFiles, RunSmoke, Reject,
+               StartShadow, Switch, Exercise, RollBack, Commit, End]
 
 
 # --- which files to fetch -------------------------------------------------------------------
@@ -912,7 +924,20 @@ def _smoke_done(state: Receiver, event: SmokeDone) -> tuple[Receiver, list[Actio
     if not event.passed:
         return _end(state, "rejected", event.reason, event.message,
                     [Reject(state.model, state.version)])
+    assert state.job is not None and state.manifest is not None
+    if state.job.shadow:
+        assert state.variant is not None and state.plan is not None
+        return (replace(state, phase=SHADOW_STARTING),
+                [StartShadow(state.manifest, state.variant, state.plan.final)])
     return _to_switching(state)
+
+
+def _shadow_started(state: Receiver, event: Done) -> tuple[Receiver, list[Action]]:
+    assert state.manifest is not None
+    return _end(state, "shadowing", "",
+                f"{state.manifest.name} v{state.manifest.version} runs beside the active "
+                "model on a sample of its requests; install the release to promote it, or "
+                "send shadow_stop")
 
 
 def _probed(state: Receiver, event: SmokeDone) -> tuple[Receiver, list[Action]]:
@@ -1005,6 +1030,7 @@ _HANDLERS: dict[tuple[str, type], _Handler] = {
     (VERIFYING, Done): _verified,
     (SMOKE_TESTING, SmokeDone): _smoke_done,
     (PROBING, SmokeDone): _probed,
+    (SHADOW_STARTING, Done): _shadow_started,
     (SWITCHING, Done): _switched,
     (HEALTH_CHECK, HealthStats): _health,
     (COMMITTING, Done): _committed,

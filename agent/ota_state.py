@@ -110,6 +110,7 @@ class Job:
     started: float = 0.0
     version: int = 0  # known once the manifest verified
     probe: bool = False  # smoke-test every variant and report, install nothing
+    shadow: dict[str, Any] = field(default_factory=dict)  # shadow options; empty: install
 
 
 @dataclass

@@ -31,6 +31,7 @@ from fleetlite.fleet.errors import FleetError
 from fleetlite.fleet.sender_check import Refusal
 from fleetlite.sdk import topics
 from fleetlite.sdk.messages import MAX_REPORT_BYTES, Birth
+from fleetlite.sdk.shadow import MAX_SHADOW_REPORT_BYTES
 
 __all__ = [
     "ADMIT",
@@ -76,6 +77,7 @@ DEFAULT_MAX_BYTES: Mapping[str, int] = MappingProxyType({
     topics.OTA_STATUS: 16 * KiB,
     topics.COMMAND_RESPONSE: MAX_REPORT_BYTES,
     topics.EVENTS: 16 * KiB,
+    topics.SHADOW: MAX_SHADOW_REPORT_BYTES,
 })
 
 

@@ -406,7 +406,8 @@ class CommandResponse(Message):
 # OTA phases and final outcomes (docs/protocol.md, "OTA status").
 OTA_PHASES = ("accepted", "downloading", "verifying", "smoke_testing", "switching",
               "health_check", "done")
-OTA_OUTCOMES = ("installed", "no_change", "rejected", "rolled_back", "failed", "probed")
+OTA_OUTCOMES = ("installed", "no_change", "rejected", "rolled_back", "failed", "probed",
+                "shadowing")
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ its subtree with ``pattern`` lines (``%c``/``%u`` must fill a whole level). With
     {prefix}/ota/status   OTA progress and outcomes                device -> fleet
     {prefix}/ota/request  chunks missing from a download           device -> fleet
     {prefix}/events       notable events (errors, rejected input)  device -> fleet
+    {prefix}/shadow       shadow evaluation statistics (no data)   device -> fleet
     {prefix}/cmd          commands to the device                   fleet -> device
     {prefix}/cmd/resp     command responses (correlation id)       device -> fleet
 
@@ -47,11 +48,12 @@ PROFILE = "profile"
 OTA_STATUS = "ota/status"
 OTA_REQUEST = "ota/request"
 EVENTS = "events"
+SHADOW = "shadow"
 COMMAND = "cmd"
 COMMAND_RESPONSE = "cmd/resp"
 
 DEVICE_TO_FLEET = (STATUS, BIRTH, TELEMETRY, PROFILE, OTA_STATUS, OTA_REQUEST, EVENTS,
-                   COMMAND_RESPONSE)
+                   COMMAND_RESPONSE, SHADOW)
 FLEET_TO_DEVICE = (COMMAND,)
 ALL_KINDS = DEVICE_TO_FLEET + FLEET_TO_DEVICE
 

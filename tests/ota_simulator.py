@@ -18,6 +18,7 @@ from fleetlite.sdk import topics
 from fleetlite.sdk.chunks import chunk_count, encode_frame
 from fleetlite.sdk.messages import Event, OtaStatus
 from fleetlite.sdk.ota_messages import ChunkRequest
+from fleetlite.sdk.shadow import ShadowReport
 
 
 @dataclass
@@ -43,6 +44,8 @@ class FleetSimulator:
         self.frames_sent = 0
         self.bytes_sent = 0
         self.events: list[Event] = []
+        self.shadow_reports: list[ShadowReport] = []
+        self.published: list[tuple[str, bytes]] = []  # every report and live publish, raw
         self._cond = threading.Condition()
 
     def serve(self, release_id: str, served: Served) -> None:
@@ -93,6 +96,7 @@ class FleetSimulator:
 
     def publish_live(self, topic: str, payload: bytes, *, qos: int = 1,
                      retain: bool = False) -> None:
+        self.published.append((topic, bytes(payload)))
         request = ChunkRequest.from_json(payload)
         self.requests.append(request)
         served = self.served.get(request.release_id)
@@ -109,6 +113,12 @@ class FleetSimulator:
                         self._send(handler, served, file_index, index)
 
     def report(self, kind: str, payload: bytes, *, priority: str = "telemetry") -> int:
+        self.published.append((kind, bytes(payload)))
+        if kind == topics.SHADOW:
+            with self._cond:
+                self.shadow_reports.append(ShadowReport.from_json(payload))
+                self._cond.notify_all()
+            return len(self.shadow_reports)
         if kind == topics.EVENTS:
             self.events.append(Event.from_json(payload))
             return len(self.events)

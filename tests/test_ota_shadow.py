@@ -1,0 +1,139 @@
+"""Shadow installs on the device (real OtaManager, real files, the real smoke-test subprocess,
+the real interpreter and LM engine): the candidate runs beside the active model on its live
+requests and only statistics leave the device; promoting it installs the kept files without a
+download; ``shadow_stop`` ends it."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fleetlite.agent.errors import AgentError
+from fleetlite.sdk.bundle import ReleaseBundle
+from fleetlite.sdk.runtime.lm_engine import GenerateParams
+from fleetlite.sdk.shadow import ShadowReport
+from tests.test_lm_install import LmDevice, lm_release
+from tests.test_ota_variants import send
+
+PROMPTS = ["turn off the kitchen lights", "lock the front door", "what is the weather",
+           "play some jazz in the living room", "set a timer for ten minutes"]
+DEADLINE_S = 120.0
+
+
+@pytest.fixture
+def device(tmp_path: Path) -> Iterator[LmDevice]:
+    d = LmDevice(tmp_path)
+    yield d
+    d.ota.stop()
+
+
+@pytest.fixture(scope="module")
+def releases() -> tuple[ReleaseBundle, ReleaseBundle]:
+    """v1, the project's LM, and v2, its real fine-tune (which disagrees on some tokens)."""
+    return lm_release(1), lm_release(2, model="home_lm_v2.tflite")
+
+
+def ask(device: LmDevice, rounds: int = 4) -> list[tuple[str, str, list[int]]]:
+    """Greedy live requests to the active model: (prompt, reply text, reply token ids)."""
+    served = device.lms.get("home-lm")
+    asked = []
+    for _ in range(rounds):
+        for prompt in PROMPTS:
+            ids = served.service.engine.encode_prompt(prompt)
+            with served.service.generate(ids, GenerateParams(temperature=0.0,
+                                                             max_tokens=12)) as generation:
+                tokens = list(generation)
+            text = served.service.engine.tokenizer.decode(tokens)
+            asked.append((prompt, text, tokens))
+    return asked
+
+
+def wait_for_report(device: LmDevice, samples: int) -> ShadowReport:
+    deadline = time.monotonic() + DEADLINE_S
+    while True:
+        device.ota.shadows.tick()
+        reports = device.fleet.shadow_reports
+        if reports and reports[-1].samples >= samples:
+            return reports[-1]
+        assert time.monotonic() < deadline, f"no report with {samples} samples: {reports}"
+        time.sleep(0.05)
+
+
+def test_a_shadow_runs_beside_the_active_model_and_reports_only_statistics(
+        device: LmDevice, releases: tuple[ReleaseBundle, ReleaseBundle]) -> None:
+    v1, v2 = releases
+    assert send(device, v1).outcome == "installed"
+    final = send(device, v2, shadow=True, shadow_sample_rate=1.0, shadow_cpu_budget=1.0)
+    assert (final.outcome, final.reason) == ("shadowing", ""), final.message
+    assert device.installed_version() == 1  # nothing switched
+    assert device.lms.get("home-lm").version == 1
+    asked = ask(device)
+    report = wait_for_report(device, samples=len(asked) // 2)
+    assert (report.model, report.version, report.active_version) == ("home-lm", 2, 1)
+    assert report.kind == "lm" and report.compared > 0
+    assert report.agreement is not None and 0.0 < report.agreement < 1.0  # a real fine-tune
+    assert report.active_alone_count + report.active_shadowed_count >= 1
+    # every message the device published: statistics only, never a prompt, a reply or tokens
+    published = b"\n".join(payload for _, payload in device.fleet.published)
+    for prompt, text, tokens in asked:
+        assert prompt.encode() not in published
+        if len(text.strip()) > 3:
+            assert text.strip().encode() not in published, text
+        assert json.dumps(tokens).encode() not in published
+        assert json.dumps(tokens, separators=(",", ":")).encode() not in published
+    kinds = {kind for kind, _ in device.fleet.published}
+    assert "shadow" in kinds
+
+
+def test_promoting_a_shadowed_release_installs_its_kept_files_without_a_download(
+        device: LmDevice, releases: tuple[ReleaseBundle, ReleaseBundle]) -> None:
+    v1, v2 = releases
+    assert send(device, v1).outcome == "installed"
+    assert send(device, v2, shadow=True).outcome == "shadowing"
+    sent = device.fleet.bytes_sent
+    final = send(device, v2)
+    assert (final.outcome, final.reason) == ("installed", ""), final.message
+    assert device.fleet.bytes_sent == sent  # the kept files, not a second download
+    assert device.installed_version() == 2
+    assert device.ota.shadows.describe() == []  # the shadow ended with the promotion
+    assert not any((device.state_dir / "ota" / "shadow").iterdir())
+    assert device.fleet.shadow_reports  # its last report went out
+
+
+def test_shadow_stop_ends_it_and_removes_its_files(
+        device: LmDevice, releases: tuple[ReleaseBundle, ReleaseBundle]) -> None:
+    v1, v2 = releases
+    assert send(device, v1).outcome == "installed"
+    assert send(device, v2, shadow=True).outcome == "shadowing"
+    assert [s["version"] for s in device.ota.shadows.describe()] == [2]
+    assert device.ota.cmd_shadow_stop({"model": "home-lm"}) == {"stopped": "home-lm"}
+    assert device.ota.shadows.describe() == []
+    assert not any((device.state_dir / "ota" / "shadow").iterdir())
+    assert device.installed_version() == 1
+    with pytest.raises(AgentError, match="shadows no release"):
+        device.ota.cmd_shadow_stop({"model": "home-lm"})
+
+
+def test_a_shadow_of_a_model_the_device_does_not_serve_fails_with_its_reason(
+        device: LmDevice, releases: tuple[ReleaseBundle, ReleaseBundle]) -> None:
+    _, v2 = releases
+    final = send(device, v2, shadow=True)
+    assert (final.outcome, final.reason) == ("failed", "shadow_unavailable"), final.message
+    assert device.ota.shadows.describe() == []
+
+
+@pytest.mark.parametrize(("args", "error"), [
+    ({"shadow_kind": "ranker"}, "shadow_kind must be"),
+    ({"shadow_kind": "regressor"}, "needs shadow_error_bound"),
+    ({"shadow_sample_rate": 1.5}, "shadow_sample_rate must be"),
+])
+def test_bad_shadow_options_are_refused_before_anything_starts(
+        device: LmDevice, args: dict[str, Any], error: str) -> None:
+    with pytest.raises(Exception, match=error):
+        device.ota.cmd_install({"release_id": "a" * 64, "shadow": True, **args})
+    assert device.ota.state.job is None

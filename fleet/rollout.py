@@ -63,6 +63,7 @@ __all__ = [
     "SEND_ROLLBACK",
     "START_WAVE",
     "SUCCEEDED_STATUSES",
+    "VARIANT_MODES",
     "ClassGate",
     "Decision",
     "DeviceProgress",
@@ -82,6 +83,7 @@ __all__ = [
     "apply",
     "assignment_key",
     "decide",
+    "install_args",
     "no_previous_version",
     "parse_waves",
     "plan",
@@ -1308,14 +1310,22 @@ def _mark(dev: DeviceProgress, status: str, code: str, reason: str,
 
 def _send(spec: RolloutSpec, st: RolloutState, dev: DeviceProgress, wave: int, reason: str,
           **extra: Any) -> Decision:
-    args: dict[str, Any] = {"release_id": spec.release_id, "chunk_size": spec.chunk_size}
-    variant = _variant_for(spec, st, dev.device_class)
-    if variant is not None:
-        args["variant"] = variant
-        reason = f"{reason}, variant {variant}"
+    args = install_args(spec, st, dev.device_class)
+    if "variant" in args:
+        reason = f"{reason}, variant {args['variant']}"
     return Decision(SEND_INSTALL, reason, device_id=dev.device_id, wave=wave,
                     device_class=dev.device_class,
                     detail={"command": "ota_install", "args": args, **extra})
+
+
+def install_args(spec: RolloutSpec, state: RolloutState, device_class: str) -> dict[str, Any]:
+    """The ``ota_install`` args for a device of ``device_class``: ``release_id``, ``chunk_size``
+    and, when the rollout chooses variants, ``variant`` (also what a re-send carries)."""
+    args: dict[str, Any] = {"release_id": spec.release_id, "chunk_size": spec.chunk_size}
+    variant = _variant_for(spec, state, device_class)
+    if variant is not None:
+        args["variant"] = variant
+    return args
 
 
 def _variant_for(spec: RolloutSpec, st: RolloutState, device_class: str) -> Optional[str]:

@@ -1030,7 +1030,12 @@ def gate_texts(gates: GateSpec) -> list[str]:
 
 
 def _rollout_summary(rollout: Rollout) -> RolloutSummary:
-    from fleetlite.fleet.report import DecisionEntry, RolloutSummary, WaveSummary
+    from fleetlite.fleet.report import (
+        DecisionEntry,
+        RolloutSummary,
+        VariantSummary,
+        WaveSummary,
+    )
 
     waves = [WaveSummary.from_statuses(
         f"wave {w.number} ({w.planned})",
@@ -1042,7 +1047,11 @@ def _rollout_summary(rollout: Rollout) -> RolloutSummary:
     return RolloutSummary(rollout_id=rollout.rollout_id, model=rollout.model,
                           version=rollout.version, state=rollout.state, waves=waves,
                           decisions=decisions, from_version=rollout.spec.previous_version,
-                          created_at=rollout.created, gates=gate_texts(rollout.spec.gates))
+                          created_at=rollout.created, gates=gate_texts(rollout.spec.gates),
+                          variants=[VariantSummary(c, v.variant or "", v.pinned, v.reason,
+                                                   [r for r in rows if r["class"] == c])
+                                    for rows in [variant_rows(rollout)]
+                                    for c, v in sorted(rollout.variant_choices.items())])
 
 
 def _budgets(classes: Iterable[str]) -> dict[str, ClassBudget]:

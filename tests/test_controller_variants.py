@@ -101,7 +101,7 @@ def answer(devices: Collector, command: Received, release_id: str,
 
 def test_each_class_ends_on_the_variant_its_budgets_call_for(
         site: tuple[Fleet, Controller, Collector, str, tuple[str, str]], store_url: str,
-        capsys: pytest.CaptureFixture[str]) -> None:
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     fleet, controller, devices, release_id, (fp32, int8) = site
     # the fake devices publish no profiles: the gates do not wait for them
     rollout = fleet.create_rollout(release_id, variants="auto", pins={X86: int8},
@@ -152,6 +152,10 @@ def test_each_class_ends_on_the_variant_its_budgets_call_for(
     assert main(["rollout", "status", rollout.rollout_id, "--db", store_url]) == 0
     text = capsys.readouterr().out
     assert "variants  auto" in text and "pinned" in text and "WHY NOT" in text
+    # and the HTML report
+    html = fleet.write_report(tmp_path / "fleet.html").path.read_text(encoding="utf-8")
+    assert "Variants per device class" in html and f"{int8} (pinned)" in html
+    assert "210.0 ms &gt; budget 150 ms" in html
 
 
 def test_probes_and_choices_round_trip_through_the_store(store_url: str) -> None:

@@ -304,7 +304,7 @@ controller stopped by itself (its SQLite file was deleted or replaced); 2 a usag
                         metavar="CLASS=VARIANT",
                         help="give CLASS this variant whatever the probe measures (repeat; "
                         "implies --variants auto)")
-    create.add_argument("--probe-devices", type=_devices, default=2, metavar="N",
+    create.add_argument("--probe-devices", type=_probe_devices, default=2, metavar="N",
                         help="with --variants auto: devices of each class that probe the "
                         "variants before the first wave (default 2)")
     create.add_argument("--paused", action="store_true",
@@ -494,6 +494,13 @@ def _positive(text: str) -> float:
 def _devices(text: str) -> int:
     if not text.isascii() or not text.isdigit():
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of devices (0: no limit)")
+    return int(text)
+
+
+def _probe_devices(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of devices >= 1 (how many "
+                                         "devices of each class probe the variants)")
     return int(text)
 
 

@@ -262,6 +262,10 @@ class Rollout:
         counts = ", ".join(f"{n} {s}" for s, n in self.counts.items()) or "no devices"
         line = (f"{self.rollout_id}: {self.state}, wave {self.current_wave} of "
                 f"{len(self.waves)}: {counts}")
+        if self.current_wave == 0 and self.probes and not self.finished:
+            ended = sum(p.status != "sent" for p in self.probes)
+            line += (f"; probing variants: {ended} of {len(self.probes)} probe(s) ended, "
+                     f"{len(self.variant_choices)} class(es) chosen")
         if self.pending_requests:
             line += f" ({', '.join(self.pending_requests)} requested)"
         return line

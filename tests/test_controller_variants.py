@@ -188,3 +188,69 @@ def test_probes_and_choices_round_trip_through_the_store(store_url: str) -> None
         assert RolloutState.from_stored(light.state).variant_choices == state.variant_choices
 
 
+
+
+@pytest.fixture
+def stored(models_dir: Path, tmp_path: Path) -> Iterator[tuple[Fleet, str, str]]:
+    """A SQLite store with the devices and the two-variant release, no broker."""
+    url = f"sqlite:///{tmp_path / 'fleet.db'}"
+    with open_store(url) as store:
+        now = time.time()
+        for device_id, cls in DEVICES.items():
+            store.upsert_birth(birth(device_id, 1, now, device_class=cls, models=[]))
+        bundle = build_release([models_dir / "sensor_autoencoder.tflite",
+                                models_dir / "sensor_autoencoder_int8.tflite"],
+                               name="anomaly", version=2, device_classes=[RPI, JETSON, X86],
+                               issued=ISSUED, keys=[RELEASE_KEY])
+        store.add_release(bundle.release_id, "anomaly", 2, bundle.envelope.to_json(),
+                          dict(bundle.files), bundle.manifest.to_dict())
+    fleet = Fleet(db=url)
+    try:
+        yield fleet, url, bundle.release_id
+    finally:
+        fleet.close()
+
+
+@pytest.mark.parametrize(("argv", "words"), [
+    (["--pin", "raspberry-pi-4"], "a pin is written CLASS=VARIANT"),
+    (["--pin", "raspberry-pi-4=fp16"], "has the variants default, sensor_autoencoder_int8"),
+    (["--pin", "small-arm-gateway=default"], "does not select"),
+    (["--variants", "manual"], "invalid choice"),
+    (["--variants", "auto", "--probe-devices", "0"], "a number of devices >= 1"),
+])
+def test_rollout_create_refuses_bad_variant_options(
+        stored: tuple[Fleet, str, str], argv: list[str], words: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from fleetlite.fleet.cli import main
+
+    _, url, release_id = stored
+    try:
+        code = main(["rollout", "create", release_id, "--db", url, *argv])
+    except SystemExit as exc:  # a usage error
+        code = exc.code
+    assert code != 0
+    assert words in capsys.readouterr().err
+
+
+def test_rollout_create_records_the_variant_options(
+        stored: tuple[Fleet, str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    from fleetlite.fleet.cli import main
+
+    fleet, url, release_id = stored
+    assert main(["rollout", "create", release_id, "--db", url, "--pin",
+                 f"{JETSON}=sensor_autoencoder_int8", "--probe-devices", "3", "-o",
+                 "json"]) == 0
+    spec = json.loads(capsys.readouterr().out)["spec"]
+    assert spec["variants"] == "auto"  # a pin implies it
+    assert spec["variant_names"] == ["default", "sensor_autoencoder_int8"]
+    assert spec["pins"] == {JETSON: "sensor_autoencoder_int8"}
+    assert spec["probe_devices_per_class"] == 3
+    assert spec["budgets"][RPI] == {"max_p95_latency_ms": 150.0, "max_peak_rss_mb": 1024.0}
+    # without the option, the spec is stored as before
+    plain = fleet.create_rollout(release_id)
+    assert "variants" not in plain.spec.to_dict() and not plain.spec.probing
+    with pytest.raises(SystemExit):
+        main(["rollout", "create", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--variants {off,auto}" in text and "--pin CLASS=VARIANT" in text
+    assert "fits its latency and memory budgets" in text

@@ -20,7 +20,7 @@ from typing import IO, TYPE_CHECKING, Any, Callable, Optional
 
 from fleetlite.fleet.broker_address import add_tls_options
 from fleetlite.fleet.errors import RolloutError
-from fleetlite.fleet.rollout import ON_FAILURE_ACTIONS, OPERATOR_ACTIONS
+from fleetlite.fleet.rollout import ON_FAILURE_ACTIONS, OPERATOR_ACTIONS, VARIANT_MODES
 
 if TYPE_CHECKING:
     from fleetlite.fleet.client import Fleet, Rollout, WaveProgress
@@ -238,6 +238,9 @@ controller stopped by itself (its SQLite file was deleted or replaced); 2 a usag
                                     (a language model: decode tokens/s -10%, TTFT +30%)
   fleetlite rollout create 3f9a1c2d --device gw-1 --device gw-2 --waves all --id hotfix-7
   fleetlite rollout create 3f9a1c2d --paused        (review `rollout status`, then resume)
+  fleetlite rollout create 7d20b9e4 --variants auto --pin jetson-orin-nano=default
+                  (probe every variant on 2 devices per class, give each class the variant
+                   that fits its budgets with the best fidelity; the Jetsons get the default)
   ID=$(fleetlite rollout create 3f9a1c2d -o json | jq -r .rollout_id) && \\
       fleetlite rollout wait "$ID" --timeout 3600
 """)
@@ -290,6 +293,20 @@ controller stopped by itself (its SQLite file was deleted or replaced); 2 a usag
                         "downloading device)")
     create.add_argument("--previous-version", type=int, default=None, metavar="N",
                         help="the baseline version for the regression gates")
+    create.add_argument("--variants", choices=VARIANT_MODES, default="off",
+                        help="auto: for a release with several variants (fp32, int8, ...), "
+                        "first probe every variant on a few devices of each class, then give "
+                        "each class the variant that passed there and fits its latency and "
+                        "memory budgets (device_profiles/CLASS.yaml) with the best fidelity; "
+                        "`rollout status` shows the choice and its figures (default off: every "
+                        "device installs the release's default variant)")
+    create.add_argument("--pin", dest="pins", action="append", default=[], type=_pin,
+                        metavar="CLASS=VARIANT",
+                        help="give CLASS this variant whatever the probe measures (repeat; "
+                        "implies --variants auto)")
+    create.add_argument("--probe-devices", type=_probe_devices, default=2, metavar="N",
+                        help="with --variants auto: devices of each class that probe the "
+                        "variants before the first wave (default 2)")
     create.add_argument("--paused", action="store_true",
                         help="create it paused; start it with `fleetlite rollout resume`")
     create.add_argument("--allow-empty", action="store_true",
@@ -477,6 +494,13 @@ def _positive(text: str) -> float:
 def _devices(text: str) -> int:
     if not text.isascii() or not text.isdigit():
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of devices (0: no limit)")
+    return int(text)
+
+
+def _probe_devices(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of devices >= 1 (how many "
+                                         "devices of each class probe the variants)")
     return int(text)
 
 
@@ -900,7 +924,9 @@ def _rollout_create(fleet: Fleet, args: argparse.Namespace) -> int:
         success_threshold=args.success_threshold, failure_threshold=args.failure_threshold,
         on_failure=args.on_failure, wave_timeout_s=args.timeout, rollout_id=args.rollout_id,
         previous_version=args.previous_version, paused=args.paused,
-        allow_empty=args.allow_empty, max_in_flight=args.max_in_flight)
+        allow_empty=args.allow_empty, max_in_flight=args.max_in_flight,
+        variants=args.variants, pins=dict(args.pins),
+        probe_devices_per_class=args.probe_devices)
     paused = " (paused: start it with `fleetlite rollout resume " + rollout.rollout_id + "`)"
     _emit(args, rollout.to_dict(), lambda: (
         f"created rollout {rollout.rollout_id}: {rollout.model} v{rollout.version} "
@@ -913,6 +939,14 @@ def _rollout_create(fleet: Fleet, args: argparse.Namespace) -> int:
 
 def _version(version: Optional[int]) -> str:
     return "none" if version is None else f"v{version}"
+
+
+def _pin(text: str) -> tuple[str, str]:
+    cls, sep, variant = text.partition("=")
+    if not sep or not cls.strip() or not variant.strip():
+        raise argparse.ArgumentTypeError(f"a pin is written CLASS=VARIANT (e.g. "
+                                         f"raspberry-pi-4=int8), got {text!r}")
+    return cls.strip(), variant.strip()
 
 
 def _rollout_status(fleet: Fleet, args: argparse.Namespace) -> int:
@@ -940,8 +974,16 @@ def _status_text(rollout: Rollout, decisions: int) -> str:
     if rollout.pending_requests:
         lines.append(f"requests  {', '.join(rollout.pending_requests)} (waiting for the "
                      "controller)")
+    if spec.probing:
+        lines.append(f"variants  auto: {', '.join(spec.variant_names)}; probe "
+                     f"{spec.probe_devices_per_class} device(s) per class"
+                     + (f"; pinned {', '.join(f'{c}={v}' for c, v in sorted(spec.pins.items()))}"
+                        if spec.pins else ""))
     for cls, why in rollout.paused_classes.items():
         lines.append(f"excluded  class {cls}: {why}")
+    if spec.probing:
+        lines.append("")
+        lines.extend(_variant_table(rollout))
     lines.append("")
     lines.append(_table(
         ["WAVE", "PLANNED", "DEVICES", "UPDATED", "UNCHANGED", "FAILED", "IN FLIGHT", "PENDING",
@@ -958,6 +1000,23 @@ def _status_text(rollout: Rollout, decisions: int) -> str:
         for d in shown:
             lines.append(f"  {_clock(d.ts)}  {d.kind:<13} {d.reason}")
     return "\n".join(lines)
+
+
+def _variant_table(rollout: Rollout) -> list[str]:
+    """Per class and candidate variant, the figures the choice was made from."""
+    from fleetlite.fleet.client import variant_rows
+
+    probing = sum(p.status == "sent" for p in rollout.probes)
+    rows = variant_rows(rollout)
+    if not rows:
+        return [f"variants  probing: {probing} device(s) still measuring" if probing
+                else "variants  not chosen yet (the controller probes before the first wave)"]
+    return [_table(["CLASS", "VARIANT", "CHOSEN", "PROBED", "PASSED", "P95 MS", "BUDGET MS",
+                    "PEAK RSS MB", "BUDGET MB", "FIDELITY", "WHY NOT"],
+                   [[r["class"], r["variant"], r["chosen"], r["probed"], r["passed"],
+                     r["p95_ms"], r["budget_p95_ms"], r["peak_rss_mb"], r["budget_rss_mb"],
+                     r["fidelity"], r["why"]] for r in rows],
+                   right=(3, 4, 5, 6, 7, 8, 9))]
 
 
 def _gates(rollout: Rollout) -> list[str]:

@@ -14,7 +14,7 @@ import os
 import time
 import uuid
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
@@ -38,11 +38,15 @@ from fleetlite.fleet.rollout import (
     OPERATOR_ACTIONS,
     ROLLBACK_FAILED,
     SUCCEEDED_STATUSES,
+    VARIANT_MODES,
     DeviceProgress,
     DeviceView,
+    ProbeProgress,
     RolloutSpec,
     RolloutState,
     Selector,
+    VariantBudget,
+    VariantChoice,
     WaveSpec,
     no_previous_version,
     parse_waves,
@@ -86,6 +90,7 @@ __all__ = [
     "device_dict",
     "gate_texts",
     "release_dict",
+    "variant_rows",
 ]
 
 # how often a request waiting for its answer reads the decisions recorded after it (one indexed
@@ -192,6 +197,9 @@ class Rollout:
     revision: int
     created: float
     updated: float
+    variant_choices: Mapping[str, VariantChoice] = field(default_factory=dict)
+    """Per device class, the variant chosen (``variants="auto"``), with the figures behind it."""
+    probes: tuple[ProbeProgress, ...] = ()
 
     @property
     def model(self) -> str:
@@ -254,6 +262,10 @@ class Rollout:
         counts = ", ".join(f"{n} {s}" for s, n in self.counts.items()) or "no devices"
         line = (f"{self.rollout_id}: {self.state}, wave {self.current_wave} of "
                 f"{len(self.waves)}: {counts}")
+        if self.current_wave == 0 and self.probes and not self.finished:
+            ended = sum(p.status != "sent" for p in self.probes)
+            line += (f"; probing variants: {ended} of {len(self.probes)} probe(s) ended, "
+                     f"{len(self.variant_choices)} class(es) chosen")
         if self.pending_requests:
             line += f" ({', '.join(self.pending_requests)} requested)"
         return line
@@ -279,6 +291,8 @@ class Rollout:
             "paused_classes": dict(self.paused_classes),
             "pending_requests": list(self.pending_requests),
             "devices": [dict(vars(d)) for d in self.devices],
+            "variants": {c: v.to_dict() for c, v in sorted(self.variant_choices.items())},
+            "probes": [{**vars(p), "variants": dict(p.variants)} for p in self.probes],
             "decisions": [decision_dict(d) for d in self.decisions],
             "spec": self.spec.to_dict(),
             "revision": self.revision,
@@ -319,6 +333,64 @@ class RequestResult:
         return self.decision is not None and self.decision.kind == "refuse"
 
 
+def variant_rows(rollout: Rollout) -> list[dict[str, str]]:
+    """Per class and candidate variant, the figures its choice was made from, as text cells
+    (``rollout status`` and the report): the chosen variant is marked ``yes`` (``pinned`` when
+    an operator pinned it); a class excluded because no variant fits has none marked."""
+    def num(value: Optional[float], spec: str = ".1f") -> str:
+        return "-" if value is None else f"{value:{spec}}"
+
+    rows = []
+    for cls, choice in sorted(rollout.variant_choices.items()):
+        for fig in choice.figures:
+            chosen = fig.variant == choice.variant
+            rows.append({
+                "class": cls, "variant": fig.variant,
+                "chosen": ("pinned" if choice.pinned else "yes") if chosen else "",
+                "probed": str(fig.devices_probed), "passed": str(fig.devices_passed),
+                "p95_ms": num(fig.median_p95_ms),
+                "budget_p95_ms": num(choice.budget.max_p95_latency_ms, "g"),
+                "peak_rss_mb": num(fig.max_peak_rss_mb),
+                "budget_rss_mb": num(choice.budget.max_peak_rss_mb, "g"),
+                "fidelity": num(fig.min_fidelity, ".3f"), "why": fig.why})
+    return rows
+
+
+def _variant_inputs(name: str, version: int, manifest: Mapping[str, Any], selector: Selector,
+                    variants: str, pins: Mapping[str, str],
+                    ) -> tuple[tuple[str, ...], dict[str, VariantBudget]]:
+    """The release's variant names and, for ``variants="auto"``, the latency and memory budgets
+    of the selected classes (device_profiles/<class>.yaml), as the rollout spec records them."""
+    if variants not in VARIANT_MODES:
+        raise RolloutError(f"--variants must be one of {', '.join(VARIANT_MODES)}, got "
+                           f"{variants!r}")
+    if variants == "off":
+        return (), {}
+    names = ("default", *(str(v.get("name")) for v in manifest.get("variants", ())
+                          if isinstance(v, Mapping)))
+    unknown = sorted(c for c in pins if c not in selector.device_classes)
+    if unknown:
+        raise RolloutError(f"--pin names class(es) {', '.join(unknown)}, which this rollout "
+                           f"does not select ({', '.join(selector.device_classes)}): pin a "
+                           "selected class, or select that class with --class")
+    wrong = sorted(f"{c}={v}" for c, v in pins.items() if v not in names)
+    if wrong:
+        raise RolloutError(f"--pin {', '.join(wrong)}: {name} v{version} has the variants "
+                           f"{', '.join(names)} (see `fleetlite release show`); pin one of them")
+    from fleetlite.sdk.device_class import find_device_class
+    from fleetlite.sdk.errors import DeviceClassError
+
+    budgets: dict[str, VariantBudget] = {}
+    for cls in selector.device_classes:
+        try:
+            found = find_device_class(cls).budgets
+        except DeviceClassError as exc:
+            raise RolloutError(f"--variants auto chooses by the class's budgets, and class "
+                               f"{cls} has none: {exc}") from exc
+        budgets[cls] = VariantBudget(found.max_p95_latency_ms, found.max_peak_rss_mb)
+    return names, budgets
+
+
 def _snapshot(record: RolloutRecord, decisions: Sequence[DecisionRow]) -> Rollout:
     spec = RolloutSpec.from_dict(record.spec)
     state = RolloutState.from_stored(record.state)
@@ -343,7 +415,8 @@ def _snapshot(record: RolloutRecord, decisions: Sequence[DecisionRow]) -> Rollou
         paused_classes={c: g.reason for c, g in sorted(state.paused_classes.items())},
         pending_requests=tuple(r.action for r in state.operator_requests),
         decisions=tuple(decisions), revision=record.revision, created=record.created,
-        updated=record.updated)
+        updated=record.updated, variant_choices=dict(sorted(state.variant_choices.items())),
+        probes=tuple(sorted(state.probes.values(), key=lambda p: p.device_id)))
 
 
 def _wave_state(state: RolloutState, number: int, counts: Mapping[str, int]) -> str:
@@ -658,6 +731,9 @@ class Fleet:
         max_in_flight: int = 0,
         paused: bool = False,
         allow_empty: bool = False,
+        variants: str = "off",
+        pins: Optional[Mapping[str, str]] = None,
+        probe_devices_per_class: int = 2,
     ) -> Rollout:
         """Create a rollout of a stored release; the controller starts it on its next tick.
 
@@ -666,8 +742,13 @@ class Fleet:
         (the gates' baseline) defaults to the highest version of the model below the release's
         that is active on the selected devices. ``paused=True`` creates it paused: review it,
         then :meth:`resume`. Refused when no registered device matches, unless ``allow_empty``
-        (devices that register later join only a rollout that has started). Other arguments:
-        see :class:`fleetlite.fleet.rollout.RolloutSpec` and docs/rollouts.md.
+        (devices that register later join only a rollout that has started).
+
+        ``variants="auto"`` (a release with several variants): ``probe_devices_per_class``
+        devices of each class first probe every variant, then each class gets the one that fits
+        its budgets (device_profiles/<class>.yaml) with the best fidelity; ``pins`` (device class
+        -> variant name; they imply ``variants="auto"``) choose it for a class instead. Other
+        arguments: see :class:`fleetlite.fleet.rollout.RolloutSpec` and docs/rollouts.md.
         """
         info = self.release(release_id)
         targets = tuple(info.manifest.get("targets", {}).get("device_classes", []))
@@ -696,6 +777,11 @@ class Fleet:
             raise RolloutError(
                 f"--on-failure rollback needs a version to go back to, and the selected devices "
                 f"run no earlier version of {info.name}: use --on-failure pause or abort")
+        pins = dict(pins or {})
+        if pins:
+            variants = "auto"
+        names, budgets = _variant_inputs(info.name, info.version, info.manifest, chosen,
+                                         variants, pins)
         spec = RolloutSpec(
             rollout_id=rollout_id or f"{info.name}-v{info.version}-{uuid.uuid4().hex[:6]}",
             release_id=info.release_id, model=info.name, version=info.version,
@@ -703,7 +789,8 @@ class Fleet:
             success_threshold=success_threshold, failure_threshold=failure_threshold,
             on_failure=on_failure, wave_timeout_s=wave_timeout_s, gates=gates or GateSpec(),
             chunk_size=chunk_size, replace_offline=replace_offline,
-            max_in_flight=max_in_flight)
+            max_in_flight=max_in_flight, variants=variants, variant_names=names,
+            probe_devices_per_class=probe_devices_per_class, pins=pins, budgets=budgets)
         state = RolloutState()
         if paused:
             state = request(state, "pause", "created paused")
@@ -947,7 +1034,12 @@ def gate_texts(gates: GateSpec) -> list[str]:
 
 
 def _rollout_summary(rollout: Rollout) -> RolloutSummary:
-    from fleetlite.fleet.report import DecisionEntry, RolloutSummary, WaveSummary
+    from fleetlite.fleet.report import (
+        DecisionEntry,
+        RolloutSummary,
+        VariantSummary,
+        WaveSummary,
+    )
 
     waves = [WaveSummary.from_statuses(
         f"wave {w.number} ({w.planned})",
@@ -959,7 +1051,11 @@ def _rollout_summary(rollout: Rollout) -> RolloutSummary:
     return RolloutSummary(rollout_id=rollout.rollout_id, model=rollout.model,
                           version=rollout.version, state=rollout.state, waves=waves,
                           decisions=decisions, from_version=rollout.spec.previous_version,
-                          created_at=rollout.created, gates=gate_texts(rollout.spec.gates))
+                          created_at=rollout.created, gates=gate_texts(rollout.spec.gates),
+                          variants=[VariantSummary(c, v.variant or "", v.pinned, v.reason,
+                                                   [r for r in rows if r["class"] == c])
+                                    for rows in [variant_rows(rollout)]
+                                    for c, v in sorted(rollout.variant_choices.items())])
 
 
 def _budgets(classes: Iterable[str]) -> dict[str, ClassBudget]:

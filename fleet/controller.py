@@ -111,6 +111,7 @@ from fleetlite.fleet.ingest_limits import (
 from fleetlite.fleet.ota_publisher import PublishError, ReleasePublisher
 from fleetlite.fleet.rollout import (
     SEND_INSTALL,
+    SEND_PROBE,
     SEND_ROLLBACK,
     DeviceView,
     OutcomeView,
@@ -119,6 +120,7 @@ from fleetlite.fleet.rollout import (
     answer_requests,
     apply,
     decide,
+    install_args,
 )
 from fleetlite.fleet.rollout_inputs import OutcomeViews, ProfileViews
 from fleetlite.fleet.sender_check import (
@@ -1019,10 +1021,12 @@ class Controller:
                 target = decision.device_id or decision.device_class
                 log.info("rollout %s: %s%s: %s", rollout_id, decision.kind,
                          f" {target}" if target else "", decision.reason)
-                if decision.kind == SEND_INSTALL and decision.device_id:
+                if decision.kind in (SEND_INSTALL, SEND_PROBE) and decision.device_id:
+                    # the engine's args: release_id, chunk_size, and variant or probe: true
                     sends.append((decision.device_id, "ota_install",
-                                  {"release_id": spec.release_id,
-                                   "chunk_size": spec.chunk_size}))
+                                  dict(decision.detail.get("args", {
+                                      "release_id": spec.release_id,
+                                      "chunk_size": spec.chunk_size}))))
                 elif decision.kind == SEND_ROLLBACK and decision.device_id:
                     # from_version makes a redelivered rollback a no-op on the device
                     sends.append((decision.device_id, "ota_rollback",
@@ -1076,7 +1080,6 @@ class Controller:
         if not silent:
             return
         heard = self.store.ota_last_heard(spec.release_id, [d.device_id for d in silent])
-        args = {"release_id": spec.release_id, "chunk_size": spec.chunk_size}
         resends: list[tuple[str, str, dict[str, Any]]] = []
         for dev in silent:
             assert dev.sent_at is not None
@@ -1089,7 +1092,8 @@ class Controller:
             log.warning("rollout %s: %s has said nothing about the install for %.0f s (sent "
                         "%.0f s ago); sending it again", rollout_id, dev.device_id,
                         now - quiet_since, now - dev.sent_at)
-            resends.append((dev.device_id, "ota_install", args))
+            resends.append((dev.device_id, "ota_install",
+                            install_args(spec, state, dev.device_class)))
         self.commands(resends, origin=f"rollout {rollout_id} (re-sent)")
 
     def send_queued_commands(self, now: float) -> int:

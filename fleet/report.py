@@ -47,6 +47,7 @@ __all__ = [
     "attention",
     "table_devices",
     "RolloutSummary",
+    "VariantSummary",
     "WaveSummary",
     "format_number",
     "render_report",
@@ -179,6 +180,21 @@ class RolloutSummary:
     from_version: Optional[int] = None
     created_at: Optional[float] = None
     gates: Sequence[str] = ()
+    variants: Sequence[VariantSummary] = ()
+
+
+@dataclass(frozen=True)
+class VariantSummary:
+    """The variant a rollout chose for one device class (``variant`` empty: none fits, the
+    class is excluded), whether an operator pinned it, why, and the figures of every candidate:
+    ``rows`` of text cells keyed ``variant``, ``probed``, ``passed``, ``p95_ms``,
+    ``budget_p95_ms``, ``peak_rss_mb``, ``budget_rss_mb``, ``fidelity``, ``why``."""
+
+    device_class: str
+    variant: str
+    pinned: bool
+    reason: str
+    rows: Sequence[Mapping[str, str]] = ()
 
 
 class _BudgetsLike(Protocol):
@@ -873,6 +889,8 @@ def _rollouts_section(data: ReportData) -> str:
         )
         if gates:
             parts.append(f'<p class="gates">Gates: {gates}</p>')
+        if r.variants:
+            parts.append(_variants_html(r.variants))
         parts.append('<div class="waves">')
         parts.extend(_wave_html(w) for w in r.waves)
         parts.append("</div>")
@@ -891,6 +909,32 @@ def _rollouts_section(data: ReportData) -> str:
         )
     parts.append("</section>")
     return "".join(parts)
+
+
+def _variants_html(variants: Sequence[VariantSummary]) -> str:
+    """Per class, the chosen variant (pinned or measured) and the figures that decided it."""
+    rows = []
+    for v in variants:
+        chosen = (f'<span class="badge {"warn" if v.pinned else "good"}">'
+                  f'{_e(v.variant)}{" (pinned)" if v.pinned else ""}</span>' if v.variant
+                  else '<span class="badge bad">excluded</span>')
+        for i, row in enumerate(v.rows or [{}]):
+            first = i == 0
+            rows.append(
+                f'<tr data-class="{_e(v.device_class)}">'
+                f'<td class="nowrap">{_e(v.device_class) if first else ""}</td>'
+                f'<td class="nowrap">{chosen if first else ""}</td>'
+                + "".join(f'<td class="nowrap">{_e(row.get(k, ""))}</td>' for k in (
+                    "variant", "probed", "passed", "p95_ms", "budget_p95_ms", "peak_rss_mb",
+                    "budget_rss_mb", "fidelity"))
+                + f'<td class="reason">{_e(row.get("why", ""))}</td></tr>')
+        rows.append(f'<tr><td></td><td colspan="10" class="reason muted small">'
+                    f'{_e(v.reason)}</td></tr>')
+    return ('<h4>Variants per device class</h4><table class="variants"><thead><tr>'
+            '<th>Device class</th><th>Chosen</th><th>Variant</th><th>Probed</th><th>Passed</th>'
+            '<th>Median p95 ms</th><th>Budget ms</th><th>Max peak RSS MB</th><th>Budget MB</th>'
+            '<th>Min fidelity</th><th>Why not</th></tr></thead>'
+            f'<tbody>{"".join(rows)}</tbody></table>')
 
 
 # -- page --------------------------------------------------------------------------------------

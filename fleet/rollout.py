@@ -6,7 +6,9 @@ the commands the decisions name, persists ``apply(state, decisions, now)`` and r
 decision with its reason. ``decide`` runs its rules to a fixed point over its own decisions, so
 calling it again on the applied state with the same inputs returns nothing: nothing is decided
 twice. How waves, thresholds, gates, timeouts, operator requests and late joiners behave is
-described in docs/rollouts.md.
+described in docs/rollouts.md. A release with several variants can be rolled out with
+``variants="auto"``: a probe wave first measures every variant on a few devices of each class,
+then each class installs the variant :func:`fleet.variant_choice.choose_variant` picks for it.
 """
 
 from __future__ import annotations
@@ -27,12 +29,19 @@ from fleetlite.fleet.gates import (
     evaluate_class,
     latest_profiles,
 )
+from fleetlite.fleet.variant_choice import (
+    VariantBudget,
+    VariantChoice,
+    choose_variant,
+    probes_from_progress,
+)
 from fleetlite.sdk.chunks import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 from fleetlite.sdk.messages import OTA_OUTCOMES, OtaStatus
 
 __all__ = [
     "ABORT",
     "ASSIGN",
+    "CHOOSE_VARIANT",
     "COMPLETE",
     "DECISION_KINDS",
     "DEFAULT_WAVES",
@@ -43,15 +52,18 @@ __all__ = [
     "MARK",
     "OPERATOR_ACTIONS",
     "PAUSE",
+    "PROBE_RESULT",
     "REFUSE",
     "RESUME",
     "ROLLBACK",
     "ROLLBACK_FAILED",
     "ROLLOUT_STATES",
     "SEND_INSTALL",
+    "SEND_PROBE",
     "SEND_ROLLBACK",
     "START_WAVE",
     "SUCCEEDED_STATUSES",
+    "VARIANT_MODES",
     "ClassGate",
     "Decision",
     "DeviceProgress",
@@ -59,15 +71,19 @@ __all__ = [
     "GateSpec",
     "OperatorRequest",
     "OutcomeView",
+    "ProbeProgress",
     "ProfileView",
     "RolloutSpec",
     "RolloutState",
     "Selector",
+    "VariantBudget",
+    "VariantChoice",
     "WaveSpec",
     "answer_requests",
     "apply",
     "assignment_key",
     "decide",
+    "install_args",
     "no_previous_version",
     "parse_waves",
     "plan",
@@ -120,8 +136,17 @@ ABORT = "abort"
 ROLLBACK = "rollback"
 COMPLETE = "complete"
 REFUSE = "refuse"
+SEND_PROBE = "send_probe"            # ota_install with probe: true (variants="auto")
+PROBE_RESULT = "probe_result"        # a probe's end: probed, failed or timed out
+CHOOSE_VARIANT = "choose_variant"    # a class's variant, or its exclusion, with the figures
 DECISION_KINDS = (ASSIGN, SEND_INSTALL, SEND_ROLLBACK, MARK, START_WAVE, GATE_PASSED,
-                  GATE_TRIPPED, PAUSE, RESUME, ABORT, ROLLBACK, COMPLETE, REFUSE)
+                  GATE_TRIPPED, PAUSE, RESUME, ABORT, ROLLBACK, COMPLETE, REFUSE, SEND_PROBE,
+                  PROBE_RESULT, CHOOSE_VARIANT)
+
+# Variant selection (docs/rollouts.md, "Variants per device class").
+VARIANT_MODES = ("off", "auto")
+PROBED = "probed"                    # the OTA outcome of a probe install
+VARIANT_GATE = "variant"             # ClassGate.gate of a class no variant fits
 
 
 # -- the spec --------------------------------------------------------------------------------
@@ -252,6 +277,12 @@ class RolloutSpec:
     the devices sent so far, so a bad release stops before the whole wave has it. It bounds
     what a large wave costs the broker (about two 512 KiB blocks per downloading device) and
     the fleet side (progress statuses).
+
+    ``variants="auto"`` (a release with more than one variant, named in ``variant_names``):
+    before the first wave, ``probe_devices_per_class`` online devices of each class probe every
+    variant (``ota_install`` with ``probe: true``); each class then gets the variant that passed
+    on all of them and fits its ``budgets`` (device class -> :class:`VariantBudget`) with the best
+    fidelity, or the variant ``pins`` names for it; every install names its class's variant.
     """
 
     rollout_id: str
@@ -269,6 +300,17 @@ class RolloutSpec:
     chunk_size: int = DEFAULT_CHUNK_SIZE
     replace_offline: bool = True
     max_in_flight: int = 0
+    variants: str = "off"
+    variant_names: tuple[str, ...] = ()
+    probe_devices_per_class: int = 2
+    pins: Mapping[str, str] = field(default_factory=dict)
+    budgets: Mapping[str, VariantBudget] = field(default_factory=dict)
+
+    @property
+    def probing(self) -> bool:
+        """Whether the rollout probes variants and chooses one per class (else nothing about
+        variants changes: a release with one variant, or the option off)."""
+        return self.variants == "auto" and len(self.variant_names) > 1
 
     def __post_init__(self) -> None:
         for name in ("rollout_id", "release_id", "model"):
@@ -304,6 +346,22 @@ class RolloutSpec:
                 or self.max_in_flight < 0):
             raise RolloutError(f"max_in_flight must be an integer >= 0 (0: no limit), got "
                                f"{self.max_in_flight!r}")
+        if self.variants not in VARIANT_MODES:
+            raise RolloutError(f"variants must be one of {', '.join(VARIANT_MODES)}, got "
+                               f"{self.variants!r}")
+        if (isinstance(self.probe_devices_per_class, bool)
+                or not isinstance(self.probe_devices_per_class, int)
+                or self.probe_devices_per_class < 1):
+            raise RolloutError(f"probe_devices_per_class must be an integer >= 1, got "
+                               f"{self.probe_devices_per_class!r}")
+        if self.pins and self.variants != "auto":
+            raise RolloutError("pins choose a variant per class and go with variants=\"auto\" "
+                               "(--variants auto)")
+        unknown = sorted(v for v in self.pins.values() if v not in self.variant_names)
+        if unknown and self.variant_names:
+            raise RolloutError(f"pinned variant(s) {', '.join(unknown)} are not in the release "
+                               f"(its variants: {', '.join(self.variant_names)}): pin one of "
+                               "those")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -324,6 +382,12 @@ class RolloutSpec:
             "chunk_size": self.chunk_size,
             "replace_offline": self.replace_offline,
             "max_in_flight": self.max_in_flight,
+            # only when set, so that a spec without variants is stored as before
+            **({"variants": self.variants, "variant_names": list(self.variant_names),
+                "probe_devices_per_class": self.probe_devices_per_class,
+                "pins": dict(sorted(self.pins.items())),
+                "budgets": {c: b.to_dict() for c, b in sorted(self.budgets.items())}}
+               if self.variants != "off" or self.variant_names else {}),
         }
 
     @classmethod
@@ -353,6 +417,12 @@ class RolloutSpec:
             chunk_size=data.get("chunk_size", DEFAULT_CHUNK_SIZE),
             replace_offline=data.get("replace_offline", True),
             max_in_flight=data.get("max_in_flight", 0),
+            variants=data.get("variants", "off"),
+            variant_names=tuple(data.get("variant_names", ())),
+            probe_devices_per_class=data.get("probe_devices_per_class", 2),
+            pins=dict(data.get("pins", {})),
+            budgets={str(c): VariantBudget.from_dict(b)
+                     for c, b in data.get("budgets", {}).items()},
         )
 
 
@@ -373,13 +443,15 @@ class OutcomeView:
     reason: str = ""
     message: str = ""
     ts: float = 0.0
+    progress: Mapping[str, Any] = field(default_factory=dict)  # a probe's figures (probed)
 
     @classmethod
     def from_status(cls, status: OtaStatus, received_at: float) -> OutcomeView:
         if not status.final:
             raise RolloutError("only final OTA statuses are outcomes")
         return cls(status.device_id, status.release_id, status.outcome, status.reason,
-                   status.message, received_at)
+                   status.message, received_at,
+                   status.progress if status.outcome == PROBED else {})
 
 
 # -- the state -------------------------------------------------------------------------------
@@ -398,6 +470,22 @@ class DeviceProgress:
     code: str = ""
     sent_at: Optional[float] = None
     updated_at: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class ProbeProgress:
+    """One device's probe of the release's variants: ``status`` is ``sent``, ``probed``,
+    ``failed`` (any other final status, ``code`` its reason) or ``timed_out``; ``variants`` the
+    figures of a ``probed`` answer (its ``progress.variants``)."""
+
+    device_id: str
+    device_class: str
+    status: str = SENT
+    reason: str = ""
+    code: str = ""
+    sent_at: Optional[float] = None
+    updated_at: Optional[float] = None
+    variants: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -444,6 +532,8 @@ class RolloutState:
     override_wave: int = 0
     reason: str = ""
     remove_model: bool = False  # rolled back by removing the model (it was the first version)
+    probes: Mapping[str, ProbeProgress] = field(default_factory=dict)
+    variant_choices: Mapping[str, VariantChoice] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
@@ -469,6 +559,11 @@ class RolloutState:
             "override_wave": self.override_wave,
             "reason": self.reason,
             "remove_model": self.remove_model,
+            **({"probes": {k: {**vars(v), "variants": dict(v.variants)}
+                           for k, v in sorted(self.probes.items())}} if self.probes else {}),
+            **({"variant_choices": {k: v.to_dict()
+                                    for k, v in sorted(self.variant_choices.items())}}
+               if self.variant_choices else {}),
         }
 
     @classmethod
@@ -495,6 +590,9 @@ class RolloutState:
                 override_wave=data.get("override_wave", 0),
                 reason=data.get("reason", ""),
                 remove_model=bool(data.get("remove_model", False)),
+                probes={k: ProbeProgress(**v) for k, v in data.get("probes", {}).items()},
+                variant_choices={k: VariantChoice.from_dict(v)
+                                 for k, v in data.get("variant_choices", {}).items()},
             )
         except (KeyError, TypeError) as exc:
             raise RolloutError(f"stored rollout state is malformed ({exc})") from exc
@@ -589,6 +687,7 @@ class _Inputs:
     outcomes: Mapping[str, Sequence[OutcomeView]]
     profiles: Sequence[ProfileView]
     now: float
+    probe_outcomes: Mapping[str, Sequence[OutcomeView]] = field(default_factory=dict)
 
 
 def decide(
@@ -609,11 +708,15 @@ def decide(
     ``decide(spec, apply(state, decisions, now), ...)`` with the same inputs returns ``[]``.
     """
     history: dict[str, list[OutcomeView]] = {}
+    probe_history: dict[str, list[OutcomeView]] = {}  # every final status, probed included
     for outcome in sorted(outcomes, key=lambda o: o.ts):
         if outcome.release_id == spec.release_id and outcome.outcome in OTA_OUTCOMES:
-            history.setdefault(outcome.device_id, []).append(outcome)
+            probe_history.setdefault(outcome.device_id, []).append(outcome)
+            if outcome.outcome != PROBED:
+                history.setdefault(outcome.device_id, []).append(outcome)
     inputs = _Inputs(views={d.device_id: d for d in devices}, outcomes=history,
-                     profiles=[p for p in profiles if p.model == spec.model], now=now)
+                     profiles=[p for p in profiles if p.model == spec.model], now=now,
+                     probe_outcomes=probe_history)
     work = state
     decided: list[Decision] = []
     budget = 16 * (len(state.devices) + len(devices) + len(spec.waves)) + 64
@@ -697,6 +800,95 @@ def _plan_rule(spec: RolloutSpec, st: RolloutState, inputs: _Inputs) -> list[Dec
                      device_class=inputs.views[device_id].device_class,
                      detail={"late": False})
             for device_id, wave in sorted(waves.items(), key=lambda kv: (kv[1], kv[0]))]
+
+
+def _probe_rule(spec: RolloutSpec, st: RolloutState, inputs: _Inputs) -> list[Decision]:
+    """The probe wave: before the first wave, the first ``probe_devices_per_class`` online
+    devices of each class (in wave order) are sent ``ota_install`` with ``probe: true``. A class
+    with a probe or a choice already is not probed again; one with no online device gets none
+    (:func:`_choose_rule` then decides it without figures)."""
+    if not spec.probing or st.state != RUNNING or st.current_wave != 0 or not st.devices:
+        return []
+    probed = {p.device_class for p in st.probes.values()} | set(st.variant_choices)
+    key = _order_key(spec)
+    found = []
+    for cls in sorted({d.device_class for d in st.devices.values()} - probed):
+        members = sorted((d for d in st.devices.values()
+                          if d.device_class == cls and _online(inputs, d.device_id)),
+                         key=lambda d: (d.wave, key(d)))
+        for dev in members[:spec.probe_devices_per_class]:
+            found.append(Decision(
+                SEND_PROBE, f"probe sent to {dev.device_id}: it measures every variant of the "
+                f"release ({', '.join(spec.variant_names)}) for class {cls} and installs none",
+                device_id=dev.device_id, device_class=cls,
+                detail={"command": "ota_install",
+                        "args": {"release_id": spec.release_id, "chunk_size": spec.chunk_size,
+                                 "probe": True}}))
+    return found
+
+
+def _probe_outcome_rule(spec: RolloutSpec, st: RolloutState,
+                        inputs: _Inputs) -> list[Decision]:
+    """A probe ends with its device's first final status since it was sent (``probed``, or
+    any other outcome as a failure), or after ``wave_timeout_s`` without one."""
+    found = []
+    for probe in sorted(st.probes.values(), key=lambda p: p.device_id):
+        if probe.status != SENT or probe.sent_at is None:
+            continue
+        answer = next((o for o in inputs.probe_outcomes.get(probe.device_id, ())
+                       if o.ts >= probe.sent_at), None)
+        detail: dict[str, Any]
+        if answer is not None and answer.outcome == PROBED:
+            variants = answer.progress.get("variants")
+            measured = dict(variants) if isinstance(variants, Mapping) else {}
+            passed = sorted(name for name, entry in measured.items()
+                            if isinstance(entry, Mapping) and entry.get("passed") is True)
+            reason = (f"{probe.device_id} probed {len(measured)} variant(s) for class "
+                      f"{probe.device_class}; passed: {', '.join(passed) or 'none'}")
+            detail = {"status": PROBED, "code": "", "variants": measured}
+        elif answer is not None:
+            code = answer.reason or answer.outcome
+            reason = (f"{probe.device_id}'s probe ended {answer.outcome} ({code})"
+                      + (f": {answer.message}" if answer.message else "")
+                      + "; its figures are left out of the choice")
+            detail = {"status": FAILED, "code": code}
+        elif inputs.now >= probe.sent_at + spec.wave_timeout_s:
+            reason = (f"{probe.device_id} sent no probe result within {spec.wave_timeout_s:g} s: "
+                      "its figures are left out of the choice")
+            detail = {"status": TIMED_OUT, "code": "timeout"}
+        else:
+            continue
+        found.append(Decision(PROBE_RESULT, reason, device_id=probe.device_id,
+                              device_class=probe.device_class, detail=detail))
+    return found
+
+
+def _choose_rule(spec: RolloutSpec, st: RolloutState, inputs: _Inputs) -> list[Decision]:
+    """Once every probe of a class has ended, its variant is chosen (or the class excluded) from
+    the figures of the devices that answered ``probed``; the decision carries the figures."""
+    if not spec.probing or st.state != RUNNING or st.current_wave != 0 or not st.devices:
+        return []
+    found = []
+    for cls in sorted({d.device_class for d in st.devices.values()} - set(st.variant_choices)):
+        probes = [p for p in st.probes.values() if p.device_class == cls]
+        if any(p.status == SENT for p in probes):
+            continue
+        answered = sorted(p.device_id for p in probes if p.status == PROBED)
+        results = [r for p in probes if p.status == PROBED
+                   for r in probes_from_progress(p.device_id, {"variants": p.variants})]
+        choice = choose_variant(cls, spec.variant_names, results, spec.budgets.get(cls),
+                                pin=spec.pins.get(cls), probed_devices=answered)
+        missed = [f"{p.device_id} {p.status} ({p.code})" for p in
+                  sorted(probes, key=lambda p: p.device_id) if p.status != PROBED]
+        reason = choice.reason
+        if not probes and not choice.pinned:
+            reason = (f"class {cls} is excluded: none of its devices was online for the probe; "
+                      "roll out again when they are, or pin a variant (--pin CLASS=VARIANT)")
+        elif missed:
+            reason += f" (probes left out: {', '.join(missed)})"
+        found.append(Decision(CHOOSE_VARIANT, reason, device_class=cls,
+                              detail={**choice.to_dict(), "reason": reason}))
+    return found
 
 
 def _outcome_rule(spec: RolloutSpec, st: RolloutState, inputs: _Inputs) -> list[Decision]:
@@ -784,6 +976,11 @@ def _paused_class_rule(spec: RolloutSpec, st: RolloutState, inputs: _Inputs) -> 
     for dev in _sorted(st.devices.values()):
         gate = st.paused_classes.get(dev.device_class)
         if gate is not None and dev.status in (PENDING, WAITING_OFFLINE):
+            if gate.gate == VARIANT_GATE:
+                found.append(_mark(dev, EXCLUDED, "no_variant",
+                                   f"{dev.device_id} is not sent: no variant of the release "
+                                   f"was chosen for class {dev.device_class}"))
+                continue
             found.append(_mark(dev, EXCLUDED, "class_paused",
                                f"{dev.device_id} is not sent: class {dev.device_class} was "
                                f"paused in wave {gate.wave} ({gate.gate} gate)"))
@@ -898,7 +1095,7 @@ def _returning_rule(spec: RolloutSpec, st: RolloutState, inputs: _Inputs) -> lis
         slots -= 1
         was = (f" (it was offline when wave {dev.wave} started)"
                if dev.wave != st.current_wave else "")
-        found.append(_send(spec, dev, st.current_wave,
+        found.append(_send(spec, st, dev, st.current_wave,
                            f"{dev.device_id} is back online: install sent with wave "
                            f"{st.current_wave}{was}", from_wave=dev.wave))
     return found
@@ -923,7 +1120,7 @@ def _start_rule(spec: RolloutSpec, st: RolloutState, inputs: _Inputs) -> list[De
         if _online(inputs, dev.device_id):
             if slots > 0:  # else it waits for its turn (max_in_flight)
                 slots -= 1
-                found.append(_send(spec, dev, wave,
+                found.append(_send(spec, st, dev, wave,
                                    f"install sent to {dev.device_id} (wave {wave})"))
             continue
         found.append(_mark(dev, WAITING_OFFLINE, "offline",
@@ -932,7 +1129,7 @@ def _start_rule(spec: RolloutSpec, st: RolloutState, inputs: _Inputs) -> list[De
         if spec.replace_offline and spares and slots > 0:
             slots -= 1
             spare = spares.pop(0)
-            found.append(_send(spec, spare, wave,
+            found.append(_send(spec, st, spare, wave,
                                f"install sent to {spare.device_id}, moved up from wave "
                                f"{spare.wave} to wave {wave} in place of offline "
                                f"{dev.device_id}", replaces=dev.device_id))
@@ -977,6 +1174,11 @@ def _advance_rule(spec: RolloutSpec, st: RolloutState, inputs: _Inputs) -> list[
                                f"{spec.success_threshold:.0%}", detail)
         passed = (f"wave {wave} passed: {done}" if total
                   else f"wave {wave} has no device left to judge")
+    elif spec.probing and st.devices and ({d.device_class for d in st.devices.values()}
+                                          - set(st.variant_choices)):
+        return []  # the probe wave: every class's variant is chosen first
+    elif spec.probing and st.devices:
+        passed = "the rollout starts, every class's variant chosen"
     following = [d.wave for d in st.devices.values() if d.wave > wave]
     if not following:
         if wave == 0:
@@ -984,8 +1186,10 @@ def _advance_rule(spec: RolloutSpec, st: RolloutState, inputs: _Inputs) -> list[
                              "nothing to do")]
         counts = st.counts()
         summary = ", ".join(f"{n} {status}" for status, n in counts.items())
-        excluded = "".join(f"; class {c} was excluded by the {g.gate} gate in wave {g.wave}"
-                           for c, g in sorted(st.paused_classes.items()))
+        excluded = "".join(
+            f"; class {c} was excluded: no variant was chosen for it" if g.gate == VARIANT_GATE
+            else f"; class {c} was excluded by the {g.gate} gate in wave {g.wave}"
+            for c, g in sorted(st.paused_classes.items()))
         if st.paused_classes and not any(d.status in SUCCEEDED_STATUSES
                                          for d in st.devices.values()):
             # every class that got the release refused it: that is not a completed rollout
@@ -1008,9 +1212,10 @@ def _advance_rule(spec: RolloutSpec, st: RolloutState, inputs: _Inputs) -> list[
 _Rule = Callable[[RolloutSpec, RolloutState, _Inputs], list[Decision]]
 # The order matters: observations first, then gates (so a class that trips is left out of the
 # wave's thresholds), rollbacks, sends, and last the wave's verdict.
-_RULES: tuple[_Rule, ...] = (_operator_rule, _plan_rule, _outcome_rule, _timeout_rule,
-                             _membership_rule, _paused_class_rule, _gate_rule, _rollback_rule,
-                             _returning_rule, _start_rule, _advance_rule)
+_RULES: tuple[_Rule, ...] = (_operator_rule, _plan_rule, _probe_rule, _outcome_rule,
+                             _probe_outcome_rule, _timeout_rule, _choose_rule, _membership_rule,
+                             _paused_class_rule, _gate_rule, _rollback_rule, _returning_rule,
+                             _start_rule, _advance_rule)
 
 
 # -- applying --------------------------------------------------------------------------------
@@ -1021,6 +1226,8 @@ def apply(state: RolloutState, decisions: Iterable[Decision], now: float) -> Rol
     devices = dict(state.devices)
     paused_classes = dict(state.paused_classes)
     gates = dict(state.gates)
+    probes = dict(state.probes)
+    choices = dict(state.variant_choices)
     s = replace(state)
     for d in decisions:
         if d.kind == ASSIGN:
@@ -1044,6 +1251,24 @@ def apply(state: RolloutState, decisions: Iterable[Decision], now: float) -> Rol
                                              code=d.detail.get("code", ""), updated_at=now)
         elif d.kind == START_WAVE:
             s = replace(s, current_wave=_need(d.wave), reason=d.reason)
+        elif d.kind == SEND_PROBE:
+            device_id = _need(d.device_id)
+            probes[device_id] = ProbeProgress(device_id, _need(d.device_class), SENT, d.reason,
+                                              "sent", now, now)
+        elif d.kind == PROBE_RESULT:
+            device_id = _need(d.device_id)
+            if device_id not in probes:
+                raise RolloutError(f"decision {d.kind} for {device_id}, which was not probed")
+            probes[device_id] = replace(probes[device_id], status=d.detail["status"],
+                                        reason=d.reason, code=d.detail.get("code", ""),
+                                        updated_at=now,
+                                        variants=dict(d.detail.get("variants", {})))
+        elif d.kind == CHOOSE_VARIANT:
+            choice = VariantChoice.from_dict(d.detail)
+            choices[choice.device_class] = choice
+            if choice.excluded:
+                paused_classes[choice.device_class] = ClassGate(
+                    0, choice.device_class, False, 0, VARIANT_GATE, d.reason)
         elif d.kind in (GATE_PASSED, GATE_TRIPPED):
             verdict = ClassGate(_need(d.wave), _need(d.device_class), d.kind == GATE_PASSED,
                                 int(d.detail.get("evaluated", 0)), d.detail.get("gate", ""),
@@ -1067,7 +1292,8 @@ def apply(state: RolloutState, decisions: Iterable[Decision], now: float) -> Rol
             raise RolloutError(f"unknown decision kind {d.kind!r}")
         if d.detail.get("operator"):
             s = replace(s, operator_requests=s.operator_requests[1:])
-    return replace(s, devices=devices, paused_classes=paused_classes, gates=gates)
+    return replace(s, devices=devices, paused_classes=paused_classes, gates=gates,
+                   probes=probes, variant_choices=choices)
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -1082,14 +1308,35 @@ def _mark(dev: DeviceProgress, status: str, code: str, reason: str,
                     device_class=dev.device_class, detail=detail)
 
 
-def _send(spec: RolloutSpec, dev: DeviceProgress, wave: int, reason: str,
+def _send(spec: RolloutSpec, st: RolloutState, dev: DeviceProgress, wave: int, reason: str,
           **extra: Any) -> Decision:
+    args = install_args(spec, st, dev.device_class)
+    if "variant" in args:
+        reason = f"{reason}, variant {args['variant']}"
     return Decision(SEND_INSTALL, reason, device_id=dev.device_id, wave=wave,
                     device_class=dev.device_class,
-                    detail={"command": "ota_install",
-                            "args": {"release_id": spec.release_id,
-                                     "chunk_size": spec.chunk_size},
-                            **extra})
+                    detail={"command": "ota_install", "args": args, **extra})
+
+
+def install_args(spec: RolloutSpec, state: RolloutState, device_class: str) -> dict[str, Any]:
+    """The ``ota_install`` args for a device of ``device_class``: ``release_id``, ``chunk_size``
+    and, when the rollout chooses variants, ``variant`` (also what a re-send carries)."""
+    args: dict[str, Any] = {"release_id": spec.release_id, "chunk_size": spec.chunk_size}
+    variant = _variant_for(spec, state, device_class)
+    if variant is not None:
+        args["variant"] = variant
+    return args
+
+
+def _variant_for(spec: RolloutSpec, st: RolloutState, device_class: str) -> Optional[str]:
+    """The variant an install to a device of this class names: its class's choice; for a class
+    that joined after the choices (no choice), its pin, else none (the manifest's default)."""
+    if not spec.probing:
+        return None
+    choice = st.variant_choices.get(device_class)
+    if choice is not None:
+        return choice.variant
+    return spec.pins.get(device_class)
 
 
 def _trip(cls: str, wave: int, gate: str, why: str, results: Sequence[GateResult],

@@ -406,6 +406,9 @@ class CommandResponse(Message):
 # OTA phases and final outcomes (docs/protocol.md, "OTA status").
 OTA_PHASES = ("accepted", "downloading", "verifying", "smoke_testing", "switching",
               "health_check", "done")
+# "probed": an install with ``probe: true`` smoke-tested every variant and switched nothing; its
+# ``progress.variants`` holds each variant's figures (docs/protocol.md, "Probing variants").
+# "shadowing": an install with ``shadow: true`` runs beside the active model (agent/ota_shadow.py).
 OTA_OUTCOMES = ("installed", "no_change", "rejected", "rolled_back", "failed", "probed",
                 "shadowing")
 

@@ -379,6 +379,25 @@ def test_report_is_self_contained(report_html: str) -> None:
     assert len(root.find_all("script")) == 1 and len(root.find_all("style")) == 1
 
 
+def test_report_shows_each_class_variant_and_its_figures() -> None:
+    from fleetlite.fleet.report import RolloutSummary, VariantSummary
+
+    row = {"variant": "int8", "probed": "2", "passed": "2", "p95_ms": "40.0",
+           "budget_p95_ms": "150", "peak_rss_mb": "90.0", "budget_rss_mb": "1024",
+           "fidelity": "0.970", "why": ""}
+    slow = {**row, "variant": "default", "p95_ms": "210.0", "fidelity": "1.000",
+            "why": "median p95 210.0 ms > budget 150 ms"}
+    rollout = RolloutSummary("ro-v", "anomaly", 2, "completed", variants=[
+        VariantSummary("raspberry-pi-4", "int8", False, "class raspberry-pi-4 gets int8: ...",
+                       [slow, row]),
+        VariantSummary("jetson-orin-nano", "default", True, "pinned by the operator", [row]),
+        VariantSummary("small-arm-gateway", "", False, "no variant fits", [])])
+    doc = render_report(ReportData(generated_at=NOW, rollouts=[rollout]))
+    assert "Variants per device class" in doc
+    assert "default (pinned)" in doc and "excluded" in doc
+    assert "median p95 210.0 ms &gt; budget 150 ms" in doc and "0.970" in doc
+
+
 def test_empty_report_renders() -> None:
     doc = render_report(ReportData(generated_at=NOW))
     root = parse(doc)

@@ -121,6 +121,7 @@ class Agent:
             root_path=config.trust_root,
             threads=self.threads,
             seeds={m.name: (m.path, m.version) for m in config.models if m.tokenizer is None},
+            bases=[m.path for m in config.models if m.tokenizer is not None],
             on_model_change=self._model_changed,
             settings=ota_settings(config),
             language_models=self.language_models,

@@ -39,7 +39,7 @@ import shutil
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
@@ -171,6 +171,7 @@ class OtaManager:
         on_model_change: Callable[[str], None],
         settings: OtaSettings | None = None,
         language_models: LanguageModels | None = None,
+        bases: Sequence[Path] = (),
     ) -> None:
         self.device_id = device_id
         self.device_class = device_class
@@ -180,6 +181,8 @@ class OtaManager:
         self.link = link
         self.threads = threads
         self.seeds = dict(seeds)
+        # other model files agent.yaml names (its language models): bases for delta updates
+        self.bases = list(bases)
         self.on_model_change = on_model_change
         self.settings = settings or OtaSettings()
         self.store = OtaStateStore(state_dir)
@@ -815,6 +818,10 @@ class OtaManager:
                 sha = self._seed_sha256(path)
                 if sha:
                     self._have[sha] = path
+        for path in self.bases:  # any file whose sha256 is a delta's base will do
+            sha = self._seed_sha256(path)
+            if sha:
+                self._have.setdefault(sha, path)
         for name, ms in self.state.models.items():
             for slot in (ms.previous, ms.active):  # the active one wins a tie
                 info = ms.slots.get(slot) if slot is not None else None

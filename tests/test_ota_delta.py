@@ -138,3 +138,31 @@ def test_kill_9_during_a_delta_rebuild_leaves_the_active_model_serving(
     finally:
         agent.stop()
         publisher.close()
+
+
+def test_a_language_model_that_agent_yaml_serves_is_a_delta_base(tmp_path: Path) -> None:
+    """agent.yaml's language models are not seeds of the OTA state, but their files are bases:
+    a fine-tune of the served LM travels as its delta (found by a benchmark, fixed)."""
+    from fleetlite.fleet.delta_builder import BaseRelease, plan_deltas
+    from fleetlite.tools.finetune_weights import finetune_weights
+    from tests.test_lm_install import LM, LmDevice, lm_release
+    from tests.test_ota_variants import send
+
+    base = LM / "home_lm.tflite"
+    tuned = tmp_path / "tuned" / "home_lm.tflite"
+    tuned.parent.mkdir()
+    tuned.write_bytes(finetune_weights(base.read_bytes(), seed=14))
+    built, _ = plan_deltas(BaseRelease("v1", {tuned.name: base.read_bytes()}),
+                           [(tuned.name, tuned.read_bytes())])
+    bundle = lm_release(2, model=str(tuned), deltas=built)
+    device = LmDevice(tmp_path)
+    try:
+        device.ota.bases = [base]
+        final = send(device, bundle)
+        assert (final.outcome, final.reason) == ("installed", ""), final.message
+        manifest = bundle.manifest
+        (ref,) = manifest.deltas
+        others = sum(f.length for f in manifest.files if f.name not in (ref.file, ref.delta))
+        assert device.fleet.bytes_sent == others + manifest.file(ref.delta).length
+    finally:
+        device.ota.stop()

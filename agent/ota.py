@@ -1,6 +1,10 @@
 """The device side of an over-the-air model update: verify, download, smoke-test, switch, commit.
 
-One install runs at a time, in the OTA worker thread, top to bottom:
+What to do next is decided by the sans-I/O state machine in :mod:`fleetlite.agent.ota_machine`;
+this module is its driver: one install at a time, in the OTA worker thread, it feeds the machine
+events (messages from the inbox, ticks, the results of actions) and carries out the actions it
+returns (MQTT, the chunk store, the smoke-test subprocess, the A/B slots, the state file). The
+phases, in order:
 
 1. **manifest** — the signed envelope, from the release's retained manifest topic, is verified
    (:func:`fleetlite.sdk.verify.verify_release`: size caps, signature threshold, version,
@@ -15,6 +19,12 @@ One install runs at a time, in the OTA worker thread, top to bottom:
    swaps without dropping requests;
 6. **health window** — N inferences on the new model without error, then **commit** (the version
    becomes the anti-rollback floor). Any failure rolls back to the previous model.
+
+Variants: an install names a variant (only its files are fetched), or probes every variant
+(smoke tests, figures reported, nothing installed). Deltas: a model whose base the device keeps
+travels as a delta, rebuilt and checked against its signed hash; a bad delta falls back to the
+full file. Shadow: the smoke-tested release runs beside the active model
+(:mod:`fleetlite.agent.ota_shadow`) instead of switching.
 
 Every install ends with one final ``fleetlite.ota_status/1`` message (``final: true``) whose
 ``outcome`` and ``reason`` the fleet side can act on, whatever fails: an error in any phase, or in

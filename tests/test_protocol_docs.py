@@ -207,7 +207,7 @@ def test_every_ota_reason_code_is_documented() -> None:
     text = DOC.read_text()
     codes = {ota.MANIFEST_TIMEOUT, ota.DOWNLOAD_STALLED, ota.DISK_FULL, ota.HEALTH_FAILED,
              ota.CRASHED_IN_HEALTH_WINDOW, ota.OPERATOR_ROLLBACK, ota.MODEL_REMOVED,
-             ota.SMOKE_UNAVAILABLE,
+             ota.SMOKE_UNAVAILABLE, ota.UNKNOWN_VARIANT, ota.SHADOW_UNAVAILABLE,
              ota.INTERNAL, *smoke_test.REASONS}
     codes |= {cls.reason for cls in DownloadError.__subclasses__() if isinstance(
         getattr(cls, "reason", None), str)}

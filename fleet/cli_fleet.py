@@ -1118,13 +1118,15 @@ def _shadow_table(rollout: Rollout) -> list[str]:
 
     return [head, _table(
         ["CLASS", "VERDICT", "AGREEMENT", "SAMPLES", "ACTIVE P95 ALONE", "SHADOWED",
-         "BUDGET", "CANDIDATE P95", "DEVICES"],
+         "BUDGET", "WITHIN", "CANDIDATE P95", "DEVICES"],
         [[r["class"], r["verdict"] + (f" ({','.join(r['codes'])})" if r["codes"] else ""),
           "-" if r["agreement"] is None else f"{r['agreement']:.1%}", str(r["samples"]),
           ms(r["active_alone_p95_ms"]), ms(r["active_shadowed_p95_ms"]),
-          ms(r["active_p95_budget_ms"]), ms(r["candidate_p95_ms"]),
+          ms(r["active_p95_budget_ms"]),
+          {True: "yes", False: "no"}.get(r["within_budget"], "not judged"),
+          ms(r["candidate_p95_ms"]),
           ", ".join(f"{d} {s}" for d, s in sorted(r["devices"].items()))] for r in rows],
-        right=(2, 3, 4, 5, 6, 7))]
+        right=(2, 3, 4, 5, 6, 8))]
 
 
 def _gates(rollout: Rollout) -> list[str]:

@@ -305,8 +305,11 @@ class Rollout:
                 "min_samples": self.spec.shadow.min_samples,
                 "active_alone_p95_ms": alone, "active_shadowed_p95_ms": shadowed,
                 "p95_budget_ratio": ratio, "active_p95_budget_ms": budget,
-                "within_budget": (None if budget is None or shadowed is None
-                                  else shadowed <= budget),
+                # as the gate judged it: None when no device had enough requests of both
+                # kinds (min_latency_samples) to judge; a slowdown under the floor is within
+                "within_budget": _within_budget(figures, ratio),
+                "latency_judged_devices": figures.get("latency_judged_devices", 0),
+                "worst_shadow_cost_ratio": figures.get("worst_shadow_cost_ratio"),
                 "candidate_p95_ms": figures.get("candidate_p95_ms"),
                 "devices": {p.device_id: p.status for p in members},
                 "reason": verdict.get("reason", ""),
@@ -1109,6 +1112,15 @@ def _rollout_summary(rollout: Rollout) -> RolloutSummary:
                                     for rows in [variant_rows(rollout)]
                                     for c, v in sorted(rollout.variant_choices.items())],
                           shadow=[_shadow_cells(r) for r in rollout.shadow_rows()])
+
+
+def _within_budget(figures: Mapping[str, Any], ratio: Optional[float]) -> Optional[bool]:
+    """Whether shadowing kept the active model's p95 within its budget, as the shadow gate
+    judged it (None: not judged, too few requests overlapped a candidate run)."""
+    if ratio is None or not figures.get("latency_judged_devices"):
+        return None
+    worst = figures.get("worst_shadow_cost_ratio")
+    return worst is None or float(worst) <= ratio
 
 
 def _shadow_cells(row: Mapping[str, Any]) -> dict[str, str]:

@@ -1423,7 +1423,8 @@ def _shadow_verdict_rule(spec: RolloutSpec, st: RolloutState,
     """Each class's verdict from the newest shadow report of each of its shadowing devices
     (:func:`fleet.shadow_gate.shadow_verdict`): fail stops the class at once (``shadow_stop``
     to its shadowing devices; its devices are excluded, none switched); pass once none of its
-    shadow installs is still unanswered; waiting past ``timeout_s`` since the class's first
+    shadow installs is still unanswered and (with a ``p95_budget_ratio``) the latency cost
+    could be judged on at least one device; waiting past ``timeout_s`` since the class's first
     shadow install stops it too, naming the samples seen. A class none of whose devices could
     shadow (every shadow install failed or timed out) is stopped."""
     if not _shadowing_phase(spec, st):
@@ -1454,7 +1455,9 @@ def _shadow_verdict_rule(spec: RolloutSpec, st: RolloutState,
             reason = (f"shadow verdict for class {cls}: fail ({'; '.join(verdict.reasons)}); "
                       f"stopping the shadow on {len(stop)} device(s) and excluding the class "
                       "before any device switches")
-        elif verdict.verdict == SHADOW_PASS and not unanswered:
+        elif (verdict.verdict == SHADOW_PASS and not unanswered
+              and (shadow.p95_budget_ratio is None
+                   or figures.get("latency_judged_devices", 0) > 0)):
             reason = (f"shadow verdict for class {cls}: pass ({'; '.join(verdict.reasons)}); "
                       "its devices install the release in their waves (a shadowing device "
                       "promotes the kept files, no download)")
@@ -1466,11 +1469,17 @@ def _shadow_verdict_rule(spec: RolloutSpec, st: RolloutState,
                       "the class is excluded before any device switches")
         elif inputs.now >= started + shadow.timeout_s:
             samples = figures.get("samples", 0)
+            latency = ""
+            if verdict.verdict == SHADOW_PASS:
+                latency = (f"; the latency cost was judged on no device (fewer than "
+                           f"{figures.get('min_latency_samples')} requests of the active "
+                           "model overlapped a candidate run)")
+            why = "; ".join(verdict.reasons) or "no reports"
             verdict = ShadowVerdict(cls, FAIL, ("shadow_timeout",), (), verdict.figures)
             reason = (f"no shadow verdict for class {cls} within {shadow.timeout_s:g} s: "
                       f"{samples} sample(s) seen of the {shadow.min_samples} needed "
-                      f"({'; '.join(verdict.reasons) or 'no reports'}); stopping the shadow "
-                      f"on {len(stop)} device(s) and excluding the class")
+                      f"({why}){latency}; stopping the shadow on {len(stop)} device(s) and "
+                      "excluding the class")
         else:
             continue
         found.append(Decision(SHADOW_VERDICT, reason, device_class=cls, detail={

@@ -41,6 +41,7 @@ class SDev(Dev):
     per_report: int = 10
     agree: int = 10
     shadowed_p95_ms: float = 0.11
+    shadowed_share: int = 1  # active requests overlapping a candidate run, per sample
 
 
 class ShadowSim(FleetSim):
@@ -65,7 +66,8 @@ class ShadowSim(FleetSim):
                 version=3, active_version=2, kind="classifier", requests=5 * n, samples=n,
                 compared=n, agreed=agreed, sample_rate=0.2, cpu_budget=0.25,
                 p95_budget_ratio=1.25, active_alone_count=4 * n, active_alone_p95_ms=0.1,
-                active_shadowed_count=n, active_shadowed_p95_ms=dev.shadowed_p95_ms,
+                active_shadowed_count=n * dev.shadowed_share,
+                active_shadowed_p95_ms=dev.shadowed_p95_ms,
                 candidate_count=n, candidate_p95_ms=0.12))
         # the decisions are checked twice (fixed point) by FleetSim.step with these reports
         decisions = self.decide()
@@ -91,10 +93,10 @@ class ShadowSim(FleetSim):
         if d.kind == SEND_SHADOW:
             dev = self.devs[d.device_id or ""]
             assert isinstance(dev, SDev)
+            assert self.spec.shadow is not None
             assert d.detail == {"command": "ota_install", "args": {
-                "release_id": RELEASE, "chunk_size": self.spec.chunk_size, "shadow": True,
-                "shadow_sample_rate": 0.2, "shadow_cpu_budget": 0.25, "shadow_p95_ratio": 1.25,
-                "shadow_kind": "classifier"}}
+                "release_id": RELEASE, "chunk_size": self.spec.chunk_size,
+                **self.spec.shadow.install_args()}}
             if dev.shadow_outcome is not None:
                 self.events.append((self.now + dev.delay, partial(self.shadow_answer, dev)))
         elif d.kind == SHADOW_VERDICT:
@@ -134,6 +136,10 @@ def test_a_class_that_agrees_installs_after_its_verdict() -> None:
     first_install = next(i for i, d in enumerate(sim.log) if d.kind == SEND_INSTALL)
     verdict = next(i for i, d in enumerate(sim.log) if d.kind == SHADOW_VERDICT)
     assert len(sim.kinds(SEND_SHADOW)) == 3 and verdict < first_install
+    assert sim.kinds(SEND_SHADOW)[0].detail == {"command": "ota_install", "args": {
+        "release_id": RELEASE, "chunk_size": 16384, "shadow": True,
+        "shadow_sample_rate": 0.2, "shadow_cpu_budget": 0.25, "shadow_p95_ratio": 1.25,
+        "shadow_kind": "classifier"}}
     v = state.shadow_verdicts["rpi4"]
     assert v["verdict"] == "pass" and v["stopped"] == []
     figures = v["figures"]
@@ -186,6 +192,20 @@ def test_too_few_samples_until_the_timeout_stops_naming_the_samples() -> None:
     assert v["verdict"] == "fail" and v["codes"] == ["shadow_timeout"]
     assert "sample(s) seen of the 10000 needed" in v["reason"]
     assert state.state == "aborted" and sim.installs == {}
+
+
+def test_a_pass_waits_until_the_latency_cost_could_be_judged() -> None:
+    spec = sspec(shadow=ShadowSpec(min_samples=40, timeout_s=60.0))
+    sim = ShadowSim(spec, devs("rpi4", 2, shadowed_share=0))  # nothing ever overlapped
+    state = sim.run()
+    v = state.shadow_verdicts["rpi4"]
+    assert v["verdict"] == "fail" and v["codes"] == ["shadow_timeout"]
+    assert "the latency cost was judged on no device" in v["reason"]
+    assert state.state == "aborted" and sim.installs == {}
+    # without a latency budget the same figures pass
+    spec = sspec(shadow=ShadowSpec(min_samples=40, timeout_s=60.0, p95_budget_ratio=None))
+    sim = ShadowSim(spec, devs("rpi4", 2, shadowed_share=0))
+    assert sim.run().state == "completed"
 
 
 def test_a_device_that_cannot_shadow_is_noted_and_left_out() -> None:

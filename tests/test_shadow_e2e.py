@@ -44,8 +44,17 @@ TEMPLATE = "<user> {prompt} <bot>"
 PROMPTS = ["turn off the kitchen lights", "lock the front door", "play some jazz",
            "set a timer for ten minutes"]
 NO_GATES = GateSpec(max_p95_regression=None, min_profiles=0)
-SHADOW = ShadowSpec(min_agreement=0.98, min_samples=10, sample_rate=0.5, cpu_budget=1.0,
-                    kind="lm", timeout_s=120.0)
+# (a) is judged on agreement alone (no latency budget): the fine-tune must be stopped for what
+# it says, whatever the machine's load does to latencies.
+DISAGREE = ShadowSpec(min_agreement=0.98, min_samples=10, sample_rate=0.5, cpu_budget=1.0,
+                      kind="lm", timeout_s=120.0, p95_budget_ratio=None)
+# (b) is judged on agreement and on what shadowing costs the active model. A decode step here
+# takes ~0.5 ms; two agents, their candidates and the test's clients share 2 cores, so a step
+# that overlaps a candidate run can wait a scheduler slice: measured x1.1-x1.6 (x3.9 once, the
+# machine busy elsewhere). A real gateway's budget is the default x1.25; this one is x4, and the
+# figures are asserted to be judged (>= 20 overlapped steps on a device) and within it.
+AGREE = ShadowSpec(min_agreement=0.98, min_samples=10, sample_rate=0.5, cpu_budget=1.0,
+                   kind="lm", timeout_s=120.0, p95_budget_ratio=4.0)
 
 
 def release(model: str, version: int) -> ReleaseBundle:
@@ -95,13 +104,13 @@ class Asker:
 
 
 def shadow_rollout(at: Site, fleet: Fleet, bundle: ReleaseBundle, asker: Asker,
-                   rollout_id: str) -> None:
+                   rollout_id: str, shadow: ShadowSpec) -> None:
     at.store.add_release(bundle.release_id, "home-lm", bundle.manifest.version,
                            bundle.envelope.to_json(), dict(bundle.files),
                            bundle.manifest.to_dict())
     fleet.create_rollout(bundle.release_id, rollout_id=rollout_id, waves="1,100%",
                          wave_timeout_s=120, chunk_size=65536, gates=NO_GATES,
-                         previous_version=1, shadow=SHADOW)
+                         previous_version=1, shadow=shadow)
 
     def settled() -> bool:
         rollout = fleet.rollout(rollout_id)
@@ -145,22 +154,20 @@ def test_a_disagreeing_candidate_stops_before_any_switch_and_an_agreeing_one_is_
         with Fleet(store_url) as fleet:
             # (a) the real fine-tune disagrees: stopped before any device switches
             tuned = release("home_lm_v2.tflite", 2)
-            shadow_rollout(site, fleet, tuned, asker, "shadow-tuned")
+            shadow_rollout(site, fleet, tuned, asker, "shadow-tuned", DISAGREE)
             stopped = fleet.rollout("shadow-tuned")
             assert stopped.state == "aborted", stopped.reason
             verdict = stopped.shadow_verdicts[FAST]
-            assert verdict["verdict"] == "fail" and "low_agreement" in verdict["codes"], verdict
+            assert verdict["verdict"] == "fail" and verdict["codes"] == ["low_agreement"], verdict
             assert {s.status for s in stopped.shadows} == {"stopped"}
             assert not any(d.status in ("sent", "installed") for d in stopped.devices)
             doc = status_json("shadow-tuned", store_url, capsys)
             row = doc["shadow"][0]
             assert row["verdict"] == "fail" and row["agreement"] < 0.98
             assert row["samples"] >= 10
-            # (c) the figures: the active model's p95 alone vs while shadowed vs its budget
+            # (c) the figures: the active model's p95 alone vs while shadowed, the candidate's
             assert row["active_alone_p95_ms"] > 0 and row["active_shadowed_p95_ms"] > 0
-            assert row["active_p95_budget_ms"] == pytest.approx(
-                row["active_alone_p95_ms"] * 1.25)
-            assert row["candidate_p95_ms"] > 0
+            assert row["candidate_p95_ms"] > 0 and row["active_p95_budget_ms"] is None
             for device_id in DEVICES:
                 assert active_version(site, device_id) == 1
                 wait_until(lambda d=device_id: any(  # type: ignore[misc]
@@ -173,9 +180,9 @@ def test_a_disagreeing_candidate_stops_before_any_switch_and_an_agreeing_one_is_
             # (b) the same weights re-released (as v3) agree: promoted, no second download
             # (v3: the store refuses a second v2 with other files, rightly)
             same = release("home_lm.tflite", 3)
-            shadow_rollout(site, fleet, same, asker, "shadow-same")
+            shadow_rollout(site, fleet, same, asker, "shadow-same", AGREE)
             promoted = fleet.rollout("shadow-same")
-            assert promoted.completed, promoted.reason
+            assert promoted.completed, json.dumps(dict(promoted.shadow_verdicts))
             assert promoted.shadow_verdicts[FAST]["verdict"] == "pass"
             assert promoted.shadow_verdicts[FAST]["figures"]["agreement"] == 1.0
             assert {d.status for d in promoted.devices} == {"installed"}
@@ -184,7 +191,7 @@ def test_a_disagreeing_candidate_stops_before_any_switch_and_an_agreeing_one_is_
             assert passed["latency_judged_devices"] >= 1 and passed["within_budget"] is True
             assert passed["active_alone_p95_ms"] > 0 and passed["active_shadowed_p95_ms"] > 0
             assert passed["active_p95_budget_ms"] == pytest.approx(
-                passed["active_alone_p95_ms"] * 1.25)
+                passed["active_alone_p95_ms"] * 4.0)
             for device_id in DEVICES:
                 assert active_version(site, device_id) == 3
             # the shadow install downloaded the release once; the promotion did not again

@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import sys
+import textwrap
 import threading
 import time
 from collections.abc import Sequence
@@ -317,7 +318,7 @@ controller stopped by itself (its SQLite file was deleted or replaced); 2 a usag
                         help="with --variants auto: devices of each class that probe the "
                         "variants before the first wave (default 2)")
     shadow = create.add_argument_group(
-        "shadow evaluation",
+        "shadow evaluation", textwrap.fill(
         "With --shadow, before the first wave every targeted online device runs the release "
         "beside its active model on live requests and switches nothing; only agreement and "
         "latency figures leave the device. Per device class, from the devices' newest reports: "
@@ -326,7 +327,8 @@ controller stopped by itself (its SQLite file was deleted or replaced); 2 a usag
         "--shadow-p95-budget) stops the class (shadow_stop; none of its devices switches); "
         "pass lets its devices install in their waves (promoted from the kept files, no "
         "download); no verdict within --shadow-timeout stops it too. Every class stopped: "
-        "the rollout aborts. `rollout status` shows each class's verdict and figures.")
+        "the rollout aborts. `rollout status` shows each class's verdict and figures.",
+        width=86))
     shadow.add_argument("--shadow", action="store_true",
                         help="evaluate the release in shadow before any device switches")
     shadow.add_argument("--shadow-min-agreement", type=_fraction, default=0.98,

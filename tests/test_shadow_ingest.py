@@ -4,6 +4,7 @@ refusing a report that speaks for another device, an oversize one and a malforme
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,6 +16,7 @@ from fleetlite.sdk import topics
 from fleetlite.sdk.shadow import MAX_SHADOW_REPORT_BYTES, ShadowReport
 from tests.mqtt_harness import Collector, Mosquitto
 from tests.test_fleet_e2e import wait_until
+from tests.test_store import add_release, birth
 
 RELEASE = "ab" * 32
 OTHER = "cd" * 32
@@ -96,3 +98,27 @@ def test_the_controller_ingests_shadow_reports_bound_to_their_sender(
         devices.stop()
         controller.stop()
         controller_store.close()
+
+
+def test_rollout_create_shadow_and_status_show_the_options_and_the_verdict_table(
+        store: Store, store_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from fleetlite.fleet.cli import main
+
+    add_release(store)
+    store.upsert_birth(birth("gw-1", 1, 100.0), received_at=100.0)
+    assert main(["rollout", "create", "r" * 64, "--id", "shadowed", "--shadow",
+                 "--shadow-min-samples", "50", "--shadow-kind", "regressor",
+                 "--shadow-error-bound", "0.5", "--db", store_url, "-o", "json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["spec"]["shadow"] == {
+        "min_agreement": 0.98, "min_samples": 50, "p95_budget_ratio": 1.25,
+        "sample_rate": 0.2, "cpu_budget": 0.25, "kind": "regressor", "error_bound": 0.5,
+        "timeout_s": 3600.0}
+    assert doc["shadow"] == []
+    assert main(["rollout", "status", "shadowed", "--db", store_url]) == 0
+    text = capsys.readouterr().out
+    assert "shadow    min agreement 98.0% over >= 50 samples" in text
+    # an error bound without --shadow is a usage mistake, said so
+    assert main(["rollout", "create", "r" * 64, "--shadow-kind", "regressor",
+                 "--db", store_url]) != 0
+    assert "--shadow-kind goes with --shadow" in capsys.readouterr().err

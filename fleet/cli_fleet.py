@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import sys
+import textwrap
 import threading
 import time
 from collections.abc import Sequence
@@ -20,7 +21,12 @@ from typing import IO, TYPE_CHECKING, Any, Callable, Optional
 
 from fleetlite.fleet.broker_address import add_tls_options
 from fleetlite.fleet.errors import RolloutError
-from fleetlite.fleet.rollout import ON_FAILURE_ACTIONS, OPERATOR_ACTIONS, VARIANT_MODES
+from fleetlite.fleet.rollout import (
+    ON_FAILURE_ACTIONS,
+    OPERATOR_ACTIONS,
+    VARIANT_MODES,
+    ShadowSpec,
+)
 
 if TYPE_CHECKING:
     from fleetlite.fleet.client import Fleet, Rollout, WaveProgress
@@ -241,6 +247,10 @@ controller stopped by itself (its SQLite file was deleted or replaced); 2 a usag
   fleetlite rollout create 7d20b9e4 --variants auto --pin jetson-orin-nano=default
                   (probe every variant on 2 devices per class, give each class the variant
                    that fits its budgets with the best fidelity; the Jetsons get the default)
+  fleetlite rollout create 9c41d7e0 --shadow --shadow-min-samples 500
+                  (every targeted online device first runs v2 beside its active model on
+                   live requests; a class whose greedy tokens agree less than 98% is stopped
+                   before any of its devices switches, one that agrees installs it)
   ID=$(fleetlite rollout create 3f9a1c2d -o json | jq -r .rollout_id) && \\
       fleetlite rollout wait "$ID" --timeout 3600
 """)
@@ -307,6 +317,47 @@ controller stopped by itself (its SQLite file was deleted or replaced); 2 a usag
     create.add_argument("--probe-devices", type=_probe_devices, default=2, metavar="N",
                         help="with --variants auto: devices of each class that probe the "
                         "variants before the first wave (default 2)")
+    shadow = create.add_argument_group(
+        "shadow evaluation", textwrap.fill(
+        "With --shadow, before the first wave every targeted online device runs the release "
+        "beside its active model on live requests and switches nothing; only agreement and "
+        "latency figures leave the device. Per device class, from the devices' newest reports: "
+        "fail (agreement below --shadow-min-agreement over at least --shadow-min-samples "
+        "sampled requests, or the active model's p95 while shadowed above its p95 alone x "
+        "--shadow-p95-budget) stops the class (shadow_stop; none of its devices switches); "
+        "pass lets its devices install in their waves (promoted from the kept files, no "
+        "download); no verdict within --shadow-timeout stops it too. Every class stopped: "
+        "the rollout aborts. `rollout status` shows each class's verdict and figures.",
+        width=86))
+    shadow.add_argument("--shadow", action="store_true",
+                        help="evaluate the release in shadow before any device switches")
+    shadow.add_argument("--shadow-min-agreement", type=_fraction, default=0.98,
+                        metavar="FRACTION",
+                        help="pooled agreement a class needs (default 0.98: top-1 for a "
+                        "classifier, within the error bound for a regressor, greedy tokens "
+                        "for a language model)")
+    shadow.add_argument("--shadow-min-samples", type=_devices_min1, default=200, metavar="N",
+                        help="sampled requests per class before a verdict (default 200)")
+    shadow.add_argument("--shadow-kind", choices=("classifier", "regressor", "lm"),
+                        default=None,
+                        help="how outputs are compared (default: lm for a language-model "
+                        "release, else classifier)")
+    shadow.add_argument("--shadow-error-bound", type=float, default=None, metavar="X",
+                        help="with --shadow-kind regressor: the largest absolute output "
+                        "difference that still agrees")
+    shadow.add_argument("--shadow-sample-rate", type=_fraction, default=0.2,
+                        metavar="FRACTION",
+                        help="share of live requests the candidate also runs (default 0.2)")
+    shadow.add_argument("--shadow-cpu-budget", type=_fraction, default=0.25,
+                        metavar="FRACTION",
+                        help="share of one core the candidate may use (default 0.25)")
+    shadow.add_argument("--shadow-p95-budget", type=float, default=1.25, metavar="RATIO",
+                        help="the active model's p95 while shadowed may be at most its p95 "
+                        "alone times this (default 1.25; devices back off above it)")
+    shadow.add_argument("--shadow-timeout", type=_positive, default=3600.0,
+                        metavar="SECONDS",
+                        help="time for a class's verdict from its first shadow install "
+                        "(default 3600)")
     create.add_argument("--paused", action="store_true",
                         help="create it paused; start it with `fleetlite rollout resume`")
     create.add_argument("--allow-empty", action="store_true",
@@ -926,7 +977,7 @@ def _rollout_create(fleet: Fleet, args: argparse.Namespace) -> int:
         previous_version=args.previous_version, paused=args.paused,
         allow_empty=args.allow_empty, max_in_flight=args.max_in_flight,
         variants=args.variants, pins=dict(args.pins),
-        probe_devices_per_class=args.probe_devices)
+        probe_devices_per_class=args.probe_devices, shadow=_shadow_spec(fleet, args))
     paused = " (paused: start it with `fleetlite rollout resume " + rollout.rollout_id + "`)"
     _emit(args, rollout.to_dict(), lambda: (
         f"created rollout {rollout.rollout_id}: {rollout.model} v{rollout.version} "
@@ -935,6 +986,35 @@ def _rollout_create(fleet: Fleet, args: argparse.Namespace) -> int:
         f"{paused if args.paused else ''}\n"
         f"  follow it with: fleetlite rollout watch {rollout.rollout_id}"))
     return EXIT_OK
+
+
+def _shadow_spec(fleet: Fleet, args: argparse.Namespace) -> Optional[ShadowSpec]:
+    """The --shadow options as a ShadowSpec (None without --shadow)."""
+    if not args.shadow:
+        given = [f for f in ("shadow_kind", "shadow_error_bound") if getattr(args, f) is not None]
+        if given:
+            raise RolloutError(f"--{given[0].replace('_', '-')} goes with --shadow")
+        return None
+    kind = args.shadow_kind
+    if kind is None:
+        generation = fleet.release(args.release_id).manifest.get("generation")
+        kind = "lm" if generation else "classifier"
+    return ShadowSpec(min_agreement=args.shadow_min_agreement,
+                      min_samples=args.shadow_min_samples,
+                      p95_budget_ratio=args.shadow_p95_budget,
+                      sample_rate=args.shadow_sample_rate, cpu_budget=args.shadow_cpu_budget,
+                      kind=kind, error_bound=args.shadow_error_bound,
+                      timeout_s=args.shadow_timeout)
+
+
+def _devices_min1(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number >= 1")
+    return value
 
 
 def _version(version: Optional[int]) -> str:
@@ -984,6 +1064,9 @@ def _status_text(rollout: Rollout, decisions: int) -> str:
     if spec.probing:
         lines.append("")
         lines.extend(_variant_table(rollout))
+    if spec.shadow is not None:
+        lines.append("")
+        lines.extend(_shadow_table(rollout))
     lines.append("")
     lines.append(_table(
         ["WAVE", "PLANNED", "DEVICES", "UPDATED", "UNCHANGED", "FAILED", "IN FLIGHT", "PENDING",
@@ -1017,6 +1100,35 @@ def _variant_table(rollout: Rollout) -> list[str]:
                      r["p95_ms"], r["budget_p95_ms"], r["peak_rss_mb"], r["budget_rss_mb"],
                      r["fidelity"], r["why"]] for r in rows],
                    right=(3, 4, 5, 6, 7, 8, 9))]
+
+
+def _shadow_table(rollout: Rollout) -> list[str]:
+    """Per class of a shadow rollout: verdict, agreement, samples, the active model's p95 alone
+    vs shadowed vs its budget, and the candidate's p95."""
+    shadow = rollout.spec.shadow
+    assert shadow is not None
+    head = (f"shadow    min agreement {shadow.min_agreement:.1%} over >= {shadow.min_samples} "
+            f"samples; active p95 shadowed <= alone x {shadow.p95_budget_ratio}; sample rate "
+            f"{shadow.sample_rate:g}, cpu budget {shadow.cpu_budget:g}, timeout "
+            f"{shadow.timeout_s:g} s")
+    rows = rollout.shadow_rows()
+    if not rows:
+        return [head, "          no shadow install sent yet"]
+
+    def ms(value: Optional[float]) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    return [head, _table(
+        ["CLASS", "VERDICT", "AGREEMENT", "SAMPLES", "ACTIVE P95 ALONE", "SHADOWED",
+         "BUDGET", "WITHIN", "CANDIDATE P95", "DEVICES"],
+        [[r["class"], r["verdict"] + (f" ({','.join(r['codes'])})" if r["codes"] else ""),
+          "-" if r["agreement"] is None else f"{r['agreement']:.1%}", str(r["samples"]),
+          ms(r["active_alone_p95_ms"]), ms(r["active_shadowed_p95_ms"]),
+          ms(r["active_p95_budget_ms"]),
+          {True: "yes", False: "no"}.get(r["within_budget"], "not judged"),
+          ms(r["candidate_p95_ms"]),
+          ", ".join(f"{d} {s}" for d, s in sorted(r["devices"].items()))] for r in rows],
+        right=(2, 3, 4, 5, 6, 8))]
 
 
 def _gates(rollout: Rollout) -> list[str]:

@@ -45,6 +45,8 @@ from fleetlite.fleet.rollout import (
     RolloutSpec,
     RolloutState,
     Selector,
+    ShadowProgress,
+    ShadowSpec,
     VariantBudget,
     VariantChoice,
     WaveSpec,
@@ -200,6 +202,10 @@ class Rollout:
     variant_choices: Mapping[str, VariantChoice] = field(default_factory=dict)
     """Per device class, the variant chosen (``variants="auto"``), with the figures behind it."""
     probes: tuple[ProbeProgress, ...] = ()
+    shadows: tuple[ShadowProgress, ...] = ()
+    """The devices sent a shadow install (``shadow=ShadowSpec(...)``), with their status."""
+    shadow_verdicts: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    """Per device class, the shadow verdict with its figures (agreement, samples, p95s)."""
 
     @property
     def model(self) -> str:
@@ -266,9 +272,49 @@ class Rollout:
             ended = sum(p.status != "sent" for p in self.probes)
             line += (f"; probing variants: {ended} of {len(self.probes)} probe(s) ended, "
                      f"{len(self.variant_choices)} class(es) chosen")
+        if self.current_wave == 0 and self.shadows and not self.finished:
+            shadowing = sum(p.status == "shadowing" for p in self.shadows)
+            line += (f"; shadow evaluation: {shadowing} of {len(self.shadows)} device(s) "
+                     f"shadowing, {len(self.shadow_verdicts)} class verdict(s)")
         if self.pending_requests:
             line += f" ({', '.join(self.pending_requests)} requested)"
         return line
+
+    def shadow_rows(self) -> list[dict[str, Any]]:
+        """Per device class of a shadow rollout: the verdict (``waiting`` until there is one),
+        agreement, samples and the active model's p95 alone vs while shadowed vs its budget
+        (p95 alone x the ratio), the candidate's p95, and the devices."""
+        if self.spec.shadow is None:
+            return []
+        ratio = self.spec.shadow.p95_budget_ratio
+        classes = sorted({p.device_class for p in self.shadows} | set(self.shadow_verdicts))
+        rows = []
+        for cls in classes:
+            verdict = self.shadow_verdicts.get(cls, {})
+            figures = dict(verdict.get("figures", {}))
+            alone = figures.get("active_alone_p95_ms")
+            shadowed = figures.get("active_shadowed_p95_ms")
+            budget = alone * ratio if alone is not None and ratio is not None else None
+            members = [p for p in self.shadows if p.device_class == cls]
+            rows.append({
+                "class": cls, "verdict": verdict.get("verdict", "waiting"),
+                "codes": list(verdict.get("codes", ())),
+                "agreement": figures.get("agreement"), "samples": figures.get("samples", 0),
+                "compared": figures.get("compared", 0),
+                "min_agreement": self.spec.shadow.min_agreement,
+                "min_samples": self.spec.shadow.min_samples,
+                "active_alone_p95_ms": alone, "active_shadowed_p95_ms": shadowed,
+                "p95_budget_ratio": ratio, "active_p95_budget_ms": budget,
+                # as the gate judged it: None when no device had enough requests of both
+                # kinds (min_latency_samples) to judge; a slowdown under the floor is within
+                "within_budget": _within_budget(figures, ratio),
+                "latency_judged_devices": figures.get("latency_judged_devices", 0),
+                "worst_shadow_cost_ratio": figures.get("worst_shadow_cost_ratio"),
+                "candidate_p95_ms": figures.get("candidate_p95_ms"),
+                "devices": {p.device_id: p.status for p in members},
+                "reason": verdict.get("reason", ""),
+            })
+        return rows
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON- and YAML-ready description."""
@@ -293,6 +339,7 @@ class Rollout:
             "devices": [dict(vars(d)) for d in self.devices],
             "variants": {c: v.to_dict() for c, v in sorted(self.variant_choices.items())},
             "probes": [{**vars(p), "variants": dict(p.variants)} for p in self.probes],
+            "shadow": self.shadow_rows(),
             "decisions": [decision_dict(d) for d in self.decisions],
             "spec": self.spec.to_dict(),
             "revision": self.revision,
@@ -416,7 +463,9 @@ def _snapshot(record: RolloutRecord, decisions: Sequence[DecisionRow]) -> Rollou
         pending_requests=tuple(r.action for r in state.operator_requests),
         decisions=tuple(decisions), revision=record.revision, created=record.created,
         updated=record.updated, variant_choices=dict(sorted(state.variant_choices.items())),
-        probes=tuple(sorted(state.probes.values(), key=lambda p: p.device_id)))
+        probes=tuple(sorted(state.probes.values(), key=lambda p: p.device_id)),
+        shadows=tuple(sorted(state.shadows.values(), key=lambda p: p.device_id)),
+        shadow_verdicts={c: dict(v) for c, v in sorted(state.shadow_verdicts.items())})
 
 
 def _wave_state(state: RolloutState, number: int, counts: Mapping[str, int]) -> str:
@@ -734,6 +783,7 @@ class Fleet:
         variants: str = "off",
         pins: Optional[Mapping[str, str]] = None,
         probe_devices_per_class: int = 2,
+        shadow: Optional[ShadowSpec] = None,
     ) -> Rollout:
         """Create a rollout of a stored release; the controller starts it on its next tick.
 
@@ -747,7 +797,11 @@ class Fleet:
         ``variants="auto"`` (a release with several variants): ``probe_devices_per_class``
         devices of each class first probe every variant, then each class gets the one that fits
         its budgets (device_profiles/<class>.yaml) with the best fidelity; ``pins`` (device class
-        -> variant name; they imply ``variants="auto"``) choose it for a class instead. Other
+        -> variant name; they imply ``variants="auto"``) choose it for a class instead.
+        ``shadow`` (:class:`~fleetlite.fleet.rollout.ShadowSpec`): before the first wave, the
+        targeted online devices run the release beside their active model; a class whose
+        verdict fails (agreement, latency cost, or no verdict in time) is stopped before any of
+        its devices switches, one that passes installs it (promoted, no download). Other
         arguments: see :class:`fleetlite.fleet.rollout.RolloutSpec` and docs/rollouts.md.
         """
         info = self.release(release_id)
@@ -790,7 +844,8 @@ class Fleet:
             on_failure=on_failure, wave_timeout_s=wave_timeout_s, gates=gates or GateSpec(),
             chunk_size=chunk_size, replace_offline=replace_offline,
             max_in_flight=max_in_flight, variants=variants, variant_names=names,
-            probe_devices_per_class=probe_devices_per_class, pins=pins, budgets=budgets)
+            probe_devices_per_class=probe_devices_per_class, pins=pins, budgets=budgets,
+            shadow=shadow)
         state = RolloutState()
         if paused:
             state = request(state, "pause", "created paused")
@@ -1055,7 +1110,35 @@ def _rollout_summary(rollout: Rollout) -> RolloutSummary:
                           variants=[VariantSummary(c, v.variant or "", v.pinned, v.reason,
                                                    [r for r in rows if r["class"] == c])
                                     for rows in [variant_rows(rollout)]
-                                    for c, v in sorted(rollout.variant_choices.items())])
+                                    for c, v in sorted(rollout.variant_choices.items())],
+                          shadow=[_shadow_cells(r) for r in rollout.shadow_rows()])
+
+
+def _within_budget(figures: Mapping[str, Any], ratio: Optional[float]) -> Optional[bool]:
+    """Whether shadowing kept the active model's p95 within its budget, as the shadow gate
+    judged it (None: not judged, too few requests overlapped a candidate run)."""
+    if ratio is None or not figures.get("latency_judged_devices"):
+        return None
+    worst = figures.get("worst_shadow_cost_ratio")
+    return worst is None or float(worst) <= ratio
+
+
+def _shadow_cells(row: Mapping[str, Any]) -> dict[str, str]:
+    """A shadow row (:meth:`Rollout.shadow_rows`) as the report's text cells."""
+    def ms(key: str) -> str:
+        value = row.get(key)
+        return "" if value is None else f"{value:.3f}"
+
+    agreement = row.get("agreement")
+    return {"class": str(row["class"]),
+            "verdict": str(row["verdict"]) + (f" ({', '.join(row['codes'])})"
+                                              if row.get("codes") else ""),
+            "agreement": "" if agreement is None else f"{agreement:.1%}",
+            "samples": str(row.get("samples", 0)),
+            "active_alone_p95_ms": ms("active_alone_p95_ms"),
+            "active_shadowed_p95_ms": ms("active_shadowed_p95_ms"),
+            "budget_p95_ms": ms("active_p95_budget_ms"),
+            "candidate_p95_ms": ms("candidate_p95_ms"), "reason": str(row.get("reason", ""))}
 
 
 def _budgets(classes: Iterable[str]) -> dict[str, ClassBudget]:

@@ -113,6 +113,8 @@ from fleetlite.fleet.rollout import (
     SEND_INSTALL,
     SEND_PROBE,
     SEND_ROLLBACK,
+    SEND_SHADOW,
+    SHADOW_VERDICT,
     DeviceView,
     OutcomeView,
     RolloutSpec,
@@ -146,6 +148,7 @@ from fleetlite.sdk.messages import (
     Telemetry,
 )
 from fleetlite.sdk.profile import ProfileRecord
+from fleetlite.sdk.shadow import ShadowReport
 from fleetlite.sdk.tls_hints import verify_failure_hint
 
 __all__ = ["INGEST_KINDS", "Controller", "check_broker", "main", "run_until_stopped"]
@@ -153,7 +156,7 @@ __all__ = ["INGEST_KINDS", "Controller", "check_broker", "main", "run_until_stop
 log = logging.getLogger("fleetlite.fleet.controller")
 
 INGEST_KINDS = (topics.STATUS, topics.BIRTH, topics.TELEMETRY, topics.PROFILE,
-                topics.OTA_STATUS, topics.COMMAND_RESPONSE, topics.EVENTS)
+                topics.OTA_STATUS, topics.COMMAND_RESPONSE, topics.EVENTS, topics.SHADOW)
 
 # Device statuses of a rollout that still wait for an answer from the device.
 _SENT = "sent"
@@ -179,7 +182,7 @@ _PARSERS: dict[str, Callable[[bytes], object]] = {
     topics.STATUS: Status.from_json, topics.BIRTH: Birth.from_json,
     topics.TELEMETRY: Telemetry.from_json, topics.PROFILE: ProfileRecord.from_json,
     topics.OTA_STATUS: OtaStatus.from_json, topics.COMMAND_RESPONSE: CommandResponse.from_json,
-    topics.EVENTS: Event.from_json,
+    topics.EVENTS: Event.from_json, topics.SHADOW: ShadowReport.from_json,
 }
 
 
@@ -702,6 +705,12 @@ class Controller:
             if refusal is None:
                 self.store.add_ota_status(report, received_at=received_at or time.time(),
                                           keep_per_release=limits.ota_statuses_per_release)
+        elif isinstance(report, ShadowReport):
+            # a shadow report speaks for the device on its topic only (it feeds a rollout's
+            # shadow gate: a forged one could pass or stop another device's class)
+            refusal = check_device_id(device_id, report.device_id, topics.SHADOW)
+            if refusal is None:
+                self.store.add_shadow_report(report, received_at=received_at or time.time())
         else:
             raise TypeError(f"no store for a {type(report).__name__}")
         return refusal
@@ -1004,7 +1013,12 @@ class Controller:
         outcomes = self.outcome_views.views(self.store, spec.release_id)
         outcomes += self._refusals(rollout_id, spec)
         profiles = self.profile_views.views(self.store, spec.model, classes)
-        decisions = decide(spec, state, devices, profiles, now, outcomes=outcomes)
+        # shadow reports only while a class waits for its verdict (the phase before wave 1)
+        shadow_reports = ([report for report, _ in self.store.shadow_reports(spec.release_id)]
+                          if spec.shadow is not None and state.current_wave == 0
+                          and not state.finished else [])
+        decisions = decide(spec, state, devices, profiles, now, outcomes=outcomes,
+                           shadow_reports=shadow_reports)
         if decisions:
             new_state = apply(state, decisions, now)
             changed = [dev for device_id, dev in new_state.devices.items()
@@ -1021,8 +1035,14 @@ class Controller:
                 target = decision.device_id or decision.device_class
                 log.info("rollout %s: %s%s: %s", rollout_id, decision.kind,
                          f" {target}" if target else "", decision.reason)
-                if decision.kind in (SEND_INSTALL, SEND_PROBE) and decision.device_id:
-                    # the engine's args: release_id, chunk_size, and variant or probe: true
+                if decision.kind == SHADOW_VERDICT:
+                    # a class the verdict stopped: end the shadow on its shadowing devices
+                    sends.extend((device_id, "shadow_stop", {"model": spec.model})
+                                 for device_id in decision.detail.get("stop", ()))
+                elif (decision.kind in (SEND_INSTALL, SEND_PROBE, SEND_SHADOW)
+                        and decision.device_id):
+                    # the engine's args: release_id, chunk_size, and variant, probe: true or
+                    # shadow: true with the shadow options
                     sends.append((decision.device_id, "ota_install",
                                   dict(decision.detail.get("args", {
                                       "release_id": spec.release_id,

@@ -263,6 +263,21 @@ MIGRATIONS: tuple[Migration, ...] = (
         "CREATE INDEX ota_status_finals ON ota_status (release_id, is_final, id)",
         "CREATE INDEX ota_status_received ON ota_status (release_id, received)",
     )),
+    Migration(11, "shadow reports", (
+        # fleetlite.shadow_report/1 as devices sent them (cumulative counts: a rollout's shadow
+        # gate reads the newest per device of a release); report_json is the whole message
+        """CREATE TABLE shadow_reports (
+            id {id},
+            device_id TEXT NOT NULL,
+            release_id TEXT NOT NULL,
+            model TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            ts DOUBLE PRECISION NOT NULL,
+            received DOUBLE PRECISION NOT NULL,
+            report_json TEXT NOT NULL
+        )""",
+        "CREATE INDEX shadow_reports_release ON shadow_reports (release_id, device_id, id)",
+    )),
 )
 
 

@@ -181,6 +181,10 @@ class RolloutSummary:
     created_at: Optional[float] = None
     gates: Sequence[str] = ()
     variants: Sequence[VariantSummary] = ()
+    shadow: Sequence[Mapping[str, str]] = ()
+    """Per device class of a shadow rollout, text cells keyed ``class``, ``verdict``,
+    ``agreement``, ``samples``, ``active_alone_p95_ms``, ``active_shadowed_p95_ms``,
+    ``budget_p95_ms``, ``candidate_p95_ms``, ``reason``."""
 
 
 @dataclass(frozen=True)
@@ -891,6 +895,8 @@ def _rollouts_section(data: ReportData) -> str:
             parts.append(f'<p class="gates">Gates: {gates}</p>')
         if r.variants:
             parts.append(_variants_html(r.variants))
+        if r.shadow:
+            parts.append(_shadow_html(r.shadow))
         parts.append('<div class="waves">')
         parts.extend(_wave_html(w) for w in r.waves)
         parts.append("</div>")
@@ -935,6 +941,30 @@ def _variants_html(variants: Sequence[VariantSummary]) -> str:
             '<th>Median p95 ms</th><th>Budget ms</th><th>Max peak RSS MB</th><th>Budget MB</th>'
             '<th>Min fidelity</th><th>Why not</th></tr></thead>'
             f'<tbody>{"".join(rows)}</tbody></table>')
+
+
+def _shadow_html(rows: Sequence[Mapping[str, str]]) -> str:
+    """Per class, the shadow verdict, agreement, samples and the active model's p95 alone vs
+    while shadowed vs its budget."""
+    body = "".join(
+        f'<tr data-class="{_e(r.get("class", ""))}">'
+        f'<td class="nowrap">{_e(r.get("class", ""))}</td>'
+        f'<td><span class="badge {_shadow_badge(r.get("verdict", "").split(" ")[0])}">'
+        f'{_e(r.get("verdict", ""))}</span></td>'
+        + "".join(f'<td class="num">{_e(r.get(k, ""))}</td>' for k in (
+            "agreement", "samples", "active_alone_p95_ms", "active_shadowed_p95_ms",
+            "budget_p95_ms", "candidate_p95_ms"))
+        + f'<td class="reason">{_e(r.get("reason", ""))}</td></tr>' for r in rows)
+    return ('<h4>Shadow evaluation</h4><table class="shadow"><thead><tr>'
+            '<th>Device class</th><th>Verdict</th><th class="num">Agreement</th>'
+            '<th class="num">Samples</th><th class="num">Active p95 alone ms</th>'
+            '<th class="num">Shadowed ms</th><th class="num">Budget ms</th>'
+            '<th class="num">Candidate p95 ms</th><th>Why</th></tr></thead>'
+            f'<tbody>{body}</tbody></table>')
+
+
+def _shadow_badge(verdict: str) -> str:
+    return {"pass": "good", "fail": "bad"}.get(verdict, "warn")
 
 
 # -- page --------------------------------------------------------------------------------------

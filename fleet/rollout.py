@@ -29,6 +29,8 @@ from fleetlite.fleet.gates import (
     evaluate_class,
     latest_profiles,
 )
+from fleetlite.fleet.shadow_gate import FAIL, ShadowVerdict, shadow_verdict
+from fleetlite.fleet.shadow_gate import PASS as SHADOW_PASS
 from fleetlite.fleet.variant_choice import (
     VariantBudget,
     VariantChoice,
@@ -37,6 +39,7 @@ from fleetlite.fleet.variant_choice import (
 )
 from fleetlite.sdk.chunks import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 from fleetlite.sdk.messages import OTA_OUTCOMES, OtaStatus
+from fleetlite.sdk.shadow import ShadowReport
 
 __all__ = [
     "ABORT",
@@ -61,6 +64,9 @@ __all__ = [
     "SEND_INSTALL",
     "SEND_PROBE",
     "SEND_ROLLBACK",
+    "SEND_SHADOW",
+    "SHADOW_RESULT",
+    "SHADOW_VERDICT",
     "START_WAVE",
     "SUCCEEDED_STATUSES",
     "VARIANT_MODES",
@@ -76,6 +82,8 @@ __all__ = [
     "RolloutSpec",
     "RolloutState",
     "Selector",
+    "ShadowProgress",
+    "ShadowSpec",
     "VariantBudget",
     "VariantChoice",
     "WaveSpec",
@@ -139,14 +147,23 @@ REFUSE = "refuse"
 SEND_PROBE = "send_probe"            # ota_install with probe: true (variants="auto")
 PROBE_RESULT = "probe_result"        # a probe's end: probed, failed or timed out
 CHOOSE_VARIANT = "choose_variant"    # a class's variant, or its exclusion, with the figures
+SEND_SHADOW = "send_shadow"          # ota_install with shadow: true (spec.shadow)
+SHADOW_RESULT = "shadow_result"      # a shadow install's end: shadowing, failed or timed out
+SHADOW_VERDICT = "shadow_verdict"    # a class's shadow verdict (pass, or stopped), the figures
 DECISION_KINDS = (ASSIGN, SEND_INSTALL, SEND_ROLLBACK, MARK, START_WAVE, GATE_PASSED,
                   GATE_TRIPPED, PAUSE, RESUME, ABORT, ROLLBACK, COMPLETE, REFUSE, SEND_PROBE,
-                  PROBE_RESULT, CHOOSE_VARIANT)
+                  PROBE_RESULT, CHOOSE_VARIANT, SEND_SHADOW, SHADOW_RESULT, SHADOW_VERDICT)
 
 # Variant selection (docs/rollouts.md, "Variants per device class").
 VARIANT_MODES = ("off", "auto")
 PROBED = "probed"                    # the OTA outcome of a probe install
 VARIANT_GATE = "variant"             # ClassGate.gate of a class no variant fits
+
+# Shadow evaluation (docs/rollouts.md, "Shadow evaluation").
+SHADOWING = "shadowing"              # the OTA outcome of a shadow install
+SHADOW_STOPPED = "stopped"           # a shadow the rollout ended with shadow_stop
+SHADOW_GATE = "shadow"               # ClassGate.gate of a class the shadow verdict stopped
+SHADOW_KINDS = ("classifier", "regressor", "lm")
 
 
 # -- the spec --------------------------------------------------------------------------------
@@ -305,6 +322,7 @@ class RolloutSpec:
     probe_devices_per_class: int = 2
     pins: Mapping[str, str] = field(default_factory=dict)
     budgets: Mapping[str, VariantBudget] = field(default_factory=dict)
+    shadow: Optional[ShadowSpec] = None
 
     @property
     def probing(self) -> bool:
@@ -362,6 +380,11 @@ class RolloutSpec:
             raise RolloutError(f"pinned variant(s) {', '.join(unknown)} are not in the release "
                                f"(its variants: {', '.join(self.variant_names)}): pin one of "
                                "those")
+        if self.shadow is not None and not isinstance(self.shadow, ShadowSpec):
+            raise RolloutError("shadow must be a ShadowSpec (or None)")
+        if self.shadow is not None and self.probing:
+            raise RolloutError("shadow evaluation and variants=\"auto\" do not go together "
+                               "yet: roll out one variant in shadow, or probe without shadow")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -388,6 +411,8 @@ class RolloutSpec:
                 "pins": dict(sorted(self.pins.items())),
                 "budgets": {c: b.to_dict() for c, b in sorted(self.budgets.items())}}
                if self.variants != "off" or self.variant_names else {}),
+            # only when set, so that a spec without shadow is stored as before
+            **({"shadow": self.shadow.to_dict()} if self.shadow is not None else {}),
         }
 
     @classmethod
@@ -423,7 +448,87 @@ class RolloutSpec:
             pins=dict(data.get("pins", {})),
             budgets={str(c): VariantBudget.from_dict(b)
                      for c, b in data.get("budgets", {}).items()},
+            shadow=(ShadowSpec.from_dict(data["shadow"]) if data.get("shadow") is not None
+                    else None),
         )
+
+
+@dataclass(frozen=True)
+class ShadowSpec:
+    """Shadow evaluation before any device switches: every targeted online device first runs
+    the release beside its active model (``ota_install`` with ``shadow: true``), and each
+    class's verdict from :func:`fleet.shadow_gate.shadow_verdict` decides whether its devices
+    install it (pass) or the class is stopped (fail, or no verdict within ``timeout_s``).
+
+    ``min_agreement``, ``min_samples`` and ``p95_budget_ratio`` are the gate's limits (``None``
+    switches the latency check off); ``sample_rate``, ``cpu_budget`` and the ratio are also
+    sent to the devices (``shadow_sample_rate``, ``shadow_cpu_budget``, ``shadow_p95_ratio``).
+    ``kind``: how outputs are compared, ``classifier`` (top-1), ``regressor`` (within
+    ``error_bound``) or ``lm`` (greedy tokens: a language model needs no kind, none is sent).
+    """
+
+    min_agreement: float = 0.98
+    min_samples: int = 200
+    p95_budget_ratio: Optional[float] = 1.25
+    sample_rate: float = 0.2
+    cpu_budget: float = 0.25
+    kind: str = "classifier"
+    error_bound: Optional[float] = None
+    timeout_s: float = 3600.0
+
+    def __post_init__(self) -> None:
+        if not (_is_number(self.min_agreement) and 0.0 <= self.min_agreement <= 1.0):
+            raise RolloutError(f"shadow min_agreement must be a fraction within 0..1, got "
+                               f"{self.min_agreement!r}")
+        if (isinstance(self.min_samples, bool) or not isinstance(self.min_samples, int)
+                or self.min_samples < 1):
+            raise RolloutError(f"shadow min_samples must be an integer >= 1, got "
+                               f"{self.min_samples!r}")
+        if self.p95_budget_ratio is not None and not (
+                _is_number(self.p95_budget_ratio) and 1.0 <= self.p95_budget_ratio <= 100.0):
+            raise RolloutError(f"shadow p95_budget_ratio must be within 1..100 (or None), got "
+                               f"{self.p95_budget_ratio!r}")
+        for name in ("sample_rate", "cpu_budget"):
+            value = getattr(self, name)
+            if not (_is_number(value) and 0.0 < value <= 1.0):
+                raise RolloutError(f"shadow {name} must be above 0 and at most 1, got "
+                                   f"{value!r}")
+        if self.kind not in SHADOW_KINDS:
+            raise RolloutError(f"shadow kind must be one of {', '.join(SHADOW_KINDS)}, got "
+                               f"{self.kind!r}")
+        if self.kind == "regressor" and not (_is_number(self.error_bound)
+                                             and self.error_bound is not None
+                                             and self.error_bound > 0):
+            raise RolloutError("a regressor shadow needs error_bound > 0: the largest absolute "
+                               "output difference that still agrees (--shadow-error-bound)")
+        if self.kind != "regressor" and self.error_bound is not None:
+            raise RolloutError("error_bound goes with the regressor kind only")
+        if not (_is_number(self.timeout_s) and self.timeout_s > 0):
+            raise RolloutError(f"shadow timeout_s must be a number > 0, got "
+                               f"{self.timeout_s!r}")
+
+    def install_args(self) -> dict[str, Any]:
+        """The shadow options of the ``ota_install`` (besides ``release_id``, ``chunk_size``)."""
+        args: dict[str, Any] = {"shadow": True, "shadow_sample_rate": self.sample_rate,
+                                "shadow_cpu_budget": self.cpu_budget}
+        if self.p95_budget_ratio is not None:
+            args["shadow_p95_ratio"] = self.p95_budget_ratio
+        if self.kind != "lm":
+            args["shadow_kind"] = self.kind
+        if self.error_bound is not None:
+            args["shadow_error_bound"] = self.error_bound
+        return args
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"min_agreement": self.min_agreement, "min_samples": self.min_samples,
+                "p95_budget_ratio": self.p95_budget_ratio, "sample_rate": self.sample_rate,
+                "cpu_budget": self.cpu_budget, "kind": self.kind,
+                "error_bound": self.error_bound, "timeout_s": self.timeout_s}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ShadowSpec:
+        known = {k: data[k] for k in cls().to_dict() if k in data}
+        return cls(**known)
 
 
 # -- inputs ----------------------------------------------------------------------------------
@@ -489,6 +594,21 @@ class ProbeProgress:
 
 
 @dataclass(frozen=True)
+class ShadowProgress:
+    """One device's shadow of the release: ``status`` is ``sent``, ``shadowing`` (its final
+    OTA status said so), ``failed`` (any other final status, ``code`` its reason, e.g.
+    ``shadow_unavailable``), ``timed_out`` or ``stopped`` (the rollout sent ``shadow_stop``)."""
+
+    device_id: str
+    device_class: str
+    status: str = SENT
+    reason: str = ""
+    code: str = ""
+    sent_at: Optional[float] = None
+    updated_at: Optional[float] = None
+
+
+@dataclass(frozen=True)
 class ClassGate:
     """The gate verdict for one device class in one wave. ``evaluated`` counts the installed
     devices it judged (the class is judged again if more install in the same wave)."""
@@ -534,6 +654,9 @@ class RolloutState:
     remove_model: bool = False  # rolled back by removing the model (it was the first version)
     probes: Mapping[str, ProbeProgress] = field(default_factory=dict)
     variant_choices: Mapping[str, VariantChoice] = field(default_factory=dict)
+    shadows: Mapping[str, ShadowProgress] = field(default_factory=dict)
+    # device class -> the shadow verdict: verdict, codes, reasons, figures, stopped devices
+    shadow_verdicts: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
@@ -564,6 +687,10 @@ class RolloutState:
             **({"variant_choices": {k: v.to_dict()
                                     for k, v in sorted(self.variant_choices.items())}}
                if self.variant_choices else {}),
+            **({"shadows": {k: vars(v).copy() for k, v in sorted(self.shadows.items())}}
+               if self.shadows else {}),
+            **({"shadow_verdicts": {k: dict(v) for k, v in sorted(self.shadow_verdicts.items())}}
+               if self.shadow_verdicts else {}),
         }
 
     @classmethod
@@ -593,6 +720,8 @@ class RolloutState:
                 probes={k: ProbeProgress(**v) for k, v in data.get("probes", {}).items()},
                 variant_choices={k: VariantChoice.from_dict(v)
                                  for k, v in data.get("variant_choices", {}).items()},
+                shadows={k: ShadowProgress(**v) for k, v in data.get("shadows", {}).items()},
+                shadow_verdicts={k: dict(v) for k, v in data.get("shadow_verdicts", {}).items()},
             )
         except (KeyError, TypeError) as exc:
             raise RolloutError(f"stored rollout state is malformed ({exc})") from exc
@@ -688,6 +817,7 @@ class _Inputs:
     profiles: Sequence[ProfileView]
     now: float
     probe_outcomes: Mapping[str, Sequence[OutcomeView]] = field(default_factory=dict)
+    shadow_reports: Sequence[ShadowReport] = ()
 
 
 def decide(
@@ -698,25 +828,30 @@ def decide(
     now: float,
     *,
     outcomes: Sequence[OutcomeView],
+    shadow_reports: Sequence[ShadowReport] = (),
 ) -> list[Decision]:
     """Everything to do now, in order. Pure: the same arguments give the same decisions.
 
     ``devices``: every registered device (the selector is applied here). ``profiles``: profile
     records of ``spec.model``, of the new and the previous version (the previous version's are
     the gate baseline). ``outcomes``: final OTA statuses of ``spec.release_id``, ``ts`` on the
-    controller's clock. Rules run until none has anything to add, so
-    ``decide(spec, apply(state, decisions, now), ...)`` with the same inputs returns ``[]``.
+    controller's clock. ``shadow_reports``: the devices' shadow reports of ``spec.release_id``
+    (the newest per device counts; only read when ``spec.shadow`` is set). Rules run until
+    none has anything to add, so ``decide(spec, apply(state, decisions, now), ...)`` with the
+    same inputs returns ``[]``.
     """
     history: dict[str, list[OutcomeView]] = {}
     probe_history: dict[str, list[OutcomeView]] = {}  # every final status, probed included
     for outcome in sorted(outcomes, key=lambda o: o.ts):
         if outcome.release_id == spec.release_id and outcome.outcome in OTA_OUTCOMES:
             probe_history.setdefault(outcome.device_id, []).append(outcome)
-            if outcome.outcome != PROBED:
+            if outcome.outcome not in (PROBED, SHADOWING):
                 history.setdefault(outcome.device_id, []).append(outcome)
     inputs = _Inputs(views={d.device_id: d for d in devices}, outcomes=history,
                      profiles=[p for p in profiles if p.model == spec.model], now=now,
-                     probe_outcomes=probe_history)
+                     probe_outcomes=probe_history,
+                     shadow_reports=[r for r in shadow_reports
+                                     if r.release_id == spec.release_id])
     work = state
     decided: list[Decision] = []
     budget = 16 * (len(state.devices) + len(devices) + len(spec.waves)) + 64
@@ -976,6 +1111,11 @@ def _paused_class_rule(spec: RolloutSpec, st: RolloutState, inputs: _Inputs) -> 
     for dev in _sorted(st.devices.values()):
         gate = st.paused_classes.get(dev.device_class)
         if gate is not None and dev.status in (PENDING, WAITING_OFFLINE):
+            if gate.gate == SHADOW_GATE:
+                found.append(_mark(dev, EXCLUDED, "shadow_stopped",
+                                   f"{dev.device_id} is not sent: class {dev.device_class} was "
+                                   "stopped by its shadow verdict"))
+                continue
             if gate.gate == VARIANT_GATE:
                 found.append(_mark(dev, EXCLUDED, "no_variant",
                                    f"{dev.device_id} is not sent: no variant of the release "
@@ -1179,6 +1319,12 @@ def _advance_rule(spec: RolloutSpec, st: RolloutState, inputs: _Inputs) -> list[
         return []  # the probe wave: every class's variant is chosen first
     elif spec.probing and st.devices:
         passed = "the rollout starts, every class's variant chosen"
+    elif spec.shadow is not None and st.devices and (
+            {d.device_class for d in st.devices.values()}
+            - set(st.shadow_verdicts) - set(st.paused_classes)):
+        return []  # the shadow phase: every class's verdict first
+    elif spec.shadow is not None and st.devices:
+        passed = "the rollout starts after the shadow verdicts"
     following = [d.wave for d in st.devices.values() if d.wave > wave]
     if not following:
         if wave == 0:
@@ -1188,6 +1334,7 @@ def _advance_rule(spec: RolloutSpec, st: RolloutState, inputs: _Inputs) -> list[
         summary = ", ".join(f"{n} {status}" for status, n in counts.items())
         excluded = "".join(
             f"; class {c} was excluded: no variant was chosen for it" if g.gate == VARIANT_GATE
+            else f"; class {c} was stopped by its shadow verdict" if g.gate == SHADOW_GATE
             else f"; class {c} was excluded by the {g.gate} gate in wave {g.wave}"
             for c, g in sorted(st.paused_classes.items()))
         if st.paused_classes and not any(d.status in SUCCEEDED_STATUSES
@@ -1209,11 +1356,150 @@ def _advance_rule(spec: RolloutSpec, st: RolloutState, inputs: _Inputs) -> list[
                      detail={"devices": size, "excluded": left_out, "previous_wave": wave})]
 
 
+# -- shadow evaluation -----------------------------------------------------------------------
+
+
+def _shadowing_phase(spec: RolloutSpec, st: RolloutState) -> bool:
+    return (spec.shadow is not None and st.state == RUNNING and st.current_wave == 0
+            and bool(st.devices))
+
+
+def _shadow_rule(spec: RolloutSpec, st: RolloutState, inputs: _Inputs) -> list[Decision]:
+    """The shadow phase: before the first wave, every targeted online device of a class without
+    a verdict is sent ``ota_install`` with ``shadow: true`` (once; a device that comes online
+    later in the phase is sent it then). Nothing is installed: the candidate runs beside the
+    active model and only agreement and latency figures come back."""
+    if not _shadowing_phase(spec, st):
+        return []
+    assert spec.shadow is not None
+    found = []
+    for dev in sorted(st.devices.values(), key=lambda d: (d.wave, d.device_id)):
+        if (dev.device_id in st.shadows or dev.device_class in st.shadow_verdicts
+                or dev.device_class in st.paused_classes or not _online(inputs, dev.device_id)):
+            continue
+        found.append(Decision(
+            SEND_SHADOW, f"shadow install sent to {dev.device_id}: it runs {spec.model} "
+            f"v{spec.version} beside its active model on live requests and switches nothing",
+            device_id=dev.device_id, device_class=dev.device_class,
+            detail={"command": "ota_install",
+                    "args": {"release_id": spec.release_id, "chunk_size": spec.chunk_size,
+                             **spec.shadow.install_args()}}))
+    return found
+
+
+def _shadow_outcome_rule(spec: RolloutSpec, st: RolloutState,
+                         inputs: _Inputs) -> list[Decision]:
+    """A shadow install ends with its device's first final status since it was sent:
+    ``shadowing``, or anything else (failed, with its reason), or none within
+    ``wave_timeout_s`` (timed out)."""
+    found = []
+    for sh in sorted(st.shadows.values(), key=lambda p: p.device_id):
+        if sh.status != SENT or sh.sent_at is None:
+            continue
+        answer = next((o for o in inputs.probe_outcomes.get(sh.device_id, ())
+                       if o.ts >= sh.sent_at), None)
+        if answer is not None and answer.outcome == SHADOWING:
+            reason = f"{sh.device_id} is shadowing {spec.model} v{spec.version}"
+            detail = {"status": SHADOWING, "code": ""}
+        elif answer is not None:
+            code = answer.reason or answer.outcome
+            more = f": {answer.message}" if answer.message else ""
+            reason = (f"{sh.device_id}'s shadow install ended {answer.outcome} ({code}){more}; "
+                      "it is left out of the shadow verdict")
+            detail = {"status": FAILED, "code": code}
+        elif inputs.now >= sh.sent_at + spec.wave_timeout_s:
+            reason = (f"{sh.device_id} did not start shadowing within {spec.wave_timeout_s:g} "
+                      "s; it is left out of the shadow verdict")
+            detail = {"status": TIMED_OUT, "code": "timeout"}
+        else:
+            continue
+        found.append(Decision(SHADOW_RESULT, reason, device_id=sh.device_id,
+                              device_class=sh.device_class, detail=detail))
+    return found
+
+
+def _shadow_verdict_rule(spec: RolloutSpec, st: RolloutState,
+                         inputs: _Inputs) -> list[Decision]:
+    """Each class's verdict from the newest shadow report of each of its shadowing devices
+    (:func:`fleet.shadow_gate.shadow_verdict`): fail stops the class at once (``shadow_stop``
+    to its shadowing devices; its devices are excluded, none switched); pass once none of its
+    shadow installs is still unanswered and (with a ``p95_budget_ratio``) the latency cost
+    could be judged on at least one device; waiting past ``timeout_s`` since the class's first
+    shadow install stops it too, naming the samples seen. A class none of whose devices could
+    shadow (every shadow install failed or timed out) is stopped."""
+    if not _shadowing_phase(spec, st):
+        return []
+    assert spec.shadow is not None
+    shadow = spec.shadow
+    found = []
+    for cls in sorted({d.device_class for d in st.devices.values()}
+                      - set(st.shadow_verdicts) - set(st.paused_classes)):
+        members = [p for p in st.shadows.values() if p.device_class == cls]
+        if not members:
+            continue  # none online yet: the class waits (and its first send starts its clock)
+        active = {p.device_id for p in members if p.status == SHADOWING}
+        unanswered = any(p.status == SENT for p in members)
+        started = min(p.sent_at or inputs.now for p in members)
+        reports = [r for r in inputs.shadow_reports if r.device_id in active]
+        try:
+            verdict = shadow_verdict({cls: reports}, min_agreement=shadow.min_agreement,
+                                     min_samples=shadow.min_samples,
+                                     p95_budget_ratio=shadow.p95_budget_ratio)[cls]
+        except RolloutError as exc:  # reports about different candidates: a bug upstream
+            verdict = ShadowVerdict(cls, FAIL, ("bad_reports",), (str(exc),), {})
+        failed = sorted(p.device_id for p in members if p.status in (FAILED, TIMED_OUT))
+        figures = {**dict(verdict.figures), "failed_devices": failed,
+                   "shadowing_devices": sorted(active)}
+        stop = sorted(active)
+        if verdict.verdict == FAIL:
+            reason = (f"shadow verdict for class {cls}: fail ({'; '.join(verdict.reasons)}); "
+                      f"stopping the shadow on {len(stop)} device(s) and excluding the class "
+                      "before any device switches")
+        elif (verdict.verdict == SHADOW_PASS and not unanswered
+              and (shadow.p95_budget_ratio is None
+                   or figures.get("latency_judged_devices", 0) > 0)):
+            reason = (f"shadow verdict for class {cls}: pass ({'; '.join(verdict.reasons)}); "
+                      "its devices install the release in their waves (a shadowing device "
+                      "promotes the kept files, no download)")
+            stop = []
+        elif not unanswered and not active:
+            verdict = ShadowVerdict(cls, FAIL, ("no_shadow",), (), verdict.figures)
+            reason = (f"no device of class {cls} could shadow {spec.model} v{spec.version} "
+                      f"({', '.join(f'{p.device_id}: {p.code or p.status}' for p in members)}); "
+                      "the class is excluded before any device switches")
+        elif inputs.now >= started + shadow.timeout_s:
+            samples = figures.get("samples", 0)
+            latency = ""
+            if verdict.verdict == SHADOW_PASS:
+                latency = (f"; the latency cost was judged on no device (fewer than "
+                           f"{figures.get('min_latency_samples')} requests of the active "
+                           "model overlapped a candidate run)")
+            why = "; ".join(verdict.reasons) or "no reports"
+            verdict = ShadowVerdict(cls, FAIL, ("shadow_timeout",), (), verdict.figures)
+            reason = (f"no shadow verdict for class {cls} within {shadow.timeout_s:g} s: "
+                      f"{samples} sample(s) seen of the {shadow.min_samples} needed "
+                      f"({why}){latency}; stopping the shadow on {len(stop)} device(s) and "
+                      "excluding the class")
+        else:
+            continue
+        found.append(Decision(SHADOW_VERDICT, reason, device_class=cls, detail={
+            "verdict": verdict.verdict, "codes": list(verdict.codes),
+            "reasons": list(verdict.reasons), "figures": _plain(figures), "stop": stop,
+            "command": "shadow_stop", "args": {"model": spec.model}}))
+    return found
+
+
+def _plain(figures: Mapping[str, Any]) -> dict[str, Any]:
+    """Figures as JSON data (tuples as lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in figures.items()}
+
+
 _Rule = Callable[[RolloutSpec, RolloutState, _Inputs], list[Decision]]
 # The order matters: observations first, then gates (so a class that trips is left out of the
 # wave's thresholds), rollbacks, sends, and last the wave's verdict.
-_RULES: tuple[_Rule, ...] = (_operator_rule, _plan_rule, _probe_rule, _outcome_rule,
-                             _probe_outcome_rule, _timeout_rule, _choose_rule, _membership_rule,
+_RULES: tuple[_Rule, ...] = (_operator_rule, _plan_rule, _probe_rule, _shadow_rule,
+                             _outcome_rule, _probe_outcome_rule, _shadow_outcome_rule,
+                             _shadow_verdict_rule, _timeout_rule, _choose_rule, _membership_rule,
                              _paused_class_rule, _gate_rule, _rollback_rule, _returning_rule,
                              _start_rule, _advance_rule)
 
@@ -1228,6 +1514,8 @@ def apply(state: RolloutState, decisions: Iterable[Decision], now: float) -> Rol
     gates = dict(state.gates)
     probes = dict(state.probes)
     choices = dict(state.variant_choices)
+    shadows = dict(state.shadows)
+    shadow_verdicts = dict(state.shadow_verdicts)
     s = replace(state)
     for d in decisions:
         if d.kind == ASSIGN:
@@ -1269,6 +1557,32 @@ def apply(state: RolloutState, decisions: Iterable[Decision], now: float) -> Rol
             if choice.excluded:
                 paused_classes[choice.device_class] = ClassGate(
                     0, choice.device_class, False, 0, VARIANT_GATE, d.reason)
+        elif d.kind == SEND_SHADOW:
+            device_id = _need(d.device_id)
+            shadows[device_id] = ShadowProgress(device_id, _need(d.device_class), SENT,
+                                                d.reason, "sent", now, now)
+        elif d.kind == SHADOW_RESULT:
+            device_id = _need(d.device_id)
+            if device_id not in shadows:
+                raise RolloutError(f"decision {d.kind} for {device_id}, which was not sent a "
+                                   "shadow install")
+            shadows[device_id] = replace(shadows[device_id], status=d.detail["status"],
+                                         reason=d.reason, code=d.detail.get("code", ""),
+                                         updated_at=now)
+        elif d.kind == SHADOW_VERDICT:
+            cls = _need(d.device_class)
+            shadow_verdicts[cls] = {"verdict": d.detail["verdict"],
+                                    "codes": list(d.detail.get("codes", ())),
+                                    "reasons": list(d.detail.get("reasons", ())),
+                                    "figures": dict(d.detail.get("figures", {})),
+                                    "stopped": list(d.detail.get("stop", ())),
+                                    "reason": d.reason, "decided_at": now}
+            if d.detail["verdict"] != SHADOW_PASS:
+                paused_classes[cls] = ClassGate(0, cls, False, 0, SHADOW_GATE, d.reason)
+            for device_id in d.detail.get("stop", ()):
+                if device_id in shadows:
+                    shadows[device_id] = replace(shadows[device_id], status=SHADOW_STOPPED,
+                                                 code="shadow_stop", updated_at=now)
         elif d.kind in (GATE_PASSED, GATE_TRIPPED):
             verdict = ClassGate(_need(d.wave), _need(d.device_class), d.kind == GATE_PASSED,
                                 int(d.detail.get("evaluated", 0)), d.detail.get("gate", ""),
@@ -1293,7 +1607,8 @@ def apply(state: RolloutState, decisions: Iterable[Decision], now: float) -> Rol
         if d.detail.get("operator"):
             s = replace(s, operator_requests=s.operator_requests[1:])
     return replace(s, devices=devices, paused_classes=paused_classes, gates=gates,
-                   probes=probes, variant_choices=choices)
+                   probes=probes, variant_choices=choices, shadows=shadows,
+                   shadow_verdicts=shadow_verdicts)
 
 
 # -- helpers ---------------------------------------------------------------------------------

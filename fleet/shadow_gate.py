@@ -143,6 +143,12 @@ def _verdict(device_class: str, reports: list[ShadowReport], min_agreement: floa
 
     worst = _worst_shadow_cost(reports, p95_floor_ms, min_latency_samples)
     figures["worst_shadow_cost_ratio"] = worst[1] if worst else None
+    # devices whose latencies the cost check could judge (enough requests of both kinds)
+    figures["latency_judged_devices"] = sum(
+        r.active_alone_count >= min_latency_samples
+        and r.active_shadowed_count >= min_latency_samples for r in reports)
+    figures["active_shadowed_count"] = sum(r.active_shadowed_count for r in reports)
+    figures["min_latency_samples"] = min_latency_samples
     if worst is not None and p95_budget_ratio is not None and worst[1] > p95_budget_ratio:
         device, ratio, alone, shadowed = worst
         codes.append(SHADOW_COST)

@@ -27,7 +27,7 @@ import threading
 import time
 import urllib.parse
 import uuid
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Protocol, Union
@@ -56,6 +56,7 @@ from fleetlite.sdk.messages import (
     encode,
 )
 from fleetlite.sdk.profile import ProfileRecord
+from fleetlite.sdk.shadow import ShadowReport
 
 if TYPE_CHECKING:
     import psycopg
@@ -1568,6 +1569,60 @@ class Store:
                 "ORDER BY id DESC LIMIT ?", (*params, limit)).rows
         return [EventRecord(int(r[0]), str(r[1]), float(r[2]), float(r[3]), str(r[4]),
                             str(r[5]), _load_object(r[6])) for r in reversed(rows)]
+
+    # -- shadow reports ----------------------------------------------------------------------
+
+    def add_shadow_report(self, report: ShadowReport, *, received_at: float,
+                          keep_per_device: Optional[int] = 50) -> int:
+        """Store a device's ``fleetlite.shadow_report/1``; returns its id. Counts in a report
+        are cumulative, so only the newest matter: ``keep_per_device`` keeps about that many of
+        the device's reports of this release (pruned once the bound is passed by a tenth).
+        Inside :meth:`batch`, many reports share one transaction."""
+        with self._transaction(write=True) as db:
+            rows = db.execute(
+                """INSERT INTO shadow_reports (device_id, release_id, model, version, ts,
+                    received, report_json) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id""",
+                (report.device_id, report.release_id, report.model, report.version, report.ts,
+                 received_at, report.to_json().decode())).rows
+            new_id = int(rows[0][0])
+            if keep_per_device is not None:
+                count = db.execute("SELECT COUNT(*) FROM shadow_reports WHERE release_id = ? "
+                                   "AND device_id = ?",
+                                   (report.release_id, report.device_id)).rows[0][0]
+                if int(count) > keep_per_device + max(1, keep_per_device // 10):
+                    db.execute(
+                        """DELETE FROM shadow_reports WHERE release_id = ? AND device_id = ?
+                        AND id NOT IN (SELECT id FROM shadow_reports WHERE release_id = ? AND
+                        device_id = ? ORDER BY id DESC LIMIT ?)""",
+                        (report.release_id, report.device_id, report.release_id,
+                         report.device_id, keep_per_device))
+            return new_id
+
+    def add_shadow_reports(self, reports: Iterable[tuple[ShadowReport, float]]) -> int:
+        """Store ``(report, received_at)`` pairs in one transaction; returns how many."""
+        stored = 0
+        with self.batch():
+            for report, received_at in reports:
+                self.add_shadow_report(report, received_at=received_at)
+                stored += 1
+        return stored
+
+    def shadow_reports(self, release_id: str, *, newest_per_device: bool = True
+                       ) -> list[tuple[ShadowReport, float]]:
+        """``(report, received)`` of a release's shadow reports, by device then arrival: the
+        newest per device only (what the shadow gate reads), or all that are kept."""
+        with self._transaction(write=False) as db:
+            rows = db.execute(
+                "SELECT device_id, report_json, received FROM shadow_reports "
+                "WHERE release_id = ? ORDER BY device_id, id", (release_id,)).rows
+        found: list[tuple[ShadowReport, float]] = []
+        for row in rows:
+            item = (ShadowReport.from_json(str(row[1]).encode()), float(row[2]))
+            if newest_per_device and found and found[-1][0].device_id == str(row[0]):
+                found[-1] = item
+            else:
+                found.append(item)
+        return found
 
     # -- rollouts ----------------------------------------------------------------------------
 

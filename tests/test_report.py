@@ -398,6 +398,20 @@ def test_report_shows_each_class_variant_and_its_figures() -> None:
     assert "median p95 210.0 ms &gt; budget 150 ms" in doc and "0.970" in doc
 
 
+def test_a_shadow_rollout_shows_each_class_verdict_and_p95_figures() -> None:
+    rows = [{"class": "raspberry-pi-4", "verdict": "fail (low_agreement)", "agreement": "91.2%",
+             "samples": "240", "active_alone_p95_ms": "0.450", "active_shadowed_p95_ms": "0.510",
+             "budget_p95_ms": "0.563", "candidate_p95_ms": "0.620",
+             "reason": "shadow verdict for class raspberry-pi-4: fail"},
+            {"class": "jetson-orin-nano", "verdict": "pass", "agreement": "100.0%"}]
+    rollout = RolloutSummary("ro-s", "home-lm", 2, "aborted", shadow=rows)
+    doc = render_report(ReportData(generated_at=NOW, rollouts=[rollout]))
+    assert "Shadow evaluation" in doc and "Active p95 alone ms" in doc
+    assert '<span class="badge bad">fail (low_agreement)</span>' in doc
+    assert '<span class="badge good">pass</span>' in doc
+    assert "0.563" in doc and "91.2%" in doc
+
+
 def test_empty_report_renders() -> None:
     doc = render_report(ReportData(generated_at=NOW))
     root = parse(doc)

@@ -611,7 +611,9 @@ def test_manifest_is_retained_again_after_a_broker_restart(broker: Mosquitto,
             found = seen.on_topic("/manifest")
         finally:
             seen.stop()
-        if found:
-            assert found[0].retain and found[0].payload == bundle.envelope_bytes()
+        # a live copy (retain false) means the republish came while this one was subscribed:
+        # the next fresh subscriber tells whether it was retained
+        if found and found[0].retain:
+            assert found[0].payload == bundle.envelope_bytes()
             return
         assert time.monotonic() < deadline, "the manifest was not retained again"

@@ -16,9 +16,9 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, TypeVar, Union
 
 from fleetlite.fleet.errors import RolloutError
 from fleetlite.fleet.gates import (
@@ -962,16 +962,38 @@ def _probe_rule(spec: RolloutSpec, st: RolloutState, inputs: _Inputs) -> list[De
     return found
 
 
+_Answerable = TypeVar("_Answerable", ProbeProgress, ShadowProgress)
+
+
+def _answers(sent: Iterable[_Answerable], inputs: _Inputs, timeout_s: float
+             ) -> Iterator[tuple[_Answerable, Optional[OutcomeView]]]:
+    """Each sent probe or shadow install, by device, with its device's first final status
+    since the send, or None once ``timeout_s`` passed without one (those still waiting are
+    left out)."""
+    for entry in sorted(sent, key=lambda e: e.device_id):
+        if entry.status != SENT or entry.sent_at is None:
+            continue
+        answer = next((o for o in inputs.probe_outcomes.get(entry.device_id, ())
+                       if o.ts >= entry.sent_at), None)
+        if answer is None and inputs.now < entry.sent_at + timeout_s:
+            continue
+        yield entry, answer
+
+
+def _ended(device_id: str, what: str, answer: OutcomeView) -> tuple[str, dict[str, Any]]:
+    """The reason and detail of ``what`` that ended other than as asked (a failure)."""
+    code = answer.reason or answer.outcome
+    more = f": {answer.message}" if answer.message else ""
+    return (f"{device_id}'s {what} ended {answer.outcome} ({code}){more}",
+            {"status": FAILED, "code": code})
+
+
 def _probe_outcome_rule(spec: RolloutSpec, st: RolloutState,
                         inputs: _Inputs) -> list[Decision]:
     """A probe ends with its device's first final status since it was sent (``probed``, or
     any other outcome as a failure), or after ``wave_timeout_s`` without one."""
     found = []
-    for probe in sorted(st.probes.values(), key=lambda p: p.device_id):
-        if probe.status != SENT or probe.sent_at is None:
-            continue
-        answer = next((o for o in inputs.probe_outcomes.get(probe.device_id, ())
-                       if o.ts >= probe.sent_at), None)
+    for probe, answer in _answers(st.probes.values(), inputs, spec.wave_timeout_s):
         detail: dict[str, Any]
         if answer is not None and answer.outcome == PROBED:
             variants = answer.progress.get("variants")
@@ -982,17 +1004,12 @@ def _probe_outcome_rule(spec: RolloutSpec, st: RolloutState,
                       f"{probe.device_class}; passed: {', '.join(passed) or 'none'}")
             detail = {"status": PROBED, "code": "", "variants": measured}
         elif answer is not None:
-            code = answer.reason or answer.outcome
-            reason = (f"{probe.device_id}'s probe ended {answer.outcome} ({code})"
-                      + (f": {answer.message}" if answer.message else "")
-                      + "; its figures are left out of the choice")
-            detail = {"status": FAILED, "code": code}
-        elif inputs.now >= probe.sent_at + spec.wave_timeout_s:
+            reason, detail = _ended(probe.device_id, "probe", answer)
+            reason += "; its figures are left out of the choice"
+        else:
             reason = (f"{probe.device_id} sent no probe result within {spec.wave_timeout_s:g} s: "
                       "its figures are left out of the choice")
             detail = {"status": TIMED_OUT, "code": "timeout"}
-        else:
-            continue
         found.append(Decision(PROBE_RESULT, reason, device_id=probe.device_id,
                               device_class=probe.device_class, detail=detail))
     return found
@@ -1393,26 +1410,18 @@ def _shadow_outcome_rule(spec: RolloutSpec, st: RolloutState,
     ``shadowing``, or anything else (failed, with its reason), or none within
     ``wave_timeout_s`` (timed out)."""
     found = []
-    for sh in sorted(st.shadows.values(), key=lambda p: p.device_id):
-        if sh.status != SENT or sh.sent_at is None:
-            continue
-        answer = next((o for o in inputs.probe_outcomes.get(sh.device_id, ())
-                       if o.ts >= sh.sent_at), None)
+    for sh, answer in _answers(st.shadows.values(), inputs, spec.wave_timeout_s):
+        detail: dict[str, Any]
         if answer is not None and answer.outcome == SHADOWING:
             reason = f"{sh.device_id} is shadowing {spec.model} v{spec.version}"
             detail = {"status": SHADOWING, "code": ""}
         elif answer is not None:
-            code = answer.reason or answer.outcome
-            more = f": {answer.message}" if answer.message else ""
-            reason = (f"{sh.device_id}'s shadow install ended {answer.outcome} ({code}){more}; "
-                      "it is left out of the shadow verdict")
-            detail = {"status": FAILED, "code": code}
-        elif inputs.now >= sh.sent_at + spec.wave_timeout_s:
+            reason, detail = _ended(sh.device_id, "shadow install", answer)
+            reason += "; it is left out of the shadow verdict"
+        else:
             reason = (f"{sh.device_id} did not start shadowing within {spec.wave_timeout_s:g} "
                       "s; it is left out of the shadow verdict")
             detail = {"status": TIMED_OUT, "code": "timeout"}
-        else:
-            continue
         found.append(Decision(SHADOW_RESULT, reason, device_id=sh.device_id,
                               device_class=sh.device_class, detail=detail))
     return found

@@ -49,12 +49,14 @@ NO_GATES = GateSpec(max_p95_regression=None, min_profiles=0)
 DISAGREE = ShadowSpec(min_agreement=0.98, min_samples=10, sample_rate=0.5, cpu_budget=1.0,
                       kind="lm", timeout_s=120.0, p95_budget_ratio=None)
 # (b) is judged on agreement and on what shadowing costs the active model. A decode step here
-# takes ~0.5 ms; two agents, their candidates and the test's clients share 2 cores, so a step
-# that overlaps a candidate run can wait a scheduler slice: measured x1.1-x1.6 (x3.9 once, the
-# machine busy elsewhere). A real gateway's budget is the default x1.25; this one is x4, and the
-# figures are asserted to be judged (>= 20 overlapped steps on a device) and within it.
+# takes ~0.5 ms; two agents, their candidates and the test's clients share 2 cores, and a step
+# that overlaps a candidate run in the same process can wait for the GIL (a switch interval is
+# 5 ms): measured x1.1-x1.6 on a quiet machine, x3.9 once, x9.8 beside two CPU hogs. A real
+# gateway's budget is the default x1.25; this one is x20, so that the test checks the figures
+# are judged (>= 20 overlapped steps on a device) and within the budget on a loaded machine
+# too (a cost over budget failing the class is tested in test_rollout_shadow).
 AGREE = ShadowSpec(min_agreement=0.98, min_samples=10, sample_rate=0.5, cpu_budget=1.0,
-                   kind="lm", timeout_s=120.0, p95_budget_ratio=4.0)
+                   kind="lm", timeout_s=120.0, p95_budget_ratio=20.0)
 
 
 def release(model: str, version: int) -> ReleaseBundle:
@@ -191,7 +193,7 @@ def test_a_disagreeing_candidate_stops_before_any_switch_and_an_agreeing_one_is_
             assert passed["latency_judged_devices"] >= 1 and passed["within_budget"] is True
             assert passed["active_alone_p95_ms"] > 0 and passed["active_shadowed_p95_ms"] > 0
             assert passed["active_p95_budget_ms"] == pytest.approx(
-                passed["active_alone_p95_ms"] * 4.0)
+                passed["active_alone_p95_ms"] * 20.0)
             for device_id in DEVICES:
                 assert active_version(site, device_id) == 3
             # the shadow install downloaded the release once; the promotion did not again

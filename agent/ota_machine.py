@@ -119,7 +119,8 @@ def request_window(chunk_size: int) -> int:
 
 @dataclass(frozen=True)
 class Settings:
-    """The machine's timings and limits (the device's OtaSettings, minus what only I/O needs)."""
+    """The machine's timings and limits (:class:`fleetlite.agent.ota.OtaSettings` adds the
+    driver's own to these)."""
 
     manifest_timeout_s: float = 30.0
     chunk_idle_s: float = 5.0

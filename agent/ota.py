@@ -1024,6 +1024,9 @@ class OtaManager:
 
         ref = action.delta
         staging = self.store.staging_dir(job.release_id)
+        if (staging / ref.file).is_file() and not (staging / ref.delta).exists():
+            # rebuilt before a restart or kept from a shadow: verifying checks its hash next
+            return machine.Done()
         base = self._have.get(ref.base_sha256)
         try:
             if base is None:
@@ -1095,8 +1098,10 @@ class OtaManager:
                 if not (staging / path.name).exists():
                     shutil.copyfile(path, staging / path.name)
             remove_tree(kept)
-        if all((staging / name).is_file() for name in action.fetch):
-            return machine.DownloadOpened(None, time.monotonic())  # finalized before a restart
+        if any(names and all((staging / name).is_file() for name in names)
+               for names in (action.fetch, action.final)):
+            # finalized before a restart, or the files a shadow kept (a delta's rebuild too)
+            return machine.DownloadOpened(None, time.monotonic())
         self._download = ChunkStore(staging, action.manifest, action.chunk_size,
                                     auto_persist=False, fetch=action.fetch)
         return machine.DownloadOpened(self._download.bitmap(), time.monotonic())

@@ -97,7 +97,7 @@ from fleetlite.sdk.manifest import Manifest, Variant
 from fleetlite.sdk.messages import Event, OtaStatus
 from fleetlite.sdk.runtime.errors import ModelRuntimeError
 from fleetlite.sdk.trust import Root, load_trusted_root, update_root
-from fleetlite.sdk.verify import DEFAULT_LIMITS, Limits, TimeFloor
+from fleetlite.sdk.verify import TimeFloor
 from fleetlite.sdk.version import BUILD_TIME, __version__
 
 log = logging.getLogger("fleetlite.agent.ota")
@@ -148,17 +148,14 @@ _NOT_THE_RELEASE = (DISK_FULL, INTERNAL, "staging_io_error")
 
 
 @dataclass(frozen=True)
-class OtaSettings:
-    """Timings and limits of the device side; defaults suit gateways on a reasonable network."""
+class OtaSettings(machine.Settings):
+    """Timings and limits of the device side; defaults suit gateways on a reasonable network.
 
-    manifest_timeout_s: float = 30.0
-    chunk_idle_s: float = 5.0
-    max_requests_without_progress: int = 10
-    download_deadline_s: float = 3600.0
+    The state machine's own (manifest, download and health timings, the verification limits)
+    are inherited from :class:`fleetlite.agent.ota_machine.Settings`, which it is given as is;
+    these are the driver's."""
+
     smoke_timeout_s: float = 120.0
-    health_inferences: int = 20
-    health_timeout_s: float = 30.0
-    limits: Limits = DEFAULT_LIMITS
     # a failed install re-sent within this time is answered with its final status, not re-run
     ended_memory_s: float = 600.0
     shadow_report_s: float = 30.0  # how often a shadow candidate's statistics are reported
@@ -804,14 +801,6 @@ class OtaManager:
 
     # -- the driver: carries out what the machine (agent/ota_machine.py) decides ----------
 
-    def _machine_settings(self) -> machine.Settings:
-        s = self.settings
-        return machine.Settings(
-            manifest_timeout_s=s.manifest_timeout_s, chunk_idle_s=s.chunk_idle_s,
-            max_requests_without_progress=int(s.max_requests_without_progress),
-            download_deadline_s=s.download_deadline_s, health_inferences=s.health_inferences,
-            health_timeout_s=s.health_timeout_s, limits=s.limits)
-
     def _trust(self) -> machine.Trust:
         """What manifest verification needs to know of this device, now."""
         installed: dict[str, int] = {}
@@ -871,7 +860,7 @@ class OtaManager:
                             job.probe, bool(job.shadow)),
             self._trust(), time.monotonic(), saved.read_bytes() if saved.is_file() else None)
         state, actions = machine.handle(machine.Receiver(self.device_id,
-                                                         self._machine_settings()), start)
+                                                         self.settings), start)
         todo = deque(actions)
         while True:
             while todo:
@@ -1035,6 +1024,9 @@ class OtaManager:
 
         ref = action.delta
         staging = self.store.staging_dir(job.release_id)
+        if (staging / ref.file).is_file() and not (staging / ref.delta).exists():
+            # rebuilt before a restart or kept from a shadow: verifying checks its hash next
+            return machine.Done()
         base = self._have.get(ref.base_sha256)
         try:
             if base is None:
@@ -1106,8 +1098,10 @@ class OtaManager:
                 if not (staging / path.name).exists():
                     shutil.copyfile(path, staging / path.name)
             remove_tree(kept)
-        if all((staging / name).is_file() for name in action.fetch):
-            return machine.DownloadOpened(None, time.monotonic())  # finalized before a restart
+        if any(names and all((staging / name).is_file() for name in names)
+               for names in (action.fetch, action.final)):
+            # finalized before a restart, or the files a shadow kept (a delta's rebuild too)
+            return machine.DownloadOpened(None, time.monotonic())
         self._download = ChunkStore(staging, action.manifest, action.chunk_size,
                                     auto_persist=False, fetch=action.fetch)
         return machine.DownloadOpened(self._download.bitmap(), time.monotonic())

@@ -119,7 +119,8 @@ def request_window(chunk_size: int) -> int:
 
 @dataclass(frozen=True)
 class Settings:
-    """The machine's timings and limits (the device's OtaSettings, minus what only I/O needs)."""
+    """The machine's timings and limits (:class:`fleetlite.agent.ota.OtaSettings` adds the
+    driver's own to these)."""
 
     manifest_timeout_s: float = 30.0
     chunk_idle_s: float = 5.0
@@ -329,11 +330,14 @@ class CheckSpace:
 
 @dataclass(frozen=True)
 class OpenDownload:
-    """Open (or resume) the chunk store for the files in ``fetch``."""
+    """Open (or resume) the chunk store for the files in ``fetch``. The driver answers
+    ``have=None`` when every file of ``fetch``, or every file of ``final``, is already staged
+    under its final name (finalized before a restart, or kept from a shadow)."""
 
     manifest: Manifest
     chunk_size: int
     fetch: tuple[str, ...]
+    final: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -696,7 +700,8 @@ def _space_checked(state: Receiver, event: SpaceChecked) -> tuple[Receiver, list
     if resume_at <= _RESUME_ORDER.index("downloading"):
         return (replace(state, phase=OPENING),
                 [_enter(state, "downloading"),
-                 OpenDownload(state.manifest, state.job.chunk_size, state.plan.fetch)])
+                 OpenDownload(state.manifest, state.job.chunk_size, state.plan.fetch,
+                              state.plan.final)])
     if resume_at == _RESUME_ORDER.index("verifying"):
         return _to_verifying(state)
     if resume_at == _RESUME_ORDER.index("smoke_testing"):

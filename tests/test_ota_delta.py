@@ -15,10 +15,12 @@ import pytest
 from fleetlite.fleet.ota_publisher import ReleasePublisher
 from fleetlite.sdk import topics
 from fleetlite.sdk.local_client import LocalClient
+from fleetlite.sdk.manifest import release_id
 from fleetlite.sdk.messages import Birth, Event
 from fleetlite.sdk.text import Tokenizer
 from tests.agent_harness import AgentProcess
 from tests.mqtt_harness import Collector, Mosquitto
+from tests.ota_simulator import Served
 from tests.test_conformance import FaultAgent
 from tests.test_ota_agent import agent_config, command, wait_final
 from tests.test_ota_install import Device
@@ -50,6 +52,29 @@ def test_a_device_with_the_base_receives_only_the_delta(device: Device, models_d
     assert hashlib.sha256(served).hexdigest() == manifest.file(rel.model).sha256
     assert not (slot / rel.delta).exists()  # the slot holds the model, not the delta
     assert device.fleet.events == []
+
+
+def test_a_shadowed_delta_release_is_promoted_from_its_kept_files(
+        device: Device, models_dir: Path, tmp_path: Path) -> None:
+    """Shadowing downloads the delta and rebuilds the model once; installing the same release
+    then promotes the kept files with no byte fetched again (it fetched the delta twice)."""
+    rel = delta_release(models_dir, tmp_path)
+    manifest = rel.bundle.manifest
+    rid = release_id(rel.bundle.envelope.payload)
+    device.fleet.serve(rid, Served(rel.bundle.envelope.to_json(),
+                                   [rel.bundle.files[f.name] for f in manifest.files], CHUNK))
+    shadowing = device.send_install({"release_id": rid, "chunk_size": CHUNK, "shadow": True})
+    assert (shadowing.outcome, shadowing.reason) == ("shadowing", ""), shadowing.message
+    assert device.serving_version() == 1
+    others = sum(f.length for f in manifest.files if f.name not in (rel.model, rel.delta))
+    assert device.fleet.bytes_sent == others + manifest.file(rel.delta).length
+    sent = device.fleet.bytes_sent
+    final = device.send_install({"release_id": rid, "chunk_size": CHUNK})
+    assert (final.outcome, final.reason) == ("installed", ""), final.message
+    assert device.fleet.bytes_sent == sent  # the kept files, not the delta again
+    assert device.serving_version() == 2
+    served = (device.state_dir / "models" / "intent" / "a" / rel.model).read_bytes()
+    assert hashlib.sha256(served).hexdigest() == manifest.file(rel.model).sha256
 
 
 def test_a_corrupted_delta_falls_back_to_the_full_model(device: Device, models_dir: Path,

@@ -89,9 +89,12 @@ class Device:
         contents = files if files is not None else [bundle.files[f.name]
                                                     for f in bundle.manifest.files]
         self.fleet.serve(rid, Served(envelope, contents, CHUNK, **served))
+        return self.send_install({"release_id": rid, "chunk_size": CHUNK, "retry": retry})
+
+    def send_install(self, args: dict[str, Any]) -> Any:
+        """Send an ``ota_install`` command for a release already served; its final status."""
         count = len(self.fleet.finals()) + 1
-        assert self.ota.cmd_install({"release_id": rid, "chunk_size": CHUNK,
-                                     "retry": retry})["accepted"]
+        assert self.ota.cmd_install(args)["accepted"]
         return self.fleet.wait_final(count)
 
     def serving_version(self) -> int:

@@ -386,7 +386,7 @@ def test_tool_commands(doc: str, tmp_path: Path) -> None:
     exempt = {"python -m fleetlite.tools.bench.bench_wire_delta":
               "a minute of 16 agent processes; tests/test_bench_wire_delta.py runs it with one "
               "device"} if doc == "benchmarks.md" else {
-              "python -m fleetlite.tools.build_models --check":
+              "python -m fleetlite.tools.build_models --check tests/fixtures/models":
               "tests/test_models.py runs this very command on the fixtures, unchanged (exit 0) "
               "and with one changed (exit 1): two more full builds here took a minute"}
     wt = Walkthrough(REPO / "docs" / doc, tmp_path, {}, exempt=exempt)

@@ -123,6 +123,8 @@ from fleetlite.fleet.rollout import (
     apply,
     decide,
     install_args,
+    probe_args,
+    shadow_args,
 )
 from fleetlite.fleet.rollout_inputs import OutcomeViews, ProfileViews
 from fleetlite.fleet.sender_check import (
@@ -236,7 +238,7 @@ class Controller:
         # is someone else's change, worth a tick now (_changed_by_others); None: another
         # controller of the group drives it, and its changes are not news
         self._known_revisions: dict[str, Optional[int]] = {}
-        self._resent: set[tuple[str, str]] = set()
+        self._resent: set[tuple[str, str, str]] = set()  # (rollout, what, device)
         self._resends_held_until = 0.0
         self.counters = {"ingested": 0, "malformed": 0, "refused": 0, "oversize": 0,
                          "rate_limited": 0, "decisions": 0, "commands_sent": 0,
@@ -1074,15 +1076,23 @@ class Controller:
         release for ``resend_after_s`` since the send or their last OTA status, once no device
         at all has said anything about it for that long: the command may have been lost (a
         crash between the store's commit and the publish, a device offline at that moment), or
-        the device's final status (a controller down without a persistent session). While the
-        controller holds more received reports than one batch stores (or any report kept while
-        the store was down), and for ``resend_after_s`` after, nothing is re-sent: a device's
-        answer may be among them."""
+        the device's final status (a controller down without a persistent session). Probes
+        (variants) and shadow installs still ``sent`` are re-sent the same way, with their own
+        args. While the controller holds more received reports than one batch stores (or any
+        report kept while the store was down), and for ``resend_after_s`` after, nothing is
+        re-sent: a device's answer may be among them."""
         if len(self.backlog) or len(self.ingest_queue) > self.ingest_queue.max_batch:
             self._resends_held_until = max(self._resends_held_until, now + self.resend_after_s)
         if now < self._resends_held_until:
             return
-        if not any(dev.status == _SENT for dev in state.devices.values()):
+        # (what was sent, device, class, when): the installs, probes and shadow installs
+        waiting = [("install", d.device_id, d.device_class, d.sent_at)
+                   for d in state.devices.values() if d.status == _SENT]
+        waiting += [("probe", p.device_id, p.device_class, p.sent_at)
+                    for p in state.probes.values() if p.status == _SENT]
+        waiting += [("shadow", sh.device_id, sh.device_class, sh.sent_at)
+                    for sh in state.shadows.values() if sh.status == _SENT]
+        if not waiting:
             return
         latest = self.store.ota_heard_latest(spec.release_id)
         if latest is not None and now < latest + self.resend_after_s:
@@ -1091,29 +1101,27 @@ class Controller:
             # only add to the load (10,000 devices: thousands of re-sends a minute into a wave)
             return
         online = {d.device_id for d in devices if d.online}
-        # only ``sent`` devices: a final status since the send has made it something else
-        silent = [dev for dev in state.devices.values()
-                  if dev.status == _SENT and dev.sent_at is not None
-                  and now >= dev.sent_at + self.resend_after_s
-                  and (rollout_id, dev.device_id) not in self._resent
-                  and dev.device_id in online]
+        silent = [(what, device_id, cls, sent_at) for what, device_id, cls, sent_at in waiting
+                  if sent_at is not None and now >= sent_at + self.resend_after_s
+                  and (rollout_id, what, device_id) not in self._resent
+                  and device_id in online]
         if not silent:
             return
-        heard = self.store.ota_last_heard(spec.release_id, [d.device_id for d in silent])
+        heard = self.store.ota_last_heard(spec.release_id, [s[1] for s in silent])
         resends: list[tuple[str, str, dict[str, Any]]] = []
-        for dev in silent:
-            assert dev.sent_at is not None
-            key = (rollout_id, dev.device_id)
-            quiet_since = max(dev.sent_at, heard.get(dev.device_id, 0.0))
+        for what, device_id, cls, sent_at in silent:
+            assert sent_at is not None
+            quiet_since = max(sent_at, heard.get(device_id, 0.0))
             if now < quiet_since + self.resend_after_s:
                 continue
-            self._resent.add(key)
+            self._resent.add((rollout_id, what, device_id))
             self.counters["commands_resent"] += 1
-            log.warning("rollout %s: %s has said nothing about the install for %.0f s (sent "
-                        "%.0f s ago); sending it again", rollout_id, dev.device_id,
-                        now - quiet_since, now - dev.sent_at)
-            resends.append((dev.device_id, "ota_install",
-                            install_args(spec, state, dev.device_class)))
+            log.warning("rollout %s: %s has said nothing about the %s for %.0f s (sent %.0f s "
+                        "ago); sending it again", rollout_id, device_id, what,
+                        now - quiet_since, now - sent_at)
+            args = (install_args(spec, state, cls) if what == "install"
+                    else probe_args(spec) if what == "probe" else shadow_args(spec))
+            resends.append((device_id, "ota_install", args))
         self.commands(resends, origin=f"rollout {rollout_id} (re-sent)")
 
     def send_queued_commands(self, now: float) -> int:

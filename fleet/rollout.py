@@ -956,9 +956,7 @@ def _probe_rule(spec: RolloutSpec, st: RolloutState, inputs: _Inputs) -> list[De
                 SEND_PROBE, f"probe sent to {dev.device_id}: it measures every variant of the "
                 f"release ({', '.join(spec.variant_names)}) for class {cls} and installs none",
                 device_id=dev.device_id, device_class=cls,
-                detail={"command": "ota_install",
-                        "args": {"release_id": spec.release_id, "chunk_size": spec.chunk_size,
-                                 "probe": True}}))
+                detail={"command": "ota_install", "args": probe_args(spec)}))
     return found
 
 
@@ -1398,9 +1396,7 @@ def _shadow_rule(spec: RolloutSpec, st: RolloutState, inputs: _Inputs) -> list[D
             SEND_SHADOW, f"shadow install sent to {dev.device_id}: it runs {spec.model} "
             f"v{spec.version} beside its active model on live requests and switches nothing",
             device_id=dev.device_id, device_class=dev.device_class,
-            detail={"command": "ota_install",
-                    "args": {"release_id": spec.release_id, "chunk_size": spec.chunk_size,
-                             **spec.shadow.install_args()}}))
+            detail={"command": "ota_install", "args": shadow_args(spec)}))
     return found
 
 
@@ -1650,6 +1646,18 @@ def install_args(spec: RolloutSpec, state: RolloutState, device_class: str) -> d
     if variant is not None:
         args["variant"] = variant
     return args
+
+
+def probe_args(spec: RolloutSpec) -> dict[str, Any]:
+    """The ``ota_install`` args of a probe (also what a re-send carries)."""
+    return {"release_id": spec.release_id, "chunk_size": spec.chunk_size, "probe": True}
+
+
+def shadow_args(spec: RolloutSpec) -> dict[str, Any]:
+    """The ``ota_install`` args of a shadow install (also what a re-send carries)."""
+    assert spec.shadow is not None
+    return {"release_id": spec.release_id, "chunk_size": spec.chunk_size,
+            **spec.shadow.install_args()}
 
 
 def _variant_for(spec: RolloutSpec, st: RolloutState, device_class: str) -> Optional[str]:

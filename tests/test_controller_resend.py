@@ -8,8 +8,10 @@ frozen controller re-sent an install to a device whose failure it had not read y
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,14 @@ import pytest
 from fleetlite.fleet.controller import Controller
 from fleetlite.fleet.ingest_backlog import BacklogItem
 from fleetlite.fleet.release_builder import build_release
-from fleetlite.fleet.rollout import SENT, RolloutSpec, RolloutState, Selector, parse_waves
+from fleetlite.fleet.rollout import (
+    SENT,
+    RolloutSpec,
+    RolloutState,
+    Selector,
+    ShadowSpec,
+    parse_waves,
+)
 from fleetlite.fleet.store import Store, open_store
 from fleetlite.sdk import topics
 from fleetlite.sdk.messages import Status
@@ -159,3 +168,35 @@ def test_no_resend_while_the_controller_holds_reports_it_has_not_stored(
     installs(commands, 2)
     assert controller.counters["commands_resent"] == 1
 
+
+
+@pytest.mark.parametrize("kind", ["shadow", "probe"])
+def test_an_unanswered_shadow_install_or_probe_is_sent_once_more_with_its_args(
+        fleet: tuple[Store, Controller, Collector], kind: str) -> None:
+    """A shadow install or a probe (variants) lost on its way is re-sent too: before, the
+    device was only left out of the verdict, or of the choice, once the wave timeout passed."""
+    store, controller, commands = fleet
+    record = store.get_rollout("ro-1")
+    assert record is not None
+    spec = RolloutSpec.from_dict(record.spec)
+    spec = (replace(spec, rollout_id="ro-2", shadow=ShadowSpec(min_samples=10, kind="classifier"))
+            if kind == "shadow" else
+            replace(spec, rollout_id="ro-2", variants="auto", variant_names=("float32", "int8")))
+    store.create_rollout("ro-2", spec.release_id, spec.to_dict())
+    t0 = time.time()
+    controller.drive("ro-2", t0)
+    installs(commands, 1)
+    state = store.get_rollout("ro-2")
+    assert state is not None
+    entries = RolloutState.from_dict(state.state)
+    sent = entries.shadows if kind == "shadow" else entries.probes
+    assert sent[DEVICE].status == SENT
+    controller.drive("ro-2", t0 + RESEND_S + 1)
+    installs(commands, 2)
+    controller.drive("ro-2", t0 + 3 * RESEND_S)  # once per controller process
+    assert controller.counters["commands_resent"] == 1
+    first, again = (json.loads(m.payload)["args"] for m in commands.messages
+                    if m.topic.endswith(f"{DEVICE}/{topics.COMMAND}"))
+    assert first == again and again[kind] is True
+    if kind == "shadow":
+        assert again["shadow_kind"] == "classifier"

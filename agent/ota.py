@@ -270,6 +270,12 @@ class OtaManager:
         return serve
 
     def start(self) -> None:
+        """Start the install worker (once the active models are served): the shadows kept
+        before a restart start again, then a job that was running resumes."""
+        try:
+            self.shadows.resume()
+        except Exception:  # a shadow must never keep the agent from starting
+            log.exception("resuming the kept shadows failed")
         self._start_thread()
         if self.state.job is not None:
             log.info("resuming the install of release %s", self.state.job.release_id)
@@ -280,7 +286,7 @@ class OtaManager:
         self._jobs.put(None)
         if self._thread is not None:
             self._thread.join(10)
-        self.shadows.stop_all("the agent stops")
+        self.shadows.stop_all("the agent stops", keep_files=True)  # resumed at the next start
 
     def _start_thread(self) -> None:
         self._worker_death = None

@@ -8,12 +8,19 @@ id>``, the candidate is loaded in the agent's process (it passed the isolated ch
 :class:`~fleetlite.agent.shadow_runner.ModelShadow` or ``LmShadow`` runs it after the active model
 has answered, under the runner's CPU budget. A report goes out every ``report_every_s`` and when
 the shadow stops: on ``shadow_stop``, when the release is installed for real (its kept files are
-used, nothing is downloaded again), when the model is removed, or when the agent stops (a shadow
-does not survive a restart: the fleet sees its reports end and may send it again).
+used, nothing is downloaded again), or when the model is removed.
+
+A shadow survives a restart of the agent: beside its kept files, ``.session.json`` (written last,
+atomically) names the release, its manifest, the variant and the options. When the agent starts
+again (:meth:`ShadowSessions.resume`, once the active models are served) each kept file is
+checked against the manifest's sha256 and the candidate starts again with fresh statistics; a
+directory without a session, with a file that does not match, or whose model is no longer
+served is removed, and the fleet sees its reports end.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import threading
@@ -29,13 +36,17 @@ from fleetlite.agent.model_service import ModelService
 from fleetlite.agent.ota_space import remove_tree
 from fleetlite.agent.shadow_runner import LmShadow, ModelShadow, ShadowConfig, ShadowIdentity
 from fleetlite.sdk import topics
-from fleetlite.sdk.manifest import Manifest, Variant
+from fleetlite.sdk.atomic import write_json_atomic
+from fleetlite.sdk.errors import FleetLiteError
+from fleetlite.sdk.manifest import Manifest, Variant, parse_manifest
 from fleetlite.sdk.shadow import CLASSIFIER, LM, REGRESSOR
 
 log = logging.getLogger("fleetlite.agent.ota_shadow")
 
 KINDS = (CLASSIFIER, REGRESSOR)
 DEFAULT_REPORT_EVERY_S = 30.0
+SESSION_FILE = ".session.json"  # a release's file names never start with a dot
+MAX_SESSION_BYTES = 1024 * 1024
 
 
 @dataclass
@@ -65,7 +76,6 @@ class ShadowSessions:
         self._clock = clock
         self._lock = threading.Lock()
         self._sessions: dict[str, _Session] = {}  # by model name
-        remove_tree(root)  # a shadow does not survive a restart
 
     def start(self, *, release_id: str, manifest: Manifest, variant: Variant,
               files: Mapping[str, Path], options: Mapping[str, Any]) -> None:
@@ -80,15 +90,54 @@ class ShadowSessions:
         for file_name, path in files.items():
             shutil.copyfile(path, target / file_name)
         try:
-            runner = self._runner(release_id, manifest, variant, target, options)
-            runner.start()
+            self._begin(release_id, manifest, variant, target, options)
+            write_json_atomic(target / SESSION_FILE, {
+                "release_id": release_id, "manifest": manifest.to_dict(),
+                "variant": variant.name, "files": sorted(files), "options": dict(options)})
         except BaseException:
+            self.stop(name, "it could not start", keep_files=True)
             remove_tree(target)
             raise
-        with self._lock:
-            self._sessions[name] = _Session(release_id, name, manifest.version, target, runner,
-                                            self._clock() + self.report_every_s)
         log.info("shadowing %s v%s beside the active model", name, manifest.version)
+
+    def _begin(self, release_id: str, manifest: Manifest, variant: Variant, target: Path,
+               options: Mapping[str, Any]) -> None:
+        runner = self._runner(release_id, manifest, variant, target, options)
+        runner.start()
+        with self._lock:
+            self._sessions[manifest.name] = _Session(release_id, manifest.name,
+                                                     manifest.version, target, runner,
+                                                     self._clock() + self.report_every_s)
+
+    def resume(self) -> list[str]:
+        """Start again the shadows kept before a restart (call once the active models are
+        served); returns the release ids resumed. Anything that does not check out is removed."""
+        from fleetlite.sdk.verify import verify_file
+
+        resumed: list[str] = []
+        if not self.root.is_dir():
+            return resumed
+        for target in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            try:
+                session = target / SESSION_FILE
+                if not session.is_file() or session.stat().st_size > MAX_SESSION_BYTES:
+                    raise AgentError("no session was recorded (stopped while it started)")
+                data = json.loads(session.read_bytes())
+                manifest = parse_manifest(json.dumps(data["manifest"]).encode())
+                variant = manifest.variant(str(data["variant"]))
+                release_id = str(data["release_id"])
+                if target.name != release_id or manifest.name in self._sessions:
+                    raise AgentError("its directory does not match its session")
+                for name in data["files"]:
+                    verify_file(target / str(name), manifest.file(str(name)))
+                self._begin(release_id, manifest, variant, target, dict(data["options"]))
+            except (FleetLiteError, OSError, ValueError, KeyError, TypeError) as exc:
+                log.warning("not resuming the shadow kept in %s: %s", target, exc)
+                remove_tree(target)
+                continue
+            resumed.append(release_id)
+            log.info("shadowing %s v%s again after the restart", manifest.name, manifest.version)
+        return resumed
 
     def _runner(self, release_id: str, manifest: Manifest, variant: Variant, target: Path,
                 options: Mapping[str, Any]) -> Union[ModelShadow, LmShadow]:
@@ -165,11 +214,13 @@ class ShadowSessions:
                           if s.release_id == release_id), None)
         return model is not None and self.stop(model, why, keep_files=keep_files)
 
-    def stop_all(self, why: str) -> None:
+    def stop_all(self, why: str, *, keep_files: bool = False) -> None:
+        """Stop every shadow; ``keep_files`` (the agent stopping) leaves them to
+        :meth:`resume` at the next start."""
         with self._lock:
             models = list(self._sessions)
         for model in models:
-            self.stop(model, why)
+            self.stop(model, why, keep_files=keep_files)
 
     def describe(self) -> list[dict[str, Any]]:
         with self._lock:

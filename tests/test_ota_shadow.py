@@ -11,13 +11,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from fleetlite.agent.errors import AgentError
 from fleetlite.sdk.bundle import ReleaseBundle
+from fleetlite.sdk.manifest import release_id
+from fleetlite.sdk.messages import OtaStatus
 from fleetlite.sdk.runtime.lm_engine import GenerateParams
 from fleetlite.sdk.shadow import ShadowReport
+from tests.ota_simulator import Served
 from tests.test_lm_install import LmDevice, lm_release
+from tests.test_ota_install import CHUNK, Device
+from tests.test_ota_install import release as classifier_release
 from tests.test_ota_variants import send
 
 PROMPTS = ["turn off the kitchen lights", "lock the front door", "what is the weather",
@@ -142,3 +148,75 @@ def test_bad_shadow_options_are_refused_before_anything_starts(
     with pytest.raises(Exception, match=error):
         device.ota.cmd_install({"release_id": "a" * 64, "shadow": True, **args})
     assert device.ota.state.job is None
+
+
+# -- a shadow survives a restart of the agent ------------------------------------------------------
+
+
+def shadow_classifier(device: Device, bundle: ReleaseBundle) -> OtaStatus:
+    rid = release_id(bundle.envelope.payload)
+    device.fleet.serve(rid, Served(bundle.envelope.to_json(),
+                                   [bundle.files[f.name] for f in bundle.manifest.files], CHUNK))
+    return device.send_install({"release_id": rid, "chunk_size": CHUNK, "shadow": True,
+                                "shadow_sample_rate": 1.0, "shadow_cpu_budget": 1.0})
+
+
+def test_a_shadow_survives_a_restart_and_is_promoted_from_its_kept_files(
+        tmp_path: Path, models_dir: Path) -> None:
+    bundle = classifier_release(models_dir, tmp_path, 2)
+    rid = release_id(bundle.envelope.payload)
+    first = Device(tmp_path, models_dir)
+    try:
+        assert shadow_classifier(first, bundle).outcome == "shadowing"
+    finally:
+        first.close()  # the agent stops (a restart): the shadow's files are kept
+    again = Device(tmp_path, models_dir)
+    try:
+        assert [(s["release_id"], s["version"]) for s in again.ota.shadows.describe()] == [
+            (rid, 2)]
+        # the candidate runs again on live requests, with fresh statistics
+        tokens = np.zeros((1, 16), np.int32)
+        deadline = time.monotonic() + DEADLINE_S
+        while again.ota.shadows.describe()[0]["samples"] < 5:
+            again.models.infer("intent", tokens)
+            assert time.monotonic() < deadline, again.ota.shadows.describe()
+            time.sleep(0.01)
+        assert again.ota.shadows.describe()[0]["agreement"] == 1.0  # the same model
+        # installing the release promotes the kept files: nothing is downloaded
+        again.fleet.serve(rid, Served(bundle.envelope.to_json(),
+                                      [bundle.files[f.name] for f in bundle.manifest.files],
+                                      CHUNK))
+        final = again.send_install({"release_id": rid, "chunk_size": CHUNK})
+        assert (final.outcome, final.reason) == ("installed", ""), final.message
+        assert again.fleet.bytes_sent == 0
+        assert again.serving_version() == 2
+        assert again.ota.shadows.describe() == []
+    finally:
+        again.close()
+
+
+@pytest.mark.parametrize("damage", ["a kept file changed", "no session recorded",
+                                    "a session that is not JSON"])
+def test_a_kept_shadow_that_does_not_check_out_is_removed_at_the_restart(
+        tmp_path: Path, models_dir: Path, damage: str) -> None:
+    bundle = classifier_release(models_dir, tmp_path, 2)
+    first = Device(tmp_path, models_dir)
+    try:
+        assert shadow_classifier(first, bundle).outcome == "shadowing"
+    finally:
+        first.close()
+    (kept,) = (first.state_dir / "ota" / "shadow").iterdir()
+    if damage == "a kept file changed":
+        model = kept / bundle.manifest.model.file
+        model.write_bytes(model.read_bytes()[:-64] + b"\0" * 64)
+    elif damage == "no session recorded":
+        (kept / ".session.json").unlink()
+    else:
+        (kept / ".session.json").write_bytes(b"{not json")
+    again = Device(tmp_path, models_dir)
+    try:
+        assert again.ota.shadows.describe() == []
+        assert not kept.exists()
+        assert again.serving_version() == 1  # the active model serves, as before
+    finally:
+        again.close()

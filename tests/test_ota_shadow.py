@@ -5,6 +5,7 @@ download; ``shadow_stop`` ends it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Iterator
@@ -15,13 +16,21 @@ import numpy as np
 import pytest
 
 from fleetlite.agent.errors import AgentError
+from fleetlite.fleet.ota_publisher import ReleasePublisher
+from fleetlite.sdk import topics
 from fleetlite.sdk.bundle import ReleaseBundle
+from fleetlite.sdk.errors import LocalApiError
+from fleetlite.sdk.local_client import LocalClient
 from fleetlite.sdk.manifest import release_id
 from fleetlite.sdk.messages import OtaStatus
 from fleetlite.sdk.runtime.lm_engine import GenerateParams
 from fleetlite.sdk.shadow import ShadowReport
+from fleetlite.sdk.text import Tokenizer
+from tests.agent_harness import AgentProcess
+from tests.mqtt_harness import Collector, Mosquitto
 from tests.ota_simulator import Served
 from tests.test_lm_install import LmDevice, lm_release
+from tests.test_ota_agent import agent_config, command, serving_version, wait_final
 from tests.test_ota_install import CHUNK, Device
 from tests.test_ota_install import release as classifier_release
 from tests.test_ota_variants import send
@@ -220,3 +229,51 @@ def test_a_kept_shadow_that_does_not_check_out_is_removed_at_the_restart(
         assert again.serving_version() == 1  # the active model serves, as before
     finally:
         again.close()
+
+
+def test_a_real_agent_killed_while_shadowing_shadows_again_after_its_restart(
+        tmp_path: Path, broker: Mosquitto, models_dir: Path) -> None:
+    """A real agent process, a real Mosquitto and the real publisher: kill -9 while shadowing,
+    and the restarted agent reports the same candidate again, counted from its restart."""
+    bundle = classifier_release(models_dir, tmp_path, 2)
+    collector = Collector(broker.host, broker.port, [f"{topics.DEVICE_PREFIX}/#"]).start()
+    config = agent_config(tmp_path, broker, models_dir, shadow_report_s=0.5)
+    publisher = ReleasePublisher(broker.host, broker.port, client_id="fleet-publisher").start()
+    agent = AgentProcess(config).start()
+    try:
+        publisher.serve(bundle, CHUNK)
+        collector.wait_for(topics.BIRTH, timeout=60)
+        assert command(collector, "ota_install", {
+            "release_id": bundle.release_id, "chunk_size": CHUNK, "shadow": True,
+            "shadow_sample_rate": 1.0, "shadow_cpu_budget": 1.0})["ok"]
+        final = wait_final(collector)
+        assert (final.outcome, final.reason) == ("shadowing", ""), final.message
+        agent.kill9()
+        restarted_at = time.time()
+        agent = AgentProcess(config).start()
+        tokens = Tokenizer.from_file(models_dir / "intent_classifier.vocab.json").encode(
+            "turn off the kitchen lights")
+        deadline = time.monotonic() + DEADLINE_S
+
+        def resumed() -> list[ShadowReport]:
+            reports = [ShadowReport.from_json(m.payload)
+                       for m in collector.on_topic(topics.SHADOW)]
+            return [r for r in reports if r.since >= restarted_at and r.samples > 0]
+
+        while not resumed():
+            assert agent.alive, "the restarted agent exited"
+            assert time.monotonic() < deadline, "no shadow report after the restart"
+            with contextlib.suppress(LocalApiError), \
+                    LocalClient(tmp_path / "agent" / "agent.sock") as client:
+                for _ in range(10):
+                    client.infer("intent", tokens)
+            time.sleep(0.1)
+        report = resumed()[-1]
+        assert (report.release_id, report.version, report.active_version) == (
+            bundle.release_id, 2, 1)
+        assert report.agreement == 1.0  # the same model: it agrees with itself
+        assert serving_version(collector) == 1  # nothing switched
+    finally:
+        agent.stop()
+        publisher.close()
+        collector.stop()

@@ -129,7 +129,10 @@ class FleetSim:
         return [d.view(self.now) for d in self.devs.values()]
 
     def decide(self) -> list[Decision]:
-        return decide(self.spec, self.state, self.views(), self.profiles, self.now,
+        return self.decide_on(self.state)
+
+    def decide_on(self, state: RolloutState) -> list[Decision]:
+        return decide(self.spec, state, self.views(), self.profiles, self.now,
                       outcomes=self.outcomes)
 
     def step(self) -> list[Decision]:
@@ -140,8 +143,7 @@ class FleetSim:
                 self.on_decision(state, d)
                 state = apply(state, [d], self.now)
         new_state = apply(self.state, decisions, self.now)
-        again = decide(self.spec, new_state, self.views(), self.profiles, self.now,
-                       outcomes=self.outcomes)
+        again = self.decide_on(new_state)
         assert again == [], f"decided twice: {again}"
         for d in decisions:
             self.carry_out(d)

@@ -51,11 +51,8 @@ class ShadowSim(FleetSim):
         self.shadowing: dict[str, int] = {}  # device -> samples so far
         self.stopped: list[str] = []
 
-    def decide(self) -> list[Decision]:
-        return decide(self.spec, self.state, self.views(), self.profiles, self.now,
-                      outcomes=self.outcomes, shadow_reports=self.reports)
-
     def step(self) -> list[Decision]:
+        # each shadowing device reports; FleetSim.step decides on them (twice: a fixed point)
         for device_id in sorted(self.shadowing):
             dev = self.devs[device_id]
             assert isinstance(dev, SDev)
@@ -69,21 +66,7 @@ class ShadowSim(FleetSim):
                 active_shadowed_count=n * dev.shadowed_share,
                 active_shadowed_p95_ms=dev.shadowed_p95_ms,
                 candidate_count=n, candidate_p95_ms=0.12))
-        # the decisions are checked twice (fixed point) by FleetSim.step with these reports
-        decisions = self.decide()
-        new_state = _apply(self.state, decisions, self.now)
-        assert self.decide_on(new_state) == [], "decided twice"
-        for d in decisions:
-            self.carry_out(d)
-        self.state = new_state
-        self.log.extend(decisions)
-        self.now += self.step_s
-        due = [e for e in self.events if e[0] <= self.now]
-        self.events = [e for e in self.events if e[0] > self.now]
-        for at, deliver in sorted(due, key=lambda e: e[0]):
-            deliver(at)
-        self.delivered = len(due)
-        return decisions
+        return super().step()
 
     def decide_on(self, state: RolloutState) -> list[Decision]:
         return decide(self.spec, state, self.views(), self.profiles, self.now,
@@ -112,11 +95,6 @@ class ShadowSim(FleetSim):
                                          dev.shadow_code, "", at))
         if dev.shadow_outcome == "shadowing":
             self.shadowing[dev.device_id] = 0
-
-
-def _apply(state: RolloutState, decisions: list[Decision], now: float) -> RolloutState:
-    from fleetlite.fleet.rollout import apply
-    return apply(state, decisions, now)
 
 
 def sspec(**changes: Any) -> RolloutSpec:

@@ -16,6 +16,7 @@ from fleetlite.sdk import topics
 from fleetlite.sdk.shadow import MAX_SHADOW_REPORT_BYTES, ShadowReport
 from tests.mqtt_harness import Collector, Mosquitto
 from tests.test_fleet_e2e import wait_until
+from tests.test_shadow_gate import report as gate_report
 from tests.test_store import add_release, birth
 
 RELEASE = "ab" * 32
@@ -23,15 +24,8 @@ OTHER = "cd" * 32
 
 
 def report(device: str = "gw-1", **fields: Any) -> ShadowReport:
-    base: dict[str, Any] = dict(
-        device_id=device, ts=100.0, since=10.0, release_id=RELEASE, model="intent",
-        version=2, active_version=1, kind="classifier", requests=1000, samples=150,
-        compared=150, agreed=149, sample_rate=0.2, cpu_budget=0.25, p95_budget_ratio=1.25,
-        active_alone_count=500, active_alone_p50_ms=0.08, active_alone_p95_ms=0.1,
-        active_shadowed_count=300, active_shadowed_p50_ms=0.09, active_shadowed_p95_ms=0.11,
-        candidate_count=150, candidate_p50_ms=0.08, candidate_p95_ms=0.12)
-    base.update(fields)
-    return ShadowReport(**base)
+    """test_shadow_gate's report (release ``RELEASE``), with one sample in 150 disagreeing."""
+    return gate_report(device, **{"agreed": 149, **fields})
 
 
 @pytest.fixture

@@ -336,7 +336,7 @@ controller stopped by itself (its SQLite file was deleted or replaced); 2 a usag
                         help="pooled agreement a class needs (default 0.98: top-1 for a "
                         "classifier, within the error bound for a regressor, greedy tokens "
                         "for a language model)")
-    shadow.add_argument("--shadow-min-samples", type=_devices_min1, default=200, metavar="N",
+    shadow.add_argument("--shadow-min-samples", type=_whole_number_min1, default=200, metavar="N",
                         help="sampled requests per class before a verdict (default 200)")
     shadow.add_argument("--shadow-kind", choices=("classifier", "regressor", "lm"),
                         default=None,
@@ -1007,7 +1007,7 @@ def _shadow_spec(fleet: Fleet, args: argparse.Namespace) -> Optional[ShadowSpec]
                       timeout_s=args.shadow_timeout)
 
 
-def _devices_min1(text: str) -> int:
+def _whole_number_min1(text: str) -> int:
     try:
         value = int(text)
     except ValueError:

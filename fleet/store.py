@@ -1584,19 +1584,10 @@ class Store:
                     received, report_json) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id""",
                 (report.device_id, report.release_id, report.model, report.version, report.ts,
                  received_at, report.to_json().decode())).rows
-            new_id = int(rows[0][0])
             if keep_per_device is not None:
-                count = db.execute("SELECT COUNT(*) FROM shadow_reports WHERE release_id = ? "
-                                   "AND device_id = ?",
-                                   (report.release_id, report.device_id)).rows[0][0]
-                if int(count) > keep_per_device + max(1, keep_per_device // 10):
-                    db.execute(
-                        """DELETE FROM shadow_reports WHERE release_id = ? AND device_id = ?
-                        AND id NOT IN (SELECT id FROM shadow_reports WHERE release_id = ? AND
-                        device_id = ? ORDER BY id DESC LIMIT ?)""",
-                        (report.release_id, report.device_id, report.release_id,
-                         report.device_id, keep_per_device))
-            return new_id
+                _prune_per_device(db, "shadow_reports", "id", report.device_id, keep_per_device,
+                                  release_id=report.release_id)
+            return int(rows[0][0])
 
     def add_shadow_reports(self, reports: Iterable[tuple[ShadowReport, float]]) -> int:
         """Store ``(report, received_at)`` pairs in one transaction; returns how many."""
@@ -2184,16 +2175,20 @@ def _birth_models(models: Sequence[Any]) -> list[DeviceModel]:
 _COMMANDS_PER_DEVICE = 500
 
 
-def _prune_per_device(db: _Db, table: str, order: str, device_id: str, keep: int) -> None:
-    """Keep about ``keep`` rows of ``device_id`` in ``table``, the newest by ``order``: pruned
-    once the bound is passed by a tenth, so a delete runs once per that many inserts."""
-    count = int(db.execute(f"SELECT count(*) FROM {table} WHERE device_id = ?",
-                           (device_id,)).rows[0][0])
-    if count <= keep + max(1, keep // 10):
+def _prune_per_device(db: _Db, table: str, order: str, device_id: str, keep: int, *,
+                      release_id: Optional[str] = None) -> None:
+    """Keep about ``keep`` rows of ``device_id`` in ``table`` (of ``release_id`` only, when
+    given), the newest by ``order``: pruned once the bound is passed by a tenth, so a delete
+    runs once per that many inserts."""
+    where, params = "device_id = ?", [device_id]
+    if release_id is not None:
+        where, params = "device_id = ? AND release_id = ?", [device_id, release_id]
+    count = int(db.execute(f"SELECT count(*) FROM {table} WHERE {where}", params).rows[0][0])
+    if count <= keep + _slack(keep):
         return
-    db.execute(f"""DELETE FROM {table} WHERE device_id = ? AND {order} <= (
-                      SELECT {order} FROM {table} WHERE device_id = ?
-                      ORDER BY {order} DESC LIMIT 1 OFFSET ?)""", (device_id, device_id, keep))
+    db.execute(f"""DELETE FROM {table} WHERE {where} AND {order} <= (
+                      SELECT {order} FROM {table} WHERE {where}
+                      ORDER BY {order} DESC LIMIT 1 OFFSET ?)""", (*params, *params, keep))
 
 
 _COMMAND_COLUMNS = ("command_id, device_id, command, args_json, origin, created, expires, sent, "
